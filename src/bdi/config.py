@@ -1,0 +1,295 @@
+"""Configuration: frozen algorithm dataclasses and the runtime ``Settings``.
+
+Algorithm defaults live here once (DESIGN.md "Defaults that keep scores comparable"). ``Settings``
+(pydantic-settings) adds runtime fields and resolves, in order of precedence:
+init kwargs > ``BDI_*`` env (legacy ``BRAKEDISC_*``) > YAML file (``BDI_CONFIG``) > defaults.
+Library functions receive the sub-config they need and never read ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DINOV2_MODEL_NAME = "vit_small_patch14_dinov2"
+DINOV2_PRETRAINED_TAG = "lvd142m"
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How patch features are extracted. Every field changes scores and goes in the manifest."""
+
+    backbone: str = DINOV2_MODEL_NAME
+    weights: str = "official"  # a file path | "official" (cache or download, sha256-checked) | "random"
+    input_size: int = 448  # letterbox square side in px, a multiple of the patch size (14)
+    blocks: tuple[int, ...] = (9, 10, 11)  # 0-based transformer blocks whose patch tokens are concatenated
+    depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
+    seed: int = 0  # seed of the random initialisation when weights == "random"
+    device: DeviceName = "auto"
+    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.input_size <= 0 or self.input_size % 14:
+            raise ValueError(f"input_size must be a positive multiple of 14, got {self.input_size}")
+        if not self.blocks:
+            raise ValueError("blocks must name at least one transformer block")
+        if self.depth is not None and max(self.blocks) >= self.depth:
+            raise ValueError(f"blocks {self.blocks} do not exist in a ViT of depth {self.depth}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How the PatchCore memory bank is built and searched."""
+
+    coreset_rate: float = 0.10  # fraction of patches kept, in (0, 1]
+    seed: int = 0  # picks the first k-center and the random projection
+    projection_dim: int = 128  # greedy distances computed on a random projection; 0 = exact
+    knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
+    prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
+    gpu_device: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
+            raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
+        if self.projection_dim < 0:
+            raise ValueError("projection_dim must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Distances → heatmap → score → regions (API_CONTRACT §3.3)."""
+
+    score_percentile: float = 99.0  # in [0, 100], over blurred values inside the mask
+    area_mm2_thr: float = 1.0  # regions smaller than this are dropped
+    blur_sigma: float = 1.0  # Gaussian blur of the upsampled distance map, in px
+    remove_letterbox: bool = True  # cut padding tokens before upsampling (DESIGN.md improvement 3)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_percentile <= 100.0:
+            raise ValueError(f"score_percentile must be in [0, 100], got {self.score_percentile}")
+        if self.blur_sigma < 0:
+            raise ValueError("blur_sigma must be >= 0")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The threshold rule of API_CONTRACT §3.5."""
+
+    score_percentile: float = 99.0  # percentile of the OK scores
+    ng_percentile: float = 5.0  # percentile of the NG scores
+    overlap_factor: float = 1.02  # threshold = factor * p_ok when the NG and OK percentiles overlap
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the same model twice."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in {"1", "true", "yes", "on", "t", "y"}
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings."""
+    names = [f"BDI_{name}", f"BRAKEDISC_{name}", *legacy]
+    return AliasChoices(name.lower(), *names)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``BDI_CONFIG`` (or ``config_file=`` at init).
+
+    Sections one level deep (``inference: {coreset_rate: 0.1}``) are flattened, so the legacy
+    ``configs/app.yaml`` shape and a flat file both work.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self._path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        path = Path(self._path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} (BDI_CONFIG) does not exist")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping")
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        known = set(self.settings_cls.model_fields)
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in {path}: {unknown}")
+        return flat
+
+
+class Settings(BaseSettings):
+    """Runtime settings of the server and the CLI. Build one per app; never at import time."""
+
+    model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    # storage and model identity
+    models_dir: Path = Field(Path("models"), validation_alias=_env("MODELS_DIR"))
+    weights: str = Field("official", validation_alias=_env("WEIGHTS"))
+    weights_cache_dir: Path = Field(
+        Path.home() / ".cache" / "bdi", validation_alias=_env("WEIGHTS_CACHE_DIR")
+    )
+    device: DeviceName = Field("auto", validation_alias=_env("DEVICE"))
+    precision: Precision = Field("auto", validation_alias=_env("PRECISION"))
+    input_size: int = Field(448, validation_alias=_env("INPUT_SIZE"))
+    feature_blocks: tuple[int, ...] = Field((9, 10, 11), validation_alias=_env("FEATURE_BLOCKS"))
+    backbone_depth: int | None = Field(None, validation_alias=_env("BACKBONE_DEPTH"))
+    weights_seed: int = Field(0, validation_alias=_env("WEIGHTS_SEED"))
+    batch_size: int = Field(8, validation_alias=_env("BATCH_SIZE"))
+
+    # algorithm defaults (contract §5.1)
+    coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
+    coreset_projection_dim: int = Field(128, validation_alias=_env("CORESET_PROJECTION_DIM"))
+    knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
+    score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
+    area_mm2_thr: float = Field(1.0, validation_alias=_env("AREA_MM2_THR"))
+    blur_sigma: float = Field(1.0, validation_alias=_env("BLUR_SIGMA"))
+    min_ok_samples: int = Field(10, validation_alias=_env("MIN_OK_SAMPLES"))
+    train_dataset_only: bool = Field(False, validation_alias=_env("TRAIN_DATASET_ONLY"))
+    faiss_prefer_gpu: bool = Field(True, validation_alias=_env("FAISS_PREFER_GPU"))
+    faiss_gpu_device: int = Field(0, validation_alias=_env("FAISS_GPU_DEVICE"))
+    require_cuda: bool = Field(False, validation_alias=_env("REQUIRE_CUDA"))
+
+    # serving
+    cors_origins: str = Field("*", validation_alias=_env("CORS_ORIGINS"))
+    cache_max_entries: int = Field(32, validation_alias=_env("CACHE_MAX_ENTRIES"))
+    backend_host: str = Field("127.0.0.1", validation_alias=_env("BACKEND_HOST", "HOST"))
+    backend_port: int = Field(8000, validation_alias=_env("BACKEND_PORT", "PORT"))
+    log_dir: Path | None = Field(None, validation_alias=_env("GUI_LOG_DIR"))
+
+    # upload limits (DESIGN.md improvement 6)
+    max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=_env("MAX_UPLOAD_BYTES"))
+    max_image_pixels: int = Field(40_000_000, validation_alias=_env("MAX_IMAGE_PIXELS"))
+    max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
+
+    # MLflow (optional; empty tracking_uri = no tracking from the server)
+    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"))
+    mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
+    registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
+    registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
+
+    config_file: str | None = Field(None, validation_alias=AliasChoices("config_file", "BDI_CONFIG"))
+
+    @field_validator("feature_blocks", mode="before")
+    @classmethod
+    def _parse_blocks(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p for p in value.replace(" ", "").split(",") if p]
+            if not parts:
+                raise ValueError("feature_blocks must list block indices, e.g. 9,10,11")
+            return tuple(int(p) for p in parts)
+        return value
+
+    @field_validator("train_dataset_only", "require_cuda", "faiss_prefer_gpu", "registry_sync_on_start", mode="before")
+    @classmethod
+    def _parse_flag(cls, value: object) -> bool:
+        return _truthy(value)
+
+    @field_validator("backend_port", mode="before")
+    @classmethod
+    def _parse_port(cls, value: object) -> int:
+        # contract §5.2: an invalid port falls back to 8000
+        try:
+            port = int(str(value))
+        except ValueError:
+            return 8000
+        return port if 0 < port < 65536 else 8000
+
+    @field_validator("backbone_depth", mode="before")
+    @classmethod
+    def _parse_depth(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        # Build the frozen configs once so a bad value fails at start-up, not on the first request.
+        self.to_model_config()
+        if self.min_ok_samples < 1:
+            raise ValueError("min_ok_samples must be >= 1")
+        for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        path = init_kwargs.get("config_file") or os.environ.get("BDI_CONFIG")
+        return init_settings, env_settings, _YamlSource(settings_cls, path)
+
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig(
+            weights=self.weights,
+            input_size=self.input_size,
+            blocks=tuple(self.feature_blocks),
+            depth=self.backbone_depth,
+            seed=self.weights_seed,
+            device=self.device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+        )
+
+    def memory_config(self, *, coreset_rate: float | None = None) -> MemoryConfig:
+        return MemoryConfig(
+            coreset_rate=self.coreset_rate if coreset_rate is None else coreset_rate,
+            projection_dim=self.coreset_projection_dim,
+            knn_index=self.knn_index,
+            prefer_gpu=self.faiss_prefer_gpu,
+            gpu_device=self.faiss_gpu_device,
+        )
+
+    def scoring_config(
+        self, *, score_percentile: float | None = None, area_mm2_thr: float | None = None
+    ) -> ScoringConfig:
+        return ScoringConfig(
+            score_percentile=self.score_percentile if score_percentile is None else score_percentile,
+            area_mm2_thr=self.area_mm2_thr if area_mm2_thr is None else area_mm2_thr,
+            blur_sigma=self.blur_sigma,
+        )
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(
+            features=self.feature_config(), memory=self.memory_config(), scoring=self.scoring_config()
+        )

@@ -1,0 +1,347 @@
+"""Image decoding and geometry: decode, letterbox (+ its inverse), normalise, ROI masks. No torch.
+
+All images are NumPy arrays: decoded images are BGR ``uint8`` ``(H, W, 3)`` (OpenCV order), letterboxed
+images are RGB ``uint8`` ``(size, size, 3)`` (API_CONTRACT §3.1), masks are ``uint8`` ``(H, W)`` in 0..255
+(API_CONTRACT §3.4).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from bdi.errors import ImageDecodeError, InvalidInputError, UploadLimitError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_DECODE_PREFIX = "No se pudo decodificar la imagen"
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _header_size(data: bytes, *, max_pixels: int, name: str) -> tuple[int, int] | None:
+    """``(width, height)`` from the image header, without decoding pixels.
+
+    ``None`` when PIL cannot read the header (an unknown or broken format): OpenCV then decides, and
+    the pixel limit is checked after decoding instead.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as exc:
+        # PIL refuses to open it at all: it is far over PIL's own (generous) limit.
+        label = f" {name}" if name else ""
+        raise UploadLimitError(
+            f"Image{label} is over the limit of {max_pixels} pixels per image (BDI_MAX_IMAGE_PIXELS)"
+        ) from exc
+    except Exception:  # noqa: BLE001 - any PIL parse failure only means "size unknown here"
+        return None
+    return int(width), int(height)
+
+
+def _check_pixels(*, width: int, height: int, max_pixels: int | None, name: str) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        label = f" {name}" if name else ""
+        raise UploadLimitError(
+            f"Image{label} has {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} pixels per image (BDI_MAX_IMAGE_PIXELS)"
+        )
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") -> np.ndarray:
+    """Decode encoded image bytes to a 3-channel BGR ``uint8`` array ``(H, W, 3)``.
+
+    Decoding follows the reference backend (OpenCV ``IMREAD_COLOR``): grayscale is expanded to BGR,
+    an alpha channel is dropped and 16-bit samples are scaled to 8 bits.
+
+    Raises:
+        ImageDecodeError: empty or undecodable bytes.
+        UploadLimitError: the image has more than ``max_pixels`` pixels (checked on the header first
+            when the format allows it, and always after decoding).
+    """
+    if not data:
+        raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}")
+    if max_pixels is not None:
+        size = _header_size(data, max_pixels=max_pixels, name=name)
+        if size is not None:
+            _check_pixels(width=size[0], height=size[1], max_pixels=max_pixels, name=name)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}") from exc
+    if image is None or image.size == 0:
+        raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}")
+    height, width = image.shape[:2]
+    _check_pixels(width=width, height=height, max_pixels=max_pixels, name=name)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.dtype != np.uint8:  # IMREAD_COLOR already gives 8 bits; kept for exotic codecs
+        scale = 255.0 / float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 255.0
+        image = np.clip(image.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def encode_png_gray(u8: np.ndarray) -> bytes:
+    """Encode a single-channel ``uint8`` ``(H, W)`` array as PNG bytes."""
+    if u8.ndim != 2 or u8.dtype != np.uint8 or u8.size == 0:
+        raise InvalidInputError(f"expected a non-empty uint8 (H, W) array, got {u8.dtype} {u8.shape}")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(u8))
+    if not ok:
+        raise InvalidInputError("PNG encoding failed")
+    return bytes(buf.tobytes())
+
+
+# --------------------------------------------------------------------------------------------- letterbox
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a ``src_w × src_h`` image sits inside the ``size × size`` letterbox canvas.
+
+    The content occupies letterbox pixels ``[pad_left, pad_left + new_w) × [pad_top, pad_top + new_h)``;
+    the rest is black padding. ``scale`` = new / src (before rounding).
+    """
+
+    size: int
+    src_w: int
+    src_h: int
+    new_w: int
+    new_h: int
+    pad_left: int
+    pad_top: int
+    scale: float
+
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the content in letterbox pixels, half-open."""
+        return (self.pad_left, self.pad_top, self.pad_left + self.new_w, self.pad_top + self.new_h)
+
+    def content_tokens(self, grid: tuple[int, int]) -> tuple[slice, slice]:
+        """Token rows and columns of a ``grid = (Ht, Wt)`` token map that overlap the content.
+
+        Each token covers ``size / Ht`` × ``size / Wt`` letterbox pixels. Rounding is outward, so every
+        content pixel lies in a selected token (padding tokens that touch the content are kept).
+
+        Returns:
+            ``(rows, cols)`` slices, to index a ``(Ht, Wt, ...)`` array as ``arr[rows, cols]``.
+        """
+        grid_h, grid_w = int(grid[0]), int(grid[1])
+        if grid_h < 1 or grid_w < 1:
+            raise InvalidInputError(f"token grid must be positive, got {grid}")
+        x0, y0, x1, y1 = self.content_box
+        # floor(start * g / size) and ceil(stop * g / size) in exact integer arithmetic
+        row0 = (y0 * grid_h) // self.size
+        row1 = -((-y1 * grid_h) // self.size)
+        col0 = (x0 * grid_w) // self.size
+        col1 = -((-x1 * grid_w) // self.size)
+        return slice(max(0, row0), min(grid_h, row1)), slice(max(0, col0), min(grid_w, col1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "src_w": self.src_w,
+            "src_h": self.src_h,
+            "new_w": self.new_w,
+            "new_h": self.new_h,
+            "pad_left": self.pad_left,
+            "pad_top": self.pad_top,
+            "scale": self.scale,
+        }
+
+
+def _check_bgr(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise InvalidInputError(f"expected a BGR image of shape (H, W, 3), got {shape}")
+    if image.dtype != np.uint8:
+        raise InvalidInputError(f"expected a uint8 image, got {image.dtype}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise InvalidInputError(f"image is empty: {image.shape}")
+
+
+def letterbox_geometry(*, src_w: int, src_h: int, size: int) -> Letterbox:
+    """The letterbox of API_CONTRACT §3.1 for a ``src_w × src_h`` image, without touching pixels."""
+    if src_w < 1 or src_h < 1 or size < 1:
+        raise InvalidInputError(f"invalid letterbox request: {src_w}x{src_h} into {size}")
+    scale = min(size / src_w, size / src_h)
+    new_w = min(size, max(1, int(round(src_w * scale))))
+    new_h = min(size, max(1, int(round(src_h * scale))))
+    return Letterbox(
+        size=size,
+        src_w=src_w,
+        src_h=src_h,
+        new_w=new_w,
+        new_h=new_h,
+        pad_left=(size - new_w) // 2,
+        pad_top=(size - new_h) // 2,
+        scale=scale,
+    )
+
+
+def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox a BGR ``uint8`` ``(H, W, 3)`` image into an RGB ``uint8`` ``(size, size, 3)`` canvas.
+
+    API_CONTRACT §3.1: BGR → RGB, scale = min(size/w, size/h), rounded new size (≥ 1 px), PIL bicubic
+    resize, pasted on black at offsets floor((size − new) / 2).
+    """
+    _check_bgr(image_bgr)
+    src_h, src_w = image_bgr.shape[:2]
+    box = letterbox_geometry(src_w=src_w, src_h=src_h, size=size)
+    rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
+    resized = Image.fromarray(rgb, mode="RGB").resize((box.new_w, box.new_h), Image.Resampling.BICUBIC)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box.content_box
+    canvas[y0:y1, x0:x1] = np.asarray(resized, dtype=np.uint8)
+    return canvas, box
+
+
+def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
+    """RGB ``uint8`` ``(H, W, 3)`` or ``(B, H, W, 3)`` → ImageNet-normalised float32 ``(3, H, W)`` / ``(B, 3, H, W)``.
+
+    Same arithmetic as torchvision ``ToTensor`` + ``Normalize``: ``(x / 255 − mean) / std`` in float32.
+    """
+    if rgb.ndim not in (3, 4) or rgb.shape[-1] != 3:
+        raise InvalidInputError(f"expected RGB (..., H, W, 3), got {rgb.shape}")
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - mean) / std
+    axes = (2, 0, 1) if rgb.ndim == 3 else (0, 3, 1, 2)
+    return np.ascontiguousarray(x.transpose(axes), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------- ROI masks
+
+
+def parse_shape(text: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Parse the ``shape`` field (API_CONTRACT §2.4 step 7, §3.4).
+
+    ``None``/empty text and falsy JSON (``null``, ``{}``, ``[]``, ``0``, ``""``, ``false``) mean the full
+    image and give ``None``. An already-parsed mapping is accepted (dataset sidecars store either form).
+
+    Raises:
+        InvalidInputError: malformed JSON, or a truthy value that is not an object.
+    """
+    if text is None:
+        return None
+    if isinstance(text, Mapping):
+        return dict(text) if text else None
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise InvalidInputError(f"shape must be a JSON object, got {type(text).__name__}")
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"shape is not valid JSON: {exc}") from exc
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInputError(
+            f"shape must be a JSON object such as {{\"kind\": \"rect\", ...}}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _number(shape: Mapping[str, Any], key: str, default: float) -> float:
+    """A finite number from ``shape[key]`` (missing or null → ``default``)."""
+    value = shape.get(key)
+    if value is None:
+        return float(default)
+    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and value.strip()):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    raise InvalidInputError(f"shape.{key} must be a finite number, got {value!r}")
+
+
+_MAX_DRAW_COORD = 1 << 24  # OpenCV drawing takes int32 coordinates; far beyond any real crop
+
+
+def _rounded(shape: Mapping[str, Any], key: str, default: float) -> int:
+    """``round()`` of a finite number (Python half-to-even), within OpenCV's drawing range."""
+    number = _number(shape, key, default)
+    result = int(round(number))
+    if abs(result) > _MAX_DRAW_COORD:
+        raise InvalidInputError(f"shape.{key} is out of range: {number!r}")
+    return result
+
+
+def _draw_disc(mask: np.ndarray, *, center: tuple[int, int], radius: int) -> None:
+    try:
+        cv2.circle(mask, center, radius, 255, thickness=-1, lineType=cv2.LINE_AA)
+    except cv2.error as exc:
+        raise InvalidInputError(f"shape circle cannot be drawn: center={center}, r={radius}") from exc
+
+
+def build_roi_mask(shape: Mapping[str, Any] | None, *, width: int, height: int) -> np.ndarray:
+    """The ROI mask of API_CONTRACT §3.4: ``uint8`` ``(height, width)``, 0..255, ``> 0`` means inside.
+
+    * ``None``/empty or an unknown ``kind``: the full image (all 255).
+    * ``rect`` (also when ``kind`` is missing): x, y, w, h truncated by ``int()``, defaults 0, 0, W, H;
+      fills ``[x, x+w) × [y, y+h)`` clipped to the image.
+    * ``circle``: cx, cy, r rounded (Python ``round``), defaults W/2, H/2, min(H, W)/2; filled with
+      anti-aliasing, so fringe pixels are partly inside.
+    * ``annulus``: the circle minus the inner circle ``r_inner`` (default 0, clamped ≥ 0), saturating.
+
+    Raises:
+        InvalidInputError: a value that is not a finite number, a negative radius, a non-string kind.
+    """
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"mask size must be positive, got {width}x{height}")
+    full = np.full((height, width), 255, dtype=np.uint8)
+    if not shape:
+        return full
+    if not isinstance(shape, Mapping):
+        raise InvalidInputError(f"shape must be a JSON object, got {type(shape).__name__}")
+    kind_value = shape.get("kind")
+    if kind_value is None:
+        kind = "rect"
+    elif isinstance(kind_value, str):
+        kind = kind_value.strip().lower()
+    else:
+        raise InvalidInputError(f"shape.kind must be a string, got {kind_value!r}")
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if kind == "rect":
+        x = int(_number(shape, "x", 0))
+        y = int(_number(shape, "y", 0))
+        w = int(_number(shape, "w", width))
+        h = int(_number(shape, "h", height))
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(width, x + w), min(height, y + h)
+        if x1 > x0 and y1 > y0:
+            mask[y0:y1, x0:x1] = 255
+        return mask
+    if kind in ("circle", "annulus"):
+        cx = _rounded(shape, "cx", width / 2)
+        cy = _rounded(shape, "cy", height / 2)
+        r = _rounded(shape, "r", min(height, width) / 2)
+        if r < 0:
+            raise InvalidInputError(f"shape.r must be >= 0, got {shape.get('r')!r}")
+        _draw_disc(mask, center=(cx, cy), radius=r)
+        if kind == "circle":
+            return mask
+        r_inner = max(0, _rounded(shape, "r_inner", 0))
+        inner = np.zeros_like(mask)
+        _draw_disc(inner, center=(cx, cy), radius=r_inner)
+        return cv2.subtract(mask, inner)
+    return full

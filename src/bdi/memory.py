@@ -1,0 +1,111 @@
+"""The PatchCore memory bank: L2-normalised coreset rows + a kNN index + what built them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import MemoryConfig
+from .coreset import coreset_size, greedy_k_center
+from .errors import InvalidInputError
+from .knn import KnnIndex
+
+L2_EPS = 1e-8  # added to the row norm, as the legacy backend does
+
+
+def l2_normalize(rows: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation. (N, D) float → (N, D) float32."""
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / (np.linalg.norm(rows, axis=1, keepdims=True) + L2_EPS)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A fitted memory bank.
+
+    Attributes:
+        embeddings: (m, D) float32, L2-normalised coreset rows.
+        token_shape: (Ht, Wt) grid of the images it was fitted on.
+        metadata: JSON-able facts: coreset_rate, applied_rate, n_embeddings, n_images, the feature
+            and memory config, weights identity. Everything that changes a score.
+    """
+
+    embeddings: np.ndarray
+    token_shape: tuple[int, int]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash (16 hex) identifying this exact bank; calibrations record it."""
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.embeddings, dtype=np.float32).tobytes())
+        digest.update(json.dumps(list(self.token_shape)).encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+def fit_memory(
+    embeddings: np.ndarray,
+    *,
+    token_shape: tuple[int, int],
+    cfg: MemoryConfig,
+    n_images: int,
+    extra_metadata: Mapping[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
+) -> Memory:
+    """Pool, normalise and subsample patch embeddings into a :class:`Memory`.
+
+    Args:
+        embeddings: (N, D) float32 raw patch embeddings of all OK images, N = n_images·Ht·Wt.
+        cfg: coreset rate, seed and projection.
+        extra_metadata: feature/weights facts to store with the bank.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise InvalidInputError("No valid images: no embeddings to build a memory from")
+    rows = l2_normalize(embeddings)
+    n_rows = rows.shape[0]
+    size = coreset_size(n_rows, cfg.coreset_rate)
+    selected = greedy_k_center(
+        rows,
+        size=size,
+        seed=cfg.seed,
+        projection_dim=cfg.projection_dim,
+        on_progress=on_progress,
+        device=device,
+    )
+    metadata: dict[str, Any] = {
+        "coreset_rate": float(cfg.coreset_rate),
+        "applied_rate": size / n_rows,
+        "n_embeddings": int(n_rows),
+        "n_images": int(n_images),
+        "memory": {
+            "coreset_rate": cfg.coreset_rate,
+            "seed": cfg.seed,
+            "projection_dim": cfg.projection_dim,
+            "knn_index": cfg.knn_index,
+        },
+    }
+    metadata.update(extra_metadata or {})
+    return Memory(
+        embeddings=np.ascontiguousarray(rows[selected]),
+        token_shape=(int(token_shape[0]), int(token_shape[1])),
+        metadata=metadata,
+    )
+
+
+def build_index(memory: Memory, cfg: MemoryConfig, *, use_faiss: bool = True) -> KnnIndex:
+    """The kNN index over a memory's rows, per ``cfg.knn_index`` (CPU; see ``KnnIndex.to_gpu``)."""
+    return KnnIndex.build(memory.embeddings, factory=cfg.knn_index, use_faiss=use_faiss)

@@ -1,0 +1,601 @@
+"""Use cases: the only API that ``serving/`` and ``pipelines/`` call.
+
+Each method follows the processing order of API_CONTRACT.md §2 (the first failure wins) with the
+DESIGN.md improvements: bad input is an ``InvalidInputError`` (never a 500), uploads are checked
+before anything is stored, calibrations record the memory they belong to.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import ThresholdChoice, choose_threshold, usable_threshold
+from .config import ScoringConfig, Settings
+from .datasets import LABELS, DatasetRef, DatasetStore, UploadItem, parse_label
+from .errors import (
+    BDIError,
+    CalibrationMissingError,
+    InsufficientSamplesError,
+    InvalidInputError,
+    NotFittedError,
+    UploadLimitError,
+)
+from .features import DinoV2Features
+from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
+from .inference import InferenceResult, StageTimer, score_crop
+from .knn import FAISS_AVAILABLE
+from .logging import slog
+from .memory import Memory, build_index, fit_memory
+from .store import LoadedModel, ModelRef, ModelStore, validate_mm_per_px
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    n_embeddings: int
+    coreset_size: int
+    token_shape: tuple[int, int]
+    coreset_rate_requested: float
+    coreset_rate_applied: float
+    n_images: int
+    memory_path: Path
+    index_path: Path | None
+    fingerprint: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_response(self) -> dict[str, Any]:
+        return {
+            "n_embeddings": self.n_embeddings,
+            "coreset_size": self.coreset_size,
+            "token_shape": list(self.token_shape),
+            "coreset_rate_requested": self.coreset_rate_requested,
+            "coreset_rate_applied": self.coreset_rate_applied,
+        }
+
+
+@dataclass(frozen=True)
+class InferOutcome:
+    result: InferenceResult
+    threshold: float
+    decision: str
+    heatmap_png: bytes | None
+    mm_per_px: float
+
+    def to_response(self) -> dict[str, Any]:
+        heatmap = base64.b64encode(self.heatmap_png).decode("ascii") if self.heatmap_png is not None else None
+        return {
+            "score": self.result.score,
+            "threshold": self.threshold,
+            "token_shape": list(self.result.token_shape),
+            "heatmap_png_base64": heatmap,
+            "regions": [r.to_dict(with_xywh=True) for r in self.result.regions],
+            "decision": self.decision,
+        }
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """One dataset file scored (``infer_dataset`` item, and the scores calibration uses)."""
+
+    label: str
+    filename: str
+    mm_per_px: float | None
+    score: float | None
+    regions: list[dict[str, Any]]
+    error: str | None
+    heatmap_png: bytes | None = None
+
+
+def decide(score: float, threshold: float) -> str:
+    return "ng" if score >= threshold else "ok"
+
+
+class InspectionService:
+    """Fit, calibrate and infer over one ModelStore with one feature extractor.
+
+    Build one per process (the extractor is heavy); it holds no state that decides correctness:
+    every call re-reads the store, whose caches are keyed by file identity.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        extractor: DinoV2Features,
+        store: ModelStore | None = None,
+        datasets: DatasetStore | None = None,
+        on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
+        on_calibrate: Callable[[ModelRef, Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.extractor = extractor
+        self.store = store or ModelStore(settings.models_dir, cache_max_entries=settings.cache_max_entries)
+        self.datasets = datasets or DatasetStore(settings.models_dir)
+        self._on_fit = on_fit
+        self._on_calibrate = on_calibrate
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
+        extractor = DinoV2Features(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        return cls(settings=settings, extractor=extractor, **hooks)
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> dict[str, Any]:
+        weights = self.extractor.weights
+        return {
+            "device": self.extractor.device,
+            "model": weights.name,
+            "weights": weights.to_dict(),
+            "pretrained": weights.pretrained,
+        }
+
+    # ------------------------------------------------------------------ fit
+    def fit_ok(
+        self,
+        *,
+        ref: ModelRef,
+        mm_per_px: float,
+        images: Sequence[tuple[str, bytes]] = (),
+        use_dataset: bool = False,
+        memory_fit: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
+        """Build and store the memory of ``ref`` from uploaded images or the OK dataset (§2.2)."""
+        mm_per_px = validate_mm_per_px(mm_per_px)
+        if self.settings.train_dataset_only and not use_dataset:
+            raise InvalidInputError(
+                "Training only supported from dataset (use_dataset=true) in this deployment."
+            )
+        if not use_dataset and not images:
+            raise InvalidInputError("No images provided")
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        if use_dataset:
+            named = self._ok_dataset_images(ref)
+        else:
+            self._check_file_count(len(images))
+            named = list(images)
+        decoded = [self._decode(data, name=name) for name, data in named]
+        return self.fit_images(ref=ref, images=decoded, memory_fit=memory_fit, progress=progress)
+
+    def fit_images(
+        self,
+        *,
+        ref: ModelRef,
+        images: Sequence[np.ndarray],
+        memory_fit: bool = False,
+        coreset_rate: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
+        """Extract, subsample and store: the part of a fit shared by the API and the pipeline."""
+        if not images:
+            raise InvalidInputError("No valid images")
+        timer = StageTimer()
+        rate = 1.0 if memory_fit else (self.settings.coreset_rate if coreset_rate is None else coreset_rate)
+        memory_cfg = self.settings.memory_config(coreset_rate=rate)
+        chunks: list[np.ndarray] = []
+        grid: tuple[int, int] | None = None
+        with timer.stage("encode"):
+            done = 0
+            for batch in self.extractor.iter_extract(images):
+                if grid is None:
+                    grid = batch.grid
+                elif batch.grid != grid:
+                    raise InvalidInputError(f"Token grid mismatch: got {batch.grid}, expected {grid}")
+                chunks.append(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
+                done += batch.embeddings.shape[0]
+                if progress:
+                    progress("encode", done, len(images))
+        assert grid is not None
+        embeddings = np.concatenate(chunks)
+        with timer.stage("coreset"):
+            memory = fit_memory(
+                embeddings,
+                token_shape=grid,
+                cfg=memory_cfg,
+                n_images=len(images),
+                extra_metadata={"features": self.extractor.describe(), "created_at_utc": utc_now_iso()},
+                on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
+                device=self.extractor.device,
+            )
+        with timer.stage("index"):
+            index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
+        with timer.stage("save"):
+            paths = self.store.save_model(ref, memory, index if FAISS_AVAILABLE else None)
+        result = FitResult(
+            n_embeddings=int(embeddings.shape[0]),
+            coreset_size=memory.size,
+            token_shape=grid,
+            coreset_rate_requested=float(rate),
+            coreset_rate_applied=memory.size / embeddings.shape[0],
+            n_images=len(images),
+            memory_path=paths.memory,
+            index_path=paths.index if FAISS_AVAILABLE else None,
+            fingerprint=memory.fingerprint,
+            timings_ms=dict(timer.timings_ms),
+        )
+        if self._on_fit is not None:
+            self._on_fit(ref, result, memory)
+        return result
+
+    def _ok_dataset_images(self, ref: ModelRef) -> list[tuple[str, bytes]]:
+        samples = self.datasets.samples(self._dataset_ref(ref), "ok")
+        if not samples:
+            raise InsufficientSamplesError("No OK dataset samples found")
+        minimum = self.settings.min_ok_samples
+        if len(samples) < minimum:
+            raise InsufficientSamplesError(
+                f"Insufficient OK samples: need at least {minimum}, found {len(samples)}"
+            )
+        return [(s.path.name, s.path.read_bytes()) for s in samples]
+
+    # ------------------------------------------------------------------ calibrate
+    def calibrate_from_scores(
+        self,
+        *,
+        ref: ModelRef,
+        ok_scores: Iterable[Any],
+        ng_scores: Iterable[Any] | None,
+        mm_per_px: float = 0.2,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+    ) -> dict[str, Any]:
+        """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
+        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile)
+        memory = self._safe_memory(ref)
+        calib = {
+            "threshold": choice.threshold,
+            "ok_mean": choice.ok_mean,
+            "ng_mean": choice.ng_mean,
+            "p99_ok": choice.p99_ok,
+            "p5_ng": choice.p5_ng,
+            "mm_per_px": float(mm_per_px),
+            "area_mm2_thr": area,
+            "score_percentile": percentile,
+            **self._calibration_extras(ref, choice, memory),
+        }
+        self._save_calibration(ref, calib)
+        return calib
+
+    def calibrate_dataset(
+        self,
+        *,
+        ref: ModelRef,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+        default_mm_per_px: float | None = None,
+        require_ng: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
+        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
+        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
+        scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
+        scores: dict[str, list[float]] = {"ok": [], "ng": []}
+        for label in LABELS:
+            for item in self._score_samples(
+                ref, model, label=label, scoring=scoring, threshold=None,
+                default_mm_per_px=default_mm_per_px, include_heatmap=False, progress=progress,
+            ):
+                if item.score is not None:
+                    scores[label].append(item.score)
+        if not scores["ok"]:
+            raise InsufficientSamplesError("No valid OK samples for calibration.")
+        if require_ng and not scores["ng"]:
+            raise InsufficientSamplesError("No NG samples available for calibration.")
+        choice = choose_threshold(scores["ok"], scores["ng"], score_percentile=percentile)
+        calib = {
+            "threshold": choice.threshold,
+            "score_percentile": percentile,
+            "area_mm2_thr": area,
+            "recipe_id": ref.recipe_id,
+            "role_id": ref.role_id,
+            "roi_id": ref.roi_id,
+            "model_key": ref.model_key,
+            **self._calibration_extras(ref, choice, model.memory),
+        }
+        self._save_calibration(ref, calib)
+        return {**calib, "n_ok": choice.n_ok, "n_ng": choice.n_ng}
+
+    def _calibration_extras(
+        self, ref: ModelRef, choice: ThresholdChoice, memory: Memory | None
+    ) -> dict[str, Any]:
+        return {
+            "created_at_utc": utc_now_iso(),
+            "memory_fingerprint": memory.fingerprint if memory is not None else None,
+            "n_ok": choice.n_ok,
+            "n_ng": choice.n_ng,
+            "false_reject_rate": choice.false_reject_rate,
+            "escape_rate": choice.escape_rate,
+        }
+
+    def _save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
+        self.store.save_calibration(ref, calib)
+        if self._on_calibrate is not None:
+            self._on_calibrate(ref, calib)
+
+    # ------------------------------------------------------------------ infer
+    def infer(
+        self,
+        *,
+        ref: ModelRef,
+        mm_per_px: float,
+        image: bytes,
+        shape: str | Mapping[str, Any] | None = None,
+        include_heatmap: bool | None = None,
+    ) -> InferOutcome:
+        """/infer (§2.4): score one crop and decide ok/ng with the calibrated threshold."""
+        timer = StageTimer()
+        mm_per_px = validate_mm_per_px(mm_per_px)
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        with timer.stage("decode"):
+            crop = self._decode(image, name="image")
+        model = self._require_model(ref, endpoint="/infer", require_index=True)
+        calib = self.store.load_calibration(ref)
+        threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        assert calib is not None
+        roi_shape = parse_shape(shape)
+        scoring = self._calib_scoring(calib)
+        result = self._score(model, crop, roi_shape, scoring=scoring, threshold=threshold,
+                             mm_per_px=mm_per_px, timer=timer)
+        decision = decide(result.score, threshold)
+        want_heatmap = include_heatmap if include_heatmap is not None else decision == "ng"
+        heatmap_png = None
+        if want_heatmap:
+            with timer.stage("png"):
+                heatmap_png = encode_png_gray(result.heatmap_u8())
+        result = InferenceResult(**{**result.__dict__, "timings_ms": dict(timer.timings_ms)})
+        slog("infer.response", score=result.score, threshold=threshold, decision=decision,
+             timings_ms=result.timings_ms, model_key=ref.model_key)
+        return InferOutcome(result=result, threshold=threshold, decision=decision,
+                            heatmap_png=heatmap_png, mm_per_px=mm_per_px)
+
+    def infer_dataset(
+        self,
+        *,
+        ref: ModelRef,
+        labels: Sequence[str] = LABELS,
+        include_heatmap: bool = False,
+        default_mm_per_px: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[SampleScore]:
+        """/infer_dataset (§2.5): score every stored sample of the given labels."""
+        clean_labels = [parse_label(label) for label in labels]
+        model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
+        calib = self.store.load_calibration(ref)
+        threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        assert calib is not None
+        scoring = self._calib_scoring(calib)
+        items: list[SampleScore] = []
+        for label in clean_labels:
+            items.extend(
+                self._score_samples(
+                    ref, model, label=label, scoring=scoring, threshold=threshold,
+                    default_mm_per_px=default_mm_per_px, include_heatmap=include_heatmap,
+                    progress=progress,
+                )
+            )
+        return items
+
+    def score_images(
+        self,
+        *,
+        ref: ModelRef,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray | None] | None = None,
+        scoring: ScoringConfig | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[InferenceResult]:
+        """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation."""
+        model = self._require_model(ref, endpoint="score_images", require_index=False)
+        scoring = scoring or self.settings.scoring_config()
+        results: list[InferenceResult] = []
+        done = 0
+        for batch in self.extractor.iter_extract(images):
+            for j in range(batch.embeddings.shape[0]):
+                crop = images[done + j]
+                mask = None if masks is None else masks[done + j]
+                if mask is None:
+                    mask = np.full(crop.shape[:2], 255, dtype=np.uint8)
+                results.append(
+                    score_crop(
+                        embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
+                        index=model.index, memory_grid=model.memory.token_shape, mask=mask,
+                        cfg=scoring, threshold=None, mm_per_px=1.0,
+                    )
+                )
+            done += batch.embeddings.shape[0]
+            if progress:
+                progress("score", done, len(images))
+        return results
+
+    def _calib_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
+        percentile = calib.get("score_percentile", self.settings.score_percentile)
+        area = calib.get("area_mm2_thr", self.settings.area_mm2_thr)
+        return self.settings.scoring_config(score_percentile=float(percentile), area_mm2_thr=float(area))
+
+    def _score(
+        self,
+        model: LoadedModel,
+        crop: np.ndarray,
+        roi_shape: Mapping[str, Any] | None,
+        *,
+        scoring: ScoringConfig,
+        threshold: float | None,
+        mm_per_px: float,
+        timer: StageTimer,
+    ) -> InferenceResult:
+        height, width = crop.shape[:2]
+        with timer.stage("preprocess"):
+            mask = build_roi_mask(roi_shape, width=width, height=height)
+        with timer.stage("encode"):
+            batch = self.extractor.extract([crop])
+        return score_crop(
+            embeddings=batch.embeddings[0], grid=batch.grid, letterbox=batch.letterboxes[0],
+            index=model.index, memory_grid=model.memory.token_shape, mask=mask, cfg=scoring,
+            threshold=threshold, mm_per_px=mm_per_px, timer=timer,
+        )
+
+    def _score_samples(
+        self,
+        ref: ModelRef,
+        model: LoadedModel,
+        *,
+        label: str,
+        scoring: ScoringConfig,
+        threshold: float | None,
+        default_mm_per_px: float | None,
+        include_heatmap: bool,
+        progress: ProgressFn | None,
+    ) -> list[SampleScore]:
+        samples = self.datasets.samples(self._dataset_ref(ref), label)
+        items: list[SampleScore] = []
+        for i, sample in enumerate(samples):
+            mm = sample.meta.get("mm_per_px", default_mm_per_px)
+            try:
+                if mm is None:
+                    raise InvalidInputError("no mm_per_px in the sample meta and no default_mm_per_px")
+                mm = validate_mm_per_px(mm)
+                crop = self._decode(sample.path.read_bytes(), name=sample.path.name)
+                result = self._score(
+                    model, crop, parse_shape(sample.meta.get("shape_json")), scoring=scoring,
+                    threshold=threshold, mm_per_px=mm, timer=StageTimer(),
+                )
+                png = encode_png_gray(result.heatmap_u8()) if include_heatmap else None
+                items.append(SampleScore(
+                    label=label, filename=sample.path.name, mm_per_px=mm, score=result.score,
+                    regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
+                    heatmap_png=png,
+                ))
+            except (BDIError, OSError) as exc:
+                items.append(SampleScore(
+                    label=label, filename=sample.path.name,
+                    mm_per_px=mm if isinstance(mm, float) else None, score=None, regions=[],
+                    error=str(exc),
+                ))
+            if progress:
+                progress(f"score_{label}", i + 1, len(samples))
+        return items
+
+    # ------------------------------------------------------------------ state
+    def state(self, ref: ModelRef) -> dict[str, Any]:
+        return {
+            "memory_fitted": self._safe_memory(ref) is not None,
+            "calib_present": self.store.load_calibration(ref) is not None,
+        }
+
+    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+        return {
+            "memory": self._safe_memory(ref) is not None,
+            "calib": self.store.load_calibration(ref),
+            "datasets": self.datasets.listing(self._dataset_ref(ref)),
+        }
+
+    # ------------------------------------------------------------------ datasets
+    def upload_samples(
+        self,
+        *,
+        ref: DatasetRef,
+        label: str,
+        files: Sequence[tuple[str | None, bytes]],
+        metas: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Validate every file and meta, lock mm_per_px, then store all files or none (§2.7)."""
+        label = parse_label(label)
+        if not files:
+            raise InvalidInputError("images: at least one file is required")
+        self._check_file_count(len(files))
+        metas = list(metas or [])
+        if metas and len(metas) != len(files):
+            raise InvalidInputError("metas length must match images length")
+        parsed = [self._parse_meta(text, index=i) for i, text in enumerate(metas)] or [{} for _ in files]
+        for (name, data), meta in zip(files, parsed):
+            self._decode(data, name=name or "image")
+            if "shape_json" in meta and meta["shape_json"] not in (None, ""):
+                parse_shape(meta["shape_json"])
+        for meta in parsed:
+            if "mm_per_px" in meta:
+                self.store.lock_mm_per_px(ref.recipe_id, validate_mm_per_px(meta["mm_per_px"]))
+        items = [UploadItem(data=data, client_filename=name, meta=meta)
+                 for (name, data), meta in zip(files, parsed)]
+        return self.datasets.save(ref, label, items)
+
+    @staticmethod
+    def _parse_meta(text: str, *, index: int) -> dict[str, Any]:
+        import json
+
+        if text is None or str(text).strip() == "":
+            return {}
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InvalidInputError(f"metas[{index}] is not valid JSON: {exc}") from exc
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"metas[{index}] must be a JSON object")
+        return value
+
+    # ------------------------------------------------------------------ helpers
+    def _decode(self, data: bytes, *, name: str) -> np.ndarray:
+        if len(data) > self.settings.max_upload_bytes:
+            raise UploadLimitError(
+                f"{name}: {len(data)} bytes exceeds the limit of {self.settings.max_upload_bytes} "
+                "bytes (BDI_MAX_UPLOAD_BYTES)"
+            )
+        return decode_image(data, max_pixels=self.settings.max_image_pixels, name=name)
+
+    def _check_file_count(self, n_files: int) -> None:
+        if n_files > self.settings.max_files_per_request:
+            raise UploadLimitError(
+                f"{n_files} files exceed the limit of {self.settings.max_files_per_request} per request "
+                "(BDI_MAX_FILES_PER_REQUEST)"
+            )
+
+    def _require_model(self, ref: ModelRef, *, endpoint: str, require_index: bool) -> LoadedModel:
+        model = self.store.load_model(ref)
+        if model is None:
+            slog("infer.not_fitted", why_not_fitted="memory_missing", model_key=ref.model_key)
+            raise NotFittedError(endpoint)
+        if model.index is None:
+            if require_index and FAISS_AVAILABLE:
+                slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)
+                raise NotFittedError(endpoint, detail="index file missing")
+            model = LoadedModel(
+                memory=model.memory,
+                index=build_index(model.memory, self.settings.memory_config(), use_faiss=False),
+                memory_path=model.memory_path,
+                index_path=None,
+            )
+        return model
+
+    def _safe_memory(self, ref: ModelRef) -> Memory | None:
+        return self.store.load_memory(ref)
+
+    @staticmethod
+    def _dataset_ref(ref: ModelRef) -> DatasetRef:
+        return DatasetRef(recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
+
+
+def elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real but shrunk DINOv2 ViT (random init, depth 4, 112 px input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bdi.config import Settings
+from bdi.features import DinoV2Features
+from bdi.service import InspectionService
+from bdi.synthetic import make_disc
+
+# Everything a test server / service needs to run fast on 2 CPU cores.
+TINY_ENV: dict[str, str] = {
+    "BDI_WEIGHTS": "random",
+    "BDI_INPUT_SIZE": "112",
+    "BDI_FEATURE_BLOCKS": "1,2,3",
+    "BDI_BACKBONE_DEPTH": "4",
+    "BDI_DEVICE": "cpu",
+}
+
+
+def tiny_settings(models_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "models_dir": models_dir,
+        "weights": "random",
+        "input_size": 112,
+        "feature_blocks": (1, 2, 3),
+        "backbone_depth": 4,
+        "device": "cpu",
+        "min_ok_samples": 10,
+        "weights_cache_dir": models_dir.parent / "weights-cache",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_extractor(tmp_path_factory: pytest.TempPathFactory) -> DinoV2Features:
+    settings = tiny_settings(tmp_path_factory.mktemp("extractor") / "models")
+    return DinoV2Features(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+
+
+@pytest.fixture()
+def service(tmp_path: Path, tiny_extractor: DinoV2Features) -> InspectionService:
+    return InspectionService(settings=tiny_settings(tmp_path / "models"), extractor=tiny_extractor)
+
+
+@pytest.fixture(scope="session")
+def good_discs() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [make_disc(size=96, rng=rng).image for _ in range(12)]
+
+
+@pytest.fixture(scope="session")
+def defect_discs() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [make_disc(size=96, defect=kind, rng=rng).image for kind in ("pit", "scratch", "crack")]
