@@ -12,11 +12,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DINOV2_MODEL_NAME = "vit_small_patch14_dinov2"
 DINOV2_PRETRAINED_TAG = "lvd142m"
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     device: DeviceName = Field("auto", validation_alias=_env("DEVICE"))
     precision: Precision = Field("auto", validation_alias=_env("PRECISION"))
     input_size: int = Field(448, validation_alias=_env("INPUT_SIZE"))
-    feature_blocks: tuple[int, ...] = Field((9, 10, 11), validation_alias=_env("FEATURE_BLOCKS"))
+    feature_blocks: Annotated[tuple[int, ...], NoDecode] = Field((9, 10, 11), validation_alias=_env("FEATURE_BLOCKS"))
     backbone_depth: int | None = Field(None, validation_alias=_env("BACKBONE_DEPTH"))
     weights_seed: int = Field(0, validation_alias=_env("WEIGHTS_SEED"))
     batch_size: int = Field(8, validation_alias=_env("BATCH_SIZE"))

@@ -209,7 +209,7 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
 
 
 def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
-    """RGB ``uint8`` ``(H, W, 3)`` or ``(B, H, W, 3)`` → ImageNet-normalised float32 ``(3, H, W)`` / ``(B, 3, H, W)``.
+    """ImageNet-normalise RGB uint8 (H, W, 3) or (B, H, W, 3) to float32 (3, H, W) or (B, 3, H, W).
 
     Same arithmetic as torchvision ``ToTensor`` + ``Normalize``: ``(x / 255 − mean) / std`` in float32.
     """

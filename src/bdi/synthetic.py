@@ -79,7 +79,7 @@ def _paint_defect(
     px, py = int(round(cx + r * np.cos(theta))), int(round(cy + r * np.sin(theta)))
     scale = max(1, size // 64)
     if kind == "pit":
-        cv2.circle(mask, (px, py), int(rng.integers(2, 4)) * scale, 255, thickness=-1)
+        cv2.circle(mask, (px, py), max(2, int(round(size * rng.uniform(0.035, 0.05)))), 255, thickness=-1)
         value = 20.0
     elif kind == "scratch":
         length = rng.uniform(0.15, 0.25) * size

@@ -291,3 +291,14 @@ def test_unreadable_weights_file_is_rejected(tmp_path: Path) -> None:
     path.write_bytes(b"\x00garbage")
     with pytest.raises(WeightsError, match="cannot read"):
         DinoV2Features(replace(TINY, weights=str(path)), cache_dir=tmp_path)
+
+
+def test_concurrent_extraction_from_threads_matches_serial(tiny: DinoV2Features) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_image(30 + i, 40, seed=i) for i in range(4)]
+    serial = [tiny.extract([im]).embeddings for im in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda im: tiny.extract([im]).embeddings, images))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,30 @@
+# Two entry points on a fresh machine:  `make run` (demo server)  and  `make test` (whole suite).
+# torch/torchvision are pinned in pyproject.toml; pip (not uv/poetry) finds them on local disk.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test bench pipeline clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(PY) -m serving.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
+
+pipeline: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,774 @@
+"""ModelStore: ids → paths, atomic artefact writes, fallback reads, the per-recipe mm_per_px lock.
+
+Layout (API_CONTRACT §4.1), under ``root``::
+
+    recipes/<recipe>/recipe_meta.json                      the mm_per_px lock (§1.6)
+    recipes/<recipe>/<model_key_fs>/<base>.npz            emb, token_h, token_w, metadata
+    recipes/<recipe>/<model_key_fs>/<base>_index.faiss    faiss serialize_index bytes
+    recipes/<recipe>/<model_key_fs>/<base>_calib.json     calibration, indent 2
+
+``base`` = urlsafe-base64(role) + "__" + urlsafe-base64(roi), so no id reaches a path raw
+(DESIGN.md improvement 5). Every write is a temp file + fsync + ``os.replace``; the read-modify-write
+of ``recipe_meta.json`` runs under a file lock (improvement 9).
+
+Memory/index consistency: the index is written first, then the npz, whose metadata records
+``index_sha256`` (the hash of the index bytes it was saved with). A reader checks the hash; a torn
+pair (one file from a newer save) is re-read, and if it persists (e.g. a crash between the two
+writes) the index is rebuilt from the npz rows, which are the source of truth. Caches are keyed by
+file identity (inode, mtime_ns, size) and only hold verified pairs, so a rewritten file is always
+re-read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import stat as stat_mod
+import threading
+import time
+import uuid
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from .errors import (
+    BDIError,
+    InvalidInputError,
+    InvalidRecipeError,
+    InvalidScaleError,
+    ReservedRecipeError,
+    ScaleMismatchError,
+    StorageError,
+)
+from .knn import FAISS_AVAILABLE, KnnIndex
+from .logging import slog
+from .memory import Memory
+
+RECIPE_ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
+DEFAULT_RECIPE = "default"
+RESERVED_RECIPES = frozenset({"last"})
+MODEL_KEY_MAX_LEN = 80
+MAX_BASE_LEN = 200  # leaves room for "_index.faiss" and temp-file affixes under NAME_MAX (255)
+RECIPE_META_FILE = "recipe_meta.json"
+RECIPE_LOCK_FILE = ".recipe_meta.lock"
+LOCK_TIMEOUT_S = 30.0
+
+ArtifactKind = Literal["memory", "index", "calib"]
+
+_RECIPE_RE = re.compile(RECIPE_ID_PATTERN.strip("^$"))
+_MODEL_KEY_BAD = re.compile(r"[^A-Za-z0-9._-]")
+_SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
+_LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
+_STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
+_TORN_RETRIES = 5
+
+# ----------------------------------------------------------------------------------------- ids
+
+
+def resolve_recipe_id(raw: str | None) -> str:
+    """Trim, lower-case, empty → ``default``; ``last`` is reserved; the rest must match the pattern."""
+    value = (raw or "").strip().lower()
+    if not value:
+        return DEFAULT_RECIPE
+    if value in RESERVED_RECIPES:
+        raise ReservedRecipeError(f"recipe_id '{value}' is reserved")
+    if not _RECIPE_RE.fullmatch(value):
+        raise InvalidRecipeError(f"invalid recipe_id {raw!r}: must match {RECIPE_ID_PATTERN}")
+    return value
+
+
+def pick_recipe_id(*, explicit: object, header: str | None) -> str:
+    """§1.2 priority: an explicit non-empty string (form/JSON/query), else the header, else default."""
+    if isinstance(explicit, str) and explicit != "":
+        return resolve_recipe_id(explicit)
+    return resolve_recipe_id(header)
+
+
+def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
+    """The filesystem model key (§1.3); ``.``/``..``/only-dots are rejected (§10 item 2)."""
+    value = raw if raw else roi_id
+    value = _MODEL_KEY_BAD.sub("_", value or "").strip()[:MODEL_KEY_MAX_LEN]
+    if not value:
+        value = "default"
+    if set(value) == {"."}:
+        raise InvalidInputError(f"invalid model_key {raw!r}: it must not be '.', '..' or only dots")
+    return value
+
+
+def encode_id(value: str) -> str:
+    """URL-safe base64 of the UTF-8 bytes without ``=`` padding; empty → ``default``."""
+    if not value:
+        return "default"
+    return base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_id(value: str) -> str | None:
+    """Inverse of :func:`encode_id` (``default`` → ""); None when ``value`` is not such a name."""
+    if value == "default":
+        return ""
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def roi_base(role_id: str, roi_id: str) -> str:
+    """Per-ROI file base name: ``encode_id(role) + "__" + encode_id(roi)``."""
+    return f"{encode_id(role_id)}__{encode_id(roi_id)}"
+
+
+def checked_roi_base(role_id: str, roi_id: str) -> str:
+    """:func:`roi_base`, rejecting ids whose encoded name would not fit a file name."""
+    base = roi_base(role_id, roi_id)
+    if len(base) > MAX_BASE_LEN:
+        raise InvalidInputError("role_id/roi_id too long: the encoded name exceeds 200 characters")
+    return base
+
+
+def legacy_name(value: str) -> str:
+    """S() of §4.2: trim, every char not alphanumeric, '-' or '_' → '_'; empty → ``default``."""
+    out = "".join(c if (c.isalnum() or c in "-_") else "_" for c in (value or "").strip())
+    return out or "default"
+
+
+def check_recipe_id(recipe_id: str) -> None:
+    """Raise :class:`InvalidRecipeError` unless ``recipe_id`` is already normalised and valid."""
+    if resolve_recipe_id(recipe_id) != recipe_id:
+        raise InvalidRecipeError(f"invalid recipe_id {recipe_id!r}: must match {RECIPE_ID_PATTERN}")
+
+
+def ensure_inside(root: Path, path: Path) -> Path:
+    """``path`` if it lies under ``root`` after normalising ``..``; else StorageError.
+
+    The check is lexical (``os.path.normpath`` of absolute paths): ids can only add path components,
+    and symlinks an operator places inside the root are trusted.
+    """
+    root_abs = Path(os.path.normpath(os.path.abspath(root)))
+    path_abs = Path(os.path.normpath(os.path.abspath(path)))
+    if not path_abs.is_relative_to(root_abs):
+        raise StorageError(f"refusing a path outside the models root: {path}")
+    return path
+
+
+def recipe_dir_candidates(recipes_root: Path, recipe_id: str) -> list[Path]:
+    """§4.2/§4.3 recipe dirs to try: the exact one, then (recipe ≠ default) case-insensitive matches
+    in name order, then ``default``."""
+    out = [recipes_root / recipe_id]
+    if recipe_id == DEFAULT_RECIPE:
+        return out
+    try:
+        names = sorted(entry.name for entry in os.scandir(recipes_root) if entry.is_dir())
+    except OSError:
+        names = []
+    out.extend(recipes_root / name for name in names if name != recipe_id and name.lower() == recipe_id)
+    out.append(recipes_root / DEFAULT_RECIPE)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- refs
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model: a validated recipe id, the raw role/roi ids and the raw effective model key."""
+
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+
+    def __post_init__(self) -> None:
+        check_recipe_id(self.recipe_id)
+        checked_roi_base(self.role_id, self.roi_id)
+        sanitize_model_key(self.model_key, roi_id=self.roi_id)
+
+    @classmethod
+    def create(cls, *, recipe_id: str | None, role_id: str, roi_id: str, model_key: str | None) -> ModelRef:
+        """Normalise the recipe id and default the model key to ``roi_id`` (§1.2, §1.3)."""
+        return cls(
+            recipe_id=resolve_recipe_id(recipe_id),
+            role_id=role_id,
+            roi_id=roi_id,
+            model_key=model_key if model_key else roi_id,
+        )
+
+    @property
+    def model_key_fs(self) -> str:
+        return sanitize_model_key(self.model_key, roi_id=self.roi_id)
+
+    @property
+    def base(self) -> str:
+        return roi_base(self.role_id, self.roi_id)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a cache entry is keyed by: a changed file (new inode, mtime or size) is a cache miss."""
+
+    path: Path
+    mtime_ns: int
+    size: int
+    inode: int = 0
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        """The identity of a regular file, or None when it does not exist (or is not a file)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls._from_stat(path, st)
+
+    @classmethod
+    def _from_stat(cls, path: Path, st: os.stat_result) -> FileIdentity | None:
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        return cls(path=Path(path), mtime_ns=st.st_mtime_ns, size=st.st_size, inode=st.st_ino)
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    memory: Path
+    index: Path
+    calib: Path
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The first existing path for an artefact (None on a miss) and every path probed, in order."""
+
+    path: Path | None
+    probed: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A memory with its index; ``index`` is None when faiss is installed and no index file exists."""
+
+    memory: Memory
+    index: KnnIndex | None
+    memory_path: Path
+    index_path: Path | None
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One fitted model found on disk by :meth:`ModelStore.list_models`."""
+
+    ref: ModelRef
+    memory_path: Path
+    index_path: Path | None
+    calib_path: Path | None
+
+
+# ----------------------------------------------------------------------------------------- writes
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # best effort: some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_temp_file(directory: Path, data: bytes) -> Path:
+    """A new hidden temp file in ``directory`` holding ``data``, fsynced (mode 0o666 & ~umask)."""
+    tmp = directory / f".{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write_temp_file(path.parent, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}") from exc
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int = 2) -> None:
+    """Atomically write ``obj`` as UTF-8 JSON."""
+    try:
+        text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"not JSON-serialisable for {Path(path).name}: {exc}") from exc
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
+    """The bytes of ``path`` and the identity of the very file read (fstat on the open descriptor)."""
+    try:
+        with open(path, "rb") as fh:
+            ident = FileIdentity._from_stat(path, os.fstat(fh.fileno()))
+            if ident is None:
+                return None
+            data = fh.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    return data, ident
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+def validate_mm_per_px(value: object) -> float:
+    """``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
+    if isinstance(value, bool):
+        raise InvalidScaleError()
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise InvalidScaleError() from exc
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidScaleError()
+    return number
+
+
+# ----------------------------------------------------------------------------------------- npz codec
+
+
+def encode_memory_npz(memory: Memory, *, extra: Mapping[str, Any]) -> bytes:
+    """The ``.npz`` bytes: emb (m, D) float32, token_h, token_w (int64), metadata (JSON string)."""
+    metadata = {k: v for k, v in memory.metadata.items() if k not in _STORE_KEYS}
+    metadata.update(extra)
+    try:
+        meta_json = json.dumps(metadata, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"memory metadata is not JSON-serialisable: {exc}") from exc
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        emb=np.ascontiguousarray(memory.embeddings, dtype=np.float32),
+        token_h=np.asarray(int(memory.token_shape[0]), dtype=np.int64),
+        token_w=np.asarray(int(memory.token_shape[1]), dtype=np.int64),
+        metadata=np.asarray(meta_json),
+    )
+    return buf.getvalue()
+
+
+def decode_memory_npz(data: bytes, *, path: Path) -> tuple[Memory, dict[str, Any]]:
+    """Parse npz bytes (pickle disabled) into a read-only :class:`Memory` and the store's own keys."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            emb = np.asarray(npz["emb"])
+            token_h = int(np.asarray(npz["token_h"]).reshape(-1)[0])
+            token_w = int(np.asarray(npz["token_w"]).reshape(-1)[0])
+            raw_meta = str(np.asarray(npz["metadata"]).reshape(-1)[0]) if "metadata" in npz.files else "{}"
+        metadata = json.loads(raw_meta) if raw_meta.strip() else {}
+    except (zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError) as exc:
+        raise StorageError(f"corrupt memory file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise StorageError(f"corrupt memory file {path}: metadata is not a JSON object")
+    if emb.ndim != 2 or emb.shape[0] == 0 or emb.dtype.kind != "f":
+        raise StorageError(f"corrupt memory file {path}: emb has shape {emb.shape} and dtype {emb.dtype}")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    emb.flags.writeable = False  # shared through the cache
+    store_keys = {k: metadata.pop(k) for k in _STORE_KEYS if k in metadata}
+    memory = Memory(embeddings=emb, token_shape=(token_h, token_w), metadata=metadata)
+    expected = store_keys.get("fingerprint")
+    if isinstance(expected, str) and expected != memory.fingerprint:
+        raise StorageError(f"corrupt memory file {path}: content does not match its recorded fingerprint")
+    return memory, store_keys
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _LRU(Generic[K, V]):
+    """A small thread-safe LRU; only for speed (keys carry file identities)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max(0, int(max_entries))
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        if self._max == 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+# ----------------------------------------------------------------------------------------- store
+
+
+class ModelStore:
+    """Model artefacts and recipe meta under one root directory (``BDI_MODELS_DIR``)."""
+
+    def __init__(self, root: Path, *, cache_max_entries: int = 32) -> None:
+        self.root = Path(root)
+        self._memories: _LRU[FileIdentity, tuple[Memory, dict[str, Any]]] = _LRU(cache_max_entries)
+        self._models: _LRU[tuple[FileIdentity, FileIdentity | None], LoadedModel] = _LRU(cache_max_entries)
+        self._calibs: _LRU[FileIdentity, dict[str, Any]] = _LRU(cache_max_entries)
+
+    # -------------------------------------------------------------- layout
+    @property
+    def recipes_root(self) -> Path:
+        return self.root / "recipes"
+
+    def recipe_dir(self, recipe_id: str) -> Path:
+        check_recipe_id(recipe_id)
+        return ensure_inside(self.root, self.recipes_root / recipe_id)
+
+    def paths(self, ref: ModelRef) -> ArtifactPaths:
+        """Write targets: ``<root>/recipes/<recipe>/<model_key_fs>/<base>{.npz,_index.faiss,_calib.json}``."""
+        directory = self.recipe_dir(ref.recipe_id) / ref.model_key_fs
+        base = ref.base
+        return ArtifactPaths(
+            memory=ensure_inside(self.root, directory / f"{base}{_SUFFIX['memory']}"),
+            index=ensure_inside(self.root, directory / f"{base}{_SUFFIX['index']}"),
+            calib=ensure_inside(self.root, directory / f"{base}{_SUFFIX['calib']}"),
+        )
+
+    def candidates(self, ref: ModelRef, kind: ArtifactKind) -> list[Path]:
+        """§4.2 read order for one artefact kind."""
+        suffix = _SUFFIX[kind]
+        mk, base = ref.model_key_fs, ref.base
+        out = [d / mk / f"{base}{suffix}" for d in recipe_dir_candidates(self.recipes_root, ref.recipe_id)]
+        role_s, roi_s = legacy_name(ref.role_id), legacy_name(ref.roi_id)
+        out.append(self.root / f"{role_s}_{roi_s}{suffix}")
+        out.append(self.root / role_s / roi_s / _LEGACY_DIR_NAME[kind])
+        return [ensure_inside(self.root, p) for p in out]
+
+    def resolve(self, ref: ModelRef, kind: ArtifactKind) -> Resolution:
+        """The first existing file among :meth:`candidates`; logs ``storage.resolve_<kind>.not_found``."""
+        probed: list[Path] = []
+        for path in self.candidates(ref, kind):
+            probed.append(path)
+            if FileIdentity.of(path) is not None:
+                return Resolution(path=path, probed=tuple(probed))
+        slog(f"storage.resolve_{kind}.not_found", probed_paths=[str(p) for p in probed],
+             role_id=ref.role_id, roi_id=ref.roi_id, recipe_id=ref.recipe_id, model_key=ref.model_key)
+        return Resolution(path=None, probed=tuple(probed))
+
+    # -------------------------------------------------------------- model
+    def save_model(self, ref: ModelRef, memory: Memory, index: KnnIndex | None) -> ArtifactPaths:
+        """Write the index (if a faiss one is given), then the npz recording the index's sha256.
+
+        With no faiss index an old index file is removed first, so it can never pair with the new npz.
+        """
+        paths = self.paths(ref)
+        index_sha: str | None = None
+        if index is not None and index.backend != "torch":
+            index_bytes = index.serialize()
+            index_sha = hashlib.sha256(index_bytes).hexdigest()
+            atomic_write_bytes(paths.index, index_bytes)
+        else:
+            try:
+                paths.index.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot remove the stale index {paths.index}: {exc}") from exc
+        extra = {
+            "fingerprint": memory.fingerprint,
+            "index_sha256": index_sha,
+            "model_ref": {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
+                          "model_key": ref.model_key},
+        }
+        atomic_write_bytes(paths.memory, encode_memory_npz(memory, extra=extra))
+        return paths
+
+    def _memory_from(self, path: Path) -> tuple[Memory, dict[str, Any], FileIdentity] | None:
+        ident = FileIdentity.of(path)
+        if ident is not None:
+            cached = self._memories.get(ident)
+            if cached is not None:
+                return cached[0], cached[1], ident
+        read = _read_with_identity(path)
+        if read is None:
+            return None
+        data, ident = read
+        memory, store_keys = decode_memory_npz(data, path=path)
+        self._memories.put(ident, (memory, store_keys))
+        return memory, store_keys, ident
+
+    def load_memory(self, ref: ModelRef) -> Memory | None:
+        """The memory resolved with fallbacks, or None; a corrupt file raises :class:`StorageError`."""
+        for _ in range(_TORN_RETRIES):
+            res = self.resolve(ref, "memory")
+            if res.path is None:
+                return None
+            loaded = self._memory_from(res.path)
+            if loaded is not None:
+                return loaded[0]
+        return None  # the file kept vanishing between resolve and read: treat as absent
+
+    def load_model(self, ref: ModelRef) -> LoadedModel | None:
+        """Memory + index (see the module doc for the consistency check), or None without a memory.
+
+        Without faiss the index is a torch index built from the rows; with faiss and no index file
+        (or an npz saved without one) it is None and the caller decides what that means.
+        """
+        torn: tuple[Path, Path, Memory, FileIdentity, FileIdentity | None] | None = None
+        for attempt in range(_TORN_RETRIES):
+            mem_res = self.resolve(ref, "memory")
+            if mem_res.path is None:
+                return None
+            idx_path = self.resolve(ref, "index").path if FAISS_AVAILABLE else None
+            mem_ident = FileIdentity.of(mem_res.path)
+            idx_ident = FileIdentity.of(idx_path) if idx_path is not None else None
+            if mem_ident is not None:
+                cached = self._models.get((mem_ident, idx_ident))
+                if cached is not None:
+                    return cached
+            loaded = self._memory_from(mem_res.path)
+            if loaded is None:
+                continue  # replaced or removed between resolve and read
+            memory, store_keys, mem_ident = loaded
+            model, idx_ident = self._pair(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
+            if model is not None:
+                self._models.put((mem_ident, idx_ident), model)
+                return model
+            if idx_path is not None:
+                torn = (mem_res.path, idx_path, memory, mem_ident, idx_ident)
+            time.sleep(0.005 * (2**attempt))  # a concurrent save is between its two writes
+        if torn is None:
+            return None
+        return self._rebuild_index(*torn)
+
+    def _rebuild_index(
+        self,
+        mem_path: Path,
+        idx_path: Path,
+        memory: Memory,
+        mem_ident: FileIdentity,
+        idx_ident: FileIdentity | None,
+    ) -> LoadedModel:
+        """A persistent memory/index mismatch: index the npz rows again (they are the truth)."""
+        slog("storage.index_mismatch", memory_path=str(mem_path), index_path=str(idx_path),
+             action="rebuilt_from_memory")
+        factory = str(dict(memory.metadata.get("memory") or {}).get("knn_index", "Flat"))
+        try:
+            index = KnnIndex.build(memory.embeddings, factory=factory)
+        except InvalidInputError:
+            index = KnnIndex.build(memory.embeddings, factory="Flat")
+        model = LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None,
+                            fingerprint=memory.fingerprint)
+        self._models.put((mem_ident, idx_ident), model)
+        return model
+
+    def _pair(
+        self, memory: Memory, store_keys: Mapping[str, Any], *, mem_path: Path, idx_path: Path | None
+    ) -> tuple[LoadedModel | None, FileIdentity | None]:
+        """Join a memory with its index file; (None, _) when the index belongs to another save."""
+        fingerprint = str(store_keys.get("fingerprint") or memory.fingerprint)
+        saved_without_index = "index_sha256" in store_keys and store_keys["index_sha256"] is None
+        if not FAISS_AVAILABLE:
+            index = KnnIndex.build(memory.embeddings, use_faiss=False)
+            return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None,
+                               fingerprint=fingerprint), None
+        read = _read_with_identity(idx_path) if idx_path is not None and not saved_without_index else None
+        if read is None:
+            return LoadedModel(memory=memory, index=None, memory_path=mem_path, index_path=None,
+                               fingerprint=fingerprint), None
+        data, idx_ident = read
+        expected = store_keys.get("index_sha256")
+        if isinstance(expected, str) and hashlib.sha256(data).hexdigest() != expected:
+            return None, idx_ident
+        try:
+            index = KnnIndex.deserialize(data)
+        except StorageError as exc:
+            raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
+        if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
+            return None, idx_ident
+        return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=idx_path,
+                           fingerprint=fingerprint), idx_ident
+
+    # -------------------------------------------------------------- calibration
+    def save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> Path:
+        """Atomically write the calibration JSON (indent 2) to the current layout."""
+        path = self.paths(ref).calib
+        atomic_write_json(path, dict(calib), indent=2)
+        return path
+
+    def load_calibration(self, ref: ModelRef) -> dict[str, Any] | None:
+        """The calibration resolved with fallbacks (a copy), or None.
+
+        A corrupt or non-object file also gives None (logged as ``storage.calib_corrupt``): the
+        service then reports ``calibration_missing`` and a new calibration overwrites it.
+        """
+        for _ in range(_TORN_RETRIES):
+            res = self.resolve(ref, "calib")
+            if res.path is None:
+                return None
+            ident = FileIdentity.of(res.path)
+            cached = self._calibs.get(ident) if ident is not None else None
+            if cached is not None:
+                return copy.deepcopy(cached)
+            read = _read_with_identity(res.path)
+            if read is None:
+                continue
+            data, ident = read
+            try:
+                value = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                slog("storage.calib_corrupt", path=str(res.path), error=str(exc))
+                return None
+            if not isinstance(value, dict):
+                slog("storage.calib_corrupt", path=str(res.path), error="not a JSON object")
+                return None
+            self._calibs.put(ident, value)
+            return copy.deepcopy(value)
+        return None
+
+    # -------------------------------------------------------------- recipe lock
+    def recipe_meta_path(self, recipe_id: str) -> Path:
+        return self.recipe_dir(recipe_id) / RECIPE_META_FILE
+
+    def read_recipe_meta(self, recipe_id: str) -> dict[str, Any]:
+        """The recipe meta ({} when absent); a corrupt file raises :class:`StorageError`."""
+        path = self.recipe_meta_path(recipe_id)
+        read = _read_with_identity(path)
+        if read is None:
+            return {}
+        try:
+            value = json.loads(read[0].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"corrupt recipe meta {path}: {exc}") from exc
+        if not isinstance(value, dict):
+            raise StorageError(f"corrupt recipe meta {path}: not a JSON object")
+        return value
+
+    def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
+        """First value wins per recipe; later ones must match within 1e-6·max(1,|a|,|b|) (§1.6)."""
+        value = validate_mm_per_px(mm_per_px)
+        if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
+            return
+        directory = self.recipe_dir(recipe_id)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(directory / RECIPE_LOCK_FILE), timeout=LOCK_TIMEOUT_S):
+                if self._check_locked(recipe_id, value):
+                    return
+                meta = self.read_recipe_meta(recipe_id)
+                meta["mm_per_px"] = value
+                meta.setdefault("created_at_utc", utc_now_iso())
+                atomic_write_json(self.recipe_meta_path(recipe_id), meta, indent=2)
+        except Timeout as exc:
+            raise StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}") from exc
+
+    def _check_locked(self, recipe_id: str, value: float) -> bool:
+        """True when a valid value is stored and matches; ScaleMismatchError when it differs."""
+        stored = self.read_recipe_meta(recipe_id).get("mm_per_px")
+        try:
+            expected = validate_mm_per_px(stored)
+        except InvalidScaleError:
+            return False  # absent or unusable: (re)written under the lock
+        if abs(expected - value) > 1e-6 * max(1.0, abs(expected), abs(value)):
+            raise ScaleMismatchError(recipe_id, expected, value)
+        return True
+
+    # -------------------------------------------------------------- listing
+    def model_keys(self, recipe_id: str) -> list[str]:
+        """Filesystem model keys of ``recipe_id`` that hold at least one memory file, sorted."""
+        directory = self.recipe_dir(recipe_id)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return []
+        return [e.name for e in entries if e.is_dir() and any(Path(e.path).glob("*__*.npz"))]
+
+    def list_models(self) -> list[StoredModel]:
+        """Every ``recipes/<recipe>/<mk>/<b64role>__<b64roi>.npz`` with decodable names, sorted."""
+        out: list[StoredModel] = []
+        for npz in sorted(self.recipes_root.glob("*/*/*__*.npz")):
+            recipe_dir, mk_dir = npz.parent.parent.name, npz.parent.name
+            role_b64, _, roi_b64 = npz.name[: -len(".npz")].partition("__")
+            role_id, roi_id = decode_id(role_b64), decode_id(roi_b64)
+            if role_id is None or roi_id is None:
+                continue
+            model_key = self._stored_model_key(npz) or mk_dir
+            try:
+                ref = ModelRef(recipe_id=recipe_dir, role_id=role_id, roi_id=roi_id, model_key=model_key)
+                if ref.model_key_fs != mk_dir or ref.base != npz.name[: -len(".npz")]:
+                    continue
+            except BDIError:
+                continue
+            paths = self.paths(ref)
+            out.append(StoredModel(
+                ref=ref,
+                memory_path=npz,
+                index_path=paths.index if paths.index.is_file() else None,
+                calib_path=paths.calib if paths.calib.is_file() else None,
+            ))
+        return out
+
+    @staticmethod
+    def _stored_model_key(npz_path: Path) -> str | None:
+        """The raw model key recorded in an npz's metadata, if any (only that member is read)."""
+        try:
+            with np.load(npz_path, allow_pickle=False) as npz:
+                meta = json.loads(str(np.asarray(npz["metadata"]).reshape(-1)[0]))
+        except (OSError, zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, EOFError):
+            return None
+        ref = meta.get("model_ref") if isinstance(meta, dict) else None
+        key = ref.get("model_key") if isinstance(ref, dict) else None
+        return key if isinstance(key, str) and key else None
+
+    def clear_cache(self) -> None:
+        """Drop cached entries (never needed for correctness)."""
+        self._memories.clear()
+        self._models.clear()
+        self._calibs.clear()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bdi.config import FeatureConfig, MemoryConfig, Settings
+
+
+def test_defaults_match_design(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BDI_CONFIG", "BDI_CORESET_RATE", "BDI_WEIGHTS", "BDI_INPUT_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    model = Settings().to_model_config()
+    assert model.features.input_size == 448
+    assert model.features.blocks == (9, 10, 11)
+    assert model.memory.coreset_rate == 0.10
+    assert model.scoring.score_percentile == 99.0
+    assert model.scoring.blur_sigma == 1.0
+
+
+def test_env_overrides_yaml_and_yaml_overrides_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("inference:\n  coreset_rate: 0.2\n  score_percentile: 95\n")
+    monkeypatch.setenv("BDI_CONFIG", str(config))
+    monkeypatch.setenv("BDI_CORESET_RATE", "0.05")
+    settings = Settings()
+    assert settings.coreset_rate == 0.05  # env wins over YAML (DESIGN.md improvement 4)
+    assert settings.score_percentile == 95  # YAML wins over defaults
+
+
+def test_legacy_brakedisc_env_names_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRAKEDISC_MODELS_DIR", "/tmp/legacy-models")
+    monkeypatch.setenv("BRAKEDISC_AREA_MM2_THR", "2.5")
+    settings = Settings()
+    assert settings.models_dir == Path("/tmp/legacy-models")
+    assert settings.area_mm2_thr == 2.5
+
+
+def test_feature_blocks_env_is_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDI_FEATURE_BLOCKS", "8, 11")
+    assert Settings().feature_config().blocks == (8, 11)
+
+
+def test_dataset_only_flag_parses_truthy_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDI_TRAIN_DATASET_ONLY", "1")
+    assert Settings().train_dataset_only is True
+    monkeypatch.setenv("BDI_TRAIN_DATASET_ONLY", "off")
+    assert Settings().train_dataset_only is False
+
+
+def test_invalid_port_falls_back_to_8000(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDI_BACKEND_PORT", "not-a-port")
+    assert Settings().backend_port == 8000
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("coreset_rat: 0.2\n")
+    with pytest.raises(ValueError, match="coreset_rat"):
+        Settings(config_file=str(config))
+
+
+@pytest.mark.parametrize("kwargs", [{"input_size": 100}, {"blocks": ()}, {"depth": 4, "blocks": (9,)}])
+def test_feature_config_rejects_impossible_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        FeatureConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_memory_config_rejects_rate_outside_unit_interval() -> None:
+    with pytest.raises(ValueError):
+        MemoryConfig(coreset_rate=0.0)
+
+
+def test_bad_setting_fails_at_startup_not_first_request() -> None:
+    with pytest.raises(ValidationError):
+        Settings(input_size=100)

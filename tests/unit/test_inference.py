@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bdi.config import ScoringConfig
+from bdi.errors import TokenGridMismatchError
+from bdi.imaging import build_roi_mask, letterbox_geometry
+from bdi.inference import distance_map, find_regions, gaussian_blur, heatmap_u8, masked_score, score_crop
+from bdi.knn import KnnIndex
+from bdi.memory import l2_normalize
+
+
+def test_gaussian_blur_sigma_one_uses_seven_tap_kernel() -> None:
+    impulse = np.zeros((15, 15), dtype=np.float32)
+    impulse[7, 7] = 1.0
+    blurred = gaussian_blur(impulse, 1.0)
+    assert np.count_nonzero(blurred[7]) == 7  # support = 7 px wide
+    assert blurred.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_masked_score_is_percentile_inside_mask_and_zero_for_empty_mask() -> None:
+    values = np.arange(100, dtype=np.float32).reshape(10, 10)
+    mask = np.zeros((10, 10), np.uint8)
+    assert masked_score(values, mask, 99) == 0.0
+    mask[:5] = 255
+    assert masked_score(values, mask, 50) == pytest.approx(np.percentile(np.arange(50), 50))
+
+
+def test_heatmap_is_zero_outside_mask_and_stretched_inside() -> None:
+    values = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    mask = build_roi_mask({"kind": "circle", "cx": 10, "cy": 10, "r": 6}, width=20, height=20)
+    heat = heatmap_u8(values, mask)
+    assert heat.dtype == np.uint8
+    assert heat[mask == 0].max() == 0
+    assert heat[mask > 0].max() == 255
+
+
+def test_regions_report_pixel_area_in_mm2_for_a_known_square_defect() -> None:
+    anomaly = np.zeros((60, 80), dtype=np.float32)
+    anomaly[10:20, 30:45] = 1.0  # 10 x 15 = 150 px
+    anomaly[40:42, 5:7] = 1.0  # 4 px: below the area threshold
+    mask = np.full((60, 80), 255, np.uint8)
+    regions = find_regions(anomaly, mask, threshold=0.5, mm_per_px=0.2, area_mm2_thr=1.0)
+    assert len(regions) == 1
+    region = regions[0]
+    assert region.bbox == (30, 10, 15, 10)
+    assert region.area_px == 150
+    assert region.area_mm2 == pytest.approx(150 * 0.04)
+    assert region.to_dict()["x"] == 30.0 and region.to_dict()["h"] == 10.0
+
+
+def test_regions_are_sorted_by_area_descending() -> None:
+    anomaly = np.zeros((50, 50), dtype=np.float32)
+    anomaly[0:3, 0:3] = 1
+    anomaly[20:30, 20:30] = 1
+    regions = find_regions(anomaly, np.full((50, 50), 255, np.uint8), threshold=0.5, mm_per_px=1, area_mm2_thr=0)
+    assert [r.area_px for r in regions] == [100, 9]
+
+
+def test_distance_map_removes_letterbox_padding_for_wide_crops() -> None:
+    # A 4x4 grid over a 56 px canvas; a 112x56 crop occupies canvas rows 14..42 (pad 14 top/bottom).
+    geometry = letterbox_geometry(src_w=112, src_h=56, size=56)
+    grid = np.zeros((4, 4), dtype=np.float32)
+    grid[0, :] = grid[3, :] = 9.0  # padding rows only
+    aligned = distance_map(grid.ravel(), grid=(4, 4), letterbox=geometry, remove_letterbox=True)
+    legacy = distance_map(grid.ravel(), grid=(4, 4), letterbox=geometry, remove_letterbox=False)
+    assert aligned.shape == legacy.shape == (56, 112)
+    assert aligned[28, :].max() < 1.0  # the centre of the crop is not painted by padding tokens
+    assert legacy[0, :].min() == pytest.approx(9.0)  # legacy stretches padding over the crop
+
+
+def test_score_crop_rejects_token_grid_mismatch() -> None:
+    index = KnnIndex.build(l2_normalize(np.eye(4, dtype=np.float32)))
+    with pytest.raises(TokenGridMismatchError, match=r"got \(2, 2\), expected \(3, 3\)"):
+        score_crop(
+            embeddings=np.eye(4, dtype=np.float32), grid=(2, 2),
+            letterbox=letterbox_geometry(src_w=28, src_h=28, size=28), index=index, memory_grid=(3, 3),
+            mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(), threshold=None, mm_per_px=1.0,
+        )
+
+
+def test_score_crop_distances_lie_in_zero_two_and_match_memory_exactly() -> None:
+    rows = l2_normalize(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    index = KnnIndex.build(rows)
+    result = score_crop(
+        embeddings=rows, grid=(2, 2), letterbox=letterbox_geometry(src_w=28, src_h=28, size=28),
+        index=index, memory_grid=(2, 2), mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(),
+        threshold=0.5, mm_per_px=0.1,
+    )
+    assert result.score == pytest.approx(0.0, abs=1e-3)
+    assert result.regions == []
+    assert {"search", "post"} <= set(result.timings_ms)

@@ -1,0 +1,144 @@
+"""The use cases end to end on the real (shrunk, random-init) ViT and real FAISS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bdi.errors import (
+    CalibrationMissingError,
+    ImageDecodeError,
+    InsufficientSamplesError,
+    InvalidInputError,
+    NotFittedError,
+    ScaleMismatchError,
+)
+from bdi.service import InspectionService
+from bdi.store import ModelRef
+from bdi.synthetic import DiscGeometry
+from tests.helpers.synthetic import png_bytes
+
+REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
+
+
+def _fit_and_calibrate(service: InspectionService, good: list[np.ndarray], bad: list[np.ndarray]) -> float:
+    service.store.lock_mm_per_px(REF.recipe_id, 0.2)
+    service.fit_images(ref=REF, images=good[:10])
+    held_out = service.score_images(ref=REF, images=good[10:] + bad)
+    ok = [r.score for r in held_out[: len(good) - 10]]
+    ng = [r.score for r in held_out[len(good) - 10 :]]
+    return float(service.calibrate_from_scores(ref=REF, ok_scores=ok, ng_scores=ng)["threshold"])
+
+
+def test_defective_disc_scores_above_every_good_disc(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
+) -> None:
+    service.fit_images(ref=REF, images=good_discs[:10])
+    scores = [r.score for r in service.score_images(ref=REF, images=good_discs[10:] + defect_discs)]
+    good_scores, defect_scores = scores[:2], scores[2:]
+    assert min(defect_scores) > max(good_scores)
+
+
+def test_fit_reports_contract_counts(service: InspectionService, good_discs: list[np.ndarray]) -> None:
+    result = service.fit_images(ref=REF, images=good_discs[:3])
+    tokens = 8 * 8  # 112 px input / 14 px patches
+    assert result.token_shape == (8, 8)
+    assert result.n_embeddings == 3 * tokens
+    assert result.coreset_size == int(np.ceil(3 * tokens * 0.1))
+    assert result.to_response()["coreset_rate_applied"] == pytest.approx(result.coreset_size / (3 * tokens))
+    assert result.memory_path.is_file() and result.index_path is not None and result.index_path.is_file()
+
+
+def test_memory_fit_keeps_every_patch(service: InspectionService, good_discs: list[np.ndarray]) -> None:
+    result = service.fit_images(ref=REF, images=good_discs[:2], memory_fit=True)
+    assert result.coreset_size == result.n_embeddings
+    assert result.coreset_rate_requested == 1.0
+
+
+def test_infer_flags_defect_with_annulus_mask_and_regions(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
+) -> None:
+    threshold = _fit_and_calibrate(service, good_discs, defect_discs[:2])
+    shape = DiscGeometry(96).annulus_shape()
+    good = service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[11]), shape=shape)
+    bad = service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(defect_discs[0]), shape=shape)
+    assert good.decision == "ok" and good.heatmap_png is None
+    assert bad.decision == "ng" and bad.heatmap_png is not None
+    assert bad.result.score > threshold > good.result.score
+    body = bad.to_response()
+    assert body["token_shape"] == [8, 8]
+    assert all({"bbox", "area_px", "area_mm2", "contour", "x", "y", "w", "h"} <= set(r) for r in body["regions"])
+    assert body["heatmap_png_base64"]
+
+
+def test_infer_without_memory_is_not_fitted(service: InspectionService, good_discs: list[np.ndarray]) -> None:
+    with pytest.raises(NotFittedError, match="Memoria no encontrada"):
+        service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
+
+
+def test_infer_without_calibration_is_calibration_missing(
+    service: InspectionService, good_discs: list[np.ndarray]
+) -> None:
+    service.fit_images(ref=REF, images=good_discs[:2])
+    with pytest.raises(CalibrationMissingError, match="calibration_missing"):
+        service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
+
+
+def test_infer_reports_calibration_missing_after_refit(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
+) -> None:
+    _fit_and_calibrate(service, good_discs, defect_discs)
+    service.fit_images(ref=REF, images=good_discs[2:8])  # a different memory
+    with pytest.raises(CalibrationMissingError, match="stale"):
+        service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
+
+
+def test_infer_rejects_mm_per_px_other_than_the_recipe_lock(
+    service: InspectionService, good_discs: list[np.ndarray]
+) -> None:
+    service.store.lock_mm_per_px("default", 0.2)
+    with pytest.raises(ScaleMismatchError, match="mm_per_px mismatch"):
+        service.infer(ref=REF, mm_per_px=0.25, image=png_bytes(good_discs[0]))
+
+
+def test_infer_rejects_undecodable_image_before_model_lookup(service: InspectionService) -> None:
+    with pytest.raises(ImageDecodeError, match="No se pudo decodificar"):
+        service.infer(ref=REF, mm_per_px=0.2, image=b"hello")
+
+
+def test_fit_from_dataset_needs_min_ok_samples(service: InspectionService, good_discs: list[np.ndarray]) -> None:
+    dataset = service._dataset_ref(REF)
+    service.upload_samples(ref=dataset, label="ok", files=[(f"{i}.png", png_bytes(d)) for i, d in
+                                                          enumerate(good_discs[:9])])
+    with pytest.raises(InsufficientSamplesError, match="Insufficient OK samples: need at least 10, found 9"):
+        service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
+
+
+def test_upload_is_all_or_nothing_when_one_file_is_not_an_image(
+    service: InspectionService, good_discs: list[np.ndarray]
+) -> None:
+    dataset = service._dataset_ref(REF)
+    with pytest.raises(ImageDecodeError):
+        service.upload_samples(ref=dataset, label="ok", files=[("a.png", png_bytes(good_discs[0])),
+                                                               ("b.png", b"not an image")])
+    assert service.datasets.samples(dataset, "ok") == []
+
+
+def test_upload_rejects_metas_length_mismatch(service: InspectionService, good_discs: list[np.ndarray]) -> None:
+    with pytest.raises(InvalidInputError, match="metas length must match images length"):
+        service.upload_samples(ref=service._dataset_ref(REF), label="ok",
+                               files=[("a.png", png_bytes(good_discs[0]))] * 2, metas=["{}"])
+
+
+def test_calibrate_dataset_scores_stored_samples(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
+) -> None:
+    dataset = service._dataset_ref(REF)
+    service.upload_samples(ref=dataset, label="ok", files=[(None, png_bytes(d)) for d in good_discs[:10]])
+    service.upload_samples(ref=dataset, label="ng", files=[(None, png_bytes(d)) for d in defect_discs])
+    service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
+    calib = service.calibrate_dataset(ref=REF, default_mm_per_px=0.2)
+    assert (calib["n_ok"], calib["n_ng"]) == (10, 3)
+    assert calib["threshold"] > 0
+    items = service.infer_dataset(ref=REF, default_mm_per_px=0.2)
+    assert len(items) == 13 and all(i.error is None for i in items)
