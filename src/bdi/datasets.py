@@ -29,9 +29,9 @@ from .errors import InvalidInputError, NotFoundError, StorageError
 from .logging import slog
 from .store import (
     check_recipe_id,
-    fsync_dir,
     checked_roi_base,
     ensure_inside,
+    fsync_dir,
     legacy_name,
     recipe_dir_candidates,
     roi_base,
@@ -152,6 +152,8 @@ class DatasetStore:
         """
         label = parse_label(label)
         directory = self._label_dir(self.base_dir(ref), label)
+        if not items:
+            return []
         for item in items:  # a bad meta fails before anything (even a folder) is created
             self._sidecar_bytes(ref=ref, label=label, item=item, name="check")
         created: list[Path] = []

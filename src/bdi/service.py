@@ -27,6 +27,8 @@ from .errors import (
     InsufficientSamplesError,
     InvalidInputError,
     NotFittedError,
+    NotFoundError,
+    StorageError,
     UploadLimitError,
 )
 from .features import DinoV2Features
@@ -98,6 +100,7 @@ class SampleScore:
     regions: list[dict[str, Any]]
     error: str | None
     heatmap_png: bytes | None = None
+    threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
 
 
 def decide(score: float, threshold: float) -> str:
@@ -267,7 +270,7 @@ class InspectionService:
             "mm_per_px": float(mm_per_px),
             "area_mm2_thr": area,
             "score_percentile": percentile,
-            **self._calibration_extras(ref, choice, memory),
+            **self._calibration_extras(ref, choice, memory.fingerprint if memory is not None else None),
         }
         self._save_calibration(ref, calib)
         return calib
@@ -308,17 +311,17 @@ class InspectionService:
             "role_id": ref.role_id,
             "roi_id": ref.roi_id,
             "model_key": ref.model_key,
-            **self._calibration_extras(ref, choice, model.memory),
+            **self._calibration_extras(ref, choice, model.fingerprint or model.memory.fingerprint),
         }
         self._save_calibration(ref, calib)
         return {**calib, "n_ok": choice.n_ok, "n_ng": choice.n_ng}
 
     def _calibration_extras(
-        self, ref: ModelRef, choice: ThresholdChoice, memory: Memory | None
+        self, ref: ModelRef, choice: ThresholdChoice, memory_fingerprint: str | None
     ) -> dict[str, Any]:
         return {
             "created_at_utc": utc_now_iso(),
-            "memory_fingerprint": memory.fingerprint if memory is not None else None,
+            "memory_fingerprint": memory_fingerprint,
             "n_ok": choice.n_ok,
             "n_ng": choice.n_ng,
             "false_reject_rate": choice.false_reject_rate,
@@ -348,7 +351,7 @@ class InspectionService:
             crop = self._decode(image, name="image")
         model = self._require_model(ref, endpoint="/infer", require_index=True)
         calib = self.store.load_calibration(ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint or model.memory.fingerprint)
         assert calib is not None
         roi_shape = parse_shape(shape)
         scoring = self._calib_scoring(calib)
@@ -379,7 +382,7 @@ class InspectionService:
         clean_labels = [parse_label(label) for label in labels]
         model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
         calib = self.store.load_calibration(ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint or model.memory.fingerprint)
         assert calib is not None
         scoring = self._calib_scoring(calib)
         items: list[SampleScore] = []
@@ -481,13 +484,13 @@ class InspectionService:
                 items.append(SampleScore(
                     label=label, filename=sample.path.name, mm_per_px=mm, score=result.score,
                     regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
-                    heatmap_png=png,
+                    heatmap_png=png, threshold=threshold,
                 ))
             except (BDIError, OSError) as exc:
                 items.append(SampleScore(
                     label=label, filename=sample.path.name,
                     mm_per_px=mm if isinstance(mm, float) else None, score=None, regions=[],
-                    error=str(exc),
+                    error=str(exc), threshold=threshold,
                 ))
             if progress:
                 progress(f"score_{label}", i + 1, len(samples))
@@ -508,6 +511,30 @@ class InspectionService:
         }
 
     # ------------------------------------------------------------------ datasets
+    def dataset_listing(self, ref: DatasetRef) -> dict[str, Any]:
+        """``{"role_id", "roi_id", "classes"}`` of the resolved dataset (§2.8)."""
+        return self.datasets.listing(ref)
+
+    def dataset_file(self, *, ref: DatasetRef, label: str, filename: str) -> tuple[str, bytes]:
+        """``(stored name, bytes)`` of one sample (§2.9); NotFoundError when absent."""
+        path = self.datasets.file_path(ref, label, filename)
+        try:
+            return path.name, path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise NotFoundError("file not found") from exc
+
+    def dataset_meta(self, *, ref: DatasetRef, label: str, filename: str) -> dict[str, Any]:
+        """The sidecar of one sample (§2.10); NotFoundError when absent."""
+        return self.datasets.read_meta(ref, label, filename)
+
+    def delete_sample(self, *, ref: DatasetRef, label: str, filename: str) -> bool:
+        """Remove one sample and its sidecar (§2.11); True when the image existed."""
+        return self.datasets.delete(ref, label, filename)
+
+    def clear_samples(self, *, ref: DatasetRef, label: str) -> int:
+        """Remove every file of one label (§2.12); the number of files removed."""
+        return self.datasets.clear(ref, label)
+
     def upload_samples(
         self,
         *,
@@ -582,20 +609,20 @@ class InspectionService:
                 index=build_index(model.memory, self.settings.memory_config(), use_faiss=False),
                 memory_path=model.memory_path,
                 index_path=None,
+                fingerprint=model.fingerprint,
             )
         return model
 
     def _safe_memory(self, ref: ModelRef) -> Memory | None:
-        return self.store.load_memory(ref)
+        """The memory, or None when absent or unreadable (a corrupt file reads as "not fitted",
+        so the GUI's refit repairs it instead of seeing a 500)."""
+        try:
+            return self.store.load_memory(ref)
+        except StorageError as exc:
+            slog("storage.memory_unreadable", error=str(exc), model_key=ref.model_key)
+            return None
 
     @staticmethod
     def _dataset_ref(ref: ModelRef) -> DatasetRef:
         return DatasetRef(recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
 
-
-def elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1e3
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

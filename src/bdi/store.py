@@ -76,6 +76,10 @@ _SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "
 _LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
 _STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
 _TORN_RETRIES = 5
+# what numpy/zipfile raise on a damaged or foreign npz (never shown raw to callers)
+_NPZ_ERRORS = (
+    zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError,
+)
 
 # ----------------------------------------------------------------------------------------- ids
 
@@ -327,10 +331,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _json_default(obj: Any) -> Any:
+    """numpy scalars/arrays → Python values, paths → str; anything else is not JSON."""
+    if isinstance(obj, Path):
+        return str(obj)
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def atomic_write_json(path: Path, obj: Any, *, indent: int = 2) -> None:
-    """Atomically write ``obj`` as UTF-8 JSON."""
+    """Atomically write ``obj`` as UTF-8 JSON (numpy values converted)."""
     try:
-        text = json.dumps(obj, indent=indent, ensure_ascii=False)
+        text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"not JSON-serialisable for {Path(path).name}: {exc}") from exc
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -376,7 +390,7 @@ def encode_memory_npz(memory: Memory, *, extra: Mapping[str, Any]) -> bytes:
     metadata = {k: v for k, v in memory.metadata.items() if k not in _STORE_KEYS}
     metadata.update(extra)
     try:
-        meta_json = json.dumps(metadata, ensure_ascii=False)
+        meta_json = json.dumps(metadata, ensure_ascii=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"memory metadata is not JSON-serialisable: {exc}") from exc
     buf = io.BytesIO()
@@ -397,9 +411,11 @@ def decode_memory_npz(data: bytes, *, path: Path) -> tuple[Memory, dict[str, Any
             emb = np.asarray(npz["emb"])
             token_h = int(np.asarray(npz["token_h"]).reshape(-1)[0])
             token_w = int(np.asarray(npz["token_w"]).reshape(-1)[0])
-            raw_meta = str(np.asarray(npz["metadata"]).reshape(-1)[0]) if "metadata" in npz.files else "{}"
-        metadata = json.loads(raw_meta) if raw_meta.strip() else {}
-    except (zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError) as exc:
+            raw_meta = np.asarray(npz["metadata"]).reshape(-1)[0] if "metadata" in npz.files else "{}"
+        if isinstance(raw_meta, bytes):  # an npz written with a bytes (dtype S) metadata string
+            raw_meta = raw_meta.decode("utf-8")
+        metadata = json.loads(str(raw_meta)) if str(raw_meta).strip() else {}
+    except _NPZ_ERRORS as exc:
         raise StorageError(f"corrupt memory file {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(metadata, dict):
         raise StorageError(f"corrupt memory file {path}: metadata is not a JSON object")
@@ -761,7 +777,7 @@ class ModelStore:
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
                 meta = json.loads(str(np.asarray(npz["metadata"]).reshape(-1)[0]))
-        except (OSError, zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, EOFError):
+        except _NPZ_ERRORS:
             return None
         ref = meta.get("model_ref") if isinstance(meta, dict) else None
         key = ref.get("model_key") if isinstance(ref, dict) else None

@@ -1,0 +1,35 @@
+"""``python -m serving [--host H] [--port P] [--workers N]``: run uvicorn on ``serving.app:app``.
+
+Host and port default to ``BDI_BACKEND_HOST``/``BDI_BACKEND_PORT`` (legacy ``BRAKEDISC_*``, then
+``HOST``/``PORT``) through ``Settings``; an invalid port falls back to 8000 (contract §5.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import uvicorn
+
+from bdi.config import Settings
+
+APP_PATH = "serving.app:app"
+
+
+def parse_args(argv: Sequence[str] | None, *, settings: Settings) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serving", description="Run the BDI HTTP backend.")
+    parser.add_argument("--host", default=settings.backend_host, help="bind address (BDI_BACKEND_HOST)")
+    parser.add_argument("--port", type=int, default=settings.backend_port, help="port (BDI_BACKEND_PORT)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv, settings=Settings())
+    uvicorn.run(APP_PATH, host=args.host, port=args.port, workers=max(1, args.workers),
+                log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

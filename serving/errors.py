@@ -1,0 +1,163 @@
+"""The ONE table mapping library errors to HTTP status + body shape (API_CONTRACT §1.4).
+
+Shapes: A ``{error, request_id, recipe_id}``, B ``{detail: str}``, C ``{detail: {error, request_id,
+recipe_id}}``. 422 validation errors keep FastAPI's shape D (its default handler). Which shape a
+``BDIError`` gets can depend on the endpoint family, so every router marks its requests with an
+:data:`ErrorStyle` (see :func:`error_style`) instead of the handler looking at paths:
+
+* ``model``: /fit_ok, /calibrate_ng, /infer; the handler's own errors are shape A (§2.2–§2.4).
+* ``batch``: /infer_dataset, /calibrate_dataset; not-fitted / calibration / sample-count errors are
+  400 B, other bad input is 400 A (§2.5, §2.6).
+* ``resource``: /health, datasets, /state, /manifest; simple ``HTTPException``-like 400/404 B.
+
+Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from bdi.errors import (
+    BDIError,
+    CalibrationMissingError,
+    InsufficientSamplesError,
+    InvalidInputError,
+    InvalidRecipeError,
+    InvalidScaleError,
+    NotFittedError,
+    NotFoundError,
+    ScaleMismatchError,
+    StorageError,
+    WeightsError,
+)
+from bdi.logging import slog
+from bdi.store import DEFAULT_RECIPE
+
+ErrorStyle = Literal["model", "batch", "resource"]
+Shape = Literal["A", "B", "C"]
+
+REQUEST_ID_HEADER = "X-Request-Id"
+DEFAULT_STYLE: ErrorStyle = "resource"
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """Status and body shape of one error class; ``shapes`` overrides ``shape`` per style."""
+
+    status: int
+    shape: Shape
+    shapes: Mapping[ErrorStyle, Shape] = field(default_factory=dict)
+    log_trace: bool = False  # server-side failures: log the traceback
+
+    def shape_for(self, style: ErrorStyle) -> Shape:
+        return self.shapes.get(style, self.shape)
+
+
+# Looked up along the exception's MRO, so the most specific class wins
+# (ReservedRecipeError → InvalidRecipeError before InvalidInputError).
+ERROR_TABLE: Mapping[type[BDIError], ErrorRule] = {
+    InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError (§1.2)
+    ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
+    InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
+    NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
+    CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
+    InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
+    NotFoundError: ErrorRule(404, "B"),
+    InvalidInputError: ErrorRule(400, "A", {"resource": "B"}),  # decode, limits, grid, metas, label
+    WeightsError: ErrorRule(500, "A", log_trace=True),
+    StorageError: ErrorRule(500, "A", log_trace=True),
+    BDIError: ErrorRule(500, "A", log_trace=True),
+}
+
+
+def rule_for(exc: BDIError) -> ErrorRule:
+    """The table entry of the most specific class of ``exc``."""
+    for cls in type(exc).__mro__:
+        rule = ERROR_TABLE.get(cls)  # type: ignore[call-overload]
+        if rule is not None:
+            return rule
+    return ERROR_TABLE[BDIError]
+
+
+def error_style(style: ErrorStyle) -> Any:
+    """A router/route dependency that marks which error style its requests use."""
+
+    async def mark_error_style(request: Request) -> None:
+        request.state.error_style = style
+
+    return Depends(mark_error_style)
+
+
+def _request_ids(request: Request) -> tuple[str, str]:
+    state = request.state
+    return str(getattr(state, "request_id", "")), str(getattr(state, "recipe_id", DEFAULT_RECIPE))
+
+
+def error_body(*, shape: Shape, message: str, request_id: str, recipe_id: str) -> dict[str, Any]:
+    """The JSON body of one error in the given shape."""
+    if shape == "B":
+        return {"detail": message}
+    inner = {"error": message, "request_id": request_id, "recipe_id": recipe_id}
+    return {"detail": inner} if shape == "C" else inner
+
+
+def _event_prefix(request: Request) -> str:
+    route = request.scope.get("route")
+    name = getattr(route, "name", None)
+    return str(name) if name else "http"
+
+
+async def handle_bdi_error(request: Request, exc: Exception) -> JSONResponse:
+    """Map a ``BDIError`` through :data:`ERROR_TABLE`."""
+    assert isinstance(exc, BDIError)
+    rule = rule_for(exc)
+    style: ErrorStyle = getattr(request.state, "error_style", DEFAULT_STYLE)
+    shape = rule.shape_for(style)
+    request_id, recipe_id = _request_ids(request)
+    if isinstance(exc, InvalidRecipeError):
+        recipe_id = DEFAULT_RECIPE  # the reference reports "default" for a rejected recipe (§1.2)
+    fields: dict[str, Any] = {
+        "error_type": type(exc).__name__,
+        "error_code": exc.code,
+        "error_message": str(exc),
+        "status_code": rule.status,
+    }
+    if rule.log_trace:
+        fields["trace"] = "".join(traceback.format_exception(exc))
+    slog(f"{_event_prefix(request)}.error", **fields)
+    body = error_body(shape=shape, message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    return JSONResponse(body, status_code=rule.status)
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Any other exception: a logged 500 in shape A that still carries X-Request-Id."""
+    request_id, recipe_id = _request_ids(request)
+    slog(
+        f"{_event_prefix(request)}.error",
+        error_type=type(exc).__name__,
+        error_message=str(exc),
+        status_code=500,
+        trace="".join(traceback.format_exception(exc)),
+    )
+    body = error_body(shape="A", message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse(body, status_code=500, headers=headers)
+
+
+Handler = Callable[[Request, Exception], Coroutine[Any, Any, JSONResponse]]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers (FastAPI "Handling Errors": one handler per exception class)."""
+    handlers: dict[type[Exception], Handler] = {
+        BDIError: handle_bdi_error,
+        Exception: handle_unexpected_error,
+    }
+    for exc_class, handler in handlers.items():
+        app.add_exception_handler(exc_class, handler)

@@ -1,0 +1,105 @@
+"""Pure ASGI middleware: request ids + the ``http`` log line, and CORS configured at startup."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bdi.config import Settings
+from bdi.logging import bind_context, slog
+
+from .errors import REQUEST_ID_HEADER
+
+# DESIGN.md improvement (contract §10 item 5): only short, header- and log-safe ids are echoed.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EXPOSED_HEADERS = ("x-request-id", "x-recipe-id")
+
+
+def accept_request_id(raw: str | None) -> str:
+    """The client's X-Request-Id when it is safe (≤ 128 of ``[A-Za-z0-9._:-]``), else a new uuid4."""
+    if raw and _SAFE_REQUEST_ID.fullmatch(raw):
+        return raw
+    return str(uuid.uuid4())
+
+
+class RequestContextMiddleware:
+    """Per request: pick the request id, bind it for ``slog``, echo it on every response header,
+    and write one ``http`` event (method, path, status_code, elapsed_ms).
+
+    A pure ASGI middleware (not ``BaseHTTPMiddleware``) so the handler runs in the same task and
+    sees the bound log context.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = accept_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status_code = 500  # what the client gets if the app raises before responding
+        started = time.perf_counter()
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = int(message["status"])
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        with bind_context(request_id=request_id, recipe_id=None, role_id=None, roi_id=None):
+            try:
+                await self.app(scope, receive, send_with_request_id)
+            finally:
+                recipe = {"recipe_id": state["recipe_id"]} if "recipe_id" in state else {}
+                slog(
+                    "http",
+                    method=scope.get("method", ""),
+                    path=scope.get("path", ""),
+                    status_code=status_code,
+                    elapsed_ms=round((time.perf_counter() - started) * 1e3, 3),
+                    **recipe,
+                )
+
+
+def build_cors(app: ASGIApp, cors_origins: str) -> CORSMiddleware:
+    """CORS per contract §1.7: credentials only when the origin list is not ``*``."""
+    origins = [o.strip() for o in cors_origins.split(",") if o.strip()] or ["*"]
+    wildcard = origins == ["*"]
+    return CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_credentials=not wildcard,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=list(EXPOSED_HEADERS),
+    )
+
+
+class SettingsCORSMiddleware:
+    """CORS whose origins come from the ``Settings`` built in the lifespan.
+
+    ``create_app()`` at import must not read the environment, so the real ``CORSMiddleware`` is
+    built on the first request from ``app.state.settings`` (one per app instance).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cors: CORSMiddleware | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._cors is None:
+            settings: Settings = scope["app"].state.settings
+            self._cors = build_cors(self.app, settings.cors_origins)
+        await self._cors(scope, receive, send)

@@ -1,0 +1,16 @@
+"""One router per resource; :data:`ROUTERS` is what ``create_app`` mounts."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import calibration, datasets, fit, health, inference, state
+
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    fit.router,
+    calibration.router,
+    inference.router,
+    datasets.router,
+    state.router,
+)

@@ -1,0 +1,73 @@
+"""POST /calibrate_ng (§2.3, client scores) and POST /calibrate_dataset (§2.6, stored samples)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+
+from bdi.logging import slog
+
+from ..deps import RequestCtx, ServiceDep
+from ..errors import error_style
+from ..parsing import optional_bool, optional_list, optional_number, optional_str, required_str
+
+router = APIRouter(tags=["calibration"])
+
+JsonBody = Annotated[dict[str, Any], Body()]
+
+# §2.3: the response is exactly the stored calibration object's contract keys + the ids.
+CALIBRATE_NG_KEYS = ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng", "mm_per_px", "area_mm2_thr",
+                     "score_percentile")
+CALIBRATE_DATASET_KEYS = ("threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng")
+DEFAULT_MM_PER_PX = 0.2  # §2.3: stored only, never validated nor locked
+
+
+@router.post("/calibrate_ng", dependencies=[error_style("model")])
+def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
+    """Threshold from OK/NG scores the client computed; NaN/inf scores are dropped."""
+    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
+                        model_key=optional_str(body, "model_key"))
+    mm_per_px = optional_number(body, "mm_per_px")
+    ok_scores, ng_scores = optional_list(body, "ok_scores"), optional_list(body, "ng_scores")
+    slog("calibrate_ng.request", model_key=ref.model_key, ok_count=len(ok_scores or ()),
+         ng_count=len(ng_scores or ()),
+         mm_per_px=mm_per_px, area_mm2_thr=body.get("area_mm2_thr"),
+         score_percentile=body.get("score_percentile"))
+    calib = service.calibrate_from_scores(
+        ref=ref,
+        ok_scores=ok_scores or [],
+        ng_scores=ng_scores,
+        mm_per_px=DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px,
+        score_percentile=optional_number(body, "score_percentile"),
+        area_mm2_thr=optional_number(body, "area_mm2_thr"),
+    )
+    slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"])
+    response = {key: calib[key] for key in CALIBRATE_NG_KEYS}
+    slog("calibrate_ng.response", model_key=ref.model_key,
+         **{k: response[k] for k in ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng")})
+    return {**response, **ctx.ids()}
+
+
+@router.post("/calibrate_dataset", dependencies=[error_style("batch")])
+def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
+    """Score every stored OK/NG sample with the fitted memory and write a new calibration."""
+    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
+                        model_key=optional_str(body, "model_key"))
+    calib = service.calibrate_dataset(
+        ref=ref,
+        score_percentile=optional_number(body, "score_percentile"),
+        area_mm2_thr=optional_number(body, "area_mm2_thr"),
+        default_mm_per_px=optional_number(body, "default_mm_per_px"),
+        require_ng=optional_bool(body, "require_ng", default=True),
+    )
+    slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"],
+         n_ok=calib["n_ok"], n_ng=calib["n_ng"])
+    return {
+        "status": "ok",
+        **{key: calib[key] for key in CALIBRATE_DATASET_KEYS},
+        **ctx.ids(),
+        "role_id": ref.role_id,
+        "roi_id": ref.roi_id,
+        "model_key": ref.model_key,
+    }

@@ -1,0 +1,125 @@
+"""Dataset sample endpoints (§2.7–§2.12): upload, list, download, meta, delete, clear."""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from bdi.logging import slog
+
+from ..deps import RequestCtx, ServiceDep, SettingsDep
+from ..errors import error_style
+from ..parsing import read_uploads
+
+router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[error_style("resource")])
+
+RoleQ = Annotated[str, Query()]
+LabelQ = Annotated[str, Query()]
+FilenameQ = Annotated[str, Query()]
+
+
+def _upload(
+    *,
+    label: str,
+    ctx: RequestCtx,
+    service: ServiceDep,
+    settings: SettingsDep,
+    role_id: str,
+    roi_id: str,
+    images: list[UploadFile],
+    metas: list[str] | None,
+) -> dict[str, Any]:
+    ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
+    slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
+    files = read_uploads(images, max_bytes=settings.max_upload_bytes)
+    saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
+    slog("datasets.upload.response", label=label, saved=saved)
+    return {"status": "ok", "saved": saved, **ctx.ids()}
+
+
+@router.post("/ok/upload")
+def upload_ok(
+    ctx: RequestCtx,
+    service: ServiceDep,
+    settings: SettingsDep,
+    role_id: Annotated[str, Form()],
+    roi_id: Annotated[str, Form()],
+    images: Annotated[list[UploadFile], File()],
+    metas: Annotated[list[str] | None, Form()] = None,
+) -> dict[str, Any]:
+    """Store OK samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."""
+    return _upload(label="ok", ctx=ctx, service=service, settings=settings, role_id=role_id,
+                   roi_id=roi_id, images=images, metas=metas)
+
+
+@router.post("/ng/upload")
+def upload_ng(
+    ctx: RequestCtx,
+    service: ServiceDep,
+    settings: SettingsDep,
+    role_id: Annotated[str, Form()],
+    roi_id: Annotated[str, Form()],
+    images: Annotated[list[UploadFile], File()],
+    metas: Annotated[list[str] | None, Form()] = None,
+) -> dict[str, Any]:
+    """Store NG samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."""
+    return _upload(label="ng", ctx=ctx, service=service, settings=settings, role_id=role_id,
+                   roi_id=roi_id, images=images, metas=metas)
+
+
+@router.get("/list")
+def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ) -> dict[str, Any]:
+    """Stored images per class (a class key only when its folder exists) and sidecar presence."""
+    listing = service.dataset_listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
+    slog("datasets.list.response",
+         class_counts={label: cls["count"] for label, cls in listing["classes"].items()})
+    return {**listing, **ctx.ids()}
+
+
+@router.get("/file")
+def download_sample(
+    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+) -> Response:
+    """The raw image bytes (only the basename of ``filename`` is used)."""
+    ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
+    name, data = service.dataset_file(ref=ref, label=label, filename=filename)
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    quoted = quote(name)
+    disposition = (f'attachment; filename="{name}"' if quoted == name
+                   else f"attachment; filename*=utf-8''{quoted}")
+    return Response(content=data, media_type=media_type, headers={"Content-Disposition": disposition})
+
+
+@router.get("/meta")
+def sample_meta(
+    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+) -> dict[str, Any]:
+    """The sidecar object; request_id/recipe_id are added only when the sidecar lacks them."""
+    meta = service.dataset_meta(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
+                                filename=filename)
+    return {**ctx.ids(), **meta}
+
+
+@router.delete("/file")
+def delete_sample(
+    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+) -> dict[str, Any]:
+    """Delete one image and its sidecar; ``deleted`` says whether the image existed."""
+    deleted = service.delete_sample(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
+                                    filename=filename)
+    slog("datasets.delete", label=label, filename=filename, deleted=deleted)
+    return {"deleted": deleted, "filename": filename, **ctx.ids()}
+
+
+@router.delete("/clear")
+def clear_samples(
+    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ
+) -> dict[str, Any]:
+    """Delete every file of one class (images and sidecars); ``cleared`` counts them all."""
+    cleared = service.clear_samples(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
+    slog("datasets.clear", label=label, cleared=cleared)
+    return {"cleared": cleared, "label": label, **ctx.ids()}

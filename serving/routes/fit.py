@@ -1,0 +1,45 @@
+"""POST /fit_ok (§2.2): build the PatchCore memory from uploaded images or the OK dataset."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from bdi.logging import slog
+
+from ..deps import RequestCtx, ServiceDep, SettingsDep
+from ..errors import error_style
+from ..parsing import read_uploads
+
+router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
+
+
+@router.post("/fit_ok")
+def fit_ok(
+    ctx: RequestCtx,
+    service: ServiceDep,
+    settings: SettingsDep,
+    role_id: Annotated[str, Form()],
+    roi_id: Annotated[str, Form()],
+    mm_per_px: Annotated[float, Form()],
+    images: Annotated[list[UploadFile] | None, File()] = None,
+    memory_fit: Annotated[bool, Form()] = False,
+    use_dataset: Annotated[bool, Form()] = False,
+    model_key: Annotated[str | None, Form()] = None,
+) -> dict[str, Any]:
+    """Fit from repeated ``images`` parts, or from the stored ``ok`` samples with use_dataset=true."""
+    started = time.perf_counter()
+    ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
+    files = [] if use_dataset else read_uploads(images, max_bytes=settings.max_upload_bytes)
+    slog("fit_ok.request", n_files=len(images or ()), memory_fit=memory_fit, use_dataset=use_dataset,
+         mm_per_px=mm_per_px, model_key_raw=model_key, model_key=ref.model_key)
+    result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,
+                            memory_fit=memory_fit)
+    slog("fit_ok.response", n_embeddings=result.n_embeddings, coreset_size=result.coreset_size,
+         token_shape=list(result.token_shape), n_images=result.n_images, model_key=ref.model_key,
+         memory_path_written=str(result.memory_path),
+         index_path_written=str(result.index_path) if result.index_path else None,
+         timings_ms=result.timings_ms, elapsed_ms=round((time.perf_counter() - started) * 1e3, 3))
+    return {**result.to_response(), **ctx.ids()}

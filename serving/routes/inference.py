@@ -1,0 +1,93 @@
+"""POST /infer (§2.4, one crop) and POST /infer_dataset (§2.5, every stored sample)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, File, Form, UploadFile
+
+from bdi.logging import slog
+from bdi.service import SampleScore
+
+from ..deps import RequestCtx, ServiceDep, SettingsDep
+from ..errors import error_style
+from ..parsing import optional_bool, optional_number, optional_str, optional_str_list, read_upload, required_str
+
+router = APIRouter(tags=["inference"])
+
+DEFAULT_LABELS = ("ok", "ng")
+
+
+def _b64(png: bytes | None) -> str | None:
+    return base64.b64encode(png).decode("ascii") if png is not None else None
+
+
+def _dataset_item(item: SampleScore, *, include_heatmap: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "label": item.label,
+        "filename": item.filename,
+        "mm_per_px": item.mm_per_px,
+        "score": item.score,
+        "threshold": item.threshold,
+        "regions": item.regions,
+        "n_regions": len(item.regions),
+        "error": item.error,
+    }
+    if include_heatmap:
+        body["heatmap_png_base64"] = _b64(item.heatmap_png)
+    return body
+
+
+@router.post("/infer", dependencies=[error_style("model")])
+def infer(
+    ctx: RequestCtx,
+    service: ServiceDep,
+    settings: SettingsDep,
+    role_id: Annotated[str, Form()],
+    roi_id: Annotated[str, Form()],
+    mm_per_px: Annotated[float, Form()],
+    image: Annotated[UploadFile, File()],
+    shape: Annotated[str | None, Form()] = None,
+    include_heatmap: Annotated[bool | None, Form()] = None,
+    model_key: Annotated[str | None, Form()] = None,
+) -> dict[str, Any]:
+    """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only."""
+    ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
+    _, data = read_upload(image, max_bytes=settings.max_upload_bytes)
+    slog("infer.request", image_bytes_len=len(data), mm_per_px=mm_per_px, shape_present=bool(shape),
+         include_heatmap=include_heatmap, model_key=ref.model_key)
+    outcome = service.infer(ref=ref, mm_per_px=mm_per_px, image=data, shape=shape,
+                            include_heatmap=include_heatmap)
+    body = outcome.to_response()
+    decision = body.pop("decision")
+    return {**body, **ctx.ids(), "decision": decision}
+
+
+@router.post("/infer_dataset", dependencies=[error_style("batch")])
+def infer_dataset(
+    ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any], Body()]
+) -> dict[str, Any]:
+    """Score every stored sample of the given labels with the calibrated threshold."""
+    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
+                        model_key=optional_str(body, "model_key"))
+    include_heatmap = optional_bool(body, "include_heatmap", default=False)
+    items = service.infer_dataset(
+        ref=ref,
+        labels=optional_str_list(body, "labels", default=DEFAULT_LABELS),
+        include_heatmap=include_heatmap,
+        default_mm_per_px=optional_number(body, "default_mm_per_px"),
+    )
+    shaped = [_dataset_item(item, include_heatmap=include_heatmap) for item in items]
+    n_errors = sum(1 for item in items if item.error is not None)
+    slog("infer_dataset.response", model_key=ref.model_key, n_total=len(items), n_errors=n_errors)
+    return {
+        "status": "ok",
+        "role_id": ref.role_id,
+        "roi_id": ref.roi_id,
+        **ctx.ids(),
+        "model_key": ref.model_key,
+        "n_total": len(items),
+        "n_errors": n_errors,
+        "items": shaped,
+    }

@@ -1,0 +1,57 @@
+"""GET /state (§2.14) and GET /manifest (§2.13): what is fitted/calibrated for one ROI."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from bdi.logging import slog
+
+from ..deps import RequestCtx, ServiceDep
+from ..errors import error_style
+
+router = APIRouter(tags=["state"], dependencies=[error_style("resource")])
+
+IdQ = Annotated[str, Query()]
+ModelKeyQ = Annotated[str | None, Query()]
+
+
+@router.get("/state")
+def state(
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
+) -> dict[str, Any]:
+    """``memory_fitted`` / ``calib_present``; model_key is the raw effective one."""
+    ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
+    flags = service.state(ref)
+    slog("state.response", model_key=ref.model_key, **flags)
+    return {
+        "status": "ok",
+        "memory_fitted": flags["memory_fitted"],
+        "calib_present": flags["calib_present"],
+        **ctx.ids(),
+        "role_id": ref.role_id,
+        "roi_id": ref.roi_id,
+        "model_key": ref.model_key,
+    }
+
+
+@router.get("/manifest")
+def manifest(
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
+) -> dict[str, Any]:
+    """Memory presence, the full calibration and the dataset listing; model_key is fs-sanitised."""
+    ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
+    info = service.manifest(ref)
+    slog("manifest.response", model_key=ref.model_key, has_memory=info["memory"],
+         has_calib=info["calib"] is not None)
+    return {
+        "role_id": ref.role_id,
+        "roi_id": ref.roi_id,
+        "recipe_id": ctx.recipe_id,
+        "model_key": ref.model_key_fs,
+        "memory": info["memory"],
+        "calib": info["calib"],
+        "datasets": info["datasets"],
+        "request_id": ctx.request_id,
+    }

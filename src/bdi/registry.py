@@ -1,0 +1,589 @@
+"""MLflow model registry: register a fitted ModelStore model, guard the alias, sync it back.
+
+* :func:`register_model` logs the model as a pyfunc whose one artefact is a ModelStore root holding
+  exactly that model (memory, index, calibration; see :func:`export_model_dir`), registers it as a new
+  version of ``<prefix>.<recipe>.<role>.<roi>.<hash>``, tags it (ids, weights identity, metrics, DVC
+  params hash …) and moves the alias (``champion``) only when the primary metric is at least as good
+  as the current holder's. No stages.
+* :func:`sync_registered` writes the versions holding the alias into ``BDI_MODELS_DIR`` at the exact
+  ModelStore paths, atomically and in the store's save order (index, then npz, then calibration), so
+  a running server (whose caches are keyed by file identity) serves them at its next request.
+* ``BdiPyfuncModel`` (built on first access, so ``mlflow`` is imported lazily) loads that folder with
+  the same ``ModelStore`` the server uses and delegates scoring to :class:`bdi.service.InspectionService`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
+
+from .errors import InvalidInputError, NotFittedError, StorageError, WeightsError
+from .logging import slog
+from .store import ArtifactPaths, ModelRef, ModelStore, StoredModel, atomic_write_bytes
+from .tracking import TrackingConfig, fluent_scope, tracking_client, weights_identity
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from .config import ScoringConfig, Settings
+    from .service import InspectionService
+
+MODEL_ARTIFACT_NAME = "model"  # the logged model's name inside the run
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artefact key holding the ModelStore root
+METRIC_TAG_PREFIX = "metric."
+SYNC_LOCK_FILE = ".registry_sync.lock"
+SYNC_LOCK_TIMEOUT_S = 120.0
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+_SLUG_MAX = 40
+
+
+# ----------------------------------------------------------------------------------------- names
+
+
+def _slug(value: str) -> str:
+    return _SLUG_BAD.sub("-", value).strip("-")[:_SLUG_MAX] or "default"
+
+
+def registered_model_name(prefix: str, *, recipe_id: str, role_id: str, roi_id: str) -> str:
+    """``<prefix>.<recipe>.<role slug>.<roi slug>.<12 hex>``: readable, MLflow-safe, deterministic.
+
+    The slugs keep ``[A-Za-z0-9_-]`` (the rest becomes ``-``, 40 chars max); the hash of the exact
+    ``(recipe, role, roi)`` triple keeps distinct triples apart when their slugs collide.
+    """
+    digest = hashlib.sha256(json.dumps([recipe_id, role_id, roi_id]).encode("utf-8")).hexdigest()[:12]
+    return f"{prefix}.{_slug(recipe_id)}.{_slug(role_id)}.{_slug(roi_id)}.{digest}"
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """A registered version and what happened to the alias (``previous_version`` = holder before)."""
+
+    name: str
+    version: int
+    alias: str
+    alias_moved: bool
+    previous_version: int | None
+
+
+@dataclass(frozen=True)
+class SyncedModel:
+    """A registered version written into the models dir by :func:`sync_registered`."""
+
+    name: str
+    version: int
+    alias: str
+    ref: ModelRef
+    paths: ArtifactPaths
+    fingerprint: str
+    written: tuple[str, ...]  # artefact kinds replaced, in write order: index, memory, calib
+
+
+# ----------------------------------------------------------------------------------------- model dirs
+
+
+def _single_model(model_dir: Path) -> StoredModel:
+    stored = ModelStore(model_dir).list_models()
+    if len(stored) != 1:
+        raise InvalidInputError(
+            f"{model_dir} must be a ModelStore root holding exactly one model, found {len(stored)}"
+        )
+    return stored[0]
+
+
+def _same_model(a: ModelRef, b: ModelRef) -> bool:
+    return (a.recipe_id, a.role_id, a.roi_id, a.model_key_fs) == (b.recipe_id, b.role_id, b.roi_id, b.model_key_fs)
+
+
+def export_model_dir(*, store: ModelStore, ref: ModelRef, dest: Path) -> ArtifactPaths:
+    """Copy one model (memory + index as a verified pair, and its calibration) into a fresh
+    ModelStore root ``dest``, in the current layout: the folder :func:`register_model` logs.
+
+    Raises:
+        NotFittedError: ``ref`` has no memory in ``store``.
+        StorageError: ``dest`` already holds another model.
+    """
+    model = store.load_model(ref)
+    if model is None:
+        raise NotFittedError("register")
+    target = ModelStore(dest)
+    others = [s for s in target.list_models() if not _same_model(s.ref, ref)]
+    if others:
+        raise StorageError(f"{dest} already holds other models; export into an empty folder")
+    paths = target.paths(ref)
+    if model.index_path is not None:
+        atomic_write_bytes(paths.index, model.index_path.read_bytes())
+    else:
+        paths.index.unlink(missing_ok=True)
+    atomic_write_bytes(paths.memory, model.memory_path.read_bytes())
+    calib = store.load_calibration(ref)
+    if calib is not None:
+        target.save_calibration(ref, calib)
+    else:
+        paths.calib.unlink(missing_ok=True)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- pyfunc
+
+
+def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides: Mapping[str, Any]) -> Settings:
+    """Runtime settings whose feature config reproduces the one recorded in ``metadata["features"]``.
+
+    ``overrides`` (the pyfunc ``model_config``) may set ``weights`` (a local file for pretrained
+    weights), ``weights_cache_dir``, ``device``, ``precision`` or ``batch_size``.
+    """
+    from .config import Settings
+
+    features = metadata.get("features")
+    if not isinstance(features, Mapping):
+        raise StorageError(f"the memory in {model_dir} records no feature config (metadata['features'])")
+    weights = features.get("weights") if isinstance(features.get("weights"), Mapping) else {}
+    source = str(weights.get("source", ""))
+    if source == "random":
+        spec = "random"
+    elif source == "official":
+        spec = "official"
+    else:
+        spec = str(weights.get("path") or "")
+    values: dict[str, Any] = {
+        "models_dir": model_dir,
+        "weights": spec,
+        "input_size": int(features["input_size"]),
+        "feature_blocks": tuple(int(b) for b in features["blocks"]),
+        "backbone_depth": int(features["depth"]) if features.get("depth") is not None else None,
+        "weights_seed": int(weights.get("seed") or 0),
+    }
+    allowed = {"weights", "weights_cache_dir", "device", "precision", "batch_size"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {sorted(allowed)}")
+    values.update(overrides)
+    return Settings(**values)
+
+
+class ModelDirPredictor:
+    """Scores images with the single model of a ModelStore root; what ``BdiPyfuncModel`` delegates to.
+
+    Loads through ``ModelStore.load_model``/``load_calibration`` (the server's loader), rebuilds the
+    backbone recorded in the memory's metadata, checks that the weights are the recorded ones, and
+    scores with ``InspectionService.score_images`` and the calibrated threshold.
+    """
+
+    def __init__(self, model_dir: Path, *, overrides: Mapping[str, Any] | None = None) -> None:
+        from .calibration import usable_threshold
+        from .features import DinoV2Features
+        from .service import InspectionService
+
+        self.model_dir = Path(model_dir)
+        store = ModelStore(self.model_dir)
+        self.ref = _single_model(self.model_dir).ref
+        model = store.load_model(self.ref)
+        if model is None:
+            raise NotFittedError("predict")
+        calib = store.load_calibration(self.ref)
+        self.threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        assert calib is not None  # usable_threshold raised otherwise
+        settings = _feature_settings(model.memory.metadata, model_dir=self.model_dir, overrides=overrides or {})
+        features = model.memory.metadata["features"]
+        feature_cfg = replace(settings.feature_config(), backbone=str(features.get("backbone")))
+        extractor = DinoV2Features(feature_cfg, cache_dir=settings.weights_cache_dir)
+        _check_weights(recorded=features.get("weights") or {}, got=extractor.weights.to_dict())
+        self.service: InspectionService = InspectionService(settings=settings, extractor=extractor, store=store)
+        self.scoring: ScoringConfig = settings.scoring_config(
+            score_percentile=float(calib.get("score_percentile", settings.score_percentile)),
+            area_mm2_thr=float(calib.get("area_mm2_thr", settings.area_mm2_thr)),
+        )
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Rows with ``image_path`` or ``image_bytes`` (and optional ``shape`` ROI JSON) →
+        a frame with ``score`` (float), ``threshold`` (float) and ``decision`` ("ok"/"ng")."""
+        import pandas as pd
+
+        from .imaging import build_roi_mask, decode_image, parse_shape
+        from .service import decide
+
+        if "image_path" not in frame.columns and "image_bytes" not in frame.columns:
+            raise InvalidInputError("the input needs an 'image_path' or an 'image_bytes' column")
+        images, masks = [], []
+        for i, row in enumerate(frame.to_dict("records")):
+            data = row.get("image_bytes")
+            if not isinstance(data, (bytes, bytearray)):
+                path = row.get("image_path")
+                if not isinstance(path, str) or not path:
+                    raise InvalidInputError(f"row {i}: no image_bytes and no image_path")
+                try:
+                    data = Path(path).read_bytes()
+                except OSError as exc:
+                    raise InvalidInputError(f"row {i}: cannot read {path}: {exc}") from exc
+            crop = decode_image(bytes(data), max_pixels=self.service.settings.max_image_pixels, name=f"row {i}")
+            shape = row.get("shape")
+            shape = parse_shape(shape) if isinstance(shape, (str, Mapping)) and shape else None
+            images.append(crop)
+            masks.append(build_roi_mask(shape, width=crop.shape[1], height=crop.shape[0]))
+        results = self.service.score_images(ref=self.ref, images=images, masks=masks, scoring=self.scoring)
+        scores = [float(r.score) for r in results]
+        return pd.DataFrame({
+            "score": scores,
+            "threshold": [self.threshold] * len(scores),
+            "decision": [decide(s, self.threshold) for s in scores],
+        })
+
+
+def _check_weights(*, recorded: Mapping[str, Any], got: Mapping[str, Any]) -> None:
+    """The rebuilt backbone must carry the weights the memory was fitted with (sha256, or name+seed)."""
+    want_sha, got_sha = recorded.get("sha256"), got.get("sha256")
+    if want_sha and got_sha != want_sha:
+        raise WeightsError(
+            f"the backbone weights have sha256 {got_sha}, but the model was fitted with {want_sha}; "
+            "pass model_config={'weights': '<path to that file>'} when loading the model"
+        )
+    if not want_sha and recorded.get("name") and recorded.get("name") != got.get("name"):
+        raise WeightsError(f"the backbone is {got.get('name')}, but the model was fitted with {recorded.get('name')}")
+
+
+_PYFUNC_LOCK = threading.Lock()
+
+
+def _build_pyfunc_class() -> type:
+    import mlflow.pyfunc
+
+    class BdiPyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        """MLflow pyfunc over a ModelStore root: no algorithm here, only the bdi loader + service."""
+
+        def load_context(self, context: Any) -> None:
+            model_dir = Path(context.artifacts[MODEL_DIR_ARTIFACT])
+            self._predictor = ModelDirPredictor(model_dir, overrides=dict(context.model_config or {}))
+
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
+            return self._predictor.predict_frame(model_input)
+
+    # Importable as bdi.registry.BdiPyfuncModel, so cloudpickle stores a reference, not the code.
+    BdiPyfuncModel.__module__ = __name__
+    BdiPyfuncModel.__qualname__ = "BdiPyfuncModel"
+    return BdiPyfuncModel
+
+
+def pyfunc_model_class() -> type:
+    """The ``BdiPyfuncModel`` class (an ``mlflow.pyfunc.PythonModel``), built once on first use."""
+    with _PYFUNC_LOCK:
+        cls = globals().get("BdiPyfuncModel")
+        if cls is None:
+            cls = _build_pyfunc_class()
+            globals()["BdiPyfuncModel"] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """``from bdi.registry import BdiPyfuncModel`` works, and imports mlflow only then."""
+    if name == "BdiPyfuncModel":
+        return pyfunc_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _pyfunc_signature() -> Any:
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "image_path", required=False),
+        ColSpec("binary", "image_bytes", required=False),
+        ColSpec("string", "shape", required=False),
+    ])
+    outputs = Schema([ColSpec("double", "score"), ColSpec("double", "threshold"), ColSpec("string", "decision")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _pip_requirements() -> list[str]:
+    import mlflow
+
+    from . import __version__
+
+    return [f"bdi=={__version__}", f"mlflow=={mlflow.__version__}", "pandas"]
+
+
+# ----------------------------------------------------------------------------------------- register
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, *, tags: Mapping[str, str]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags=dict(tags))
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def _version_metric(client: MlflowClient, version: ModelVersion, metric: str) -> float | None:
+    """The version's ``metric.<name>`` tag, else its run's metric; None when neither exists."""
+    value = _finite((version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}"))
+    if value is not None or not version.run_id:
+        return value
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _finite(client.get_run(version.run_id).data.metrics.get(metric))
+    except MlflowException:
+        return None
+
+
+@contextmanager
+def _mlflow_errors(action: str) -> Iterator[None]:
+    """MLflow failures (server down, bad URI, missing version) become :class:`StorageError`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise StorageError(f"MLflow {action} failed: {exc.message}") from exc
+
+
+def register_model(
+    *,
+    cfg: TrackingConfig,
+    project_root: Path,
+    run_id: str,
+    model_dir: Path,
+    ref: ModelRef,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    primary_metric: str = "image_auroc",
+) -> RegistrationResult:
+    """Log ``model_dir`` (a ModelStore root holding only ``ref``) as a pyfunc into run ``run_id``,
+    register it as a new version, and move ``cfg.alias`` to it only when
+    ``metrics[primary_metric]`` ≥ the current holder's (no holder → move).
+
+    The version is tagged with ``tags`` (e.g. ``dvc_commit``, ``dvc_params_hash``), the ids, the memory
+    fingerprint, the weights identity (``weights_sha256`` …) and every metric as ``metric.<name>``.
+
+    Raises:
+        InvalidInputError: tracking disabled, primary metric missing/not finite, or a model dir that
+            does not hold exactly ``ref``.
+    """
+    if not cfg.enabled:
+        raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot register")
+    primary = _finite(metrics.get(primary_metric))
+    if primary is None:
+        raise InvalidInputError(
+            f"metric {primary_metric!r} is missing or not finite ({metrics.get(primary_metric)!r}); "
+            "it decides whether the alias moves"
+        )
+    model_dir = Path(model_dir).resolve()
+    stored = _single_model(model_dir)
+    if not _same_model(stored.ref, ref):
+        raise InvalidInputError(f"{model_dir} holds {stored.ref}, not {ref}")
+    memory = ModelStore(model_dir).load_memory(stored.ref)
+    if memory is None:
+        raise NotFittedError("register")
+    with _mlflow_errors("registration"):
+        return _register(cfg=cfg, project_root=project_root, run_id=run_id, model_dir=model_dir, ref=ref,
+                         metrics=metrics, tags=tags, primary_metric=primary_metric, primary=primary,
+                         memory_fingerprint=memory.fingerprint, memory_metadata=memory.metadata)
+
+
+def _register(
+    *,
+    cfg: TrackingConfig,
+    project_root: Path,
+    run_id: str,
+    model_dir: Path,
+    ref: ModelRef,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    primary_metric: str,
+    primary: float,
+    memory_fingerprint: str,
+    memory_metadata: Mapping[str, Any],
+) -> RegistrationResult:
+    import mlflow.pyfunc
+
+    client, uri, _ = tracking_client(cfg, project_root=project_root)
+    name = registered_model_name(cfg.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
+                                 roi_id=ref.roi_id)
+    identity = {
+        "recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id, "model_key": ref.model_key,
+        "memory_fingerprint": memory_fingerprint, "weights_sha256": "", **weights_identity(memory_metadata),
+    }
+    metric_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in
+                   ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
+    version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, **identity, **metric_tags,
+                    "primary_metric": primary_metric, "source_run_id": run_id}
+
+    with fluent_scope(uri, run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_NAME,
+            python_model=pyfunc_model_class()(),
+            artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+            pip_requirements=_pip_requirements(),
+            signature=_pyfunc_signature(),
+            metadata={"bdi": {**identity, "registered_model_name": name}},
+        )
+    _ensure_registered_model(client, name, tags={k: identity[k] for k in ("recipe_id", "role_id", "roi_id")})
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags,
+                                          model_id=info.model_id)
+    number = int(version.version)
+
+    holder = _alias_holder(client, name, cfg.alias)
+    previous = int(holder.version) if holder is not None else None
+    held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
+    move = holder is None or held_value is None or primary >= held_value
+    if move:
+        client.set_registered_model_alias(name, cfg.alias, str(number))
+    client.set_tag(run_id, "registered_model", f"{name}/{number}")
+    slog("registry.registered", name=name, version=number, alias=cfg.alias, alias_moved=move,
+         previous_version=previous, primary_metric=primary_metric, value=primary, holder_value=held_value,
+         model_key=ref.model_key)
+    return RegistrationResult(name=name, version=number, alias=cfg.alias, alias_moved=move,
+                              previous_version=previous)
+
+
+# ----------------------------------------------------------------------------------------- sync
+
+
+def _registered_models(client: MlflowClient, prefix: str) -> Iterator[Any]:
+    token: str | None = None
+    while True:
+        page = client.search_registered_models(filter_string=f"name LIKE '{prefix}.%'", max_results=100,
+                                               page_token=token)
+        for model in page:
+            if model.name.startswith(f"{prefix}."):
+                yield model
+        token = page.token
+        if not token:
+            return
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    return hashlib.sha256(data).hexdigest()
+
+
+def materialise_model(*, source: ModelStore, ref: ModelRef, target: ModelStore) -> tuple[str, ...]:
+    """Make ``target``'s files of ``ref`` byte-identical to ``source``'s; returns the kinds replaced.
+
+    Writes go index → npz → calibration, each atomically (``os.replace``): the npz records its
+    index's sha256, so a reader never pairs a new index with an old npz, and a calibration records
+    its memory's fingerprint, so an old one is reported stale rather than applied to a new memory.
+    A file the source lacks is removed from the target. Identical files are left untouched.
+    """
+    src, dst = source.paths(ref), target.paths(ref)
+    if _digest(src.memory) is None:
+        raise StorageError(f"{src.memory} is missing: the registered model has no memory")
+    plan = [("index", src.index, dst.index), ("memory", src.memory, dst.memory), ("calib", src.calib, dst.calib)]
+    changed = [(kind, s, d) for kind, s, d in plan if _digest(s) != _digest(d)]
+    for _kind, s, d in changed:
+        if s.is_file():
+            atomic_write_bytes(d, s.read_bytes())
+        else:
+            try:
+                d.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot remove {d}: {exc}") from exc
+    return tuple(kind for kind, _s, _d in changed)
+
+
+def _downloaded_model_dir(local: Path) -> Path:
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(local))
+    artifacts = (mlmodel.flavors.get("python_function") or {}).get("artifacts") or {}
+    entry = artifacts.get(MODEL_DIR_ARTIFACT)
+    if not isinstance(entry, Mapping) or "path" not in entry:
+        raise StorageError(f"the model at {local} is not a bdi model: no '{MODEL_DIR_ARTIFACT}' artefact")
+    return local / str(entry["path"])
+
+
+def sync_registered(
+    *,
+    cfg: TrackingConfig,
+    project_root: Path,
+    models_dir: Path,
+    alias: str | None = None,
+) -> list[SyncedModel]:
+    """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``cfg.alias``) into
+    ``models_dir`` at the exact ModelStore paths; returns the versions whose files changed.
+
+    Each version is downloaded into a temp folder inside ``models_dir`` (same filesystem, removed
+    afterwards) and materialised with :func:`materialise_model`. Syncs of one models dir are
+    serialised by a file lock. Running it twice writes nothing the second time.
+    """
+    if not cfg.enabled:
+        raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
+    with _mlflow_errors("sync"):
+        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias)
+
+
+def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str) -> list[SyncedModel]:
+    import mlflow.artifacts
+
+    client, uri, _ = tracking_client(cfg, project_root=project_root)
+    models_dir = Path(models_dir)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the models dir {models_dir}: {exc}") from exc
+    target = ModelStore(models_dir)
+    synced: list[SyncedModel] = []
+    try:
+        with FileLock(str(models_dir / SYNC_LOCK_FILE), timeout=SYNC_LOCK_TIMEOUT_S):
+            for registered in _registered_models(client, cfg.registered_model_prefix):
+                version = (registered.aliases or {}).get(alias)
+                if version is None:
+                    continue
+                with tempfile.TemporaryDirectory(dir=models_dir, prefix=".sync-") as tmp:
+                    local = mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"models:/{registered.name}/{version}", dst_path=tmp,
+                        tracking_uri=uri, registry_uri=uri,
+                    )
+                    model_dir = _downloaded_model_dir(Path(local))
+                    ref = _single_model(model_dir).ref
+                    source = ModelStore(model_dir)
+                    memory = source.load_memory(ref)
+                    written = materialise_model(source=source, ref=ref, target=target)
+                fingerprint = memory.fingerprint if memory is not None else ""
+                slog("registry.synced" if written else "registry.sync_up_to_date", name=registered.name,
+                     version=int(version), alias=alias, written=list(written), model_key=ref.model_key,
+                     recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
+                if written:
+                    synced.append(SyncedModel(name=registered.name, version=int(version), alias=alias, ref=ref,
+                                              paths=target.paths(ref), fingerprint=fingerprint,
+                                              written=written))
+    except Timeout as exc:
+        raise StorageError(f"timed out waiting for another sync of {models_dir}") from exc
+    return synced

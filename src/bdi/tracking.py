@@ -1,0 +1,458 @@
+"""MLflow tracking: where runs go, one run as a context manager, and best-effort API-run logging.
+
+``mlflow`` is imported inside functions only, so ``import bdi`` stays light. Runs are driven through
+an ``MlflowClient`` bound to the configured URI; nothing here reads or changes MLflow's global
+active run or tracking URI (the registry's ``log_model`` is the one exception, see
+:func:`fluent_scope`).
+
+Embedded default (an empty ``tracking_uri``): a SQLite file ``<project_root>/mlflow.db`` with the
+artefacts in ``<project_root>/mlartifacts``; no server is needed and the registry works (it needs
+a database backend). Any other tracking URI passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings
+from .errors import InvalidInputError
+from .logging import slog
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime here
+    from mlflow import MlflowClient
+
+    from .memory import Memory
+    from .service import FitResult
+    from .store import ModelRef
+
+DEFAULT_DB_FILE = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+PARAM_VALUE_MAX_CHARS = 500  # the historical MLflow limit; newer servers accept more
+PARAM_KEY_MAX_CHARS = 250
+TAG_VALUE_MAX_CHARS = 5000
+_BATCH_PARAMS = 100  # MLflow log_batch limits
+_BATCH_METRICS = 1000
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_TRUNCATION_MARK = "..."
+
+# MLflow keeps the tracking URI and the active-run stack in process globals; every bdi call that
+# must go through them (``log_model``) holds this lock so two threads never see each other's URI.
+_FLUENT_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where MLflow runs and registered models live.
+
+    ``tracking_uri`` "" = the embedded SQLite default under the project root; ``artifact_location``
+    "" = ``<project_root>/mlartifacts`` with the embedded default, the server's default otherwise.
+    """
+
+    tracking_uri: str = ""
+    artifact_location: str = ""
+    experiment: str = "bdi"
+    registered_model_prefix: str = "bdi"
+    alias: str = "champion"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise InvalidInputError("experiment must be a non-empty name")
+        if not self.registered_model_prefix.strip() or any(c in self.registered_model_prefix for c in "/:@"):
+            raise InvalidInputError(
+                f"registered_model_prefix {self.registered_model_prefix!r} must be non-empty "
+                "and contain no '/', ':' or '@'"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.alias) or self.alias.lower() == "latest":
+            raise InvalidInputError(f"alias {self.alias!r} must be [A-Za-z0-9_-]+ and not 'latest'")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrackingConfig:
+        """The tracking config named by the runtime settings (``BDI_MLFLOW_*``, ``BDI_REGISTRY_ALIAS``)."""
+        values: dict[str, Any] = {
+            "tracking_uri": settings.mlflow_tracking_uri,
+            "experiment": settings.mlflow_experiment,
+            "alias": settings.registry_alias,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, *, project_root: Path) -> tuple[str, str]:
+    """``(tracking_uri, artifact_location)``; "" URI → the embedded SQLite + local artefact folder.
+
+    A relative ``artifact_location`` path is taken relative to ``project_root``; a URI passes through.
+    The returned artifact location is "" when the tracking server should choose it.
+    """
+    root = Path(project_root).expanduser().resolve()
+    artifact = cfg.artifact_location.strip()
+    if artifact and "://" not in artifact and not artifact.startswith("file:"):
+        path = Path(artifact).expanduser()
+        artifact = (path if path.is_absolute() else root / path).resolve().as_uri()
+    uri = cfg.tracking_uri.strip()
+    if not uri:
+        return f"sqlite:///{root / DEFAULT_DB_FILE}", artifact or (root / DEFAULT_ARTIFACT_DIR).as_uri()
+    return uri, artifact
+
+
+# ----------------------------------------------------------------------------------------- values
+
+
+def _clean_key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", key)[:PARAM_KEY_MAX_CHARS]
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
+        try:
+            return json.dumps(items, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            return str(items)
+    tolist = getattr(value, "tolist", None)  # numpy scalars/arrays
+    if callable(tolist) and not isinstance(value, (int, float, bool)):
+        return _stringify(tolist())
+    return str(value)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
+
+
+def flatten_params(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings → ``{"a.b.c": "value"}``; values stringified (lists as JSON), ≤ 500 chars.
+
+    Keys are made MLflow-safe (characters outside ``[A-Za-z0-9_-. /]`` become ``_``).
+    """
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, name))
+        else:
+            out[_clean_key(name)] = _truncate(_stringify(value), PARAM_VALUE_MAX_CHARS)
+    return out
+
+
+def flatten_metrics(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested mappings → ``{"a.b": float}``, keeping only finite numbers (None, NaN, text skipped)."""
+    out: dict[str, float] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, name))
+            continue
+        if value is None or isinstance(value, str):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            out[_clean_key(name)] = number
+    return out
+
+
+def params_hash(mapping: Mapping[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of ``mapping``: a stable id of a parameter set."""
+    text = json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- client
+
+
+def tracking_client(cfg: TrackingConfig, *, project_root: Path) -> tuple[MlflowClient, str, str]:
+    """An ``MlflowClient`` bound to the resolved URI (registry on the same URI).
+
+    Returns ``(client, tracking_uri, artifact_location)``. The embedded default's folder is created.
+    """
+    from mlflow import MlflowClient
+
+    uri, artifact_location = resolve_tracking_uri(cfg, project_root=project_root)
+    if not cfg.tracking_uri.strip():
+        Path(project_root).expanduser().resolve().mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri, artifact_location
+
+
+def ensure_experiment(client: MlflowClient, *, name: str, artifact_location: str) -> str:
+    """The id of experiment ``name``, created (with ``artifact_location`` if given) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location or None))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # created concurrently by another process
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+@contextmanager
+def fluent_scope(tracking_uri: str, *, run_id: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking URI at ``tracking_uri`` and make ``run_id`` the active
+    run, for the fluent calls that need both (``mlflow.pyfunc.log_model``). The previous URI (and
+    ``MLFLOW_TRACKING_URI``) are restored afterwards, and scopes are serialised across threads.
+
+    Resuming the run marks it RUNNING and leaving the scope marks it FINISHED, as MLflow does.
+    """
+    import mlflow
+
+    with _FLUENT_LOCK:
+        env_before = os.environ.get("MLFLOW_TRACKING_URI")
+        uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                yield
+        finally:
+            mlflow.set_tracking_uri(uri_before)
+            if env_before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+class RunHandle:
+    """Logging into one MLflow run (a no-op handle with ``run_id == ""`` when tracking is disabled)."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str, *, tracking_uri: str = "") -> None:
+        self._client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def log_params(self, mapping: Mapping[str, Any]) -> dict[str, str]:
+        """Log nested params flattened with dots (see :func:`flatten_params`); returns what was logged."""
+        flat = flatten_params(mapping)
+        if self._client is None or not flat:
+            return flat
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat.items()]
+        for start in range(0, len(items), _BATCH_PARAMS):
+            self._client.log_batch(self.run_id, params=items[start : start + _BATCH_PARAMS])
+        return flat
+
+    def log_metrics(self, mapping: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+        """Log the finite numbers of a (nested) mapping; None/NaN/inf and non-numbers are skipped."""
+        flat = flatten_metrics(mapping)
+        if self._client is None or not flat:
+            return flat
+        import time
+
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        items = [Metric(k, v, now_ms, step or 0) for k, v in flat.items()]
+        for start in range(0, len(items), _BATCH_METRICS):
+            self._client.log_batch(self.run_id, metrics=items[start : start + _BATCH_METRICS])
+        return flat
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents, under ``artifact_path``."""
+        if self._client is None:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Store a JSON/YAML-able object as ``artifact_file`` (format from the extension)."""
+        if self._client is not None:
+            self._client.log_dict(self.run_id, obj, artifact_file)
+
+    def set_tags(self, mapping: Mapping[str, Any]) -> None:
+        """Set tags (values stringified, None skipped)."""
+        if self._client is None:
+            return
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(_clean_key(str(k)), _truncate(_stringify(v), TAG_VALUE_MAX_CHARS))
+                for k, v in mapping.items() if v is not None]
+        if tags:
+            self._client.log_batch(self.run_id, tags=tags)
+
+
+@contextmanager
+def tracked_run(
+    cfg: TrackingConfig,
+    *,
+    project_root: Path,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[RunHandle]:
+    """One MLflow run in ``cfg.experiment`` (created with its artefact location when missing).
+
+    Ends FINISHED, FAILED when the body raises (the exception propagates) or KILLED on an interrupt.
+    With ``cfg.enabled`` false it yields a no-op handle.
+    """
+    if not cfg.enabled:
+        yield RunHandle(None, "")
+        return
+    client, uri, artifact_location = tracking_client(cfg, project_root=project_root)
+    experiment_id = ensure_experiment(client, name=cfg.experiment, artifact_location=artifact_location)
+    clean_tags = {k: _truncate(_stringify(v), TAG_VALUE_MAX_CHARS) for k, v in (tags or {}).items()
+                  if v is not None}
+    run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
+    handle = RunHandle(client, run.info.run_id, tracking_uri=uri)
+    try:
+        if params:
+            handle.log_params(params)
+        yield handle
+    except BaseException as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        try:
+            client.set_terminated(run.info.run_id, status=status)
+        except Exception as end_exc:  # noqa: BLE001 - keep the body's exception, report this one
+            slog("tracking.error", kind="end_run", run_id=run.info.run_id, error=str(end_exc))
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# ----------------------------------------------------------------------------------------- API runs
+
+
+def _ref_params(ref: ModelRef) -> dict[str, str]:
+    return {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
+            "model_key": ref.model_key}
+
+
+def weights_identity(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """``weights_name``/``weights_sha256``/``weights_source`` from a memory's metadata (``features.weights``)."""
+    features = metadata.get("features")
+    weights = features.get("weights") if isinstance(features, Mapping) else None
+    if not isinstance(weights, Mapping):
+        return {}
+    out = {"weights_name": weights.get("name"), "weights_source": weights.get("source"),
+           "weights_sha256": weights.get("sha256") or ""}
+    return {k: str(v) for k, v in out.items() if v is not None}
+
+
+class ApiRunLogger:
+    """InspectionService hooks that log fits and calibrations made through the API as MLflow runs.
+
+    Each run carries the tag ``source=api``. Best-effort: any failure is logged as the
+    ``tracking.error`` event and swallowed, so a tracking outage never fails a fit. With
+    ``background=True`` runs are logged on one worker thread (a slow or unreachable server cannot
+    delay a request); :meth:`flush` waits for the queued runs and :meth:`close` stops the worker.
+
+    Usage: ``InspectionService(..., on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)``.
+    """
+
+    def __init__(self, cfg: TrackingConfig, *, project_root: Path, background: bool = False) -> None:
+        self.cfg = cfg
+        self.project_root = Path(project_root)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bdi-mlflow") if background else None
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit(self, ref: ModelRef, result: FitResult, memory: Memory) -> None:
+        """Log a ``fit_ok`` run: ref ids + memory metadata as params, counts and timings as metrics."""
+        metadata = copy.deepcopy(dict(memory.metadata))
+        self._submit("fit", ref, lambda: self._log_fit(ref, result, metadata, memory.fingerprint))
+
+    def on_calibrate(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
+        """Log a ``calibrate`` run: threshold, false-reject and escape rates, the calibration JSON."""
+        snapshot = copy.deepcopy(dict(calib))
+        self._submit("calibrate", ref, lambda: self._log_calibration(ref, snapshot))
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait for the runs queued so far (background mode); errors were already logged."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.exception(timeout=timeout_s)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self.flush()
+            self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ internals
+    def _submit(self, kind: str, ref: ModelRef, job: Any) -> None:
+        if not self.cfg.enabled:
+            return
+        if self._executor is None:
+            self._guarded(kind, ref, job)
+            return
+        try:
+            future = self._executor.submit(self._guarded, kind, ref, job)
+        except RuntimeError as exc:  # executor already shut down
+            self._report(kind, ref, exc)
+            return
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(future)
+
+    def _guarded(self, kind: str, ref: ModelRef, job: Any) -> None:
+        try:
+            job()
+        except Exception as exc:  # noqa: BLE001 - best effort by contract: tracking never fails a fit
+            self._report(kind, ref, exc)
+
+    @staticmethod
+    def _report(kind: str, ref: ModelRef, exc: BaseException) -> None:
+        slog("tracking.error", kind=kind, error=f"{type(exc).__name__}: {exc}", recipe_id=ref.recipe_id,
+             role_id=ref.role_id, roi_id=ref.roi_id, model_key=ref.model_key)
+
+    def _log_fit(self, ref: ModelRef, result: FitResult, metadata: Mapping[str, Any], fingerprint: str) -> None:
+        tags = {"source": "api", "kind": "fit", **_ref_params(ref), "memory_fingerprint": fingerprint,
+                **weights_identity(metadata)}
+        with tracked_run(self.cfg, project_root=self.project_root,
+                         run_name=f"api-fit-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
+            run.log_params({"ref": _ref_params(ref), **metadata})
+            run.log_metrics({
+                "n_embeddings": result.n_embeddings,
+                "coreset_size": result.coreset_size,
+                "coreset_rate_applied": result.coreset_rate_applied,
+                "n_images": result.n_images,
+                "timings_ms": dict(result.timings_ms),
+            })
+            run.log_dict({**result.to_response(), "fingerprint": fingerprint, "metadata": metadata},
+                         "fit_result.json")
+        slog("tracking.run_logged", kind="fit", run_id=run.run_id, model_key=ref.model_key)
+
+    def _log_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
+        tags = {"source": "api", "kind": "calibrate", **_ref_params(ref),
+                "memory_fingerprint": calib.get("memory_fingerprint")}
+        params = {"ref": _ref_params(ref),
+                  **{k: calib.get(k) for k in ("score_percentile", "area_mm2_thr", "mm_per_px") if k in calib}}
+        metric_keys = ("threshold", "false_reject_rate", "escape_rate", "ok_mean", "ng_mean", "p99_ok",
+                       "p5_ng", "n_ok", "n_ng")
+        with tracked_run(self.cfg, project_root=self.project_root,
+                         run_name=f"api-calibrate-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
+            run.log_params(params)
+            run.log_metrics({k: calib.get(k) for k in metric_keys})
+            run.log_dict(dict(calib), "calibration.json")
+        slog("tracking.run_logged", kind="calibrate", run_id=run.run_id, model_key=ref.model_key)

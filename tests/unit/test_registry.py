@@ -1,0 +1,158 @@
+"""Registry round trip on a real MLflow (SQLite + local artefacts in a temp dir) and the tiny real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from bdi.errors import InvalidInputError
+from bdi.registry import (
+    RegistrationResult,
+    export_model_dir,
+    register_model,
+    registered_model_name,
+    sync_registered,
+)
+from bdi.service import InspectionService
+from bdi.store import ModelRef, ModelStore
+from bdi.tracking import TrackingConfig, resolve_tracking_uri, tracked_run
+
+REF = ModelRef.create(recipe_id="line-a", role_id="Inspection", roi_id="disc 1/ä", model_key=None)
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedded MLflow for the module; each test isolates itself with its own name prefix."""
+    return tmp_path_factory.mktemp("project")
+
+
+def _cfg(prefix: str) -> TrackingConfig:
+    return TrackingConfig(experiment="unit-registry", registered_model_prefix=prefix)
+
+
+def _fit_and_export(
+    service: InspectionService, *, fit_on: list[np.ndarray], ok: list[np.ndarray], ng: list[np.ndarray], dest: Path
+) -> Path:
+    """Fit + calibrate ``REF`` with the real service, then export it alone into ``dest``."""
+    service.fit_images(ref=REF, images=fit_on)
+    scores = [r.score for r in service.score_images(ref=REF, images=ok + ng)]
+    service.calibrate_from_scores(ref=REF, ok_scores=scores[: len(ok)], ng_scores=scores[len(ok):])
+    export_model_dir(store=service.store, ref=REF, dest=dest)
+    return dest
+
+
+def _register(cfg: TrackingConfig, project_root: Path, model_dir: Path, auroc: float) -> RegistrationResult:
+    with tracked_run(cfg, project_root=project_root, run_name="register") as run:
+        return register_model(cfg=cfg, project_root=project_root, run_id=run.run_id, model_dir=model_dir,
+                              ref=REF, metrics={"image_auroc": auroc, "pixel_auroc": 0.5},
+                              tags={"dvc_params_hash": "abc123"})
+
+
+@pytest.fixture()
+def model_dir(service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
+              tmp_path: Path) -> Path:
+    return _fit_and_export(service, fit_on=good_discs[:10], ok=good_discs[10:], ng=defect_discs,
+                           dest=tmp_path / "export-1")
+
+
+def _client(project_root: Path) -> MlflowClient:
+    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_registered_model_name_is_mlflow_safe_and_keeps_similar_ids_apart() -> None:
+    a = registered_model_name("bdi", recipe_id="default", role_id="Inspection", roi_id="disc 1/ä")
+    b = registered_model_name("bdi", recipe_id="default", role_id="Inspection", roi_id="disc-1-ä")
+    assert a == registered_model_name("bdi", recipe_id="default", role_id="Inspection", roi_id="disc 1/ä")
+    assert a != b
+    assert a.startswith("bdi.default.Inspection.disc-1.")
+    assert not set(a) & set("/:@ ")
+
+
+def test_alias_stays_on_the_better_version_when_a_worse_one_registers(
+    project_root: Path, model_dir: Path
+) -> None:
+    cfg = _cfg("alias")
+    first = _register(cfg, project_root, model_dir, auroc=0.9)
+    second = _register(cfg, project_root, model_dir, auroc=0.8)
+    assert (first.version, first.alias_moved, first.previous_version) == (1, True, None)
+    assert (second.version, second.alias_moved, second.previous_version) == (2, False, 1)
+    client = _client(project_root)
+    holder = client.get_model_version_by_alias(first.name, "champion")
+    assert holder.version == "1"
+    assert holder.tags["metric.image_auroc"] == "0.9"
+    assert holder.tags["dvc_params_hash"] == "abc123"
+    assert holder.tags["roi_id"] == REF.roi_id
+    assert holder.tags["weights_name"].startswith("vit_small_patch14_dinov2(random")
+
+
+def test_register_rejects_a_missing_primary_metric(project_root: Path, model_dir: Path) -> None:
+    cfg = _cfg("nometric")
+    with tracked_run(cfg, project_root=project_root, run_name="register") as run:
+        with pytest.raises(InvalidInputError, match="image_auroc"):
+            register_model(cfg=cfg, project_root=project_root, run_id=run.run_id, model_dir=model_dir,
+                           ref=REF, metrics={"pixel_auroc": 0.7}, tags={})
+
+
+def test_sync_writes_the_exact_store_files_and_is_idempotent(
+    project_root: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg("sync")
+    _register(cfg, project_root, model_dir, auroc=0.9)
+    served = tmp_path / "served"
+    [synced] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    src, dst = ModelStore(model_dir).paths(REF), ModelStore(served).paths(REF)
+    assert synced.written == ("index", "memory", "calib")
+    for a, b in ((src.index, dst.index), (src.memory, dst.memory), (src.calib, dst.calib)):
+        assert b.read_bytes() == a.read_bytes()
+    loaded = ModelStore(served).load_model(REF)
+    assert loaded is not None and loaded.index is not None
+    assert loaded.memory.fingerprint == synced.fingerprint
+    assert ModelStore(served).load_calibration(REF) == ModelStore(model_dir).load_calibration(REF)
+    assert sync_registered(cfg=cfg, project_root=project_root, models_dir=served) == []
+    assert not [p for p in served.iterdir() if p.name.startswith(".sync-")]
+
+
+def test_sync_follows_the_alias_to_a_better_version(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
+    project_root: Path, model_dir: Path, tmp_path: Path,
+) -> None:
+    cfg = _cfg("resync")
+    _register(cfg, project_root, model_dir, auroc=0.8)
+    served = tmp_path / "served"
+    [first] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    refit = _fit_and_export(service, fit_on=good_discs[2:12], ok=good_discs[:2], ng=defect_discs,
+                            dest=tmp_path / "export-2")
+    better = _register(cfg, project_root, refit, auroc=0.95)
+    [second] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    assert better.alias_moved and second.version == better.version == 2
+    assert second.fingerprint != first.fingerprint
+    loaded = ModelStore(served).load_model(REF)
+    assert loaded is not None and loaded.memory.fingerprint == second.fingerprint
+
+
+def test_pyfunc_from_the_alias_scores_an_image_path_like_the_service(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
+    project_root: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = _cfg("pyfunc")
+    registered = _register(cfg, project_root, model_dir, auroc=0.9)
+    paths = []
+    for name, image in (("good.png", good_discs[11]), ("defect.png", defect_discs[0])):
+        paths.append(str(tmp_path / name))
+        assert cv2.imwrite(paths[-1], image)
+    uri, _ = resolve_tracking_uri(cfg, project_root=project_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registered.name}@champion")
+    out = model.predict(pd.DataFrame({"image_path": paths}))
+    expected = [r.score for r in service.score_images(ref=REF, images=[good_discs[11], defect_discs[0]])]
+    assert list(out.columns) == ["score", "threshold", "decision"]
+    assert out["score"].tolist() == pytest.approx(expected, rel=1e-4)
+    assert out["score"][1] > out["score"][0]
+    assert set(out["decision"]) <= {"ok", "ng"}

@@ -1,0 +1,132 @@
+"""MLflow tracking on a real SQLite backend + local artefact folder in a temp dir (no mocks)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from bdi.service import InspectionService
+from bdi.store import ModelRef
+from bdi.tracking import (
+    PARAM_VALUE_MAX_CHARS,
+    ApiRunLogger,
+    TrackingConfig,
+    flatten_params,
+    resolve_tracking_uri,
+    tracked_run,
+)
+
+REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedded MLflow (sqlite + mlartifacts) for the module: its schema set-up is the slow part."""
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture(scope="module")
+def client(project_root: Path) -> MlflowClient:
+    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(client: MlflowClient, experiment: str, filter_string: str = "") -> list:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    return list(client.search_runs([exp.experiment_id], filter_string=filter_string))
+
+
+def test_empty_tracking_uri_resolves_to_project_sqlite_and_artifact_folder(tmp_path: Path) -> None:
+    uri, artifacts = resolve_tracking_uri(TrackingConfig(), project_root=tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert artifacts == (tmp_path.resolve() / "mlartifacts").as_uri()
+
+
+def test_configured_tracking_uri_passes_through(tmp_path: Path) -> None:
+    cfg = TrackingConfig(tracking_uri="http://mlflow.internal:5000", artifact_location="store")
+    uri, artifacts = resolve_tracking_uri(cfg, project_root=tmp_path)
+    assert uri == "http://mlflow.internal:5000"
+    assert artifacts == (tmp_path.resolve() / "store").as_uri()
+
+
+def test_flatten_params_joins_nested_keys_with_dots_and_caps_length() -> None:
+    flat = flatten_params({"features": {"blocks": (9, 10, 11), "weights": {"seed": 0}}, "note": "x" * 900})
+    assert flat["features.blocks"] == "[9, 10, 11]"
+    assert flat["features.weights.seed"] == "0"
+    assert len(flat["note"]) == PARAM_VALUE_MAX_CHARS
+
+
+def test_tracked_run_logs_flattened_params_metrics_and_artifacts(
+    project_root: Path, client: MlflowClient, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.txt"
+    report.write_text("hello", encoding="utf-8")
+    cfg = TrackingConfig(experiment="unit-run")
+    with tracked_run(cfg, project_root=project_root, run_name="unit", tags={"stage": "test"},
+                     params={"memory": {"coreset_rate": 0.1}}) as run:
+        run.log_metrics({"image_auroc": 0.75, "skipped": None, "nan": math.nan, "timings_ms": {"encode": 3.0}})
+        run.log_artifact(report, artifact_path="reports")
+        run.log_dict({"a": 1}, "summary.json")
+    stored = client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.params == {"memory.coreset_rate": "0.1"}
+    assert stored.data.metrics == {"image_auroc": 0.75, "timings_ms.encode": 3.0}
+    assert stored.data.tags["stage"] == "test"
+    assert {a.path for a in client.list_artifacts(run.run_id)} == {"reports", "summary.json"}
+    assert (project_root / "mlflow.db").is_file() and (project_root / "mlartifacts").is_dir()
+
+
+def test_tracked_run_marks_failed_run_and_reraises(project_root: Path, client: MlflowClient) -> None:
+    cfg = TrackingConfig(experiment="unit-fail")
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracked_run(cfg, project_root=project_root, run_name="fails"):
+            raise RuntimeError("boom")
+    [run] = _runs(client, "unit-fail")
+    assert run.info.status == "FAILED"
+
+
+def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(
+    service: InspectionService, good_discs: list[np.ndarray], project_root: Path, client: MlflowClient
+) -> None:
+    logger = ApiRunLogger(TrackingConfig(experiment="unit-api"), project_root=project_root)
+    hooked = InspectionService(settings=service.settings, extractor=service.extractor,
+                               on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)
+    fit = hooked.fit_images(ref=REF, images=good_discs[:4])
+    hooked.calibrate_from_scores(ref=REF, ok_scores=[1.0, 2.0, 3.0], ng_scores=[5.0, 6.0])
+    runs = {r.data.tags["kind"]: r for r in _runs(client, "unit-api", "tags.source = 'api'")}
+    assert set(runs) == {"fit", "calibrate"}
+    fit_run, calib_run = runs["fit"], runs["calibrate"]
+    assert fit_run.data.metrics["coreset_size"] == fit.coreset_size
+    assert fit_run.data.metrics["n_embeddings"] == fit.n_embeddings
+    assert fit_run.data.params["ref.roi_id"] == "inspection-1"
+    assert fit_run.data.params["features.input_size"] == "112"
+    assert fit_run.data.tags["memory_fingerprint"] == fit.fingerprint
+    assert calib_run.data.metrics["threshold"] > 0
+    assert {"false_reject_rate", "escape_rate"} <= set(calib_run.data.metrics)
+
+
+def test_api_run_logger_swallows_tracking_outage(
+    service: InspectionService, good_discs: list[np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = ApiRunLogger(TrackingConfig(tracking_uri="unreachable-scheme://nowhere"), project_root=tmp_path)
+    hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
+    caplog.set_level(logging.DEBUG, logger="bdi")
+    fit = hooked.fit_images(ref=REF, images=good_discs[:2])
+    assert fit.memory_path.is_file()
+    assert any("tracking.error" in record.getMessage() for record in caplog.records)
+
+
+def test_api_run_logger_in_background_logs_after_flush(
+    service: InspectionService, good_discs: list[np.ndarray], project_root: Path, client: MlflowClient
+) -> None:
+    logger = ApiRunLogger(TrackingConfig(experiment="unit-bg"), project_root=project_root, background=True)
+    hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
+    hooked.fit_images(ref=REF, images=good_discs[:2])
+    logger.close()
+    assert [r.data.tags["kind"] for r in _runs(client, "unit-bg")] == ["fit"]
