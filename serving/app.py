@@ -9,17 +9,20 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
+from bdi.errors import BDIError
 from bdi.logging import configure_logging, slog
+from bdi.registry import sync_registered
 from bdi.service import InspectionService
-
-from .errors import install_error_handlers
-from .middleware import RequestContextMiddleware, SettingsCORSMiddleware
-from .routes import ROUTERS
+from bdi.tracking import ApiRunLogger, TrackingConfig
+from serving.errors import install_error_handlers
+from serving.middleware import RequestContextMiddleware, SettingsCORSMiddleware
+from serving.routes import ROUTERS
 
 
 class CudaRequiredError(RuntimeError):
@@ -35,7 +38,16 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or (service.settings if service is not None else Settings())
         log_file = configure_logging(resolved.log_dir)
-        svc = service or InspectionService.from_settings(resolved)
+        tracking = TrackingConfig.from_settings(resolved)
+        if resolved.registry_sync_on_start:
+            _sync_registry(tracking, resolved)
+        run_logger = (
+            ApiRunLogger(tracking, project_root=Path.cwd(), background=True)
+            if resolved.mlflow_tracking_uri and service is None
+            else None
+        )
+        hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
+        svc = service or InspectionService.from_settings(resolved, **hooks)
         health = svc.health()
         if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
             raise CudaRequiredError(
@@ -55,8 +67,13 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             model=health["model"],
             weights=health["weights"],
             version=__version__,
+            mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
         )
-        yield
+        try:
+            yield
+        finally:
+            if run_logger is not None:
+                run_logger.close()
 
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
     # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too.
@@ -66,6 +83,15 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def _sync_registry(tracking: TrackingConfig, settings: Settings) -> None:
+    """Materialise the registered models holding the alias; a failure is logged, not fatal."""
+    try:
+        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir)
+        slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
+    except BDIError as exc:
+        slog("registry.sync_failed", error=str(exc))
 
 
 app = create_app()

@@ -44,12 +44,13 @@ class RequestContext:
         return {"request_id": self.request_id, "recipe_id": self.recipe_id}
 
     def model_ref(self, *, role_id: str, roi_id: str, model_key: str | None = None) -> ModelRef:
-        """The model of this request (model_key defaults to roi_id, §1.3)."""
+        """The model of this request (model_key defaults to roi_id, §1.3); also binds role/roi
+        into the log context of the calling handler."""
         bind_context(role_id=role_id, roi_id=roi_id)
         return ModelRef.create(recipe_id=self.recipe_id, role_id=role_id, roi_id=roi_id, model_key=model_key)
 
     def dataset_ref(self, *, role_id: str, roi_id: str) -> DatasetRef:
-        """The dataset of this request (datasets ignore model_key, §1.3)."""
+        """The dataset of this request (datasets ignore model_key, §1.3); binds role/roi for logs."""
         bind_context(role_id=role_id, roi_id=roi_id)
         return DatasetRef(recipe_id=self.recipe_id, role_id=role_id, roi_id=roi_id)
 

@@ -61,7 +61,7 @@ class ErrorRule:
 
 # Looked up along the exception's MRO, so the most specific class wins
 # (ReservedRecipeError → InvalidRecipeError before InvalidInputError).
-ERROR_TABLE: Mapping[type[BDIError], ErrorRule] = {
+ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError (§1.2)
     ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
     InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
@@ -79,7 +79,7 @@ ERROR_TABLE: Mapping[type[BDIError], ErrorRule] = {
 def rule_for(exc: BDIError) -> ErrorRule:
     """The table entry of the most specific class of ``exc``."""
     for cls in type(exc).__mro__:
-        rule = ERROR_TABLE.get(cls)  # type: ignore[call-overload]
+        rule = ERROR_TABLE.get(cls)
         if rule is not None:
             return rule
     return ERROR_TABLE[BDIError]
@@ -115,7 +115,8 @@ def _event_prefix(request: Request) -> str:
 
 async def handle_bdi_error(request: Request, exc: Exception) -> JSONResponse:
     """Map a ``BDIError`` through :data:`ERROR_TABLE`."""
-    assert isinstance(exc, BDIError)
+    if not isinstance(exc, BDIError):  # registered for BDIError only; kept total for type checkers
+        return await handle_unexpected_error(request, exc)
     rule = rule_for(exc)
     style: ErrorStyle = getattr(request.state, "error_style", DEFAULT_STYLE)
     shape = rule.shape_for(style)

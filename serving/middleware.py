@@ -12,8 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bdi.config import Settings
 from bdi.logging import bind_context, slog
-
-from .errors import REQUEST_ID_HEADER
+from serving.errors import REQUEST_ID_HEADER
 
 # DESIGN.md improvement (contract §10 item 5): only short, header- and log-safe ids are echoed.
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

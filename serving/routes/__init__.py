@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import calibration, datasets, fit, health, inference, state
+from serving.routes import calibration, datasets, fit, health, inference, state
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from bdi.logging import slog
-
-from ..deps import RequestCtx, ServiceDep
-from ..errors import error_style
-from ..parsing import optional_bool, optional_list, optional_number, optional_str, required_str
+from serving.deps import RequestCtx, ServiceDep
+from serving.errors import error_style
+from serving.parsing import optional_bool, optional_list, optional_number, optional_str, required_str
 
 router = APIRouter(tags=["calibration"])
 

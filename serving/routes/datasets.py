@@ -10,10 +10,9 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from bdi.logging import slog
-
-from ..deps import RequestCtx, ServiceDep, SettingsDep
-from ..errors import error_style
-from ..parsing import read_uploads
+from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.errors import error_style
+from serving.parsing import read_uploads
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[error_style("resource")])
 

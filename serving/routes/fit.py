@@ -8,10 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 
 from bdi.logging import slog
-
-from ..deps import RequestCtx, ServiceDep, SettingsDep
-from ..errors import error_style
-from ..parsing import read_uploads
+from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.errors import error_style
+from serving.parsing import read_uploads
 
 router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
 

@@ -7,9 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from bdi import __version__
-
-from ..deps import RequestCtx, ServiceDep
-from ..errors import error_style
+from serving.deps import RequestCtx, ServiceDep
+from serving.errors import error_style
 
 router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 

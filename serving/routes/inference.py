@@ -9,10 +9,16 @@ from fastapi import APIRouter, Body, File, Form, UploadFile
 
 from bdi.logging import slog
 from bdi.service import SampleScore
-
-from ..deps import RequestCtx, ServiceDep, SettingsDep
-from ..errors import error_style
-from ..parsing import optional_bool, optional_number, optional_str, optional_str_list, read_upload, required_str
+from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.errors import error_style
+from serving.parsing import (
+    optional_bool,
+    optional_number,
+    optional_str,
+    optional_str_list,
+    read_upload,
+    required_str,
+)
 
 router = APIRouter(tags=["inference"])
 

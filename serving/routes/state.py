@@ -7,9 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from bdi.logging import slog
-
-from ..deps import RequestCtx, ServiceDep
-from ..errors import error_style
+from serving.deps import RequestCtx, ServiceDep
+from serving.errors import error_style
 
 router = APIRouter(tags=["state"], dependencies=[error_style("resource")])
 

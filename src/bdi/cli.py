@@ -17,6 +17,11 @@ from pydantic import ValidationError
 from .errors import BDIError
 
 
+def _emit(line: str, *, err: bool = False) -> None:
+    """One line to stdout (or stderr): the CLI is the only place in bdi that prints."""
+    (sys.stderr if err else sys.stdout).write(line + "\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdi", description="BDI command-line tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,9 +68,9 @@ def _sync(args: argparse.Namespace) -> int:
     synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir,
                              alias=args.alias)
     for item in synced:
-        print(f"synced {item.name} v{item.version} (@{item.alias}) -> {item.paths.memory.parent} "
+        _emit(f"synced {item.name} v{item.version} (@{item.alias}) -> {item.paths.memory.parent} "
               f"[{', '.join(item.written)}]")
-    print(f"{len(synced)} model(s) updated in {models_dir}")
+    _emit(f"{len(synced)} model(s) updated in {models_dir}")
     return 0
 
 
@@ -79,7 +84,7 @@ def _demo_data(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("--size must be >= 32")
     root = write_mvtec_dataset(args.out, n_train=args.n_train, n_test_good=args.n_test_good,
                                n_test_per_defect=args.n_test_per_defect, size=args.size, seed=args.seed)
-    print(f"wrote a synthetic MVTec-layout dataset to {root}")
+    _emit(f"wrote a synthetic MVTec-layout dataset to {root}")
     return 0
 
 
@@ -90,14 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except BDIError as exc:
-        print(f"bdi {args.command}: error: {exc}", file=sys.stderr)
+        _emit(f"bdi {args.command}: error: {exc}", err=True)
         return 1
     except (ValidationError, argparse.ArgumentTypeError) as exc:
         message = " ".join(str(exc).split())
-        print(f"bdi {args.command}: invalid settings or arguments: {message}", file=sys.stderr)
+        _emit(f"bdi {args.command}: invalid settings or arguments: {message}", err=True)
         return 2
     except OSError as exc:
-        print(f"bdi {args.command}: error: {exc}", file=sys.stderr)
+        _emit(f"bdi {args.command}: error: {exc}", err=True)
         return 1
 
 

@@ -57,7 +57,7 @@ def _map_mask_pairs(
     if len(maps) != len(masks):
         raise ValueError(f"maps and masks differ in length: {len(maps)} vs {len(masks)}")
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
-    for i, (amap, mask) in enumerate(zip(maps, masks)):
+    for i, (amap, mask) in enumerate(zip(maps, masks, strict=True)):
         a = np.asarray(amap, dtype=np.float64)
         if a.ndim != 2:
             raise ValueError(f"maps[{i}] must be (H, W), got shape {a.shape}")
@@ -97,7 +97,7 @@ def roc_points(labels: Sequence[Any], scores: Sequence[Any]) -> list[dict[str, f
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     return [
         {"fpr": float(f), "tpr": float(t), "threshold": float(th) if math.isfinite(th) else None}
-        for f, t, th in zip(fpr, tpr, thresholds)
+        for f, t, th in zip(fpr, tpr, thresholds, strict=True)
     ]
 
 
@@ -334,7 +334,7 @@ def evaluate_scores(
     per_class: dict[str, dict[str, float | int | None]] = {}
     cls_arr = np.asarray(classes, dtype=object)
     good = y == 0
-    for cls in sorted({c for c, v in zip(classes, y) if v == 1}):
+    for cls in sorted({c for c, v in zip(classes, y, strict=True) if v == 1}):
         sel = (cls_arr == cls) & (y == 1)
         pair = good | sel
         per_class[cls] = {
@@ -457,7 +457,7 @@ def plot_gallery(
         ax.axis("off")
     if not images:
         axes[0][0].text(0.5, 0.5, "no images", ha="center", va="center")
-    for ax, image, amap, title in zip(axes.ravel(), images, maps, titles):
+    for ax, image, amap, title in zip(axes.ravel(), images, maps, titles, strict=False):
         rgb = _to_rgb(image)
         extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)  # the map covers the image
         ax.imshow(rgb, extent=extent)

@@ -18,8 +18,10 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -31,7 +33,14 @@ from filelock import FileLock, Timeout
 from .errors import InvalidInputError, NotFittedError, StorageError, WeightsError
 from .logging import slog
 from .store import ArtifactPaths, ModelRef, ModelStore, StoredModel, atomic_write_bytes
-from .tracking import TrackingConfig, fluent_scope, tracking_client, weights_identity
+from .tracking import (
+    TrackingConfig,
+    fluent_scope,
+    global_tracking_uri,
+    resolve_tracking_uri,
+    tracking_client,
+    weights_identity,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
@@ -45,7 +54,11 @@ MODEL_ARTIFACT_NAME = "model"  # the logged model's name inside the run
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artefact key holding the ModelStore root
 METRIC_TAG_PREFIX = "metric."
 SYNC_LOCK_FILE = ".registry_sync.lock"
+# Load-time overrides a pyfunc accepts (``mlflow.pyfunc.load_model(uri, model_config={...})``); MLflow only
+# lets through keys logged with the model, so they are logged with "" (= recorded value / default).
+PYFUNC_CONFIG_KEYS = ("weights", "weights_cache_dir", "device", "precision", "batch_size")
 SYNC_LOCK_TIMEOUT_S = 120.0
+SYNC_TEMP_PREFIX = ".sync-"  # download folders inside the models dir (same filesystem as the targets)
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 _SLUG_MAX = 40
 
@@ -145,8 +158,9 @@ def export_model_dir(*, store: ModelStore, ref: ModelRef, dest: Path) -> Artifac
 def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides: Mapping[str, Any]) -> Settings:
     """Runtime settings whose feature config reproduces the one recorded in ``metadata["features"]``.
 
-    ``overrides`` (the pyfunc ``model_config``) may set ``weights`` (a local file for pretrained
-    weights), ``weights_cache_dir``, ``device``, ``precision`` or ``batch_size``.
+    ``overrides`` (the pyfunc ``model_config``, keys :data:`PYFUNC_CONFIG_KEYS`) may set ``weights`` (a
+    local file for pretrained weights), ``weights_cache_dir``, ``device``, ``precision`` or ``batch_size``;
+    empty values keep the recorded value or the default.
     """
     from .config import Settings
 
@@ -169,11 +183,10 @@ def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides
         "backbone_depth": int(features["depth"]) if features.get("depth") is not None else None,
         "weights_seed": int(weights.get("seed") or 0),
     }
-    allowed = {"weights", "weights_cache_dir", "device", "precision", "batch_size"}
-    unknown = sorted(set(overrides) - allowed)
+    unknown = sorted(set(overrides) - set(PYFUNC_CONFIG_KEYS))
     if unknown:
-        raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {sorted(allowed)}")
-    values.update(overrides)
+        raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {list(PYFUNC_CONFIG_KEYS)}")
+    values.update({k: v for k, v in overrides.items() if v not in ("", None)})  # "" = keep the default
     return Settings(**values)
 
 
@@ -262,16 +275,29 @@ _PYFUNC_LOCK = threading.Lock()
 
 def _build_pyfunc_class() -> type:
     import mlflow.pyfunc
+    import pandas as pd
+
+    def _predict(self: Any, context: Any, model_input: Any, params: Any = None) -> Any:
+        return self._predictor.predict_frame(model_input)
+
+    # Real objects, not strings (this module's annotations are postponed and pandas is imported
+    # lazily): MLflow reads the hint when the class is created; a DataFrame hint means "no type-hint
+    # schema, use the logged signature" (_pyfunc_signature).
+    _predict.__annotations__ = {"context": Any, "model_input": pd.DataFrame, "params": dict[str, Any] | None,
+                                "return": pd.DataFrame}
 
     class BdiPyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
-        """MLflow pyfunc over a ModelStore root: no algorithm here, only the bdi loader + service."""
+        """MLflow pyfunc over a ModelStore root: no algorithm here, only the bdi loader + service.
+
+        Input: a DataFrame with ``image_path`` or ``image_bytes`` (optional ``shape``); output: ``score``,
+        ``threshold``, ``decision`` per row (see :meth:`ModelDirPredictor.predict_frame`).
+        """
 
         def load_context(self, context: Any) -> None:
             model_dir = Path(context.artifacts[MODEL_DIR_ARTIFACT])
             self._predictor = ModelDirPredictor(model_dir, overrides=dict(context.model_config or {}))
 
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
-            return self._predictor.predict_frame(model_input)
+        predict = _predict
 
     # Importable as bdi.registry.BdiPyfuncModel, so cloudpickle stores a reference, not the code.
     BdiPyfuncModel.__module__ = __name__
@@ -347,7 +373,11 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 def _version_metric(client: MlflowClient, version: ModelVersion, metric: str) -> float | None:
     """The version's ``metric.<name>`` tag, else its run's metric; None when neither exists."""
-    value = _finite((version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}"))
+    tag = (version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}")
+    try:
+        value = _finite(float(tag)) if tag is not None else None
+    except ValueError:
+        value = None
     if value is not None or not version.run_id:
         return value
     from mlflow.exceptions import MlflowException
@@ -406,7 +436,8 @@ def register_model(
     memory = ModelStore(model_dir).load_memory(stored.ref)
     if memory is None:
         raise NotFittedError("register")
-    with _mlflow_errors("registration"):
+    uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
+    with _mlflow_errors("registration"), global_tracking_uri(uri):
         return _register(cfg=cfg, project_root=project_root, run_id=run_id, model_dir=model_dir, ref=ref,
                          metrics=metrics, tags=tags, primary_metric=primary_metric, primary=primary,
                          memory_fingerprint=memory.fingerprint, memory_metadata=memory.metadata)
@@ -440,13 +471,16 @@ def _register(
     version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, **identity, **metric_tags,
                     "primary_metric": primary_metric, "source_run_id": run_id}
 
-    with fluent_scope(uri, run_id=run_id):
+    with fluent_scope(uri, run_id=run_id), warnings.catch_warnings():
+        # Expected: no input example (the input names image files that exist only at predict time).
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_NAME,
             python_model=pyfunc_model_class()(),
             artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             pip_requirements=_pip_requirements(),
             signature=_pyfunc_signature(),
+            model_config={key: "" for key in PYFUNC_CONFIG_KEYS},
             metadata={"bdi": {**identity, "registered_model_name": name}},
         )
     _ensure_registered_model(client, name, tags={k: identity[k] for k in ("recipe_id", "role_id", "roi_id")})
@@ -545,7 +579,8 @@ def sync_registered(
     """
     if not cfg.enabled:
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
-    with _mlflow_errors("sync"):
+    uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
+    with _mlflow_errors("sync"), global_tracking_uri(uri):
         return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias)
 
 
@@ -562,11 +597,13 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
     synced: list[SyncedModel] = []
     try:
         with FileLock(str(models_dir / SYNC_LOCK_FILE), timeout=SYNC_LOCK_TIMEOUT_S):
+            for leftover in models_dir.glob(f"{SYNC_TEMP_PREFIX}*"):  # from a sync that crashed
+                shutil.rmtree(leftover, ignore_errors=True)
             for registered in _registered_models(client, cfg.registered_model_prefix):
                 version = (registered.aliases or {}).get(alias)
                 if version is None:
                     continue
-                with tempfile.TemporaryDirectory(dir=models_dir, prefix=".sync-") as tmp:
+                with tempfile.TemporaryDirectory(dir=models_dir, prefix=SYNC_TEMP_PREFIX) as tmp:
                     local = mlflow.artifacts.download_artifacts(
                         artifact_uri=f"models:/{registered.name}/{version}", dst_path=tmp,
                         tracking_uri=uri, registry_uri=uri,

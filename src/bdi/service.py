@@ -8,8 +8,6 @@ before anything is stored, calibrations record the memory they belong to.
 from __future__ import annotations
 
 import base64
-import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +21,6 @@ from .config import ScoringConfig, Settings
 from .datasets import LABELS, DatasetRef, DatasetStore, UploadItem, parse_label
 from .errors import (
     BDIError,
-    CalibrationMissingError,
     InsufficientSamplesError,
     InvalidInputError,
     NotFittedError,
@@ -522,6 +519,8 @@ class InspectionService:
             return path.name, path.read_bytes()
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise NotFoundError("file not found") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path.name}: {exc}") from exc
 
     def dataset_meta(self, *, ref: DatasetRef, label: str, filename: str) -> dict[str, Any]:
         """The sidecar of one sample (§2.10); NotFoundError when absent."""

@@ -1,9 +1,9 @@
 """MLflow tracking: where runs go, one run as a context manager, and best-effort API-run logging.
 
 ``mlflow`` is imported inside functions only, so ``import bdi`` stays light. Runs are driven through
-an ``MlflowClient`` bound to the configured URI; nothing here reads or changes MLflow's global
-active run or tracking URI (the registry's ``log_model`` is the one exception, see
-:func:`fluent_scope`).
+an ``MlflowClient`` bound to the configured URI, never through MLflow's global active run or
+tracking URI; the registry, where MLflow itself reads the globals, scopes them with
+:func:`global_tracking_uri` / :func:`fluent_scope`.
 
 Embedded default (an empty ``tracking_uri``): a SQLite file ``<project_root>/mlflow.db`` with the
 artefacts in ``<project_root>/mlartifacts``; no server is needed and the registry works (it needs
@@ -48,7 +48,7 @@ _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _TRUNCATION_MARK = "..."
 
 # MLflow keeps the tracking URI and the active-run stack in process globals; every bdi call that
-# must go through them (``log_model``) holds this lock so two threads never see each other's URI.
+# must go through them holds this lock, so two threads never see each other's URI.
 _FLUENT_LOCK = threading.RLock()
 
 
@@ -70,10 +70,9 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if not self.experiment.strip():
             raise InvalidInputError("experiment must be a non-empty name")
-        if not self.registered_model_prefix.strip() or any(c in self.registered_model_prefix for c in "/:@"):
+        if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", self.registered_model_prefix):
             raise InvalidInputError(
-                f"registered_model_prefix {self.registered_model_prefix!r} must be non-empty "
-                "and contain no '/', ':' or '@'"
+                f"registered_model_prefix {self.registered_model_prefix!r} must match [A-Za-z0-9_.-]+"
             )
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.alias) or self.alias.lower() == "latest":
             raise InvalidInputError(f"alias {self.alias!r} must be [A-Za-z0-9_-]+ and not 'latest'")
@@ -208,12 +207,12 @@ def ensure_experiment(client: MlflowClient, *, name: str, artifact_location: str
 
 
 @contextmanager
-def fluent_scope(tracking_uri: str, *, run_id: str) -> Iterator[None]:
-    """Point MLflow's process-global tracking URI at ``tracking_uri`` and make ``run_id`` the active
-    run, for the fluent calls that need both (``mlflow.pyfunc.log_model``). The previous URI (and
-    ``MLFLOW_TRACKING_URI``) are restored afterwards, and scopes are serialised across threads.
+def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking URI at ``tracking_uri`` for the duration of the block.
 
-    Resuming the run marks it RUNNING and leaving the scope marks it FINISHED, as MLflow does.
+    Some MLflow code paths ignore the client they are called through and use the global URI
+    (``log_model``; the SQL registry resolving a ``models:/<model_id>`` source). The previous URI
+    and ``MLFLOW_TRACKING_URI`` are restored afterwards, and scopes are serialised across threads.
     """
     import mlflow
 
@@ -222,14 +221,25 @@ def fluent_scope(tracking_uri: str, *, run_id: str) -> Iterator[None]:
         uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         try:
             mlflow.set_tracking_uri(tracking_uri)
-            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                yield
+            yield
         finally:
             mlflow.set_tracking_uri(uri_before)
             if env_before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+@contextmanager
+def fluent_scope(tracking_uri: str, *, run_id: str) -> Iterator[None]:
+    """:func:`global_tracking_uri` plus ``run_id`` as MLflow's active run, for fluent calls
+    (``mlflow.pyfunc.log_model``). Resuming marks the run RUNNING; leaving marks it FINISHED.
+    """
+    import mlflow
+
+    with global_tracking_uri(tracking_uri):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            yield
 
 
 # ----------------------------------------------------------------------------------------- runs

@@ -32,6 +32,16 @@ def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("project")
 
 
+@pytest.fixture(autouse=True)
+def no_stray_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Run in an empty cwd and fail if MLflow fell back to its default store (./mlflow.db, ./mlruns)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
 def _cfg(prefix: str) -> TrackingConfig:
     return TrackingConfig(experiment="unit-registry", registered_model_prefix=prefix)
 
@@ -85,7 +95,7 @@ def test_alias_stays_on_the_better_version_when_a_worse_one_registers(
     assert (second.version, second.alias_moved, second.previous_version) == (2, False, 1)
     client = _client(project_root)
     holder = client.get_model_version_by_alias(first.name, "champion")
-    assert holder.version == "1"
+    assert int(holder.version) == 1
     assert holder.tags["metric.image_auroc"] == "0.9"
     assert holder.tags["dvc_params_hash"] == "abc123"
     assert holder.tags["roi_id"] == REF.roi_id
@@ -156,3 +166,17 @@ def test_pyfunc_from_the_alias_scores_an_image_path_like_the_service(
     assert out["score"].tolist() == pytest.approx(expected, rel=1e-4)
     assert out["score"][1] > out["score"][0]
     assert set(out["decision"]) <= {"ok", "ng"}
+
+
+def test_cli_sync_materialises_the_champion_into_the_models_dir(
+    project_root: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bdi.cli import main
+
+    cfg = _cfg("cli")
+    registered = _register(cfg, project_root, model_dir, auroc=0.9)
+    served = tmp_path / "served"
+    code = main(["sync", "--models-dir", str(served), "--project-root", str(project_root), "--prefix", "cli"])
+    assert code == 0
+    assert f"synced {registered.name} v1" in capsys.readouterr().out
+    assert ModelStore(served).load_model(REF) is not None

@@ -1,0 +1,115 @@
+"""Stage 3, calibrate: score the held-out ``calib`` OK/NG images and store the threshold of every model.
+
+The fitted ModelStore (``paths.fit_dir``, an output of fit_ok that this stage must not modify) is
+copied to ``paths.model_dir``; ``InspectionService.calibrate_from_scores`` (the library rule of
+API_CONTRACT §3.5, as ``/calibrate_ng``) then writes each model's calib.json there, recording the
+memory it belongs to. ``paths.model_dir`` is the deployable ModelStore: memory + index + calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines.common import (
+    PipelineDataError,
+    ProgressBars,
+    StageContext,
+    build_service,
+    read_manifest,
+    recipe_mm_per_px,
+    replace_dir,
+    rows_for,
+    run_cli,
+    score_rows,
+    stage_context,
+    stage_errors,
+    stage_run,
+    staging_dir,
+    targets,
+)
+
+log = logging.getLogger("pipelines.calibrate")
+STAGE = "calibrate"
+
+
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    key: str
+    calib: dict[str, Any]
+    scores: list[dict[str, Any]]  # file, label, defect_class, score
+
+
+def run_calibrate(
+    ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
+) -> list[CalibrationOutcome]:
+    """Copy the fitted store, calibrate every target in it, then replace ``paths.model_dir``."""
+    cfg = ctx.cfg
+    manifest = read_manifest(ctx.path(cfg.paths.manifest))
+    fit_dir = ctx.path(cfg.paths.fit_dir)
+    if not fit_dir.is_dir():
+        raise PipelineDataError(f"{fit_dir} (paths.fit_dir) is missing: run the fit_ok stage first")
+    final = ctx.path(cfg.paths.model_dir)
+    staged = staging_dir(final)
+    outcomes: list[CalibrationOutcome] = []
+    try:
+        shutil.copytree(fit_dir, staged)
+        service = build_service(ctx, models_dir=staged, extractor=extractor)
+        scoring = service.settings.scoring_config(score_percentile=float(cfg.calibration.score_percentile),
+                                                  area_mm2_thr=float(cfg.calibration.area_mm2_thr))
+        for target in targets(cfg):
+            rows = rows_for(manifest, target, "calib")
+            _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
+                                          scoring=scoring, progress=progress)
+            ok = [res.score for res, row in zip(results, rows, strict=True) if row["label"] == "ok"]
+            ng = [res.score for res, row in zip(results, rows, strict=True) if row["label"] == "ng"]
+            if not ok:
+                raise PipelineDataError(f"no OK calibration image for {target.key}: the calib split needs "
+                                        "test/good images (or OK server samples)")
+            calib = service.calibrate_from_scores(
+                ref=target.ref, ok_scores=ok, ng_scores=ng or None, mm_per_px=recipe_mm_per_px(manifest, target),
+                score_percentile=cfg.calibration.score_percentile, area_mm2_thr=cfg.calibration.area_mm2_thr,
+            )
+            scores = [{"file": row["file"], "label": row["label"], "defect_class": row["defect_class"],
+                       "score": float(res.score)} for res, row in zip(results, rows, strict=True)]
+            outcomes.append(CalibrationOutcome(key=target.key, calib=dict(calib), scores=scores))
+            log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib["threshold"],
+                     len(ok), len(ng))
+        replace_dir(staged, final)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    return outcomes
+
+
+def execute(ctx: StageContext) -> list[CalibrationOutcome]:
+    bars = ProgressBars(STAGE)
+    with stage_run(ctx) as run:
+        try:
+            outcomes = run_calibrate(ctx, progress=bars)
+        finally:
+            bars.close()
+        keys = ("threshold", "false_reject_rate", "escape_rate", "ok_mean", "ng_mean", "p99_ok", "p5_ng",
+                "n_ok", "n_ng")
+        for outcome in outcomes:
+            prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
+            run.log_metrics({f"{prefix}{k}": outcome.calib.get(k) for k in keys})
+            name = outcome.key.replace("/", "__")
+            run.log_dict(outcome.calib, f"calibration/{name}.calib.json")
+            run.log_dict({"scores": outcome.scores}, f"calibration/{name}.scores.json")
+    return outcomes
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with stage_errors(STAGE):
+        execute(stage_context(cfg, stage=STAGE))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,387 @@
+"""Stage plumbing shared by the Hydra mains: which config a run uses, MLflow runs, progress bars,
+manifest I/O and the (recipe, role, roi) targets. No algorithm lives here: scoring, thresholds and
+metrics are ``bdi`` calls.
+
+Where a stage's config comes from:
+* run by DVC (``DVC_STAGE`` is set, as ``dvc repro`` / ``dvc exp run`` do): ``<DVC_ROOT>/params.yaml``,
+  the file DVC tracks and ``dvc exp run -S key=value`` edits, validated against the schema;
+* run by hand: ``conf/`` composed by Hydra with the command-line overrides
+  (``python -m pipelines.fit_ok model.coreset_rate=0.05``), in the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig
+
+from bdi.errors import BDIError
+from pipelines.config import (
+    PARAMS_FILE,
+    PipelineConfig,
+    PipelineConfigError,
+    flatten,
+    override_hint,
+    params_diff,
+    to_plain,
+    validate,
+)
+
+log = logging.getLogger("pipelines")
+
+MANIFEST_COLUMNS = (
+    "file", "recipe", "role", "roi", "model_key", "split", "label", "defect_class", "mask", "mm_per_px",
+    "roi_shape", "width", "height", "sha256",
+)
+SPLITS = ("train", "calib", "eval")
+
+
+class PipelineDataError(RuntimeError):
+    """The data cannot feed a stage (no images for a model, missing upstream output)."""
+
+
+# --------------------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage run works with: the typed config, its plain form, where it came from."""
+
+    stage: str
+    cfg: PipelineConfig
+    plain: dict[str, Any]
+    project_root: Path
+    config_source: str  # "params.yaml" (DVC) | "conf/" (Hydra composition + overrides)
+    overrides: tuple[str, ...]
+
+    def path(self, relative: str) -> Path:
+        return resolve_path(self.project_root, relative)
+
+
+def resolve_path(root: Path, value: str | Path) -> Path:
+    """``value`` when absolute, else relative to the project root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
+def _task_overrides() -> tuple[str, ...]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return tuple(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app
+        return ()
+
+
+def stage_context(hydra_cfg: DictConfig, *, stage: str) -> StageContext:
+    """Resolve the config of this run (see the module docstring) and validate it."""
+    overrides = _task_overrides()
+    if os.environ.get("DVC_STAGE"):
+        root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+        if overrides:
+            raise PipelineConfigError(
+                f"stage '{stage}' runs under DVC and reads params.yaml; command-line overrides "
+                f"{list(overrides)} would bypass it. Use `dvc exp run -S key=value` instead."
+            )
+        params_path = root / PARAMS_FILE
+        if not params_path.is_file():
+            raise PipelineConfigError(f"{params_path} is missing: run `python -m pipelines.config --write "
+                                      f"{PARAMS_FILE}` in the project root")
+        plain = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+        source = PARAMS_FILE
+    else:
+        root = Path.cwd()
+        plain = to_plain(hydra_cfg)
+        source = "conf/"
+        params_path = root / PARAMS_FILE
+        if params_path.is_file():
+            tracked = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+            if params_diff(plain, tracked):
+                log.warning("this run uses conf/ + overrides %s, which differ from %s (what DVC tracks)",
+                            list(overrides), PARAMS_FILE)
+    cfg = validate(plain, source=source)
+    return StageContext(stage=stage, cfg=cfg, plain=to_plain(cfg), project_root=root.resolve(),
+                        config_source=source, overrides=overrides)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function; when Hydra rejects an override, say which keys exist."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            hint = override_hint(sys.argv[1:])
+            if hint:
+                sys.stderr.write(f"\n{hint}\n")
+        raise
+
+
+@contextmanager
+def stage_errors(stage: str) -> Iterator[None]:
+    """Expected failures end the process with one clear line and exit code 2 (no traceback)."""
+    try:
+        yield
+    except (PipelineConfigError, PipelineDataError, BDIError) as exc:
+        sys.stderr.write(f"error: {stage}: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from exc
+
+
+# --------------------------------------------------------------------------------------------- MLflow
+
+
+def git_commit(root: Path) -> str | None:
+    """``git rev-parse HEAD`` of the project, or None outside git / before the first commit."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def run_tags(ctx: StageContext) -> dict[str, str]:
+    """Tags of every stage run: stage, DVC stage, git commit, params hash, config source."""
+    tags = {
+        "stage": ctx.stage,
+        "source": "pipeline",
+        "config_source": ctx.config_source,
+        "dataset": ctx.cfg.dataset.name,
+        "recipe_id": ctx.cfg.dataset.recipe,
+        "dvc_stage": os.environ.get("DVC_STAGE"),
+        "dvc_commit": git_commit(ctx.project_root),
+        "dvc_params_hash": file_sha256(ctx.project_root / PARAMS_FILE),
+        "config_hash": hashlib.sha256(json.dumps(ctx.plain, sort_keys=True).encode()).hexdigest(),
+        "overrides": " ".join(ctx.overrides) or None,
+    }
+    return {k: v for k, v in tags.items() if v}
+
+
+@contextmanager
+def stage_run(ctx: StageContext) -> Iterator[Any]:
+    """An MLflow run named after the stage, with the resolved config flattened as params."""
+    from bdi.tracking import tracked_run
+    from pipelines.config import tracking_config
+
+    with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
+                     tags=run_tags(ctx), params=flatten(ctx.plain)) as run:
+        run.log_dict(ctx.plain, "config.yaml")
+        yield run
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class ProgressBars:
+    """A ``bdi.service`` progress callback ``(stage, done, total)`` drawn as one tqdm bar per stage."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = tqdm(total=total, desc=f"{self.prefix} {stage}", unit="it", leave=True, file=sys.stderr)
+            self._bars[stage] = bar
+        if bar.total != total:
+            bar.total = total
+        bar.update(max(0, done - bar.n))
+        if done >= total:
+            bar.close()
+            del self._bars[stage]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model the pipeline builds: a ModelStore ref plus its data settings."""
+
+    ref: Any  # bdi.store.ModelRef
+    mm_per_px: float
+    roi_shape: dict[str, Any] | None
+    subdir: str | None
+
+    @property
+    def key(self) -> str:
+        """``<recipe>/<role>/<roi>``: the id in metrics.json, scores.csv and registration.json."""
+        return f"{self.ref.recipe_id}/{self.ref.role_id}/{self.ref.roi_id}"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of the key, for plot file names."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.key.replace("/", "__")).strip("-") or "model"
+
+
+def targets(cfg: PipelineConfig) -> list[Target]:
+    """The (recipe, role, roi) models of the dataset config, in config order."""
+    from bdi.store import ModelRef
+
+    out: list[Target] = []
+    for i, roi in enumerate(cfg.dataset.rois):
+        try:
+            ref = ModelRef.create(recipe_id=cfg.dataset.recipe, role_id=roi.role, roi_id=roi.roi,
+                                  model_key=roi.model_key)
+        except BDIError as exc:
+            raise PipelineConfigError(f"dataset.recipe / dataset.rois[{i}]: {exc}") from exc
+        mm = roi.mm_per_px if roi.mm_per_px is not None else cfg.dataset.mm_per_px
+        shape = roi.roi_shape if roi.roi_shape is not None else cfg.dataset.roi_shape
+        out.append(Target(ref=ref, mm_per_px=float(mm), roi_shape=dict(shape) if shape else None,
+                          subdir=roi.subdir))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def read_manifest(path: Path) -> Any:
+    """The ingest manifest as a DataFrame (empty strings for missing masks / shapes)."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise PipelineDataError(f"manifest {path} is missing: run the ingest stage first")
+    frame = pd.read_csv(path, dtype={"mask": str, "roi_shape": str, "sha256": str}, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineDataError(f"manifest {path} lacks columns {missing}: run the ingest stage again")
+    return frame
+
+
+def rows_for(manifest: Any, target: Target, split: str) -> list[dict[str, Any]]:
+    """Manifest rows of one model and split, as dicts, in manifest order."""
+    ref = target.ref
+    sel = manifest[
+        (manifest["recipe"] == ref.recipe_id) & (manifest["role"].astype(str) == ref.role_id)
+        & (manifest["roi"].astype(str) == ref.roi_id) & (manifest["split"] == split)
+    ]
+    return [dict(r) for r in sel.to_dict(orient="records")]
+
+
+def recipe_mm_per_px(manifest: Any, target: Target) -> float:
+    """The scale of a model's images: the one ``mm_per_px`` of its manifest rows (server samples carry
+    their own), else the dataset config's. Several values are an error: a recipe has one scale (§1.6)."""
+    ref = target.ref
+    sel = manifest[(manifest["recipe"] == ref.recipe_id) & (manifest["role"].astype(str) == ref.role_id)
+                   & (manifest["roi"].astype(str) == ref.roi_id)]
+    values = sorted({float(v) for v in sel["mm_per_px"]})
+    if len(values) > 1:
+        raise PipelineDataError(f"the images of {target.key} have several mm_per_px values {values}: "
+                                "a recipe has one scale; fix the sample metas or dataset.mm_per_px")
+    return values[0] if values else target.mm_per_px
+
+
+def load_image(root: Path, row: Mapping[str, Any]) -> np.ndarray:
+    """The row's image decoded by ``bdi.imaging`` (BGR uint8)."""
+    from bdi.imaging import decode_image
+
+    path = resolve_path(root, str(row["file"]))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PipelineDataError(f"cannot read {path} listed in the manifest: {exc}") from exc
+    return decode_image(data, name=str(row["file"]))
+
+
+def roi_mask(row: Mapping[str, Any], *, width: int, height: int) -> np.ndarray:
+    """The row's ROI mask (``bdi.imaging.build_roi_mask`` of its shape JSON; full image when empty)."""
+    from bdi.imaging import build_roi_mask, parse_shape
+
+    return build_roi_mask(parse_shape(str(row.get("roi_shape") or "") or None), width=width, height=height)
+
+
+def score_rows(
+    service: Any,
+    *,
+    target: Target,
+    rows: Sequence[Mapping[str, Any]],
+    root: Path,
+    scoring: Any,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[list[np.ndarray], list[Any]]:
+    """Decode the rows' images and score them with ``InspectionService.score_images``."""
+    images = [load_image(root, row) for row in rows]
+    masks = [roi_mask(row, width=img.shape[1], height=img.shape[0]) for img, row in zip(images, rows, strict=True)]
+    if not images:
+        return [], []
+    results = service.score_images(ref=target.ref, images=images, masks=masks, scoring=scoring,
+                                   progress=progress)
+    return images, list(results)
+
+
+def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None = None) -> Any:
+    """An ``InspectionService`` over ``models_dir`` with the config's model (one extractor per process)."""
+    from bdi.service import InspectionService
+    from pipelines.config import to_settings
+
+    settings = to_settings(ctx.cfg, models_dir=models_dir, project_root=ctx.project_root)
+    if extractor is not None:
+        return InspectionService(settings=settings, extractor=extractor)
+    return InspectionService.from_settings(settings)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write strict JSON (NaN/inf refused) atomically, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh sibling folder to build ``final`` in (moved into place by ``replace_dir``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
+
+
+def replace_dir(staged: Path, final: Path) -> None:
+    """Replace ``final`` with ``staged`` (the old folder is removed first)."""
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+
+
+def finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None

@@ -1,0 +1,463 @@
+"""The pipeline configuration: Hydra structured-config schema, composition and conversion to ``bdi`` types.
+
+``conf/`` is the configuration tree; the dataclasses below are its schema (registered in Hydra's
+ConfigStore as ``bdi_schema``, first in ``conf/config.yaml``'s defaults list), so a misspelt key or a
+wrongly typed value is a composition error. Defaults come from ``bdi.config`` (one place), and every
+key keeps the name of the ``bdi`` field it feeds:
+
+* ``model.*`` = the fields of ``FeatureConfig`` ∪ ``MemoryConfig`` ∪ ``ScoringConfig``, except the two
+  scoring fields that the calibration owns. ``model.seed`` seeds both the random weights
+  (``FeatureConfig.seed``) and the coreset (``MemoryConfig.seed``).
+* ``calibration.*`` = ``CalibrationConfig`` plus ``area_mm2_thr``; ``calibration.score_percentile`` is
+  also ``ScoringConfig.score_percentile``, because the calibration file stores it and ``/infer``
+  scores with it (API_CONTRACT §3.5).
+* ``tracking.*`` = ``bdi.tracking.TrackingConfig``.
+
+``params.yaml`` (what DVC tracks) is this composition, written by ``python -m pipelines.config --write``
+and checked by ``tests/pipelines/test_params_consistency.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from bdi.config import (
+    CalibrationConfig,
+    FeatureConfig,
+    MemoryConfig,
+    ModelConfig,
+    ScoringConfig,
+    Settings,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+PARAMS_FILE = "params.yaml"
+SCHEMA_NAME = "bdi_schema"
+CALIBRATION_OWNED_SCORING_FIELDS = ("score_percentile", "area_mm2_thr")
+DATASET_KINDS = ("mvtec", "server")
+
+
+class PipelineConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RoiSchema:
+    """One (role, roi) model of the recipe. Empty/None fields fall back to the dataset-level value."""
+
+    role: str = "default"
+    roi: str = "default"
+    model_key: str | None = None  # None = roi (ModelRef.create)
+    subdir: str | None = None  # mvtec: this ROI's MVTec tree, relative to dataset.source; None = source
+    roi_shape: dict[str, Any] | None = None  # the contract's shape object; None = dataset.roi_shape
+    mm_per_px: float | None = None  # None = dataset.mm_per_px
+
+
+@dataclass
+class SplitsSchema:
+    """How samples are split (see ``pipelines.ingest``): deterministic, by sha256, stratified by class."""
+
+    calib_fraction: float = 0.5  # share of every test class that calibrates; the rest evaluates
+    train_fraction: float = 0.5  # server source only: share of the OK samples that fit the memory
+
+
+@dataclass
+class DatasetSchema:
+    name: str = MISSING
+    kind: str = "mvtec"  # "mvtec" (train/good, test/<class>, ground_truth/) | "server" (DatasetStore folders)
+    source: str = MISSING  # folder, relative to the project root
+    recipe: str = "default"
+    rois: list[RoiSchema] = field(default_factory=lambda: [RoiSchema()])
+    mm_per_px: float = 0.2
+    roi_shape: dict[str, Any] | None = None  # None = the full image
+    min_size: int = 32  # px, both sides
+    channels: list[int] = field(default_factory=lambda: [1, 3, 4])  # accepted channel counts as stored
+    max_pixels: int = 40_000_000
+    mask_threshold: int = 127  # ground-truth mask pixel > this = defect
+    splits: SplitsSchema = field(default_factory=SplitsSchema)
+
+
+@dataclass
+class ModelSchema:
+    """``FeatureConfig`` ∪ ``MemoryConfig`` ∪ ``ScoringConfig`` fields (same names, same defaults)."""
+
+    # FeatureConfig
+    backbone: str = FeatureConfig.backbone
+    weights: str = FeatureConfig.weights
+    input_size: int = FeatureConfig.input_size
+    blocks: list[int] = field(default_factory=lambda: list(FeatureConfig.blocks))
+    depth: int | None = FeatureConfig.depth
+    seed: int = FeatureConfig.seed
+    device: str = FeatureConfig.device
+    precision: str = FeatureConfig.precision
+    batch_size: int = FeatureConfig.batch_size
+    # MemoryConfig (seed: see above)
+    coreset_rate: float = MemoryConfig.coreset_rate
+    projection_dim: int = MemoryConfig.projection_dim
+    knn_index: str = MemoryConfig.knn_index
+    prefer_gpu: bool = MemoryConfig.prefer_gpu
+    gpu_device: int = MemoryConfig.gpu_device
+    # ScoringConfig (score_percentile and area_mm2_thr: see CalibrationSchema)
+    blur_sigma: float = ScoringConfig.blur_sigma
+    remove_letterbox: bool = ScoringConfig.remove_letterbox
+
+
+@dataclass
+class CalibrationSchema:
+    """``CalibrationConfig`` (the §3.5 rule) plus the scoring fields that calib.json records."""
+
+    score_percentile: float = CalibrationConfig.score_percentile
+    ng_percentile: float = CalibrationConfig.ng_percentile
+    overlap_factor: float = CalibrationConfig.overlap_factor
+    area_mm2_thr: float = ScoringConfig.area_mm2_thr
+
+
+@dataclass
+class TrackingSchema:
+    """``bdi.tracking.TrackingConfig``. Empty tracking_uri = ``sqlite:///<project>/mlflow.db``."""
+
+    tracking_uri: str = ""
+    artifact_location: str = ""
+    experiment: str = "bdi"
+    registered_model_prefix: str = "bdi"
+    alias: str = "champion"
+    enabled: bool = True
+
+
+@dataclass
+class EvaluationSchema:
+    aupro_fpr_limit: float = 0.3
+    gallery_size: int = 8  # worst cases shown in the heatmap gallery
+    histogram_bins: int = 30
+    primary_metric: str = "image_auroc"  # the registry moves the alias only when this is not worse
+
+
+@dataclass
+class PathsSchema:
+    """Every file a stage writes, relative to the project root (dvc.yaml reads the same keys)."""
+
+    manifest: str = "data/manifest.csv"
+    ingest_report: str = "data/ingest_report.json"
+    fit_dir: str = "artifacts/fit"  # ModelStore root: memory + index
+    model_dir: str = "artifacts/model"  # ModelStore root: memory + index + calib.json (deployable)
+    metrics: str = "eval/metrics.json"
+    scores: str = "eval/scores.csv"
+    roc: str = "eval/plots/roc.csv"
+    score_hist: str = "eval/plots/score_hist.csv"
+    images_dir: str = "eval/plots/images"
+    registration: str = "registration.json"
+    weights_cache_dir: str | None = None  # None = bdi.config.Settings default (~/.cache/bdi)
+
+
+@dataclass
+class PipelineConfig:
+    dataset: DatasetSchema = field(default_factory=DatasetSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+
+
+def register_schema() -> None:
+    """Store the schema in Hydra's ConfigStore (idempotent); ``conf/config.yaml`` lists it first."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=PipelineConfig)
+
+
+register_schema()
+
+
+# --------------------------------------------------------------------------------------------- composition
+
+
+def compose_config(overrides: Sequence[str] = (), *, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides, outside any Hydra app (tests, tools)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def to_plain(cfg: DictConfig | PipelineConfig) -> dict[str, Any]:
+    """The resolved config as plain dicts/lists (the ``params.yaml`` content), without ``hydra``."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    data = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return data
+
+
+def validate(data: Mapping[str, Any] | DictConfig, *, source: str = "config") -> PipelineConfig:
+    """Check ``data`` against the schema (unknown keys, types, missing values) and return it typed."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(schema, data)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise PipelineConfigError(f"{source} does not match the pipeline schema: {exc}") from exc
+    assert isinstance(obj, PipelineConfig)
+    check_values(obj)
+    return obj
+
+
+def check_values(cfg: PipelineConfig) -> None:
+    """Value checks the type system cannot express; each message names the key to fix."""
+    ds = cfg.dataset
+    if ds.kind not in DATASET_KINDS:
+        raise PipelineConfigError(f"dataset.kind must be one of {DATASET_KINDS}, got {ds.kind!r}")
+    if not ds.rois:
+        raise PipelineConfigError("dataset.rois must list at least one {role, roi}")
+    pairs = [(r.role, r.roi) for r in ds.rois]
+    if len(set(pairs)) != len(pairs):
+        raise PipelineConfigError(f"dataset.rois lists a (role, roi) twice: {pairs}")
+    for name in ("calib_fraction", "train_fraction"):
+        value = getattr(ds.splits, name)
+        if not 0.0 < value < 1.0:
+            raise PipelineConfigError(f"dataset.splits.{name} must be in (0, 1), got {value}")
+    percentile = cfg.calibration.score_percentile
+    if float(percentile) != int(percentile):
+        raise PipelineConfigError(
+            f"calibration.score_percentile must be a whole number (calib.json stores an int and /infer "
+            f"scores with it), got {percentile}"
+        )
+    if not 0.0 < cfg.evaluation.aupro_fpr_limit <= 1.0:
+        raise PipelineConfigError("evaluation.aupro_fpr_limit must be in (0, 1]")
+
+
+# --------------------------------------------------------------------------------------------- to bdi
+
+
+def feature_config(cfg: PipelineConfig) -> FeatureConfig:
+    m = cfg.model
+    return FeatureConfig(
+        backbone=m.backbone, weights=m.weights, input_size=m.input_size, blocks=tuple(m.blocks),
+        depth=m.depth, seed=m.seed, device=m.device, precision=m.precision,  # type: ignore[arg-type]
+        batch_size=m.batch_size,
+    )
+
+
+def memory_config(cfg: PipelineConfig) -> MemoryConfig:
+    m = cfg.model
+    return MemoryConfig(
+        coreset_rate=m.coreset_rate, seed=m.seed, projection_dim=m.projection_dim, knn_index=m.knn_index,
+        prefer_gpu=m.prefer_gpu, gpu_device=m.gpu_device,
+    )
+
+
+def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
+    return ScoringConfig(
+        score_percentile=float(cfg.calibration.score_percentile),
+        area_mm2_thr=float(cfg.calibration.area_mm2_thr),
+        blur_sigma=cfg.model.blur_sigma,
+        remove_letterbox=cfg.model.remove_letterbox,
+    )
+
+
+def calibration_config(cfg: PipelineConfig) -> CalibrationConfig:
+    c = cfg.calibration
+    return CalibrationConfig(
+        score_percentile=float(c.score_percentile), ng_percentile=c.ng_percentile,
+        overlap_factor=c.overlap_factor,
+    )
+
+
+def model_config(cfg: PipelineConfig) -> ModelConfig:
+    """The frozen ``bdi`` model config; invalid values raise with the ``model.`` key named."""
+    try:
+        return ModelConfig(features=feature_config(cfg), memory=memory_config(cfg), scoring=scoring_config(cfg))
+    except ValueError as exc:
+        raise PipelineConfigError(f"model/calibration config rejected by bdi.config: {exc}") from exc
+
+
+def tracking_config(cfg: PipelineConfig) -> Any:
+    """``bdi.tracking.TrackingConfig`` with the same field values (imported lazily: MLflow is heavy)."""
+    from bdi.tracking import TrackingConfig
+
+    t = cfg.tracking
+    return TrackingConfig(**{f.name: getattr(t, f.name) for f in fields(TrackingSchema)})
+
+
+def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | None = None) -> Settings:
+    """A ``Settings`` for ``InspectionService`` that reproduces ``model_config(cfg)`` exactly.
+
+    ``Settings`` is the service's only way in; fields it cannot carry yet (and the calibration rule's
+    ng_percentile / overlap_factor, which ``calibrate_from_scores`` does not take) must keep their
+    defaults, else a ``PipelineConfigError`` names them instead of silently ignoring them.
+    """
+    wanted = model_config(cfg)
+    m = cfg.model
+    values: dict[str, Any] = {
+        "models_dir": Path(models_dir),
+        "weights": m.weights,
+        "device": m.device,
+        "precision": m.precision,
+        "input_size": m.input_size,
+        "feature_blocks": tuple(m.blocks),
+        "backbone_depth": m.depth,
+        "weights_seed": m.seed,
+        "batch_size": m.batch_size,
+        "coreset_rate": m.coreset_rate,
+        "coreset_projection_dim": m.projection_dim,
+        "knn_index": m.knn_index,
+        "faiss_prefer_gpu": m.prefer_gpu,
+        "faiss_gpu_device": m.gpu_device,
+        "score_percentile": float(cfg.calibration.score_percentile),
+        "area_mm2_thr": float(cfg.calibration.area_mm2_thr),
+        "blur_sigma": m.blur_sigma,
+        "config_file": None,
+    }
+    if cfg.paths.weights_cache_dir:
+        cache = Path(cfg.paths.weights_cache_dir)
+        values["weights_cache_dir"] = cache if cache.is_absolute() or project_root is None else project_root / cache
+    try:
+        settings = Settings(**values)
+    except ValueError as exc:
+        raise PipelineConfigError(f"model config rejected by bdi.config.Settings: {exc}") from exc
+    got = settings.to_model_config()
+    unsupported = [
+        f"model.{name}" if name not in CALIBRATION_OWNED_SCORING_FIELDS else f"calibration.{name}"
+        for section in ("features", "memory", "scoring")
+        for name in _differing_fields(getattr(got, section), getattr(wanted, section))
+    ]
+    default_rule = CalibrationConfig()
+    for name in ("ng_percentile", "overlap_factor"):
+        if getattr(cfg.calibration, name) != getattr(default_rule, name):
+            unsupported.append(f"calibration.{name}")
+    if unsupported:
+        raise PipelineConfigError(
+            f"{sorted(set(unsupported))} cannot reach InspectionService yet (bdi.config.Settings / "
+            "calibrate_from_scores have no field for them): keep their defaults"
+        )
+    return settings
+
+
+def _differing_fields(a: Any, b: Any) -> list[str]:
+    return [f.name for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def flatten(data: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"coreset_rate": 0.1}}`` → ``{"model.coreset_rate": 0.1}``; list items get their index."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    out.update(flatten(item, prefix=f"{name}.{i}."))
+                else:
+                    out[f"{name}.{i}"] = item
+        else:
+            out[name] = value
+    return out
+
+
+def schema_keys() -> set[str]:
+    """Every dotted key of the schema (list items as ``rois.0.role``), for typo hints."""
+    keys = set(flatten(_schema_dict()))
+    for key in list(keys):
+        parts = key.split(".")
+        keys.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return keys
+
+
+def _schema_dict() -> dict[str, Any]:
+    data = OmegaConf.to_container(OmegaConf.structured(PipelineConfig), resolve=False)
+    assert isinstance(data, dict)
+    return data
+
+
+def override_hint(overrides: Iterable[str]) -> str:
+    """What to fix for overrides naming keys the schema lacks ("did you mean ...?"); "" when all known."""
+    known = schema_keys()
+    known_no_index = {k for k in known if not any(p.isdigit() for p in k.split("."))}
+    hints: list[str] = []
+    for text in overrides:
+        if "=" not in text or text.startswith(("hydra.", "hydra/", "+", "~", "--")):
+            continue
+        key = text.split("=", 1)[0].strip().lstrip("+~")
+        if "." not in key or key in known or key.split(".")[0] in ("hydra",):
+            continue
+        if any(key.startswith(f"{dict_key}.") for dict_key in _dict_valued_keys()):
+            continue
+        close = difflib.get_close_matches(key, sorted(known_no_index), n=3, cutoff=0.75)
+        section = key.split(".")[0]
+        options = sorted(k[len(section) + 1:] for k in known_no_index if k.startswith(f"{section}.") and
+                         k.count(".") == 1)
+        hint = f"Unknown config key '{key}'."
+        if close:
+            hint += f" Did you mean {' or '.join(repr(c) for c in close)}?"
+        if options:
+            hint += f" Keys of '{section}': {', '.join(options)}."
+        hint += " Keys are defined in pipelines/config.py (schema) and conf/; see params.yaml for values."
+        hints.append(hint)
+    return "\n".join(hints)
+
+
+def _dict_valued_keys() -> set[str]:
+    return {"dataset.roi_shape"} | {f"dataset.rois.{i}.roi_shape" for i in range(64)}
+
+
+def write_params(path: Path, *, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """Compose ``conf/`` and write it as ``params.yaml`` (the file DVC tracks)."""
+    data = to_plain(compose_config(overrides, conf_dir=conf_dir))
+    validate(data, source="conf/")
+    header = (
+        "# Generated from conf/ by `python -m pipelines.config --write params.yaml`; DVC tracks this file.\n"
+        "# Edit conf/ and regenerate (tests/pipelines/test_params_consistency.py checks they agree),\n"
+        "# or let `dvc exp run -S key=value` change it for an experiment.\n"
+    )
+    Path(path).write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return data
+
+
+def params_diff(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
+    """A unified diff of two configs as YAML ("" when equal)."""
+    if dict(expected) == dict(actual):
+        return ""
+    a = yaml.safe_dump(dict(expected), sort_keys=True).splitlines()
+    b = yaml.safe_dump(dict(actual), sort_keys=True).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "conf/ (composed)", PARAMS_FILE, lineterm=""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compose conf/ and write or check params.yaml.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", metavar="PATH", help="write the composed config to PATH")
+    group.add_argument("--check", metavar="PATH", help="exit 1 when PATH differs from the composition")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny")
+    args = parser.parse_args(argv)
+    if args.write:
+        write_params(Path(args.write), overrides=args.overrides)
+        return 0
+    expected = to_plain(compose_config(args.overrides))
+    actual = yaml.safe_load(Path(args.check).read_text(encoding="utf-8")) or {}
+    diff = params_diff(expected, actual)
+    if diff:
+        sys.stderr.write(diff + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Stage 4, evaluate: score the ``eval`` split with the calibrated models and write metrics and plots.
+
+Per model (``<recipe>/<role>/<roi>``), from ``bdi.evaluation``: image AUROC, pixel AUROC and AUPRO
+(where masks exist), F1 / precision / recall, false-reject rate (OK) and escape rate (NG) at the
+calibrated threshold, and per defect class AUROC (class vs good) and recall. Outputs (all paths from
+``paths.*``): ``metrics`` (JSON; top level = mean over models), ``scores`` (CSV per image), ``roc`` and
+``score_hist`` (CSV plot data for DVC) and ``images_dir`` (ROC, histogram with the threshold, and a
+heatmap gallery of the worst cases: NG with the lowest scores, OK with the highest, as PNGs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipelines.common import (
+    PipelineDataError,
+    ProgressBars,
+    StageContext,
+    build_service,
+    read_manifest,
+    resolve_path,
+    rows_for,
+    run_cli,
+    score_rows,
+    stage_context,
+    stage_errors,
+    stage_run,
+    targets,
+    write_json,
+)
+
+log = logging.getLogger("pipelines.evaluate")
+STAGE = "evaluate"
+SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "false_reject_rate",
+                "escape_rate")
+
+
+@dataclass
+class ModelEvaluation:
+    key: str
+    slug: str
+    metrics: dict[str, Any]
+    scores: list[dict[str, Any]]
+    roc: list[dict[str, Any]]
+    histogram: list[dict[str, Any]]
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationOutputs:
+    metrics: dict[str, Any]
+    models: list[ModelEvaluation]
+
+
+def _load_mask(root: Path, row: dict[str, Any], *, threshold: int) -> np.ndarray | None:
+    import cv2
+
+    from bdi.evaluation import binarize_mask
+
+    if not row.get("mask"):
+        return None
+    data = resolve_path(root, str(row["mask"])).read_bytes()
+    mask = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise PipelineDataError(f"mask {row['mask']} cannot be decoded: run the ingest stage again")
+    return binarize_mask(mask, threshold=threshold)
+
+
+def _worst(scores: list[float], labels: list[int], threshold: float, n: int) -> list[int]:
+    """Indices of the ``n`` worst cases by signed margin: NG far below / OK far above the threshold."""
+    margins = [(s - threshold) if y == 1 else (threshold - s) for s, y in zip(scores, labels, strict=True)]
+    return sorted(range(len(scores)), key=lambda i: margins[i])[: max(0, n)]
+
+
+def _mean(values: list[Any]) -> float | None:
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def run_evaluate(
+    ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
+) -> EvaluationOutputs:
+    """Score every model's eval split; compute metrics; write the plot PNGs into ``paths.images_dir``."""
+    from bdi.calibration import usable_threshold
+    from bdi.evaluation import (
+        evaluate_scores,
+        plot_gallery,
+        plot_roc,
+        plot_score_histogram,
+        score_histogram,
+    )
+
+    cfg = ctx.cfg
+    manifest = read_manifest(ctx.path(cfg.paths.manifest))
+    model_dir = ctx.path(cfg.paths.model_dir)
+    if not model_dir.is_dir():
+        raise PipelineDataError(f"{model_dir} (paths.model_dir) is missing: run the calibrate stage first")
+    images_dir = ctx.path(cfg.paths.images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob("*.png"):  # plots of a previous run (perhaps of other models)
+        stale.unlink()
+    service = build_service(ctx, models_dir=model_dir, extractor=extractor)
+    models: list[ModelEvaluation] = []
+    for target in targets(cfg):
+        loaded = service.store.load_model(target.ref)
+        if loaded is None:
+            raise PipelineDataError(f"no fitted model for {target.key} in {model_dir}")
+        calib = service.store.load_calibration(target.ref)
+        threshold = usable_threshold(calib, memory_fingerprint=loaded.memory.fingerprint)
+        assert calib is not None
+        scoring = service.settings.scoring_config(score_percentile=float(calib["score_percentile"]),
+                                                  area_mm2_thr=float(calib["area_mm2_thr"]))
+        rows = rows_for(manifest, target, "eval")
+        images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
+                                     scoring=scoring, progress=progress)
+        labels = [1 if row["label"] == "ng" else 0 for row in rows]
+        scores = [float(r.score) for r in results]
+        classes = [str(row["defect_class"]) for row in rows]
+        masks = [_load_mask(ctx.project_root, row, threshold=cfg.dataset.mask_threshold) for row in rows]
+        maps = [r.anomaly_map for r in results]
+        report = evaluate_scores(labels=labels, scores=scores, threshold=threshold, defect_classes=classes,
+                                 maps=maps, masks=masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
+        ok_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+        ng_scores = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+        evaluation = ModelEvaluation(
+            key=target.key, slug=target.slug, metrics=report.to_dict(),
+            scores=[{"model": target.key, "file": row["file"], "label": row["label"],
+                     "defect_class": row["defect_class"], "score": s,
+                     "decision": "ng" if s >= threshold else "ok"} for row, s in zip(rows, scores, strict=True)],
+            roc=[{"model": target.key, **p} for p in report.roc],
+            histogram=[{"model": target.key, **h}
+                       for h in score_histogram(ok_scores, ng_scores, n_bins=cfg.evaluation.histogram_bins)],
+        )
+        worst = _worst(scores, labels, threshold, cfg.evaluation.gallery_size)
+        evaluation.images = {
+            "roc": plot_roc(report.roc, images_dir / f"{target.slug}_roc.png", title=f"ROC {target.key}"),
+            "histogram": plot_score_histogram(ok_scores, ng_scores, threshold,
+                                              images_dir / f"{target.slug}_scores.png",
+                                              title=f"Scores {target.key}"),
+            "gallery": plot_gallery(
+                [images[i] for i in worst], [maps[i] for i in worst],
+                [f"{classes[i]} {Path(str(rows[i]['file'])).name}\nscore {scores[i]:.4g} "
+                 f"({'NG' if scores[i] >= threshold else 'OK'})" for i in worst],
+                images_dir / f"{target.slug}_worst.png",
+            ),
+        }
+        models.append(evaluation)
+        log.info("evaluate %s: image AUROC %s, F1 %s at threshold %.6g on %d images", target.key,
+                 report.overall["image_auroc"], report.overall["f1"], threshold, len(rows))
+    metrics: dict[str, Any] = {k: _mean([m.metrics.get(k) for m in models]) for k in SUMMARY_KEYS}
+    metrics["n_models"] = len(models)
+    metrics["models"] = {m.key: m.metrics for m in models}
+    return EvaluationOutputs(metrics=metrics, models=models)
+
+
+def write_outputs(outputs: EvaluationOutputs, *, ctx: StageContext) -> dict[str, Path]:
+    """metrics JSON, per-image scores CSV, ROC and histogram CSVs (DVC plots)."""
+    import pandas as pd
+
+    paths = ctx.cfg.paths
+    out = {"metrics": write_json(ctx.path(paths.metrics), outputs.metrics)}
+    tables = {
+        "scores": (paths.scores, [r for m in outputs.models for r in m.scores],
+                   ["model", "file", "label", "defect_class", "score", "decision"]),
+        "roc": (paths.roc, [r for m in outputs.models for r in m.roc], ["model", "fpr", "tpr", "threshold"]),
+        "score_hist": (paths.score_hist, [r for m in outputs.models for r in m.histogram],
+                       ["model", "bin_lo", "bin_hi", "bin_center", "ok", "ng"]),
+    }
+    for name, (rel, rows, columns) in tables.items():
+        path = ctx.path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+        out[name] = path
+    return out
+
+
+def execute(ctx: StageContext) -> EvaluationOutputs:
+    bars = ProgressBars(STAGE)
+    with stage_run(ctx) as run:
+        try:
+            outputs = run_evaluate(ctx, progress=bars)
+        finally:
+            bars.close()
+        files = write_outputs(outputs, ctx=ctx)
+        summary = {k: v for k, v in outputs.metrics.items() if k != "models"}
+        run.log_metrics(summary)
+        for model in outputs.models:
+            run.log_metrics({f"{model.key}/{k}": v for k, v in model.metrics.items() if k != "per_class"})
+            run.log_metrics({f"{model.key}/{cls}.{k}": v for cls, values in model.metrics["per_class"].items()
+                             for k, v in values.items()})
+            for path in model.images.values():
+                run.log_artifact(path, "plots")
+        for name in ("metrics", "scores", "roc", "score_hist"):
+            run.log_artifact(files[name], "evaluation")
+    return outputs
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with stage_errors(STAGE):
+        execute(stage_context(cfg, stage=STAGE))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,350 @@
+"""Stage 1, ingest: list and validate the dataset, split it, write the manifest and a rejection report.
+
+Sources (``dataset.kind``):
+* ``mvtec``: ``<source>[/<roi.subdir>]/train/good``, ``test/<class>``, ``ground_truth/<class>/<stem>_mask.png``
+  (``bdi.datasets.read_mvtec``);
+* ``server``: the GUI's sample folders in a ModelStore root (``bdi.datasets.DatasetStore``), ``ok``/``ng``;
+  a sample's sidecar ``mm_per_px`` / ``shape_json`` win over the dataset config.
+
+Validation (each failure rejects one file with a reason; the rest is kept): readable, decodable by
+``bdi.imaging.decode_image``, channel count in ``dataset.channels``, both sides ≥ ``dataset.min_size``,
+at most ``dataset.max_pixels``; a mask must decode and have the image's size; an exact duplicate
+(same sha256) of an earlier file of the same model is rejected (no image may be both fitted and tested).
+
+Splits, deterministic and stratified: within every (model, label, defect class) group the files are
+ordered by sha256 and dealt out in that order, so a split never depends on file names or listing order.
+``mvtec``: train/good → ``train``; each test class → ``calib`` (a ``splits.calib_fraction`` share,
+interleaved) and ``eval`` (the rest). ``server``: OK samples → ``train`` (``splits.train_fraction``), the
+remaining OK and all NG samples → ``calib`` / ``eval`` as above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines.common import (
+    MANIFEST_COLUMNS,
+    PipelineDataError,
+    StageContext,
+    Target,
+    resolve_path,
+    run_cli,
+    stage_context,
+    stage_errors,
+    stage_run,
+    targets,
+    write_json,
+)
+from pipelines.config import PipelineConfig, PipelineConfigError
+
+log = logging.getLogger("pipelines.ingest")
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file found in the source, before validation."""
+
+    path: Path
+    label: str  # ok | ng
+    defect_class: str  # good | <class> | ng (server)
+    source_split: str  # train | test (mvtec) | pool (server)
+    mask_path: Path | None
+    mm_per_px: float
+    roi_shape: str  # JSON text, "" = full image
+
+
+@dataclass
+class IngestResult:
+    rows: list[dict[str, Any]]
+    rejected: list[dict[str, str]]
+    warnings: list[str] = field(default_factory=list)
+    n_found: int = 0
+
+    def report(self, cfg: PipelineConfig) -> dict[str, Any]:
+        counts: dict[str, dict[str, dict[str, int]]] = {}
+        for row in self.rows:
+            key = f"{row['recipe']}/{row['role']}/{row['roi']}"
+            split = counts.setdefault(key, {}).setdefault(row["split"], {})
+            split[row["defect_class"]] = split.get(row["defect_class"], 0) + 1
+        return {
+            "source": cfg.dataset.source,
+            "kind": cfg.dataset.kind,
+            "n_found": self.n_found,
+            "n_kept": len(self.rows),
+            "n_rejected": len(self.rejected),
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(Counter(r["reason"].split(":")[0] for r in self.rejected)),
+            "warnings": self.warnings,
+            "counts": counts,
+        }
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+def _shape_text(shape: Any) -> str:
+    import json
+
+    from bdi.imaging import parse_shape
+
+    parsed = parse_shape(shape) if shape not in (None, "") else None
+    return json.dumps(parsed, sort_keys=True) if parsed else ""
+
+
+def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
+    from bdi.datasets import read_mvtec
+
+    tree = root / target.subdir if target.subdir else root
+    if not tree.is_dir():
+        raise PipelineConfigError(
+            f"dataset.source: folder {tree} does not exist. Fix: set dataset.source (conf/dataset/*.yaml and "
+            "params.yaml) to a folder in MVTec layout (train/good, test/<class>, ground_truth/<class>/"
+            "<stem>_mask.png), or override it: python -m pipelines.ingest dataset.source=PATH"
+        )
+    from bdi.errors import BDIError
+
+    try:
+        items = read_mvtec(tree)
+    except BDIError as exc:  # InvalidInputError: not an MVTec layout
+        raise PipelineConfigError(f"dataset.source: {exc}. Fix: point dataset.source at an MVTec-layout "
+                                  "folder (train/good, test/<class>) or set dataset.kind") from exc
+    shape = _shape_text(target.roi_shape)
+    return [
+        Candidate(path=it.path, label=it.label, defect_class=it.defect_class, source_split=it.split,
+                  mask_path=it.mask_path, mm_per_px=target.mm_per_px, roi_shape=shape)
+        for it in items
+    ]
+
+
+def _server_candidates(root: Path, target: Target) -> list[Candidate]:
+    from bdi.datasets import DatasetRef, DatasetStore
+
+    if not root.is_dir():
+        raise PipelineConfigError(
+            f"dataset.source: folder {root} does not exist. Fix: set dataset.source to the server's models "
+            "dir (BDI_MODELS_DIR) or override it: python -m pipelines.ingest dataset=server dataset.source=PATH"
+        )
+    store = DatasetStore(root)
+    ref = DatasetRef(recipe_id=target.ref.recipe_id, role_id=target.ref.role_id, roi_id=target.ref.roi_id)
+    out: list[Candidate] = []
+    for label in ("ok", "ng"):
+        for sample in store.samples(ref, label):
+            meta = sample.meta
+            mm = meta.get("mm_per_px", target.mm_per_px)
+            try:
+                mm = float(mm)
+            except (TypeError, ValueError):
+                mm = float("nan")
+            shape = meta.get("shape_json") if meta.get("shape_json") not in (None, "") else target.roi_shape
+            out.append(Candidate(path=sample.path, label=label, defect_class="good" if label == "ok" else "ng",
+                                 source_split="pool", mask_path=None, mm_per_px=mm,
+                                 roi_shape=_shape_text(shape)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _channels(data: bytes) -> int | None:
+    import cv2
+    import numpy as np
+
+    raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        return None
+    return 1 if raw.ndim == 2 else int(raw.shape[2])
+
+
+def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """``(facts, None)`` for a usable file (width, height, sha256) or ``(None, reason)``."""
+    import cv2
+    import numpy as np
+
+    from bdi.errors import BDIError
+    from bdi.imaging import decode_image
+
+    ds = cfg.dataset
+    try:
+        data = cand.path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    try:
+        image = decode_image(data, max_pixels=ds.max_pixels, name=cand.path.name)
+    except BDIError as exc:
+        return None, f"corrupt image: cannot be decoded ({exc})"
+    channels = _channels(data)
+    if channels is not None and channels not in ds.channels:
+        return None, f"channels: {channels} channels, dataset.channels allows {list(ds.channels)}"
+    height, width = image.shape[:2]
+    if min(height, width) < ds.min_size:
+        return None, f"too small: {width}x{height} px, dataset.min_size is {ds.min_size}"
+    if not (math.isfinite(cand.mm_per_px) and cand.mm_per_px > 0):
+        return None, f"bad mm_per_px: {cand.mm_per_px!r} (must be a finite number > 0)"
+    if cand.mask_path is not None:
+        try:
+            mask_bytes = cand.mask_path.read_bytes()
+        except OSError as exc:
+            return None, f"mask unreadable: {cand.mask_path}: {exc.strerror or exc}"
+        mask = cv2.imdecode(np.frombuffer(mask_bytes, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            return None, f"corrupt mask: {cand.mask_path} cannot be decoded"
+        if mask.shape[:2] != (height, width):
+            return None, (f"image/mask size mismatch: image is {width}x{height} px, mask {cand.mask_path.name} "
+                          f"is {mask.shape[1]}x{mask.shape[0]} px")
+    return {"width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}, None
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def deal(n: int, fraction: float) -> list[bool]:
+    """Which of ``n`` ordered items go to the first part: ``ceil(n·fraction)`` of them, evenly interleaved.
+
+    Item ``i`` is taken when ``ceil((i+1)·f) > ceil(i·f)``: for f = 0.5 that is items 0, 2, 4, …
+    """
+    return [math.ceil((i + 1) * fraction - 1e-9) > math.ceil(i * fraction - 1e-9) for i in range(n)]
+
+
+def assign_splits(kept: Sequence[tuple[Candidate, dict[str, Any]]], *, cfg: PipelineConfig) -> list[str]:
+    """The split of every kept file (see the module docstring), aligned with ``kept``."""
+    splits: list[str] = [""] * len(kept)
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, (cand, _facts) in enumerate(kept):
+        if cand.source_split == "train":
+            splits[i] = "train"
+        else:
+            groups[(cand.source_split, cand.label, cand.defect_class)].append(i)
+    for (source_split, label, _cls), members in sorted(groups.items()):
+        members.sort(key=lambda i: (kept[i][1]["sha256"], str(kept[i][0].path)))
+        if source_split == "pool" and label == "ok":
+            to_train = deal(len(members), cfg.dataset.splits.train_fraction)
+            rest = [i for i, t in zip(members, to_train, strict=True) if not t]
+            for i, t in zip(members, to_train, strict=True):
+                if t:
+                    splits[i] = "train"
+            members = rest
+        for i, to_calib in zip(members, deal(len(members), cfg.dataset.splits.calib_fraction), strict=True):
+            splits[i] = "calib" if to_calib else "eval"
+    return splits
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when possible (``../`` allowed), POSIX separators."""
+    try:
+        return Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return path.as_posix()
+
+
+def check_source(cfg: PipelineConfig, *, root: Path) -> Path:
+    """The dataset folder; a missing one is a ``PipelineConfigError`` saying which key to fix."""
+    source = resolve_path(root, cfg.dataset.source)
+    if not source.is_dir():
+        raise PipelineConfigError(
+            f"dataset.source: '{cfg.dataset.source}' does not exist or is not a folder (resolved to {source}). "
+            f"Fix: set dataset.source in conf/dataset/{cfg.dataset.name}.yaml (then regenerate params.yaml: "
+            "python -m pipelines.config --write params.yaml), or override it: "
+            "python -m pipelines.ingest dataset.source=PATH"
+        )
+    return source
+
+
+def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) -> IngestResult:
+    """List, validate and split every model's files; the rows follow ``MANIFEST_COLUMNS``."""
+    from tqdm import tqdm
+
+    source = check_source(cfg, root=root)
+    result = IngestResult(rows=[], rejected=[])
+    for target in targets(cfg):
+        listing = _mvtec_candidates if cfg.dataset.kind == "mvtec" else _server_candidates
+        candidates = listing(source, target)
+        result.n_found += len(candidates)
+        kept: list[tuple[Candidate, dict[str, Any]]] = []
+        seen: dict[str, Path] = {}
+        bar: Iterable[Candidate] = tqdm(candidates, desc=f"ingest {target.key}", unit="img",
+                                        disable=not show_progress)
+        for cand in bar:
+            facts, reason = validate_candidate(cand, cfg=cfg)
+            if facts is not None and facts["sha256"] in seen:
+                facts, reason = None, f"duplicate: same bytes as {_rel(seen[facts['sha256']], root)}"
+            if facts is None:
+                result.rejected.append({"file": _rel(cand.path, root), "role": target.ref.role_id,
+                                        "roi": target.ref.roi_id, "reason": str(reason)})
+                log.warning("rejected %s: %s", cand.path, reason)
+                continue
+            seen[facts["sha256"]] = cand.path
+            if cand.label == "ng" and cand.mask_path is None and cfg.dataset.kind == "mvtec":
+                result.warnings.append(f"{_rel(cand.path, root)}: no ground-truth mask (left out of pixel metrics)")
+            kept.append((cand, facts))
+        splits = assign_splits(kept, cfg=cfg)
+        if "train" not in splits:
+            raise PipelineDataError(
+                f"no usable training (OK) image for {target.key} in {source}: check dataset.source, "
+                f"dataset.rois and the rejections ({len(result.rejected)} so far)"
+            )
+        for (cand, facts), split in zip(kept, splits, strict=True):
+            result.rows.append({
+                "file": _rel(cand.path, root), "recipe": target.ref.recipe_id, "role": target.ref.role_id,
+                "roi": target.ref.roi_id, "model_key": target.ref.model_key, "split": split,
+                "label": cand.label, "defect_class": cand.defect_class,
+                "mask": _rel(cand.mask_path, root) if cand.mask_path is not None else "",
+                "mm_per_px": cand.mm_per_px, "roi_shape": cand.roi_shape, "width": facts["width"],
+                "height": facts["height"], "sha256": facts["sha256"],
+            })
+    order = {name: i for i, name in enumerate(("train", "calib", "eval"))}
+    result.rows.sort(key=lambda r: (r["recipe"], r["role"], r["roi"], order[r["split"]], r["defect_class"],
+                                    r["file"]))
+    return result
+
+
+def write_outputs(result: IngestResult, *, cfg: PipelineConfig, root: Path) -> tuple[Path, Path]:
+    """Write the manifest CSV (pandas) and ``ingest_report.json``."""
+    import pandas as pd
+
+    manifest = resolve_path(root, cfg.paths.manifest)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS)).to_csv(manifest, index=False)
+    report = write_json(resolve_path(root, cfg.paths.ingest_report), result.report(cfg))
+    return manifest, report
+
+
+def execute(ctx: StageContext) -> IngestResult:
+    check_source(ctx.cfg, root=ctx.project_root)  # fail before an MLflow run is opened
+    with stage_run(ctx) as run:
+        result = run_ingest(ctx.cfg, root=ctx.project_root, show_progress=True)
+        manifest, report = write_outputs(result, cfg=ctx.cfg, root=ctx.project_root)
+        splits = Counter(r["split"] for r in result.rows)
+        run.log_metrics({"n_found": result.n_found, "n_kept": len(result.rows), "n_rejected": len(result.rejected),
+                         **{f"n_{k}": v for k, v in splits.items()}})
+        run.log_artifact(manifest, "ingest")
+        run.log_artifact(report, "ingest")
+    for item in result.rejected:
+        log.info("rejected %s: %s", item["file"], item["reason"])
+    log.info("ingest: kept %d of %d files (%s), rejected %d -> %s", len(result.rows), result.n_found,
+             dict(splits), len(result.rejected), ctx.cfg.paths.ingest_report)
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with stage_errors(STAGE):
+        execute(stage_context(cfg, stage=STAGE))
+
+
+if __name__ == "__main__":
+    run_cli(main)

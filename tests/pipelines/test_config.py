@@ -1,0 +1,139 @@
+"""conf/ + pipelines.config: overrides compose, typos fail clearly, keys map 1:1 to bdi's dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from bdi.config import CalibrationConfig, FeatureConfig, MemoryConfig, ScoringConfig
+from bdi.tracking import TrackingConfig
+from pipelines.config import (
+    CALIBRATION_OWNED_SCORING_FIELDS,
+    CalibrationSchema,
+    ModelSchema,
+    PipelineConfigError,
+    TrackingSchema,
+    compose_config,
+    model_config,
+    override_hint,
+    to_plain,
+    to_settings,
+    validate,
+)
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_override_coreset_rate_composes() -> None:
+    cfg = validate(to_plain(compose_config(["model.coreset_rate=0.05"])))
+    assert cfg.model.coreset_rate == pytest.approx(0.05)
+    assert model_config(cfg).memory.coreset_rate == pytest.approx(0.05)
+
+
+def test_group_override_selects_tiny_model() -> None:
+    cfg = validate(to_plain(compose_config(["model=tiny"])))
+    features = model_config(cfg).features
+    assert (features.weights, features.input_size, features.depth, features.blocks) == ("random", 112, 4, (1, 2, 3))
+
+
+def test_misspelt_key_is_a_composition_error() -> None:
+    with pytest.raises(ConfigCompositionException, match="coreset_rat"):
+        compose_config(["model.coreset_rat=0.1"])
+
+
+def test_misspelt_key_hint_suggests_the_real_key() -> None:
+    hint = override_hint(["model.coreset_rat=0.1", "dataset=synthetic", "model.coreset_rate=0.2"])
+    assert "Unknown config key 'model.coreset_rat'" in hint
+    assert "'model.coreset_rate'" in hint
+    assert hint.count("Unknown") == 1
+
+
+def test_wrong_type_is_a_composition_error() -> None:
+    with pytest.raises(ConfigCompositionException, match="coreset_rate"):
+        compose_config(["model.coreset_rate=lots"])
+
+
+def test_unknown_key_in_params_is_rejected() -> None:
+    data = to_plain(compose_config())
+    data["model"]["coreset_rat"] = 0.1
+    with pytest.raises(PipelineConfigError, match="coreset_rat"):
+        validate(data, source="params.yaml")
+
+
+def test_invalid_value_names_the_key() -> None:
+    data = to_plain(compose_config(["model.coreset_rate=1.5"]))
+    with pytest.raises(PipelineConfigError, match="coreset_rate"):
+        model_config(validate(data))
+
+
+def test_model_keys_map_one_to_one_to_bdi_dataclasses() -> None:
+    bdi_fields = _names(FeatureConfig) | _names(MemoryConfig) | _names(ScoringConfig)
+    assert _names(ModelSchema) == bdi_fields - set(CALIBRATION_OWNED_SCORING_FIELDS)
+    assert set(CALIBRATION_OWNED_SCORING_FIELDS) <= _names(CalibrationSchema)
+    assert _names(CalibrationConfig) <= _names(CalibrationSchema)
+
+
+def test_schema_defaults_equal_bdi_defaults() -> None:
+    cfg = validate(to_plain(compose_config()))
+    schema_default = validate({"dataset": {"name": "x", "source": "x"}})
+    got = model_config(schema_default)
+    assert got.features == FeatureConfig()
+    assert got.memory == MemoryConfig()
+    assert got.scoring == ScoringConfig()
+    assert cfg.calibration.ng_percentile == CalibrationConfig().ng_percentile
+
+
+def test_tracking_keys_match_tracking_config() -> None:
+    assert _names(TrackingSchema) == _names(TrackingConfig)
+    schema = TrackingSchema()
+    assert all(getattr(schema, n) == getattr(TrackingConfig(), n) for n in _names(TrackingConfig))
+
+
+def test_settings_reproduce_the_model_config(tmp_path: Path) -> None:
+    cfg = validate(to_plain(compose_config(["model=tiny", "model.coreset_rate=0.05"])))
+    settings = to_settings(cfg, models_dir=tmp_path)
+    assert settings.to_model_config() == model_config(cfg)
+    assert settings.models_dir == tmp_path
+
+
+def test_settings_refuse_a_field_they_cannot_carry(tmp_path: Path) -> None:
+    cfg = validate(to_plain(compose_config(["model=tiny", "model.remove_letterbox=false"])))
+    with pytest.raises(PipelineConfigError, match="model.remove_letterbox"):
+        to_settings(cfg, models_dir=tmp_path)
+
+
+def test_fractional_score_percentile_is_refused() -> None:
+    with pytest.raises(PipelineConfigError, match="calibration.score_percentile"):
+        validate(to_plain(compose_config(["calibration.score_percentile=99.5"])))
+
+
+def test_hydra_writes_no_output_folders() -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.run.dir == "."
+    assert cfg.hydra.output_subdir is None
+    assert "file" not in cfg.hydra.job_logging.handlers
+
+
+def test_cli_typo_exits_non_zero_with_hint(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.fit_ok", "model.coreset_rat=0.1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "Could not override 'model.coreset_rat'" in out.stderr
+    assert "Did you mean 'model.coreset_rate'" in out.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,255 @@
+"""End to end: ``dvc repro`` in a fresh git+DVC repo on a tiny synthetic set, registry → sync → server.
+
+One module-scoped project runs the pipeline once; the tests then check what it produced, that a second
+``dvc repro`` runs nothing, and (last) that changing ``model.coreset_rate`` re-runs fit_ok and what follows
+only. The project copies this repository's dvc.yaml, conf/, pipelines/ and src/bdi (a dependency that
+DVC hashes; the code imported is the installed ``bdi``), switches conf/'s defaults to
+``dataset=synthetic`` and ``model=tiny`` and regenerates params.yaml from them, as a developer would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from bdi.synthetic import write_mvtec_dataset
+from tests.conftest import TINY_ENV
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+STAGES = ("ingest", "fit_ok", "calibrate", "evaluate", "register")
+DVC_TIMEOUT_S = 420
+MM_PER_PX = 0.2
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]
+    first_run: str
+
+    def run(self, *args: str, timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0, f"{args} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+        return out
+
+    def dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(str(VENV_BIN / "dvc"), *args)
+
+    @property
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))
+
+    def path(self, key: str) -> Path:
+        return self.root / self.params["paths"][key]
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "BDI_", "BRAKEDISC_", "MLFLOW_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "bdi-test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "bdi-test@example.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "bdi-test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "bdi-test@example.invalid")
+    return env
+
+
+def _regenerate_params(project: Project) -> None:
+    project.run(sys.executable, "-m", "pipelines.config", "--write", "params.yaml")
+    project.run(sys.executable, "-m", "pipelines.config", "--check", "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("dvc-project")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("conf", "pipelines"):
+        shutil.copytree(PROJECT / name, root / name, ignore=ignore)
+    shutil.copytree(PROJECT / "src" / "bdi", root / "src" / "bdi", ignore=ignore)
+    shutil.copy2(PROJECT / "dvc.yaml", root / "dvc.yaml")
+    config = root / "conf" / "config.yaml"
+    text = config.read_text(encoding="utf-8")
+    text = text.replace("- dataset: magnetic_tile", "- dataset: synthetic").replace(
+        "- model: dinov2_vits14", "- model: tiny")
+    config.write_text(text, encoding="utf-8")
+    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/data/synthetic/\n", encoding="utf-8")
+    project = Project(root=root, env=_env(), first_run="")
+    _regenerate_params(project)
+    params = project.params
+    assert params["dataset"]["name"] == "synthetic" and params["model"]["weights"] == "random"
+    write_mvtec_dataset(root / params["dataset"]["source"], n_train=8, n_test_good=4, n_test_per_defect=2,
+                        size=96, seed=0)
+    project.run("git", "init", "-q")
+    project.dvc("init", "-q")
+    with (root / ".dvcignore").open("a", encoding="utf-8") as handle:
+        handle.write("__pycache__/\n*.pyc\n")
+    project.first_run = project.dvc("repro").stdout
+    yield project
+
+
+def test_first_repro_runs_every_stage(project: Project) -> None:
+    assert _ran(project.first_run) == set(STAGES)
+    assert not (project.root / "outputs").exists() and not (project.root / ".hydra").exists()
+
+
+def test_metrics_json_holds_auroc(project: Project) -> None:
+    metrics = json.loads(project.path("metrics").read_text(encoding="utf-8"))
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    model = metrics["models"]["synthetic/disc/ring"]
+    assert {"image_auroc", "pixel_auroc", "aupro", "f1", "false_reject_rate", "escape_rate"} <= set(model)
+    assert set(model["per_class"]) == {"pit", "scratch", "crack"}
+    shown = project.dvc("metrics", "show", "--json").stdout
+    assert "image_auroc" in shown
+
+
+def test_plots_and_reports_are_written(project: Project) -> None:
+    assert project.path("roc").read_text(encoding="utf-8").startswith("model,fpr,tpr,threshold")
+    assert project.path("score_hist").is_file()
+    names = sorted(p.name for p in project.path("images_dir").glob("*.png"))
+    assert names == ["synthetic__disc__ring_roc.png", "synthetic__disc__ring_scores.png",
+                     "synthetic__disc__ring_worst.png"]
+    report = json.loads(project.path("ingest_report").read_text(encoding="utf-8"))
+    assert report["n_rejected"] == 0 and report["n_kept"] == 8 + 4 + 3 * 2
+
+
+def test_stage_runs_are_logged_to_mlflow(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    experiment = client.get_experiment_by_name("bdi")
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    assert set(STAGES) <= set(by_stage)
+    fit = by_stage["fit_ok"]
+    assert fit.data.params["model.coreset_rate"] == "0.1"
+    assert fit.data.tags["config_source"] == "params.yaml" and fit.data.tags["dvc_stage"] == "fit_ok"
+    assert "image_auroc" in by_stage["evaluate"].data.metrics
+
+
+def test_model_version_is_registered_with_alias(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
+    record = registration["models"][0]
+    client = MlflowClient(tracking_uri=project.tracking_uri, registry_uri=project.tracking_uri)
+    version = client.get_model_version_by_alias(record["name"], "champion")
+    assert int(version.version) == record["version"]
+
+
+def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_path: Path) -> None:
+    from bdi.store import ModelRef, ModelStore
+
+    models = tmp_path / "models"
+    project.run(str(VENV_BIN / "bdi"), "sync", "--models-dir", str(models), "--project-root", str(project.root))
+    ref = ModelRef.create(recipe_id="synthetic", role_id="disc", roi_id="ring", model_key=None)
+    store = ModelStore(models)
+    assert store.load_memory(ref) is not None
+    calib = store.load_calibration(ref)
+    registered = json.loads(project.path("registration").read_text(encoding="utf-8"))["models"][0]
+    assert calib is not None and calib["threshold"] == pytest.approx(registered["threshold"])
+
+    image = next((project.root / project.params["dataset"]["source"] / "test" / "pit").glob("*.png"))
+    with _server(models) as base_url:
+        response = httpx.post(
+            f"{base_url}/infer",
+            data={"role_id": "disc", "roi_id": "ring", "mm_per_px": str(MM_PER_PX), "recipe_id": "synthetic"},
+            files={"image": (image.name, image.read_bytes(), "image/png")},
+            timeout=60,
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["threshold"] == pytest.approx(registered["threshold"])
+
+
+def test_second_repro_runs_nothing(project: Project) -> None:
+    out = project.dvc("repro").stdout
+    assert _ran(out) == set(), out
+    assert "Data and pipelines are up to date" in out
+    status = project.dvc("status").stdout
+    assert "up to date" in status
+
+
+def test_coreset_rate_change_reruns_fit_and_downstream_only(project: Project) -> None:
+    tiny = project.root / "conf" / "model" / "tiny.yaml"
+    text = tiny.read_text(encoding="utf-8")
+    assert "coreset_rate: 0.1" in text
+    tiny.write_text(text.replace("coreset_rate: 0.1", "coreset_rate: 0.05"), encoding="utf-8")
+    _regenerate_params(project)
+    assert project.params["model"]["coreset_rate"] == 0.05
+    out = project.dvc("repro").stdout
+    assert _ran(out) == {"fit_ok", "calibrate", "evaluate", "register"}, out
+    assert "Stage 'ingest' didn't change" in out
+    registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
+    assert registration["models"][0]["version"] == 2
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _server:
+    """``uvicorn serving.app:app`` on a free loopback port, serving ``models_dir`` with the tiny model."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> str:
+        env = {**_env(), **TINY_ENV, "BDI_MODELS_DIR": str(self.models_dir),
+               "BDI_WEIGHTS_CACHE_DIR": str(self.models_dir.parent / "weights-cache")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                output = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{output[-4000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("server did not answer /health within 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)

@@ -1,0 +1,163 @@
+"""Ingest: bad files are rejected with a reason and the rest kept; splits are deterministic; bad paths fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from bdi.synthetic import write_mvtec_dataset
+from pipelines.common import MANIFEST_COLUMNS
+from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
+from pipelines.ingest import deal, run_ingest, write_outputs
+from tests.helpers.synthetic import disc_png
+
+N_TRAIN, N_GOOD, N_PER_DEFECT = 6, 4, 2
+N_FILES = N_TRAIN + N_GOOD + 3 * N_PER_DEFECT
+
+
+def _cfg(source: Path | str, *extra: str) -> PipelineConfig:
+    overrides = ["dataset=synthetic", f"dataset.source={source}", "tracking.enabled=false", *extra]
+    return validate(to_plain(compose_config(overrides)))
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> Path:
+    return write_mvtec_dataset(tmp_path / "mvtec", n_train=N_TRAIN, n_test_good=N_GOOD,
+                               n_test_per_defect=N_PER_DEFECT, size=64, seed=3)
+
+
+def _by_reason(result: object, word: str) -> list[dict[str, str]]:
+    return [r for r in result.rejected if word in r["reason"]]  # type: ignore[attr-defined]
+
+
+def test_ingest_keeps_every_valid_file_and_splits_them(dataset: Path, tmp_path: Path) -> None:
+    result = run_ingest(_cfg(dataset), root=tmp_path)
+    assert result.rejected == []
+    assert len(result.rows) == N_FILES
+    splits = Counter(r["split"] for r in result.rows)
+    assert splits == {"train": N_TRAIN, "calib": N_GOOD // 2 + 3, "eval": N_GOOD // 2 + 3}
+    for cls in ("pit", "scratch", "crack"):  # stratified: every class in both halves
+        assert {r["split"] for r in result.rows if r["defect_class"] == cls} == {"calib", "eval"}
+    ng = [r for r in result.rows if r["label"] == "ng"]
+    assert all(r["mask"].endswith("_mask.png") for r in ng)
+    assert all(r["mm_per_px"] == pytest.approx(0.2) for r in result.rows)
+
+
+def test_ingest_rejects_a_corrupt_image_and_keeps_the_rest(dataset: Path, tmp_path: Path) -> None:
+    (dataset / "test" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    result = run_ingest(_cfg(dataset), root=tmp_path)
+    bad = _by_reason(result, "corrupt image")
+    assert [Path(r["file"]).name for r in bad] == ["001.png"]
+    assert "cannot be decoded" in bad[0]["reason"]
+    assert len(result.rows) == N_FILES - 1
+    assert not any(r["file"].endswith("test/good/001.png") for r in result.rows)
+
+
+def test_ingest_rejects_an_image_mask_size_mismatch(dataset: Path, tmp_path: Path) -> None:
+    mask_path = dataset / "ground_truth" / "pit" / "000_mask.png"
+    cv2.imwrite(str(mask_path), np.zeros((40, 48), dtype=np.uint8))
+    result = run_ingest(_cfg(dataset), root=tmp_path)
+    bad = _by_reason(result, "size mismatch")
+    assert len(bad) == 1 and bad[0]["file"].endswith("test/pit/000.png")
+    assert "image is 64x64 px" in bad[0]["reason"] and "48x40 px" in bad[0]["reason"]
+    assert len(result.rows) == N_FILES - 1
+
+
+def test_ingest_rejects_small_images_and_duplicates(dataset: Path, tmp_path: Path) -> None:
+    cv2.imwrite(str(dataset / "test" / "good" / "002.png"), np.zeros((16, 16, 3), dtype=np.uint8))
+    (dataset / "test" / "good" / "003.png").write_bytes((dataset / "train" / "good" / "000.png").read_bytes())
+    result = run_ingest(_cfg(dataset), root=tmp_path)
+    assert [Path(r["file"]).name for r in _by_reason(result, "too small")] == ["002.png"]
+    dup = _by_reason(result, "duplicate")
+    assert len(dup) == 1 and "train/good/000.png" in dup[0]["reason"]
+
+
+def test_ingest_writes_manifest_and_report(dataset: Path, tmp_path: Path) -> None:
+    (dataset / "test" / "good" / "001.png").write_bytes(b"garbage")
+    cfg = _cfg(dataset)
+    result = run_ingest(cfg, root=tmp_path)
+    manifest, report = write_outputs(result, cfg=cfg, root=tmp_path)
+    frame = pd.read_csv(manifest, keep_default_na=False)
+    assert tuple(frame.columns) == MANIFEST_COLUMNS
+    assert len(frame) == N_FILES - 1
+    assert frame["sha256"].str.len().eq(64).all()
+    body = json.loads(report.read_text())
+    assert body["n_rejected"] == 1 and body["n_kept"] == N_FILES - 1
+    assert "corrupt image" in body["rejected"][0]["reason"]
+
+
+def test_manifest_paths_are_relative_to_the_project_root(dataset: Path, tmp_path: Path) -> None:
+    result = run_ingest(_cfg("mvtec"), root=tmp_path)
+    assert result.rows[0]["file"].startswith("mvtec/train/good/")
+
+
+def test_splits_do_not_depend_on_file_names(dataset: Path, tmp_path: Path) -> None:
+    before = {r["sha256"]: r["split"] for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
+    for path in sorted((dataset / "test" / "good").glob("*.png")):
+        path.rename(path.with_name(f"renamed_{path.name}"))
+    after = {r["sha256"]: r["split"] for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
+    assert before == after
+
+
+def test_deal_interleaves_the_requested_share() -> None:
+    assert deal(5, 0.5) == [True, False, True, False, True]
+    assert sum(deal(10, 0.3)) == 3
+    assert deal(0, 0.5) == []
+
+
+def test_missing_dataset_path_names_the_key_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(PipelineConfigError, match="dataset.source") as info:
+        run_ingest(_cfg(tmp_path / "nowhere"), root=tmp_path)
+    assert "does not exist" in str(info.value) and "python -m pipelines.ingest dataset.source=" in str(info.value)
+
+
+def test_folder_without_mvtec_layout_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(PipelineConfigError, match="dataset.source"):
+        run_ingest(_cfg(tmp_path / "flat"), root=tmp_path)
+
+
+def test_cli_bad_dataset_path_exits_non_zero_with_clear_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.ingest", "dataset=synthetic", f"dataset.source={tmp_path / 'nowhere'}",
+         "tracking.enabled=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "error: ingest: dataset.source" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
+    from bdi.datasets import DatasetRef, DatasetStore, UploadItem
+
+    models = tmp_path / "models"
+    store = DatasetStore(models)
+    ref = DatasetRef(recipe_id="default", role_id="disc", roi_id="ring")
+    store.save(ref, "ok", [UploadItem(data=disc_png(seed=i, size=64), client_filename=f"ok{i}.png",
+                                      meta={"mm_per_px": 0.25}) for i in range(6)])
+    store.save(ref, "ng", [UploadItem(data=disc_png(seed=10 + i, size=64, defect="pit"),
+                                      client_filename=f"ng{i}.png", meta={}) for i in range(2)])
+    cfg = validate(to_plain(compose_config([
+        "dataset=server", f"dataset.source={models}", "tracking.enabled=false",
+        "dataset.rois=[{role: disc, roi: ring}]",
+    ])))
+    result = run_ingest(cfg, root=tmp_path)
+    assert result.rejected == []
+    splits = Counter((r["label"], r["split"]) for r in result.rows)
+    assert splits == {("ok", "train"): 3, ("ok", "calib"): 2, ("ok", "eval"): 1, ("ng", "calib"): 1,
+                      ("ng", "eval"): 1}
+    assert {r["mm_per_px"] for r in result.rows if r["label"] == "ok"} == {0.25}
+    assert {r["mm_per_px"] for r in result.rows if r["label"] == "ng"} == {0.2}  # the dataset default
+

@@ -1,0 +1,269 @@
+"""End to end: a real ``uvicorn serving.app:app --workers 2`` on loopback, driven like the GUI.
+
+Two worker processes each build their own service; a fit written by one must be used by the other
+(the store's caches are keyed by file identity, disk is the truth).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TINY_ENV
+from tests.helpers.synthetic import disc_png
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ROLE, ROI = "Inspection", "inspection-1"
+MM = 0.2
+ANNULUS = {"kind": "annulus", "cx": 48, "cy": 48, "r": 44, "r_inner": 12}
+STARTUP_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    log_file: Path
+    output: Path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()  # uvicorn's parent stops its workers on SIGTERM
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own session only (start_new_session=True)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BDI_", "BRAKEDISC_"))}
+    env.update(TINY_ENV)
+    env.update(
+        BDI_MODELS_DIR=str(tmp / "models"),
+        BDI_GUI_LOG_DIR=str(tmp / "logs"),
+        BDI_WEIGHTS_CACHE_DIR=str(tmp / "weights"),
+        BDI_REQUIRE_CUDA="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    )
+    output = tmp / "uvicorn.out"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", "2",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{output.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"uvicorn did not answer /health in time:\n{output.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield Server(base_url=base_url, log_file=tmp / "logs" / "backend_diagnostics.jsonl", output=output)
+    finally:
+        _stop(proc)
+
+
+def gui_client(server: Server, *, recipe: str = "DefaultLayout") -> httpx.Client:
+    """Like BackendClient: a new X-Request-Id per call and the layout name as X-Recipe-Id.
+
+    Keep-alive is off so successive calls are spread over both worker processes.
+    """
+
+    def add_ids(request: httpx.Request) -> None:
+        request.headers["X-Request-Id"] = str(uuid.uuid4())
+        request.headers["X-Recipe-Id"] = recipe
+
+    return httpx.Client(
+        base_url=server.base_url,
+        timeout=REQUEST_TIMEOUT_S,
+        headers={"Connection": "close"},
+        limits=httpx.Limits(max_keepalive_connections=0),
+        event_hooks={"request": [add_ids]},
+    )
+
+
+def served_by(server: Server, request_id: str) -> int:
+    """The pid of the worker that logged the ``http`` event of ``request_id``."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if server.log_file.is_file():
+            for line in server.log_file.read_text().splitlines():
+                event = json.loads(line)
+                if event.get("event") == "http" and event.get("request_id") == request_id:
+                    return int(event["pid"])
+        time.sleep(0.05)
+    raise AssertionError(f"no http event logged for {request_id}")
+
+
+def gui_meta(filename: str) -> str:
+    return json.dumps({
+        "role_id": ROLE, "roi_id": ROI, "label": None, "filename": filename, "angle": None,
+        "timestamp": None, "mm_per_px": MM, "shape_json": json.dumps(ANNULUS),
+        "created_at_utc": "2026-01-01T00:00:00Z", "source_path": None,
+    })
+
+
+def upload_sample(client: httpx.Client, label: str, image: bytes, name: str) -> str:
+    # The GUI sends metas as an application/json part without a file name.
+    files: list[tuple[str, Any]] = [
+        ("images", (name, image, "image/png")),
+        ("metas", (None, gui_meta(name), "application/json")),
+    ]
+    response = client.post(f"/datasets/{label}/upload", data={"role_id": ROLE, "roi_id": ROI}, files=files)
+    assert response.status_code == 200, response.text
+    (saved,) = response.json()["saved"]
+    return str(saved)
+
+
+def assert_gui_infer_types(body: dict[str, Any]) -> None:
+    assert isinstance(body["score"], float)
+    assert isinstance(body["threshold"], float)
+    assert body["decision"] in ("ok", "ng")
+    assert isinstance(body["regions"], list)
+    for region in body["regions"]:
+        for key in ("x", "y", "w", "h", "area_px", "area_mm2"):
+            assert isinstance(region[key], float)
+        assert len(region["bbox"]) == 4
+    if body["heatmap_png_base64"] is not None:
+        base64.b64decode(body["heatmap_png_base64"], validate=True)
+
+
+def test_gui_workflow_across_two_workers(server: Server) -> None:
+    ok_images = {f"sample_ok_{i}.png": disc_png(seed=i) for i in range(10)}
+    ng_images = {f"sample_ng_{i}.png": disc_png(seed=100 + i, defect="scratch") for i in range(2)}
+    ids = {"role_id": ROLE, "roi_id": ROI}
+    with gui_client(server) as client:
+        saved_ok = {upload_sample(client, "ok", data, name): data for name, data in ok_images.items()}
+        saved_ng = {upload_sample(client, "ng", data, name): data for name, data in ng_images.items()}
+
+        state = client.get("/state", params={**ids, "model_key": ROI})
+        assert state.status_code == 200
+        assert state.json()["memory_fitted"] is False and state.json()["recipe_id"] == "defaultlayout"
+
+        fit = client.post("/fit_ok", data={**ids, "mm_per_px": str(MM), "memory_fit": "false",
+                                           "model_key": ROI, "use_dataset": "true"})
+        assert fit.status_code == 200, fit.text
+        assert fit.json()["n_embeddings"] == 10 * 64 and fit.json()["token_shape"] == [8, 8]
+        fit_pid = served_by(server, fit.headers["x-request-id"])
+
+        # The other worker must see the new memory on disk.
+        other_pid_states = []
+        for _ in range(60):
+            response = client.get("/state", params={**ids, "model_key": ROI})
+            if served_by(server, response.headers["x-request-id"]) != fit_pid:
+                other_pid_states.append(response.json())
+                break
+        assert other_pid_states, "no request reached the second worker"
+        assert other_pid_states[0]["memory_fitted"] is True
+
+        calib = client.post("/calibrate_dataset", json={**ids, "default_mm_per_px": MM})
+        assert calib.status_code == 200, calib.text
+        calib_body = calib.json()
+        assert isinstance(calib_body["threshold"], float) and calib_body["threshold"] > 0
+        assert calib_body["n_ok"] == 10 and calib_body["n_ng"] == 2
+
+        shape = json.dumps(ANNULUS)
+        pids = set()
+        for image in (disc_png(seed=3), disc_png(seed=200, defect="pit"), disc_png(seed=201, defect="crack")):
+            for _ in range(2):  # twice, so both workers are likely to score with the shared model
+                response = client.post("/infer", data={**ids, "mm_per_px": str(MM), "shape": shape,
+                                                       "model_key": ROI},
+                                       files={"image": ("roi.png", image, "image/png")})
+                assert response.status_code == 200, response.text
+                assert_gui_infer_types(response.json())
+                pids.add(served_by(server, response.headers["x-request-id"]))
+
+        listing = client.get("/datasets/list", params=ids)
+        assert listing.status_code == 200
+        classes = listing.json()["classes"]
+        assert classes["ok"]["files"] == sorted(saved_ok) and classes["ng"]["count"] == 2
+        assert all(classes["ok"]["meta"].values())
+
+        name, data = next(iter(saved_ok.items()))
+        meta = client.get("/datasets/meta", params={**ids, "label": "ok", "filename": name})
+        assert meta.status_code == 200
+        assert meta.json()["filename"] == name and meta.json()["mm_per_px"] == MM
+        assert json.loads(meta.json()["shape_json"]) == ANNULUS
+
+        download = client.get("/datasets/file", params={**ids, "label": "ok", "filename": name})
+        assert download.status_code == 200 and download.content == data
+        assert download.headers["content-type"] == "image/png"
+
+        # The GUI deletes by the meta's filename, which is the stored name.
+        deleted = client.delete("/datasets/file", params={**ids, "label": "ok",
+                                                          "filename": meta.json()["filename"]})
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        ng_name = next(iter(saved_ng))
+        assert client.get("/datasets/file", params={**ids, "label": "ok", "filename": name}).status_code == 404
+
+        manifest = client.get("/manifest", params={**ids, "model_key": ROI})
+        assert manifest.status_code == 200
+        body = manifest.json()
+        assert body["memory"] is True and body["calib"]["threshold"] == calib_body["threshold"]
+        assert body["datasets"]["classes"]["ok"]["count"] == 9
+        assert ng_name in body["datasets"]["classes"]["ng"]["files"]
+
+
+def test_health_answers_while_a_fit_is_running(server: Server) -> None:
+    images = [("images", (f"{i}.png", disc_png(seed=300 + i), "image/png")) for i in range(200)]
+    outcome: dict[str, Any] = {}
+
+    def run_fit() -> None:
+        with gui_client(server, recipe="load") as client:
+            outcome["fit"] = client.post("/fit_ok", data={"role_id": "Load", "roi_id": "load-1",
+                                                          "mm_per_px": "0.3"}, files=images)
+
+    fit_thread = threading.Thread(target=run_fit, daemon=True)
+    fit_thread.start()
+    latencies_during_fit: list[float] = []
+    with gui_client(server, recipe="load") as client:
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while fit_thread.is_alive() and time.monotonic() < deadline:
+            started = time.monotonic()
+            response = client.get("/health", timeout=2.0)
+            elapsed = time.monotonic() - started
+            assert response.status_code == 200 and elapsed < 2.0
+            if fit_thread.is_alive():
+                latencies_during_fit.append(elapsed)
+            time.sleep(0.05)
+    fit_thread.join(timeout=REQUEST_TIMEOUT_S)
+    assert not fit_thread.is_alive()
+    assert outcome["fit"].status_code == 200, outcome["fit"].text
+    assert latencies_during_fit, "the fit finished before any /health call overlapped it"
