@@ -103,6 +103,11 @@ def resolve_tracking_uri(cfg: TrackingConfig, *, project_root: Path) -> tuple[st
     uri = cfg.tracking_uri.strip()
     if not uri:
         return f"sqlite:///{root / DEFAULT_DB_FILE}", artifact or (root / DEFAULT_ARTIFACT_DIR).as_uri()
+    if not artifact and uri.startswith("sqlite:///"):
+        # MLflow's own default would be ./mlruns under whatever the CWD is: keep artefacts beside the db.
+        db_path = Path(uri.removeprefix("sqlite:///"))
+        db_dir = db_path.parent if db_path.is_absolute() else (root / db_path).parent
+        artifact = (db_dir / DEFAULT_ARTIFACT_DIR).resolve().as_uri()
     return uri, artifact
 
 

@@ -221,21 +221,33 @@ class _server:
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
+        self.scratch = models_dir.parent
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.scratch / "server.log"
 
     def __enter__(self) -> str:
         env = {**_env(), **TINY_ENV, "BDI_MODELS_DIR": str(self.models_dir),
-               "BDI_WEIGHTS_CACHE_DIR": str(self.models_dir.parent / "weights-cache")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{self.port}"
+               "BDI_WEIGHTS_CACHE_DIR": str(self.scratch / "weights-cache"),
+               "BDI_GUI_LOG_DIR": str(self.scratch / "logs")}
+        with self.log.open("wb") as log:  # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen(  # cwd outside the repository: the server writes nothing there
+                [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port",
+                 str(self.port)],
+                cwd=self.scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            return self._wait_ready(f"http://127.0.0.1:{self.port}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _wait_ready(self, base: str) -> str:
+        assert self.proc is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                output = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                output = self.log.read_text(errors="replace")
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{output[-4000:]}")
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
@@ -243,10 +255,10 @@ class _server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise AssertionError("server did not answer /health within 120 s")
+        raise AssertionError(f"server did not answer /health within 120 s:\n{self.log.read_text()[-4000:]}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
