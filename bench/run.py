@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     crop = test[0][1]
     lat = {name: _median_ms(lambda s=svc: s.infer(ref=REF, mm_per_px=0.2, image=crop, include_heatmap=True),
                             args.repeats) for name, svc in (("fp32", fp32), ("bf16", bf16))}
-    diffs = [abs(a.score - b.score) for a, b in zip(fp32.score_images(ref=REF, images=[im for im, _ in test]),
-                                                     bf16.score_images(ref=REF, images=[im for im, _ in test]))]
+    crops = [im for im, _ in test]
+    pairs = zip(fp32.score_images(ref=REF, images=crops), bf16.score_images(ref=REF, images=crops), strict=True)
+    diffs = [abs(a.score - b.score) for a, b in pairs]
     print(f"\n/infer latency, 1 crop @448, median of {args.repeats}:")
     print(f"  fp32 {lat['fp32']:.0f} ms   bf16 {lat['bf16']:.0f} ms   speed-up x{lat['fp32'] / lat['bf16']:.2f}")
     print(f"  max |score_fp32 - score_bf16| over {len(diffs)} crops: {max(diffs):.5f} "

@@ -304,6 +304,7 @@ def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | N
     m = cfg.model
     values: dict[str, Any] = {
         "models_dir": Path(models_dir),
+        "backbone": m.backbone,
         "weights": m.weights,
         "device": m.device,
         "precision": m.precision,
@@ -311,6 +312,7 @@ def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | N
         "feature_blocks": tuple(m.blocks),
         "backbone_depth": m.depth,
         "weights_seed": m.seed,
+        "coreset_seed": m.seed,
         "batch_size": m.batch_size,
         "coreset_rate": m.coreset_rate,
         "coreset_projection_dim": m.projection_dim,
@@ -320,6 +322,9 @@ def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | N
         "score_percentile": float(cfg.calibration.score_percentile),
         "area_mm2_thr": float(cfg.calibration.area_mm2_thr),
         "blur_sigma": m.blur_sigma,
+        "remove_letterbox": m.remove_letterbox,
+        "calibration_ng_percentile": float(cfg.calibration.ng_percentile),
+        "calibration_overlap_factor": float(cfg.calibration.overlap_factor),
         "config_file": None,
     }
     if cfg.paths.weights_cache_dir:
@@ -335,10 +340,6 @@ def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | N
         for section in ("features", "memory", "scoring")
         for name in _differing_fields(getattr(got, section), getattr(wanted, section))
     ]
-    default_rule = CalibrationConfig()
-    for name in ("ng_percentile", "overlap_factor"):
-        if getattr(cfg.calibration, name) != getattr(default_rule, name):
-            unsupported.append(f"calibration.{name}")
     if unsupported:
         raise PipelineConfigError(
             f"{sorted(set(unsupported))} cannot reach InspectionService yet (bdi.config.Settings / "

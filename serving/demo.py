@@ -52,11 +52,11 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> tu
     print(f"fitted {fit.n_images} images: {fit.n_embeddings} patches -> coreset {fit.coreset_size}")
 
     results = service.score_images(ref=ref, images=[load(i) for i in test])
-    ok = [r.score for r, i in zip(results, test) if i.label == "ok"]
-    ng = [r.score for r, i in zip(results, test) if i.label == "ng"]
+    ok = [r.score for r, i in zip(results, test, strict=True) if i.label == "ok"]
+    ng = [r.score for r, i in zip(results, test, strict=True) if i.label == "ng"]
     calib = service.calibrate_from_scores(ref=ref, ok_scores=ok, ng_scores=ng, mm_per_px=MM_PER_PX)
     print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib['threshold']:.4f}")
-    worst_ng = max((r.score, i.path) for r, i in zip(results, test) if i.label == "ng")[1]
+    worst_ng = max((r.score, i.path) for r, i in zip(results, test, strict=True) if i.label == "ng")[1]
     return ref, worst_ng
 
 

@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     # storage and model identity
+    backbone: str = Field(DINOV2_MODEL_NAME, validation_alias=_env("BACKBONE"))
     models_dir: Path = Field(Path("models"), validation_alias=_env("MODELS_DIR"))
     weights: str = Field("official", validation_alias=_env("WEIGHTS"))
     weights_cache_dir: Path = Field(
@@ -175,10 +176,14 @@ class Settings(BaseSettings):
     # algorithm defaults (contract §5.1)
     coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
     coreset_projection_dim: int = Field(128, validation_alias=_env("CORESET_PROJECTION_DIM"))
+    coreset_seed: int = Field(0, validation_alias=_env("CORESET_SEED"))
     knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
     score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
     area_mm2_thr: float = Field(1.0, validation_alias=_env("AREA_MM2_THR"))
     blur_sigma: float = Field(1.0, validation_alias=_env("BLUR_SIGMA"))
+    remove_letterbox: bool = Field(True, validation_alias=_env("REMOVE_LETTERBOX"))
+    calibration_ng_percentile: float = Field(5.0, validation_alias=_env("CALIBRATION_NG_PERCENTILE"))
+    calibration_overlap_factor: float = Field(1.02, validation_alias=_env("CALIBRATION_OVERLAP_FACTOR"))
     min_ok_samples: int = Field(10, validation_alias=_env("MIN_OK_SAMPLES"))
     train_dataset_only: bool = Field(False, validation_alias=_env("TRAIN_DATASET_ONLY"))
     faiss_prefer_gpu: bool = Field(True, validation_alias=_env("FAISS_PREFER_GPU"))
@@ -215,7 +220,10 @@ class Settings(BaseSettings):
             return tuple(int(p) for p in parts)
         return value
 
-    @field_validator("train_dataset_only", "require_cuda", "faiss_prefer_gpu", "registry_sync_on_start", mode="before")
+    @field_validator(
+        "train_dataset_only", "require_cuda", "faiss_prefer_gpu", "registry_sync_on_start", "remove_letterbox",
+        mode="before",
+    )
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return _truthy(value)
@@ -261,6 +269,7 @@ class Settings(BaseSettings):
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(
+            backbone=self.backbone,
             weights=self.weights,
             input_size=self.input_size,
             blocks=tuple(self.feature_blocks),
@@ -274,6 +283,7 @@ class Settings(BaseSettings):
     def memory_config(self, *, coreset_rate: float | None = None) -> MemoryConfig:
         return MemoryConfig(
             coreset_rate=self.coreset_rate if coreset_rate is None else coreset_rate,
+            seed=self.coreset_seed,
             projection_dim=self.coreset_projection_dim,
             knn_index=self.knn_index,
             prefer_gpu=self.faiss_prefer_gpu,
@@ -287,6 +297,14 @@ class Settings(BaseSettings):
             score_percentile=self.score_percentile if score_percentile is None else score_percentile,
             area_mm2_thr=self.area_mm2_thr if area_mm2_thr is None else area_mm2_thr,
             blur_sigma=self.blur_sigma,
+            remove_letterbox=self.remove_letterbox,
+        )
+
+    def calibration_config(self) -> CalibrationConfig:
+        return CalibrationConfig(
+            score_percentile=self.score_percentile,
+            ng_percentile=self.calibration_ng_percentile,
+            overlap_factor=self.calibration_overlap_factor,
         )
 
     def to_model_config(self) -> ModelConfig:

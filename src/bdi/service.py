@@ -256,7 +256,9 @@ class InspectionService:
         """/calibrate_ng: threshold from client scores; returns the stored calibration."""
         percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
         area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
-        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile)
+        choice = choose_threshold(
+            ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration_config()
+        )
         memory = self._safe_memory(ref)
         calib = {
             "threshold": choice.threshold,
@@ -299,7 +301,9 @@ class InspectionService:
             raise InsufficientSamplesError("No valid OK samples for calibration.")
         if require_ng and not scores["ng"]:
             raise InsufficientSamplesError("No NG samples available for calibration.")
-        choice = choose_threshold(scores["ok"], scores["ng"], score_percentile=percentile)
+        choice = choose_threshold(
+            scores["ok"], scores["ng"], score_percentile=percentile, cfg=self.settings.calibration_config()
+        )
         calib = {
             "threshold": choice.threshold,
             "score_percentile": percentile,
@@ -551,7 +555,7 @@ class InspectionService:
         if metas and len(metas) != len(files):
             raise InvalidInputError("metas length must match images length")
         parsed = [self._parse_meta(text, index=i) for i, text in enumerate(metas)] or [{} for _ in files]
-        for (name, data), meta in zip(files, parsed):
+        for (name, data), meta in zip(files, parsed, strict=True):
             self._decode(data, name=name or "image")
             if "shape_json" in meta and meta["shape_json"] not in (None, ""):
                 parse_shape(meta["shape_json"])
@@ -559,7 +563,7 @@ class InspectionService:
             if "mm_per_px" in meta:
                 self.store.lock_mm_per_px(ref.recipe_id, validate_mm_per_px(meta["mm_per_px"]))
         items = [UploadItem(data=data, client_filename=name, meta=meta)
-                 for (name, data), meta in zip(files, parsed)]
+                 for (name, data), meta in zip(files, parsed, strict=True)]
         return self.datasets.save(ref, label, items)
 
     @staticmethod

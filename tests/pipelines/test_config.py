@@ -106,10 +106,15 @@ def test_settings_reproduce_the_model_config(tmp_path: Path) -> None:
     assert settings.models_dir == tmp_path
 
 
-def test_settings_refuse_a_field_they_cannot_carry(tmp_path: Path) -> None:
-    cfg = validate(to_plain(compose_config(["model=tiny", "model.remove_letterbox=false"])))
-    with pytest.raises(PipelineConfigError, match="model.remove_letterbox"):
-        to_settings(cfg, models_dir=tmp_path)
+def test_every_model_and_rule_key_reaches_the_service_settings(tmp_path: Path) -> None:
+    overrides = ["model=tiny", "model.remove_letterbox=false", "model.seed=7",
+                 "calibration.ng_percentile=10", "calibration.overlap_factor=1.1"]
+    settings = to_settings(validate(to_plain(compose_config(overrides))), models_dir=tmp_path)
+    model = settings.to_model_config()
+    assert model.scoring.remove_letterbox is False
+    assert (model.features.seed, model.memory.seed) == (7, 7)
+    rule = settings.calibration_config()
+    assert (rule.ng_percentile, rule.overlap_factor) == (10.0, 1.1)
 
 
 def test_fractional_score_percentile_is_refused() -> None:

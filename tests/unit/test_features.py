@@ -300,5 +300,5 @@ def test_concurrent_extraction_from_threads_matches_serial(tiny: DinoV2Features)
     serial = [tiny.extract([im]).embeddings for im in images]
     with ThreadPoolExecutor(max_workers=4) as pool:
         parallel = list(pool.map(lambda im: tiny.extract([im]).embeddings, images))
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=False):
         np.testing.assert_array_equal(a, b)
