@@ -90,6 +90,7 @@ def _task_overrides() -> tuple[str, ...]:
 
 def stage_context(hydra_cfg: DictConfig, *, stage: str) -> StageContext:
     """Resolve the config of this run (see the module docstring) and validate it."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list CPU probes
     overrides = _task_overrides()
     if os.environ.get("DVC_STAGE"):
         root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
