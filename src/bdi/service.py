@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -312,7 +312,7 @@ class InspectionService:
             "role_id": ref.role_id,
             "roi_id": ref.roi_id,
             "model_key": ref.model_key,
-            **self._calibration_extras(ref, choice, model.fingerprint or model.memory.fingerprint),
+            **self._calibration_extras(ref, choice, model.fingerprint),
         }
         self._save_calibration(ref, calib)
         return {**calib, "n_ok": choice.n_ok, "n_ng": choice.n_ng}
@@ -352,7 +352,7 @@ class InspectionService:
             crop = self._decode(image, name="image")
         model = self._require_model(ref, endpoint="/infer", require_index=True)
         calib = self.store.load_calibration(ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint or model.memory.fingerprint)
+        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         roi_shape = parse_shape(shape)
         scoring = self._calib_scoring(calib)
@@ -364,7 +364,7 @@ class InspectionService:
         if want_heatmap:
             with timer.stage("png"):
                 heatmap_png = encode_png_gray(result.heatmap_u8())
-        result = InferenceResult(**{**result.__dict__, "timings_ms": dict(timer.timings_ms)})
+        result = replace(result, timings_ms=dict(timer.timings_ms))
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         return InferOutcome(result=result, threshold=threshold, decision=decision,
@@ -383,7 +383,7 @@ class InspectionService:
         clean_labels = [parse_label(label) for label in labels]
         model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
         calib = self.store.load_calibration(ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint or model.memory.fingerprint)
+        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         scoring = self._calib_scoring(calib)
         items: list[SampleScore] = []
@@ -607,13 +607,9 @@ class InspectionService:
             if require_index and FAISS_AVAILABLE:
                 slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)
                 raise NotFittedError(endpoint, detail="index file missing")
-            model = LoadedModel(
-                memory=model.memory,
-                index=build_index(model.memory, self.settings.memory_config(), use_faiss=False),
-                memory_path=model.memory_path,
-                index_path=None,
-                fingerprint=model.fingerprint,
-            )
+            # no index file (or no faiss): search an in-memory index built from the rows
+            model = replace(model, index=build_index(model.memory, self.settings.memory_config(),
+                                                     use_faiss=FAISS_AVAILABLE))
         return model
 
     def _safe_memory(self, ref: ModelRef) -> Memory | None:

@@ -268,7 +268,7 @@ class LoadedModel:
     index: KnnIndex | None
     memory_path: Path
     index_path: Path | None
-    fingerprint: str = ""
+    fingerprint: str  # Memory.fingerprint, computed once at load
 
 
 @dataclass(frozen=True)
