@@ -28,7 +28,7 @@ async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
         "version": __version__,
         **ctx.ids(),
     }
-    if device != "cuda":
+    if not info["cuda_available"]:
         body["reason"] = "cuda_not_available"
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])

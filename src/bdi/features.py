@@ -299,10 +299,15 @@ def _resize_to_grid(model: VisionTransformer, *, input_size: int) -> None:
     model.pos_embed = torch.nn.Parameter(resampled.contiguous(), requires_grad=False)
 
 
+def cuda_available() -> bool:
+    """Whether this process can use CUDA (cheap after the first call)."""
+    return bool(torch.cuda.is_available())
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name == "cuda" and not cuda_available():
         raise ValueError("device 'cuda' was requested (BDI_DEVICE) but CUDA is not available")
     return torch.device(name)
 

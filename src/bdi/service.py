@@ -28,7 +28,7 @@ from .errors import (
     StorageError,
     UploadLimitError,
 )
-from .features import DinoV2Features
+from .features import DinoV2Features, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
@@ -138,6 +138,7 @@ class InspectionService:
         weights = self.extractor.weights
         return {
             "device": self.extractor.device,
+            "cuda_available": cuda_available(),
             "model": weights.name,
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
