@@ -83,6 +83,7 @@ class KnnIndex:
         except Exception as exc:  # transfer failures keep the CPU index (contract §8)
             log.warning("faiss.gpu.transfer_failed: %s", exc)
             return self
+        log.info("faiss.gpu.enabled: device %d", device)
         return KnnIndex(
             dim=self.dim, size=self.size, backend="faiss-gpu", _faiss_index=gpu_index, _gpu_resources=resources
         )

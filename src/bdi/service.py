@@ -123,7 +123,11 @@ class InspectionService:
     ) -> None:
         self.settings = settings
         self.extractor = extractor
-        self.store = store or ModelStore(settings.models_dir, cache_max_entries=settings.cache_max_entries)
+        self.store = store or ModelStore(
+            settings.models_dir,
+            cache_max_entries=settings.cache_max_entries,
+            faiss_gpu_device=settings.faiss_gpu_device if settings.faiss_prefer_gpu else None,
+        )
         self.datasets = datasets or DatasetStore(settings.models_dir)
         self._on_fit = on_fit
         self._on_calibrate = on_calibrate

@@ -472,8 +472,11 @@ class _LRU(Generic[K, V]):
 class ModelStore:
     """Model artefacts and recipe meta under one root directory (``BDI_MODELS_DIR``)."""
 
-    def __init__(self, root: Path, *, cache_max_entries: int = 32) -> None:
+    def __init__(self, root: Path, *, cache_max_entries: int = 32, faiss_gpu_device: int | None = None) -> None:
+        """``faiss_gpu_device``: move loaded faiss indexes to that GPU when faiss-gpu sees it (the cached
+        model then holds the GPU copy); None keeps them on the CPU."""
         self.root = Path(root)
+        self._gpu_device = faiss_gpu_device
         self._memories: _LRU[FileIdentity, tuple[Memory, dict[str, Any]]] = _LRU(cache_max_entries)
         self._models: _LRU[tuple[FileIdentity, FileIdentity | None], LoadedModel] = _LRU(cache_max_entries)
         self._calibs: _LRU[FileIdentity, dict[str, Any]] = _LRU(cache_max_entries)
@@ -618,7 +621,7 @@ class ModelStore:
             index = KnnIndex.build(memory.embeddings, factory=factory)
         except InvalidInputError:
             index = KnnIndex.build(memory.embeddings, factory="Flat")
-        model = LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None,
+        model = LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=None,
                             fingerprint=memory.fingerprint)
         self._models.put((mem_ident, idx_ident), model)
         return model
@@ -647,8 +650,12 @@ class ModelStore:
             raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
         if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
             return None, idx_ident
-        return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=idx_path,
+        return LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=idx_path,
                            fingerprint=fingerprint), idx_ident
+
+    def _place(self, index: KnnIndex) -> KnnIndex:
+        """The index on the configured GPU when possible (contract §8), else unchanged."""
+        return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
 
     # -------------------------------------------------------------- calibration
     def save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> Path:

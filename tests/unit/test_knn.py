@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bdi.errors import InvalidInputError
-from bdi.knn import KnnIndex
+from bdi.knn import KnnIndex, faiss_gpu_count
 
 
 def _rows(n: int, d: int = 24, seed: int = 0) -> np.ndarray:
@@ -57,3 +57,20 @@ def test_query_dimension_mismatch_is_rejected() -> None:
 def test_empty_bank_is_rejected() -> None:
     with pytest.raises(InvalidInputError):
         KnnIndex.build(np.empty((0, 4), dtype=np.float32))
+
+
+def test_to_gpu_without_a_gpu_keeps_the_cpu_index() -> None:
+    index = KnnIndex.build(_rows(20))
+    if faiss_gpu_count() == 0:
+        assert index.to_gpu(0) is index
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss_gpu_count() == 0, reason="needs faiss-gpu and a CUDA device")
+def test_gpu_index_agrees_with_cpu_index() -> None:
+    bank, queries = _rows(500), _rows(50, seed=3)
+    cpu = KnnIndex.build(bank)
+    gpu = cpu.to_gpu(0)
+    assert gpu.backend == "faiss-gpu"
+    np.testing.assert_array_equal(cpu.search(queries)[1], gpu.search(queries)[1])
+    assert KnnIndex.deserialize(gpu.serialize()).size == 500
