@@ -16,21 +16,18 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.common import (
+from pipelines.stage import (
     PipelineDataError,
-    ProgressBars,
     StageContext,
     build_service,
+    execute_stage,
     read_manifest,
     recipe_mm_per_px,
-    replace_dir,
     rows_for,
     run_cli,
     score_rows,
-    stage_context,
-    stage_errors,
-    stage_run,
-    staging_dir,
+    stage_run_with_progress,
+    staged_output,
     targets,
 )
 
@@ -54,10 +51,8 @@ def run_calibrate(
     fit_dir = ctx.path(cfg.paths.fit_dir)
     if not fit_dir.is_dir():
         raise PipelineDataError(f"{fit_dir} (paths.fit_dir) is missing: run the fit_ok stage first")
-    final = ctx.path(cfg.paths.model_dir)
-    staged = staging_dir(final)
     outcomes: list[CalibrationOutcome] = []
-    try:
+    with staged_output(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
         service = build_service(ctx, models_dir=staged, extractor=extractor)
         scoring = service.settings.scoring_config(score_percentile=float(cfg.calibration.score_percentile),
@@ -80,20 +75,11 @@ def run_calibrate(
             outcomes.append(CalibrationOutcome(key=target.key, calib=dict(calib), scores=scores))
             log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib["threshold"],
                      len(ok), len(ng))
-        replace_dir(staged, final)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)
     return outcomes
 
 
 def execute(ctx: StageContext) -> list[CalibrationOutcome]:
-    bars = ProgressBars(STAGE)
-    with stage_run(ctx) as run:
-        try:
-            outcomes = run_calibrate(ctx, progress=bars)
-        finally:
-            bars.close()
+    with stage_run_with_progress(ctx, run_calibrate) as (run, outcomes):
         keys = ("threshold", "false_reject_rate", "escape_rate", "ok_mean", "ng_mean", "p99_ok", "p5_ng",
                 "n_ok", "n_ng")
         for outcome in outcomes:
@@ -107,8 +93,7 @@ def execute(ctx: StageContext) -> list[CalibrationOutcome]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_errors(STAGE):
-        execute(stage_context(cfg, stage=STAGE))
+    execute_stage(cfg, stage=STAGE, execute=execute)
 
 
 if __name__ == "__main__":

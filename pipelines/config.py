@@ -39,6 +39,7 @@ from bdi.config import (
     ScoringConfig,
     Settings,
 )
+from bdi.tracking import TrackingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -128,14 +129,15 @@ class CalibrationSchema:
 
 @dataclass
 class TrackingSchema:
-    """``bdi.tracking.TrackingConfig``. Empty tracking_uri = ``sqlite:///<project>/mlflow.db``."""
+    """``bdi.tracking.TrackingConfig`` (same fields, same defaults; its checks run in ``tracking_config``).
+    Empty tracking_uri = ``sqlite:///<project>/mlflow.db``."""
 
-    tracking_uri: str = ""
-    artifact_location: str = ""
-    experiment: str = "bdi"
-    registered_model_prefix: str = "bdi"
-    alias: str = "champion"
-    enabled: bool = True
+    tracking_uri: str = TrackingConfig.tracking_uri
+    artifact_location: str = TrackingConfig.artifact_location
+    experiment: str = TrackingConfig.experiment
+    registered_model_prefix: str = TrackingConfig.registered_model_prefix
+    alias: str = TrackingConfig.alias
+    enabled: bool = TrackingConfig.enabled
 
 
 @dataclass
@@ -285,10 +287,8 @@ def model_config(cfg: PipelineConfig) -> ModelConfig:
         raise PipelineConfigError(f"model/calibration config rejected by bdi.config: {exc}") from exc
 
 
-def tracking_config(cfg: PipelineConfig) -> Any:
-    """``bdi.tracking.TrackingConfig`` with the same field values (imported lazily: MLflow is heavy)."""
-    from bdi.tracking import TrackingConfig
-
+def tracking_config(cfg: PipelineConfig) -> TrackingConfig:
+    """``bdi.tracking.TrackingConfig`` with the same field values."""
     t = cfg.tracking
     return TrackingConfig(**{f.name: getattr(t, f.name) for f in fields(TrackingSchema)})
 

@@ -20,19 +20,17 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.common import (
+from pipelines.stage import (
     PipelineDataError,
-    ProgressBars,
     StageContext,
     build_service,
+    execute_stage,
     read_manifest,
     resolve_path,
     rows_for,
     run_cli,
     score_rows,
-    stage_context,
-    stage_errors,
-    stage_run,
+    stage_run_with_progress,
     targets,
     write_json,
 )
@@ -183,12 +181,7 @@ def write_outputs(outputs: EvaluationOutputs, *, ctx: StageContext) -> dict[str,
 
 
 def execute(ctx: StageContext) -> EvaluationOutputs:
-    bars = ProgressBars(STAGE)
-    with stage_run(ctx) as run:
-        try:
-            outputs = run_evaluate(ctx, progress=bars)
-        finally:
-            bars.close()
+    with stage_run_with_progress(ctx, run_evaluate) as (run, outputs):
         files = write_outputs(outputs, ctx=ctx)
         summary = {k: v for k, v in outputs.metrics.items() if k != "models"}
         run.log_metrics(summary)
@@ -205,8 +198,7 @@ def execute(ctx: StageContext) -> EvaluationOutputs:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_errors(STAGE):
-        execute(stage_context(cfg, stage=STAGE))
+    execute_stage(cfg, stage=STAGE, execute=execute)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Calls ``InspectionService.fit_images`` (the code path of ``/fit_ok``) into a fre
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,18 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.common import (
+from pipelines.stage import (
     PipelineDataError,
-    ProgressBars,
     StageContext,
     build_service,
+    execute_stage,
     load_image,
     read_manifest,
     recipe_mm_per_px,
-    replace_dir,
     rows_for,
     run_cli,
-    stage_context,
-    stage_errors,
-    stage_run,
-    staging_dir,
+    stage_run_with_progress,
+    staged_output,
     targets,
     write_json,
 )
@@ -53,10 +49,8 @@ class FitOutcome:
 def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None) -> list[FitOutcome]:
     """Fit every target into a staging folder, then replace ``paths.fit_dir`` with it."""
     manifest = read_manifest(ctx.path(ctx.cfg.paths.manifest))
-    final = ctx.path(ctx.cfg.paths.fit_dir)
-    staged = staging_dir(final)
     outcomes: list[FitOutcome] = []
-    try:
+    with staged_output(ctx.path(ctx.cfg.paths.fit_dir)) as staged:
         service = build_service(ctx, models_dir=staged, extractor=extractor)
         for target in targets(ctx.cfg):
             rows = rows_for(manifest, target, "train")
@@ -74,20 +68,11 @@ def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any
                      result.n_embeddings, result.coreset_size)
         write_json(staged / SUMMARY_FILE, {"models": [asdict(o) for o in outcomes],
                                            "features": service.extractor.describe()})
-        replace_dir(staged, final)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)
     return outcomes
 
 
 def execute(ctx: StageContext) -> list[FitOutcome]:
-    bars = ProgressBars(STAGE)
-    with stage_run(ctx) as run:
-        try:
-            outcomes = run_fit_ok(ctx, progress=bars)
-        finally:
-            bars.close()
+    with stage_run_with_progress(ctx, run_fit_ok) as (run, outcomes):
         for outcome in outcomes:
             prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
             run.log_metrics({f"{prefix}n_images": outcome.n_images, f"{prefix}n_embeddings": outcome.n_embeddings,
@@ -101,8 +86,7 @@ def execute(ctx: StageContext) -> list[FitOutcome]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_errors(STAGE):
-        execute(stage_context(cfg, stage=STAGE))
+    execute_stage(cfg, stage=STAGE, execute=execute)
 
 
 if __name__ == "__main__":

@@ -33,20 +33,19 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.common import (
+from pipelines.config import PipelineConfig, PipelineConfigError
+from pipelines.stage import (
     MANIFEST_COLUMNS,
     PipelineDataError,
     StageContext,
     Target,
+    execute_stage,
     resolve_path,
     run_cli,
-    stage_context,
-    stage_errors,
     stage_run,
     targets,
     write_json,
 )
-from pipelines.config import PipelineConfig, PipelineConfigError
 
 log = logging.getLogger("pipelines.ingest")
 STAGE = "ingest"
@@ -342,8 +341,7 @@ def execute(ctx: StageContext) -> IngestResult:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_errors(STAGE):
-        execute(stage_context(cfg, stage=STAGE))
+    execute_stage(cfg, stage=STAGE, execute=execute)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.common import (
+from pipelines.config import tracking_config
+from pipelines.stage import (
     PipelineDataError,
     StageContext,
+    execute_stage,
     run_cli,
     run_tags,
-    stage_context,
-    stage_errors,
     stage_run,
     targets,
     write_json,
@@ -57,7 +57,6 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     """Register every target's model from ``paths.model_dir`` into run ``run_id``; one record each."""
     from bdi.registry import export_model_dir, register_model
     from bdi.store import ModelStore
-    from pipelines.config import tracking_config
 
     cfg = ctx.cfg
     model_dir = ctx.path(cfg.paths.model_dir)
@@ -102,8 +101,7 @@ def execute(ctx: StageContext) -> list[dict[str, Any]]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_errors(STAGE):
-        execute(stage_context(cfg, stage=STAGE))
+    execute_stage(cfg, stage=STAGE, execute=execute)
 
 
 if __name__ == "__main__":

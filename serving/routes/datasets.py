@@ -21,53 +21,32 @@ LabelQ = Annotated[str, Query()]
 FilenameQ = Annotated[str, Query()]
 
 
-def _upload(
-    *,
-    label: str,
-    ctx: RequestCtx,
-    service: ServiceDep,
-    settings: SettingsDep,
-    role_id: str,
-    roi_id: str,
-    images: list[UploadFile],
-    metas: list[str] | None,
-) -> dict[str, Any]:
-    ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
-    slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
-    files = read_uploads(images, max_bytes=settings.max_upload_bytes)
-    saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
-    slog("datasets.upload.response", label=label, saved=saved)
-    return {"status": "ok", "saved": saved, **ctx.ids()}
+def _add_upload_route(label: str) -> None:
+    """Register ``POST /datasets/<label>/upload`` (route name ``upload_<label>``) for one sample class."""
+
+    def upload(
+        ctx: RequestCtx,
+        service: ServiceDep,
+        settings: SettingsDep,
+        role_id: Annotated[str, Form()],
+        roi_id: Annotated[str, Form()],
+        images: Annotated[list[UploadFile], File()],
+        metas: Annotated[list[str] | None, Form()] = None,
+    ) -> dict[str, Any]:
+        ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
+        slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
+        files = read_uploads(images, max_bytes=settings.max_upload_bytes)
+        saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
+        slog("datasets.upload.response", label=label, saved=saved)
+        return {"status": "ok", "saved": saved, **ctx.ids()}
+
+    upload.__name__ = upload.__qualname__ = f"upload_{label}"
+    upload.__doc__ = f"Store {label.upper()} samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."
+    router.post(f"/{label}/upload")(upload)
 
 
-@router.post("/ok/upload")
-def upload_ok(
-    ctx: RequestCtx,
-    service: ServiceDep,
-    settings: SettingsDep,
-    role_id: Annotated[str, Form()],
-    roi_id: Annotated[str, Form()],
-    images: Annotated[list[UploadFile], File()],
-    metas: Annotated[list[str] | None, Form()] = None,
-) -> dict[str, Any]:
-    """Store OK samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."""
-    return _upload(label="ok", ctx=ctx, service=service, settings=settings, role_id=role_id,
-                   roi_id=roi_id, images=images, metas=metas)
-
-
-@router.post("/ng/upload")
-def upload_ng(
-    ctx: RequestCtx,
-    service: ServiceDep,
-    settings: SettingsDep,
-    role_id: Annotated[str, Form()],
-    roi_id: Annotated[str, Form()],
-    images: Annotated[list[UploadFile], File()],
-    metas: Annotated[list[str] | None, Form()] = None,
-) -> dict[str, Any]:
-    """Store NG samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."""
-    return _upload(label="ng", ctx=ctx, service=service, settings=settings, role_id=role_id,
-                   roi_id=roi_id, images=images, metas=metas)
+for _label in ("ok", "ng"):
+    _add_upload_route(_label)
 
 
 @router.get("/list")

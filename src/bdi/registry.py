@@ -438,38 +438,46 @@ def register_model(
         raise NotFittedError("register")
     uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
     with _mlflow_errors("registration"), global_tracking_uri(uri):
-        return _register(cfg=cfg, project_root=project_root, run_id=run_id, model_dir=model_dir, ref=ref,
-                         metrics=metrics, tags=tags, primary_metric=primary_metric, primary=primary,
-                         memory_fingerprint=memory.fingerprint, memory_metadata=memory.metadata)
+        client = tracking_client(cfg, project_root=project_root)[0]
+        name = registered_model_name(cfg.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
+                                     roi_id=ref.roi_id)
+        identity = {
+            "recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id, "model_key": ref.model_key,
+            "memory_fingerprint": memory.fingerprint, "weights_sha256": "", **weights_identity(memory.metadata),
+        }
+        metric_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in
+                       ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
+        version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, **identity, **metric_tags,
+                        "primary_metric": primary_metric, "source_run_id": run_id}
+        number = _log_model_version(client, uri=uri, run_id=run_id, name=name, model_dir=model_dir,
+                                    identity=identity, version_tags=version_tags)
+
+        holder = _alias_holder(client, name, cfg.alias)
+        previous = int(holder.version) if holder is not None else None
+        held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
+        move = holder is None or held_value is None or primary >= held_value
+        if move:
+            client.set_registered_model_alias(name, cfg.alias, str(number))
+        client.set_tag(run_id, "registered_model", f"{name}/{number}")
+        slog("registry.registered", name=name, version=number, alias=cfg.alias, alias_moved=move,
+             previous_version=previous, primary_metric=primary_metric, value=primary, holder_value=held_value,
+             model_key=ref.model_key)
+        return RegistrationResult(name=name, version=number, alias=cfg.alias, alias_moved=move,
+                                  previous_version=previous)
 
 
-def _register(
+def _log_model_version(
+    client: MlflowClient,
     *,
-    cfg: TrackingConfig,
-    project_root: Path,
+    uri: str,
     run_id: str,
+    name: str,
     model_dir: Path,
-    ref: ModelRef,
-    metrics: Mapping[str, float],
-    tags: Mapping[str, str],
-    primary_metric: str,
-    primary: float,
-    memory_fingerprint: str,
-    memory_metadata: Mapping[str, Any],
-) -> RegistrationResult:
+    identity: Mapping[str, Any],
+    version_tags: dict[str, str],
+) -> int:
+    """Log ``model_dir`` as the pyfunc of run ``run_id`` and register it as a new version of ``name``."""
     import mlflow.pyfunc
-
-    client, uri, _ = tracking_client(cfg, project_root=project_root)
-    name = registered_model_name(cfg.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
-                                 roi_id=ref.roi_id)
-    identity = {
-        "recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id, "model_key": ref.model_key,
-        "memory_fingerprint": memory_fingerprint, "weights_sha256": "", **weights_identity(memory_metadata),
-    }
-    metric_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in
-                   ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
-    version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, **identity, **metric_tags,
-                    "primary_metric": primary_metric, "source_run_id": run_id}
 
     with fluent_scope(uri, run_id=run_id), warnings.catch_warnings():
         # Expected: no input example (the input names image files that exist only at predict time).
@@ -486,20 +494,7 @@ def _register(
     _ensure_registered_model(client, name, tags={k: identity[k] for k in ("recipe_id", "role_id", "roi_id")})
     version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags,
                                           model_id=info.model_id)
-    number = int(version.version)
-
-    holder = _alias_holder(client, name, cfg.alias)
-    previous = int(holder.version) if holder is not None else None
-    held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
-    move = holder is None or held_value is None or primary >= held_value
-    if move:
-        client.set_registered_model_alias(name, cfg.alias, str(number))
-    client.set_tag(run_id, "registered_model", f"{name}/{number}")
-    slog("registry.registered", name=name, version=number, alias=cfg.alias, alias_moved=move,
-         previous_version=previous, primary_metric=primary_metric, value=primary, holder_value=held_value,
-         model_key=ref.model_key)
-    return RegistrationResult(name=name, version=number, alias=cfg.alias, alias_moved=move,
-                              previous_version=previous)
+    return int(version.version)
 
 
 # ----------------------------------------------------------------------------------------- sync

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from bdi.synthetic import write_mvtec_dataset
-from pipelines.common import MANIFEST_COLUMNS
 from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
 from pipelines.ingest import deal, run_ingest, write_outputs
+from pipelines.stage import MANIFEST_COLUMNS
 from tests.helpers.synthetic import disc_png
 
 N_TRAIN, N_GOOD, N_PER_DEFECT = 6, 4, 2

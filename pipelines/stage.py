@@ -1,6 +1,6 @@
 """Stage plumbing shared by the Hydra mains: which config a run uses, MLflow runs, progress bars,
-manifest I/O and the (recipe, role, roi) targets. No algorithm lives here: scoring, thresholds and
-metrics are ``bdi`` calls.
+manifest I/O, staged output folders and the (recipe, role, roi) targets. No algorithm lives here:
+scoring, thresholds and metrics are ``bdi`` calls.
 
 Where a stage's config comes from:
 * run by DVC (``DVC_STAGE`` is set, as ``dvc repro`` / ``dvc exp run`` do): ``<DVC_ROOT>/params.yaml``,
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -39,10 +39,13 @@ from pipelines.config import (
     override_hint,
     params_diff,
     to_plain,
+    tracking_config,
     validate,
 )
 
 log = logging.getLogger("pipelines")
+
+StageResultT = TypeVar("StageResultT")
 
 MANIFEST_COLUMNS = (
     "file", "recipe", "role", "roi", "model_key", "split", "label", "defect_class", "mask", "mm_per_px",
@@ -143,6 +146,13 @@ def stage_errors(stage: str) -> Iterator[None]:
         raise SystemExit(2) from exc
 
 
+def execute_stage(hydra_cfg: DictConfig, *, stage: str, execute: Callable[[StageContext], Any]) -> None:
+    """The body of every stage's ``@hydra.main``: resolve the config, run ``execute`` on it, and end
+    expected failures as ``stage_errors`` does."""
+    with stage_errors(stage):
+        execute(stage_context(hydra_cfg, stage=stage))
+
+
 # --------------------------------------------------------------------------------------------- MLflow
 
 
@@ -185,7 +195,6 @@ def run_tags(ctx: StageContext) -> dict[str, str]:
 def stage_run(ctx: StageContext) -> Iterator[Any]:
     """An MLflow run named after the stage, with the resolved config flattened as params."""
     from bdi.tracking import tracked_run
-    from pipelines.config import tracking_config
 
     with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
                      tags=run_tags(ctx), params=flatten(ctx.plain)) as run:
@@ -221,6 +230,21 @@ class ProgressBars:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+
+
+@contextmanager
+def stage_run_with_progress(
+    ctx: StageContext, run_stage: Callable[..., StageResultT]
+) -> Iterator[tuple[Any, StageResultT]]:
+    """Open the stage's MLflow run (``stage_run``), call ``run_stage(ctx, progress=<ProgressBars>)`` in it
+    and yield ``(run, result)`` for logging; the bars are closed before the block, even on failure."""
+    bars = ProgressBars(ctx.stage)
+    with stage_run(ctx) as run:
+        try:
+            result = run_stage(ctx, progress=bars)
+        finally:
+            bars.close()
+        yield run, result
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -365,19 +389,22 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
-def staging_dir(final: Path) -> Path:
-    """A fresh sibling folder to build ``final`` in (moved into place by ``replace_dir``)."""
+@contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Build the folder ``final`` elsewhere: yields a fresh sibling path (not yet created) that replaces
+    ``final`` when the block succeeds (the old folder is removed first); on failure ``final`` is left
+    as it was and the staged folder is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
-
-
-def replace_dir(staged: Path, final: Path) -> None:
-    """Replace ``final`` with ``staged`` (the old folder is removed first)."""
-    final = Path(final)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    staged = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staged
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def finite_or_none(value: Any) -> float | None:
