@@ -8,7 +8,7 @@ before anything is stored, calibrations record the memory they belong to.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -413,26 +413,45 @@ class InspectionService:
     ) -> list[InferenceResult]:
         """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation."""
         model = self._require_model(ref, endpoint="score_images", require_index=False)
-        scoring = scoring or self.settings.scoring_config()
-        results: list[InferenceResult] = []
+        full = [np.full(crop.shape[:2], 255, dtype=np.uint8) for crop in images]
+        roi_masks = full if masks is None else [m if m is not None else f for m, f in zip(masks, full, strict=True)]
+        return list(self._score_crops(
+            model, images, roi_masks, scoring=scoring or self.settings.scoring_config(), threshold=None,
+            mm_per_px=[1.0] * len(images), progress=progress, progress_stage="score",
+        ))
+
+    def _score_crops(
+        self,
+        model: LoadedModel,
+        crops: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        *,
+        scoring: ScoringConfig,
+        threshold: float | None,
+        mm_per_px: Sequence[float],
+        progress: ProgressFn | None = None,
+        progress_stage: str = "score",
+        timer: StageTimer | None = None,
+    ) -> Iterator[InferenceResult]:
+        """The one scoring loop: batched ViT extraction, then 1-NN, map, score, regions per crop."""
+        timer = timer or StageTimer()
+        batches = self.extractor.iter_extract(crops)
         done = 0
-        for batch in self.extractor.iter_extract(images):
-            for j in range(batch.embeddings.shape[0]):
-                crop = images[done + j]
-                mask = None if masks is None else masks[done + j]
-                if mask is None:
-                    mask = np.full(crop.shape[:2], 255, dtype=np.uint8)
-                results.append(
-                    score_crop(
-                        embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
-                        index=model.index, memory_grid=model.memory.token_shape, mask=mask,
-                        cfg=scoring, threshold=None, mm_per_px=1.0,
-                    )
+        while True:
+            with timer.stage("encode"):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            for j in range(len(batch)):
+                k = done + j
+                yield score_crop(
+                    embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
+                    index=model.index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
+                    threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
                 )
-            done += batch.embeddings.shape[0]
+            done += len(batch)
             if progress:
-                progress("score", done, len(images))
-        return results
+                progress(progress_stage, done, len(crops))
 
     def _calib_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
         percentile = calib.get("score_percentile", self.settings.score_percentile)
@@ -453,13 +472,9 @@ class InspectionService:
         height, width = crop.shape[:2]
         with timer.stage("preprocess"):
             mask = build_roi_mask(roi_shape, width=width, height=height)
-        with timer.stage("encode"):
-            batch = self.extractor.extract([crop])
-        return score_crop(
-            embeddings=batch.embeddings[0], grid=batch.grid, letterbox=batch.letterboxes[0],
-            index=model.index, memory_grid=model.memory.token_shape, mask=mask, cfg=scoring,
-            threshold=threshold, mm_per_px=mm_per_px, timer=timer,
-        )
+        (result,) = self._score_crops(model, [crop], [mask], scoring=scoring, threshold=threshold,
+                                      mm_per_px=[mm_per_px], timer=timer)
+        return result
 
     def _score_samples(
         self,
@@ -473,8 +488,13 @@ class InspectionService:
         include_heatmap: bool,
         progress: ProgressFn | None,
     ) -> list[SampleScore]:
+        """Score every stored sample of one label; a sample that fails gets ``error`` set, the rest go on.
+
+        Samples are validated first (scale, image, shape), then the valid ones are extracted in batches.
+        """
         samples = self.datasets.samples(self._dataset_ref(ref), label)
-        items: list[SampleScore] = []
+        items: list[SampleScore | None] = [None] * len(samples)
+        valid: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (position, crop, mask, mm_per_px)
         for i, sample in enumerate(samples):
             mm = sample.meta.get("mm_per_px", default_mm_per_px)
             try:
@@ -482,25 +502,26 @@ class InspectionService:
                     raise InvalidInputError("no mm_per_px in the sample meta and no default_mm_per_px")
                 mm = validate_mm_per_px(mm)
                 crop = self._decode(sample.path.read_bytes(), name=sample.path.name)
-                result = self._score(
-                    model, crop, parse_shape(sample.meta.get("shape_json")), scoring=scoring,
-                    threshold=threshold, mm_per_px=mm, timer=StageTimer(),
-                )
-                png = encode_png_gray(result.heatmap_u8()) if include_heatmap else None
-                items.append(SampleScore(
-                    label=label, filename=sample.path.name, mm_per_px=mm, score=result.score,
-                    regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
-                    heatmap_png=png, threshold=threshold,
-                ))
+                mask = build_roi_mask(parse_shape(sample.meta.get("shape_json")),
+                                      width=crop.shape[1], height=crop.shape[0])
+                valid.append((i, crop, mask, mm))
             except (BDIError, OSError) as exc:
-                items.append(SampleScore(
-                    label=label, filename=sample.path.name,
-                    mm_per_px=mm if isinstance(mm, float) else None, score=None, regions=[],
-                    error=str(exc), threshold=threshold,
-                ))
-            if progress:
-                progress(f"score_{label}", i + 1, len(samples))
-        return items
+                items[i] = SampleScore(
+                    label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
+                    score=None, regions=[], error=str(exc), threshold=threshold,
+                )
+        results = self._score_crops(
+            model, [v[1] for v in valid], [v[2] for v in valid], scoring=scoring, threshold=threshold,
+            mm_per_px=[v[3] for v in valid], progress=progress, progress_stage=f"score_{label}",
+        )
+        for (i, _, _, mm), result in zip(valid, results, strict=True):
+            items[i] = SampleScore(
+                label=label, filename=samples[i].path.name, mm_per_px=mm, score=result.score,
+                regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
+                heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
+                threshold=threshold,
+            )
+        return [item for item in items if item is not None]
 
     # ------------------------------------------------------------------ state
     def state(self, ref: ModelRef) -> dict[str, Any]:
