@@ -18,6 +18,8 @@ run: setup
 	$(PY) -m serving.demo
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: setup

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -200,7 +200,7 @@ def to_plain(cfg: DictConfig | PipelineConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     assert isinstance(data, dict)
     data.pop("hydra", None)
-    return data
+    return cast(dict[str, Any], data)  # a DictConfig's keys are str
 
 
 def validate(data: Mapping[str, Any] | DictConfig, *, source: str = "config") -> PipelineConfig:
@@ -385,7 +385,7 @@ def schema_keys() -> set[str]:
 def _schema_dict() -> dict[str, Any]:
     data = OmegaConf.to_container(OmegaConf.structured(PipelineConfig), resolve=False)
     assert isinstance(data, dict)
-    return data
+    return cast(dict[str, Any], data)  # a DictConfig's keys are str
 
 
 def override_hint(overrides: Iterable[str]) -> str:

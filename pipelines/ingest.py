@@ -280,7 +280,8 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
         for cand in bar:
             facts, reason = validate_candidate(cand, cfg=cfg)
             if facts is not None and facts["sha256"] in seen:
-                facts, reason = None, f"duplicate: same bytes as {_rel(seen[facts['sha256']], root)}"
+                duplicate_of = _rel(seen[facts["sha256"]], root)
+                facts, reason = None, f"duplicate: same bytes as {duplicate_of}"
             if facts is None:
                 result.rejected.append({"file": _rel(cand.path, root), "role": target.ref.role_id,
                                         "roi": target.ref.roi_id, "reason": str(reason)})

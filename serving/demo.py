@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from bdi.config import Settings
-from bdi.datasets import read_mvtec
+from bdi.datasets import MvtecItem, read_mvtec
+from bdi.errors import ImageDecodeError
 from bdi.imaging import decode_image
 from bdi.service import InspectionService
 from bdi.store import ModelRef
@@ -40,7 +42,9 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> tu
     items = read_mvtec(data_root)
     train = [i for i in items if i.split == "train"][:n_train]
     test = [i for i in items if i.split == "test"]
-    load = lambda item: decode_image(item.path.read_bytes(), name=item.path.name)  # noqa: E731
+
+    def load(item: MvtecItem) -> np.ndarray:
+        return decode_image(item.path.read_bytes(), name=item.path.name)
 
     with tqdm(total=len(train), desc="fit: encode", unit="img") as bar:
         def on_fit_progress(stage: str, done: int, total: int) -> None:
@@ -76,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data_root}")
     _, sample = build_demo_model(settings, data_root=data_root, n_train=args.n_train)
     sample_png = settings.models_dir / "demo_sample.png"
-    cv2.imwrite(str(sample_png), cv2.imread(str(sample)))
+    sample_image = cv2.imread(str(sample))
+    if sample_image is None:  # it was decoded while building the model, so this is not expected
+        raise ImageDecodeError(f"cannot read the demo sample {sample}")
+    cv2.imwrite(str(sample_png), sample_image)
 
     base = f"http://{settings.backend_host}:{settings.backend_port}"
     print("\nTry:")

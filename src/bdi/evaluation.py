@@ -16,17 +16,20 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
 GOOD_CLASS = "good"
 
+# Per-sample labels or scores: a list, tuple or 1-D numpy array.
+Values: TypeAlias = Sequence[Any] | np.ndarray
+
 
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _labels_scores(labels: Sequence[Any], scores: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def _labels_scores(labels: Values, scores: Values) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels, dtype=np.int64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
@@ -73,7 +76,7 @@ def _map_mask_pairs(
 # --------------------------------------------------------------------------------------------- image level
 
 
-def image_auroc(labels: Sequence[Any], scores: Sequence[Any]) -> float | None:
+def image_auroc(labels: Values, scores: Values) -> float | None:
     """Area under the ROC curve of image scores; ``None`` when OK or NG is absent."""
     y, s = _labels_scores(labels, scores)
     if y.size == 0 or y.min() == y.max():
@@ -83,7 +86,7 @@ def image_auroc(labels: Sequence[Any], scores: Sequence[Any]) -> float | None:
     return float(roc_auc_score(y, s))
 
 
-def roc_points(labels: Sequence[Any], scores: Sequence[Any]) -> list[dict[str, float | None]]:
+def roc_points(labels: Values, scores: Values) -> list[dict[str, float | None]]:
     """ROC curve as ``[{"fpr", "tpr", "threshold"}]`` from (0, 0) to (1, 1); ``[]`` when one class is absent.
 
     The first point's threshold is ``None`` (scikit-learn's ``+inf``: nothing is called NG), so the
@@ -124,7 +127,7 @@ class RatesAtThreshold:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def rates_at(labels: Sequence[Any], scores: Sequence[Any], threshold: float) -> RatesAtThreshold:
+def rates_at(labels: Values, scores: Values, threshold: float) -> RatesAtThreshold:
     """Confusion counts, precision/recall/F1, false-reject and escape rates at ``threshold``."""
     y, s = _labels_scores(labels, scores)
     pred = s >= float(threshold)
@@ -145,7 +148,7 @@ def rates_at(labels: Sequence[Any], scores: Sequence[Any], threshold: float) -> 
     )
 
 
-def f1_at(labels: Sequence[Any], scores: Sequence[Any], threshold: float) -> float | None:
+def f1_at(labels: Values, scores: Values, threshold: float) -> float | None:
     """F1 of the NG class when ``score >= threshold`` is called NG; ``None`` without NG samples."""
     return rates_at(labels, scores, threshold).f1
 
@@ -283,8 +286,8 @@ class EvaluationReport:
 
 def evaluate_scores(
     *,
-    labels: Sequence[Any],
-    scores: Sequence[Any],
+    labels: Values,
+    scores: Values,
     threshold: float,
     defect_classes: Sequence[str] | None = None,
     maps: Sequence[np.ndarray] | None = None,

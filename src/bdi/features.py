@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from bdi.config import DINOV2_PRETRAINED_TAG, FeatureConfig
@@ -432,14 +432,16 @@ class DinoV2Features:
         """``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32."""
         x = torch.from_numpy(batch).to(self._device, non_blocking=True)
         with self._lock, torch.inference_mode(), self._autocast():
-            outs = self._model.forward_intermediates(
+            # intermediates_only=True returns just the list of block outputs; timm annotates the
+            # union of every return mode (list, (final, list) tuple, dict).
+            outs = cast(list[torch.Tensor], self._model.forward_intermediates(
                 x,
                 indices=list(self._cfg.blocks),
                 norm=False,
                 stop_early=True,
                 output_fmt="NLC",
                 intermediates_only=True,
-            )
+            ))
             feats = torch.cat([o.float() for o in outs], dim=-1)
             result = feats.cpu().numpy()
         expected = (batch.shape[0], self.num_tokens, self.embed_dim)

@@ -77,7 +77,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") 
             _check_pixels(width=size[0], height=size[1], max_pixels=max_pixels, name=name)
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        image: np.ndarray | None = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error as exc:
         raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}") from exc
     if image is None or image.size == 0:

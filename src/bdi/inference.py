@@ -88,7 +88,8 @@ class StageTimer:
 def patch_distances(index: KnnIndex, embeddings: np.ndarray) -> np.ndarray:
     """1-NN Euclidean distance of each L2-normalised query row. (Q, D) → (Q,) float32 in [0, 2]."""
     squared, _ = index.search(l2_normalize(embeddings), k=1)
-    return np.sqrt(np.maximum(squared[:, 0], 0.0)).astype(np.float32)
+    distances: np.ndarray = np.sqrt(np.maximum(squared[:, 0], 0.0)).astype(np.float32)
+    return distances
 
 
 def distance_map(
@@ -199,7 +200,7 @@ def score_crop(
     """
     timer = timer or StageTimer()
     if tuple(grid) != tuple(memory_grid):
-        raise TokenGridMismatchError(got=tuple(grid), expected=tuple(memory_grid))
+        raise TokenGridMismatchError(got=grid, expected=memory_grid)
     with timer.stage("search"):
         distances = patch_distances(index, embeddings)
     with timer.stage("post"):

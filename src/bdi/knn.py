@@ -22,7 +22,9 @@ try:  # faiss is a hard dependency of the default install, but the fallback keep
 
     FAISS_AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
-    faiss = None
+    # None keeps ``bdi.knn.faiss`` defined; every use is guarded by FAISS_AVAILABLE (or a faiss backend),
+    # and mypy cannot express "the typed faiss module, or None when absent" for a module name.
+    faiss = None  # type: ignore[assignment]
     FAISS_AVAILABLE = False
 
 

@@ -21,7 +21,8 @@ L2_EPS = 1e-8  # added to the row norm, as the legacy backend does
 def l2_normalize(rows: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation. (N, D) float → (N, D) float32."""
     rows = np.asarray(rows, dtype=np.float32)
-    return rows / (np.linalg.norm(rows, axis=1, keepdims=True) + L2_EPS)
+    normalized: np.ndarray = rows / (np.linalg.norm(rows, axis=1, keepdims=True) + L2_EPS)
+    return normalized
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,8 @@ def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides
     features = metadata.get("features")
     if not isinstance(features, Mapping):
         raise StorageError(f"the memory in {model_dir} records no feature config (metadata['features'])")
-    weights = features.get("weights") if isinstance(features.get("weights"), Mapping) else {}
+    recorded_weights = features.get("weights")
+    weights: Mapping[str, Any] = recorded_weights if isinstance(recorded_weights, Mapping) else {}
     source = str(weights.get("source", ""))
     if source == "random":
         spec = "random"
@@ -274,8 +275,8 @@ _PYFUNC_LOCK = threading.Lock()
 
 
 def _build_pyfunc_class() -> type:
-    import mlflow.pyfunc
     import pandas as pd
+    from mlflow.pyfunc.model import PythonModel
 
     def _predict(self: Any, context: Any, model_input: Any, params: Any = None) -> Any:
         return self._predictor.predict_frame(model_input)
@@ -286,7 +287,7 @@ def _build_pyfunc_class() -> type:
     _predict.__annotations__ = {"context": Any, "model_input": pd.DataFrame, "params": dict[str, Any] | None,
                                 "return": pd.DataFrame}
 
-    class BdiPyfuncModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    class BdiPyfuncModel(PythonModel):
         """MLflow pyfunc over a ModelStore root: no algorithm here, only the bdi loader + service.
 
         Input: a DataFrame with ``image_path`` or ``image_bytes`` (optional ``shape``); output: ``score``,

@@ -434,6 +434,9 @@ class InspectionService:
         timer: StageTimer | None = None,
     ) -> Iterator[InferenceResult]:
         """The one scoring loop: batched ViT extraction, then 1-NN, map, score, regions per crop."""
+        index = model.index
+        if index is None:  # _require_model always attaches one; a model without an index here is a bug
+            raise NotFittedError(detail="no kNN index attached to the loaded model")
         timer = timer or StageTimer()
         batches = self.extractor.iter_extract(crops)
         done = 0
@@ -446,7 +449,7 @@ class InspectionService:
                 k = done + j
                 yield score_crop(
                     embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
-                    index=model.index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
+                    index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
                     threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
                 )
             done += len(batch)

@@ -72,7 +72,7 @@ def _paint_defect(
 ) -> np.ndarray:
     size = geometry.size
     cx, cy = geometry.centre
-    mask = np.zeros((size, size), dtype=np.uint8)
+    mask: np.ndarray = np.zeros((size, size), dtype=np.uint8)
     r = rng.uniform(geometry.r_inner + 0.2 * (geometry.r_outer - geometry.r_inner),
                     geometry.r_outer - 0.2 * (geometry.r_outer - geometry.r_inner))
     theta = rng.uniform(0, 2 * np.pi)

@@ -223,12 +223,14 @@ def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
 
     with _FLUENT_LOCK:
         env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        # is_tracking_uri_set is unannotated in mlflow
+        uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
         try:
             mlflow.set_tracking_uri(tracking_uri)
             yield
         finally:
-            mlflow.set_tracking_uri(uri_before)
+            # None unsets the URI (mlflow handles it explicitly) though the signature says str | Path
+            mlflow.set_tracking_uri(uri_before)  # type: ignore[arg-type]
             if env_before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
@@ -322,13 +324,13 @@ def tracked_run(
     *,
     project_root: Path,
     run_name: str,
-    tags: Mapping[str, str] | None = None,
+    tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Iterator[RunHandle]:
     """One MLflow run in ``cfg.experiment`` (created with its artefact location when missing).
 
     Ends FINISHED, FAILED when the body raises (the exception propagates) or KILLED on an interrupt.
-    With ``cfg.enabled`` false it yields a no-op handle.
+    With ``cfg.enabled`` false it yields a no-op handle. Tag values are stringified; None values are skipped.
     """
     if not cfg.enabled:
         yield RunHandle(None, "")
