@@ -4,7 +4,9 @@ Measures, side by side in one run, on the real DINOv2 ViT-S/14 architecture at 4
   * fit time for N OK images (encode / coreset / index) — the figure README quotes;
   * single-crop /infer latency through `InspectionService.infer`, fp32 vs bf16 autocast, with the
     largest score difference between the two (what bf16 costs in accuracy);
-  * greedy coreset: exact distances vs the random-projection default (time and covering radius).
+  * batched ViT extraction vs one image per forward pass (the reference backend never batches);
+  * greedy coreset: the reference's NumPy loop vs ours, exact and on the random-projection default
+    (time and covering radius).
 Weights: BDI_WEIGHTS if set, else deterministic random init (timings do not depend on the values).
 Data: ../shared/data/magnetic_tile when present, else synthetic discs.
 """
@@ -37,6 +39,19 @@ REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspect
 def _images(root: Path, split: str, n: int) -> list[tuple[np.ndarray, bytes]]:
     items = [i for i in read_mvtec(root) if i.split == split][:n]
     return [(decode_image(i.path.read_bytes()), i.path.read_bytes()) for i in items]
+
+
+def _reference_greedy(rows: np.ndarray, size: int) -> np.ndarray:
+    """The legacy backend's coreset (API_CONTRACT §3.2/§8): NumPy, first centre from default_rng(0),
+    one full ``norm(x - c)`` pass per centre. Kept here only as the baseline being measured."""
+    first = int(np.random.default_rng(0).integers(rows.shape[0]))
+    selected = [first]
+    min_dist = np.linalg.norm(rows - rows[first], axis=1)
+    for _ in range(1, size):
+        nxt = int(np.argmax(min_dist))
+        selected.append(nxt)
+        min_dist = np.minimum(min_dist, np.linalg.norm(rows - rows[nxt], axis=1))
+    return np.asarray(selected)
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -96,19 +111,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  max |score_fp32 - score_bf16| over {len(diffs)} crops: {max(diffs):.5f} "
           f"(scores ~{statistics.mean(scores):.3f})")
 
-    # 3. coreset exact vs projected, on the fitted bank's raw patches
+    # 3. batched extraction (ours) vs one image per forward pass (the reference backend's design)
+    crops = [im for im, _ in train[:8]]
+    one_by_one = _median_ms(lambda: [fp32.extractor.extract([c]) for c in crops], max(1, args.repeats // 5))
+    batched = _median_ms(lambda: fp32.extractor.extract(crops), max(1, args.repeats // 5))
+    print(f"\nencode {len(crops)} crops: one per pass {one_by_one:.0f} ms   batched (8) {batched:.0f} ms   "
+          f"speed-up x{one_by_one / batched:.2f}")
+
+    # 4. coreset: the reference's NumPy greedy vs ours (exact, and on the default projection)
     batch = fp32.extractor.extract([im for im, _ in train[:10]])
     rows = l2_normalize(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
     size = coreset_size(rows.shape[0], 0.1)
-    timed = {}
-    for name, dim in (("exact", 0), ("projected-128", 128)):
+    timed: dict[str, tuple[float, float]] = {}
+    runs = (
+        ("reference-numpy", lambda: _reference_greedy(rows, size)),
+        ("exact", lambda: greedy_k_center(rows, size=size, seed=0, projection_dim=0)),
+        ("projected-128", lambda: greedy_k_center(rows, size=size, seed=0, projection_dim=128)),
+    )
+    for name, select in runs:
         start = time.perf_counter()
-        idx = greedy_k_center(rows, size=size, seed=0, projection_dim=dim)
+        idx = select()
         timed[name] = (time.perf_counter() - start, covering_radius(rows, rows[idx]))
-    (te, re_), (tp, rp) = timed["exact"], timed["projected-128"]
+    (tr, rr), (te, re_), (tp, rp) = timed["reference-numpy"], timed["exact"], timed["projected-128"]
     print(f"\ncoreset {rows.shape[0]}x{rows.shape[1]} -> {size}:")
-    print(f"  exact {te:.2f} s (radius {re_:.4f})   projected-128 {tp:.2f} s (radius {rp:.4f})   "
-          f"speed-up x{te / tp:.1f}, radius ratio {rp / re_:.3f}")
+    print(f"  reference numpy {tr:.2f} s (radius {rr:.4f})   exact {te:.2f} s (radius {re_:.4f})   "
+          f"projected-128 {tp:.2f} s (radius {rp:.4f})")
+    print(f"  exact vs reference x{tr / te:.1f}   projected vs reference x{tr / tp:.1f}   "
+          f"projected radius / exact radius {rp / re_:.3f}")
     return 0
 
 
