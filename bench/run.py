@@ -31,6 +31,7 @@ from bdi.memory import l2_normalize
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.synthetic import write_mvtec_dataset
+from bench.baselines import reference_greedy_k_center
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
@@ -39,19 +40,6 @@ REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspect
 def _images(root: Path, split: str, n: int) -> list[tuple[np.ndarray, bytes]]:
     items = [i for i in read_mvtec(root) if i.split == split][:n]
     return [(decode_image(i.path.read_bytes()), i.path.read_bytes()) for i in items]
-
-
-def _reference_greedy(rows: np.ndarray, size: int) -> np.ndarray:
-    """The legacy backend's coreset (API_CONTRACT §3.2/§8): NumPy, first centre from default_rng(0),
-    one full ``norm(x - c)`` pass per centre. Kept here only as the baseline being measured."""
-    first = int(np.random.default_rng(0).integers(rows.shape[0]))
-    selected = [first]
-    min_dist = np.linalg.norm(rows - rows[first], axis=1)
-    for _ in range(1, size):
-        nxt = int(np.argmax(min_dist))
-        selected.append(nxt)
-        min_dist = np.minimum(min_dist, np.linalg.norm(rows - rows[nxt], axis=1))
-    return np.asarray(selected)
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     size = coreset_size(rows.shape[0], 0.1)
     timed: dict[str, tuple[float, float]] = {}
     runs = (
-        ("reference-numpy", lambda: _reference_greedy(rows, size)),
+        ("reference-numpy", lambda: reference_greedy_k_center(rows, size)),
         ("exact", lambda: greedy_k_center(rows, size=size, seed=0, projection_dim=0)),
         ("projected-128", lambda: greedy_k_center(rows, size=size, seed=0, projection_dim=128)),
     )

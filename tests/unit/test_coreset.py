@@ -72,3 +72,12 @@ def test_exact_greedy_reaches_the_classic_factor_two_bound_on_clusters() -> None
     x = np.concatenate([c + rng.standard_normal((100, 8)).astype(np.float32) * 0.1 for c in centres])
     idx = greedy_k_center(x, size=5, seed=0)
     assert len({int(i) // 100 for i in idx}) == 5
+
+
+def test_exact_greedy_selects_what_the_reference_backend_selects() -> None:
+    from bench.baselines import reference_greedy_k_center
+
+    rows = _points(800, 24)
+    np.testing.assert_array_equal(
+        greedy_k_center(rows, size=80, seed=0, projection_dim=0), reference_greedy_k_center(rows, 80)
+    )
