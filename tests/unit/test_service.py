@@ -13,6 +13,7 @@ from bdi.errors import (
     NotFittedError,
     ScaleMismatchError,
 )
+from bdi.imaging import build_roi_mask
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.synthetic import DiscGeometry
@@ -142,3 +143,15 @@ def test_calibrate_dataset_scores_stored_samples(
     assert calib["threshold"] > 0
     items = service.infer_dataset(ref=REF, default_mm_per_px=0.2)
     assert len(items) == 13 and all(i.error is None for i in items)
+
+
+def test_golden_scores_for_seeded_discs_and_weights(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
+) -> None:
+    """Pins the whole chain (letterbox, ViT, coreset, 1-NN, un-letterbox, blur, percentile) for a fixed
+    seed: a change here changes every calibrated threshold in the field, so it must be deliberate."""
+    service.fit_images(ref=REF, images=good_discs[:10])
+    mask = build_roi_mask(DiscGeometry(96).annulus_shape(), width=96, height=96)
+    good, bad = service.score_images(ref=REF, images=[good_discs[10], defect_discs[0]], masks=[mask, mask])
+    assert good.score == pytest.approx(0.517271, abs=1e-4)
+    assert bad.score == pytest.approx(0.765237, abs=1e-4)
