@@ -271,14 +271,6 @@ def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
     )
 
 
-def calibration_config(cfg: PipelineConfig) -> CalibrationConfig:
-    c = cfg.calibration
-    return CalibrationConfig(
-        score_percentile=float(c.score_percentile), ng_percentile=c.ng_percentile,
-        overlap_factor=c.overlap_factor,
-    )
-
-
 def model_config(cfg: PipelineConfig) -> ModelConfig:
     """The frozen ``bdi`` model config; invalid values raise with the ``model.`` key named."""
     try:
@@ -296,9 +288,9 @@ def tracking_config(cfg: PipelineConfig) -> TrackingConfig:
 def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | None = None) -> Settings:
     """A ``Settings`` for ``InspectionService`` that reproduces ``model_config(cfg)`` exactly.
 
-    ``Settings`` is the service's only way in; fields it cannot carry yet (and the calibration rule's
-    ng_percentile / overlap_factor, which ``calibrate_from_scores`` does not take) must keep their
-    defaults, else a ``PipelineConfigError`` names them instead of silently ignoring them.
+    ``Settings`` is the service's only way in (the calibration rule's keys included); a model field it
+    cannot carry yet must keep its default, else a ``PipelineConfigError`` names it instead of silently
+    ignoring it.
     """
     wanted = model_config(cfg)
     m = cfg.model

@@ -95,6 +95,7 @@ def run_evaluate(
         plot_score_histogram,
         score_histogram,
     )
+    from bdi.service import decide
 
     cfg = ctx.cfg
     manifest = read_manifest(ctx.path(cfg.paths.manifest))
@@ -132,7 +133,7 @@ def run_evaluate(
             key=target.key, slug=target.slug, metrics=report.to_dict(),
             scores=[{"model": target.key, "file": row["file"], "label": row["label"],
                      "defect_class": row["defect_class"], "score": s,
-                     "decision": "ng" if s >= threshold else "ok"} for row, s in zip(rows, scores, strict=True)],
+                     "decision": decide(s, threshold)} for row, s in zip(rows, scores, strict=True)],
             roc=[{"model": target.key, **p} for p in report.roc],
             histogram=[{"model": target.key, **h}
                        for h in score_histogram(ok_scores, ng_scores, n_bins=cfg.evaluation.histogram_bins)],
@@ -146,7 +147,7 @@ def run_evaluate(
             "gallery": plot_gallery(
                 [images[i] for i in worst], [maps[i] for i in worst],
                 [f"{classes[i]} {Path(str(rows[i]['file'])).name}\nscore {scores[i]:.4g} "
-                 f"({'NG' if scores[i] >= threshold else 'OK'})" for i in worst],
+                 f"({decide(scores[i], threshold).upper()})" for i in worst],
                 images_dir / f"{target.slug}_worst.png",
             ),
         }

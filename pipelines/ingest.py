@@ -21,6 +21,7 @@ remaining OK and all NG samples → ``calib`` / ``eval`` as above.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -31,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 
+from bdi.errors import BDIError
 from pipelines.config import PipelineConfig, PipelineConfigError
 from pipelines.stage import (
     MANIFEST_COLUMNS,
+    SPLITS,
     PipelineDataError,
     StageContext,
     Target,
@@ -94,8 +98,6 @@ class IngestResult:
 
 
 def _shape_text(shape: Any) -> str:
-    import json
-
     from bdi.imaging import parse_shape
 
     parsed = parse_shape(shape) if shape not in (None, "") else None
@@ -112,8 +114,6 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
             "params.yaml) to a folder in MVTec layout (train/good, test/<class>, ground_truth/<class>/"
             "<stem>_mask.png), or override it: python -m pipelines.ingest dataset.source=PATH"
         )
-    from bdi.errors import BDIError
-
     try:
         items = read_mvtec(tree)
     except BDIError as exc:  # InvalidInputError: not an MVTec layout
@@ -128,17 +128,13 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
 
 
 def _server_candidates(root: Path, target: Target) -> list[Candidate]:
-    from bdi.datasets import DatasetRef, DatasetStore
+    """The GUI's ``ok``/``ng`` samples of one model; ``root`` was checked by ``check_source``."""
+    from bdi.datasets import LABELS, DatasetRef, DatasetStore
 
-    if not root.is_dir():
-        raise PipelineConfigError(
-            f"dataset.source: folder {root} does not exist. Fix: set dataset.source to the server's models "
-            "dir (BDI_MODELS_DIR) or override it: python -m pipelines.ingest dataset=server dataset.source=PATH"
-        )
     store = DatasetStore(root)
     ref = DatasetRef(recipe_id=target.ref.recipe_id, role_id=target.ref.role_id, roi_id=target.ref.roi_id)
     out: list[Candidate] = []
-    for label in ("ok", "ng"):
+    for label in LABELS:
         for sample in store.samples(ref, label):
             meta = sample.meta
             mm = meta.get("mm_per_px", target.mm_per_px)
@@ -158,7 +154,6 @@ def _server_candidates(root: Path, target: Target) -> list[Candidate]:
 
 def _channels(data: bytes) -> int | None:
     import cv2
-    import numpy as np
 
     raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None:
@@ -169,9 +164,7 @@ def _channels(data: bytes) -> int | None:
 def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[dict[str, Any] | None, str | None]:
     """``(facts, None)`` for a usable file (width, height, sha256) or ``(None, reason)``."""
     import cv2
-    import numpy as np
 
-    from bdi.errors import BDIError
     from bdi.imaging import decode_image
 
     ds = cfg.dataset
@@ -306,7 +299,7 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
                 "mm_per_px": cand.mm_per_px, "roi_shape": cand.roi_shape, "width": facts["width"],
                 "height": facts["height"], "sha256": facts["sha256"],
             })
-    order = {name: i for i, name in enumerate(("train", "calib", "eval"))}
+    order = {name: i for i, name in enumerate(SPLITS)}
     result.rows.sort(key=lambda r: (r["recipe"], r["role"], r["roi"], order[r["split"]], r["defect_class"],
                                     r["file"]))
     return result

@@ -51,7 +51,7 @@ MANIFEST_COLUMNS = (
     "file", "recipe", "role", "roi", "model_key", "split", "label", "defect_class", "mask", "mm_per_px",
     "roi_shape", "width", "height", "sha256",
 )
-SPLITS = ("train", "calib", "eval")
+SPLITS = ("train", "calib", "eval")  # manifest ``split`` values, in pipeline order
 
 
 class PipelineDataError(RuntimeError):
@@ -380,12 +380,12 @@ def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None 
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write strict JSON (NaN/inf refused) atomically, creating the parent folder."""
+    """Write strict JSON (NaN/inf refused) atomically with ``bdi.store.atomic_write_bytes``, creating the
+    parent folder. Unlike ``atomic_write_json`` (which lets NaN through), DVC metrics must be strict."""
+    from bdi.store import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 
@@ -405,11 +405,3 @@ def staged_output(final: Path) -> Iterator[Path]:
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
-
-
-def finite_or_none(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) else None

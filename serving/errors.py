@@ -16,7 +16,7 @@ Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -151,14 +151,7 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(body, status_code=500, headers=headers)
 
 
-Handler = Callable[[Request, Exception], Coroutine[Any, Any, JSONResponse]]
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers (FastAPI "Handling Errors": one handler per exception class)."""
-    handlers: dict[type[Exception], Handler] = {
-        BDIError: handle_bdi_error,
-        Exception: handle_unexpected_error,
-    }
-    for exc_class, handler in handlers.items():
-        app.add_exception_handler(exc_class, handler)
+    app.add_exception_handler(BDIError, handle_bdi_error)
+    app.add_exception_handler(Exception, handle_unexpected_error)

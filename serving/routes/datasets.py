@@ -16,7 +16,7 @@ from serving.parsing import read_uploads
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[error_style("resource")])
 
-RoleQ = Annotated[str, Query()]
+IdQ = Annotated[str, Query()]
 LabelQ = Annotated[str, Query()]
 FilenameQ = Annotated[str, Query()]
 
@@ -50,7 +50,7 @@ for _label in ("ok", "ng"):
 
 
 @router.get("/list")
-def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ) -> dict[str, Any]:
+def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ) -> dict[str, Any]:
     """Stored images per class (a class key only when its folder exists) and sidecar presence."""
     listing = service.dataset_listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
     slog("datasets.list.response",
@@ -60,7 +60,7 @@ def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: R
 
 @router.get("/file")
 def download_sample(
-    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> Response:
     """The raw image bytes (only the basename of ``filename`` is used)."""
     ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
@@ -74,7 +74,7 @@ def download_sample(
 
 @router.get("/meta")
 def sample_meta(
-    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
     """The sidecar object; request_id/recipe_id are added only when the sidecar lacks them."""
     meta = service.dataset_meta(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
@@ -84,7 +84,7 @@ def sample_meta(
 
 @router.delete("/file")
 def delete_sample(
-    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ, filename: FilenameQ
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
     """Delete one image and its sidecar; ``deleted`` says whether the image existed."""
     deleted = service.delete_sample(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
@@ -95,7 +95,7 @@ def delete_sample(
 
 @router.delete("/clear")
 def clear_samples(
-    ctx: RequestCtx, service: ServiceDep, role_id: RoleQ, roi_id: RoleQ, label: LabelQ
+    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
 ) -> dict[str, Any]:
     """Delete every file of one class (images and sidecars); ``cleared`` counts them all."""
     cleared = service.clear_samples(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, UploadFile
 
+from bdi.datasets import LABELS
 from bdi.logging import slog
 from bdi.service import SampleScore
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
@@ -21,8 +22,6 @@ from serving.parsing import (
 )
 
 router = APIRouter(tags=["inference"])
-
-DEFAULT_LABELS = ("ok", "ng")
 
 
 def _b64(png: bytes | None) -> str | None:
@@ -80,7 +79,7 @@ def infer_dataset(
     include_heatmap = optional_bool(body, "include_heatmap", default=False)
     items = service.infer_dataset(
         ref=ref,
-        labels=optional_str_list(body, "labels", default=DEFAULT_LABELS),
+        labels=optional_str_list(body, "labels", default=LABELS),
         include_heatmap=include_heatmap,
         default_mm_per_px=optional_number(body, "default_mm_per_px"),
     )

@@ -58,13 +58,17 @@ def choose_threshold(
     ok_scores: Iterable[Any],
     ng_scores: Iterable[Any] | None = None,
     *,
-    score_percentile: float = 99.0,
+    score_percentile: float | None = None,
     cfg: CalibrationConfig | None = None,
 ) -> ThresholdChoice:
     """Contract §3.5: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
     p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
+
+    ``score_percentile`` (P, in [0, 100]) defaults to ``cfg.score_percentile`` (99).
     """
     cfg = cfg or CalibrationConfig()
+    if score_percentile is None:
+        score_percentile = cfg.score_percentile
     if not 0.0 <= score_percentile <= 100.0:
         raise InvalidInputError(f"score_percentile must be in [0, 100], got {score_percentile}")
     ok = finite_scores(ok_scores, name="ok_scores")

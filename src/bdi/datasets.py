@@ -222,12 +222,11 @@ class DatasetStore:
 
     # -------------------------------------------------------------- reads
     def _images(self, base: Path, label: str) -> list[str]:
-        directory = self._label_dir(base, label)
+        """Names of the stored images of ``label``, sorted; [] when the folder is missing or unreadable."""
         try:
-            entries = list(os.scandir(directory))
+            return [path.name for path in _image_files(self._label_dir(base, label))]
         except OSError:
             return []
-        return sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
 
     def listing(self, ref: DatasetRef) -> dict[str, Any]:
         """``{"role_id", "roi_id", "classes": {label: {"count", "files", "meta"}}}`` (§2.8)."""
@@ -265,7 +264,7 @@ class DatasetStore:
         path = self._file_in(base, label, filename) if base is not None else None
         if path is None or not path.is_file():
             raise NotFoundError("meta not found")
-        meta = _read_sidecar(path.with_suffix(".json"))
+        meta = _read_sidecar(path)
         if meta is None:
             raise NotFoundError("meta not found")
         return meta
@@ -409,7 +408,13 @@ def read_mvtec(root: Path) -> list[MvtecItem]:
 
 
 def _image_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
+    """Image files (by extension) directly in ``directory``, sorted by name; [] when it is not a folder.
+
+    Other OS errors (e.g. permissions) propagate.
+    """
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(p for p in directory.iterdir() if p.is_file() and is_image_name(p.name))
+    return sorted(Path(e.path) for e in entries if is_image_name(e.name) and e.is_file())
 

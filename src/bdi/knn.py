@@ -55,10 +55,9 @@ class KnnIndex:
         *,
         factory: str = "Flat",
         use_faiss: bool = True,
-        prefer_gpu: bool = False,
-        gpu_device: int = 0,
     ) -> KnnIndex:
-        """Index ``rows`` (m, D) float32. IVF indexes are trained on the rows themselves."""
+        """Index ``rows`` (m, D) float32 on the CPU (see :meth:`to_gpu`). IVF indexes are trained on
+        the rows themselves."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[0] == 0:
             raise InvalidInputError(f"cannot index an empty or non-2-D memory bank (shape {rows.shape})")
@@ -72,8 +71,7 @@ class KnnIndex:
         if not index.is_trained:
             index.train(rows)
         index.add(rows)
-        built = cls(dim=dim, size=m, backend="faiss", _faiss_index=index)
-        return built.to_gpu(gpu_device) if prefer_gpu else built
+        return cls(dim=dim, size=m, backend="faiss", _faiss_index=index)
 
     def to_gpu(self, device: int = 0) -> KnnIndex:
         """A GPU copy when faiss-gpu and a valid device exist; otherwise ``self`` unchanged."""

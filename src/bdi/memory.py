@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,11 @@ def l2_normalize(rows: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Memory:
-    """A fitted memory bank.
+    """A fitted memory bank. Treated as immutable: ``fingerprint`` is computed once per instance.
 
     Attributes:
-        embeddings: (m, D) float32, L2-normalised coreset rows.
+        embeddings: (m, D) float32, L2-normalised coreset rows (read-only arrays from ``fit_memory``
+            and the store).
         token_shape: (Ht, Wt) grid of the images it was fitted on.
         metadata: JSON-able facts: coreset_rate, applied_rate, n_embeddings, n_images, the feature
             and memory config, weights identity. Everything that changes a score.
@@ -40,9 +42,13 @@ class Memory:
     token_shape: tuple[int, int]
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Content hash (16 hex) identifying this exact bank; calibrations record it."""
+        """Content hash (16 hex) identifying this exact bank; calibrations record it.
+
+        Hashing the whole bank is costly for large banks; it is computed on first access and kept
+        (``dataclasses.replace`` makes a new instance, so a new bank is always hashed again).
+        """
         digest = hashlib.sha256()
         digest.update(np.ascontiguousarray(self.embeddings, dtype=np.float32).tobytes())
         digest.update(json.dumps(list(self.token_shape)).encode())
@@ -100,8 +106,10 @@ def fit_memory(
         },
     }
     metadata.update(extra_metadata or {})
+    bank = np.ascontiguousarray(rows[selected])  # fancy indexing: a copy this function owns
+    bank.flags.writeable = False  # the cached fingerprint must keep describing it
     return Memory(
-        embeddings=np.ascontiguousarray(rows[selected]),
+        embeddings=bank,
         token_shape=(int(token_shape[0]), int(token_shape[1])),
         metadata=metadata,
     )

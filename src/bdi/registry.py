@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from .errors import InvalidInputError, NotFittedError, StorageError, WeightsError
 from .logging import slog
-from .store import ArtifactPaths, ModelRef, ModelStore, StoredModel, atomic_write_bytes
+from .store import ArtifactPaths, FileIdentity, ModelRef, ModelStore, StoredModel, atomic_write_bytes
 from .tracking import (
     TrackingConfig,
     fluent_scope,
@@ -211,7 +211,7 @@ class ModelDirPredictor:
         if model is None:
             raise NotFittedError("predict")
         calib = store.load_calibration(self.ref)
-        self.threshold = usable_threshold(calib, memory_fingerprint=model.memory.fingerprint)
+        self.threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None  # usable_threshold raised otherwise
         settings = _feature_settings(model.memory.metadata, model_dir=self.model_dir, overrides=overrides or {})
         features = model.memory.metadata["features"]
@@ -219,10 +219,7 @@ class ModelDirPredictor:
         extractor = DinoV2Features(feature_cfg, cache_dir=settings.weights_cache_dir)
         _check_weights(recorded=features.get("weights") or {}, got=extractor.weights.to_dict())
         self.service: InspectionService = InspectionService(settings=settings, extractor=extractor, store=store)
-        self.scoring: ScoringConfig = settings.scoring_config(
-            score_percentile=float(calib.get("score_percentile", settings.score_percentile)),
-            area_mm2_thr=float(calib.get("area_mm2_thr", settings.area_mm2_thr)),
-        )
+        self.scoring: ScoringConfig = self.service.calibrated_scoring(calib)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Rows with ``image_path`` or ``image_bytes`` (and optional ``shape`` ROI JSON) →
@@ -514,14 +511,14 @@ def _registered_models(client: MlflowClient, prefix: str) -> Iterator[Any]:
             return
 
 
-def _digest(path: Path) -> str | None:
+def _read_or_none(path: Path) -> bytes | None:
+    """The bytes of ``path``, None when it does not exist; other read failures are StorageError."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc}") from exc
-    return hashlib.sha256(data).hexdigest()
 
 
 def materialise_model(*, source: ModelStore, ref: ModelRef, target: ModelStore) -> tuple[str, ...]:
@@ -533,19 +530,23 @@ def materialise_model(*, source: ModelStore, ref: ModelRef, target: ModelStore) 
     A file the source lacks is removed from the target. Identical files are left untouched.
     """
     src, dst = source.paths(ref), target.paths(ref)
-    if _digest(src.memory) is None:
+    if FileIdentity.of(src.memory) is None:
         raise StorageError(f"{src.memory} is missing: the registered model has no memory")
     plan = [("index", src.index, dst.index), ("memory", src.memory, dst.memory), ("calib", src.calib, dst.calib)]
-    changed = [(kind, s, d) for kind, s, d in plan if _digest(s) != _digest(d)]
-    for _kind, s, d in changed:
-        if s.is_file():
-            atomic_write_bytes(d, s.read_bytes())
+    changed: list[str] = []
+    for kind, s, d in plan:  # each source file is read once, compared and written from those bytes
+        data = _read_or_none(s)
+        if data == _read_or_none(d):
+            continue
+        changed.append(kind)
+        if data is not None:
+            atomic_write_bytes(d, data)
         else:
             try:
                 d.unlink(missing_ok=True)
             except OSError as exc:
                 raise StorageError(f"cannot remove {d}: {exc}") from exc
-    return tuple(kind for kind, _s, _d in changed)
+    return tuple(changed)
 
 
 def _downloaded_model_dir(local: Path) -> Path:

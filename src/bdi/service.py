@@ -8,9 +8,9 @@ before anything is stored, calibrations record the memory they belong to.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .errors import (
     NotFittedError,
     NotFoundError,
     StorageError,
+    TokenGridMismatchError,
     UploadLimitError,
 )
 from .features import DinoV2Features, cuda_available
@@ -34,13 +35,9 @@ from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
 from .logging import slog
 from .memory import Memory, build_index, fit_memory
-from .store import LoadedModel, ModelRef, ModelStore, validate_mm_per_px
+from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
 
 
 @dataclass(frozen=True)
@@ -199,7 +196,7 @@ class InspectionService:
                 if grid is None:
                     grid = batch.grid
                 elif batch.grid != grid:
-                    raise InvalidInputError(f"Token grid mismatch: got {batch.grid}, expected {grid}")
+                    raise TokenGridMismatchError(got=batch.grid, expected=grid)
                 chunks.append(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
                 done += batch.embeddings.shape[0]
                 if progress:
@@ -219,7 +216,7 @@ class InspectionService:
         with timer.stage("index"):
             index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
         with timer.stage("save"):
-            paths = self.store.save_model(ref, memory, index if FAISS_AVAILABLE else None)
+            paths = self.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
         result = FitResult(
             n_embeddings=int(embeddings.shape[0]),
             coreset_size=memory.size,
@@ -228,7 +225,7 @@ class InspectionService:
             coreset_rate_applied=memory.size / embeddings.shape[0],
             n_images=len(images),
             memory_path=paths.memory,
-            index_path=paths.index if FAISS_AVAILABLE else None,
+            index_path=paths.index if index.backend != "torch" else None,
             fingerprint=memory.fingerprint,
             timings_ms=dict(timer.timings_ms),
         )
@@ -259,8 +256,7 @@ class InspectionService:
         area_mm2_thr: float | None = None,
     ) -> dict[str, Any]:
         """/calibrate_ng: threshold from client scores; returns the stored calibration."""
-        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
-        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         choice = choose_threshold(
             ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration_config()
         )
@@ -274,7 +270,7 @@ class InspectionService:
             "mm_per_px": float(mm_per_px),
             "area_mm2_thr": area,
             "score_percentile": percentile,
-            **self._calibration_extras(ref, choice, memory.fingerprint if memory is not None else None),
+            **self._calibration_extras(choice, memory.fingerprint if memory is not None else None),
         }
         self._save_calibration(ref, calib)
         return calib
@@ -290,8 +286,7 @@ class InspectionService:
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
-        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
-        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
         scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
@@ -317,14 +312,21 @@ class InspectionService:
             "role_id": ref.role_id,
             "roi_id": ref.roi_id,
             "model_key": ref.model_key,
-            **self._calibration_extras(ref, choice, model.fingerprint),
+            **self._calibration_extras(choice, model.fingerprint),
         }
         self._save_calibration(ref, calib)
         return {**calib, "n_ok": choice.n_ok, "n_ng": choice.n_ng}
 
-    def _calibration_extras(
-        self, ref: ModelRef, choice: ThresholdChoice, memory_fingerprint: str | None
-    ) -> dict[str, Any]:
+    def _percentile_and_area(
+        self, score_percentile: float | None, area_mm2_thr: float | None
+    ) -> tuple[int, float]:
+        """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""
+        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
+        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        return percentile, area
+
+    @staticmethod
+    def _calibration_extras(choice: ThresholdChoice, memory_fingerprint: str | None) -> dict[str, Any]:
         return {
             "created_at_utc": utc_now_iso(),
             "memory_fingerprint": memory_fingerprint,
@@ -360,7 +362,7 @@ class InspectionService:
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         roi_shape = parse_shape(shape)
-        scoring = self._calib_scoring(calib)
+        scoring = self.calibrated_scoring(calib)
         result = self._score(model, crop, roi_shape, scoring=scoring, threshold=threshold,
                              mm_per_px=mm_per_px, timer=timer)
         decision = decide(result.score, threshold)
@@ -390,7 +392,7 @@ class InspectionService:
         calib = self.store.load_calibration(ref)
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
-        scoring = self._calib_scoring(calib)
+        scoring = self.calibrated_scoring(calib)
         items: list[SampleScore] = []
         for label in clean_labels:
             items.extend(
@@ -413,8 +415,11 @@ class InspectionService:
     ) -> list[InferenceResult]:
         """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation."""
         model = self._require_model(ref, endpoint="score_images", require_index=False)
-        full = [np.full(crop.shape[:2], 255, dtype=np.uint8) for crop in images]
-        roi_masks = full if masks is None else [m if m is not None else f for m, f in zip(masks, full, strict=True)]
+        given = [None] * len(images) if masks is None else masks
+        roi_masks = [
+            m if m is not None else build_roi_mask(None, width=crop.shape[1], height=crop.shape[0])
+            for crop, m in zip(images, given, strict=True)
+        ]
         return list(self._score_crops(
             model, images, roi_masks, scoring=scoring or self.settings.scoring_config(), threshold=None,
             mm_per_px=[1.0] * len(images), progress=progress, progress_stage="score",
@@ -456,7 +461,8 @@ class InspectionService:
             if progress:
                 progress(progress_stage, done, len(crops))
 
-    def _calib_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
+    def calibrated_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
+        """The scoring config a calibration was made with (its percentile and area; settings otherwise)."""
         percentile = calib.get("score_percentile", self.settings.score_percentile)
         area = calib.get("area_mm2_thr", self.settings.area_mm2_thr)
         return self.settings.scoring_config(score_percentile=float(percentile), area_mm2_thr=float(area))
@@ -586,8 +592,7 @@ class InspectionService:
         parsed = [self._parse_meta(text, index=i) for i, text in enumerate(metas)] or [{} for _ in files]
         for (name, data), meta in zip(files, parsed, strict=True):
             self._decode(data, name=name or "image")
-            if "shape_json" in meta and meta["shape_json"] not in (None, ""):
-                parse_shape(meta["shape_json"])
+            parse_shape(meta.get("shape_json"))  # None/"" mean the full image
         for meta in parsed:
             if "mm_per_px" in meta:
                 self.store.lock_mm_per_px(ref.recipe_id, validate_mm_per_px(meta["mm_per_px"]))
@@ -597,8 +602,6 @@ class InspectionService:
 
     @staticmethod
     def _parse_meta(text: str, *, index: int) -> dict[str, Any]:
-        import json
-
         if text is None or str(text).strip() == "":
             return {}
         try:

@@ -254,10 +254,12 @@ class ArtifactPaths:
 
 @dataclass(frozen=True)
 class Resolution:
-    """The first existing path for an artefact (None on a miss) and every path probed, in order."""
+    """The first existing path for an artefact (None on a miss), its identity when found (the stat
+    that found it, so callers need not stat again) and every path probed, in order."""
 
     path: Path | None
     probed: tuple[Path, ...]
+    identity: FileIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,11 @@ class LoadedModel:
     index: KnnIndex | None
     memory_path: Path
     index_path: Path | None
-    fingerprint: str  # Memory.fingerprint, computed once at load
+
+    @property
+    def fingerprint(self) -> str:
+        """The memory's content hash (computed once per loaded memory; the load verified it)."""
+        return self.memory.fingerprint
 
 
 @dataclass(frozen=True)
@@ -515,8 +521,9 @@ class ModelStore:
         probed: list[Path] = []
         for path in self.candidates(ref, kind):
             probed.append(path)
-            if FileIdentity.of(path) is not None:
-                return Resolution(path=path, probed=tuple(probed))
+            ident = FileIdentity.of(path)
+            if ident is not None:
+                return Resolution(path=path, probed=tuple(probed), identity=ident)
         slog(f"storage.resolve_{kind}.not_found", probed_paths=[str(p) for p in probed],
              role_id=ref.role_id, roi_id=ref.roi_id, recipe_id=ref.recipe_id, model_key=ref.model_key)
         return Resolution(path=None, probed=tuple(probed))
@@ -547,8 +554,11 @@ class ModelStore:
         atomic_write_bytes(paths.memory, encode_memory_npz(memory, extra=extra))
         return paths
 
-    def _memory_from(self, path: Path) -> tuple[Memory, dict[str, Any], FileIdentity] | None:
-        ident = FileIdentity.of(path)
+    def _memory_from(
+        self, path: Path, ident: FileIdentity | None
+    ) -> tuple[Memory, dict[str, Any], FileIdentity] | None:
+        """The memory at ``path``: from the cache when ``ident`` (its identity as resolved) is cached,
+        else read and decoded; None when the file vanished."""
         if ident is not None:
             cached = self._memories.get(ident)
             if cached is not None:
@@ -567,7 +577,7 @@ class ModelStore:
             res = self.resolve(ref, "memory")
             if res.path is None:
                 return None
-            loaded = self._memory_from(res.path)
+            loaded = self._memory_from(res.path, res.identity)
             if loaded is not None:
                 return loaded[0]
         return None  # the file kept vanishing between resolve and read: treat as absent
@@ -583,14 +593,14 @@ class ModelStore:
             mem_res = self.resolve(ref, "memory")
             if mem_res.path is None:
                 return None
-            idx_path = self.resolve(ref, "index").path if FAISS_AVAILABLE else None
-            mem_ident = FileIdentity.of(mem_res.path)
-            idx_ident = FileIdentity.of(idx_path) if idx_path is not None else None
-            if mem_ident is not None:
-                cached = self._models.get((mem_ident, idx_ident))
+            idx_res = self.resolve(ref, "index") if FAISS_AVAILABLE else None
+            idx_path = idx_res.path if idx_res is not None else None
+            idx_ident = idx_res.identity if idx_res is not None else None
+            if mem_res.identity is not None:
+                cached = self._models.get((mem_res.identity, idx_ident))
                 if cached is not None:
                     return cached
-            loaded = self._memory_from(mem_res.path)
+            loaded = self._memory_from(mem_res.path, mem_res.identity)
             if loaded is None:
                 continue  # replaced or removed between resolve and read
             memory, store_keys, mem_ident = loaded
@@ -621,8 +631,7 @@ class ModelStore:
             index = KnnIndex.build(memory.embeddings, factory=factory)
         except InvalidInputError:
             index = KnnIndex.build(memory.embeddings, factory="Flat")
-        model = LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=None,
-                            fingerprint=memory.fingerprint)
+        model = LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=None)
         self._models.put((mem_ident, idx_ident), model)
         return model
 
@@ -630,16 +639,13 @@ class ModelStore:
         self, memory: Memory, store_keys: Mapping[str, Any], *, mem_path: Path, idx_path: Path | None
     ) -> tuple[LoadedModel | None, FileIdentity | None]:
         """Join a memory with its index file; (None, _) when the index belongs to another save."""
-        fingerprint = str(store_keys.get("fingerprint") or memory.fingerprint)
         saved_without_index = "index_sha256" in store_keys and store_keys["index_sha256"] is None
         if not FAISS_AVAILABLE:
             index = KnnIndex.build(memory.embeddings, use_faiss=False)
-            return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None,
-                               fingerprint=fingerprint), None
+            return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None), None
         read = _read_with_identity(idx_path) if idx_path is not None and not saved_without_index else None
         if read is None:
-            return LoadedModel(memory=memory, index=None, memory_path=mem_path, index_path=None,
-                               fingerprint=fingerprint), None
+            return LoadedModel(memory=memory, index=None, memory_path=mem_path, index_path=None), None
         data, idx_ident = read
         expected = store_keys.get("index_sha256")
         if isinstance(expected, str) and hashlib.sha256(data).hexdigest() != expected:
@@ -650,8 +656,8 @@ class ModelStore:
             raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
         if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
             return None, idx_ident
-        return LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=idx_path,
-                           fingerprint=fingerprint), idx_ident
+        return LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path,
+                           index_path=idx_path), idx_ident
 
     def _place(self, index: KnnIndex) -> KnnIndex:
         """The index on the configured GPU when possible (contract §8), else unchanged."""
@@ -674,8 +680,7 @@ class ModelStore:
             res = self.resolve(ref, "calib")
             if res.path is None:
                 return None
-            ident = FileIdentity.of(res.path)
-            cached = self._calibs.get(ident) if ident is not None else None
+            cached = self._calibs.get(res.identity) if res.identity is not None else None
             if cached is not None:
                 return copy.deepcopy(cached)
             read = _read_with_identity(res.path)
@@ -758,14 +763,14 @@ class ModelStore:
         out: list[StoredModel] = []
         for npz in sorted(self.recipes_root.glob("*/*/*__*.npz")):
             recipe_dir, mk_dir = npz.parent.parent.name, npz.parent.name
-            role_b64, _, roi_b64 = npz.name[: -len(".npz")].partition("__")
+            role_b64, _, roi_b64 = npz.stem.partition("__")
             role_id, roi_id = decode_id(role_b64), decode_id(roi_b64)
             if role_id is None or roi_id is None:
                 continue
             model_key = self._stored_model_key(npz) or mk_dir
             try:
                 ref = ModelRef(recipe_id=recipe_dir, role_id=role_id, roi_id=roi_id, model_key=model_key)
-                if ref.model_key_fs != mk_dir or ref.base != npz.name[: -len(".npz")]:
+                if ref.model_key_fs != mk_dir or ref.base != npz.stem:
                     continue
             except BDIError:
                 continue

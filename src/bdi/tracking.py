@@ -19,6 +19,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -281,8 +282,6 @@ class RunHandle:
         flat = flatten_metrics(mapping)
         if self._client is None or not flat:
             return flat
-        import time
-
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
