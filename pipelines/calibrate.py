@@ -55,8 +55,7 @@ def run_calibrate(
     with staged_output(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
         service = build_service(ctx, models_dir=staged, extractor=extractor)
-        scoring = service.settings.scoring_config(score_percentile=float(cfg.calibration.score_percentile),
-                                                  area_mm2_thr=float(cfg.calibration.area_mm2_thr))
+        scoring = service.settings.scoring_config()  # to_settings carries calibration.* into Settings
         for target in targets(cfg):
             rows = rows_for(manifest, target, "calib")
             _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,

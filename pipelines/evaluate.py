@@ -115,8 +115,7 @@ def run_evaluate(
         calib = service.store.load_calibration(target.ref)
         threshold = usable_threshold(calib, memory_fingerprint=loaded.memory.fingerprint)
         assert calib is not None
-        scoring = service.settings.scoring_config(score_percentile=float(calib["score_percentile"]),
-                                                  area_mm2_thr=float(calib["area_mm2_thr"]))
+        scoring = service.calibrated_scoring(calib)
         rows = rows_for(manifest, target, "eval")
         images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                      scoring=scoring, progress=progress)

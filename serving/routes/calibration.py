@@ -19,7 +19,6 @@ JsonBody = Annotated[dict[str, Any], Body()]
 CALIBRATE_NG_KEYS = ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng", "mm_per_px", "area_mm2_thr",
                      "score_percentile")
 CALIBRATE_DATASET_KEYS = ("threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng")
-DEFAULT_MM_PER_PX = 0.2  # §2.3: stored only, never validated nor locked
 
 
 @router.post("/calibrate_ng", dependencies=[error_style("model")])
@@ -37,7 +36,7 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[s
         ref=ref,
         ok_scores=ok_scores or [],
         ng_scores=ng_scores,
-        mm_per_px=DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px,
+        mm_per_px=mm_per_px,
         score_percentile=optional_number(body, "score_percentile"),
         area_mm2_thr=optional_number(body, "area_mm2_thr"),
     )

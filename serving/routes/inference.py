@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, UploadFile
 
 from bdi.datasets import LABELS
 from bdi.logging import slog
-from bdi.service import SampleScore
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
 from serving.parsing import (
@@ -22,26 +20,6 @@ from serving.parsing import (
 )
 
 router = APIRouter(tags=["inference"])
-
-
-def _b64(png: bytes | None) -> str | None:
-    return base64.b64encode(png).decode("ascii") if png is not None else None
-
-
-def _dataset_item(item: SampleScore, *, include_heatmap: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "label": item.label,
-        "filename": item.filename,
-        "mm_per_px": item.mm_per_px,
-        "score": item.score,
-        "threshold": item.threshold,
-        "regions": item.regions,
-        "n_regions": len(item.regions),
-        "error": item.error,
-    }
-    if include_heatmap:
-        body["heatmap_png_base64"] = _b64(item.heatmap_png)
-    return body
 
 
 @router.post("/infer", dependencies=[error_style("model")])
@@ -83,7 +61,7 @@ def infer_dataset(
         include_heatmap=include_heatmap,
         default_mm_per_px=optional_number(body, "default_mm_per_px"),
     )
-    shaped = [_dataset_item(item, include_heatmap=include_heatmap) for item in items]
+    shaped = [item.to_response(include_heatmap=include_heatmap) for item in items]
     n_errors = sum(1 for item in items if item.error is not None)
     slog("infer_dataset.response", model_key=ref.model_key, n_total=len(items), n_errors=n_errors)
     return {

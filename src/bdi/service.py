@@ -38,6 +38,7 @@ from .memory import Memory, build_index, fit_memory
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2  # §2.3: stored with the calibration only, never validated nor locked
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class InferOutcome:
     mm_per_px: float
 
     def to_response(self) -> dict[str, Any]:
-        heatmap = base64.b64encode(self.heatmap_png).decode("ascii") if self.heatmap_png is not None else None
+        heatmap = png_base64(self.heatmap_png)
         return {
             "score": self.result.score,
             "threshold": self.threshold,
@@ -95,6 +96,27 @@ class SampleScore:
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
+
+    def to_response(self, *, include_heatmap: bool) -> dict[str, Any]:
+        """The /infer_dataset item (§2.5); ``heatmap_png_base64`` only when heatmaps were asked for."""
+        body: dict[str, Any] = {
+            "label": self.label,
+            "filename": self.filename,
+            "mm_per_px": self.mm_per_px,
+            "score": self.score,
+            "threshold": self.threshold,
+            "regions": self.regions,
+            "n_regions": len(self.regions),
+            "error": self.error,
+        }
+        if include_heatmap:
+            body["heatmap_png_base64"] = png_base64(self.heatmap_png)
+        return body
+
+
+def png_base64(png: bytes | None) -> str | None:
+    """Standard base64 (with padding) of PNG bytes, as the GUI decodes it."""
+    return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
 def decide(score: float, threshold: float) -> str:
@@ -251,7 +273,7 @@ class InspectionService:
         ref: ModelRef,
         ok_scores: Iterable[Any],
         ng_scores: Iterable[Any] | None,
-        mm_per_px: float = 0.2,
+        mm_per_px: float | None = None,
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
     ) -> dict[str, Any]:
@@ -267,7 +289,7 @@ class InspectionService:
             "ng_mean": choice.ng_mean,
             "p99_ok": choice.p99_ok,
             "p5_ng": choice.p5_ng,
-            "mm_per_px": float(mm_per_px),
+            "mm_per_px": float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
             "area_mm2_thr": area,
             "score_percentile": percentile,
             **self._calibration_extras(choice, memory.fingerprint if memory is not None else None),
