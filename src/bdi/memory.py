@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import MemoryConfig
 from .coreset import coreset_size, greedy_k_center
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ModelMismatchError
 from .knn import KnnIndex
 
 L2_EPS = 1e-8  # added to the row norm, as the legacy backend does
@@ -118,3 +118,43 @@ def fit_memory(
 def build_index(memory: Memory, cfg: MemoryConfig, *, use_faiss: bool = True) -> KnnIndex:
     """The kNN index over a memory's rows, per ``cfg.knn_index`` (CPU; see ``KnnIndex.to_gpu``)."""
     return KnnIndex.build(memory.embeddings, factory=cfg.knn_index, use_faiss=use_faiss)
+
+
+# The signature keys a memory must share with the extractor that scores against it (FeatureExtractor.signature).
+SIGNATURE_KEYS = (
+    "backbone", "input_size", "blocks", "neighbourhood", "depth", "embed_dim", "weights", "weights_sha256",
+)
+
+
+def check_features_match(memory: Memory, signature: Mapping[str, Any]) -> None:
+    """Refuse to score with features unlike those the memory was fitted on.
+
+    ``signature`` is the extractor's (``FeatureExtractor.signature()``); the memory's is the one stored at
+    fit time in ``metadata["signature"]``. A memory without one (legacy files) is checked on its width only.
+
+    Raises:
+        ModelMismatchError: another backbone, blocks, input size, neighbourhood, depth or weights.
+    """
+    if memory.dim != signature.get("embed_dim", memory.dim):
+        raise ModelMismatchError(
+            f"the stored memory has {memory.dim}-d features but this server extracts {signature['embed_dim']}-d "
+            f"({signature.get('backbone')}); refit with /fit_ok or serve with the backbone it was fitted with"
+        )
+    stored = memory.metadata.get("signature")
+    if not isinstance(stored, Mapping):
+        return
+    differences = [
+        f"{key} {stored.get(key)!r} vs {signature.get(key)!r}"
+        for key in SIGNATURE_KEYS
+        if key in stored and _comparable(stored.get(key)) != _comparable(signature.get(key))
+    ]
+    if differences:
+        raise ModelMismatchError(
+            "the stored memory was fitted with other features than this server extracts (fitted vs served: "
+            + "; ".join(differences)
+            + "); refit with /fit_ok or serve with BDI_BACKBONE / BDI_WEIGHTS it was fitted with"
+        )
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
