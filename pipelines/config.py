@@ -109,7 +109,7 @@ class ModelSchema:
     batch_size: int = FeatureConfig.batch_size
     # MemoryConfig (seed: see above)
     coreset_rate: float = MemoryConfig.coreset_rate
-    projection_dim: int = MemoryConfig.projection_dim
+    projection_dim: int | None = MemoryConfig.projection_dim  # None = the backbone's default
     knn_index: str = MemoryConfig.knn_index
     prefer_gpu: bool = MemoryConfig.prefer_gpu
     gpu_device: int = MemoryConfig.gpu_device
@@ -260,7 +260,7 @@ def memory_config(cfg: PipelineConfig) -> MemoryConfig:
     return MemoryConfig(
         coreset_rate=m.coreset_rate, seed=m.seed, projection_dim=m.projection_dim, knn_index=m.knn_index,
         prefer_gpu=m.prefer_gpu, gpu_device=m.gpu_device,
-    )
+    ).resolved(m.backbone)
 
 
 def scoring_config(cfg: PipelineConfig) -> ScoringConfig:

@@ -78,7 +78,7 @@ class MemoryConfig:
 
     coreset_rate: float = 0.10  # fraction of patches kept, in (0, 1]
     seed: int = 0  # picks the first k-center and the random projection
-    projection_dim: int = 128  # greedy distances computed on a random projection; 0 = exact
+    projection_dim: int | None = None  # greedy distances on a random projection; 0 = exact; None = the backbone's
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
@@ -86,8 +86,14 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
-        if self.projection_dim < 0:
+        if self.projection_dim is not None and self.projection_dim < 0:
             raise ValueError("projection_dim must be >= 0")
+
+    def resolved(self, backbone: str) -> MemoryConfig:
+        """This config with an unset ``projection_dim`` taken from the backbone's registry entry."""
+        if self.projection_dim is not None:
+            return self
+        return replace(self, projection_dim=backbone_spec(backbone).projection_dim)
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,10 @@ class ModelConfig:
     def resolved(self) -> ModelConfig:
         """Every backbone-dependent default filled in."""
         return replace(
-            self, features=self.features.resolved(), scoring=self.scoring.resolved(self.features.backbone)
+            self,
+            features=self.features.resolved(),
+            memory=self.memory.resolved(self.features.backbone),
+            scoring=self.scoring.resolved(self.features.backbone),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,7 +220,7 @@ class Settings(BaseSettings):
 
     # algorithm defaults (contract §5.1)
     coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
-    coreset_projection_dim: int = Field(128, validation_alias=_env("CORESET_PROJECTION_DIM"))
+    coreset_projection_dim: int | None = Field(None, validation_alias=_env("CORESET_PROJECTION_DIM"))
     coreset_seed: int = Field(0, validation_alias=_env("CORESET_SEED"))
     knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
     score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
@@ -272,7 +281,9 @@ class Settings(BaseSettings):
             return 8000
         return port if 0 < port < 65536 else 8000
 
-    @field_validator("backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", mode="before")
+    @field_validator(
+        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", mode="before"
+    )
     @classmethod
     def _parse_depth(cls, value: object) -> object:
         return None if value in ("", None) else value
@@ -323,7 +334,7 @@ class Settings(BaseSettings):
             knn_index=self.knn_index,
             prefer_gpu=self.faiss_prefer_gpu,
             gpu_device=self.faiss_gpu_device,
-        )
+        ).resolved(self.backbone)
 
     def scoring_config(
         self, *, score_percentile: float | None = None, area_mm2_thr: float | None = None

@@ -236,6 +236,7 @@ class InspectionService:
                                 "created_at_utc": utc_now_iso()},
                 on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
                 device=self.extractor.device,
+                normalize=self.extractor.spec.l2_normalize,
             )
         with timer.stage("index"):
             index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
@@ -480,6 +481,7 @@ class InspectionService:
                     embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
                     index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
                     threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
+                    normalize=model.memory.l2_normalized,
                 )
             done += len(batch)
             if progress:
