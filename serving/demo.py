@@ -67,9 +67,9 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
     bars: dict[str, tqdm] = {}
 
     def on_fit_progress(stage: str, done: int, total: int) -> None:
-        unit = "img" if stage == "encode" else "centre"
-        bar = bars.setdefault(stage, tqdm(total=total, desc=f"fit: {stage}", unit=unit))
-        bar.update(done - bar.n)
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"fit: {stage}", unit="img" if stage == "encode" else "centre")
+        bars[stage].update(done - bars[stage].n)
 
     service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
     try:
