@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DINOV2_MODEL_NAME = "vit_small_patch14_dinov2"
 DINOV2_PRETRAINED_TAG = "lvd142m"
@@ -112,9 +119,26 @@ def _truthy(value: object) -> bool:
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
-    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings."""
-    names = [f"BDI_{name}", f"BRAKEDISC_{name}", *legacy]
-    return AliasChoices(name.lower(), *names)
+    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings (plus the contract's own
+    legacy names, e.g. ``HOST``), exactly as spelt: init kwargs use the field name instead."""
+    return AliasChoices(f"BDI_{name}", f"BRAKEDISC_{name}", *legacy)
+
+
+class _ContractEnvSource(EnvSettingsSource):
+    """The environment, read case-sensitively and only under the names the contract allows.
+
+    pydantic-settings would also read a field's bare name (``device``, or ``DEVICE`` when not
+    case-sensitive) because init kwargs may use field names; here only the aliases count, so a
+    stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (API_CONTRACT §5). The first alias
+    set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names).
+    """
+
+    def _extract_field_info(
+        self, field: Any, field_name: str, model_config: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        infos = super()._extract_field_info(field, field_name, model_config)
+        # keyed by the field name, so the sources merge (env over YAML) on one key
+        return [(field_name, env_name, is_complex) for _, env_name, is_complex in infos if env_name != field_name]
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -203,12 +227,12 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
 
     # MLflow (optional; empty tracking_uri = no tracking from the server)
-    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"))
+    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
     mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
     registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
     registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
 
-    config_file: str | None = Field(None, validation_alias=AliasChoices("config_file", "BDI_CONFIG"))
+    config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("feature_blocks", mode="before")
     @classmethod
@@ -264,8 +288,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init_kwargs = getattr(init_settings, "init_kwargs", {})
-        path = init_kwargs.get("config_file") or os.environ.get("BDI_CONFIG")
-        return init_settings, env_settings, _YamlSource(settings_cls, path)
+        path = init_kwargs.get("config_file") or init_kwargs.get("BDI_CONFIG") or os.environ.get("BDI_CONFIG")
+        return init_settings, _ContractEnvSource(settings_cls, case_sensitive=True), _YamlSource(settings_cls, path)
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(
