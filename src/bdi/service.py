@@ -630,10 +630,8 @@ class InspectionService:
             value = json.loads(text)
         except (json.JSONDecodeError, TypeError) as exc:
             raise InvalidInputError(f"metas[{index}] is not valid JSON: {exc}") from exc
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"metas[{index}] must be a JSON object")
+        if not isinstance(value, dict):  # null included: any non-object JSON is bad input
+            raise InvalidInputError(f"metas[{index}] must be a JSON object, got {type(value).__name__}")
         return value
 
     # ------------------------------------------------------------------ helpers

@@ -78,7 +78,8 @@ def test_infer_with_bad_shape_is_400_shape_a(fitted: TestClient, shape: str) -> 
 
 
 @pytest.mark.parametrize(
-    "metas", ["not json", "[1]", '{"shape_json": "{bad"}'], ids=["malformed", "array", "bad-shape"]
+    "metas", ["not json", "[1]", '{"shape_json": "{bad"}', "null", '"text"', "3", "true"],
+    ids=["malformed", "array", "bad-shape", "null", "string", "number", "bool"],
 )
 def test_upload_with_bad_metas_is_400_shape_b(client: TestClient, metas: str) -> None:
     error_text(upload_raw(client, [("a.png", PNG)], metas=[metas]), status=400, shape="B")
