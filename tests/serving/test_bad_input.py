@@ -168,11 +168,22 @@ def test_calibrate_ng_with_nan_percentile_is_400_shape_a(client: TestClient) -> 
     assert "finite" in error_text(response, status=400, shape="A")
 
 
-@pytest.mark.parametrize("model_key", ["..", "."])
+@pytest.mark.parametrize("model_key", ["..", ".", " .. ", "   "])
 def test_dot_model_keys_are_rejected(client: TestClient, model_key: str) -> None:
     response = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [1],
                                                   "model_key": model_key})
     assert "model_key" in error_text(response, status=400, shape="A")
+
+
+def test_model_keys_that_sanitised_alike_are_different_models(client: TestClient, models_dir: Path) -> None:
+    """``a b`` and ``a_b`` once shared the folder ``a_b``: two clients silently shared a model."""
+    for key, score in (("a b", 1.0), ("a_b", 5.0)):
+        assert calibrate_ng(client, ok_scores=[score], model_key=key).status_code == 200
+    params = {"role_id": ROLE, "roi_id": ROI}
+    thresholds = {key: client.get("/manifest", params={**params, "model_key": key}).json()["calib"]["threshold"]
+                  for key in ("a b", "a_b")}
+    assert thresholds == {"a b": 1.0, "a_b": 5.0}
+    assert sorted(p.name for p in (models_dir / "recipes" / "default").iterdir() if p.is_dir()) == ["a_b", "a~20b"]
 
 
 # ------------------------------------------------------------------------------------ missing fields (422)
