@@ -10,7 +10,9 @@ recipe_id}}``. 422 validation errors keep FastAPI's shape D (its default handler
   400 B, other bad input is 400 A (§2.5, §2.6).
 * ``resource``: /health, datasets, /state, /manifest; simple ``HTTPException``-like 400/404 B.
 
-Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text).
+Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text). A 500's
+body never carries the exception text (it may hold server paths): it says
+:func:`internal_error_message`, and the details are logged under the same request id.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ Shape = Literal["A", "B", "C"]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 DEFAULT_STYLE: ErrorStyle = "resource"
+
+
+def internal_error_message(request_id: str) -> str:
+    """The stable text of every 500 body; the exception itself is only in the log."""
+    return f"Internal Server Error (details are in the server log under request_id {request_id})"
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ async def handle_bdi_error(request: Request, exc: Exception) -> JSONResponse:
     if rule.log_trace:
         fields["trace"] = "".join(traceback.format_exception(exc))
     slog(f"{_event_prefix(request)}.error", **fields)
-    body = error_body(shape=shape, message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    message = internal_error_message(request_id) if rule.status >= 500 else str(exc)
+    body = error_body(shape=shape, message=message, request_id=request_id, recipe_id=recipe_id)
     return JSONResponse(body, status_code=rule.status)
 
 
@@ -146,7 +154,8 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
         status_code=500,
         trace="".join(traceback.format_exception(exc)),
     )
-    body = error_body(shape="A", message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    body = error_body(shape="A", message=internal_error_message(request_id), request_id=request_id,
+                      recipe_id=recipe_id)
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse(body, status_code=500, headers=headers)
 

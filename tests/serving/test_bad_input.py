@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from serving.errors import internal_error_message
 from tests.helpers.synthetic import disc_png
 
 from .conftest import ROI, ROLE, ClientFactory, calibrate_ng, fit_from_dataset, infer, upload
@@ -283,11 +284,14 @@ def test_storage_failure_is_logged_500_shape_a_with_request_id(client_factory: C
     client = client_factory(models_dir=blocked)
     response = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [1.0]},
                            headers={"X-Request-Id": "rid-500"})
-    assert error_text(response, status=500, shape="A")
+    message = error_text(response, status=500, shape="A")
+    assert message == internal_error_message("rid-500")
+    assert str(tmp_path) not in response.text and "blocked" not in response.text  # no server path leaks
     assert response.headers["x-request-id"] == "rid-500" and response.json()["request_id"] == "rid-500"
     log = (tmp_path / "logs" / "backend_diagnostics.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in log]
-    assert any(e["event"] == "calibrate_ng.error" and e.get("trace") and e["request_id"] == "rid-500" for e in events)
+    assert any(e["event"] == "calibrate_ng.error" and e.get("trace") and e["request_id"] == "rid-500"
+               and str(blocked) in e["error_message"] for e in events)
 
 
 def test_unexpected_exception_is_json_500_shape_a_not_plain_text(client_factory: ClientFactory) -> None:
@@ -295,11 +299,12 @@ def test_unexpected_exception_is_json_500_shape_a_not_plain_text(client_factory:
     client = client_factory(raise_server_exceptions=False)
 
     def explode() -> None:
-        raise RuntimeError("boom")
+        raise RuntimeError("kaboom at /srv/secret/path")
 
     client.app.add_api_route("/explode", explode)  # type: ignore[attr-defined]
     response = client.get("/explode", headers={"X-Request-Id": "rid-boom"})
-    assert error_text(response, status=500, shape="A") == "boom"
+    assert error_text(response, status=500, shape="A") == internal_error_message("rid-boom")
+    assert "kaboom" not in response.text and "/srv/secret" not in response.text
     assert response.headers["content-type"] == "application/json"
     assert response.headers["x-request-id"] == "rid-boom"
 
