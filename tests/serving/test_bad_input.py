@@ -223,6 +223,49 @@ def test_non_object_json_body_is_422(client: TestClient, path: str, body: str) -
     error_text(response, status=422, shape="D")
 
 
+HUGE = "1" + "0" * 400  # a JSON integer no float can hold
+NUMERIC_FIELDS: dict[str, list[str]] = {
+    "/calibrate_ng": ["score_percentile", "area_mm2_thr", "mm_per_px"],
+    "/calibrate_dataset": ["score_percentile", "area_mm2_thr", "default_mm_per_px"],
+    "/infer_dataset": ["default_mm_per_px"],
+}
+OUT_OF_RANGE: dict[str, list[str]] = {
+    "score_percentile": ["150", "-1", "100.5"],
+    "area_mm2_thr": ["-0.5"],
+    "mm_per_px": ["0", "-1"],
+    "default_mm_per_px": ["0", "-0.2"],
+}
+NOT_A_NUMBER = ["true", '"abc"', "[1]", "{}", "1e999", HUGE, "NaN", "-Infinity"]
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "raw"),
+    [(path, key, raw) for path, keys in NUMERIC_FIELDS.items() for key in keys
+     for raw in OUT_OF_RANGE[key] + NOT_A_NUMBER],
+)
+def test_every_numeric_json_field_out_of_range_is_400_naming_it(
+    client: TestClient, path: str, key: str, raw: str
+) -> None:
+    """``score_percentile: 150`` was a 500 (issue 16); every numeric key of every JSON body is checked."""
+    body = f'{{"role_id": "{ROLE}", "roi_id": "{ROI}", "ok_scores": [1.0], "{key}": {raw}}}'
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert error_text(response, status=400, shape="A").startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("scores", [f"[1.0, {HUGE}]", "[true]", '["1"]', '"1,2"'])
+@pytest.mark.parametrize("key", ["ok_scores", "ng_scores"])
+def test_score_lists_holding_non_numbers_are_400(client: TestClient, key: str, scores: str) -> None:
+    body = f'{{"role_id": "{ROLE}", "roi_id": "{ROI}", "ok_scores": [1.0], "{key}": {scores}}}'
+    response = client.post("/calibrate_ng", content=body, headers={"Content-Type": "application/json"})
+    assert error_text(response, status=400, shape="A").startswith(f"{key}")
+
+
+def test_numbers_in_range_and_numeric_strings_are_accepted(client: TestClient) -> None:
+    response = calibrate_ng(client, ok_scores=[1.0, 2.0], score_percentile="95", area_mm2_thr=0, mm_per_px=0.1)
+    assert response.status_code == 200, response.text
+    assert (response.json()["score_percentile"], response.json()["area_mm2_thr"]) == (95, 0.0)
+
+
 @pytest.mark.parametrize("path", ["/infer_dataset", "/calibrate_dataset"])
 def test_dataset_jobs_without_role_id_are_keyerror_text(client: TestClient, path: str) -> None:
     assert error_text(client.post(path, json={"roi_id": ROI}), status=400, shape="A") == "'role_id'"
