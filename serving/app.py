@@ -21,7 +21,7 @@ from bdi.registry import sync_registered
 from bdi.service import InspectionService
 from bdi.tracking import ApiRunLogger, TrackingConfig
 from serving.errors import install_error_handlers
-from serving.middleware import RequestContextMiddleware, SettingsCORSMiddleware
+from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
 
 
@@ -76,7 +76,9 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
                 run_logger.close()
 
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
-    # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too.
+    # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
+    # the body cap is innermost, so a 413 carries both.
+    app.add_middleware(RequestSizeLimitMiddleware)
     app.add_middleware(SettingsCORSMiddleware)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from bdi.errors import (
     BDIError,
     CalibrationMissingError,
+    FitInProgressError,
     InsufficientSamplesError,
     InvalidInputError,
     InvalidRecipeError,
@@ -71,6 +72,7 @@ class ErrorRule:
 ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError (§1.2)
     ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
+    FitInProgressError: ErrorRule(409, "A", {"resource": "B"}),  # one writer per model
     InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
     NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),

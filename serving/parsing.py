@@ -48,6 +48,14 @@ def read_upload(upload: UploadFile, *, max_bytes: int) -> tuple[str, bytes]:
     return name, data
 
 
-def read_uploads(uploads: Sequence[UploadFile] | None, *, max_bytes: int) -> list[tuple[str, bytes]]:
-    """:func:`read_upload` for each part, in order."""
-    return [read_upload(u, max_bytes=max_bytes) for u in uploads or ()]
+def read_uploads(
+    uploads: Sequence[UploadFile] | None, *, max_bytes: int, max_files: int
+) -> list[tuple[str, bytes]]:
+    """:func:`read_upload` for each part, in order, after checking the file count: too many files
+    are refused before any of them is read into memory."""
+    parts = list(uploads or ())
+    if len(parts) > max_files:
+        raise UploadLimitError(
+            f"{len(parts)} files exceed the limit of {max_files} per request (BDI_MAX_FILES_PER_REQUEST)"
+        )
+    return [read_upload(u, max_bytes=max_bytes) for u in parts]

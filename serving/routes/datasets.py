@@ -35,7 +35,8 @@ def _add_upload_route(label: str) -> None:
     ) -> dict[str, Any]:
         ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
         slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
-        files = read_uploads(images, max_bytes=settings.max_upload_bytes)
+        files = read_uploads(images, max_bytes=settings.max_upload_bytes,
+                             max_files=settings.max_files_per_request)
         saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
         slog("datasets.upload.response", label=label, saved=saved)
         return {"status": "ok", "saved": saved, **ctx.ids()}

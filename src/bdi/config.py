@@ -225,12 +225,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=_env("MAX_UPLOAD_BYTES"))
     max_image_pixels: int = Field(40_000_000, validation_alias=_env("MAX_IMAGE_PIXELS"))
     max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
+    # hardening (issue 16): limits that act before the bytes land, one writer per model
+    max_request_bytes: int = Field(64 * 1024 * 1024, validation_alias=_env("MAX_REQUEST_BYTES"))
+    max_dataset_images: int = Field(1000, validation_alias=_env("MAX_DATASET_IMAGES"))
+    fit_lock_timeout_s: float = Field(10.0, validation_alias=_env("FIT_LOCK_TIMEOUT_S"))
+    orphan_tmp_age_s: float = Field(300.0, validation_alias=_env("ORPHAN_TMP_AGE_S"))
 
     # MLflow (optional; empty tracking_uri = no tracking from the server)
     mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
     mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
     registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
     registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
+    mlflow_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_TIMEOUT_S"))
+    mlflow_queue_size: int = Field(64, validation_alias=_env("MLFLOW_QUEUE_SIZE"))
+    mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_SHUTDOWN_TIMEOUT_S"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
@@ -273,9 +281,13 @@ class Settings(BaseSettings):
         self.to_model_config()
         if self.min_ok_samples < 1:
             raise ValueError("min_ok_samples must be >= 1")
-        for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries"):
+        for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries",
+                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("fit_lock_timeout_s", "orphan_tmp_age_s", "mlflow_timeout_s", "mlflow_shutdown_timeout_s"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0")
         return self
 
     @classmethod

@@ -37,7 +37,8 @@ import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +49,7 @@ from filelock import FileLock, Timeout
 
 from .errors import (
     BDIError,
+    FitInProgressError,
     InvalidInputError,
     InvalidRecipeError,
     InvalidScaleError,
@@ -574,6 +576,33 @@ class ModelStore:
         return Resolution(path=None, probed=tuple(probed))
 
     # -------------------------------------------------------------- model
+    @contextmanager
+    def fit_lock(self, ref: ModelRef, *, timeout_s: float) -> Iterator[None]:
+        """One writer per model, across threads and processes: an exclusive ``flock`` on
+        ``<model dir>/.<base>.fit.lock`` held for the whole fit. A second fit waits up to
+        ``timeout_s``, then gets :class:`FitInProgressError`. The kernel drops the lock when its
+        holder dies (even by SIGKILL), so a crashed fit never blocks the next one.
+        """
+        directory = self.paths(ref).memory.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {directory}: {exc}") from exc
+        lock = FileLock(str(directory / f".{ref.base}.fit.lock"), timeout=timeout_s)
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise FitInProgressError(
+                f"another fit of model_key '{ref.model_key}' (role '{ref.role_id}', roi '{ref.roi_id}') is in "
+                f"progress; waited {timeout_s:g} s (BDI_FIT_LOCK_TIMEOUT_S), retry when it has finished"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot take the fit lock in {directory}: {exc}") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
     def save_model(self, ref: ModelRef, memory: Memory, index: KnnIndex | None) -> ArtifactPaths:
         """Write the index (if a faiss one is given), then the npz recording the index's sha256.
 
