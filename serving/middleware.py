@@ -146,10 +146,10 @@ class RequestSizeLimitMiddleware:
                 raise RequestTooLargeError(too_large_message(limit))
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
+                if received + len(message.get("body", b"")) > limit:  # this message is not handed on
                     exceeded = True
                     raise RequestTooLargeError(too_large_message(limit))
+                received += len(message.get("body", b""))
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -166,7 +166,7 @@ class RequestSizeLimitMiddleware:
             if not exceeded or started:
                 raise
         if exceeded and not started:
-            slog("http.request_too_large", received_bytes=received, limit_bytes=limit)
+            slog("http.request_too_large", accepted_bytes=received, limit_bytes=limit)
             await _send_too_large(send, limit)
 
 
