@@ -58,7 +58,7 @@ class Memory:
         (``dataclasses.replace`` makes a new instance, so a new bank is always hashed again).
         """
         digest = hashlib.sha256()
-        digest.update(memoryview(np.ascontiguousarray(self.embeddings, dtype=np.float32)))  # no copy
+        digest.update(np.ascontiguousarray(self.embeddings, dtype=np.float32).data)  # the buffer, no copy
         digest.update(json.dumps(list(self.token_shape)).encode())
         return digest.hexdigest()[:16]
 
@@ -200,7 +200,7 @@ class MemoryBuilder:
             assert self._projected is not None and self._spill is not None
             x = torch.from_numpy(rows).to(self._device)
             self._projected[start:stop] = (x @ self._projection_t).cpu().numpy()
-            self._spill.write(memoryview(np.ascontiguousarray(rows)))
+            self._spill.write(np.ascontiguousarray(rows).data)
         self._filled = stop
 
     def build(
