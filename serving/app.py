@@ -19,6 +19,7 @@ from bdi.errors import BDIError
 from bdi.logging import configure_logging, slog
 from bdi.registry import sync_registered
 from bdi.service import InspectionService
+from bdi.store import remove_orphan_temp_files
 from bdi.tracking import ApiRunLogger, TrackingConfig
 from serving.errors import install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
@@ -38,6 +39,9 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or (service.settings if service is not None else Settings())
         log_file = configure_logging(resolved.log_dir)
+        orphans = remove_orphan_temp_files(resolved.models_dir, older_than_s=resolved.orphan_tmp_age_s)
+        if orphans:
+            slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         tracking = TrackingConfig.from_settings(resolved)
         if resolved.registry_sync_on_start:
             _sync_registry(tracking, resolved)

@@ -353,6 +353,29 @@ def write_temp_file(directory: Path, data: bytes) -> Path:
     return tmp
 
 
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.tmp")
+
+
+def remove_orphan_temp_files(root: Path, *, older_than_s: float, now: float | None = None) -> list[Path]:
+    """Delete the temp files :func:`write_temp_file` left under ``root`` (a writer killed between
+    writing and ``os.replace``) once they are older than ``older_than_s``; younger ones may belong to a
+    write in progress in another worker. Returns what was removed; unreadable dirs are skipped."""
+    cutoff = (time.time() if now is None else now) - older_than_s
+    removed: list[Path] = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if not _TEMP_NAME.fullmatch(name):
+                continue
+            path = Path(directory) / name
+            try:
+                if path.lstat().st_mtime <= cutoff and stat_mod.S_ISREG(path.lstat().st_mode):
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue  # vanished meanwhile, or not ours to delete
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
     path = Path(path)
