@@ -6,9 +6,11 @@ process builds its ``Settings`` and its one ``InspectionService`` in the lifespa
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -20,7 +22,14 @@ from bdi.logging import configure_logging, slog
 from bdi.registry import sync_registered
 from bdi.service import InspectionService
 from bdi.store import remove_orphan_temp_files
-from bdi.tracking import ApiRunLogger, TrackingConfig
+from bdi.tracking import (
+    ApiRunLogger,
+    TrackingConfig,
+    TrackingStatus,
+    bounded_mlflow_http,
+    check_tracking_server,
+    reap_orphaned_runs,
+)
 from serving.errors import install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
@@ -43,10 +52,19 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         if orphans:
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         tracking = TrackingConfig.from_settings(resolved)
-        if resolved.registry_sync_on_start:
-            _sync_registry(tracking, resolved)
+        uses_mlflow = bool(resolved.mlflow_tracking_uri) or resolved.registry_sync_on_start
+        status = TrackingStatus("checking" if uses_mlflow else "disabled")
+        mlflow_http = ExitStack()
+        mlflow_http.enter_context(bounded_mlflow_http(resolved.mlflow_timeout_s))
+        if uses_mlflow:  # sync / check / reap off the event loop; serve within a bounded wait
+            startup = threading.Thread(target=_registry_startup, args=(tracking, resolved, status),
+                                       name="bdi-registry-startup", daemon=True)
+            startup.start()
+            if resolved.registry_sync_on_start:  # a reachable registry is synced before serving
+                await asyncio.to_thread(startup.join, max(2.0, 3 * resolved.mlflow_timeout_s))
         run_logger = (
-            ApiRunLogger(tracking, project_root=Path.cwd(), background=True)
+            ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
+                         queue_size=resolved.mlflow_queue_size, status=status)
             if resolved.mlflow_tracking_uri and service is None
             else None
         )
@@ -60,6 +78,7 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             )
         app.state.settings = resolved
         app.state.service = svc
+        app.state.tracking_status = status
         slog(
             "startup",
             cwd=os.getcwd(),
@@ -77,7 +96,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             yield
         finally:
             if run_logger is not None:
-                run_logger.close()
+                await asyncio.to_thread(run_logger.close, resolved.mlflow_shutdown_timeout_s)
+            mlflow_http.close()
 
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
     # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
@@ -91,13 +111,29 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     return app
 
 
-def _sync_registry(tracking: TrackingConfig, settings: Settings) -> None:
-    """Materialise the registered models holding the alias; a failure is logged, not fatal."""
+def _registry_startup(tracking: TrackingConfig, settings: Settings, status: TrackingStatus) -> None:
+    """Start-up work against MLflow, on a thread: sync the registered models holding the alias
+    (``BDI_REGISTRY_SYNC_ON_START``) or else check the tracking server, then mark KILLED the runs a
+    killed process left RUNNING. Each call has the ``BDI_MLFLOW_TIMEOUT_S`` timeout; a failure is
+    logged and reported by /health (``registry: unreachable``), never fatal."""
+    root = Path.cwd()
     try:
-        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir)
-        slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
-    except BDIError as exc:
-        slog("registry.sync_failed", error=str(exc))
+        if settings.registry_sync_on_start:
+            try:
+                synced = sync_registered(cfg=tracking, project_root=root, models_dir=settings.models_dir)
+            except BDIError as exc:
+                slog("registry.sync_failed", error=str(exc))
+                raise
+            slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
+        else:
+            check_tracking_server(tracking, project_root=root)
+        reaped = reap_orphaned_runs(tracking, project_root=root)
+        if reaped:
+            slog("tracking.runs_reaped", run_ids=reaped, status="KILLED")
+        status.set("ok")
+    except Exception as exc:  # noqa: BLE001 - an unreachable registry must not stop the server
+        slog("registry.unreachable", error=f"{type(exc).__name__}: {exc}"[:500])
+        status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 app = create_app()
