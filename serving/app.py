@@ -30,7 +30,7 @@ from bdi.tracking import (
     check_tracking_server,
     reap_orphaned_runs,
 )
-from serving.errors import install_error_handlers
+from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
 
@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app
 
 

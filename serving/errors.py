@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, RootModel
 
 from bdi.errors import (
     BDIError,
@@ -160,6 +161,34 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
                       recipe_id=recipe_id)
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse(body, status_code=500, headers=headers)
+
+
+class ErrorShapeA(BaseModel):
+    error: str
+    request_id: str
+    recipe_id: str
+
+
+class ErrorShapeB(BaseModel):
+    detail: str
+
+
+class ErrorShapeC(BaseModel):
+    detail: ErrorShapeA
+
+
+class ErrorBody(RootModel[ErrorShapeA | ErrorShapeB | ErrorShapeC]):
+    """Any of the contract's JSON error shapes A, B, C (§1.4); 422 keeps FastAPI's own shape D."""
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family, §1.4)"},
+    404: {"model": ErrorBody, "description": "Dataset file or sidecar not found (shape B)"},
+    409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C) or a fit of the model in progress (A)"},
+    413: {"model": ErrorBody, "description": "Request body over BDI_MAX_REQUEST_BYTES (shape B)"},
+    500: {"model": ErrorBody, "description": "Unexpected failure: a stable message and the request id (shape A)"},
+}
+"""The error statuses every route documents in the OpenAPI schema (``include_router(responses=...)``)."""
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -59,7 +59,13 @@ def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ
     return {**listing, **ctx.ids()}
 
 
-@router.get("/file")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "image/webp",
+                     "application/octet-stream")
+
+
+@router.get("/file", response_class=Response,
+            responses={200: {"description": "The stored image bytes",
+                             "content": {media: {} for media in IMAGE_MEDIA_TYPES}}})
 def download_sample(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> Response:
