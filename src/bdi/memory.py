@@ -203,6 +203,20 @@ class MemoryBuilder:
             self._spill.write(np.ascontiguousarray(rows).data)
         self._filled = stop
 
+    def _read_rows(self, selected: np.ndarray) -> np.ndarray:
+        """The spilled rows ``selected``, in that order, read one by one: a memory map would fault in
+        (and count as resident) neighbouring pages of the whole file."""
+        spill = self._spill
+        assert spill is not None
+        spill.flush()
+        row_bytes = self._dim * 4
+        bank = np.empty((len(selected), self._dim), dtype=np.float32)
+        for out, row in enumerate(selected):
+            spill.seek(int(row) * row_bytes)
+            if spill.readinto(bank[out].data) != row_bytes:
+                raise OSError(f"short read of spilled row {int(row)}")
+        return bank
+
     def build(
         self,
         *,
@@ -229,10 +243,7 @@ class MemoryBuilder:
             selected = greedy_select(x, size=self.size, first=self._plan.first, on_progress=on_progress)
             del x
             self._projected = None
-            self._spill.flush()
-            spilled = np.memmap(self._spill, dtype=np.float32, mode="r", shape=(self._n_rows, self._dim))
-            bank = np.ascontiguousarray(spilled[selected])  # only the selected rows are read back
-            del spilled
+            bank = self._read_rows(selected)
         return _memory(bank, token_shape=token_shape, cfg=self._cfg, n_rows=self._n_rows, n_images=n_images,
                        extra_metadata=extra_metadata)
 
