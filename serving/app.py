@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -51,53 +51,33 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         orphans = remove_orphan_temp_files(resolved.models_dir, older_than_s=resolved.orphan_tmp_age_s)
         if orphans:
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
-        tracking = TrackingConfig.from_settings(resolved)
-        uses_mlflow = bool(resolved.mlflow_tracking_uri) or resolved.registry_sync_on_start
-        status = TrackingStatus("checking" if uses_mlflow else "disabled")
-        mlflow_http = ExitStack()
-        mlflow_http.enter_context(bounded_mlflow_http(resolved.mlflow_timeout_s))
-        if uses_mlflow:  # sync / check / reap off the event loop; serve within a bounded wait
-            startup = threading.Thread(target=_registry_startup, args=(tracking, resolved, status),
-                                       name="bdi-registry-startup", daemon=True)
-            startup.start()
-            if resolved.registry_sync_on_start:  # a reachable registry is synced before serving
-                await asyncio.to_thread(startup.join, max(2.0, 3 * resolved.mlflow_timeout_s))
-        run_logger = (
-            ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
-                         queue_size=resolved.mlflow_queue_size, status=status)
-            if resolved.mlflow_tracking_uri and service is None
-            else None
-        )
-        hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
-        svc = service or InspectionService.from_settings(resolved, **hooks)
-        health = svc.health()
-        if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
-            raise CudaRequiredError(
-                f"BDI_REQUIRE_CUDA is set but the feature extractor runs on {health['device']!r}; "
-                "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
+        async with AsyncExitStack() as stack:
+            status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
+            hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
+            svc = service or InspectionService.from_settings(resolved, **hooks)
+            health = svc.health()
+            if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
+                raise CudaRequiredError(
+                    f"BDI_REQUIRE_CUDA is set but the feature extractor runs on {health['device']!r}; "
+                    "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
+                )
+            app.state.settings = resolved
+            app.state.service = svc
+            app.state.tracking_status = status
+            slog(
+                "startup",
+                cwd=os.getcwd(),
+                pid=os.getpid(),
+                resolved_log_dir=str(log_file.parent) if log_file else None,
+                resolved_log_file=str(log_file) if log_file else None,
+                models_dir=str(resolved.models_dir.absolute()),
+                device=health["device"],
+                model=health["model"],
+                weights=health["weights"],
+                version=__version__,
+                mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
             )
-        app.state.settings = resolved
-        app.state.service = svc
-        app.state.tracking_status = status
-        slog(
-            "startup",
-            cwd=os.getcwd(),
-            pid=os.getpid(),
-            resolved_log_dir=str(log_file.parent) if log_file else None,
-            resolved_log_file=str(log_file) if log_file else None,
-            models_dir=str(resolved.models_dir.absolute()),
-            device=health["device"],
-            model=health["model"],
-            weights=health["weights"],
-            version=__version__,
-            mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
-        )
-        try:
             yield
-        finally:
-            if run_logger is not None:
-                await asyncio.to_thread(run_logger.close, resolved.mlflow_shutdown_timeout_s)
-            mlflow_http.close()
 
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
     # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
@@ -109,6 +89,30 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     for router in ROUTERS:
         app.include_router(router, responses=ERROR_RESPONSES)
     return app
+
+
+async def _start_tracking(
+    stack: AsyncExitStack, settings: Settings, *, log_api_runs: bool
+) -> tuple[TrackingStatus, ApiRunLogger | None]:
+    """Bound every MLflow call of the process, start the start-up work against MLflow on a thread
+    (waiting a bounded time when models are synced at start-up), and build the API run logger.
+    What must be undone at shutdown goes on ``stack``: the logger's bounded close, then the timeouts."""
+    tracking = TrackingConfig.from_settings(settings)
+    uses_mlflow = bool(settings.mlflow_tracking_uri) or settings.registry_sync_on_start
+    status = TrackingStatus("checking" if uses_mlflow else "disabled")
+    stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
+    if uses_mlflow:
+        startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
+                                   name="bdi-registry-startup", daemon=True)
+        startup.start()
+        if settings.registry_sync_on_start:  # a reachable registry is synced before serving
+            await asyncio.to_thread(startup.join, max(2.0, 3 * settings.mlflow_timeout_s))
+    if not (settings.mlflow_tracking_uri and log_api_runs):
+        return status, None
+    run_logger = ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
+                              queue_size=settings.mlflow_queue_size, status=status)
+    stack.push_async_callback(asyncio.to_thread, run_logger.close, settings.mlflow_shutdown_timeout_s)
+    return status, run_logger
 
 
 def _registry_startup(tracking: TrackingConfig, settings: Settings, status: TrackingStatus) -> None:
