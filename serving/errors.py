@@ -34,6 +34,7 @@ from bdi.errors import (
     InvalidInputError,
     InvalidRecipeError,
     InvalidScaleError,
+    ModelMismatchError,
     NotFittedError,
     NotFoundError,
     ScaleMismatchError,
@@ -76,6 +77,7 @@ ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     FitInProgressError: ErrorRule(409, "A", {"resource": "B"}),  # one writer per model
     InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
     NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
+    ModelMismatchError: ErrorRule(409, "A", {"batch": "B", "resource": "B"}),  # memory from another backbone
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     NotFoundError: ErrorRule(404, "B"),

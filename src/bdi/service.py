@@ -29,12 +29,12 @@ from .errors import (
     TokenGridMismatchError,
     UploadLimitError,
 )
-from .features import DinoV2Features, cuda_available
+from .features import FeatureExtractor, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
 from .logging import slog
-from .memory import Memory, MemoryBuilder, build_index
+from .memory import Memory, MemoryBuilder, build_index, check_features_match
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -134,7 +134,7 @@ class InspectionService:
         self,
         *,
         settings: Settings,
-        extractor: DinoV2Features,
+        extractor: FeatureExtractor,
         store: ModelStore | None = None,
         datasets: DatasetStore | None = None,
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
@@ -153,13 +153,14 @@ class InspectionService:
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
-        extractor = DinoV2Features(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
         return cls(settings=settings, extractor=extractor, **hooks)
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
         weights = self.extractor.weights
         return {
+            "backbone": self.extractor.config.backbone,
             "device": self.extractor.device,
             "cuda_available": cuda_available(),
             "model": weights.name,
@@ -229,7 +230,8 @@ class InspectionService:
         grid = self.extractor.grid
         n_rows = n_images * grid[0] * grid[1]
         with self.store.fit_lock(ref, timeout_s=self.settings.fit_lock_timeout_s), MemoryBuilder(
-            n_rows=n_rows, dim=self.extractor.embed_dim, cfg=memory_cfg, device=self.extractor.device
+            n_rows=n_rows, dim=self.extractor.embed_dim, cfg=memory_cfg, device=self.extractor.device,
+            normalize=self.extractor.spec.l2_normalize,
         ) as builder:
             with timer.stage("encode"):
                 done = 0
@@ -248,7 +250,8 @@ class InspectionService:
                 memory = builder.build(
                     token_shape=grid,
                     n_images=n_images,
-                    extra_metadata={"features": self.extractor.describe(), "created_at_utc": utc_now_iso()},
+                    extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
+                                    "created_at_utc": utc_now_iso()},
                     on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
                 )
             with timer.stage("index"):
@@ -507,6 +510,7 @@ class InspectionService:
                     embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
                     index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
                     threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
+                    normalize=model.memory.l2_normalized,
                 )
             done += len(batch)
             if progress:
@@ -697,6 +701,7 @@ class InspectionService:
         if model is None:
             slog("infer.not_fitted", why_not_fitted="memory_missing", model_key=ref.model_key)
             raise NotFittedError(endpoint)
+        check_features_match(model.memory, self.extractor.signature())
         if model.index is None:
             if require_index and FAISS_AVAILABLE:
                 slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)

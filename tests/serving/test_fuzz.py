@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
 from tests.conftest import tiny_settings
@@ -39,7 +39,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzzed_app(tmp_path_factory: pytest.TempPathFactory, tiny_extractor: DinoV2Features) -> Iterator[Any]:
+def fuzzed_app(tmp_path_factory: pytest.TempPathFactory, tiny_extractor: FeatureExtractor) -> Iterator[Any]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     settings_ = tiny_settings(tmp / "models", log_dir=tmp / "logs", min_ok_samples=2, max_dataset_images=20,
                               fit_lock_timeout_s=0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bdi.errors import FitInProgressError
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.synthetic import make_disc
@@ -68,12 +68,12 @@ class ChildFit:
         self._proc.join(timeout=60)
 
 
-def _parent_service(models_dir: Path, tiny_extractor: DinoV2Features, **overrides: Any) -> InspectionService:
+def _parent_service(models_dir: Path, tiny_extractor: FeatureExtractor, **overrides: Any) -> InspectionService:
     return InspectionService(settings=tiny_settings(models_dir, **overrides), extractor=tiny_extractor)
 
 
 def test_second_fit_of_the_same_model_from_another_process_gets_fit_in_progress(
-    tmp_path: Path, tiny_extractor: DinoV2Features
+    tmp_path: Path, tiny_extractor: FeatureExtractor
 ) -> None:
     models_dir = tmp_path / "models"
     child = ChildFit(models_dir)
@@ -92,7 +92,7 @@ def test_second_fit_of_the_same_model_from_another_process_gets_fit_in_progress(
 
 
 def test_second_fit_waits_for_the_first_and_the_last_writer_wins_whole(
-    tmp_path: Path, tiny_extractor: DinoV2Features
+    tmp_path: Path, tiny_extractor: FeatureExtractor
 ) -> None:
     models_dir = tmp_path / "models"
     child = ChildFit(models_dir)
@@ -113,7 +113,7 @@ def test_second_fit_waits_for_the_first_and_the_last_writer_wins_whole(
     assert loaded.index is not None and loaded.index.size == loaded.memory.size  # a whole pair, never torn
 
 
-def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path, tiny_extractor: DinoV2Features) -> None:
+def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path, tiny_extractor: FeatureExtractor) -> None:
     models_dir = tmp_path / "models"
     child = ChildFit(models_dir)
     child._proc.kill()  # SIGKILL while it holds the lock
