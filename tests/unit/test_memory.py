@@ -48,13 +48,15 @@ def test_memory_fit_rate_one_keeps_every_patch() -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [MemoryConfig(), MemoryConfig(projection_dim=0), MemoryConfig(coreset_rate=1.0)],
+    [MemoryConfig(projection_dim=128), MemoryConfig(projection_dim=0),
+     MemoryConfig(coreset_rate=1.0, projection_dim=128)],
     ids=["projected", "exact", "keep-all"],
 )
-def test_builder_fed_in_batches_builds_the_same_bank_as_fit_memory(cfg: MemoryConfig) -> None:
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_builder_fed_in_batches_builds_the_same_bank_as_fit_memory(cfg: MemoryConfig, normalize: bool) -> None:
     rows = _embeddings(n=2048, d=256)
-    whole = fit_memory(rows, token_shape=(8, 8), cfg=cfg, n_images=32)
-    with MemoryBuilder(n_rows=2048, dim=256, cfg=cfg) as builder:
+    whole = fit_memory(rows, token_shape=(8, 8), cfg=cfg, n_images=32, normalize=normalize)
+    with MemoryBuilder(n_rows=2048, dim=256, cfg=cfg, normalize=normalize) as builder:
         for start in range(0, 2048, 300):
             builder.add(rows[start:start + 300])
         built = builder.build(token_shape=(8, 8), n_images=32)
@@ -63,7 +65,7 @@ def test_builder_fed_in_batches_builds_the_same_bank_as_fit_memory(cfg: MemoryCo
 
 
 def test_builder_refuses_more_or_fewer_rows_than_declared() -> None:
-    with MemoryBuilder(n_rows=10, dim=4, cfg=MemoryConfig()) as builder:
+    with MemoryBuilder(n_rows=10, dim=4, cfg=MemoryConfig(projection_dim=2)) as builder:
         builder.add(_embeddings(n=6, d=4))
         with pytest.raises(InvalidInputError, match="more than the declared 10"):
             builder.add(_embeddings(n=6, d=4))
