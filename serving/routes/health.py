@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from bdi import __version__
 from serving.deps import RequestCtx, ServiceDep
@@ -14,10 +14,12 @@ router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 
 
 @router.get("/health")
-async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
-    """Status, device, backbone name and version, plus which weights are loaded.
+async def health(request: Request, ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
+    """Status, device, backbone name and version, which weights are loaded, and whether the MLflow
+    registry answers (``registry``: disabled | checking | ok | unreachable, as last seen).
 
-    ``async``: it touches no disk and must answer even when every worker thread is busy fitting.
+    ``async``: it touches no disk and no network, and must answer even when every worker thread is
+    busy fitting.
     """
     info = service.health()
     device = str(info["device"]).split(":", 1)[0]  # "cuda:0" → "cuda" (the GUI shows it verbatim)
@@ -32,4 +34,6 @@ async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
         body["reason"] = "cuda_not_available"
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])
+    status = getattr(request.app.state, "tracking_status", None)
+    body["registry"] = status.state if status is not None else "disabled"
     return body

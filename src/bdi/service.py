@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import numpy as np
 
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
-from .datasets import LABELS, DatasetRef, DatasetStore, UploadItem, parse_label
+from .datasets import LABELS, DatasetRef, DatasetStore, Sample, UploadItem, parse_label
 from .errors import (
     BDIError,
     InsufficientSamplesError,
@@ -34,7 +34,7 @@ from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
 from .logging import slog
-from .memory import Memory, build_index, check_features_match, fit_memory
+from .memory import Memory, MemoryBuilder, build_index, check_features_match
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -188,67 +188,83 @@ class InspectionService:
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        decoded: Iterable[np.ndarray]
         if use_dataset:
-            named = self._ok_dataset_images(ref)
+            paths = self._ok_dataset_paths(ref)
+            n_images = len(paths)
+            decoded = (self._decode(self._read_sample(path), name=path.name) for path in paths)
         else:
             self._check_file_count(len(images))
-            named = list(images)
-        decoded = [self._decode(data, name=name) for name, data in named]
-        return self.fit_images(ref=ref, images=decoded, memory_fit=memory_fit, progress=progress)
+            n_images = len(images)
+            decoded = (self._decode(data, name=name) for name, data in images)
+        # decoded lazily, batch by batch, inside the fit: never all images at once
+        return self.fit_images(ref=ref, images=decoded, n_images=n_images, memory_fit=memory_fit,
+                               progress=progress)
 
     def fit_images(
         self,
         *,
         ref: ModelRef,
-        images: Sequence[np.ndarray],
+        images: Iterable[np.ndarray],
+        n_images: int | None = None,
         memory_fit: bool = False,
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Extract, subsample and store: the part of a fit shared by the API and the pipeline."""
-        if not images:
+        """Extract, subsample and store: the part of a fit shared by the API and the pipeline.
+
+        ``images`` may be a lazy iterable (then ``n_images`` says how many it yields): they are
+        encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
+        The whole fit holds the model's fit lock (``BDI_FIT_LOCK_TIMEOUT_S``): a second fit of the same
+        model, from any process, waits for it or gets :class:`FitInProgressError`.
+        """
+        if n_images is None:
+            if not isinstance(images, Sized):
+                images = list(images)
+            n_images = len(images)
+        if n_images < 1:
             raise InvalidInputError("No valid images")
         timer = StageTimer()
         rate = 1.0 if memory_fit else (self.settings.coreset_rate if coreset_rate is None else coreset_rate)
         memory_cfg = self.settings.memory_config(coreset_rate=rate)
-        chunks: list[np.ndarray] = []
-        grid: tuple[int, int] | None = None
-        with timer.stage("encode"):
-            done = 0
-            for batch in self.extractor.iter_extract(images):
-                if grid is None:
-                    grid = batch.grid
-                elif batch.grid != grid:
-                    raise TokenGridMismatchError(got=batch.grid, expected=grid)
-                chunks.append(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
-                done += batch.embeddings.shape[0]
-                if progress:
-                    progress("encode", done, len(images))
-        assert grid is not None
-        embeddings = np.concatenate(chunks)
-        with timer.stage("coreset"):
-            memory = fit_memory(
-                embeddings,
-                token_shape=grid,
-                cfg=memory_cfg,
-                n_images=len(images),
-                extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
-                                "created_at_utc": utc_now_iso()},
-                on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
-                device=self.extractor.device,
-                normalize=self.extractor.spec.l2_normalize,
-            )
-        with timer.stage("index"):
-            index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
-        with timer.stage("save"):
-            paths = self.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
+        grid = self.extractor.grid
+        n_rows = n_images * grid[0] * grid[1]
+        with self.store.fit_lock(ref, timeout_s=self.settings.fit_lock_timeout_s), MemoryBuilder(
+            n_rows=n_rows, dim=self.extractor.embed_dim, cfg=memory_cfg, device=self.extractor.device,
+            normalize=self.extractor.spec.l2_normalize,
+        ) as builder:
+            with timer.stage("encode"):
+                done = 0
+                for batch in self.extractor.iter_extract(images):
+                    if batch.grid != grid:
+                        raise TokenGridMismatchError(got=batch.grid, expected=grid)
+                    if done + len(batch) > n_images:
+                        raise InvalidInputError(f"more images than the {n_images} declared")
+                    builder.add(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
+                    done += len(batch)
+                    if progress:
+                        progress("encode", done, n_images)
+            if done != n_images:
+                raise InvalidInputError(f"got {done} images, {n_images} were declared")
+            with timer.stage("coreset"):
+                memory = builder.build(
+                    token_shape=grid,
+                    n_images=n_images,
+                    extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
+                                    "created_at_utc": utc_now_iso()},
+                    on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
+                )
+            with timer.stage("index"):
+                index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
+            with timer.stage("save"):
+                paths = self.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
         result = FitResult(
-            n_embeddings=int(embeddings.shape[0]),
+            n_embeddings=n_rows,
             coreset_size=memory.size,
             token_shape=grid,
             coreset_rate_requested=float(rate),
-            coreset_rate_applied=memory.size / embeddings.shape[0],
-            n_images=len(images),
+            coreset_rate_applied=memory.size / n_rows,
+            n_images=n_images,
             memory_path=paths.memory,
             index_path=paths.index if index.backend != "torch" else None,
             fingerprint=memory.fingerprint,
@@ -258,7 +274,8 @@ class InspectionService:
             self._on_fit(ref, result, memory)
         return result
 
-    def _ok_dataset_images(self, ref: ModelRef) -> list[tuple[str, bytes]]:
+    def _ok_dataset_paths(self, ref: ModelRef) -> list[Path]:
+        """The stored OK images to fit on (§2.2 step 6), checked against the minimum and the cap."""
         samples = self.datasets.samples(self._dataset_ref(ref), "ok")
         if not samples:
             raise InsufficientSamplesError("No OK dataset samples found")
@@ -267,7 +284,19 @@ class InspectionService:
             raise InsufficientSamplesError(
                 f"Insufficient OK samples: need at least {minimum}, found {len(samples)}"
             )
-        return [(s.path.name, s.path.read_bytes()) for s in samples]
+        self._check_dataset_size(len(samples))
+        return [s.path for s in samples]
+
+    @staticmethod
+    def _read_sample(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise InvalidInputError(
+                f"dataset sample {path.name} was deleted during the request; retry"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read dataset sample {path.name}: {exc}") from exc
 
     # ------------------------------------------------------------------ calibrate
     def calibrate_from_scores(
@@ -315,9 +344,9 @@ class InspectionService:
         model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
         scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
-        for label in LABELS:
+        for label, samples in self._capped_samples(ref, LABELS).items():
             for item in self._score_samples(
-                ref, model, label=label, scoring=scoring, threshold=None,
+                model, label=label, samples=samples, scoring=scoring, threshold=None,
                 default_mm_per_px=default_mm_per_px, include_heatmap=False, progress=progress,
             ):
                 if item.score is not None:
@@ -419,10 +448,10 @@ class InspectionService:
         assert calib is not None
         scoring = self.calibrated_scoring(calib)
         items: list[SampleScore] = []
-        for label in clean_labels:
+        for label, samples in self._capped_samples(ref, clean_labels).items():
             items.extend(
                 self._score_samples(
-                    ref, model, label=label, scoring=scoring, threshold=threshold,
+                    model, label=label, samples=samples, scoring=scoring, threshold=threshold,
                     default_mm_per_px=default_mm_per_px, include_heatmap=include_heatmap,
                     progress=progress,
                 )
@@ -511,12 +540,26 @@ class InspectionService:
                                       mm_per_px=[mm_per_px], timer=timer)
         return result
 
+    def _capped_samples(self, ref: ModelRef, labels: Iterable[str]) -> dict[str, list[Sample]]:
+        """The stored samples of each label (a label once), refused as a whole when there are more than
+        ``BDI_MAX_DATASET_IMAGES``: dataset-driven work is bounded before any image is read."""
+        listed = {label: self.datasets.samples(self._dataset_ref(ref), label) for label in dict.fromkeys(labels)}
+        self._check_dataset_size(sum(len(samples) for samples in listed.values()))
+        return listed
+
+    def _check_dataset_size(self, n_images: int) -> None:
+        limit = self.settings.max_dataset_images
+        if n_images > limit:
+            raise UploadLimitError(
+                f"{n_images} dataset images exceed the limit of {limit} per request (BDI_MAX_DATASET_IMAGES)"
+            )
+
     def _score_samples(
         self,
-        ref: ModelRef,
         model: LoadedModel,
         *,
         label: str,
+        samples: Sequence[Sample],
         scoring: ScoringConfig,
         threshold: float | None,
         default_mm_per_px: float | None,
@@ -527,7 +570,6 @@ class InspectionService:
 
         Samples are validated first (scale, image, shape), then the valid ones are extracted in batches.
         """
-        samples = self.datasets.samples(self._dataset_ref(ref), label)
         items: list[SampleScore | None] = [None] * len(samples)
         valid: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (position, crop, mask, mm_per_px)
         for i, sample in enumerate(samples):
@@ -634,10 +676,8 @@ class InspectionService:
             value = json.loads(text)
         except (json.JSONDecodeError, TypeError) as exc:
             raise InvalidInputError(f"metas[{index}] is not valid JSON: {exc}") from exc
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"metas[{index}] must be a JSON object")
+        if not isinstance(value, dict):  # null included: any non-object JSON is bad input
+            raise InvalidInputError(f"metas[{index}] must be a JSON object, got {type(value).__name__}")
         return value
 
     # ------------------------------------------------------------------ helpers
