@@ -15,14 +15,15 @@ from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
-from bdi.errors import BDIError
 from bdi.logging import configure_logging, slog
-from bdi.registry import sync_registered
 from bdi.service import InspectionService
+from bdi.sync import RegistryFollower, SyncStatusReader
 from bdi.tracking import ApiRunLogger, TrackingConfig
 from serving.errors import install_error_handlers
 from serving.middleware import RequestContextMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
+
+FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
 
 class CudaRequiredError(RuntimeError):
@@ -39,8 +40,11 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         resolved = settings or (service.settings if service is not None else Settings())
         log_file = configure_logging(resolved.log_dir)
         tracking = TrackingConfig.from_settings(resolved)
-        if resolved.registry_sync_on_start:
-            _sync_registry(tracking, resolved)
+        follower = _follow_registry(tracking, resolved)
+        app.state.registry_status = SyncStatusReader(
+            resolved.models_dir, following=follower is not None, alias=tracking.alias,
+            interval_s=resolved.registry_sync_interval_s,
+        )
         run_logger = (
             ApiRunLogger(tracking, project_root=Path.cwd(), background=True)
             if resolved.mlflow_tracking_uri and service is None
@@ -72,6 +76,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         try:
             yield
         finally:
+            if follower is not None:
+                follower.stop()
             if run_logger is not None:
                 run_logger.close()
 
@@ -85,13 +91,16 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     return app
 
 
-def _sync_registry(tracking: TrackingConfig, settings: Settings) -> None:
-    """Materialise the registered models holding the alias; a failure is logged, not fatal."""
-    try:
-        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir)
-        slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
-    except BDIError as exc:
-        slog("registry.sync_failed", error=str(exc))
+def _follow_registry(tracking: TrackingConfig, settings: Settings) -> RegistryFollower | None:
+    """With ``BDI_REGISTRY_SYNC_ON_START=1``: sync the registry's alias holders into the models dir now
+    (waiting a bounded time) and then every ``BDI_REGISTRY_SYNC_INTERVAL_S`` in a background thread.
+    A registry that cannot be reached is reported by /health, never fatal."""
+    if not settings.registry_sync_on_start:
+        return None
+    follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
+                                interval_s=settings.registry_sync_interval_s)
+    follower.start(wait_first_s=FIRST_SYNC_WAIT_S)
+    return follower
 
 
 app = create_app()

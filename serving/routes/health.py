@@ -1,4 +1,5 @@
-"""GET /health (§2.1): O(1), no disk I/O; polled by the GUI every 2 s."""
+"""GET /health (§2.1): O(1), polled by the GUI every 2 s; its only disk access is a stat of the registry
+sync status file."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from typing import Any
 from fastapi import APIRouter
 
 from bdi import __version__
-from serving.deps import RequestCtx, ServiceDep
+from serving.deps import RegistryStatusDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 
 router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 
 
 @router.get("/health")
-async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
-    """Status, device, backbone name and version, plus which weights are loaded.
+async def health(ctx: RequestCtx, service: ServiceDep, registry: RegistryStatusDep) -> dict[str, Any]:
+    """Status, device, backbone name and version, plus which weights are loaded and the registry view
+    (how stale it is, the versions synced; ``bdi.sync.SyncStatusReader``).
 
-    ``async``: it touches no disk and must answer even when every worker thread is busy fitting.
+    ``async``: it must answer even when every worker thread is busy fitting; its only disk access is a
+    stat of the small sync status file (re-read when it changed).
     """
     info = service.health()
     device = str(info["device"]).split(":", 1)[0]  # "cuda:0" → "cuda" (the GUI shows it verbatim)
@@ -32,4 +35,5 @@ async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
         body["reason"] = "cuda_not_available"
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])
+    body["registry"] = registry.health()
     return body

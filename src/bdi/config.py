@@ -207,6 +207,8 @@ class Settings(BaseSettings):
     mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
     registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
     registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
+    # with BDI_REGISTRY_SYNC_ON_START=1: sync again every this many seconds (0 = at start-up only)
+    registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=_env("REGISTRY_SYNC_INTERVAL_S"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("config_file", "BDI_CONFIG"))
 

@@ -109,6 +109,12 @@ class ScaleMismatchError(BDIError):
         self.got = got
 
 
+class RegistryManagedError(BDIError):
+    """An API fit or calibration of a model that a registry alias manages (the conflict rule)."""
+
+    code = "registry_managed"
+
+
 class NotFoundError(BDIError):
     """A dataset file or sidecar that does not exist."""
 
