@@ -411,10 +411,12 @@ def register_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     primary_metric: str = "image_auroc",
+    move_alias: bool = True,
 ) -> RegistrationResult:
     """Log ``model_dir`` (a ModelStore root holding only ``ref``) as a pyfunc into run ``run_id``,
     register it as a new version, and move ``cfg.alias`` to it only when
-    ``metrics[primary_metric]`` ≥ the current holder's (no holder → move).
+    ``metrics[primary_metric]`` ≥ the current holder's (no holder → move). With ``move_alias=False``
+    the alias is left alone (``bdi.promotion.promote_version`` decides with the whole gate).
 
     The version is tagged with ``tags`` (e.g. ``dvc_commit``, ``dvc_params_hash``), the ids, the memory
     fingerprint, the weights identity (``weights_sha256`` …) and every metric as ``metric.<name>``.
@@ -457,7 +459,7 @@ def register_model(
         holder = _alias_holder(client, name, cfg.alias)
         previous = int(holder.version) if holder is not None else None
         held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
-        move = holder is None or held_value is None or primary >= held_value
+        move = move_alias and (holder is None or held_value is None or primary >= held_value)
         if move:
             client.set_registered_model_alias(name, cfg.alias, str(number))
         client.set_tag(run_id, "registered_model", f"{name}/{number}")
@@ -665,10 +667,19 @@ def _up_to_date(target: ModelStore, ref: ModelRef, *, name: str, version: int, a
             and target.paths(ref).memory.is_file())
 
 
-def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: str, version: int,
-                  alias: str) -> SyncedModel:
+def download_version(*, name: str, version: int, uri: str, dest: Path) -> Path:
+    """Download registered version ``name``/``version`` into ``dest``; returns its ModelStore root (the
+    pyfunc's ``model_dir`` artefact). Call inside :func:`global_tracking_uri` / ``_mlflow_errors``."""
     import mlflow.artifacts
 
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=uri, registry_uri=uri,
+    )
+    return _downloaded_model_dir(Path(local))
+
+
+def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: str, version: int,
+                  alias: str) -> SyncedModel:
     mv = client.get_model_version(name, str(version))
     tags = dict(mv.tags or {})
     ref = _version_ref(tags)
@@ -678,10 +689,7 @@ def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: s
         return SyncedModel(name=name, version=version, alias=alias, ref=ref, paths=target.paths(ref),
                            fingerprint=str(fingerprint), written=())
     with tempfile.TemporaryDirectory(dir=target.root, prefix=SYNC_TEMP_PREFIX) as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
-        )
-        model_dir = _downloaded_model_dir(Path(local))
+        model_dir = download_version(name=name, version=version, uri=uri, dest=Path(tmp))
         ref = _single_model(model_dir).ref
         source = ModelStore(model_dir)
         memory = source.load_memory(ref)
