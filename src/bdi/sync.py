@@ -44,6 +44,15 @@ def status_path(models_dir: Path) -> Path:
     return Path(models_dir) / STATUS_FILE
 
 
+def read_status(models_dir: Path) -> dict[str, Any] | None:
+    """The status file's content, or None when absent or unreadable."""
+    try:
+        data = json.loads(status_path(models_dir).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _held_entries(report: SyncReport) -> list[dict[str, Any]]:
     return [{"name": m.name, "version": m.version, "alias": m.alias, "recipe_id": m.ref.recipe_id,
              "role_id": m.ref.role_id, "roi_id": m.ref.roi_id, "model_key": m.ref.model_key,
@@ -125,6 +134,8 @@ class RegistryFollower:
                     try:
                         leader.acquire()
                         leading = True
+                        if self._status is None:  # keep the last success of an earlier follower
+                            self._status = read_status(self.models_dir)
                         slog("registry.follow", models_dir=str(self.models_dir), alias=self.alias,
                              interval_s=self.interval_s)
                     except Timeout:
@@ -159,11 +170,7 @@ class SyncStatusReader:
         cached_ident, cached = self._cached
         if cached_ident == ident:
             return cached
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        value = data if isinstance(data, dict) else None
+        value = read_status(self.path.parent)
         self._cached = (ident, value)
         return value
 
