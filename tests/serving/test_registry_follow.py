@@ -18,7 +18,7 @@ from serving.app import create_app
 from tests.conftest import tiny_settings
 from tests.helpers.registry import LINEAGE_TAGS, fit_and_export, register
 from tests.helpers.synthetic import png_bytes
-from tests.serving.conftest import ROLE, ROI, calibrate_ng, fit_from_dataset, infer, upload
+from tests.serving.conftest import ROI, ROLE, calibrate_ng, fit_from_dataset, infer, upload
 
 REF = ModelRef.create(recipe_id="default", role_id=ROLE, roi_id=ROI, model_key=None)
 IDS = {"role_id": ROLE, "roi_id": ROI}
