@@ -131,7 +131,12 @@ class PostgresCluster:
 
 
 class MlflowServer:
-    """``mlflow server`` with ``backend_uri`` as its backend store and proxied artefacts in ``artifacts``."""
+    """``mlflow server`` with ``backend_uri`` as its backend store and proxied artefacts in ``artifacts``.
+
+    ``COMMAND`` is also README's single-box command (tests/deploy/test_deploy_files.py checks it)."""
+
+    COMMAND = ("mlflow server --backend-store-uri {backend} --artifacts-destination {artifacts} --serve-artifacts "
+               "--host 127.0.0.1 --port {port} --workers 1")
 
     def __init__(self, *, backend_uri: str, artifacts: Path, scratch: Path) -> None:
         self.backend_uri = backend_uri
@@ -147,10 +152,9 @@ class MlflowServer:
     def __enter__(self) -> MlflowServer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
+            argv = self.COMMAND.format(backend=self.backend_uri, artifacts=self.artifacts, port=self.port).split()
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri,
-                 "--artifacts-destination", str(self.artifacts), "--serve-artifacts", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
+                [str(VENV_BIN / argv[0]), *argv[1:]],
                 cwd=self.log.parent, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:

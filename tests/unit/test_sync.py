@@ -272,3 +272,40 @@ def test_reader_of_a_model_that_does_not_exist_takes_no_lock_and_creates_nothing
     with model_lock.reading(store, REF):
         pass
     assert not (tmp_path / "models").exists()
+
+
+def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers.servers import clean_env
+
+    cfg = _cfg("watch")
+    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    served = tmp_path / "served"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdi.cli", "sync", "--watch", "--interval", "0.5", "--models-dir", str(served),
+         "--project-root", str(project_root), "--prefix", "watch"],
+        env=clean_env(BDI_GUI_LOG_DIR=str(tmp_path / "logs")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = read_status(served)
+            if status and status.get("models"):
+                break
+            time.sleep(0.2)
+        assert status and [(m["name"], m["version"]) for m in status["models"]] == [(registered.name, 1)]
+        assert _fingerprint(served) == _fingerprint(exports[0])
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert b"following the registry" in out
