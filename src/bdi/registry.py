@@ -588,6 +588,7 @@ class SyncReport:
     alias: str
     held: tuple[SyncedModel, ...]
     released: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()  # "<name> v<version>: <error>" of versions that could not be synced
 
     @property
     def changed(self) -> list[SyncedModel]:
@@ -623,6 +624,8 @@ def sync_registry(
 
 
 def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str) -> SyncReport:
+    from mlflow.exceptions import MlflowException
+
     client, uri, _ = tracking_client(cfg, project_root=project_root)
     models_dir = Path(models_dir)
     try:
@@ -640,12 +643,19 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
                 version = (registered.aliases or {}).get(alias)
                 if version is not None:
                     holders[registered.name] = int(version)
+            failed: list[str] = []
             for name, version in sorted(holders.items()):
-                held.append(_sync_version(client, uri=uri, target=target, name=name, version=version, alias=alias))
+                try:  # one broken version must not keep the other models from following the registry
+                    held.append(_sync_version(client, uri=uri, target=target, name=name, version=version,
+                                              alias=alias))
+                except (BDIError, MlflowException, OSError) as exc:
+                    message = str(getattr(exc, "message", exc))
+                    failed.append(f"{name} v{version}: {message}")
+                    slog("registry.sync_version_failed", name=name, version=version, alias=alias, error=message)
             released = _release_unheld(target, prefix=cfg.registered_model_prefix, alias=alias, held=set(holders))
     except Timeout as exc:
         raise StorageError(f"timed out waiting for another sync of {models_dir}") from exc
-    return SyncReport(alias=alias, held=tuple(held), released=released)
+    return SyncReport(alias=alias, held=tuple(held), released=released, failed=tuple(failed))
 
 
 def _version_ref(tags: Mapping[str, str]) -> ModelRef | None:

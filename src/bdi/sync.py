@@ -81,7 +81,7 @@ def sync_once(
     else:
         done = time.time()
         status.update({"error": None, "last_success_unix": done, "last_success_utc": _iso(done),
-                       "models": _held_entries(report)})
+                       "models": _held_entries(report), "failed": list(report.failed)})
         if report.changed or report.released:
             slog("registry.sync", alias=alias, changed=[f"{m.name}@{m.version}" for m in report.changed],
                  released=list(report.released))
@@ -176,13 +176,14 @@ class SyncStatusReader:
 
     def health(self, *, now: float | None = None) -> dict[str, Any]:
         """``following``, ``alias``, ``interval_s``, ``last_sync_utc``, ``stale_s`` (seconds since the
-        registry was last reached), ``reachable`` (the last attempt succeeded), ``error``, ``synced``."""
+        registry was last reached), ``reachable`` (the last attempt reached it), ``error``, ``synced`` and
+        ``failed`` (alias holders that could not be synced, with why)."""
         status = self._read()
         now = time.time() if now is None else now
         if status is None:
             return {"following": self.following, "alias": self.alias, "interval_s": self.interval_s,
                     "last_sync_utc": None, "last_attempt_utc": None, "stale_s": None, "reachable": None,
-                    "error": None, "synced": []}
+                    "error": None, "synced": [], "failed": []}
         success = status.get("last_success_unix")
         return {
             "following": True,
@@ -194,4 +195,5 @@ class SyncStatusReader:
             "reachable": status.get("error") is None,
             "error": status.get("error"),
             "synced": list(status.get("models") or []),
+            "failed": list(status.get("failed") or []),  # versions the registry holds that could not be synced
         }

@@ -309,3 +309,23 @@ def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
             proc.wait()
     assert proc.returncode == 0, out
     assert b"following the registry" in out
+
+
+def test_a_broken_version_is_reported_and_does_not_stop_the_other_models(
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg = _cfg("isolate")
+    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    client = _client(cfg, project_root)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    client.create_registered_model("isolate.broken")
+    client.create_model_version("isolate.broken", source=empty.as_uri())
+    client.set_registered_model_alias("isolate.broken", "champion", "1")
+    served = tmp_path / "served"
+    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    health = SyncStatusReader(served, following=True, alias="champion", interval_s=0).health()
+    assert [m["name"] for m in health["synced"]] == [registered.name]
+    assert len(health["failed"]) == 1 and health["failed"][0].startswith("isolate.broken v1: ")
+    assert health["reachable"] is True
+    assert _fingerprint(served) == _fingerprint(exports[0])
