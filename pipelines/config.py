@@ -102,8 +102,9 @@ class ModelSchema:
     # FeatureConfig
     backbone: str = FeatureConfig.backbone
     weights: str = FeatureConfig.weights
-    input_size: int = FeatureConfig.input_size
-    blocks: list[int] = field(default_factory=lambda: list(FeatureConfig.blocks))
+    input_size: int | None = FeatureConfig.input_size  # None = the backbone's default
+    blocks: list[int] | None = None  # None = the backbone's default
+    neighbourhood: int | None = FeatureConfig.neighbourhood  # None = the backbone's default
     depth: int | None = FeatureConfig.depth
     seed: int = FeatureConfig.seed
     device: str = FeatureConfig.device
@@ -111,12 +112,12 @@ class ModelSchema:
     batch_size: int = FeatureConfig.batch_size
     # MemoryConfig (seed: see above)
     coreset_rate: float = MemoryConfig.coreset_rate
-    projection_dim: int = MemoryConfig.projection_dim
+    projection_dim: int | None = MemoryConfig.projection_dim  # None = the backbone's default
     knn_index: str = MemoryConfig.knn_index
     prefer_gpu: bool = MemoryConfig.prefer_gpu
     gpu_device: int = MemoryConfig.gpu_device
     # ScoringConfig (score_percentile and area_mm2_thr: see CalibrationSchema)
-    blur_sigma: float = ScoringConfig.blur_sigma
+    blur_sigma: float | None = ScoringConfig.blur_sigma  # None = the backbone's default
     remove_letterbox: bool = ScoringConfig.remove_letterbox
 
 
@@ -269,10 +270,10 @@ def check_values(cfg: PipelineConfig) -> None:
 def feature_config(cfg: PipelineConfig) -> FeatureConfig:
     m = cfg.model
     return FeatureConfig(
-        backbone=m.backbone, weights=m.weights, input_size=m.input_size, blocks=tuple(m.blocks),
-        depth=m.depth, seed=m.seed, device=m.device, precision=m.precision,  # type: ignore[arg-type]
-        batch_size=m.batch_size,
-    )
+        backbone=m.backbone, weights=m.weights, input_size=m.input_size,
+        blocks=None if m.blocks is None else tuple(m.blocks), neighbourhood=m.neighbourhood, depth=m.depth,
+        seed=m.seed, device=m.device, precision=m.precision, batch_size=m.batch_size,  # type: ignore[arg-type]
+    ).resolved()
 
 
 def memory_config(cfg: PipelineConfig) -> MemoryConfig:
@@ -280,7 +281,7 @@ def memory_config(cfg: PipelineConfig) -> MemoryConfig:
     return MemoryConfig(
         coreset_rate=m.coreset_rate, seed=m.seed, projection_dim=m.projection_dim, knn_index=m.knn_index,
         prefer_gpu=m.prefer_gpu, gpu_device=m.gpu_device,
-    )
+    ).resolved(m.backbone)
 
 
 def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
@@ -289,7 +290,7 @@ def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
         area_mm2_thr=float(cfg.calibration.area_mm2_thr),
         blur_sigma=cfg.model.blur_sigma,
         remove_letterbox=cfg.model.remove_letterbox,
-    )
+    ).resolved(cfg.model.backbone)
 
 
 def model_config(cfg: PipelineConfig) -> ModelConfig:
@@ -322,7 +323,8 @@ def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | N
         "device": m.device,
         "precision": m.precision,
         "input_size": m.input_size,
-        "feature_blocks": tuple(m.blocks),
+        "feature_blocks": None if m.blocks is None else tuple(m.blocks),
+        "feature_neighbourhood": m.neighbourhood,
         "backbone_depth": m.depth,
         "weights_seed": m.seed,
         "coreset_seed": m.seed,

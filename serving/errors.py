@@ -30,6 +30,7 @@ from bdi.errors import (
     InvalidInputError,
     InvalidRecipeError,
     InvalidScaleError,
+    ModelMismatchError,
     NotFittedError,
     NotFoundError,
     RegistryManagedError,
@@ -67,6 +68,7 @@ ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
     InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
     NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
+    ModelMismatchError: ErrorRule(409, "A", {"batch": "B", "resource": "B"}),  # memory from another backbone
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     NotFoundError: ErrorRule(404, "B"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bdi.config import Settings
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
 from bdi.synthetic import make_disc
 
@@ -39,13 +39,13 @@ def tiny_settings(models_dir: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def tiny_extractor(tmp_path_factory: pytest.TempPathFactory) -> DinoV2Features:
+def tiny_extractor(tmp_path_factory: pytest.TempPathFactory) -> FeatureExtractor:
     settings = tiny_settings(tmp_path_factory.mktemp("extractor") / "models")
-    return DinoV2Features(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+    return FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
 
 
 @pytest.fixture()
-def service(tmp_path: Path, tiny_extractor: DinoV2Features) -> InspectionService:
+def service(tmp_path: Path, tiny_extractor: FeatureExtractor) -> InspectionService:
     return InspectionService(settings=tiny_settings(tmp_path / "models"), extractor=tiny_extractor)
 
 

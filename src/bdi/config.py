@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,8 +18,7 @@ import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-DINOV2_MODEL_NAME = "vit_small_patch14_dinov2"
-DINOV2_PRETRAINED_TAG = "lvd142m"
+from .backbones import BACKBONES, DINOV2_VITS14, backbone_spec
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -27,12 +26,17 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """How patch features are extracted. Every field changes scores and goes in the manifest."""
+    """How patch features are extracted. Every field changes scores and goes in the manifest.
 
-    backbone: str = DINOV2_MODEL_NAME
-    weights: str = "official"  # a file path | "official" (cache or download, sha256-checked) | "random"
-    input_size: int = 448  # letterbox square side in px, a multiple of the patch size (14)
-    blocks: tuple[int, ...] = (9, 10, 11)  # 0-based transformer blocks whose patch tokens are concatenated
+    ``input_size``, ``blocks`` and ``neighbourhood`` left at ``None`` take the backbone's defaults
+    (``bdi.backbones``); :meth:`resolved` fills them in.
+    """
+
+    backbone: str = DINOV2_VITS14  # a name of bdi.backbones.BACKBONES
+    weights: str = "official"  # a file path | "official" (the registry's sha256-pinned file) | "random"
+    input_size: int | None = None  # letterbox square side in px, a multiple of the backbone's size_multiple
+    blocks: tuple[int, ...] | None = None  # 0-based indices into timm's model.blocks, concatenated
+    neighbourhood: int | None = None  # side of the local feature average (odd; 1 = none)
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
@@ -40,14 +44,32 @@ class FeatureConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.input_size <= 0 or self.input_size % 14:
-            raise ValueError(f"input_size must be a positive multiple of 14, got {self.input_size}")
-        if not self.blocks:
-            raise ValueError("blocks must name at least one transformer block")
-        if self.depth is not None and max(self.blocks) >= self.depth:
-            raise ValueError(f"blocks {self.blocks} do not exist in a ViT of depth {self.depth}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
+        multiple = BACKBONES[self.backbone].size_multiple
+        if self.input_size is not None and (self.input_size <= 0 or self.input_size % multiple):
+            raise ValueError(
+                f"input_size must be a positive multiple of {multiple} for {self.backbone}, got {self.input_size}"
+            )
+        if self.blocks is not None:
+            if not self.blocks or min(self.blocks) < 0:
+                raise ValueError("blocks must name at least one block, as 0-based indices")
+            if self.depth is not None and max(self.blocks) >= self.depth:
+                raise ValueError(f"blocks {self.blocks} do not exist in a ViT of depth {self.depth}")
+        if self.neighbourhood is not None and (self.neighbourhood < 1 or self.neighbourhood % 2 == 0):
+            raise ValueError(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+
+    def resolved(self) -> FeatureConfig:
+        """This config with every unset field taken from the backbone's registry entry."""
+        spec = backbone_spec(self.backbone)
+        return replace(
+            self,
+            input_size=spec.input_size if self.input_size is None else self.input_size,
+            blocks=spec.blocks if self.blocks is None else tuple(self.blocks),
+            neighbourhood=spec.neighbourhood if self.neighbourhood is None else self.neighbourhood,
+        )
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,7 @@ class MemoryConfig:
 
     coreset_rate: float = 0.10  # fraction of patches kept, in (0, 1]
     seed: int = 0  # picks the first k-center and the random projection
-    projection_dim: int = 128  # greedy distances computed on a random projection; 0 = exact
+    projection_dim: int | None = None  # greedy distances on a random projection; 0 = exact; None = the backbone's
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
@@ -64,8 +86,14 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
-        if self.projection_dim < 0:
+        if self.projection_dim is not None and self.projection_dim < 0:
             raise ValueError("projection_dim must be >= 0")
+
+    def resolved(self, backbone: str) -> MemoryConfig:
+        """This config with an unset ``projection_dim`` taken from the backbone's registry entry."""
+        if self.projection_dim is not None:
+            return self
+        return replace(self, projection_dim=backbone_spec(backbone).projection_dim)
 
 
 @dataclass(frozen=True)
@@ -74,14 +102,20 @@ class ScoringConfig:
 
     score_percentile: float = 99.0  # in [0, 100], over blurred values inside the mask
     area_mm2_thr: float = 1.0  # regions smaller than this are dropped
-    blur_sigma: float = 1.0  # Gaussian blur of the upsampled distance map, in px
+    blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
     remove_letterbox: bool = True  # cut padding tokens before upsampling (DESIGN.md improvement 3)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_percentile <= 100.0:
             raise ValueError(f"score_percentile must be in [0, 100], got {self.score_percentile}")
-        if self.blur_sigma < 0:
+        if self.blur_sigma is not None and self.blur_sigma < 0:
             raise ValueError("blur_sigma must be >= 0")
+
+    def resolved(self, backbone: str) -> ScoringConfig:
+        """This config with an unset ``blur_sigma`` taken from the backbone's registry entry."""
+        if self.blur_sigma is not None:
+            return self
+        return replace(self, blur_sigma=backbone_spec(backbone).blur_sigma)
 
 
 @dataclass(frozen=True)
@@ -100,6 +134,15 @@ class ModelConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def resolved(self) -> ModelConfig:
+        """Every backbone-dependent default filled in."""
+        return replace(
+            self,
+            features=self.features.resolved(),
+            memory=self.memory.resolved(self.features.backbone),
+            scoring=self.scoring.resolved(self.features.backbone),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,7 +202,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     # storage and model identity
-    backbone: str = Field(DINOV2_MODEL_NAME, validation_alias=_env("BACKBONE"))
+    backbone: str = Field(DINOV2_VITS14, validation_alias=_env("BACKBONE"))
     models_dir: Path = Field(Path("models"), validation_alias=_env("MODELS_DIR"))
     weights: str = Field("official", validation_alias=_env("WEIGHTS"))
     weights_cache_dir: Path = Field(
@@ -167,20 +210,22 @@ class Settings(BaseSettings):
     )
     device: DeviceName = Field("auto", validation_alias=_env("DEVICE"))
     precision: Precision = Field("auto", validation_alias=_env("PRECISION"))
-    input_size: int = Field(448, validation_alias=_env("INPUT_SIZE"))
-    feature_blocks: Annotated[tuple[int, ...], NoDecode] = Field((9, 10, 11), validation_alias=_env("FEATURE_BLOCKS"))
+    # None = the backbone's default (bdi.backbones)
+    input_size: int | None = Field(None, validation_alias=_env("INPUT_SIZE"))
+    feature_blocks: Annotated[tuple[int, ...] | None, NoDecode] = Field(None, validation_alias=_env("FEATURE_BLOCKS"))
+    feature_neighbourhood: int | None = Field(None, validation_alias=_env("FEATURE_NEIGHBOURHOOD"))
     backbone_depth: int | None = Field(None, validation_alias=_env("BACKBONE_DEPTH"))
     weights_seed: int = Field(0, validation_alias=_env("WEIGHTS_SEED"))
     batch_size: int = Field(8, validation_alias=_env("BATCH_SIZE"))
 
     # algorithm defaults (contract §5.1)
     coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
-    coreset_projection_dim: int = Field(128, validation_alias=_env("CORESET_PROJECTION_DIM"))
+    coreset_projection_dim: int | None = Field(None, validation_alias=_env("CORESET_PROJECTION_DIM"))
     coreset_seed: int = Field(0, validation_alias=_env("CORESET_SEED"))
     knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
     score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
     area_mm2_thr: float = Field(1.0, validation_alias=_env("AREA_MM2_THR"))
-    blur_sigma: float = Field(1.0, validation_alias=_env("BLUR_SIGMA"))
+    blur_sigma: float | None = Field(None, validation_alias=_env("BLUR_SIGMA"))
     remove_letterbox: bool = Field(True, validation_alias=_env("REMOVE_LETTERBOX"))
     calibration_ng_percentile: float = Field(5.0, validation_alias=_env("CALIBRATION_NG_PERCENTILE"))
     calibration_overlap_factor: float = Field(1.02, validation_alias=_env("CALIBRATION_OVERLAP_FACTOR"))
@@ -217,9 +262,7 @@ class Settings(BaseSettings):
     def _parse_blocks(cls, value: object) -> object:
         if isinstance(value, str):
             parts = [p for p in value.replace(" ", "").split(",") if p]
-            if not parts:
-                raise ValueError("feature_blocks must list block indices, e.g. 9,10,11")
-            return tuple(int(p) for p in parts)
+            return tuple(int(p) for p in parts) if parts else None  # "" = the backbone's default
         return value
 
     @field_validator(
@@ -240,7 +283,9 @@ class Settings(BaseSettings):
             return 8000
         return port if 0 < port < 65536 else 8000
 
-    @field_validator("backbone_depth", mode="before")
+    @field_validator(
+        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", mode="before"
+    )
     @classmethod
     def _parse_depth(cls, value: object) -> object:
         return None if value in ("", None) else value
@@ -274,13 +319,14 @@ class Settings(BaseSettings):
             backbone=self.backbone,
             weights=self.weights,
             input_size=self.input_size,
-            blocks=tuple(self.feature_blocks),
+            blocks=None if self.feature_blocks is None else tuple(self.feature_blocks),
+            neighbourhood=self.feature_neighbourhood,
             depth=self.backbone_depth,
             seed=self.weights_seed,
             device=self.device,
             precision=self.precision,
             batch_size=self.batch_size,
-        )
+        ).resolved()
 
     def memory_config(self, *, coreset_rate: float | None = None) -> MemoryConfig:
         return MemoryConfig(
@@ -290,7 +336,7 @@ class Settings(BaseSettings):
             knn_index=self.knn_index,
             prefer_gpu=self.faiss_prefer_gpu,
             gpu_device=self.faiss_gpu_device,
-        )
+        ).resolved(self.backbone)
 
     def scoring_config(
         self, *, score_percentile: float | None = None, area_mm2_thr: float | None = None
@@ -300,7 +346,7 @@ class Settings(BaseSettings):
             area_mm2_thr=self.area_mm2_thr if area_mm2_thr is None else area_mm2_thr,
             blur_sigma=self.blur_sigma,
             remove_letterbox=self.remove_letterbox,
-        )
+        ).resolved(self.backbone)
 
     def calibration_config(self) -> CalibrationConfig:
         return CalibrationConfig(

@@ -131,3 +131,10 @@ class StorageError(BDIError):
     """The model store could not be read or written."""
 
     code = "storage"
+
+
+class ModelMismatchError(BDIError):
+    """A stored memory whose features come from another backbone, blocks, size or weights than this
+    extractor's: its distances would be meaningless, so it is refused instead of scored."""
+
+    code = "model_mismatch"

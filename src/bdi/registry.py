@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,8 +183,10 @@ def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides
     values: dict[str, Any] = {
         "models_dir": model_dir,
         "weights": spec,
+        "backbone": str(features.get("backbone")),
         "input_size": int(features["input_size"]),
         "feature_blocks": tuple(int(b) for b in features["blocks"]),
+        "feature_neighbourhood": features.get("neighbourhood"),
         "backbone_depth": int(features["depth"]) if features.get("depth") is not None else None,
         "weights_seed": int(weights.get("seed") or 0),
     }
@@ -205,7 +207,7 @@ class ModelDirPredictor:
 
     def __init__(self, model_dir: Path, *, overrides: Mapping[str, Any] | None = None) -> None:
         from .calibration import usable_threshold
-        from .features import DinoV2Features
+        from .features import FeatureExtractor
         from .service import InspectionService
 
         self.model_dir = Path(model_dir)
@@ -219,8 +221,7 @@ class ModelDirPredictor:
         assert calib is not None  # usable_threshold raised otherwise
         settings = _feature_settings(model.memory.metadata, model_dir=self.model_dir, overrides=overrides or {})
         features = model.memory.metadata["features"]
-        feature_cfg = replace(settings.feature_config(), backbone=str(features.get("backbone")))
-        extractor = DinoV2Features(feature_cfg, cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
         _check_weights(recorded=features.get("weights") or {}, got=extractor.weights.to_dict())
         self.service: InspectionService = InspectionService(settings=settings, extractor=extractor, store=store)
         self.scoring: ScoringConfig = self.service.calibrated_scoring(calib)

@@ -30,13 +30,13 @@ from .errors import (
     TokenGridMismatchError,
     UploadLimitError,
 )
-from .features import DinoV2Features, cuda_available
+from .features import FeatureExtractor, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
 from .lineage import api_lineage, ensure_api_writable, images_digest, lineage_view, read_lineage, write_lineage
 from .logging import slog
-from .memory import Memory, build_index, fit_memory
+from .memory import Memory, build_index, check_features_match, fit_memory
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -138,7 +138,7 @@ class InspectionService:
         self,
         *,
         settings: Settings,
-        extractor: DinoV2Features,
+        extractor: FeatureExtractor,
         store: ModelStore | None = None,
         datasets: DatasetStore | None = None,
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
@@ -157,13 +157,14 @@ class InspectionService:
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
-        extractor = DinoV2Features(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
         return cls(settings=settings, extractor=extractor, **hooks)
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
         weights = self.extractor.weights
         return {
+            "backbone": self.extractor.config.backbone,
             "device": self.extractor.device,
             "cuda_available": cuda_available(),
             "model": weights.name,
@@ -241,9 +242,11 @@ class InspectionService:
                 token_shape=grid,
                 cfg=memory_cfg,
                 n_images=len(images),
-                extra_metadata={"features": self.extractor.describe(), "created_at_utc": utc_now_iso()},
+                extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
+                                "created_at_utc": utc_now_iso()},
                 on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
                 device=self.extractor.device,
+                normalize=self.extractor.spec.l2_normalize,
             )
         with timer.stage("index"):
             index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
@@ -494,6 +497,7 @@ class InspectionService:
                     embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
                     index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
                     threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
+                    normalize=model.memory.l2_normalized,
                 )
             done += len(batch)
             if progress:
@@ -685,6 +689,7 @@ class InspectionService:
         if model is None:
             slog("infer.not_fitted", why_not_fitted="memory_missing", model_key=ref.model_key)
             raise NotFittedError(endpoint)
+        check_features_match(model.memory, self.extractor.signature())
         if model.index is None:
             if require_index and FAISS_AVAILABLE:
                 slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)

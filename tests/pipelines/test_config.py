@@ -87,9 +87,9 @@ def test_schema_defaults_equal_bdi_defaults() -> None:
     cfg = validate(to_plain(compose_config()))
     schema_default = validate({"dataset": {"name": "x", "source": "x"}})
     got = model_config(schema_default)
-    assert got.features == FeatureConfig()
+    assert got.features == FeatureConfig().resolved()
     assert got.memory == MemoryConfig()
-    assert got.scoring == ScoringConfig()
+    assert got.scoring == ScoringConfig().resolved(got.features.backbone)
     assert cfg.calibration.ng_percentile == CalibrationConfig().ng_percentile
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
 from tests.conftest import tiny_settings
@@ -27,7 +27,7 @@ ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture()
-def client_factory(tmp_path: Path, tiny_extractor: DinoV2Features) -> Iterator[ClientFactory]:
+def client_factory(tmp_path: Path, tiny_extractor: FeatureExtractor) -> Iterator[ClientFactory]:
     """``make(**settings_overrides)`` → a started TestClient on ``tmp_path/models`` (lifespan run)."""
     stack: list[TestClient] = []
 

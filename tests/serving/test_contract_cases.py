@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.synthetic import make_disc
 from tests.helpers.synthetic import disc_png, png_bytes
 
@@ -756,7 +756,7 @@ def test_i14_undecodable_image_is_400_not_500(client: TestClient) -> None:
 
 
 def test_i15_memory_with_other_token_grid(
-    client: TestClient, models_dir: Path, tiny_extractor: DinoV2Features
+    client: TestClient, models_dir: Path, tiny_extractor: FeatureExtractor
 ) -> None:
     """A legacy flat-layout memory whose grid (5×5) differs from the extractor's (8×8)."""
     rng = np.random.default_rng(0)

@@ -76,7 +76,7 @@ def test_score_crop_rejects_token_grid_mismatch() -> None:
         score_crop(
             embeddings=np.eye(4, dtype=np.float32), grid=(2, 2),
             letterbox=letterbox_geometry(src_w=28, src_h=28, size=28), index=index, memory_grid=(3, 3),
-            mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(), threshold=None, mm_per_px=1.0,
+            mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(blur_sigma=1.0), threshold=None, mm_per_px=1.0,
         )
 
 
@@ -85,7 +85,7 @@ def test_score_crop_distances_lie_in_zero_two_and_match_memory_exactly() -> None
     index = KnnIndex.build(rows)
     result = score_crop(
         embeddings=rows, grid=(2, 2), letterbox=letterbox_geometry(src_w=28, src_h=28, size=28),
-        index=index, memory_grid=(2, 2), mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(),
+        index=index, memory_grid=(2, 2), mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(blur_sigma=1.0),
         threshold=0.5, mm_per_px=0.1,
     )
     assert result.score == pytest.approx(0.0, abs=1e-3)

