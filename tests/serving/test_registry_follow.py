@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
 from bdi.store import ModelRef, ModelStore
 from bdi.tracking import TrackingConfig
@@ -38,7 +38,7 @@ def registered(
 
 @pytest.fixture()
 def following(
-    tmp_path: Path, tiny_extractor: DinoV2Features, registered: tuple[str, TrackingConfig, Path]
+    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingConfig, Path]
 ) -> Iterator[TestClient]:
     """A server following that registry (sync at start-up, then every 0.5 s) on an empty models dir."""
     settings = tiny_settings(tmp_path / "served", mlflow_tracking_uri=registered[1].tracking_uri,

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from bdi import model_lock
 from bdi.errors import CalibrationMissingError, RegistryManagedError, StorageError
-from bdi.features import DinoV2Features
+from bdi.features import FeatureExtractor
 from bdi.lineage import read_lineage
 from bdi.registry import materialise_model, sync_registry
 from bdi.service import InspectionService
@@ -35,7 +35,7 @@ def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exports(
-    tmp_path_factory: pytest.TempPathFactory, tiny_extractor: DinoV2Features, good_discs: list[np.ndarray],
+    tmp_path_factory: pytest.TempPathFactory, tiny_extractor: FeatureExtractor, good_discs: list[np.ndarray],
     defect_discs: list[np.ndarray],
 ) -> tuple[Path, Path]:
     """Two different calibrated models of REF, each exported alone (version 1 and version 2 material)."""
@@ -57,7 +57,7 @@ def _client(cfg: TrackingConfig, project_root: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _served_service(models: Path, extractor: DinoV2Features) -> InspectionService:
+def _served_service(models: Path, extractor: FeatureExtractor) -> InspectionService:
     return InspectionService(settings=tiny_settings(models), extractor=extractor)
 
 
@@ -119,7 +119,7 @@ def test_moving_the_alias_back_restores_the_old_model(
 
 
 def test_registry_replaces_an_api_fitted_model_of_the_same_key(
-    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: DinoV2Features,
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     good_discs: list[np.ndarray],
 ) -> None:
     served = _served_service(tmp_path / "served", tiny_extractor)
@@ -136,7 +136,7 @@ def test_registry_replaces_an_api_fitted_model_of_the_same_key(
 
 
 def test_api_fit_and_calibration_of_a_registry_model_are_refused_naming_the_version(
-    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: DinoV2Features,
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     good_discs: list[np.ndarray],
 ) -> None:
     cfg = _cfg("refuse")
@@ -154,7 +154,7 @@ def test_api_fit_and_calibration_of_a_registry_model_are_refused_naming_the_vers
 
 
 def test_removing_the_alias_releases_the_model_to_the_api(
-    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: DinoV2Features,
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     good_discs: list[np.ndarray],
 ) -> None:
     cfg = _cfg("release")
@@ -221,7 +221,7 @@ def test_unreachable_registry_keeps_the_models_and_health_reports_the_stale_view
 
 
 def test_infer_waits_for_a_sync_in_progress_and_sees_the_whole_new_version(
-    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: DinoV2Features,
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     defect_discs: list[np.ndarray],
 ) -> None:
     served = _served_service(tmp_path / "served", tiny_extractor)
