@@ -44,6 +44,7 @@ from pipelines.stage import (
     StageContext,
     Target,
     execute_stage,
+    log_dataset,
     resolve_path,
     run_cli,
     stage_run,
@@ -326,6 +327,7 @@ def execute(ctx: StageContext) -> IngestResult:
                          **{f"n_{k}": v for k, v in splits.items()}})
         run.log_artifact(manifest, "ingest")
         run.log_artifact(report, "ingest")
+        log_dataset(run, ctx, split=None, context="ingest")
     for item in result.rejected:
         log.info("rejected %s: %s", item["file"], item["reason"])
     log.info("ingest: kept %d of %d files (%s), rejected %d -> %s", len(result.rows), result.n_found,

@@ -17,11 +17,10 @@ from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
-from bdi.errors import BDIError
 from bdi.logging import configure_logging, slog
-from bdi.registry import sync_registered
 from bdi.service import InspectionService
 from bdi.store import remove_orphan_temp_files
+from bdi.sync import RegistryFollower, SyncStatusReader
 from bdi.tracking import (
     ApiRunLogger,
     TrackingConfig,
@@ -33,6 +32,8 @@ from bdi.tracking import (
 from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
+
+FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
 
 class CudaRequiredError(RuntimeError):
@@ -53,6 +54,14 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         async with AsyncExitStack() as stack:
             status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
+            tracking = TrackingConfig.from_settings(resolved)
+            follower = await _follow_registry(tracking, resolved)
+            if follower is not None:
+                stack.callback(follower.stop)
+            app.state.registry_status = SyncStatusReader(
+                resolved.models_dir, following=follower is not None, alias=tracking.alias,
+                interval_s=resolved.registry_sync_interval_s,
+            )
             hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
             svc = service or InspectionService.from_settings(resolved, **hooks)
             health = svc.health()
@@ -105,8 +114,6 @@ async def _start_tracking(
         startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
                                    name="bdi-registry-startup", daemon=True)
         startup.start()
-        if settings.registry_sync_on_start:  # a reachable registry is synced before serving
-            await asyncio.to_thread(startup.join, max(2.0, 3 * settings.mlflow_timeout_s))
     if not (settings.mlflow_tracking_uri and log_api_runs):
         return status, None
     run_logger = ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
@@ -116,21 +123,13 @@ async def _start_tracking(
 
 
 def _registry_startup(tracking: TrackingConfig, settings: Settings, status: TrackingStatus) -> None:
-    """Start-up work against MLflow, on a thread: sync the registered models holding the alias
-    (``BDI_REGISTRY_SYNC_ON_START``) or else check the tracking server, then mark KILLED the runs a
-    killed process left RUNNING. Each call has the ``BDI_MLFLOW_TIMEOUT_S`` timeout; a failure is
-    logged and reported by /health (``registry: unreachable``), never fatal."""
+    """Start-up work against MLflow, on a thread: check the tracking server, then mark KILLED the runs a
+    killed process left RUNNING (syncing the registry is the follower's job, ``_follow_registry``). Each
+    call has the ``BDI_MLFLOW_TIMEOUT_S`` timeout; a failure is logged and reported by /health
+    (``registry.state: unreachable``), never fatal."""
     root = Path.cwd()
     try:
-        if settings.registry_sync_on_start:
-            try:
-                synced = sync_registered(cfg=tracking, project_root=root, models_dir=settings.models_dir)
-            except BDIError as exc:
-                slog("registry.sync_failed", error=str(exc))
-                raise
-            slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
-        else:
-            check_tracking_server(tracking, project_root=root)
+        check_tracking_server(tracking, project_root=root)
         reaped = reap_orphaned_runs(tracking, project_root=root)
         if reaped:
             slog("tracking.runs_reaped", run_ids=reaped, status="KILLED")
@@ -138,6 +137,18 @@ def _registry_startup(tracking: TrackingConfig, settings: Settings, status: Trac
     except Exception as exc:  # noqa: BLE001 - an unreachable registry must not stop the server
         slog("registry.unreachable", error=f"{type(exc).__name__}: {exc}"[:500])
         status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> RegistryFollower | None:
+    """With ``BDI_REGISTRY_SYNC_ON_START=1``: sync the registry's alias holders into the models dir now
+    (waiting a bounded time, off the event loop) and then every ``BDI_REGISTRY_SYNC_INTERVAL_S`` in a
+    background thread. A registry that cannot be reached is reported by /health, never fatal."""
+    if not settings.registry_sync_on_start:
+        return None
+    follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
+                                interval_s=settings.registry_sync_interval_s)
+    await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)
+    return follower
 
 
 app = create_app()

@@ -37,6 +37,7 @@ from bdi.errors import (
     ModelMismatchError,
     NotFittedError,
     NotFoundError,
+    RegistryManagedError,
     ScaleMismatchError,
     StorageError,
     WeightsError,
@@ -81,6 +82,8 @@ ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     NotFoundError: ErrorRule(404, "B"),
+    # the conflict rule: an API write to a model the registry manages; the message names the version
+    RegistryManagedError: ErrorRule(409, "A", {"resource": "B"}),
     InvalidInputError: ErrorRule(400, "A", {"resource": "B"}),  # decode, limits, grid, metas, label
     WeightsError: ErrorRule(500, "A", log_trace=True),
     StorageError: ErrorRule(500, "A", log_trace=True),

@@ -284,6 +284,8 @@ class Settings(BaseSettings):
     mlflow_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_TIMEOUT_S"))
     mlflow_queue_size: int = Field(64, validation_alias=_env("MLFLOW_QUEUE_SIZE"))
     mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_SHUTDOWN_TIMEOUT_S"))
+    # with BDI_REGISTRY_SYNC_ON_START=1: sync again every this many seconds (0 = at start-up only)
+    registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=_env("REGISTRY_SYNC_INTERVAL_S"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 

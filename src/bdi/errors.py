@@ -114,6 +114,11 @@ class FitInProgressError(BDIError):
 
     code = "fit_in_progress"
 
+class RegistryManagedError(BDIError):
+    """An API fit or calibration of a model that a registry alias manages (the conflict rule)."""
+
+    code = "registry_managed"
+
 
 class NotFoundError(BDIError):
     """A dataset file or sidecar that does not exist."""

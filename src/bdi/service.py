@@ -8,6 +8,7 @@ before anything is stored, calibrations record the memory they belong to.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import model_lock
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
 from .datasets import LABELS, DatasetRef, DatasetStore, Sample, UploadItem, parse_label
@@ -33,6 +35,14 @@ from .features import FeatureExtractor, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
+from .lineage import (
+    api_lineage,
+    ensure_api_writable,
+    hashes_digest,
+    lineage_view,
+    read_lineage,
+    write_lineage,
+)
 from .logging import slog
 from .memory import Memory, MemoryBuilder, build_index, check_features_match
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
@@ -71,6 +81,7 @@ class InferOutcome:
     decision: str
     heatmap_png: bytes | None
     mm_per_px: float
+    lineage: dict[str, Any] | None = None  # bdi.lineage.lineage_view of the model that answered
 
     def to_response(self) -> dict[str, Any]:
         heatmap = png_base64(self.heatmap_png)
@@ -81,6 +92,7 @@ class InferOutcome:
             "heatmap_png_base64": heatmap,
             "regions": [r.to_dict(with_xywh=True) for r in self.result.regions],
             "decision": self.decision,
+            "lineage": self.lineage,
         }
 
 
@@ -187,19 +199,32 @@ class InspectionService:
             )
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
+        ensure_api_writable(self.store, ref)  # the registry's models are not overwritten (409)
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
-        decoded: Iterable[np.ndarray]
+        named: Iterable[tuple[str, bytes]]
         if use_dataset:
             paths = self._ok_dataset_paths(ref)
             n_images = len(paths)
-            decoded = (self._decode(self._read_sample(path), name=path.name) for path in paths)
+            named = ((path.name, self._read_sample(path)) for path in paths)
         else:
             self._check_file_count(len(images))
             n_images = len(images)
-            decoded = (self._decode(data, name=name) for name, data in images)
+            named = iter(images)
+        image_sha256s: list[str] = []  # the lineage's data hash, gathered as the images stream by
+
+        def decode(pairs: Iterable[tuple[str, bytes]]) -> Iterator[np.ndarray]:
+            for name, data in pairs:
+                image_sha256s.append(hashlib.sha256(data).hexdigest())
+                yield self._decode(data, name=name)
+
         # decoded lazily, batch by batch, inside the fit: never all images at once
-        return self.fit_images(ref=ref, images=decoded, n_images=n_images, memory_fit=memory_fit,
-                               progress=progress)
+        result = self.fit_images(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
+                                 progress=progress)
+        write_lineage(self.store, ref, api_lineage(
+            memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
+            data_source="api:ok_dataset" if use_dataset else "api:upload",
+        ))
+        return result
 
     def fit_images(
         self,
@@ -310,6 +335,7 @@ class InspectionService:
         area_mm2_thr: float | None = None,
     ) -> dict[str, Any]:
         """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         choice = choose_threshold(
             ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration_config()
@@ -340,6 +366,7 @@ class InspectionService:
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
+        ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
         scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
@@ -411,8 +438,10 @@ class InspectionService:
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
         with timer.stage("decode"):
             crop = self._decode(image, name="image")
-        model = self._require_model(ref, endpoint="/infer", require_index=True)
-        calib = self.store.load_calibration(ref)
+        with model_lock.reading(self.store, ref):  # memory, index, calibration and lineage of one version
+            model = self._require_model(ref, endpoint="/infer", require_index=True)
+            calib = self.store.load_calibration(ref)
+            lineage = read_lineage(self.store, ref)
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         roi_shape = parse_shape(shape)
@@ -429,7 +458,8 @@ class InspectionService:
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         return InferOutcome(result=result, threshold=threshold, decision=decision,
-                            heatmap_png=heatmap_png, mm_per_px=mm_per_px)
+                            heatmap_png=heatmap_png, mm_per_px=mm_per_px,
+                            lineage=lineage_view(memory=model.memory, calib=calib, lineage=lineage))
 
     def infer_dataset(
         self,
@@ -442,8 +472,9 @@ class InspectionService:
     ) -> list[SampleScore]:
         """/infer_dataset (§2.5): score every stored sample of the given labels."""
         clean_labels = [parse_label(label) for label in labels]
-        model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
-        calib = self.store.load_calibration(ref)
+        with model_lock.reading(self.store, ref):
+            model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
+            calib = self.store.load_calibration(ref)
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         scoring = self.calibrated_scoring(calib)
@@ -602,17 +633,29 @@ class InspectionService:
 
     # ------------------------------------------------------------------ state
     def state(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._model_snapshot(ref)
         return {
-            "memory_fitted": self._safe_memory(ref) is not None,
-            "calib_present": self.store.load_calibration(ref) is not None,
+            "memory_fitted": memory is not None,
+            "calib_present": calib is not None,
+            "lineage": lineage,
         }
 
     def manifest(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._model_snapshot(ref)
         return {
-            "memory": self._safe_memory(ref) is not None,
-            "calib": self.store.load_calibration(ref),
+            "memory": memory is not None,
+            "calib": calib,
             "datasets": self.datasets.listing(self._dataset_ref(ref)),
+            "lineage": lineage,
         }
+
+    def _model_snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """Memory, calibration and the lineage view of one model, read together (``bdi.model_lock``)."""
+        with model_lock.reading(self.store, ref):
+            memory = self._safe_memory(ref)
+            calib = self.store.load_calibration(ref)
+            sidecar = read_lineage(self.store, ref)
+        return memory, calib, lineage_view(memory=memory, calib=calib, lineage=sidecar)
 
     # ------------------------------------------------------------------ datasets
     def dataset_listing(self, ref: DatasetRef) -> dict[str, Any]:

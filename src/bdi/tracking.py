@@ -23,6 +23,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -308,6 +309,23 @@ class RunHandle:
         """Store a JSON/YAML-able object as ``artifact_file`` (format from the extension)."""
         if self._client is not None:
             self._client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_input(self, *, name: str, source: str, digest: str, context: str) -> None:
+        """Log a dataset input, as ``mlflow.log_input`` does: a metadata-only dataset (``name``, local
+        ``source`` folder, ``digest`` ≤ 36 chars) with the ``mlflow.data.context`` tag ``context``."""
+        if self._client is None:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(Path(source).resolve().as_uri())
+        # MLflow declares ``profile`` abstract but MetaDataset works without it
+        dataset = MetaDataset(resolved, name=name, digest=digest)  # type: ignore[abstract]
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
     def set_tags(self, mapping: Mapping[str, Any]) -> None:
         """Set tags (values stringified, None skipped)."""

@@ -43,7 +43,7 @@ def _wait_for_registry(client: TestClient, state: str, timeout_s: float = 15.0) 
     deadline = time.monotonic() + timeout_s
     while True:
         body: dict[str, Any] = client.get("/health").json()
-        if body["registry"] == state or time.monotonic() > deadline:
+        if body["registry"]["state"] == state or time.monotonic() > deadline:
             return body
         time.sleep(0.1)
 
@@ -60,14 +60,14 @@ def test_startup_with_the_registry_unreachable_still_serves_and_health_says_so(
     tmp_path: Path, stalled_uri: str
 ) -> None:
     baseline, baseline_s = _started(tmp_path, "baseline")
-    assert baseline.get("/health").json()["registry"] == "disabled"
+    assert baseline.get("/health").json()["registry"]["state"] == "disabled"
     baseline.__exit__(None, None, None)
     client, startup_s = _started(tmp_path, "stalled", mlflow_tracking_uri=stalled_uri, registry_sync_on_start=True,
                                  mlflow_timeout_s=TIMEOUT_S)
     try:
         assert startup_s < baseline_s + 3 * TIMEOUT_S + 5  # the sync waited a bounded time, then served
         body = _wait_for_registry(client, "unreachable")
-        assert body["status"] == "ok" and body["registry"] == "unreachable"
+        assert body["status"] == "ok" and body["registry"]["state"] == "unreachable"
         upload(client, "ok", seeds=[1])  # and it serves
     finally:
         client.__exit__(None, None, None)
@@ -92,7 +92,7 @@ def test_shutdown_with_runs_stuck_on_a_stalled_server_is_bounded(tmp_path: Path,
     for i in range(10):  # ten runs queued behind a server that never answers
         response = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [float(i + 1)]})
         assert response.status_code == 200
-    assert _wait_for_registry(client, "unreachable")["registry"] == "unreachable"
+    assert _wait_for_registry(client, "unreachable")["registry"]["state"] == "unreachable"
     started = time.monotonic()
     client.__exit__(None, None, None)
     assert time.monotonic() - started < 1.0 + 2 * TIMEOUT_S + 2  # the shutdown timeout, plus one call

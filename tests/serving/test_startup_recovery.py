@@ -79,4 +79,4 @@ def test_run_left_running_by_a_sigkilled_process_is_marked_killed_at_the_next_st
     while mlflow.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert mlflow.get_run(run_id).info.status == "KILLED"
-    assert client.get("/health").json()["registry"] == "ok"
+    assert client.get("/health").json()["registry"]["state"] == "ok"
