@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             device=health["device"],
             model=health["model"],
             weights=health["weights"],
+            runtime=health["runtime"],
+            runtime_fallback=health["runtime_fallback"],
             version=__version__,
             mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
         )
@@ -88,7 +90,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
 def _sync_registry(tracking: TrackingConfig, settings: Settings) -> None:
     """Materialise the registered models holding the alias; a failure is logged, not fatal."""
     try:
-        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir)
+        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
+                                 exports_root=settings.exports_dir())
         slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
     except BDIError as exc:
         slog("registry.sync_failed", error=str(exc))

@@ -15,7 +15,8 @@ router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 
 @router.get("/health")
 async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
-    """Status, device, backbone name and version, plus which weights are loaded.
+    """Status, device, backbone name and version, plus which weights are loaded and what runs the net
+    (``runtime``; ``runtime_fallback`` says why the requested one is not used).
 
     ``async``: it touches no disk and must answer even when every worker thread is busy fitting.
     """
@@ -32,4 +33,6 @@ async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
         body["reason"] = "cuda_not_available"
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])
+    for key in ("runtime", "runtime_requested", "runtime_fallback", "runtime_parity"):
+        body[key] = info[key]
     return body

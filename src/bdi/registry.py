@@ -567,22 +567,46 @@ def sync_registered(
     project_root: Path,
     models_dir: Path,
     alias: str | None = None,
+    exports_root: Path | None = None,
 ) -> list[SyncedModel]:
     """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``cfg.alias``) into
     ``models_dir`` at the exact ModelStore paths; returns the versions whose files changed.
 
     Each version is downloaded into a temp folder inside ``models_dir`` (same filesystem, removed
     afterwards) and materialised with :func:`materialise_model`. Syncs of one models dir are
-    serialised by a file lock. Running it twice writes nothing the second time.
+    serialised by a file lock. Running it twice writes nothing the second time. A version that carries
+    the export of its feature net (``exports/<key>``, see ``bdi.export``) has it copied into
+    ``exports_root`` (the servers' export cache) when given; a version without one syncs all the same.
     """
     if not cfg.enabled:
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
     uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
     with _mlflow_errors("sync"), global_tracking_uri(uri):
-        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias)
+        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias,
+                     exports_root=exports_root)
 
 
-def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str) -> list[SyncedModel]:
+def _sync_exports(model_dir: Path, exports_root: Path) -> list[str]:
+    """Copy the exports a downloaded version carries into ``exports_root``; returns the keys copied."""
+    from .config import EXPORTS_DIRNAME
+    from .errors import ExportError
+    from .export import copy_export
+
+    carried = model_dir / EXPORTS_DIRNAME
+    if not carried.is_dir():
+        return []
+    copied: list[str] = []
+    for folder in sorted(p for p in carried.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            if copy_export(src_root=carried, dst_root=exports_root, key=folder.name):
+                copied.append(folder.name)
+        except ExportError as exc:  # the model still serves: the server re-exports or runs torch
+            slog("registry.export_skipped", export_key=folder.name, error=str(exc))
+    return copied
+
+
+def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str,
+          exports_root: Path | None = None) -> list[SyncedModel]:
     import mlflow.artifacts
 
     client, uri, _ = tracking_client(cfg, project_root=project_root)
@@ -611,9 +635,11 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
                     source = ModelStore(model_dir)
                     memory = source.load_memory(ref)
                     written = materialise_model(source=source, ref=ref, target=target)
+                    exports = _sync_exports(model_dir, exports_root) if exports_root is not None else []
                 fingerprint = memory.fingerprint if memory is not None else ""
                 slog("registry.synced" if written else "registry.sync_up_to_date", name=registered.name,
-                     version=int(version), alias=alias, written=list(written), model_key=ref.model_key,
+                     version=int(version), alias=alias, written=list(written), exports=exports,
+                     model_key=ref.model_key,
                      recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
                 if written:
                     synced.append(SyncedModel(name=registered.name, version=int(version), alias=alias, ref=ref,

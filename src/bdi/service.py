@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
 from .datasets import LABELS, DatasetRef, DatasetStore, UploadItem, parse_label
@@ -139,9 +140,12 @@ class InspectionService:
         datasets: DatasetStore | None = None,
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
         on_calibrate: Callable[[ModelRef, Mapping[str, Any]], None] | None = None,
+        runtime: RuntimeStatus | None = None,
     ) -> None:
         self.settings = settings
         self.extractor = extractor
+        # what runs the feature net (from_settings attaches BDI_RUNTIME; a given extractor keeps its own)
+        self.runtime = runtime or current_status(extractor, threads=settings.intra_op_threads())
         self.store = store or ModelStore(
             settings.models_dir,
             cache_max_entries=settings.cache_max_entries,
@@ -153,8 +157,12 @@ class InspectionService:
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
+        """Build the extractor, give the process its thread budget and attach ``BDI_RUNTIME`` (parity-checked)."""
+        configure_threads(settings.intra_op_threads())
         extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
-        return cls(settings=settings, extractor=extractor, **hooks)
+        runtime = attach_runtime(extractor, requested=settings.runtime, root=settings.exports_dir(),
+                                 threads=settings.intra_op_threads())
+        return cls(settings=settings, extractor=extractor, runtime=runtime, **hooks)
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
@@ -166,6 +174,7 @@ class InspectionService:
             "model": weights.name,
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
+            **self.runtime.health(),
         }
 
     # ------------------------------------------------------------------ fit
