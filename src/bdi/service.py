@@ -476,11 +476,10 @@ class InspectionService:
         if index is None:  # _require_model always attaches one; a model without an index here is a bug
             raise NotFittedError(detail="no kNN index attached to the loaded model")
         timer = timer or StageTimer()
-        batches = self.extractor.iter_extract(crops)
+        batches = self.extractor.iter_extract(crops, clock=timer.stage)  # letterbox, normalise, forward
         done = 0
         while True:
-            with timer.stage("encode"):
-                batch = next(batches, None)
+            batch = next(batches, None)
             if batch is None:
                 return
             for j in range(len(batch)):
@@ -512,7 +511,7 @@ class InspectionService:
         timer: StageTimer,
     ) -> InferenceResult:
         height, width = crop.shape[:2]
-        with timer.stage("preprocess"):
+        with timer.stage("mask"):
             mask = build_roi_mask(roi_shape, width=width, height=height)
         (result,) = self._score_crops(model, [crop], [mask], scoring=scoring, threshold=threshold,
                                       mm_per_px=[mm_per_px], timer=timer)
