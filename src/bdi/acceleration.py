@@ -161,7 +161,7 @@ def export_checked(
     """
     names = [n for n in (runtimes or RUNTIMES) if runtime_installed(n)]
     if not names:
-        raise ExportError(f"no export runtime is installed ({', '.join(RUNTIMES)}): `pip install -e '.[runtimes]'`")
+        raise ExportError(f"no export runtime is installed: `pip install {' '.join(RUNTIMES)}`")
     export = ensure_export(extractor, root=root)
     reference = golden_reference(extractor)
     options = runtime_options(extractor, threads=threads)
@@ -225,7 +225,7 @@ def attach_runtime(
     candidates = list(RUNTIMES) if requested == "auto" else [requested]
     installed = [name for name in candidates if runtime_installed(name)]
     if not installed:
-        why = f"{' and '.join(candidates)} not installed (`pip install -e '.[runtimes]'`)"
+        why = f"{' and '.join(candidates)} not installed (`pip install {' '.join(candidates)}`)"
         return _fallback(requested, why=why, threads=threads, loud=requested != "auto")
     try:
         export = ensure_export(extractor, root=root)

@@ -141,7 +141,7 @@ def open_runtime(name: str, export: Export, *, options: RuntimeOptions) -> Runne
     if name not in RUNTIMES:
         raise ExportError(f"unknown runtime {name!r}; known: {list(RUNTIMES)} (and torch)")
     if not runtime_installed(name):
-        raise ExportError(f"runtime {name!r} is not installed: `pip install -e '.[runtimes]'`")
+        raise ExportError(f"runtime {name!r} is not installed: `pip install {name}`")
     if name == "onnxruntime":
         return OnnxRuntimeRunner(export.onnx_path, options=options)
     return OpenVinoRunner(export.openvino_path or export.onnx_path, options=options)
