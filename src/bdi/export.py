@@ -163,6 +163,7 @@ def write_onnx(extractor: FeatureExtractor, path: Path) -> None:
     The graph runs in float32 whatever the extractor's autocast precision; the batch axis is dynamic.
     """
     import torch
+    from torch.jit._trace import TracerWarning
 
     side = int(extractor.config.input_size or 0)
     net = extractor.net
@@ -171,7 +172,7 @@ def write_onnx(extractor: FeatureExtractor, path: Path) -> None:
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # timm's shape asserts are constants at the fixed input size: the tracer's warning about them is moot
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=TracerWarning)
             torch.onnx.export(
                 net, (dummy,), str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
