@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.runtimes
 
 pipeline: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro

@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
                 device=health["device"],
                 model=health["model"],
                 weights=health["weights"],
+                runtime=health["runtime"],
+                runtime_fallback=health["runtime_fallback"],
                 version=__version__,
                 mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
             )
@@ -146,7 +148,7 @@ async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> Regi
     if not settings.registry_sync_on_start:
         return None
     follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
-                                interval_s=settings.registry_sync_interval_s)
+                                interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir())
     await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)
     return follower
 

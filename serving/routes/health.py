@@ -37,8 +37,11 @@ async def health(
     }
     if not info["cuda_available"]:
         body["reason"] = "cuda_not_available"
+    body["backbone"] = info["backbone"]
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])
     status = getattr(request.app.state, "tracking_status", None)
     body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
+    for key in ("runtime", "runtime_requested", "runtime_fallback", "runtime_parity"):
+        body[key] = info[key]
     return body

@@ -29,6 +29,8 @@ from .backbones import BACKBONES, DINOV2_VITS14, backbone_spec
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.acceleration)
+EXPORTS_DIRNAME = "exports"  # exported feature nets (bdi.export): in the weights cache dir and in registered models
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,11 @@ class Settings(BaseSettings):
     backbone_depth: int | None = Field(None, validation_alias=_env("BACKBONE_DEPTH"))
     weights_seed: int = Field(0, validation_alias=_env("WEIGHTS_SEED"))
     batch_size: int = Field(8, validation_alias=_env("BATCH_SIZE"))
+    # what runs the feature net: auto = the fastest of torch and the exported runtimes that pass parity
+    runtime: RuntimeName = Field("auto", validation_alias=_env("RUNTIME"))
+    # intra-op threads per process; None = the CPU cores divided among `workers` (uvicorn's WEB_CONCURRENCY)
+    threads: int | None = Field(None, validation_alias=_env("THREADS"))
+    workers: int = Field(1, validation_alias=_env("WORKERS", "WEB_CONCURRENCY"))
 
     # algorithm defaults (contract §5.1)
     coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
@@ -316,7 +323,8 @@ class Settings(BaseSettings):
         return port if 0 < port < 65536 else 8000
 
     @field_validator(
-        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", mode="before"
+        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", "threads",
+        mode="before",
     )
     @classmethod
     def _parse_depth(cls, value: object) -> object:
@@ -328,8 +336,10 @@ class Settings(BaseSettings):
         self.to_model_config()
         if self.min_ok_samples < 1:
             raise ValueError("min_ok_samples must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1 (BDI_THREADS), or empty for the CPU cores divided among workers")
         for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries",
-                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size"):
+                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("fit_lock_timeout_s", "orphan_tmp_age_s", "mlflow_timeout_s", "mlflow_shutdown_timeout_s"):
@@ -349,6 +359,17 @@ class Settings(BaseSettings):
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         path = init_kwargs.get("config_file") or init_kwargs.get("BDI_CONFIG") or os.environ.get("BDI_CONFIG")
         return init_settings, _ContractEnvSource(settings_cls, case_sensitive=True), _YamlSource(settings_cls, path)
+
+    def intra_op_threads(self) -> int:
+        """Threads each process computes with: ``threads``, else the usable CPU cores // ``workers`` (≥ 1)."""
+        if self.threads is not None:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.workers)
+
+    def exports_dir(self) -> Path:
+        """The machine's cache of exported feature nets (``bdi.export``): ``<weights_cache_dir>/exports``."""
+        return self.weights_cache_dir.expanduser() / EXPORTS_DIRNAME
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(

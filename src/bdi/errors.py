@@ -143,3 +143,10 @@ class ModelMismatchError(BDIError):
     extractor's: its distances would be meaningless, so it is refused instead of scored."""
 
     code = "model_mismatch"
+
+
+class ExportError(BDIError):
+    """A feature net that cannot be exported, an export folder that is incomplete or corrupt, or a runtime
+    that cannot run it (not installed, failed to load)."""
+
+    code = "export"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import model_lock
+from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
 from .datasets import LABELS, DatasetRef, DatasetStore, Sample, UploadItem, parse_label
@@ -151,9 +152,12 @@ class InspectionService:
         datasets: DatasetStore | None = None,
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
         on_calibrate: Callable[[ModelRef, Mapping[str, Any]], None] | None = None,
+        runtime: RuntimeStatus | None = None,
     ) -> None:
         self.settings = settings
         self.extractor = extractor
+        # what runs the feature net (from_settings attaches BDI_RUNTIME; a given extractor keeps its own)
+        self.runtime = runtime or current_status(extractor, threads=settings.intra_op_threads())
         self.store = store or ModelStore(
             settings.models_dir,
             cache_max_entries=settings.cache_max_entries,
@@ -165,8 +169,12 @@ class InspectionService:
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
+        """Build the extractor, give the process its thread budget and attach ``BDI_RUNTIME`` (parity-checked)."""
+        configure_threads(settings.intra_op_threads())
         extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
-        return cls(settings=settings, extractor=extractor, **hooks)
+        runtime = attach_runtime(extractor, requested=settings.runtime, root=settings.exports_dir(),
+                                 threads=settings.intra_op_threads())
+        return cls(settings=settings, extractor=extractor, runtime=runtime, **hooks)
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
@@ -178,6 +186,7 @@ class InspectionService:
             "model": weights.name,
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
+            **self.runtime.health(),
         }
 
     # ------------------------------------------------------------------ fit
@@ -528,11 +537,10 @@ class InspectionService:
         if index is None:  # _require_model always attaches one; a model without an index here is a bug
             raise NotFittedError(detail="no kNN index attached to the loaded model")
         timer = timer or StageTimer()
-        batches = self.extractor.iter_extract(crops)
+        batches = self.extractor.iter_extract(crops, clock=timer.stage)  # letterbox, normalise, forward
         done = 0
         while True:
-            with timer.stage("encode"):
-                batch = next(batches, None)
+            batch = next(batches, None)
             if batch is None:
                 return
             for j in range(len(batch)):
@@ -565,7 +573,7 @@ class InspectionService:
         timer: StageTimer,
     ) -> InferenceResult:
         height, width = crop.shape[:2]
-        with timer.stage("preprocess"):
+        with timer.stage("mask"):
             mask = build_roi_mask(roi_shape, width=width, height=height)
         (result,) = self._score_crops(model, [crop], [mask], scoring=scoring, threshold=threshold,
                                       mm_per_px=[mm_per_px], timer=timer)

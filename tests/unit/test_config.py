@@ -100,3 +100,27 @@ def test_field_names_still_work_as_init_kwargs_and_in_yaml(tmp_path: Path) -> No
     config.write_text("device: cpu\n")
     assert Settings(config_file=str(config)).device == "cpu"
     assert Settings(device="cpu").device == "cpu"
+
+
+def test_threads_are_the_cores_divided_among_uvicorn_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in ("BDI_THREADS", "BDI_WORKERS", "BRAKEDISC_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
+    assert Settings().workers == 2
+    assert Settings().intra_op_threads() == max(1, cores // 2)
+    assert Settings(workers=cores * 4).intra_op_threads() == 1
+    monkeypatch.setenv("BDI_THREADS", "3")
+    assert Settings().intra_op_threads() == 3
+
+
+def test_runtime_defaults_to_auto_and_rejects_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BDI_RUNTIME", raising=False)
+    assert Settings().runtime == "auto"
+    monkeypatch.setenv("BDI_RUNTIME", "tensorrt")
+    with pytest.raises(ValidationError, match="runtime"):
+        Settings()
+    with pytest.raises(ValidationError, match="threads"):
+        Settings(runtime="torch", threads=0)
