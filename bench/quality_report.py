@@ -67,7 +67,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"`{results['command']}` ({results['mode']} run, {results['created_utc']}, {results['wall_s']:.0f} s wall).",
         "",
         f"Machine: {m['cpu']}, {m['cpus_usable']} usable cores; {m['threads']} threads for every row "
-        f"(torch, faiss, OpenCV); torch {m['torch']}, timm {m['timm']}, faiss {m['faiss']}, "
+        f"(torch, faiss, OpenCV; OMP_WAIT_POLICY={m.get('omp_wait_policy')}); torch {m['torch']}, timm {m['timm']}, "
+        f"faiss {m['faiss']}, "
         f"anomalib {m['anomalib'] or 'not installed'}, Python {m['python']}. Load average (1 min) "
         f"{fmt(m['load_before'], 1)} before the run, {fmt(m['load_after'], 1)} after it (the machine is shared: "
         "timings are only comparable within one run).",
