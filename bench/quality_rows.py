@@ -113,7 +113,8 @@ class BdiDetector:
             "grid": features["grid"],
             "coreset_rate": memory.coreset_rate,
             "coreset_projection_dim": memory.projection_dim,
-            "knn": f"faiss {memory.knn_index}, 1-NN on L2-normalised features",
+            "knn": f"faiss {memory.knn_index}, 1-NN on "
+                   + ("L2-normalised features" if self.service.extractor.spec.l2_normalize else "raw features"),
             "scoring": asdict(scoring),
         }
 
@@ -297,6 +298,7 @@ class PixelKnnDetector:
         self.scoring = scoring
         self.grid = (input_size // cell, input_size // cell)
         self.index: KnnIndex | None = None
+        self._memory = settings.memory_config()  # resolved: seed and coreset projection as the CNN row's
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -309,7 +311,7 @@ class PixelKnnDetector:
             "embed_dim": self.cell * self.cell * 3,
             "grid": list(self.grid),
             "coreset_rate": self.coreset_rate,
-            "coreset_projection_dim": self.settings.coreset_projection_dim,
+            "coreset_projection_dim": self._memory.projection_dim,
             "knn": "faiss Flat, 1-NN on raw (not normalised) cells",
             "scoring": asdict(self.scoring),
         }
@@ -327,8 +329,8 @@ class PixelKnnDetector:
         features_s = time.perf_counter() - start
         start = time.perf_counter()
         size = coreset_size(rows.shape[0], self.coreset_rate)
-        selected = greedy_k_center(rows, size=size, seed=self.settings.coreset_seed,
-                                   projection_dim=self.settings.coreset_projection_dim)
+        assert self._memory.projection_dim is not None
+        selected = greedy_k_center(rows, size=size, seed=self._memory.seed, projection_dim=self._memory.projection_dim)
         coreset_s = time.perf_counter() - start
         start = time.perf_counter()
         self.index = KnnIndex.build(rows[selected], factory="Flat", use_faiss=FAISS_AVAILABLE)
