@@ -584,6 +584,18 @@ def sync_registered(
 
 
 @dataclass(frozen=True)
+class SyncFailure:
+    """An alias holder that could not be synced (its previous files, if any, stay served)."""
+
+    name: str
+    version: int
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}: {self.error}"
+
+
+@dataclass(frozen=True)
 class SyncReport:
     """One sync: every alias holder now in the models dir (``held``, ``written`` empty when it already
     was) and the sidecars released because their registered model lost the alias."""
@@ -591,7 +603,7 @@ class SyncReport:
     alias: str
     held: tuple[SyncedModel, ...]
     released: tuple[str, ...] = ()
-    failed: tuple[str, ...] = ()  # "<name> v<version>: <error>" of versions that could not be synced
+    failed: tuple[SyncFailure, ...] = ()  # alias holders that could not be synced this time
 
     @property
     def changed(self) -> list[SyncedModel]:
@@ -670,14 +682,14 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
                 version = (registered.aliases or {}).get(alias)
                 if version is not None:
                     holders[registered.name] = int(version)
-            failed: list[str] = []
+            failed: list[SyncFailure] = []
             for name, version in sorted(holders.items()):
                 try:  # one broken version must not keep the other models from following the registry
                     held.append(_sync_version(client, uri=uri, target=target, name=name, version=version,
                                               alias=alias, exports_root=exports_root))
                 except (BDIError, MlflowException, OSError) as exc:
                     message = str(getattr(exc, "message", exc))
-                    failed.append(f"{name} v{version}: {message}")
+                    failed.append(SyncFailure(name=name, version=version, error=message))
                     slog("registry.sync_version_failed", name=name, version=version, alias=alias, error=message)
             released = _release_unheld(target, prefix=cfg.registered_model_prefix, alias=alias, held=set(holders))
     except Timeout as exc:

@@ -81,8 +81,12 @@ def sync_once(
         slog("registry.sync_failed", error=message, alias=alias)
     else:
         done = time.time()
+        # a holder that failed this time (a broken version, or the registry going away mid-sync) keeps
+        # its entry of the last sync: its files were not touched and are still what is served
+        failed = {f.name for f in report.failed}
+        kept = [m for m in status.get("models") or [] if isinstance(m, dict) and m.get("name") in failed]
         status.update({"error": None, "last_success_unix": done, "last_success_utc": _iso(done),
-                       "models": _held_entries(report), "failed": list(report.failed)})
+                       "models": kept + _held_entries(report), "failed": [str(f) for f in report.failed]})
         if report.changed or report.released:
             slog("registry.sync", alias=alias, changed=[f"{m.name}@{m.version}" for m in report.changed],
                  released=list(report.released))

@@ -329,3 +329,22 @@ def test_a_broken_version_is_reported_and_does_not_stop_the_other_models(
     assert len(health["failed"]) == 1 and health["failed"][0].startswith("isolate.broken v1: ")
     assert health["reachable"] is True
     assert _fingerprint(served) == _fingerprint(exports[0])
+
+
+def test_a_promoted_version_that_cannot_be_synced_leaves_the_old_one_served_and_listed(
+    project_root: Path, exports: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg = _cfg("keepold")
+    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    served = tmp_path / "served"
+    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    client = _client(cfg, project_root)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    client.create_model_version(registered.name, source=empty.as_uri())
+    client.set_registered_model_alias(registered.name, "champion", "2")
+    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    health = SyncStatusReader(served, following=True, alias="champion", interval_s=0).health()
+    assert [(m["name"], m["version"]) for m in health["synced"]] == [(registered.name, 1)]
+    assert [f.split(":")[0] for f in health["failed"]] == [f"{registered.name} v2"]
+    assert _fingerprint(served) == _fingerprint(exports[0])
