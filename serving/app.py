@@ -17,6 +17,7 @@ from bdi import __version__
 from bdi.config import Settings
 from bdi.logging import configure_logging, slog
 from bdi.service import InspectionService
+from bdi.shadow import ShadowScorer, shadow_models_dir
 from bdi.sync import RegistryFollower, SyncStatusReader
 from bdi.tracking import ApiRunLogger, TrackingConfig
 from serving.errors import install_error_handlers
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         )
         hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
         svc = service or InspectionService.from_settings(resolved, **hooks)
+        shadow = _shadow_scorer(svc, resolved)
         health = svc.health()
         if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
             raise CudaRequiredError(
@@ -78,6 +80,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         finally:
             if follower is not None:
                 follower.stop()
+            if shadow is not None:
+                shadow.close()
             if run_logger is not None:
                 run_logger.close()
 
@@ -98,9 +102,23 @@ def _follow_registry(tracking: TrackingConfig, settings: Settings) -> RegistryFo
     if not settings.registry_sync_on_start:
         return None
     follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
-                                interval_s=settings.registry_sync_interval_s)
+                                interval_s=settings.registry_sync_interval_s,
+                                shadow_alias=settings.registry_shadow_alias)
     follower.start(wait_first_s=FIRST_SYNC_WAIT_S)
     return follower
+
+
+
+def _shadow_scorer(service: InspectionService, settings: Settings) -> ShadowScorer | None:
+    """With ``BDI_REGISTRY_SHADOW_ALIAS``: score every answered /infer again with that alias's version of
+    the model (synced into ``shadow/<alias>``) on a worker thread, and log it (``bdi.shadow``)."""
+    alias = settings.registry_shadow_alias
+    if not alias:
+        return None
+    shadow_settings = settings.model_copy(update={"models_dir": shadow_models_dir(settings.models_dir, alias)})
+    scorer = ShadowScorer(InspectionService(settings=shadow_settings, extractor=service.extractor), alias=alias)
+    service.on_infer = scorer.on_infer
+    return scorer
 
 
 app = create_app()

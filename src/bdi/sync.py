@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from .logging import slog
 from .registry import SyncReport, sync_registry
+from .shadow import shadow_models_dir
 from .store import FileIdentity, atomic_write_json
 from .tracking import TrackingConfig
 
@@ -101,8 +102,9 @@ class RegistryFollower:
 
     def __init__(
         self, *, cfg: TrackingConfig, project_root: Path, models_dir: Path, interval_s: float,
-        alias: str | None = None,
+        alias: str | None = None, shadow_alias: str = "",
     ) -> None:
+        """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.shadow``)."""
         self.cfg = cfg
         self.project_root = Path(project_root)
         self.models_dir = Path(models_dir)
@@ -112,6 +114,8 @@ class RegistryFollower:
         self._first_attempt = threading.Event()
         self._thread: threading.Thread | None = None
         self._status: dict[str, Any] | None = None
+        self.shadow_alias = shadow_alias
+        self._shadow_status: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, wait_first_s: float) -> None:
@@ -148,6 +152,12 @@ class RegistryFollower:
                     self._status = sync_once(cfg=self.cfg, project_root=self.project_root,
                                              models_dir=self.models_dir, alias=self.alias,
                                              interval_s=self.interval_s, previous=self._status)
+                    if self.shadow_alias:
+                        self._shadow_status = sync_once(
+                            cfg=self.cfg, project_root=self.project_root,
+                            models_dir=shadow_models_dir(self.models_dir, self.shadow_alias), alias=self.shadow_alias,
+                            interval_s=self.interval_s, previous=self._shadow_status,
+                        )
                     self._first_attempt.set()
                     if self.interval_s <= 0:
                         return
