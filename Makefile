@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench pipeline clean
+.PHONY: setup run test bench bench-quality pipeline clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,15 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.runtimes
+
+# Quality side by side with anomalib (README "Quality benchmark"): installs the `bench` extra (anomalib) once.
+bench-quality: $(VENV)/.bench-installed
+	$(PY) -m bench.quality
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 pipeline: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro

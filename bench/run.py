@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = os.environ.get("BDI_WEIGHTS", "random")
     print(f"data={data}  weights={weights}  threads={args.threads}  torch={torch.__version__}")
 
-    base = dict(models_dir=work / "models", weights=weights, device="cpu", min_ok_samples=1)
+    base = dict(models_dir=work / "models", weights=weights, device="cpu", min_ok_samples=1, runtime="torch")
     fp32 = InspectionService.from_settings(Settings(**base, precision="fp32"))
     bf16 = InspectionService(
         settings=Settings(**base, precision="bf16"),

@@ -2,12 +2,14 @@
 
 For each (recipe, role, roi): the model is exported alone into a temporary ModelStore root
 (``bdi.registry.export_model_dir``) with its golden images (a few eval images and the scores this
-pipeline gave them), logged as a pyfunc in this stage's run and registered with its lineage tags (git
-commit, the dataset's md5 from ``dvc.lock``, the calibrate run). The alias (``tracking.alias``) moves
-to it only when it passes the promotion gate (``promotion.*``, ``bdi.promotion``): primary metric not
-below the holder's, false-reject rate, /infer latency and export parity through the serving path.
-``paths.registration`` records the versions and gate reports (small, so DVC re-runs nothing
-downstream). Servers following the registry pick the new champion up; ``bdi sync`` does it by hand.
+pipeline gave them) and the parity-checked export of its feature net in ``exports/<key>`` (``bdi.export``;
+made now when the machine's export cache lacks it, left out with a warning when no runtime passes), logged
+as a pyfunc in this stage's run and registered with its lineage tags (git commit, the dataset's md5 from
+``dvc.lock``, the calibrate run). The alias (``tracking.alias``) moves to it only when it passes the
+promotion gate (``promotion.*``, ``bdi.promotion``): primary metric not below the holder's, false-reject
+rate, /infer latency and export parity through the serving path. ``paths.registration`` records the
+versions and gate reports (small, so DVC re-runs nothing downstream). Servers following the registry
+pick the new champion up; ``bdi sync`` does it by hand.
 """
 
 from __future__ import annotations
@@ -107,6 +109,54 @@ def promotion_gate(cfg: Any) -> Any:
                          max_infer_latency_ms=p.max_infer_latency_ms, parity_eps=p.parity_eps)
 
 
+def _memory_signature(store: Any, ref: Any) -> dict[str, Any]:
+    memory = store.load_memory(ref)
+    signature = memory.metadata.get("signature") if memory is not None else None
+    return dict(signature) if isinstance(signature, dict) else {}
+
+
+class ExportCarrier:
+    """Puts the parity-checked export of a model's feature net into the folder being registered.
+
+    The export comes from the machine's cache (``Settings.exports_dir()``), made and checked there when
+    missing; the extractor for that is built at most once per stage run.
+    """
+
+    def __init__(self, ctx: StageContext, *, model_dir: Path) -> None:
+        from pipelines.config import to_settings
+
+        self._settings = to_settings(ctx.cfg, models_dir=model_dir, project_root=ctx.project_root)
+        self._extractor: Any = None
+
+    def _build_extractor(self) -> Any:
+        from bdi.features import FeatureExtractor
+
+        if self._extractor is None:
+            settings = self._settings
+            self._extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        return self._extractor
+
+    def into(self, model_dir: Path, *, signature: dict[str, Any]) -> str:
+        """Copy the export into ``model_dir/exports/<key>``; returns the key, "" when none could be made."""
+        from bdi.acceleration import checked_export_for
+        from bdi.config import EXPORTS_DIRNAME
+        from bdi.errors import ExportError
+        from bdi.export import copy_export
+
+        if not signature:
+            log.warning("the memory records no feature signature: registered without an export")
+            return ""
+        root = self._settings.exports_dir()
+        try:
+            export = checked_export_for(signature, root=root, threads=self._settings.intra_op_threads(),
+                                        build_extractor=self._build_extractor)
+            copy_export(src_root=root, dst_root=model_dir / EXPORTS_DIRNAME, key=export.manifest.key)
+        except ExportError as exc:
+            log.warning("registered without an export of the feature net (it serves on torch): %s", exc)
+            return ""
+        return export.manifest.key
+
+
 def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     """Register every target's model from ``paths.model_dir`` into run ``run_id`` and promote it through
     the gate (``promotion``); one record each."""
@@ -140,17 +190,19 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     if cfg.paths.weights_cache_dir:
         overrides["weights_cache_dir"] = str(ctx.path(cfg.paths.weights_cache_dir))
     records: list[dict[str, Any]] = []
+    carry = ExportCarrier(ctx, model_dir=model_dir)
     for target in targets(cfg):
         values = model_metrics(metrics, target.key)
         calib = store.load_calibration(target.ref) or {}
         with tempfile.TemporaryDirectory(prefix="bdi-register-") as tmp:
             export_model_dir(store=store, ref=target.ref, dest=Path(tmp))
             write_golden_set(Path(tmp), golden_items(ctx, target=target, manifest=manifest, scores=scores))
+            key = carry.into(Path(tmp), signature=_memory_signature(store, target.ref))
             result = register_model(
                 cfg=tracking, project_root=ctx.project_root, run_id=run_id, model_dir=Path(tmp), ref=target.ref,
                 metrics=values, primary_metric=cfg.evaluation.primary_metric, move_alias=False,
                 tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
-                      "threshold": str(calib.get("threshold"))},
+                      "threshold": str(calib.get("threshold")), "export_key": key},
             )
         promotion = promote_version(cfg=tracking, project_root=ctx.project_root, name=result.name,
                                     version=result.version, gate=gate, overrides=overrides)

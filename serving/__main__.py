@@ -2,11 +2,14 @@
 
 Host and port default to ``BDI_BACKEND_HOST``/``BDI_BACKEND_PORT`` (legacy ``BRAKEDISC_*``, then
 ``HOST``/``PORT``) through ``Settings``; an invalid port falls back to 8000 (contract §5.2).
+``--workers`` defaults to ``WEB_CONCURRENCY`` (as uvicorn's own CLI) and is exported to the workers
+as ``WEB_CONCURRENCY``, so each one takes its share of the CPU cores (``Settings.intra_op_threads``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import uvicorn
@@ -20,13 +23,16 @@ def parse_args(argv: Sequence[str] | None, *, settings: Settings) -> argparse.Na
     parser = argparse.ArgumentParser(prog="python -m serving", description="Run the BDI HTTP backend.")
     parser.add_argument("--host", default=settings.backend_host, help="bind address (BDI_BACKEND_HOST)")
     parser.add_argument("--port", type=int, default=settings.backend_port, help="port (BDI_BACKEND_PORT)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    parser.add_argument("--workers", type=int, default=settings.workers,
+                        help="worker processes, each loads the model and gets cores/workers threads "
+                             "(default WEB_CONCURRENCY or 1)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv, settings=Settings())
+    os.environ["WEB_CONCURRENCY"] = os.environ["BDI_WORKERS"] = str(max(1, args.workers))  # each worker's Settings
     uvicorn.run(APP_PATH, host=args.host, port=args.port, workers=max(1, args.workers),
                 log_level=args.log_level)
 

@@ -64,13 +64,19 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
     train = [i for i in items if i.split == "train"][:n_train]
     test = [i for i in items if i.split == "test"]
 
-    with tqdm(total=len(train), desc="fit: encode", unit="img") as bar:
-        def on_fit_progress(stage: str, done: int, total: int) -> None:
-            if stage == "encode":
-                bar.update(done - bar.n)
+    bars: dict[str, tqdm] = {}
 
-        service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
+    def on_fit_progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"fit: {stage}", unit="img" if stage == "encode" else "centre")
+        bars[stage].update(done - bars[stage].n)
+
+    service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
+    try:
         fit = service.fit_images(ref=ref, images=[_load(i) for i in train], progress=on_fit_progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
     print(f"fitted {fit.n_images} images: {fit.n_embeddings} patches -> coreset {fit.coreset_size}")
 
     results = service.score_images(ref=ref, images=[_load(i) for i in test])

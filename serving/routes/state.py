@@ -42,7 +42,8 @@ def state(
 def manifest(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
 ) -> dict[str, Any]:
-    """Memory presence, the full calibration and the dataset listing; model_key is fs-sanitised."""
+    """Memory presence, the full calibration and the dataset listing; model_key is sanitised the legacy
+    way (contract M2: ``a b`` → ``a_b``), though the model's folder name is the injective one."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     info = service.manifest(ref)
     slog("manifest.response", model_key=ref.model_key, has_memory=info["memory"],
@@ -51,7 +52,7 @@ def manifest(
         "role_id": ref.role_id,
         "roi_id": ref.roi_id,
         "recipe_id": ctx.recipe_id,
-        "model_key": ref.model_key_fs,
+        "model_key": ref.model_key_legacy,
         "memory": info["memory"],
         "calib": info["calib"],
         "datasets": info["datasets"],

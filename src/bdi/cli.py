@@ -1,5 +1,6 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
-through the promotion gate, or back for a rollback) and ``bdi demo-data``.
+through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
+parity-checked) and ``bdi demo-data``.
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -64,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--project-root", type=Path, default=Path("."))
     promote.add_argument("--weights", default=None, help="backbone weights file for the serving probe")
 
+    export = commands.add_parser(
+        "export", help="export the feature extractor to ONNX (and OpenVINO IR) and check its parity",
+        description="Export the extractor that BDI_BACKBONE / BDI_WEIGHTS / BDI_INPUT_SIZE … select (Settings) "
+                    "at its fixed input size, then run the parity check (features and scores of golden images, "
+                    "torch vs runtime, 1e-3 relative) on every installed runtime and record it in export.json. "
+                    "Exit 1 when no runtime passes.",
+    )
+    export.add_argument("--out", type=Path, default=None,
+                        help="exports root; the export lands in OUT/<key> (default: BDI_WEIGHTS_CACHE_DIR/exports, "
+                             "where servers and pipeline stages look)")
+    export.add_argument("--runtime", choices=("all", "onnxruntime", "openvino"), default="all",
+                        help="check parity on this runtime only (default: every installed one)")
+
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
         description="Write seeded synthetic disc images: train/good, test/good, test/<defect>, ground_truth.",
@@ -101,7 +115,8 @@ def _sync(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, cfg=cfg, models_dir=models_dir, interval_s=settings.registry_sync_interval_s,
                       log_dir=settings.log_dir, shadow_alias=settings.registry_shadow_alias)
-    synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir)
+    synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir,
+                             exports_root=settings.exports_dir())
     for item in synced:
         _emit(f"synced {item.name} v{item.version} (@{item.alias}) -> {item.paths.memory.parent} "
               f"[{', '.join(item.written)}]")
@@ -116,6 +131,7 @@ def _watch(
     """``bdi sync --watch``: the server's follower loop in the foreground, until SIGTERM/SIGINT."""
     import signal
 
+    from .config import Settings
     from .logging import configure_logging
     from .sync import RegistryFollower
 
@@ -124,7 +140,7 @@ def _watch(
         raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
     configure_logging(log_dir)
     follower = RegistryFollower(cfg=cfg, project_root=args.project_root, models_dir=models_dir, interval_s=interval,
-                                shadow_alias=shadow_alias)
+                                exports_root=Settings().exports_dir(), shadow_alias=shadow_alias)
     signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
     _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
     try:
@@ -154,6 +170,27 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .acceleration import configure_threads, export_checked
+    from .config import Settings
+    from .features import FeatureExtractor
+
+    settings = Settings()
+    threads = settings.intra_op_threads()
+    configure_threads(threads)
+    extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+    root = args.out if args.out is not None else settings.exports_dir()
+    runtimes = None if args.runtime == "all" else [args.runtime]
+    export, reports = export_checked(extractor, root=root, threads=threads, runtimes=runtimes)
+    _emit(f"exported {extractor.config.backbone} @{extractor.config.input_size} ({extractor.weights.name}) -> "
+          f"{export.path} [{', '.join(sorted(export.manifest.files))}]")
+    for report in reports.values():
+        verdict = "passed" if report.passed else "FAILED"
+        _emit(f"parity {verdict}: {report.summary()}; {report.runtime_ms or float('nan'):.1f} ms vs torch "
+              f"{report.torch_ms or float('nan'):.1f} ms per image")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from .synthetic import write_mvtec_dataset
 
@@ -171,7 +208,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"sync": _sync, "promote": _promote, "demo-data": _demo_data}
+    handlers = {"sync": _sync, "promote": _promote, "export": _export, "demo-data": _demo_data}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

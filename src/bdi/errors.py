@@ -54,7 +54,7 @@ class ImageDecodeError(InvalidInputError):
 
 
 class UploadLimitError(InvalidInputError):
-    """An upload over a configured limit (bytes, pixels, file count)."""
+    """A request over a configured limit (bytes, pixels, file count, dataset images)."""
 
     code = "upload_limit"
 
@@ -109,6 +109,11 @@ class ScaleMismatchError(BDIError):
         self.got = got
 
 
+class FitInProgressError(BDIError):
+    """Another fit of the same model (any worker process) holds its fit lock."""
+
+    code = "fit_in_progress"
+
 class RegistryManagedError(BDIError):
     """An API fit or calibration of a model that a registry alias manages (the conflict rule)."""
 
@@ -138,3 +143,10 @@ class ModelMismatchError(BDIError):
     extractor's: its distances would be meaningless, so it is refused instead of scored."""
 
     code = "model_mismatch"
+
+
+class ExportError(BDIError):
+    """A feature net that cannot be exported, an export folder that is incomplete or corrupt, or a runtime
+    that cannot run it (not installed, failed to load)."""
+
+    code = "export"

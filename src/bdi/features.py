@@ -24,11 +24,11 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import timm
@@ -50,6 +50,26 @@ NATIVE_IMG_SIZE = 518  # DINOv2's pretraining resolution: a 37×37 grid of 14 px
 
 
 WeightsSource = Literal["random", "file", "official"]
+
+
+# --------------------------------------------------------------------------------------------- runtime hook
+
+
+class ForwardRuntime(Protocol):
+    """What runs the feature net instead of torch (``bdi.runtime``: an exported graph in ONNX Runtime or
+    OpenVINO): normalised ``(B, 3, S, S)`` float32 → ``(B, Ht*Wt, D)`` float32, as :attr:`FeatureExtractor.net`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+StageClock = Callable[[str], AbstractContextManager[Any]]  # e.g. ``bdi.inference.StageTimer().stage``
+
+
+def _no_clock(name: str) -> AbstractContextManager[Any]:
+    return nullcontext()
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -489,6 +509,7 @@ class FeatureExtractor:
         self._grid = (side, side)
         self._embed_dim = int(probe.shape[2])
         self._lock = threading.Lock()
+        self._runtime: ForwardRuntime | None = None  # None: the torch net (see use_runtime)
 
     # ------------------------------------------------------------------ properties
 
@@ -565,6 +586,7 @@ class FeatureExtractor:
             "embed_dim": self._embed_dim,
             "device": self.device,
             "precision": self._precision,
+            "runtime": self.runtime,
             "weights": self._weights.to_dict(),
         }
 
@@ -577,22 +599,54 @@ class FeatureExtractor:
             return torch.autocast(device_type=self._device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32."""
+    @property
+    def runtime(self) -> str:
+        """What runs the net: ``torch``, or the name of the runtime set by :meth:`use_runtime`."""
+        runtime = self._runtime
+        return "torch" if runtime is None else runtime.name
+
+    def use_runtime(self, runtime: ForwardRuntime | None) -> None:
+        """Run the net with ``runtime`` from now on (``None``: back to torch). The caller has checked that
+        it gives the torch features (``bdi.parity``); the signature is unchanged, so memories stay valid."""
+        with self._lock:
+            self._runtime = runtime
+
+    def forward_torch(self, batch: np.ndarray) -> np.ndarray:
+        """The torch net on ``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, whatever runtime is set."""
         x = torch.from_numpy(batch).to(self._device, non_blocking=True)
         with self._lock, torch.inference_mode(), self._autocast():
             result = self._net(x).float().cpu().numpy()
         return np.ascontiguousarray(result, dtype=np.float32)
 
-    def _extract_chunk(self, images: Sequence[np.ndarray]) -> FeatureBatch:
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, on the runtime in use."""
+        runtime = self._runtime
+        if runtime is None:
+            return self.forward_torch(batch)
+        with self._lock:  # one forward at a time per process, as on torch (an OpenVINO request is not reentrant)
+            result = runtime.run(batch)
+        return np.ascontiguousarray(result, dtype=np.float32)
+
+    def prepare(
+        self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock
+    ) -> tuple[np.ndarray, tuple[Letterbox, ...]]:
+        """Letterbox and normalise BGR images: the ``(B, 3, S, S)`` float32 batch the net takes, and the boxes."""
         boxes: list[Letterbox] = []
         canvases: list[np.ndarray] = []
-        for image in images:
-            canvas, box = letterbox(image, self._input_size)
-            canvases.append(canvas)
-            boxes.append(box)
-        batch = normalize_imagenet(np.stack(canvases))
-        return FeatureBatch(embeddings=self._forward(batch), grid=self._grid, letterboxes=tuple(boxes))
+        with clock("letterbox"):
+            for image in images:
+                canvas, box = letterbox(image, self._input_size)
+                canvases.append(canvas)
+                boxes.append(box)
+        with clock("normalise"):
+            batch = normalize_imagenet(canvases[0][None] if len(canvases) == 1 else np.stack(canvases))
+        return batch, tuple(boxes)
+
+    def _extract_chunk(self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock) -> FeatureBatch:
+        batch, boxes = self.prepare(images, clock=clock)
+        with clock("forward"):
+            embeddings = self._forward(batch)
+        return FeatureBatch(embeddings=embeddings, grid=self._grid, letterboxes=boxes)
 
     def _empty(self) -> FeatureBatch:
         empty = np.zeros((0, self.num_tokens, self.embed_dim), dtype=np.float32)
@@ -618,8 +672,11 @@ class FeatureExtractor:
             letterboxes=tuple(box for p in parts for box in p.letterboxes),
         )
 
-    def iter_extract(self, images: Iterable[np.ndarray]) -> Iterator[FeatureBatch]:
-        """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images."""
+    def iter_extract(self, images: Iterable[np.ndarray], *, clock: StageClock = _no_clock) -> Iterator[FeatureBatch]:
+        """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images.
+
+        ``clock(stage)`` times ``letterbox``, ``normalise`` and ``forward`` (``StageTimer().stage``).
+        """
         if isinstance(images, np.ndarray) and images.ndim != 4:
             raise InvalidInputError(
                 f"pass a sequence of (H, W, 3) images or a (B, H, W, 3) array, got shape {images.shape}"
@@ -628,7 +685,7 @@ class FeatureExtractor:
         for image in images:
             chunk.append(image)
             if len(chunk) == self._cfg.batch_size:
-                yield self._extract_chunk(chunk)
+                yield self._extract_chunk(chunk, clock=clock)
                 chunk = []
         if chunk:
-            yield self._extract_chunk(chunk)
+            yield self._extract_chunk(chunk, clock=clock)

@@ -211,16 +211,22 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
 def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
     """ImageNet-normalise RGB uint8 (H, W, 3) or (B, H, W, 3) to float32 (3, H, W) or (B, 3, H, W).
 
-    Same arithmetic as torchvision ``ToTensor`` + ``Normalize``: ``(x / 255 − mean) / std`` in float32.
+    Same arithmetic as torchvision ``ToTensor`` + ``Normalize``: ``(x / 255 − mean) / std`` in float32,
+    element for element (bitwise the same values), in one float buffer: the channels are moved first
+    while still ``uint8``, then divided and shifted in place.
     """
     if rgb.ndim not in (3, 4) or rgb.shape[-1] != 3:
         raise InvalidInputError(f"expected RGB (..., H, W, 3), got {rgb.shape}")
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    x = rgb.astype(np.float32) / np.float32(255.0)
-    x = (x - mean) / std
     axes = (2, 0, 1) if rgb.ndim == 3 else (0, 3, 1, 2)
-    return np.ascontiguousarray(x.transpose(axes), dtype=np.float32)
+    x = np.ascontiguousarray(rgb.transpose(axes)).astype(np.float32)
+    x /= np.float32(255.0)
+    x -= _MEAN_CHW
+    x /= _STD_CHW
+    return x
+
+
+_MEAN_CHW = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD_CHW = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------- ROI masks

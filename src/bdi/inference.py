@@ -206,21 +206,20 @@ def score_crop(
         raise ValueError("score_crop needs a resolved ScoringConfig (ScoringConfig.resolved(backbone))")
     if tuple(grid) != tuple(memory_grid):
         raise TokenGridMismatchError(got=grid, expected=memory_grid)
-    with timer.stage("search"):
+    with timer.stage("search"):  # the 1-NN (kNN) search
         distances = patch_distances(index, embeddings, normalize=normalize)
-    with timer.stage("post"):
-        anomaly_map = gaussian_blur(
-            distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox),
-            cfg.blur_sigma,
-        )
+    with timer.stage("map"):
+        upsampled = distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox)
+    with timer.stage("blur"):
+        anomaly_map = gaussian_blur(upsampled, cfg.blur_sigma)
+    with timer.stage("score"):
         score = masked_score(anomaly_map, mask, cfg.score_percentile)
-        regions = (
-            find_regions(
+    regions: list[Region] = []
+    if threshold is not None:
+        with timer.stage("regions"):
+            regions = find_regions(
                 anomaly_map, mask, threshold=threshold, mm_per_px=mm_per_px, area_mm2_thr=cfg.area_mm2_thr
             )
-            if threshold is not None
-            else []
-        )
     return InferenceResult(
         score=score,
         token_shape=(int(grid[0]), int(grid[1])),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -189,9 +189,14 @@ def lineage_view(
     }
 
 
-def images_digest(images: Sequence[bytes]) -> str:
+def images_digest(images: Iterable[bytes]) -> str:
     """sha256 over the images' own sha256s, in fit order: the data hash of an API fit."""
+    return hashes_digest(hashlib.sha256(data).hexdigest() for data in images)
+
+
+def hashes_digest(image_sha256s: Iterable[str]) -> str:
+    """:func:`images_digest` from the images' hex sha256s (for fits that stream their images)."""
     outer = hashlib.sha256()
-    for data in images:
-        outer.update(hashlib.sha256(data).hexdigest().encode("ascii"))
+    for digest in image_sha256s:
+        outer.update(digest.encode("ascii"))
     return outer.hexdigest()

@@ -573,12 +573,14 @@ def sync_registered(
     project_root: Path,
     models_dir: Path,
     alias: str | None = None,
+    exports_root: Path | None = None,
 ) -> list[SyncedModel]:
     """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``cfg.alias``) into
     ``models_dir`` at the exact ModelStore paths (:func:`sync_registry`); returns the versions whose
     files changed. Running it twice writes nothing the second time.
     """
-    return sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias).changed
+    return sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias,
+                         exports_root=exports_root).changed
 
 
 @dataclass(frozen=True)
@@ -614,6 +616,7 @@ def sync_registry(
     project_root: Path,
     models_dir: Path,
     alias: str | None = None,
+    exports_root: Path | None = None,
 ) -> SyncReport:
     """Make ``models_dir`` hold every ``<prefix>.*`` registered version that holds ``alias``.
 
@@ -624,7 +627,9 @@ def sync_registry(
     files or all new ones. The registry wins over an API-fitted model of the same key (logged as
     ``registry.replaced_local``). A sidecar whose registered model no longer holds the alias is
     released (``managed: false``): the files stay and the API may write the model again.
-    Syncs of one models dir are serialised by a file lock.
+    Syncs of one models dir are serialised by a file lock. A version that carries the export of its
+    feature net (``exports/<key>``, see ``bdi.export``) has it copied into ``exports_root`` (the servers'
+    export cache) when given; a version without one syncs all the same.
 
     Raises:
         StorageError: MLflow unreachable or failing, or the models dir not writable.
@@ -633,10 +638,31 @@ def sync_registry(
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
     uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
     with _mlflow_errors("sync"), global_tracking_uri(uri):
-        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias)
+        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias,
+                     exports_root=exports_root)
 
 
-def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str) -> SyncReport:
+def _sync_exports(model_dir: Path, exports_root: Path) -> list[str]:
+    """Copy the exports a downloaded version carries into ``exports_root``; returns the keys copied."""
+    from .config import EXPORTS_DIRNAME
+    from .errors import ExportError
+    from .export import copy_export
+
+    carried = model_dir / EXPORTS_DIRNAME
+    if not carried.is_dir():
+        return []
+    copied: list[str] = []
+    for folder in sorted(p for p in carried.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            if copy_export(src_root=carried, dst_root=exports_root, key=folder.name):
+                copied.append(folder.name)
+        except ExportError as exc:  # the model still serves: the server re-exports or runs torch
+            slog("registry.export_skipped", export_key=folder.name, error=str(exc))
+    return copied
+
+
+def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str,
+          exports_root: Path | None = None) -> SyncReport:
     from mlflow.exceptions import MlflowException
 
     client, uri, _ = tracking_client(cfg, project_root=project_root)
@@ -660,7 +686,7 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
             for name, version in sorted(holders.items()):
                 try:  # one broken version must not keep the other models from following the registry
                     held.append(_sync_version(client, uri=uri, target=target, name=name, version=version,
-                                              alias=alias))
+                                              alias=alias, exports_root=exports_root))
                 except (BDIError, MlflowException, OSError) as exc:
                     message = str(getattr(exc, "message", exc))
                     failed.append(SyncFailure(name=name, version=version, error=message))
@@ -702,7 +728,7 @@ def download_version(*, name: str, version: int, uri: str, dest: Path) -> Path:
 
 
 def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: str, version: int,
-                  alias: str) -> SyncedModel:
+                  alias: str, exports_root: Path | None = None) -> SyncedModel:
     mv = client.get_model_version(name, str(version))
     tags = dict(mv.tags or {})
     ref = _version_ref(tags)
@@ -734,11 +760,12 @@ def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: s
             replaced_local = (before is None or before.source != SOURCE_REGISTRY) and target.paths(ref).memory.is_file()
             written = materialise_model(source=source, ref=ref, target=target)
             write_lineage(target, ref, lineage)
+        exports = _sync_exports(model_dir, exports_root) if exports_root is not None else []
     if replaced_local:
         slog("registry.replaced_local", name=name, version=version, alias=alias, model_key=ref.model_key,
              previous_source=before.source if before is not None else None,
              previous_fingerprint=before.memory_fingerprint if before is not None else None)
-    slog("registry.synced", name=name, version=version, alias=alias, written=list(written),
+    slog("registry.synced", name=name, version=version, alias=alias, written=list(written), exports=exports,
          model_key=ref.model_key, recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
     return SyncedModel(name=name, version=version, alias=alias, ref=ref, paths=target.paths(ref),
                        fingerprint=memory.fingerprint, written=written or ("lineage",))

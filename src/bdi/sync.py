@@ -62,7 +62,7 @@ def _held_entries(report: SyncReport) -> list[dict[str, Any]]:
 
 def sync_once(
     *, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str, interval_s: float,
-    previous: Mapping[str, Any] | None = None,
+    previous: Mapping[str, Any] | None = None, exports_root: Path | None = None,
 ) -> dict[str, Any]:
     """One sync attempt, recorded in the status file; returns the status written.
 
@@ -74,7 +74,8 @@ def sync_once(
     status.update({"alias": alias, "interval_s": interval_s, "pid": os.getpid(),
                    "last_attempt_unix": started, "last_attempt_utc": _iso(started)})
     try:
-        report = sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias)
+        report = sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias,
+                               exports_root=exports_root)
     except Exception as exc:  # noqa: BLE001 - a failed sync must never stop serving; it is reported
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
         status["error"] = message
@@ -102,10 +103,11 @@ class RegistryFollower:
 
     def __init__(
         self, *, cfg: TrackingConfig, project_root: Path, models_dir: Path, interval_s: float,
-        alias: str | None = None, shadow_alias: str = "",
+        alias: str | None = None, exports_root: Path | None = None, shadow_alias: str = "",
     ) -> None:
         """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.shadow``)."""
         self.cfg = cfg
+        self.exports_root = exports_root  # where synced versions' feature-net exports are copied
         self.project_root = Path(project_root)
         self.models_dir = Path(models_dir)
         self.interval_s = float(interval_s)
@@ -151,12 +153,13 @@ class RegistryFollower:
                 if leading:
                     self._status = sync_once(cfg=self.cfg, project_root=self.project_root,
                                              models_dir=self.models_dir, alias=self.alias,
-                                             interval_s=self.interval_s, previous=self._status)
+                                             interval_s=self.interval_s, previous=self._status,
+                                             exports_root=self.exports_root)
                     if self.shadow_alias:
                         self._shadow_status = sync_once(
                             cfg=self.cfg, project_root=self.project_root,
                             models_dir=shadow_models_dir(self.models_dir, self.shadow_alias), alias=self.shadow_alias,
-                            interval_s=self.interval_s, previous=self._shadow_status,
+                            interval_s=self.interval_s, previous=self._shadow_status, exports_root=self.exports_root,
                         )
                     self._first_attempt.set()
                     if self.interval_s <= 0:

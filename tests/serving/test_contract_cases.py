@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bdi.features import FeatureExtractor
+from bdi.memory import Memory
 from bdi.synthetic import make_disc
 from tests.helpers.synthetic import disc_png, png_bytes
 
@@ -769,7 +770,8 @@ def test_i15_memory_with_other_token_grid(
     index = faiss.IndexFlatL2(emb.shape[1])
     index.add(emb)
     Path(f"{legacy}_index.faiss").write_bytes(faiss.serialize_index(index).tobytes())
-    Path(f"{legacy}_calib.json").write_text(json.dumps({"threshold": 0.5}))
+    fingerprint = Memory(embeddings=emb, token_shape=(5, 5)).fingerprint  # a calibration bound to it
+    Path(f"{legacy}_calib.json").write_text(json.dumps({"threshold": 0.5, "memory_fingerprint": fingerprint}))
     error = assert_shape_a(infer(client, crop_png(seed=1)))
     assert error == "Token grid mismatch: got (8, 8), expected (5, 5)"
 

@@ -25,3 +25,19 @@ def test_sync_with_an_unreachable_tracking_store_exits_non_zero_with_one_line(
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("bdi sync:")
+
+
+def test_export_writes_the_checked_export_where_servers_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bdi.export import load_export
+
+    for name, value in {"BDI_WEIGHTS": "random", "BDI_INPUT_SIZE": "56", "BDI_FEATURE_BLOCKS": "1,2,3",
+                        "BDI_BACKBONE_DEPTH": "4", "BDI_DEVICE": "cpu",
+                        "BDI_WEIGHTS_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["export", "--runtime", "onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert "parity passed: onnxruntime" in out
+    [folder] = [p for p in (tmp_path / "cache" / "exports").iterdir() if p.is_dir()]
+    assert load_export(folder).manifest.parity["onnxruntime"]["passed"] is True

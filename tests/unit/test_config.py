@@ -75,3 +75,52 @@ def test_memory_config_rejects_rate_outside_unit_interval() -> None:
 def test_bad_setting_fails_at_startup_not_first_request() -> None:
     with pytest.raises(ValidationError):
         Settings(input_size=100)
+
+
+@pytest.mark.parametrize("stray", ["DEVICE", "device", "bdi_device", "Bdi_Device"])
+def test_only_bdi_names_are_read_and_case_sensitively(monkeypatch: pytest.MonkeyPatch, stray: str) -> None:
+    """``DEVICE=cuda BDI_DEVICE=cpu`` selects cpu; a bare or mis-cased name is never read (issue 16)."""
+    monkeypatch.delenv("BRAKEDISC_DEVICE", raising=False)
+    monkeypatch.setenv(stray, "cuda")
+    monkeypatch.delenv("BDI_DEVICE", raising=False)
+    assert Settings().device == "auto"
+    monkeypatch.setenv("BDI_DEVICE", "cpu")
+    assert Settings().device == "cpu"
+
+
+def test_bare_mlflow_tracking_uri_is_not_a_bdi_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BDI_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BRAKEDISC_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert Settings().mlflow_tracking_uri == ""
+
+
+def test_field_names_still_work_as_init_kwargs_and_in_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("device: cpu\n")
+    assert Settings(config_file=str(config)).device == "cpu"
+    assert Settings(device="cpu").device == "cpu"
+
+
+def test_threads_are_the_cores_divided_among_uvicorn_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in ("BDI_THREADS", "BDI_WORKERS", "BRAKEDISC_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
+    assert Settings().workers == 2
+    assert Settings().intra_op_threads() == max(1, cores // 2)
+    assert Settings(workers=cores * 4).intra_op_threads() == 1
+    monkeypatch.setenv("BDI_THREADS", "3")
+    assert Settings().intra_op_threads() == 3
+
+
+def test_runtime_defaults_to_auto_and_rejects_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BDI_RUNTIME", raising=False)
+    assert Settings().runtime == "auto"
+    monkeypatch.setenv("BDI_RUNTIME", "tensorrt")
+    with pytest.raises(ValidationError, match="runtime"):
+        Settings()
+    with pytest.raises(ValidationError, match="threads"):
+        Settings(runtime="torch", threads=0)

@@ -90,4 +90,4 @@ def test_score_crop_distances_lie_in_zero_two_and_match_memory_exactly() -> None
     )
     assert result.score == pytest.approx(0.0, abs=1e-3)
     assert result.regions == []
-    assert {"search", "post"} <= set(result.timings_ms)
+    assert {"search", "map", "blur", "score", "regions"} <= set(result.timings_ms)

@@ -180,3 +180,38 @@ def test_cli_sync_materialises_the_champion_into_the_models_dir(
     assert code == 0
     assert f"synced {registered.name} v1" in capsys.readouterr().out
     assert ModelStore(served).load_model(REF) is not None
+
+
+def test_sync_copies_the_export_a_version_carries_into_the_export_cache(
+    service: InspectionService, project_root: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    from bdi.acceleration import export_checked
+    from bdi.config import EXPORTS_DIRNAME
+    from bdi.export import load_export
+
+    export, _ = export_checked(service.extractor, root=model_dir / EXPORTS_DIRNAME, threads=1,
+                               runtimes=["onnxruntime"])
+    cfg = _cfg("carried")
+    _register(cfg, project_root, model_dir, auroc=0.9)
+    cache = tmp_path / "cache" / "exports"
+    sync_registered(cfg=cfg, project_root=project_root, models_dir=tmp_path / "served", exports_root=cache)
+    synced = load_export(cache / export.manifest.key, signature=service.extractor.signature())
+    assert synced.manifest.files == export.manifest.files
+    assert synced.manifest.parity["onnxruntime"]["passed"] is True
+
+
+def test_a_version_without_an_export_syncs_and_serves(
+    project_root: Path, model_dir: Path, tmp_path: Path, good_discs: list[np.ndarray]
+) -> None:
+    from tests.conftest import tiny_settings
+
+    cfg = _cfg("noexport")
+    _register(cfg, project_root, model_dir, auroc=0.9)
+    served = tmp_path / "served"
+    settings = tiny_settings(served, runtime="auto")
+    sync_registered(cfg=cfg, project_root=project_root, models_dir=served, exports_root=settings.exports_dir())
+    assert not settings.exports_dir().exists()
+    server = InspectionService.from_settings(settings)
+    ok, encoded = cv2.imencode(".png", good_discs[11])
+    outcome = server.infer(ref=REF, mm_per_px=0.2, image=encoded.tobytes())
+    assert outcome.decision in ("ok", "ng") and server.health()["runtime"] in ("torch", "onnxruntime", "openvino")

@@ -1,0 +1,275 @@
+"""`/infer` over HTTP on each runtime, against BDI's torch path: `python -m bench.runtimes` (in `make bench`).
+
+One run, same image and same weights for every server, real uvicorn on 127.0.0.1:
+  1. per backbone (DINOv2 ViT-S/14 @448 with BDI_WEIGHTS or random init, and the pretrained EfficientNet-Lite0
+     @320), one model is fitted on magnetic-tile train images and calibrated, and its feature net exported
+     and parity-checked once (`bdi.acceleration.export_checked`, as `bdi export` does);
+  2. latency: one server per runtime (BDI_RUNTIME=torch | onnxruntime | openvino, 1 worker), requests sent
+     round-robin across the servers (so load from elsewhere hits them alike), p50/p95 of the client-side
+     wall time of `POST /infer`, and the largest relative score difference from the torch server over the
+     test images (score parity);
+  3. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
+     `Settings.intra_op_threads`), under a bounded loopback load (`--concurrency` clients, `--load-requests`
+     requests), zero errors required.
+Prints a Markdown table (README "Benchmarks"). Data: ../shared/data/magnetic_tile, else synthetic discs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bdi.acceleration import configure_threads, export_checked
+from bdi.config import Settings
+from bdi.datasets import read_mvtec
+from bdi.imaging import decode_image
+from bdi.service import InspectionService
+from bdi.store import ModelRef
+from bdi.synthetic import write_mvtec_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
+REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
+MM_PER_PX = 0.2
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
+@dataclass
+class Backbone:
+    label: str
+    env: dict[str, str]
+
+
+@dataclass
+class Server:
+    runtime: str
+    workers: int
+    port: int
+    process: subprocess.Popen[bytes]
+    health: dict[str, Any] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    scores: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(runtime: str, *, workers: int, env: dict[str, str], log: Path) -> Server:
+    port = _free_port()
+    full = {**os.environ, **env, "BDI_RUNTIME": runtime, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    full.pop("BDI_THREADS", None)  # the default: cores divided among workers
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving", "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+            env=full, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+        )
+    return Server(runtime=runtime, workers=workers, port=port, process=process)
+
+
+def _wait(server: Server, *, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server {server.runtime} exited with {server.process.returncode}")
+        try:
+            response = httpx.get(f"{server.url}/health", timeout=5.0)
+            if response.status_code == 200:
+                server.health = response.json()
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server {server.runtime} did not answer /health within {timeout_s} s")
+
+
+@contextmanager
+def _servers(specs: list[tuple[str, int]], *, env: dict[str, str], log: Path) -> Iterator[list[Server]]:
+    servers = [_start(runtime, workers=workers, env=env, log=log) for runtime, workers in specs]
+    try:
+        for server in servers:
+            _wait(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.process.terminate()
+        for server in servers:
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+
+
+def _infer(client: httpx.Client, server: Server, image: bytes) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    response = client.post(f"{server.url}/infer", data={"role_id": REF.role_id, "roi_id": REF.roi_id,
+                                                        "mm_per_px": str(MM_PER_PX)},
+                           files={"image": ("crop.png", image, "image/png")}, timeout=120.0)
+    elapsed = (time.perf_counter() - start) * 1e3
+    if response.status_code != 200:
+        raise RuntimeError(f"/infer on {server.runtime}: {response.status_code} {response.text[:200]}")
+    return elapsed, response.json()
+
+
+def _build_model(models_dir: Path, env: dict[str, str], *, train: list[np.ndarray], test: list[np.ndarray],
+                 cache: Path, threads: int) -> dict[str, Any]:
+    settings = Settings(models_dir=models_dir, backbone=env["BDI_BACKBONE"], weights=env["BDI_WEIGHTS"],
+                        device="cpu", runtime="torch", weights_cache_dir=cache, min_ok_samples=1)
+    service = InspectionService.from_settings(settings)
+    started = time.perf_counter()
+    service.fit_images(ref=REF, images=train)
+    fit_s = time.perf_counter() - started
+    service.store.lock_mm_per_px(REF.recipe_id, MM_PER_PX)
+    scores = [r.score for r in service.score_images(ref=REF, images=test)]
+    service.calibrate_from_scores(ref=REF, ok_scores=scores, ng_scores=None)
+    started = time.perf_counter()
+    export, reports = export_checked(service.extractor, root=settings.exports_dir(), threads=threads)
+    return {"fit_s": fit_s, "export_s": time.perf_counter() - started, "export": str(export.path),
+            "parity": {name: r.to_dict() for name, r in reports.items()}, "extractor": service.extractor.describe()}
+
+
+def _latency(servers: list[Server], images: list[bytes], *, requests: int) -> None:
+    with httpx.Client() as client:
+        for server in servers:  # warm-up: allocations, first-request paths
+            for image in images[:2]:
+                _infer(client, server, image)
+        for i in range(requests):
+            order = servers[i % len(servers):] + servers[: i % len(servers)]
+            for server in order:
+                k = i % len(images)
+                elapsed, body = _infer(client, server, images[k])
+                server.latencies_ms.append(elapsed)
+                server.scores[k] = float(body["score"])
+
+
+def _throughput(server: Server, images: list[bytes], *, requests: int, concurrency: int) -> tuple[float, int]:
+    def worker(indices: list[int]) -> int:
+        errors = 0
+        with httpx.Client() as client:
+            for i in indices:
+                try:
+                    _infer(client, server, images[i % len(images)])
+                except (RuntimeError, httpx.HTTPError):
+                    errors += 1
+        return errors
+
+    with httpx.Client() as client:
+        _infer(client, server, images[0])
+    chunks = [list(range(c, requests, concurrency)) for c in range(concurrency)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        errors = sum(pool.map(worker, chunks))
+    return requests / (time.perf_counter() - started), errors
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="vit,cnn", help="comma-separated: vit, cnn")
+    parser.add_argument("--n-fit", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=30, help="latency requests per server")
+    parser.add_argument("--load-requests", type=int, default=24, help="throughput requests per configuration")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent loopback clients")
+    args = parser.parse_args(argv)
+
+    threads = Settings(weights="random").intra_op_threads()
+    configure_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="bdi-bench-runtimes-"))
+    data = SHARED_DATA if SHARED_DATA.is_dir() else write_mvtec_dataset(work / "data", n_train=args.n_fit, size=256)
+    items = read_mvtec(data)
+    train = [decode_image(i.path.read_bytes()) for i in items if i.split == "train"][: args.n_fit]
+    test_items = [i for i in items if i.split == "test"][:6]
+    test_images = [decode_image(i.path.read_bytes()) for i in test_items]
+    test_bytes = [i.path.read_bytes() for i in test_items]
+    vit_weights = os.environ.get("BDI_WEIGHTS", "random")
+    backbones = {
+        "vit": Backbone(f"DINOv2 ViT-S/14 @448 ({vit_weights})",
+                        {"BDI_BACKBONE": "vit_small_patch14_dinov2", "BDI_WEIGHTS": vit_weights}),
+        "cnn": Backbone("EfficientNet-Lite0 @320 (official, pretrained)",
+                        {"BDI_BACKBONE": "efficientnet_lite0", "BDI_WEIGHTS": "official"}),
+    }
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"data={data}  cpus={os.cpu_count()}  threads/process={threads}  load average at start "
+          f"{load[0]:.1f}  python={sys.version.split()[0]}")
+    report: dict[str, Any] = {}
+    for key in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+        backbone = backbones[key]
+        models_dir, cache = work / key / "models", work / key / "cache"
+        env = {**backbone.env, "BDI_MODELS_DIR": str(models_dir), "BDI_WEIGHTS_CACHE_DIR": str(cache),
+               "BDI_DEVICE": "cpu", "BDI_GUI_LOG_DIR": str(work / key / "logs"), "WEB_CONCURRENCY": "1"}
+        built = _build_model(models_dir, env, train=train, test=test_images, cache=cache, threads=threads)
+        print(f"\n{backbone.label}: fit {len(train)} images {built['fit_s']:.1f} s; export + parity on "
+              f"{len(built['parity'])} runtimes {built['export_s']:.1f} s -> {built['export']}")
+        log = work / key / "servers.log"
+        with _servers([(rt, 1) for rt in RUNTIMES], env=env, log=log) as servers:
+            _latency(servers, test_bytes, requests=args.requests)
+        torch_server = servers[0]
+        rows = []
+        for server in servers:
+            rel = max(abs(server.scores[k] - torch_server.scores[k]) / abs(torch_server.scores[k])
+                      for k in torch_server.scores)
+            rows.append({
+                "runtime": server.runtime, "active": server.health.get("runtime"),
+                "fallback": server.health.get("runtime_fallback"),
+                "p50": _pct(server.latencies_ms, 50), "p95": _pct(server.latencies_ms, 95),
+                "score_rel_diff": rel, "parity": (server.health.get("runtime_parity") or {}).get(server.runtime),
+            })
+        torch_p50 = rows[0]["p50"]
+        print(f"\n/infer over HTTP, 1 worker each, {args.requests} round-robin requests per server "
+              f"({len(test_bytes)} crops):\n")
+        print("| runtime (active) | p50 ms | p95 ms | p50 vs torch | max score diff vs torch (rel) | "
+              "parity at load: features / scores (rel) |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            parity = row["parity"] or {}
+            figures = (f"{parity['feature_rel_err']:.1e} / {parity['score_rel_err']:.1e}"
+                       if parity.get("feature_rel_err") is not None else "—")
+            print(f"| {row['runtime']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
+                  f"x{row['p50'] / torch_p50:.2f} | {row['score_rel_diff']:.1e} | {figures} |")
+        fastest = min((r for r in rows[1:] if r["active"] == r["runtime"]), key=lambda r: r["p50"], default=None)
+        load_specs = [("torch", 1), ("torch", 2)]
+        if fastest is not None:
+            load_specs += [(fastest["runtime"], 1), (fastest["runtime"], 2)]
+        print(f"\nthroughput, {args.load_requests} requests from {args.concurrency} concurrent loopback clients:\n")
+        print("| runtime | workers × threads | requests/s | errors |")
+        print("|---|---|---|---|")
+        throughput = []
+        for runtime, workers in load_specs:
+            with _servers([(runtime, workers)], env={**env, "WEB_CONCURRENCY": str(workers)}, log=log) as (server,):
+                rps, errors = _throughput(server, test_bytes, requests=args.load_requests,
+                                          concurrency=args.concurrency)
+            per_worker = max(1, (os.cpu_count() or 1) // workers)
+            print(f"| {runtime} | {workers} × {per_worker} | {rps:.2f} | {errors} |")
+            throughput.append({"runtime": runtime, "workers": workers, "rps": rps, "errors": errors})
+        report[key] = {"label": backbone.label, "built": built, "latency": rows, "throughput": throughput}
+    (work / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    print(f"\nfull report: {work / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Choose what runs the feature net (``BDI_RUNTIME``), prove it with the parity check, and say so.
+
+``attach_runtime`` is called once per process, right after the extractor is built (server lifespan,
+pipeline stage, CLI). For ``onnxruntime``/``openvino`` it finds the export of this extractor in the
+exports root (``<BDI_WEIGHTS_CACHE_DIR>/exports/<key>``), writing it first when missing, opens the
+runtime, and runs the parity check (``bdi.parity``) on it: only a runtime that passes is attached
+(``FeatureExtractor.use_runtime``). Any failure (not installed, export impossible, load error, parity
+outside the tolerance) leaves torch in place, with a WARNING on the ``bdi.runtime`` logger, a
+``runtime.fallback`` diagnostics event and ``/health`` reporting ``runtime_fallback``.
+
+``auto`` (the default) checks every installed runtime and keeps the fastest of those that pass and
+torch itself, timed on the same golden images: the fastest one that passes parity on this machine.
+
+``configure_threads`` gives torch, FAISS and OpenCV the process's intra-op thread budget; runners get
+the same number (``Settings.intra_op_threads``: the CPU cores divided among the server's workers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+from .config import RuntimeName
+from .errors import ExportError
+from .export import Export, export_key, export_lock, load_export, record_parity, write_export
+from .features import FeatureExtractor
+from .logging import slog
+from .parity import GoldenReference, ParityReport, ParityTolerance, check_parity, golden_reference
+from .runtime import RUNTIMES, Runner, RuntimeOptions, open_runtime, runtime_installed
+
+RUNTIME_SETTINGS: tuple[RuntimeName, ...] = get_args(RuntimeName)  # auto, torch, then the exported runtimes
+assert set(RUNTIME_SETTINGS) == {"auto", "torch", *RUNTIMES}
+
+_log = logging.getLogger("bdi.runtime")
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """Which runtime runs the feature net, and why (``/health``, the ``startup`` event, the bench).
+
+    Attributes:
+        requested: the ``BDI_RUNTIME`` value.
+        active: ``torch``, ``onnxruntime`` or ``openvino``: what runs now.
+        reason: why ``active`` was chosen, in words.
+        fallback: set when torch runs because the requested runtime failed (not installed, no export, load
+            error, parity outside the tolerance); None otherwise.
+        parity: runtime name → report of the check made at load.
+    """
+
+    requested: str
+    active: str
+    reason: str
+    threads: int
+    fallback: str | None = None
+    export_key: str | None = None
+    export_path: str | None = None
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested, "active": self.active, "reason": self.reason, "threads": self.threads,
+            "fallback": self.fallback, "export_key": self.export_key, "export_path": self.export_path,
+            "parity": {name: report.to_dict() for name, report in self.parity.items()}, "details": self.details,
+        }
+
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` fields: the runtime in use, the one asked for, why not (fallback) and parity figures."""
+        return {
+            "runtime": self.active,
+            "runtime_requested": self.requested,
+            "runtime_fallback": self.fallback,
+            "runtime_parity": {
+                name: {"passed": r.passed, "feature_rel_err": r.feature_rel_err, "score_rel_err": r.score_rel_err}
+                for name, r in self.parity.items()
+            },
+        }
+
+
+def current_status(extractor: FeatureExtractor, *, threads: int) -> RuntimeStatus:
+    """The status of an extractor whose runtime its owner set (no check made here)."""
+    return RuntimeStatus(requested=extractor.runtime, active=extractor.runtime, threads=threads,
+                         reason="set by the caller" if extractor.runtime != "torch" else "torch")
+
+
+def configure_threads(threads: int) -> None:
+    """Set the intra-op thread count of torch, FAISS (OpenMP) and OpenCV for this process."""
+    import importlib
+
+    import cv2
+    import torch
+
+    from .knn import FAISS_AVAILABLE
+
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    if FAISS_AVAILABLE:
+        faiss = importlib.import_module("faiss")
+        if hasattr(faiss, "omp_set_num_threads"):
+            faiss.omp_set_num_threads(threads)
+
+
+def runtime_options(extractor: FeatureExtractor, *, threads: int) -> RuntimeOptions:
+    return RuntimeOptions(threads=threads, device=extractor.device, precision=extractor.precision)
+
+
+def ensure_export(extractor: FeatureExtractor, *, root: Path) -> Export:
+    """The valid export of ``extractor`` in ``root``, written first when missing or invalid (under a lock).
+
+    Raises:
+        ExportError: the export cannot be written (exporter failure, read-only folder, lock timeout).
+    """
+    signature = extractor.signature()
+    key = export_key(signature)
+    folder = Path(root) / key
+    try:
+        return load_export(folder, signature=signature)
+    except ExportError:
+        pass
+    with export_lock(Path(root), key):
+        try:
+            return load_export(folder, signature=signature)  # another process wrote it meanwhile
+        except ExportError as exc:
+            if folder.exists():
+                _log.warning("re-exporting %s: %s", folder, exc)
+        try:
+            export = write_export(extractor, folder)
+        except OSError as exc:
+            raise ExportError(f"cannot write the export to {folder}: {exc}") from exc
+        slog("runtime.exported", export_key=key, path=str(folder), files=sorted(export.manifest.files))
+        return export
+
+
+def _check(name: str, export: Export, *, reference: GoldenReference, options: RuntimeOptions,
+           tolerance: ParityTolerance | None) -> tuple[Runner | None, ParityReport]:
+    try:
+        runner = open_runtime(name, export, options=options)
+    except ExportError as exc:
+        return None, ParityReport(runtime=name, passed=False, error=str(exc), torch_ms=reference.torch_ms)
+    return runner, check_parity(reference, runner, tolerance=tolerance)
+
+
+def export_checked(
+    extractor: FeatureExtractor,
+    *,
+    root: Path,
+    threads: int,
+    runtimes: Sequence[str] | None = None,
+    tolerance: ParityTolerance | None = None,
+) -> tuple[Export, dict[str, ParityReport]]:
+    """Export ``extractor`` into ``root`` (when not there yet), check parity on ``runtimes`` (default: every
+    installed one) and record the reports in ``export.json``. ``bdi export`` and the register stage.
+
+    Raises:
+        ExportError: the export failed, no runtime is installed, or none passes the parity check.
+    """
+    names = [n for n in (runtimes or RUNTIMES) if runtime_installed(n)]
+    if not names:
+        raise ExportError(f"no export runtime is installed: `pip install {' '.join(RUNTIMES)}`")
+    export = ensure_export(extractor, root=root)
+    reference = golden_reference(extractor)
+    options = runtime_options(extractor, threads=threads)
+    reports = {name: _check(name, export, reference=reference, options=options, tolerance=tolerance)[1]
+               for name in names}
+    with export_lock(Path(root), export.manifest.key):
+        export = record_parity(export, {name: report.to_dict() for name, report in reports.items()})
+    slog("runtime.export_checked", export_key=export.manifest.key, path=str(export.path),
+         parity={name: report.to_dict() for name, report in reports.items()})
+    if not any(report.passed for report in reports.values()):
+        raise ExportError("the export fails the parity check on every runtime: "
+                          + "; ".join(report.summary() for report in reports.values()))
+    return export, reports
+
+
+def checked_export_for(
+    signature: Mapping[str, Any],
+    *,
+    root: Path,
+    threads: int,
+    build_extractor: Callable[[], FeatureExtractor],
+) -> Export:
+    """The export in ``root`` of the extractor with ``signature`` (a memory's ``metadata["signature"]``)
+    that passed parity on some runtime when it was made; exported and checked now when there is none.
+
+    Raises:
+        ExportError: ``build_extractor()`` gives an extractor with another signature, or the export cannot
+            be made or passes no parity check.
+    """
+    key = export_key(signature)
+    try:
+        export = load_export(Path(root) / key, signature=signature)
+        if any(report.get("passed") for report in export.manifest.parity.values()):
+            return export
+    except ExportError:
+        pass
+    extractor = build_extractor()
+    if export_key(extractor.signature()) != key:
+        raise ExportError(f"the configured extractor {extractor.signature()} is not the one the model was fitted "
+                          f"with {dict(signature)}: no export made")
+    return export_checked(extractor, root=root, threads=threads)[0]
+
+
+def attach_runtime(
+    extractor: FeatureExtractor,
+    *,
+    requested: str,
+    root: Path,
+    threads: int,
+    tolerance: ParityTolerance | None = None,
+) -> RuntimeStatus:
+    """Attach the runtime ``requested`` (``auto``/``torch``/``onnxruntime``/``openvino``) to ``extractor`` if it
+    passes parity; torch otherwise (loudly, see the module docstring). Never raises for a runtime problem."""
+    if requested not in RUNTIME_SETTINGS:
+        raise ValueError(f"runtime must be one of {list(RUNTIME_SETTINGS)}, got {requested!r} (BDI_RUNTIME)")
+    extractor.use_runtime(None)
+    if requested == "torch":
+        status = RuntimeStatus(requested="torch", active="torch", reason="BDI_RUNTIME=torch", threads=threads)
+        slog("runtime.selected", **status.to_dict())
+        return status
+    candidates = list(RUNTIMES) if requested == "auto" else [requested]
+    installed = [name for name in candidates if runtime_installed(name)]
+    if not installed:
+        why = f"{' and '.join(candidates)} not installed (`pip install {' '.join(candidates)}`)"
+        return _fallback(requested, why=why, threads=threads, loud=requested != "auto")
+    try:
+        export = ensure_export(extractor, root=root)
+    except ExportError as exc:
+        return _fallback(requested, why=f"no usable export: {exc}", threads=threads)
+    reference = golden_reference(extractor)
+    options = runtime_options(extractor, threads=threads)
+    runners: dict[str, Runner] = {}
+    reports: dict[str, ParityReport] = {}
+    for name in installed:
+        runner, report = _check(name, export, reference=reference, options=options, tolerance=tolerance)
+        reports[name] = report
+        if runner is not None and report.passed:
+            runners[name] = runner
+        else:
+            _log.warning("runtime %s failed the parity check and will not be used: %s", name, report.summary())
+    common: dict[str, Any] = {"requested": requested, "threads": threads, "export_key": export.manifest.key,
+                              "export_path": str(export.path), "parity": reports}
+    if not runners:
+        why = "parity check failed: " + "; ".join(report.summary() for report in reports.values())
+        return _fallback(requested, why=why, threads=threads, status_extra=common)
+    best = min(runners, key=lambda name: reports[name].runtime_ms or float("inf"))
+    best_ms, torch_ms = reports[best].runtime_ms or float("inf"), reference.torch_ms
+    if requested == "auto" and best_ms >= torch_ms:
+        status = RuntimeStatus(active="torch", reason=f"auto: torch ({torch_ms:.0f} ms) was faster than every "
+                               f"runtime that passed parity ({best} {best_ms:.0f} ms)", **common)
+    else:
+        extractor.use_runtime(runners[best])
+        reason = (f"auto: the fastest that passed parity ({best_ms:.0f} ms vs torch {torch_ms:.0f} ms per image)"
+                  if requested == "auto" else f"BDI_RUNTIME={requested}, parity passed")
+        status = RuntimeStatus(active=best, reason=reason, details=runners[best].describe(), **common)
+    slog("runtime.selected", **status.to_dict())
+    return status
+
+
+def _fallback(requested: str, *, why: str, threads: int, loud: bool = True,
+              status_extra: dict[str, Any] | None = None) -> RuntimeStatus:
+    extra = dict(status_extra or {})
+    extra.pop("requested", None)
+    extra.pop("threads", None)
+    status = RuntimeStatus(requested=requested, active="torch", reason=f"fell back to torch: {why}",
+                           fallback=why, threads=threads, **extra)
+    if loud:
+        _log.warning("BDI_RUNTIME=%s is not used, falling back to torch: %s", requested, why)
+    slog("runtime.fallback", **status.to_dict())
+    return status
