@@ -19,6 +19,7 @@ from bdi import __version__
 from bdi.config import Settings
 from bdi.logging import configure_logging, slog
 from bdi.service import InspectionService
+from bdi.shadow import ShadowScorer, shadow_models_dir
 from bdi.store import remove_orphan_temp_files
 from bdi.sync import RegistryFollower, SyncStatusReader
 from bdi.tracking import (
@@ -64,6 +65,9 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             )
             hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
             svc = service or InspectionService.from_settings(resolved, **hooks)
+            shadow = _shadow_scorer(svc, resolved)
+            if shadow is not None:
+                stack.callback(shadow.close)
             health = svc.health()
             if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
                 raise CudaRequiredError(
@@ -148,9 +152,23 @@ async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> Regi
     if not settings.registry_sync_on_start:
         return None
     follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
-                                interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir())
+                                interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir(),
+                                shadow_alias=settings.registry_shadow_alias)
     await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)
     return follower
+
+
+
+def _shadow_scorer(service: InspectionService, settings: Settings) -> ShadowScorer | None:
+    """With ``BDI_REGISTRY_SHADOW_ALIAS``: score every answered /infer again with that alias's version of
+    the model (synced into ``shadow/<alias>``) on a worker thread, and log it (``bdi.shadow``)."""
+    alias = settings.registry_shadow_alias
+    if not alias:
+        return None
+    shadow_settings = settings.model_copy(update={"models_dir": shadow_models_dir(settings.models_dir, alias)})
+    scorer = ShadowScorer(InspectionService(settings=shadow_settings, extractor=service.extractor), alias=alias)
+    service.on_infer = scorer.on_infer
+    return scorer
 
 
 app = create_app()

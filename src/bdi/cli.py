@@ -114,7 +114,7 @@ def _sync(args: argparse.Namespace) -> int:
     models_dir = args.models_dir if args.models_dir is not None else settings.models_dir
     if args.watch:
         return _watch(args, cfg=cfg, models_dir=models_dir, interval_s=settings.registry_sync_interval_s,
-                      log_dir=settings.log_dir)
+                      log_dir=settings.log_dir, shadow_alias=settings.registry_shadow_alias)
     synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir,
                              exports_root=settings.exports_dir())
     for item in synced:
@@ -124,7 +124,10 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(args: argparse.Namespace, *, cfg: Any, models_dir: Path, interval_s: float, log_dir: Path | None) -> int:
+def _watch(
+    args: argparse.Namespace, *, cfg: Any, models_dir: Path, interval_s: float, log_dir: Path | None,
+    shadow_alias: str,
+) -> int:
     """``bdi sync --watch``: the server's follower loop in the foreground, until SIGTERM/SIGINT."""
     import signal
 
@@ -137,7 +140,7 @@ def _watch(args: argparse.Namespace, *, cfg: Any, models_dir: Path, interval_s: 
         raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
     configure_logging(log_dir)
     follower = RegistryFollower(cfg=cfg, project_root=args.project_root, models_dir=models_dir, interval_s=interval,
-                                exports_root=Settings().exports_dir())
+                                exports_root=Settings().exports_dir(), shadow_alias=shadow_alias)
     signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
     _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
     try:

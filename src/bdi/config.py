@@ -293,6 +293,8 @@ class Settings(BaseSettings):
     mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_SHUTDOWN_TIMEOUT_S"))
     # with BDI_REGISTRY_SYNC_ON_START=1: sync again every this many seconds (0 = at start-up only)
     registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=_env("REGISTRY_SYNC_INTERVAL_S"))
+    # shadow mode: also sync this alias's holders and score them on live requests, logged only ("" = off)
+    registry_shadow_alias: str = Field("", validation_alias=_env("REGISTRY_SHADOW_ALIAS"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 

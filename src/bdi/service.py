@@ -153,6 +153,7 @@ class InspectionService:
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
         on_calibrate: Callable[[ModelRef, Mapping[str, Any]], None] | None = None,
         runtime: RuntimeStatus | None = None,
+        on_infer: Callable[..., None] | None = None,
     ) -> None:
         self.settings = settings
         self.extractor = extractor
@@ -166,6 +167,8 @@ class InspectionService:
         self.datasets = datasets or DatasetStore(settings.models_dir)
         self._on_fit = on_fit
         self._on_calibrate = on_calibrate
+        # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
+        self.on_infer = on_infer
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
@@ -466,9 +469,12 @@ class InspectionService:
         result = replace(result, timings_ms=dict(timer.timings_ms))
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
-        return InferOutcome(result=result, threshold=threshold, decision=decision,
-                            heatmap_png=heatmap_png, mm_per_px=mm_per_px,
-                            lineage=lineage_view(memory=model.memory, calib=calib, lineage=lineage))
+        outcome = InferOutcome(result=result, threshold=threshold, decision=decision,
+                               heatmap_png=heatmap_png, mm_per_px=mm_per_px,
+                               lineage=lineage_view(memory=model.memory, calib=calib, lineage=lineage))
+        if self.on_infer is not None:
+            self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
+        return outcome
 
     def infer_dataset(
         self,

@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from .logging import slog
 from .registry import SyncReport, sync_registry
+from .shadow import shadow_models_dir
 from .store import FileIdentity, atomic_write_json
 from .tracking import TrackingConfig
 
@@ -102,8 +103,9 @@ class RegistryFollower:
 
     def __init__(
         self, *, cfg: TrackingConfig, project_root: Path, models_dir: Path, interval_s: float,
-        alias: str | None = None, exports_root: Path | None = None,
+        alias: str | None = None, exports_root: Path | None = None, shadow_alias: str = "",
     ) -> None:
+        """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.shadow``)."""
         self.cfg = cfg
         self.exports_root = exports_root  # where synced versions' feature-net exports are copied
         self.project_root = Path(project_root)
@@ -114,6 +116,8 @@ class RegistryFollower:
         self._first_attempt = threading.Event()
         self._thread: threading.Thread | None = None
         self._status: dict[str, Any] | None = None
+        self.shadow_alias = shadow_alias
+        self._shadow_status: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, wait_first_s: float) -> None:
@@ -151,6 +155,12 @@ class RegistryFollower:
                                              models_dir=self.models_dir, alias=self.alias,
                                              interval_s=self.interval_s, previous=self._status,
                                              exports_root=self.exports_root)
+                    if self.shadow_alias:
+                        self._shadow_status = sync_once(
+                            cfg=self.cfg, project_root=self.project_root,
+                            models_dir=shadow_models_dir(self.models_dir, self.shadow_alias), alias=self.shadow_alias,
+                            interval_s=self.interval_s, previous=self._shadow_status, exports_root=self.exports_root,
+                        )
                     self._first_attempt.set()
                     if self.interval_s <= 0:
                         return

@@ -127,7 +127,9 @@ def plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plant]:
                    "BDI_MLFLOW_TRACKING_URI": mlflow.uri, "BDI_REGISTRY_SYNC_ON_START": "1",
                    "BDI_REGISTRY_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S),
                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-            replicas.append(stack.enter_context(BdiServer(scratch=scratch, env=env, name=name).start()))
+            server = BdiServer(scratch=scratch, env=env, name=name)
+            stack.callback(server.stop)
+            replicas.append(server.start())  # both start at once; wait_ready below
         for replica in replicas:
             replica.wait_ready()
         image = next((project / "data" / "synthetic" / "test" / "pit").glob("*.png")).read_bytes()

@@ -3,12 +3,16 @@ the 409 of the conflict rule. A real app (TestClient) following a real MLflow re
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from mlflow import MlflowClient
 
 from bdi.features import FeatureExtractor
 from bdi.service import InspectionService
@@ -111,3 +115,31 @@ def test_api_fit_lineage_and_threshold_source_go_from_api_to_stale_after_a_refit
     assert client.get("/state", params=IDS).json()["lineage"]["threshold_source"] == "api"
     assert fit_from_dataset(client, memory_fit="true").status_code == 200
     assert client.get("/manifest", params=IDS).json()["lineage"]["threshold_source"] == "stale"
+
+
+def test_shadow_mode_logs_the_challengers_score_while_the_champion_decides(
+    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingConfig, Path],
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
+) -> None:
+    name, cfg, _ = registered
+    challenger = fit_and_export(service, ref=REF, fit_on=good_discs[2:12], ok=good_discs[:2], ng=defect_discs,
+                                dest=tmp_path / "export-2")
+    register(cfg, project_root=tmp_path, model_dir=challenger, ref=REF, move_alias=False)
+    MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri).set_registered_model_alias(
+        name, "challenger", "2")
+    logs = tmp_path / "logs"
+    settings = tiny_settings(tmp_path / "served", mlflow_tracking_uri=cfg.tracking_uri, registry_sync_on_start=True,
+                             registry_sync_interval_s=0.5, registry_shadow_alias="challenger", log_dir=logs)
+    with TestClient(create_app(service=InspectionService(settings=settings, extractor=tiny_extractor))) as client:
+        body = infer(client, png_bytes(defect_discs[0])).json()
+        assert body["lineage"]["registered_version"] == 1  # the champion decides
+        deadline = time.monotonic() + 60
+        events: list[dict[str, Any]] = []
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lines = (logs / "backend_diagnostics.jsonl").read_text(encoding="utf-8").splitlines()
+            events = [e for e in map(json.loads, lines) if e.get("event") == "infer.shadow"]
+    [event] = events
+    assert event["champion"]["version"] == 1 and event["champion"]["score"] == body["score"]
+    assert event["challenger"]["version"] == 2 and event["challenger"]["decision"] in ("ok", "ng")
+    assert event["agree"] == (event["challenger"]["decision"] == body["decision"])
