@@ -88,7 +88,7 @@ def test_schema_defaults_equal_bdi_defaults() -> None:
     schema_default = validate({"dataset": {"name": "x", "source": "x"}})
     got = model_config(schema_default)
     assert got.features == FeatureConfig().resolved()
-    assert got.memory == MemoryConfig()
+    assert got.memory == MemoryConfig().resolved(got.features.backbone)
     assert got.scoring == ScoringConfig().resolved(got.features.backbone)
     assert cfg.calibration.ng_percentile == CalibrationConfig().ng_percentile
 
