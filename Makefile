@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench pipeline clean
+.PHONY: setup run test bench bench-quality pipeline clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[cpu,test]'
 	touch $@
 
 run: setup
@@ -25,6 +25,14 @@ test: setup
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.runtimes
+
+# Quality side by side with anomalib (README "Quality benchmark"): installs the `bench` extra (anomalib) once.
+bench-quality: $(VENV)/.bench-installed
+	$(PY) -m bench.quality
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 pipeline: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro

@@ -13,8 +13,10 @@ key keeps the name of the ``bdi`` field it feeds:
   scores with it (API_CONTRACT §3.5).
 * ``tracking.*`` = ``bdi.tracking.TrackingConfig``.
 
-``params.yaml`` (what DVC tracks) is this composition, written by ``python -m pipelines.config --write``
-and checked by ``tests/pipelines/test_params_consistency.py``.
+``params.yaml`` (what DVC tracks) is this composition. DVC writes it itself (``hydra.enabled`` in
+``.dvc/config``) on ``dvc exp run -S key=value`` / ``-S model=tiny``; ``python -m pipelines.config --write``
+writes the same bytes through DVC's composer for ``dvc repro``; ``tests/pipelines/test_params_consistency.py``
+checks that params.yaml is what DVC composes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bdi.config import (
     ScoringConfig,
     Settings,
 )
+from bdi.promotion import PromotionGate
 from bdi.tracking import TrackingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +112,7 @@ class ModelSchema:
     batch_size: int = FeatureConfig.batch_size
     # MemoryConfig (seed: see above)
     coreset_rate: float = MemoryConfig.coreset_rate
-    projection_dim: int = MemoryConfig.projection_dim
+    projection_dim: int | None = MemoryConfig.projection_dim  # None = the backbone's default
     knn_index: str = MemoryConfig.knn_index
     prefer_gpu: bool = MemoryConfig.prefer_gpu
     gpu_device: int = MemoryConfig.gpu_device
@@ -150,6 +153,17 @@ class EvaluationSchema:
 
 
 @dataclass
+class PromotionSchema:
+    """The promotion gate of the register stage (``bdi.promotion.PromotionGate``; null disables a check).
+    The primary metric compared with the alias holder's is ``evaluation.primary_metric``."""
+
+    max_false_reject_rate: float | None = PromotionGate.max_false_reject_rate  # at the calibrated threshold
+    max_infer_latency_ms: float | None = PromotionGate.max_infer_latency_ms  # median /infer, golden images
+    parity_eps: float | None = PromotionGate.parity_eps  # max |served score - pipeline score|
+    golden_images: int = 4  # eval images per model logged with the version for the parity check
+
+
+@dataclass
 class PathsSchema:
     """Every file a stage writes, relative to the project root (dvc.yaml reads the same keys)."""
 
@@ -173,6 +187,7 @@ class PipelineConfig:
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    promotion: PromotionSchema = field(default_factory=PromotionSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
 
 
@@ -241,6 +256,12 @@ def check_values(cfg: PipelineConfig) -> None:
         )
     if not 0.0 < cfg.evaluation.aupro_fpr_limit <= 1.0:
         raise PipelineConfigError("evaluation.aupro_fpr_limit must be in (0, 1]")
+    for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps"):
+        value = getattr(cfg.promotion, name)
+        if value is not None and value < 0:
+            raise PipelineConfigError(f"promotion.{name} must be >= 0 or null, got {value}")
+    if cfg.promotion.golden_images < 0:
+        raise PipelineConfigError("promotion.golden_images must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------- to bdi
@@ -260,7 +281,7 @@ def memory_config(cfg: PipelineConfig) -> MemoryConfig:
     return MemoryConfig(
         coreset_rate=m.coreset_rate, seed=m.seed, projection_dim=m.projection_dim, knn_index=m.knn_index,
         prefer_gpu=m.prefer_gpu, gpu_device=m.gpu_device,
-    )
+    ).resolved(m.backbone)
 
 
 def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
@@ -413,16 +434,22 @@ def _dict_valued_keys() -> set[str]:
     return {"dataset.roi_shape"} | {f"dataset.rois.{i}.roi_shape" for i in range(64)}
 
 
+def compose_params(path: Path, *, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR,
+                   project_root: Path = PROJECT_ROOT) -> None:
+    """Write ``conf/`` + ``overrides`` composed to ``path`` exactly as DVC does for ``dvc exp run -S``
+    (``dvc.utils.hydra.compose_and_dump``, with the Hydra plugins of ``project_root``)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(Path(path), str(Path(conf_dir).resolve()), None, "config", str(Path(project_root).resolve()),
+                     list(overrides))
+
+
 def write_params(path: Path, *, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> dict[str, Any]:
-    """Compose ``conf/`` and write it as ``params.yaml`` (the file DVC tracks)."""
+    """Compose ``conf/`` and write it as ``params.yaml`` (the file DVC tracks), byte for byte what DVC's
+    own Hydra composition writes; the result is checked against the schema first."""
     data = to_plain(compose_config(overrides, conf_dir=conf_dir))
     validate(data, source="conf/")
-    header = (
-        "# Generated from conf/ by `python -m pipelines.config --write params.yaml`; DVC tracks this file.\n"
-        "# Edit conf/ and regenerate (tests/pipelines/test_params_consistency.py checks they agree),\n"
-        "# or let `dvc exp run -S key=value` change it for an experiment.\n"
-    )
-    Path(path).write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    compose_params(Path(path), overrides=overrides, conf_dir=conf_dir)
     return data
 
 

@@ -11,11 +11,12 @@ Validation (each failure rejects one file with a reason; the rest is kept): read
 at most ``dataset.max_pixels``; a mask must decode and have the image's size; an exact duplicate
 (same sha256) of an earlier file of the same model is rejected (no image may be both fitted and tested).
 
-Splits, deterministic and stratified: within every (model, label, defect class) group the files are
-ordered by sha256 and dealt out in that order, so a split never depends on file names or listing order.
-``mvtec``: train/good → ``train``; each test class → ``calib`` (a ``splits.calib_fraction`` share,
-interleaved) and ``eval`` (the rest). ``server``: OK samples → ``train`` (``splits.train_fraction``), the
-remaining OK and all NG samples → ``calib`` / ``eval`` as above.
+Splits (``bdi.splits``, the one home of the rule, shared with ``bench.quality``): deterministic and
+stratified; within every (model, label, defect class) group the files are ordered by sha256 and dealt out in
+that order, so a split never depends on file names or listing order. ``mvtec``: train/good → ``train``; each
+test class → ``calib`` (a ``splits.calib_fraction`` share, interleaved) and ``eval`` (the rest). ``server``:
+OK samples → ``train`` (``splits.train_fraction``), the remaining OK and all NG samples → ``calib`` /
+``eval`` as above.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bdi.errors import BDIError
+from bdi.splits import SplitItem
+from bdi.splits import assign_splits as assign_splits_rule
 from pipelines.config import PipelineConfig, PipelineConfigError
 from pipelines.stage import (
     MANIFEST_COLUMNS,
@@ -44,6 +47,7 @@ from pipelines.stage import (
     StageContext,
     Target,
     execute_stage,
+    log_dataset,
     resolve_path,
     run_cli,
     stage_run,
@@ -201,35 +205,15 @@ def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[dict[st
 # --------------------------------------------------------------------------------------------- splits
 
 
-def deal(n: int, fraction: float) -> list[bool]:
-    """Which of ``n`` ordered items go to the first part: ``ceil(n·fraction)`` of them, evenly interleaved.
-
-    Item ``i`` is taken when ``ceil((i+1)·f) > ceil(i·f)``: for f = 0.5 that is items 0, 2, 4, …
-    """
-    return [math.ceil((i + 1) * fraction - 1e-9) > math.ceil(i * fraction - 1e-9) for i in range(n)]
-
-
 def assign_splits(kept: Sequence[tuple[Candidate, dict[str, Any]]], *, cfg: PipelineConfig) -> list[str]:
-    """The split of every kept file (see the module docstring), aligned with ``kept``."""
-    splits: list[str] = [""] * len(kept)
-    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-    for i, (cand, _facts) in enumerate(kept):
-        if cand.source_split == "train":
-            splits[i] = "train"
-        else:
-            groups[(cand.source_split, cand.label, cand.defect_class)].append(i)
-    for (source_split, label, _cls), members in sorted(groups.items()):
-        members.sort(key=lambda i: (kept[i][1]["sha256"], str(kept[i][0].path)))
-        if source_split == "pool" and label == "ok":
-            to_train = deal(len(members), cfg.dataset.splits.train_fraction)
-            rest = [i for i, t in zip(members, to_train, strict=True) if not t]
-            for i, t in zip(members, to_train, strict=True):
-                if t:
-                    splits[i] = "train"
-            members = rest
-        for i, to_calib in zip(members, deal(len(members), cfg.dataset.splits.calib_fraction), strict=True):
-            splits[i] = "calib" if to_calib else "eval"
-    return splits
+    """The split of every kept file (``bdi.splits.assign_splits``, the one home of the rule), aligned with ``kept``."""
+    items = [
+        SplitItem(source_split=cand.source_split, label=cand.label, defect_class=cand.defect_class,
+                  sha256=facts["sha256"], path=str(cand.path))
+        for cand, facts in kept
+    ]
+    splits = cfg.dataset.splits
+    return assign_splits_rule(items, calib_fraction=splits.calib_fraction, train_fraction=splits.train_fraction)
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -326,6 +310,7 @@ def execute(ctx: StageContext) -> IngestResult:
                          **{f"n_{k}": v for k, v in splits.items()}})
         run.log_artifact(manifest, "ingest")
         run.log_artifact(report, "ingest")
+        log_dataset(run, ctx, split=None, context="ingest")
     for item in result.rejected:
         log.info("rejected %s: %s", item["file"], item["reason"])
     log.info("ingest: kept %d of %d files (%s), rejected %d -> %s", len(result.rows), result.n_found,

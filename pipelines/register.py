@@ -1,12 +1,15 @@
 """Stage 5, register: every calibrated model becomes an MLflow model version (``bdi.registry``).
 
 For each (recipe, role, roi): the model is exported alone into a temporary ModelStore root
-(``bdi.registry.export_model_dir``) with the parity-checked export of its feature net in ``exports/<key>``
-(``bdi.export``; made now when the machine's export cache lacks it, left out with a warning when no runtime
-passes), logged as a pyfunc in this stage's run and registered; the alias
-(``tracking.alias``) moves to it only when its ``evaluation.primary_metric`` is at least the current
-holder's. ``paths.registration`` records the versions (small, so DVC re-runs nothing downstream).
-Deploy with ``bdi sync --models-dir DIR``.
+(``bdi.registry.export_model_dir``) with its golden images (a few eval images and the scores this
+pipeline gave them) and the parity-checked export of its feature net in ``exports/<key>`` (``bdi.export``;
+made now when the machine's export cache lacks it, left out with a warning when no runtime passes), logged
+as a pyfunc in this stage's run and registered with its lineage tags (git commit, the dataset's md5 from
+``dvc.lock``, the calibrate run). The alias (``tracking.alias``) moves to it only when it passes the
+promotion gate (``promotion.*``, ``bdi.promotion``): primary metric not below the holder's, false-reject
+rate, /infer latency and export parity through the serving path. ``paths.registration`` records the
+versions and gate reports (small, so DVC re-runs nothing downstream). Servers following the registry
+pick the new champion up; ``bdi sync`` does it by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from pipelines.config import tracking_config
 from pipelines.stage import (
     PipelineDataError,
     StageContext,
+    dataset_identity,
+    dvc_data_hash,
     execute_stage,
+    read_manifest,
+    recipe_mm_per_px,
+    resolve_path,
+    rows_for,
     run_cli,
     run_tags,
     stage_run,
@@ -53,6 +62,51 @@ def model_metrics(metrics: dict[str, Any], key: str) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
+
+
+def golden_items(ctx: StageContext, *, target: Any, manifest: Any, scores: Any) -> list[tuple[bytes, str, Any]]:
+    """Up to ``promotion.golden_images`` eval images of ``target`` with the scores the evaluate stage gave
+    them: the export-parity set logged with the version (``bdi.promotion.write_golden_set``)."""
+    from bdi.promotion import GoldenImage
+
+    n = ctx.cfg.promotion.golden_images
+    if n <= 0:
+        return []
+    expected = {str(r["file"]): float(r["score"]) for r in scores.to_dict("records") if r["model"] == target.key}
+    rows = [r for r in rows_for(manifest, target, "eval") if str(r["file"]) in expected]
+    picked = rows[:: max(1, len(rows) // n)][:n]  # spread over the classes (rows are ordered by class)
+    mm_per_px = recipe_mm_per_px(manifest, target)
+    items = []
+    for row in picked:
+        path = resolve_path(ctx.project_root, str(row["file"]))
+        record = GoldenImage(file=path.name, expected_score=expected[str(row["file"])], mm_per_px=mm_per_px,
+                             shape=str(row.get("roi_shape") or "") or None, source=str(row["file"]))
+        items.append((path.read_bytes(), path.suffix or ".png", record))
+    return items
+
+
+def calibration_run_id(ctx: StageContext) -> str | None:
+    """The MLflow run of the calibrate stage that made these thresholds (same config hash, latest)."""
+    from bdi.tracking import tracking_client
+
+    config_hash = run_tags(ctx).get("config_hash")
+    tracking = tracking_config(ctx.cfg)
+    client = tracking_client(tracking, project_root=ctx.project_root)[0]
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None or not config_hash:
+        return None
+    runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.stage = 'calibrate' and tags.config_hash = '{config_hash}'")
+    return str(runs[0].info.run_id) if runs else None
+
+
+def promotion_gate(cfg: Any) -> Any:
+    """``bdi.promotion.PromotionGate`` from the ``promotion`` section (+ ``evaluation.primary_metric``)."""
+    from bdi.promotion import PromotionGate
+
+    p = cfg.promotion
+    return PromotionGate(primary_metric=cfg.evaluation.primary_metric, max_false_reject_rate=p.max_false_reject_rate,
+                         max_infer_latency_ms=p.max_infer_latency_ms, parity_eps=p.parity_eps)
 
 
 def _memory_signature(store: Any, ref: Any) -> dict[str, Any]:
@@ -104,7 +158,11 @@ class ExportCarrier:
 
 
 def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
-    """Register every target's model from ``paths.model_dir`` into run ``run_id``; one record each."""
+    """Register every target's model from ``paths.model_dir`` into run ``run_id`` and promote it through
+    the gate (``promotion``); one record each."""
+    import pandas as pd
+
+    from bdi.promotion import promote_version, write_golden_set
     from bdi.registry import export_model_dir, register_model
     from bdi.store import ModelStore
 
@@ -114,9 +172,23 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     if not model_dir.is_dir() or not metrics_path.is_file():
         raise PipelineDataError(f"{model_dir} or {metrics_path} is missing: run calibrate and evaluate first")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(ctx.path(cfg.paths.manifest))
+    scores = pd.read_csv(ctx.path(cfg.paths.scores))
     store = ModelStore(model_dir)
     tracking = tracking_config(cfg)
     base_tags = {k: v for k, v in run_tags(ctx).items() if k not in ("stage", "source", "overrides")}
+    dataset = dataset_identity(ctx, split=None)
+    lineage_tags = {
+        "git_commit": base_tags.get("dvc_commit"),
+        "data_hash": dvc_data_hash(ctx.project_root, source=cfg.dataset.source),
+        "data_source": cfg.dataset.source,
+        "dataset_digest": dataset.digest if dataset is not None else None,
+        "calibration_run_id": calibration_run_id(ctx),
+    }
+    gate = promotion_gate(cfg)
+    overrides = {"device": cfg.model.device}
+    if cfg.paths.weights_cache_dir:
+        overrides["weights_cache_dir"] = str(ctx.path(cfg.paths.weights_cache_dir))
     records: list[dict[str, Any]] = []
     carry = ExportCarrier(ctx, model_dir=model_dir)
     for target in targets(cfg):
@@ -124,17 +196,24 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
         calib = store.load_calibration(target.ref) or {}
         with tempfile.TemporaryDirectory(prefix="bdi-register-") as tmp:
             export_model_dir(store=store, ref=target.ref, dest=Path(tmp))
+            write_golden_set(Path(tmp), golden_items(ctx, target=target, manifest=manifest, scores=scores))
             key = carry.into(Path(tmp), signature=_memory_signature(store, target.ref))
             result = register_model(
                 cfg=tracking, project_root=ctx.project_root, run_id=run_id, model_dir=Path(tmp), ref=target.ref,
-                metrics=values, tags={**base_tags, "threshold": str(calib.get("threshold")), "export_key": key},
-                primary_metric=cfg.evaluation.primary_metric,
+                metrics=values, primary_metric=cfg.evaluation.primary_metric, move_alias=False,
+                tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
+                      "threshold": str(calib.get("threshold")), "export_key": key},
             )
-        records.append({"model": target.key, **asdict(result), "run_id": run_id,
-                        "threshold": calib.get("threshold"),
+        promotion = promote_version(cfg=tracking, project_root=ctx.project_root, name=result.name,
+                                    version=result.version, gate=gate, overrides=overrides)
+        report = promotion.report.to_dict() if promotion.report is not None else None
+        records.append({"model": target.key, **asdict(result), "alias_moved": promotion.moved, "run_id": run_id,
+                        "threshold": calib.get("threshold"), "gate": report,
                         cfg.evaluation.primary_metric: values.get(cfg.evaluation.primary_metric)})
         log.info("registered %s as %s v%d (alias %s %s)", target.key, result.name, result.version, result.alias,
-                 "moved" if result.alias_moved else f"kept on v{result.previous_version}")
+                 "moved" if promotion.moved else f"kept on v{promotion.previous_version}")
+        for check in promotion.report.failures() if promotion.report is not None else ():
+            log.warning("promotion gate: %s failed: %s", check.name, check.detail)
     return records
 
 

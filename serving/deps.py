@@ -13,6 +13,7 @@ from bdi.datasets import DatasetRef
 from bdi.logging import bind_context
 from bdi.service import InspectionService
 from bdi.store import ModelRef, pick_recipe_id
+from bdi.sync import SyncStatusReader
 
 RECIPE_HEADER = "X-Recipe-Id"
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -28,8 +29,14 @@ async def get_service(request: Request) -> InspectionService:
     return service
 
 
+async def get_registry_status(request: Request) -> SyncStatusReader:
+    reader: SyncStatusReader = request.app.state.registry_status
+    return reader
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[InspectionService, Depends(get_service)]
+RegistryStatusDep = Annotated[SyncStatusReader, Depends(get_registry_status)]
 
 
 @dataclass(frozen=True)

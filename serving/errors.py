@@ -10,7 +10,9 @@ recipe_id}}``. 422 validation errors keep FastAPI's shape D (its default handler
   400 B, other bad input is 400 A (§2.5, §2.6).
 * ``resource``: /health, datasets, /state, /manifest; simple ``HTTPException``-like 400/404 B.
 
-Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text).
+Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text). A 500's
+body never carries the exception text (it may hold server paths): it says
+:func:`internal_error_message`, and the details are logged under the same request id.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, RootModel
 
 from bdi.errors import (
     BDIError,
     CalibrationMissingError,
+    FitInProgressError,
     InsufficientSamplesError,
     InvalidInputError,
     InvalidRecipeError,
@@ -33,6 +37,7 @@ from bdi.errors import (
     ModelMismatchError,
     NotFittedError,
     NotFoundError,
+    RegistryManagedError,
     ScaleMismatchError,
     StorageError,
     WeightsError,
@@ -45,6 +50,11 @@ Shape = Literal["A", "B", "C"]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 DEFAULT_STYLE: ErrorStyle = "resource"
+
+
+def internal_error_message(request_id: str) -> str:
+    """The stable text of every 500 body; the exception itself is only in the log."""
+    return f"Internal Server Error (details are in the server log under request_id {request_id})"
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,15 @@ class ErrorRule:
 ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError (§1.2)
     ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
+    FitInProgressError: ErrorRule(409, "A", {"resource": "B"}),  # one writer per model
     InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
     NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     ModelMismatchError: ErrorRule(409, "A", {"batch": "B", "resource": "B"}),  # memory from another backbone
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     NotFoundError: ErrorRule(404, "B"),
+    # the conflict rule: an API write to a model the registry manages; the message names the version
+    RegistryManagedError: ErrorRule(409, "A", {"resource": "B"}),
     InvalidInputError: ErrorRule(400, "A", {"resource": "B"}),  # decode, limits, grid, metas, label
     WeightsError: ErrorRule(500, "A", log_trace=True),
     StorageError: ErrorRule(500, "A", log_trace=True),
@@ -134,7 +147,8 @@ async def handle_bdi_error(request: Request, exc: Exception) -> JSONResponse:
     if rule.log_trace:
         fields["trace"] = "".join(traceback.format_exception(exc))
     slog(f"{_event_prefix(request)}.error", **fields)
-    body = error_body(shape=shape, message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    message = internal_error_message(request_id) if rule.status >= 500 else str(exc)
+    body = error_body(shape=shape, message=message, request_id=request_id, recipe_id=recipe_id)
     return JSONResponse(body, status_code=rule.status)
 
 
@@ -148,9 +162,38 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
         status_code=500,
         trace="".join(traceback.format_exception(exc)),
     )
-    body = error_body(shape="A", message=str(exc), request_id=request_id, recipe_id=recipe_id)
+    body = error_body(shape="A", message=internal_error_message(request_id), request_id=request_id,
+                      recipe_id=recipe_id)
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse(body, status_code=500, headers=headers)
+
+
+class ErrorShapeA(BaseModel):
+    error: str
+    request_id: str
+    recipe_id: str
+
+
+class ErrorShapeB(BaseModel):
+    detail: str
+
+
+class ErrorShapeC(BaseModel):
+    detail: ErrorShapeA
+
+
+class ErrorBody(RootModel[ErrorShapeA | ErrorShapeB | ErrorShapeC]):
+    """Any of the contract's JSON error shapes A, B, C (§1.4); 422 keeps FastAPI's own shape D."""
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family, §1.4)"},
+    404: {"model": ErrorBody, "description": "Dataset file or sidecar not found (shape B)"},
+    409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C) or a fit of the model in progress (A)"},
+    413: {"model": ErrorBody, "description": "Request body over BDI_MAX_REQUEST_BYTES (shape B)"},
+    500: {"model": ErrorBody, "description": "Unexpected failure: a stable message and the request id (shape A)"},
+}
+"""The error statuses every route documents in the OpenAPI schema (``include_router(responses=...)``)."""
 
 
 def install_error_handlers(app: FastAPI) -> None:

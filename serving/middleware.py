@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: request ids + the ``http`` log line, and CORS configured at startup."""
+"""Pure ASGI middleware: request ids + the ``http`` log line, CORS configured at startup, and the
+total request-body cap."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -102,3 +104,75 @@ class SettingsCORSMiddleware:
             settings: Settings = scope["app"].state.settings
             self._cors = build_cors(self.app, settings.cors_origins)
         await self._cors(scope, receive, send)
+
+
+class RequestTooLargeError(Exception):
+    """Raised from ``receive`` once a body grows past the cap (the app must not go on reading)."""
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes (BDI_MAX_REQUEST_BYTES)"
+
+
+class RequestSizeLimitMiddleware:
+    """A total body cap for every route (``Settings.max_request_bytes``), before the bytes land.
+
+    A declared ``Content-Length`` over the cap is answered 413 before one body byte is read. A body
+    that grows past it while streaming (chunked, or a ``Content-Length`` that lies) stops at the cap:
+    ``receive`` raises, whatever the app then answers is dropped, and the client gets the 413. So
+    Starlette never spools more than the cap to disk or memory. The body is JSON shape B.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings: Settings = scope["app"].state.settings
+        limit = settings.max_request_bytes
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            await _send_too_large(send, limit)
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise RequestTooLargeError(too_large_message(limit))
+            message = await receive()
+            if message["type"] == "http.request":
+                if received + len(message.get("body", b"")) > limit:  # this message is not handed on
+                    exceeded = True
+                    raise RequestTooLargeError(too_large_message(limit))
+                received += len(message.get("body", b""))
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to the aborted read is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            slog("http.request_too_large", accepted_bytes=received, limit_bytes=limit)
+            await _send_too_large(send, limit)
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    body = json.dumps({"detail": too_large_message(limit)}).encode("utf-8")
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

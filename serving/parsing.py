@@ -1,14 +1,13 @@
-"""Parsing of request parts the framework cannot type for us: JSON-object bodies and uploads.
+"""Parsing of request parts the framework cannot type for us: required JSON keys and uploads.
 
 JSON bodies of /calibrate_ng, /infer_dataset and /calibrate_dataset are plain objects (a non-object
-is a 422 from FastAPI); their keys are checked here so a missing ``role_id`` is 400 A ``'role_id'``
-like the reference (contract C8), not a 422. Failures raise ``InvalidInputError`` so the one error
-table decides the status and shape.
+is a 422 from FastAPI), validated by the models of :mod:`serving.schemas`; a missing ``role_id`` is
+400 A ``'role_id'`` like the reference (contract C8), not a 422. Failures raise ``InvalidInputError``
+so the one error table decides the status and shape.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,8 +16,6 @@ from fastapi import UploadFile
 from bdi.errors import InvalidInputError, UploadLimitError
 
 JsonObject = Mapping[str, Any]
-_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
-_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 def required_str(body: JsonObject, key: str) -> str:
@@ -29,69 +26,6 @@ def required_str(body: JsonObject, key: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{key} must be a string")
     return value
-
-
-def optional_str(body: JsonObject, key: str) -> str | None:
-    """A string key, or None when absent or not a string (the reference ignores other types)."""
-    value = body.get(key)
-    return value if isinstance(value, str) else None
-
-
-def optional_number(body: JsonObject, key: str) -> float | None:
-    """A finite number (or numeric string) key, None when absent/null; anything else is bad input.
-
-    Non-finite values are refused here: they could not be written back as strict JSON.
-    """
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{key} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{key} must be a number, got {value!r}") from exc
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{key} must be a finite number, got {value!r}")
-    return number
-
-
-def optional_bool(body: JsonObject, key: str, *, default: bool) -> bool:
-    """A boolean key parsed like pydantic (true/false/1/0/yes/no/on/off/t/f/y/n); null → default."""
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-    raise InvalidInputError(f"{key} must be a boolean, got {value!r}")
-
-
-def optional_list(body: JsonObject, key: str) -> list[Any] | None:
-    """A JSON array key, None when absent/null (its items are checked by the library)."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise InvalidInputError(f"{key} must be a list of numbers")
-    return value
-
-
-def optional_str_list(body: JsonObject, key: str, *, default: Sequence[str]) -> list[str]:
-    """A list of strings (null → default)."""
-    value = body.get(key)
-    if value is None:
-        return list(default)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidInputError(f"{key} must be a list of strings")
-    return list(value)
 
 
 def read_upload(upload: UploadFile, *, max_bytes: int) -> tuple[str, bytes]:
@@ -114,6 +48,14 @@ def read_upload(upload: UploadFile, *, max_bytes: int) -> tuple[str, bytes]:
     return name, data
 
 
-def read_uploads(uploads: Sequence[UploadFile] | None, *, max_bytes: int) -> list[tuple[str, bytes]]:
-    """:func:`read_upload` for each part, in order."""
-    return [read_upload(u, max_bytes=max_bytes) for u in uploads or ()]
+def read_uploads(
+    uploads: Sequence[UploadFile] | None, *, max_bytes: int, max_files: int
+) -> list[tuple[str, bytes]]:
+    """:func:`read_upload` for each part, in order, after checking the file count: too many files
+    are refused before any of them is read into memory."""
+    parts = list(uploads or ())
+    if len(parts) > max_files:
+        raise UploadLimitError(
+            f"{len(parts)} files exceed the limit of {max_files} per request (BDI_MAX_FILES_PER_REQUEST)"
+        )
+    return [read_upload(u, max_bytes=max_bytes) for u in parts]

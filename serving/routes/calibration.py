@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body
 from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
-from serving.parsing import optional_bool, optional_list, optional_number, optional_str, required_str
+from serving.schemas import CalibrateDatasetRequest, CalibrateNgRequest
 
 router = APIRouter(tags=["calibration"])
 
@@ -21,24 +21,21 @@ CALIBRATE_NG_KEYS = ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng", "mm_p
 CALIBRATE_DATASET_KEYS = ("threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng")
 
 
-@router.post("/calibrate_ng", dependencies=[error_style("model")])
+@router.post("/calibrate_ng", dependencies=[error_style("model")], openapi_extra=CalibrateNgRequest.openapi())
 def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
     """Threshold from OK/NG scores the client computed; NaN/inf scores are dropped."""
-    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
-                        model_key=optional_str(body, "model_key"))
-    mm_per_px = optional_number(body, "mm_per_px")
-    ok_scores, ng_scores = optional_list(body, "ok_scores"), optional_list(body, "ng_scores")
-    slog("calibrate_ng.request", model_key=ref.model_key, ok_count=len(ok_scores or ()),
-         ng_count=len(ng_scores or ()),
-         mm_per_px=mm_per_px, area_mm2_thr=body.get("area_mm2_thr"),
-         score_percentile=body.get("score_percentile"))
+    req = CalibrateNgRequest.parse(body)
+    ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
+    slog("calibrate_ng.request", model_key=ref.model_key, ok_count=len(req.ok_scores or ()),
+         ng_count=len(req.ng_scores or ()), mm_per_px=req.mm_per_px, area_mm2_thr=req.area_mm2_thr,
+         score_percentile=req.score_percentile)
     calib = service.calibrate_from_scores(
         ref=ref,
-        ok_scores=ok_scores or [],
-        ng_scores=ng_scores,
-        mm_per_px=mm_per_px,
-        score_percentile=optional_number(body, "score_percentile"),
-        area_mm2_thr=optional_number(body, "area_mm2_thr"),
+        ok_scores=req.ok_scores or [],
+        ng_scores=req.ng_scores,
+        mm_per_px=req.mm_per_px,
+        score_percentile=req.score_percentile,
+        area_mm2_thr=req.area_mm2_thr,
     )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"])
     response = {key: calib[key] for key in CALIBRATE_NG_KEYS}
@@ -47,17 +44,18 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[s
     return {**response, **ctx.ids()}
 
 
-@router.post("/calibrate_dataset", dependencies=[error_style("batch")])
+@router.post("/calibrate_dataset", dependencies=[error_style("batch")],
+             openapi_extra=CalibrateDatasetRequest.openapi())
 def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
     """Score every stored OK/NG sample with the fitted memory and write a new calibration."""
-    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
-                        model_key=optional_str(body, "model_key"))
+    req = CalibrateDatasetRequest.parse(body)
+    ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
     calib = service.calibrate_dataset(
         ref=ref,
-        score_percentile=optional_number(body, "score_percentile"),
-        area_mm2_thr=optional_number(body, "area_mm2_thr"),
-        default_mm_per_px=optional_number(body, "default_mm_per_px"),
-        require_ng=optional_bool(body, "require_ng", default=True),
+        score_percentile=req.score_percentile,
+        area_mm2_thr=req.area_mm2_thr,
+        default_mm_per_px=req.default_mm_per_px,
+        require_ng=True if req.require_ng is None else req.require_ng,
     )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"],
          n_ok=calib["n_ok"], n_ng=calib["n_ng"])

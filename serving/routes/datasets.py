@@ -35,7 +35,8 @@ def _add_upload_route(label: str) -> None:
     ) -> dict[str, Any]:
         ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
         slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
-        files = read_uploads(images, max_bytes=settings.max_upload_bytes)
+        files = read_uploads(images, max_bytes=settings.max_upload_bytes,
+                             max_files=settings.max_files_per_request)
         saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
         slog("datasets.upload.response", label=label, saved=saved)
         return {"status": "ok", "saved": saved, **ctx.ids()}
@@ -58,7 +59,13 @@ def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ
     return {**listing, **ctx.ids()}
 
 
-@router.get("/file")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "image/webp",
+                     "application/octet-stream")
+
+
+@router.get("/file", response_class=Response,
+            responses={200: {"description": "The stored image bytes",
+                             "content": {media: {} for media in IMAGE_MEDIA_TYPES}}})
 def download_sample(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> Response:

@@ -31,7 +31,9 @@ def fit_ok(
     """Fit from repeated ``images`` parts, or from the stored ``ok`` samples with use_dataset=true."""
     started = time.perf_counter()
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
-    files = [] if use_dataset else read_uploads(images, max_bytes=settings.max_upload_bytes)
+    files = [] if use_dataset else read_uploads(
+        images, max_bytes=settings.max_upload_bytes, max_files=settings.max_files_per_request
+    )
     slog("fit_ok.request", n_files=len(images or ()), memory_fit=memory_fit, use_dataset=use_dataset,
          mm_per_px=mm_per_px, model_key_raw=model_key, model_key=ref.model_key)
     result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,

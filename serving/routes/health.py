@@ -1,24 +1,30 @@
-"""GET /health (§2.1): O(1), no disk I/O; polled by the GUI every 2 s."""
+"""GET /health (§2.1): O(1), polled by the GUI every 2 s; its only disk access is a stat of the registry
+sync status file."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from bdi import __version__
-from serving.deps import RequestCtx, ServiceDep
+from serving.deps import RegistryStatusDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 
 router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 
 
 @router.get("/health")
-async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
-    """Status, device, backbone name and version, plus which weights are loaded and what runs the net
-    (``runtime``; ``runtime_fallback`` says why the requested one is not used).
+async def health(
+    request: Request, ctx: RequestCtx, service: ServiceDep, registry: RegistryStatusDep
+) -> dict[str, Any]:
+    """Status, device, backbone name and version, which weights are loaded, and the registry view:
+    ``registry.state`` says whether the MLflow tracking server answers (disabled | checking | ok |
+    unreachable, as last seen), the rest how stale the synced view is and which versions are synced
+    (``bdi.sync.SyncStatusReader``).
 
-    ``async``: it touches no disk and must answer even when every worker thread is busy fitting.
+    ``async``: it touches no network and must answer even when every worker thread is busy fitting; its
+    only disk access is a stat of the small sync status file (re-read when it changed).
     """
     info = service.health()
     device = str(info["device"]).split(":", 1)[0]  # "cuda:0" → "cuda" (the GUI shows it verbatim)
@@ -31,8 +37,11 @@ async def health(ctx: RequestCtx, service: ServiceDep) -> dict[str, Any]:
     }
     if not info["cuda_available"]:
         body["reason"] = "cuda_not_available"
+    body["backbone"] = info["backbone"]
     body["weights"] = info["weights"]
     body["pretrained"] = bool(info["pretrained"])
+    status = getattr(request.app.state, "tracking_status", None)
+    body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
     for key in ("runtime", "runtime_requested", "runtime_fallback", "runtime_parity"):
         body[key] = info[key]
     return body

@@ -10,14 +10,8 @@ from bdi.datasets import LABELS
 from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
-from serving.parsing import (
-    optional_bool,
-    optional_number,
-    optional_str,
-    optional_str_list,
-    read_upload,
-    required_str,
-)
+from serving.parsing import read_upload
+from serving.schemas import InferDatasetRequest
 
 router = APIRouter(tags=["inference"])
 
@@ -47,19 +41,19 @@ def infer(
     return {**body, **ctx.ids(), "decision": decision}
 
 
-@router.post("/infer_dataset", dependencies=[error_style("batch")])
+@router.post("/infer_dataset", dependencies=[error_style("batch")], openapi_extra=InferDatasetRequest.openapi())
 def infer_dataset(
     ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     """Score every stored sample of the given labels with the calibrated threshold."""
-    ref = ctx.model_ref(role_id=required_str(body, "role_id"), roi_id=required_str(body, "roi_id"),
-                        model_key=optional_str(body, "model_key"))
-    include_heatmap = optional_bool(body, "include_heatmap", default=False)
+    req = InferDatasetRequest.parse(body)
+    ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
+    include_heatmap = bool(req.include_heatmap)
     items = service.infer_dataset(
         ref=ref,
-        labels=optional_str_list(body, "labels", default=LABELS),
+        labels=LABELS if req.labels is None else req.labels,
         include_heatmap=include_heatmap,
-        default_mm_per_px=optional_number(body, "default_mm_per_px"),
+        default_mm_per_px=req.default_mm_per_px,
     )
     shaped = [item.to_response(include_heatmap=include_heatmap) for item in items]
     n_errors = sum(1 for item in items if item.error is not None)

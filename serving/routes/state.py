@@ -1,4 +1,5 @@
-"""GET /state (§2.14) and GET /manifest (§2.13): what is fitted/calibrated for one ROI."""
+"""GET /state (§2.14) and GET /manifest (§2.13): what is fitted/calibrated for one ROI, and its lineage
+(an additive field: where the model came from, ``bdi.lineage.lineage_view``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def state(
     """``memory_fitted`` / ``calib_present``; model_key is the raw effective one."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     flags = service.state(ref)
-    slog("state.response", model_key=ref.model_key, **flags)
+    slog("state.response", model_key=ref.model_key, memory_fitted=flags["memory_fitted"],
+         calib_present=flags["calib_present"])
     return {
         "status": "ok",
         "memory_fitted": flags["memory_fitted"],
@@ -32,6 +34,7 @@ def state(
         "role_id": ref.role_id,
         "roi_id": ref.roi_id,
         "model_key": ref.model_key,
+        "lineage": flags["lineage"],
     }
 
 
@@ -39,7 +42,8 @@ def state(
 def manifest(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
 ) -> dict[str, Any]:
-    """Memory presence, the full calibration and the dataset listing; model_key is fs-sanitised."""
+    """Memory presence, the full calibration and the dataset listing; model_key is sanitised the legacy
+    way (contract M2: ``a b`` → ``a_b``), though the model's folder name is the injective one."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     info = service.manifest(ref)
     slog("manifest.response", model_key=ref.model_key, has_memory=info["memory"],
@@ -48,9 +52,10 @@ def manifest(
         "role_id": ref.role_id,
         "roi_id": ref.roi_id,
         "recipe_id": ctx.recipe_id,
-        "model_key": ref.model_key_fs,
+        "model_key": ref.model_key_legacy,
         "memory": info["memory"],
         "calib": info["calib"],
         "datasets": info["datasets"],
         "request_id": ctx.request_id,
+        "lineage": info["lineage"],
     }

@@ -53,6 +53,9 @@ class BackboneSpec:
         size_multiple: an input size must be a multiple of this, so every feature grid is whole.
         neighbourhood: default side of the local average over features (PatchCore's aggregation); 1 = none.
         blur_sigma: default Gaussian blur of the anomaly map, in crop px.
+        l2_normalize: whether patch features are L2-normalised before the memory and the search (the DINOv2
+            legacy rule, distances in [0, 2]); CNN features keep their magnitude, which carries the anomaly.
+        projection_dim: default random-projection width for the greedy coreset (0 = exact distances).
         official: the pinned official weights.
     """
 
@@ -63,6 +66,8 @@ class BackboneSpec:
     size_multiple: int
     neighbourhood: int
     blur_sigma: float
+    l2_normalize: bool
+    projection_dim: int
     official: OfficialWeights
 
 
@@ -79,6 +84,8 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         size_multiple=14,
         neighbourhood=1,
         blur_sigma=1.0,
+        l2_normalize=True,
+        projection_dim=128,
         official=OfficialWeights(
             filename="dinov2_vits14_pretrain.pth",
             sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
@@ -96,6 +103,8 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         size_multiple=32,
         neighbourhood=3,
         blur_sigma=4.0,
+        l2_normalize=False,
+        projection_dim=32,
         official=OfficialWeights(
             filename="efficientnet-lite0-57934424.pth",
             sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",

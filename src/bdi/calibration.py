@@ -100,7 +100,9 @@ def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str
     """The threshold of a calibration that applies to the given memory.
 
     Raises CalibrationMissingError when there is no calibration, its threshold is missing, not
-    finite or ≤ 0, or it records a different memory (it was computed before a refit).
+    finite or ≤ 0, it records a different memory (it was computed before a refit), or it records no
+    memory at all: a calibration made before any fit (stored unbound) or by a backend that did not
+    record one never applies, because staleness cannot be ruled out without the fingerprint.
     """
     if not calib:
         raise CalibrationMissingError()
@@ -110,6 +112,10 @@ def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str
     if threshold <= 0:
         raise CalibrationMissingError("threshold <= 0")
     recorded = calib.get("memory_fingerprint")
-    if recorded is not None and recorded != memory_fingerprint:
+    if not isinstance(recorded, str) or not recorded:
+        raise CalibrationMissingError(
+            "unbound: calibrated without a fitted memory (or by a backend that records none), recalibrate"
+        )
+    if recorded != memory_fingerprint:
         raise CalibrationMissingError("stale: calibrated for another memory, recalibrate after the refit")
     return float(threshold)

@@ -1,5 +1,6 @@
-"""The ``bdi`` command: ``bdi sync`` (registry → BDI_MODELS_DIR), ``bdi export`` (the feature net → ONNX /
-OpenVINO, parity-checked) and ``bdi demo-data``.
+"""The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
+through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
+parity-checked) and ``bdi demo-data``.
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -12,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,6 +41,29 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--project-root", type=Path, default=Path("."),
                       help="where the embedded mlflow.db and mlartifacts/ live (default: .)")
     sync.add_argument("--prefix", default=None, help="registered model name prefix (default: bdi)")
+    sync.add_argument("--watch", action="store_true",
+                      help="keep following the registry (a sidecar): sync again every --interval seconds")
+    sync.add_argument("--interval", type=float, default=None,
+                      help="seconds between syncs with --watch (default: BDI_REGISTRY_SYNC_INTERVAL_S, 30)")
+
+    promote = commands.add_parser(
+        "promote", help="move the alias to a registered version if it passes the promotion gate",
+        description="Run the promotion gate (primary metric not below the holder's, false-reject rate, /infer "
+                    "latency and export parity on the golden images logged with the version) and move the alias "
+                    "when it passes. --skip-gate moves it unconditionally: a rollback.",
+    )
+    promote.add_argument("name", help="registered model name (see registration.json or the MLflow UI)")
+    promote.add_argument("version", type=int, help="the version to promote")
+    promote.add_argument("--skip-gate", action="store_true", help="move the alias without the gate (rollback)")
+    promote.add_argument("--max-false-reject-rate", type=float, default=None, help="default 0.05")
+    promote.add_argument("--max-infer-latency-ms", type=float, default=None, help="default 1000")
+    promote.add_argument("--parity-eps", type=float, default=None, help="default 0.001")
+    promote.add_argument("--primary-metric", default="image_auroc")
+    promote.add_argument("--tracking-uri", default=None,
+                         help="default: BDI_MLFLOW_TRACKING_URI, or the embedded <project-root>/mlflow.db")
+    promote.add_argument("--alias", default=None, help="default: BDI_REGISTRY_ALIAS (champion)")
+    promote.add_argument("--project-root", type=Path, default=Path("."))
+    promote.add_argument("--weights", default=None, help="backbone weights file for the serving probe")
 
     export = commands.add_parser(
         "export", help="export the feature extractor to ONNX (and OpenVINO IR) and check its parity",
@@ -66,25 +91,79 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sync(args: argparse.Namespace) -> int:
+def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(Settings, TrackingConfig) from the environment and the common flags."""
     from .config import Settings
-    from .registry import sync_registered
     from .tracking import TrackingConfig
 
     settings = Settings()
     overrides: dict[str, str] = {}
     if args.tracking_uri is not None:
         overrides["tracking_uri"] = args.tracking_uri
-    if args.prefix is not None:
+    if getattr(args, "prefix", None) is not None:
         overrides["registered_model_prefix"] = args.prefix
-    cfg = TrackingConfig.from_settings(settings, **overrides)
+    if args.alias is not None:
+        overrides["alias"] = args.alias
+    return settings, TrackingConfig.from_settings(settings, **overrides)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from .registry import sync_registered
+
+    settings, cfg = _tracking(args)
     models_dir = args.models_dir if args.models_dir is not None else settings.models_dir
+    if args.watch:
+        return _watch(args, cfg=cfg, models_dir=models_dir, interval_s=settings.registry_sync_interval_s,
+                      log_dir=settings.log_dir)
     synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir,
-                             alias=args.alias, exports_root=settings.exports_dir())
+                             exports_root=settings.exports_dir())
     for item in synced:
         _emit(f"synced {item.name} v{item.version} (@{item.alias}) -> {item.paths.memory.parent} "
               f"[{', '.join(item.written)}]")
     _emit(f"{len(synced)} model(s) updated in {models_dir}")
+    return 0
+
+
+def _watch(args: argparse.Namespace, *, cfg: Any, models_dir: Path, interval_s: float, log_dir: Path | None) -> int:
+    """``bdi sync --watch``: the server's follower loop in the foreground, until SIGTERM/SIGINT."""
+    import signal
+
+    from .config import Settings
+    from .logging import configure_logging
+    from .sync import RegistryFollower
+
+    interval = args.interval if args.interval is not None else interval_s
+    if interval <= 0:
+        raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
+    configure_logging(log_dir)
+    follower = RegistryFollower(cfg=cfg, project_root=args.project_root, models_dir=models_dir, interval_s=interval,
+                                exports_root=Settings().exports_dir())
+    signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
+    _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
+    try:
+        follower.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from .promotion import PromotionGate, promote_version
+
+    _, cfg = _tracking(args)
+    limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps")
+              if getattr(args, name) is not None}  # flags not given keep the gate's defaults
+    gate = None if args.skip_gate else PromotionGate(primary_metric=args.primary_metric, **limits)
+    overrides = {"weights": args.weights} if args.weights else None
+    result = promote_version(cfg=cfg, project_root=args.project_root, name=args.name, version=args.version,
+                             gate=gate, overrides=overrides)
+    for check in result.report.checks if result.report is not None else ():
+        _emit(f"  {'pass' if check.passed else 'FAIL'} {check.name}: {check.detail}")
+    if not result.moved:
+        _emit(f"{result.name} v{result.version} did not pass the gate: @{result.alias} stays on "
+              f"v{result.previous_version}", err=True)
+        return 1
+    _emit(f"{result.name}@{result.alias} -> v{result.version} (was v{result.previous_version})")
     return 0
 
 
@@ -126,7 +205,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"sync": _sync, "export": _export, "demo-data": _demo_data}
+    handlers = {"sync": _sync, "promote": _promote, "export": _export, "demo-data": _demo_data}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

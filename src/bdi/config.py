@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from .backbones import BACKBONES, DINOV2_VITS14, backbone_spec
 
@@ -80,7 +87,7 @@ class MemoryConfig:
 
     coreset_rate: float = 0.10  # fraction of patches kept, in (0, 1]
     seed: int = 0  # picks the first k-center and the random projection
-    projection_dim: int = 128  # greedy distances computed on a random projection; 0 = exact
+    projection_dim: int | None = None  # greedy distances on a random projection; 0 = exact; None = the backbone's
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
@@ -88,8 +95,14 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
-        if self.projection_dim < 0:
+        if self.projection_dim is not None and self.projection_dim < 0:
             raise ValueError("projection_dim must be >= 0")
+
+    def resolved(self, backbone: str) -> MemoryConfig:
+        """This config with an unset ``projection_dim`` taken from the backbone's registry entry."""
+        if self.projection_dim is not None:
+            return self
+        return replace(self, projection_dim=backbone_spec(backbone).projection_dim)
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,10 @@ class ModelConfig:
     def resolved(self) -> ModelConfig:
         """Every backbone-dependent default filled in."""
         return replace(
-            self, features=self.features.resolved(), scoring=self.scoring.resolved(self.features.backbone)
+            self,
+            features=self.features.resolved(),
+            memory=self.memory.resolved(self.features.backbone),
+            scoring=self.scoring.resolved(self.features.backbone),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,9 +164,26 @@ def _truthy(value: object) -> bool:
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
-    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings."""
-    names = [f"BDI_{name}", f"BRAKEDISC_{name}", *legacy]
-    return AliasChoices(name.lower(), *names)
+    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings (plus the contract's own
+    legacy names, e.g. ``HOST``), exactly as spelt: init kwargs use the field name instead."""
+    return AliasChoices(f"BDI_{name}", f"BRAKEDISC_{name}", *legacy)
+
+
+class _ContractEnvSource(EnvSettingsSource):
+    """The environment, read case-sensitively and only under the names the contract allows.
+
+    pydantic-settings would also read a field's bare name (``device``, or ``DEVICE`` when not
+    case-sensitive) because init kwargs may use field names; here only the aliases count, so a
+    stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (API_CONTRACT §5). The first alias
+    set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names).
+    """
+
+    def _extract_field_info(
+        self, field: Any, field_name: str, model_config: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        infos = super()._extract_field_info(field, field_name, model_config)
+        # keyed by the field name, so the sources merge (env over YAML) on one key
+        return [(field_name, env_name, is_complex) for _, env_name, is_complex in infos if env_name != field_name]
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -218,7 +251,7 @@ class Settings(BaseSettings):
 
     # algorithm defaults (contract §5.1)
     coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
-    coreset_projection_dim: int = Field(128, validation_alias=_env("CORESET_PROJECTION_DIM"))
+    coreset_projection_dim: int | None = Field(None, validation_alias=_env("CORESET_PROJECTION_DIM"))
     coreset_seed: int = Field(0, validation_alias=_env("CORESET_SEED"))
     knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
     score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
@@ -244,14 +277,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=_env("MAX_UPLOAD_BYTES"))
     max_image_pixels: int = Field(40_000_000, validation_alias=_env("MAX_IMAGE_PIXELS"))
     max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
+    # hardening (issue 16): limits that act before the bytes land, one writer per model
+    max_request_bytes: int = Field(64 * 1024 * 1024, validation_alias=_env("MAX_REQUEST_BYTES"))
+    max_dataset_images: int = Field(1000, validation_alias=_env("MAX_DATASET_IMAGES"))
+    fit_lock_timeout_s: float = Field(10.0, validation_alias=_env("FIT_LOCK_TIMEOUT_S"))
+    orphan_tmp_age_s: float = Field(300.0, validation_alias=_env("ORPHAN_TMP_AGE_S"))
 
     # MLflow (optional; empty tracking_uri = no tracking from the server)
-    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"))
+    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
     mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
     registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
     registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
+    mlflow_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_TIMEOUT_S"))
+    mlflow_queue_size: int = Field(64, validation_alias=_env("MLFLOW_QUEUE_SIZE"))
+    mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_SHUTDOWN_TIMEOUT_S"))
+    # with BDI_REGISTRY_SYNC_ON_START=1: sync again every this many seconds (0 = at start-up only)
+    registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=_env("REGISTRY_SYNC_INTERVAL_S"))
 
-    config_file: str | None = Field(None, validation_alias=AliasChoices("config_file", "BDI_CONFIG"))
+    config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("feature_blocks", mode="before")
     @classmethod
@@ -279,7 +322,10 @@ class Settings(BaseSettings):
             return 8000
         return port if 0 < port < 65536 else 8000
 
-    @field_validator("backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "threads", mode="before")
+    @field_validator(
+        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", "threads",
+        mode="before",
+    )
     @classmethod
     def _parse_depth(cls, value: object) -> object:
         return None if value in ("", None) else value
@@ -292,9 +338,13 @@ class Settings(BaseSettings):
             raise ValueError("min_ok_samples must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1 (BDI_THREADS), or empty for the CPU cores divided among workers")
-        for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries", "workers"):
+        for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries",
+                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("fit_lock_timeout_s", "orphan_tmp_age_s", "mlflow_timeout_s", "mlflow_shutdown_timeout_s"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0")
         return self
 
     @classmethod
@@ -307,8 +357,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init_kwargs = getattr(init_settings, "init_kwargs", {})
-        path = init_kwargs.get("config_file") or os.environ.get("BDI_CONFIG")
-        return init_settings, env_settings, _YamlSource(settings_cls, path)
+        path = init_kwargs.get("config_file") or init_kwargs.get("BDI_CONFIG") or os.environ.get("BDI_CONFIG")
+        return init_settings, _ContractEnvSource(settings_cls, case_sensitive=True), _YamlSource(settings_cls, path)
 
     def intra_op_threads(self) -> int:
         """Threads each process computes with: ``threads``, else the usable CPU cores // ``workers`` (≥ 1)."""
@@ -343,7 +393,7 @@ class Settings(BaseSettings):
             knn_index=self.knn_index,
             prefer_gpu=self.faiss_prefer_gpu,
             gpu_device=self.faiss_gpu_device,
-        )
+        ).resolved(self.backbone)
 
     def scoring_config(
         self, *, score_percentile: float | None = None, area_mm2_thr: float | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,13 +56,44 @@ def greedy_k_center(
     if size == n_rows:
         return np.arange(n_rows, dtype=np.int64)
 
-    rng = np.random.default_rng(seed)
-    first = int(rng.integers(n_rows))
+    plan = GreedyPlan.draw(n_rows=n_rows, dim=dim, seed=seed, projection_dim=projection_dim)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
-    if 0 < projection_dim < dim:
-        projection = rng.standard_normal((dim, projection_dim)).astype(np.float32) / math.sqrt(projection_dim)
-        x = x @ torch.from_numpy(projection).to(device)
+    if plan.projection is not None:
+        x = x @ torch.from_numpy(plan.projection).to(device)
+    return greedy_select(x, size=size, first=plan.first, on_progress=on_progress)
 
+
+@dataclass(frozen=True)
+class GreedyPlan:
+    """The seeded random choices of :func:`greedy_k_center`, drawable before any row exists (so rows
+    can be projected batch by batch as they are extracted, see ``memory.MemoryBuilder``).
+
+    Attributes:
+        first: index of the first centre.
+        projection: (D, p) float32 Gaussian projection, or None for exact distances.
+    """
+
+    first: int
+    projection: np.ndarray | None
+
+    @classmethod
+    def draw(cls, *, n_rows: int, dim: int, seed: int, projection_dim: int) -> GreedyPlan:
+        rng = np.random.default_rng(seed)
+        first = int(rng.integers(n_rows))
+        projection = None
+        if 0 < projection_dim < dim:
+            projection = rng.standard_normal((dim, projection_dim)).astype(np.float32) / math.sqrt(projection_dim)
+        return cls(first=first, projection=projection)
+
+
+def greedy_select(
+    x: torch.Tensor, *, size: int, first: int, on_progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
+    """Greedy farthest-point selection of ``size`` rows of ``x`` (N, d), starting at row ``first``.
+
+    Returns:
+        (size,) int64 indices, unique, in selection order.
+    """
     # Squared distances through one mat-vec per centre: |x - c|^2 = |x|^2 + |c|^2 - 2 x.c
     sq_norms = (x * x).sum(dim=1)
 

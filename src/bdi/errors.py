@@ -54,7 +54,7 @@ class ImageDecodeError(InvalidInputError):
 
 
 class UploadLimitError(InvalidInputError):
-    """An upload over a configured limit (bytes, pixels, file count)."""
+    """A request over a configured limit (bytes, pixels, file count, dataset images)."""
 
     code = "upload_limit"
 
@@ -107,6 +107,17 @@ class ScaleMismatchError(BDIError):
         super().__init__(f"mm_per_px mismatch for recipe '{recipe_id}': expected {expected}, got {got}")
         self.expected = expected
         self.got = got
+
+
+class FitInProgressError(BDIError):
+    """Another fit of the same model (any worker process) holds its fit lock."""
+
+    code = "fit_in_progress"
+
+class RegistryManagedError(BDIError):
+    """An API fit or calibration of a model that a registry alias manages (the conflict rule)."""
+
+    code = "registry_managed"
 
 
 class NotFoundError(BDIError):

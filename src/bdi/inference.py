@@ -85,9 +85,11 @@ class StageTimer:
             self.timings_ms[name] = self.timings_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
 
-def patch_distances(index: KnnIndex, embeddings: np.ndarray) -> np.ndarray:
-    """1-NN Euclidean distance of each L2-normalised query row. (Q, D) → (Q,) float32 in [0, 2]."""
-    squared, _ = index.search(l2_normalize(embeddings), k=1)
+def patch_distances(index: KnnIndex, embeddings: np.ndarray, *, normalize: bool = True) -> np.ndarray:
+    """1-NN Euclidean distance of each query row, L2-normalised first when ``normalize`` (then in [0, 2]).
+    (Q, D) → (Q,) float32."""
+    queries = l2_normalize(embeddings) if normalize else np.ascontiguousarray(embeddings, dtype=np.float32)
+    squared, _ = index.search(queries, k=1)
     distances: np.ndarray = np.sqrt(np.maximum(squared[:, 0], 0.0)).astype(np.float32)
     return distances
 
@@ -189,6 +191,7 @@ def score_crop(
     threshold: float | None,
     mm_per_px: float,
     timer: StageTimer | None = None,
+    normalize: bool = True,
 ) -> InferenceResult:
     """Score one crop's patch embeddings against a memory.
 
@@ -204,7 +207,7 @@ def score_crop(
     if tuple(grid) != tuple(memory_grid):
         raise TokenGridMismatchError(got=grid, expected=memory_grid)
     with timer.stage("search"):  # the 1-NN (kNN) search
-        distances = patch_distances(index, embeddings)
+        distances = patch_distances(index, embeddings, normalize=normalize)
     with timer.stage("map"):
         upsampled = distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox)
     with timer.stage("blur"):

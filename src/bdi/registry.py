@@ -5,9 +5,11 @@
   version of ``<prefix>.<recipe>.<role>.<roi>.<hash>``, tags it (ids, weights identity, metrics, DVC
   params hash …) and moves the alias (``champion``) only when the primary metric is at least as good
   as the current holder's. No stages.
-* :func:`sync_registered` writes the versions holding the alias into ``BDI_MODELS_DIR`` at the exact
-  ModelStore paths, atomically and in the store's save order (index, then npz, then calibration), so
+* :func:`sync_registry` (and :func:`sync_registered`) writes the versions holding the alias into
+  ``BDI_MODELS_DIR`` at the exact ModelStore paths: memory, index, calibration and a lineage sidecar
+  (:mod:`bdi.lineage`) replaced together under the model's exclusive lock (:mod:`bdi.model_lock`), so
   a running server (whose caches are keyed by file identity) serves them at its next request.
+  :mod:`bdi.sync` runs it in a loop.
 * ``BdiPyfuncModel`` (built on first access, so ``mlflow`` is imported lazily) loads that folder with
   the same ``ModelStore`` the server uses and delegates scoring to :class:`bdi.service.InspectionService`.
 """
@@ -30,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
-from .errors import InvalidInputError, NotFittedError, StorageError, WeightsError
+from . import model_lock
+from .errors import BDIError, InvalidInputError, NotFittedError, StorageError, WeightsError
+from .lineage import LINEAGE_SUFFIX, SOURCE_REGISTRY, Lineage, read_lineage, write_lineage
 from .logging import slog
 from .store import ArtifactPaths, FileIdentity, ModelRef, ModelStore, StoredModel, atomic_write_bytes
 from .tracking import (
@@ -408,10 +412,12 @@ def register_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     primary_metric: str = "image_auroc",
+    move_alias: bool = True,
 ) -> RegistrationResult:
     """Log ``model_dir`` (a ModelStore root holding only ``ref``) as a pyfunc into run ``run_id``,
     register it as a new version, and move ``cfg.alias`` to it only when
-    ``metrics[primary_metric]`` ≥ the current holder's (no holder → move).
+    ``metrics[primary_metric]`` ≥ the current holder's (no holder → move). With ``move_alias=False``
+    the alias is left alone (``bdi.promotion.promote_version`` decides with the whole gate).
 
     The version is tagged with ``tags`` (e.g. ``dvc_commit``, ``dvc_params_hash``), the ids, the memory
     fingerprint, the weights identity (``weights_sha256`` …) and every metric as ``metric.<name>``.
@@ -454,7 +460,7 @@ def register_model(
         holder = _alias_holder(client, name, cfg.alias)
         previous = int(holder.version) if holder is not None else None
         held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
-        move = holder is None or held_value is None or primary >= held_value
+        move = move_alias and (holder is None or held_value is None or primary >= held_value)
         if move:
             client.set_registered_model_alias(name, cfg.alias, str(number))
         client.set_tag(run_id, "registered_model", f"{name}/{number}")
@@ -570,13 +576,63 @@ def sync_registered(
     exports_root: Path | None = None,
 ) -> list[SyncedModel]:
     """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``cfg.alias``) into
-    ``models_dir`` at the exact ModelStore paths; returns the versions whose files changed.
+    ``models_dir`` at the exact ModelStore paths (:func:`sync_registry`); returns the versions whose
+    files changed. Running it twice writes nothing the second time.
+    """
+    return sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias,
+                         exports_root=exports_root).changed
 
-    Each version is downloaded into a temp folder inside ``models_dir`` (same filesystem, removed
-    afterwards) and materialised with :func:`materialise_model`. Syncs of one models dir are
-    serialised by a file lock. Running it twice writes nothing the second time. A version that carries
-    the export of its feature net (``exports/<key>``, see ``bdi.export``) has it copied into
-    ``exports_root`` (the servers' export cache) when given; a version without one syncs all the same.
+
+@dataclass(frozen=True)
+class SyncFailure:
+    """An alias holder that could not be synced (its previous files, if any, stay served)."""
+
+    name: str
+    version: int
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}: {self.error}"
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One sync: every alias holder now in the models dir (``held``, ``written`` empty when it already
+    was) and the sidecars released because their registered model lost the alias."""
+
+    alias: str
+    held: tuple[SyncedModel, ...]
+    released: tuple[str, ...] = ()
+    failed: tuple[SyncFailure, ...] = ()  # alias holders that could not be synced this time
+
+    @property
+    def changed(self) -> list[SyncedModel]:
+        return [m for m in self.held if m.written]
+
+
+def sync_registry(
+    *,
+    cfg: TrackingConfig,
+    project_root: Path,
+    models_dir: Path,
+    alias: str | None = None,
+    exports_root: Path | None = None,
+) -> SyncReport:
+    """Make ``models_dir`` hold every ``<prefix>.*`` registered version that holds ``alias``.
+
+    Per version: when the model's lineage sidecar already names that version (and its memory is there)
+    nothing is downloaded; otherwise the version is downloaded into a temp folder inside ``models_dir``
+    (same filesystem) and its memory, index, calibration and a new lineage sidecar replace the model's
+    files together, under the model's exclusive lock (:mod:`bdi.model_lock`), so a reader sees all old
+    files or all new ones. The registry wins over an API-fitted model of the same key (logged as
+    ``registry.replaced_local``). A sidecar whose registered model no longer holds the alias is
+    released (``managed: false``): the files stay and the API may write the model again.
+    Syncs of one models dir are serialised by a file lock. A version that carries the export of its
+    feature net (``exports/<key>``, see ``bdi.export``) has it copied into ``exports_root`` (the servers'
+    export cache) when given; a version without one syncs all the same.
+
+    Raises:
+        StorageError: MLflow unreachable or failing, or the models dir not writable.
     """
     if not cfg.enabled:
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
@@ -606,8 +662,8 @@ def _sync_exports(model_dir: Path, exports_root: Path) -> list[str]:
 
 
 def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str,
-          exports_root: Path | None = None) -> list[SyncedModel]:
-    import mlflow.artifacts
+          exports_root: Path | None = None) -> SyncReport:
+    from mlflow.exceptions import MlflowException
 
     client, uri, _ = tracking_client(cfg, project_root=project_root)
     models_dir = Path(models_dir)
@@ -616,35 +672,120 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
     except OSError as exc:
         raise StorageError(f"cannot create the models dir {models_dir}: {exc}") from exc
     target = ModelStore(models_dir)
-    synced: list[SyncedModel] = []
+    held: list[SyncedModel] = []
     try:
         with FileLock(str(models_dir / SYNC_LOCK_FILE), timeout=SYNC_LOCK_TIMEOUT_S):
             for leftover in models_dir.glob(f"{SYNC_TEMP_PREFIX}*"):  # from a sync that crashed
                 shutil.rmtree(leftover, ignore_errors=True)
+            holders = {}
             for registered in _registered_models(client, cfg.registered_model_prefix):
                 version = (registered.aliases or {}).get(alias)
-                if version is None:
-                    continue
-                with tempfile.TemporaryDirectory(dir=models_dir, prefix=SYNC_TEMP_PREFIX) as tmp:
-                    local = mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{registered.name}/{version}", dst_path=tmp,
-                        tracking_uri=uri, registry_uri=uri,
-                    )
-                    model_dir = _downloaded_model_dir(Path(local))
-                    ref = _single_model(model_dir).ref
-                    source = ModelStore(model_dir)
-                    memory = source.load_memory(ref)
-                    written = materialise_model(source=source, ref=ref, target=target)
-                    exports = _sync_exports(model_dir, exports_root) if exports_root is not None else []
-                fingerprint = memory.fingerprint if memory is not None else ""
-                slog("registry.synced" if written else "registry.sync_up_to_date", name=registered.name,
-                     version=int(version), alias=alias, written=list(written), exports=exports,
-                     model_key=ref.model_key,
-                     recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
-                if written:
-                    synced.append(SyncedModel(name=registered.name, version=int(version), alias=alias, ref=ref,
-                                              paths=target.paths(ref), fingerprint=fingerprint,
-                                              written=written))
+                if version is not None:
+                    holders[registered.name] = int(version)
+            failed: list[SyncFailure] = []
+            for name, version in sorted(holders.items()):
+                try:  # one broken version must not keep the other models from following the registry
+                    held.append(_sync_version(client, uri=uri, target=target, name=name, version=version,
+                                              alias=alias, exports_root=exports_root))
+                except (BDIError, MlflowException, OSError) as exc:
+                    message = str(getattr(exc, "message", exc))
+                    failed.append(SyncFailure(name=name, version=version, error=message))
+                    slog("registry.sync_version_failed", name=name, version=version, alias=alias, error=message)
+            released = _release_unheld(target, prefix=cfg.registered_model_prefix, alias=alias, held=set(holders))
     except Timeout as exc:
         raise StorageError(f"timed out waiting for another sync of {models_dir}") from exc
-    return synced
+    return SyncReport(alias=alias, held=tuple(held), released=released, failed=tuple(failed))
+
+
+def _version_ref(tags: Mapping[str, str]) -> ModelRef | None:
+    """The model a version holds, from its identity tags (None for versions registered without them)."""
+    try:
+        return ModelRef(recipe_id=tags["recipe_id"], role_id=tags["role_id"], roi_id=tags["roi_id"],
+                        model_key=tags["model_key"])
+    except (KeyError, BDIError):
+        return None
+
+
+def _up_to_date(target: ModelStore, ref: ModelRef, *, name: str, version: int, alias: str,
+                fingerprint: str | None) -> bool:
+    lineage = read_lineage(target, ref)
+    named = (lineage.registered_model, lineage.registered_version, lineage.registered_alias) if lineage else None
+    return (lineage is not None and lineage.source == SOURCE_REGISTRY and lineage.managed
+            and named == (name, version, alias)
+            and fingerprint is not None and lineage.memory_fingerprint == fingerprint
+            and target.paths(ref).memory.is_file())
+
+
+def download_version(*, name: str, version: int, uri: str, dest: Path) -> Path:
+    """Download registered version ``name``/``version`` into ``dest``; returns its ModelStore root (the
+    pyfunc's ``model_dir`` artefact). Call inside :func:`global_tracking_uri` / ``_mlflow_errors``."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=uri, registry_uri=uri,
+    )
+    return _downloaded_model_dir(Path(local))
+
+
+def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: str, version: int,
+                  alias: str, exports_root: Path | None = None) -> SyncedModel:
+    mv = client.get_model_version(name, str(version))
+    tags = dict(mv.tags or {})
+    ref = _version_ref(tags)
+    fingerprint = tags.get("memory_fingerprint")
+    if ref is not None and _up_to_date(target, ref, name=name, version=version, alias=alias, fingerprint=fingerprint):
+        slog("registry.sync_up_to_date", name=name, version=version, alias=alias, model_key=ref.model_key)
+        return SyncedModel(name=name, version=version, alias=alias, ref=ref, paths=target.paths(ref),
+                           fingerprint=str(fingerprint), written=())
+    with tempfile.TemporaryDirectory(dir=target.root, prefix=SYNC_TEMP_PREFIX) as tmp:
+        model_dir = download_version(name=name, version=version, uri=uri, dest=Path(tmp))
+        ref = _single_model(model_dir).ref
+        source = ModelStore(model_dir)
+        memory = source.load_memory(ref)
+        if memory is None:
+            raise StorageError(f"{name} version {version} has no memory file")
+        calib = source.load_calibration(ref) or {}
+        lineage = Lineage(
+            source=SOURCE_REGISTRY, memory_fingerprint=memory.fingerprint, managed=True, registered_model=name,
+            registered_version=version, registered_alias=alias, mlflow_run_id=mv.run_id or None,
+            git_commit=tags.get("git_commit") or tags.get("dvc_commit") or None,
+            data_hash=tags.get("data_hash") or None, data_source=tags.get("data_source") or None,
+            calibration_run_id=tags.get("calibration_run_id") or None,
+            calibration_threshold=_finite(calib.get("threshold")),
+            calibration_created_at_utc=calib.get("created_at_utc") if isinstance(calib.get("created_at_utc"), str)
+            else None,
+        )
+        before = read_lineage(target, ref)
+        with model_lock.writing(target, ref):
+            replaced_local = (before is None or before.source != SOURCE_REGISTRY) and target.paths(ref).memory.is_file()
+            written = materialise_model(source=source, ref=ref, target=target)
+            write_lineage(target, ref, lineage)
+        exports = _sync_exports(model_dir, exports_root) if exports_root is not None else []
+    if replaced_local:
+        slog("registry.replaced_local", name=name, version=version, alias=alias, model_key=ref.model_key,
+             previous_source=before.source if before is not None else None,
+             previous_fingerprint=before.memory_fingerprint if before is not None else None)
+    slog("registry.synced", name=name, version=version, alias=alias, written=list(written), exports=exports,
+         model_key=ref.model_key, recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id)
+    return SyncedModel(name=name, version=version, alias=alias, ref=ref, paths=target.paths(ref),
+                       fingerprint=memory.fingerprint, written=written or ("lineage",))
+
+
+def _release_unheld(target: ModelStore, *, prefix: str, alias: str, held: set[str]) -> tuple[str, ...]:
+    """Release the sidecars of models whose registered model no longer holds ``alias``."""
+    released: list[str] = []
+    for path in sorted(target.recipes_root.glob(f"*/*/*{LINEAGE_SUFFIX}")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        lineage = Lineage.from_dict(data) if isinstance(data, dict) else None
+        if (lineage is None or lineage.source != SOURCE_REGISTRY or not lineage.managed
+                or lineage.registered_alias != alias or not str(lineage.registered_model).startswith(f"{prefix}.")
+                or lineage.registered_model in held):
+            continue
+        atomic_write_bytes(path, json.dumps(lineage.released().to_dict(), indent=2).encode("utf-8"))
+        released.append(str(lineage.registered_model))
+        slog("registry.released", name=lineage.registered_model, version=lineage.registered_version, alias=alias,
+             path=str(path))
+    return tuple(released)

@@ -8,18 +8,20 @@ before anything is stored, calibrations record the memory they belong to.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import model_lock
 from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
-from .datasets import LABELS, DatasetRef, DatasetStore, UploadItem, parse_label
+from .datasets import LABELS, DatasetRef, DatasetStore, Sample, UploadItem, parse_label
 from .errors import (
     BDIError,
     InsufficientSamplesError,
@@ -34,8 +36,16 @@ from .features import FeatureExtractor, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
+from .lineage import (
+    api_lineage,
+    ensure_api_writable,
+    hashes_digest,
+    lineage_view,
+    read_lineage,
+    write_lineage,
+)
 from .logging import slog
-from .memory import Memory, build_index, check_features_match, fit_memory
+from .memory import Memory, MemoryBuilder, build_index, check_features_match
 from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -72,6 +82,7 @@ class InferOutcome:
     decision: str
     heatmap_png: bytes | None
     mm_per_px: float
+    lineage: dict[str, Any] | None = None  # bdi.lineage.lineage_view of the model that answered
 
     def to_response(self) -> dict[str, Any]:
         heatmap = png_base64(self.heatmap_png)
@@ -82,6 +93,7 @@ class InferOutcome:
             "heatmap_png_base64": heatmap,
             "regions": [r.to_dict(with_xywh=True) for r in self.result.regions],
             "decision": self.decision,
+            "lineage": self.lineage,
         }
 
 
@@ -196,67 +208,97 @@ class InspectionService:
             )
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
+        ensure_api_writable(self.store, ref)  # the registry's models are not overwritten (409)
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        named: Iterable[tuple[str, bytes]]
         if use_dataset:
-            named = self._ok_dataset_images(ref)
+            paths = self._ok_dataset_paths(ref)
+            n_images = len(paths)
+            named = ((path.name, self._read_sample(path)) for path in paths)
         else:
             self._check_file_count(len(images))
-            named = list(images)
-        decoded = [self._decode(data, name=name) for name, data in named]
-        return self.fit_images(ref=ref, images=decoded, memory_fit=memory_fit, progress=progress)
+            n_images = len(images)
+            named = iter(images)
+        image_sha256s: list[str] = []  # the lineage's data hash, gathered as the images stream by
+
+        def decode(pairs: Iterable[tuple[str, bytes]]) -> Iterator[np.ndarray]:
+            for name, data in pairs:
+                image_sha256s.append(hashlib.sha256(data).hexdigest())
+                yield self._decode(data, name=name)
+
+        # decoded lazily, batch by batch, inside the fit: never all images at once
+        result = self.fit_images(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
+                                 progress=progress)
+        write_lineage(self.store, ref, api_lineage(
+            memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
+            data_source="api:ok_dataset" if use_dataset else "api:upload",
+        ))
+        return result
 
     def fit_images(
         self,
         *,
         ref: ModelRef,
-        images: Sequence[np.ndarray],
+        images: Iterable[np.ndarray],
+        n_images: int | None = None,
         memory_fit: bool = False,
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Extract, subsample and store: the part of a fit shared by the API and the pipeline."""
-        if not images:
+        """Extract, subsample and store: the part of a fit shared by the API and the pipeline.
+
+        ``images`` may be a lazy iterable (then ``n_images`` says how many it yields): they are
+        encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
+        The whole fit holds the model's fit lock (``BDI_FIT_LOCK_TIMEOUT_S``): a second fit of the same
+        model, from any process, waits for it or gets :class:`FitInProgressError`.
+        """
+        if n_images is None:
+            if not isinstance(images, Sized):
+                images = list(images)
+            n_images = len(images)
+        if n_images < 1:
             raise InvalidInputError("No valid images")
         timer = StageTimer()
         rate = 1.0 if memory_fit else (self.settings.coreset_rate if coreset_rate is None else coreset_rate)
         memory_cfg = self.settings.memory_config(coreset_rate=rate)
-        chunks: list[np.ndarray] = []
-        grid: tuple[int, int] | None = None
-        with timer.stage("encode"):
-            done = 0
-            for batch in self.extractor.iter_extract(images):
-                if grid is None:
-                    grid = batch.grid
-                elif batch.grid != grid:
-                    raise TokenGridMismatchError(got=batch.grid, expected=grid)
-                chunks.append(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
-                done += batch.embeddings.shape[0]
-                if progress:
-                    progress("encode", done, len(images))
-        assert grid is not None
-        embeddings = np.concatenate(chunks)
-        with timer.stage("coreset"):
-            memory = fit_memory(
-                embeddings,
-                token_shape=grid,
-                cfg=memory_cfg,
-                n_images=len(images),
-                extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
-                                "created_at_utc": utc_now_iso()},
-                on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
-                device=self.extractor.device,
-            )
-        with timer.stage("index"):
-            index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
-        with timer.stage("save"):
-            paths = self.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
+        grid = self.extractor.grid
+        n_rows = n_images * grid[0] * grid[1]
+        with self.store.fit_lock(ref, timeout_s=self.settings.fit_lock_timeout_s), MemoryBuilder(
+            n_rows=n_rows, dim=self.extractor.embed_dim, cfg=memory_cfg, device=self.extractor.device,
+            normalize=self.extractor.spec.l2_normalize,
+        ) as builder:
+            with timer.stage("encode"):
+                done = 0
+                for batch in self.extractor.iter_extract(images):
+                    if batch.grid != grid:
+                        raise TokenGridMismatchError(got=batch.grid, expected=grid)
+                    if done + len(batch) > n_images:
+                        raise InvalidInputError(f"more images than the {n_images} declared")
+                    builder.add(batch.embeddings.reshape(-1, batch.embeddings.shape[-1]))
+                    done += len(batch)
+                    if progress:
+                        progress("encode", done, n_images)
+            if done != n_images:
+                raise InvalidInputError(f"got {done} images, {n_images} were declared")
+            with timer.stage("coreset"):
+                memory = builder.build(
+                    token_shape=grid,
+                    n_images=n_images,
+                    extra_metadata={"features": self.extractor.describe(), "signature": self.extractor.signature(),
+                                    "created_at_utc": utc_now_iso()},
+                    on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
+                )
+            with timer.stage("index"):
+                index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
+            with timer.stage("save"):
+                paths = self.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
         result = FitResult(
-            n_embeddings=int(embeddings.shape[0]),
+            n_embeddings=n_rows,
             coreset_size=memory.size,
             token_shape=grid,
             coreset_rate_requested=float(rate),
-            coreset_rate_applied=memory.size / embeddings.shape[0],
-            n_images=len(images),
+            coreset_rate_applied=memory.size / n_rows,
+            n_images=n_images,
             memory_path=paths.memory,
             index_path=paths.index if index.backend != "torch" else None,
             fingerprint=memory.fingerprint,
@@ -266,7 +308,8 @@ class InspectionService:
             self._on_fit(ref, result, memory)
         return result
 
-    def _ok_dataset_images(self, ref: ModelRef) -> list[tuple[str, bytes]]:
+    def _ok_dataset_paths(self, ref: ModelRef) -> list[Path]:
+        """The stored OK images to fit on (§2.2 step 6), checked against the minimum and the cap."""
         samples = self.datasets.samples(self._dataset_ref(ref), "ok")
         if not samples:
             raise InsufficientSamplesError("No OK dataset samples found")
@@ -275,7 +318,19 @@ class InspectionService:
             raise InsufficientSamplesError(
                 f"Insufficient OK samples: need at least {minimum}, found {len(samples)}"
             )
-        return [(s.path.name, s.path.read_bytes()) for s in samples]
+        self._check_dataset_size(len(samples))
+        return [s.path for s in samples]
+
+    @staticmethod
+    def _read_sample(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise InvalidInputError(
+                f"dataset sample {path.name} was deleted during the request; retry"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read dataset sample {path.name}: {exc}") from exc
 
     # ------------------------------------------------------------------ calibrate
     def calibrate_from_scores(
@@ -289,6 +344,7 @@ class InspectionService:
         area_mm2_thr: float | None = None,
     ) -> dict[str, Any]:
         """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         choice = choose_threshold(
             ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration_config()
@@ -319,13 +375,14 @@ class InspectionService:
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
+        ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
         scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
-        for label in LABELS:
+        for label, samples in self._capped_samples(ref, LABELS).items():
             for item in self._score_samples(
-                ref, model, label=label, scoring=scoring, threshold=None,
+                model, label=label, samples=samples, scoring=scoring, threshold=None,
                 default_mm_per_px=default_mm_per_px, include_heatmap=False, progress=progress,
             ):
                 if item.score is not None:
@@ -390,8 +447,10 @@ class InspectionService:
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
         with timer.stage("decode"):
             crop = self._decode(image, name="image")
-        model = self._require_model(ref, endpoint="/infer", require_index=True)
-        calib = self.store.load_calibration(ref)
+        with model_lock.reading(self.store, ref):  # memory, index, calibration and lineage of one version
+            model = self._require_model(ref, endpoint="/infer", require_index=True)
+            calib = self.store.load_calibration(ref)
+            lineage = read_lineage(self.store, ref)
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         roi_shape = parse_shape(shape)
@@ -408,7 +467,8 @@ class InspectionService:
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         return InferOutcome(result=result, threshold=threshold, decision=decision,
-                            heatmap_png=heatmap_png, mm_per_px=mm_per_px)
+                            heatmap_png=heatmap_png, mm_per_px=mm_per_px,
+                            lineage=lineage_view(memory=model.memory, calib=calib, lineage=lineage))
 
     def infer_dataset(
         self,
@@ -421,16 +481,17 @@ class InspectionService:
     ) -> list[SampleScore]:
         """/infer_dataset (§2.5): score every stored sample of the given labels."""
         clean_labels = [parse_label(label) for label in labels]
-        model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
-        calib = self.store.load_calibration(ref)
+        with model_lock.reading(self.store, ref):
+            model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
+            calib = self.store.load_calibration(ref)
         threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
         assert calib is not None
         scoring = self.calibrated_scoring(calib)
         items: list[SampleScore] = []
-        for label in clean_labels:
+        for label, samples in self._capped_samples(ref, clean_labels).items():
             items.extend(
                 self._score_samples(
-                    ref, model, label=label, scoring=scoring, threshold=threshold,
+                    model, label=label, samples=samples, scoring=scoring, threshold=threshold,
                     default_mm_per_px=default_mm_per_px, include_heatmap=include_heatmap,
                     progress=progress,
                 )
@@ -488,6 +549,7 @@ class InspectionService:
                     embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
                     index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
                     threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
+                    normalize=model.memory.l2_normalized,
                 )
             done += len(batch)
             if progress:
@@ -517,12 +579,26 @@ class InspectionService:
                                       mm_per_px=[mm_per_px], timer=timer)
         return result
 
+    def _capped_samples(self, ref: ModelRef, labels: Iterable[str]) -> dict[str, list[Sample]]:
+        """The stored samples of each label (a label once), refused as a whole when there are more than
+        ``BDI_MAX_DATASET_IMAGES``: dataset-driven work is bounded before any image is read."""
+        listed = {label: self.datasets.samples(self._dataset_ref(ref), label) for label in dict.fromkeys(labels)}
+        self._check_dataset_size(sum(len(samples) for samples in listed.values()))
+        return listed
+
+    def _check_dataset_size(self, n_images: int) -> None:
+        limit = self.settings.max_dataset_images
+        if n_images > limit:
+            raise UploadLimitError(
+                f"{n_images} dataset images exceed the limit of {limit} per request (BDI_MAX_DATASET_IMAGES)"
+            )
+
     def _score_samples(
         self,
-        ref: ModelRef,
         model: LoadedModel,
         *,
         label: str,
+        samples: Sequence[Sample],
         scoring: ScoringConfig,
         threshold: float | None,
         default_mm_per_px: float | None,
@@ -533,7 +609,6 @@ class InspectionService:
 
         Samples are validated first (scale, image, shape), then the valid ones are extracted in batches.
         """
-        samples = self.datasets.samples(self._dataset_ref(ref), label)
         items: list[SampleScore | None] = [None] * len(samples)
         valid: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (position, crop, mask, mm_per_px)
         for i, sample in enumerate(samples):
@@ -566,17 +641,29 @@ class InspectionService:
 
     # ------------------------------------------------------------------ state
     def state(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._model_snapshot(ref)
         return {
-            "memory_fitted": self._safe_memory(ref) is not None,
-            "calib_present": self.store.load_calibration(ref) is not None,
+            "memory_fitted": memory is not None,
+            "calib_present": calib is not None,
+            "lineage": lineage,
         }
 
     def manifest(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._model_snapshot(ref)
         return {
-            "memory": self._safe_memory(ref) is not None,
-            "calib": self.store.load_calibration(ref),
+            "memory": memory is not None,
+            "calib": calib,
             "datasets": self.datasets.listing(self._dataset_ref(ref)),
+            "lineage": lineage,
         }
+
+    def _model_snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """Memory, calibration and the lineage view of one model, read together (``bdi.model_lock``)."""
+        with model_lock.reading(self.store, ref):
+            memory = self._safe_memory(ref)
+            calib = self.store.load_calibration(ref)
+            sidecar = read_lineage(self.store, ref)
+        return memory, calib, lineage_view(memory=memory, calib=calib, lineage=sidecar)
 
     # ------------------------------------------------------------------ datasets
     def dataset_listing(self, ref: DatasetRef) -> dict[str, Any]:
@@ -640,10 +727,8 @@ class InspectionService:
             value = json.loads(text)
         except (json.JSONDecodeError, TypeError) as exc:
             raise InvalidInputError(f"metas[{index}] is not valid JSON: {exc}") from exc
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"metas[{index}] must be a JSON object")
+        if not isinstance(value, dict):  # null included: any non-object JSON is bad input
+            raise InvalidInputError(f"metas[{index}] must be a JSON object, got {type(value).__name__}")
         return value
 
     # ------------------------------------------------------------------ helpers

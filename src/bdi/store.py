@@ -37,7 +37,8 @@ import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +49,7 @@ from filelock import FileLock, Timeout
 
 from .errors import (
     BDIError,
+    FitInProgressError,
     InvalidInputError,
     InvalidRecipeError,
     InvalidScaleError,
@@ -62,7 +64,8 @@ from .memory import Memory
 RECIPE_ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_RECIPE = "default"
 RESERVED_RECIPES = frozenset({"last"})
-MODEL_KEY_MAX_LEN = 80
+MODEL_KEY_MAX_LEN = 80  # the legacy sanitiser's cut (§1.3); only used to find legacy folders
+MODEL_KEY_DIR_MAX_LEN = 200  # an escaped model-key folder name longer than this is refused
 MAX_BASE_LEN = 200  # leaves room for "_index.faiss" and temp-file affixes under NAME_MAX (255)
 RECIPE_META_FILE = "recipe_meta.json"
 RECIPE_LOCK_FILE = ".recipe_meta.lock"
@@ -72,6 +75,7 @@ ArtifactKind = Literal["memory", "index", "calib"]
 
 _RECIPE_RE = re.compile(RECIPE_ID_PATTERN.strip("^$"))
 _MODEL_KEY_BAD = re.compile(r"[^A-Za-z0-9._-]")
+_MODEL_KEY_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
 _LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
 _STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
@@ -103,15 +107,38 @@ def pick_recipe_id(*, explicit: object, header: str | None) -> str:
     return resolve_recipe_id(header)
 
 
-def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
-    """The filesystem model key (§1.3); ``.``/``..``/only-dots are rejected (§10 item 2)."""
-    value = raw if raw else roi_id
-    value = _MODEL_KEY_BAD.sub("_", value or "").strip()[:MODEL_KEY_MAX_LEN]
+def effective_model_key(raw: str | None, *, roi_id: str) -> str:
+    """The model key (§1.3: ``roi_id`` when missing or empty), trimmed; empty or only dots is refused."""
+    value = (raw if raw else roi_id or "").strip()
     if not value:
-        value = "default"
+        raise InvalidInputError(f"invalid model_key {raw!r}: it must not be empty (after trimming)")
     if set(value) == {"."}:
         raise InvalidInputError(f"invalid model_key {raw!r}: it must not be '.', '..' or only dots")
     return value
+
+
+def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
+    """The model key's folder name: injective, so two keys never share a model (§10 item 2).
+
+    The trimmed key's UTF-8 bytes are escaped as ``~XX`` (hex) except ``[A-Za-z0-9._-]``: the keys
+    the GUI sends (``inspection-1``) keep their legacy folder name, ``a b`` → ``a~20b`` and ``a_b`` →
+    ``a_b`` differ, and ``~`` itself is escaped. (``~``, not ``%``: MLflow URL-decodes artefact paths.)
+    Empty, only-dots and over-long keys are refused (:class:`InvalidInputError`); nothing is cut.
+    """
+    value = effective_model_key(raw, roi_id=roi_id)
+    encoded = "".join(chr(b) if b in _MODEL_KEY_SAFE else f"~{b:02X}" for b in value.encode("utf-8"))
+    if len(encoded) > MODEL_KEY_DIR_MAX_LEN:
+        raise InvalidInputError(
+            f"model_key too long: its folder name would exceed {MODEL_KEY_DIR_MAX_LEN} characters"
+        )
+    return encoded
+
+
+def legacy_model_key_dir(raw: str | None, *, roi_id: str) -> str:
+    """The folder the legacy sanitiser gave a key (§1.3: unsafe chars → ``_``, trim, cut to 80,
+    empty → ``default``); read-only fallback for models stored before the injective naming."""
+    value = raw if raw else roi_id
+    return _MODEL_KEY_BAD.sub("_", value or "").strip()[:MODEL_KEY_MAX_LEN] or "default"
 
 
 def encode_id(value: str) -> str:
@@ -214,6 +241,11 @@ class ModelRef:
     @property
     def model_key_fs(self) -> str:
         return sanitize_model_key(self.model_key, roi_id=self.roi_id)
+
+    @property
+    def model_key_legacy(self) -> str:
+        """The key as the legacy sanitiser wrote it (``a b`` → ``a_b``): what /manifest reports (M2)."""
+        return legacy_model_key_dir(self.model_key, roi_id=self.roi_id)
 
     @property
     def base(self) -> str:
@@ -319,6 +351,29 @@ def write_temp_file(directory: Path, data: bytes) -> Path:
         raise
     os.close(fd)
     return tmp
+
+
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.tmp")
+
+
+def remove_orphan_temp_files(root: Path, *, older_than_s: float, now: float | None = None) -> list[Path]:
+    """Delete the temp files :func:`write_temp_file` left under ``root`` (a writer killed between
+    writing and ``os.replace``) once they are older than ``older_than_s``; younger ones may belong to a
+    write in progress in another worker. Returns what was removed; unreadable dirs are skipped."""
+    cutoff = (time.time() if now is None else now) - older_than_s
+    removed: list[Path] = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if not _TEMP_NAME.fullmatch(name):
+                continue
+            path = Path(directory) / name
+            try:
+                if path.lstat().st_mtime <= cutoff and stat_mod.S_ISREG(path.lstat().st_mode):
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue  # vanished meanwhile, or not ours to delete
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -507,14 +562,29 @@ class ModelStore:
         )
 
     def candidates(self, ref: ModelRef, kind: ArtifactKind) -> list[Path]:
-        """§4.2 read order for one artefact kind."""
+        """§4.2 read order for one artefact kind; in each recipe dir the key's folder, then (when it
+        differs) the folder the legacy non-injective sanitiser gave it."""
         suffix = _SUFFIX[kind]
-        mk, base = ref.model_key_fs, ref.base
-        out = [d / mk / f"{base}{suffix}" for d in recipe_dir_candidates(self.recipes_root, ref.recipe_id)]
+        base = ref.base
+        out = [d / mk / f"{base}{suffix}" for d in recipe_dir_candidates(self.recipes_root, ref.recipe_id)
+               for mk in self._key_dirs(ref)]
         role_s, roi_s = legacy_name(ref.role_id), legacy_name(ref.roi_id)
         out.append(self.root / f"{role_s}_{roi_s}{suffix}")
         out.append(self.root / role_s / roi_s / _LEGACY_DIR_NAME[kind])
         return [ensure_inside(self.root, p) for p in out]
+
+    @staticmethod
+    def _key_dirs(ref: ModelRef) -> tuple[str, ...]:
+        current, legacy = ref.model_key_fs, legacy_model_key_dir(ref.model_key, roi_id=ref.roi_id)
+        return (current,) if legacy == current else (current, legacy)
+
+    def _legacy_dir_belongs_to(self, path: Path, ref: ModelRef) -> bool:
+        """A legacy-named key folder may hold another key's model (``a b`` and ``a_b`` shared one):
+        use it only when its memory records this key, or records none (written by the legacy backend)."""
+        if path.parent.name == ref.model_key_fs or path.parent.parent.parent != self.recipes_root:
+            return True
+        recorded = self._stored_model_key(path.parent / f"{ref.base}{_SUFFIX['memory']}")
+        return recorded is None or recorded.strip() == ref.model_key.strip()
 
     def resolve(self, ref: ModelRef, kind: ArtifactKind) -> Resolution:
         """The first existing file among :meth:`candidates`; logs ``storage.resolve_<kind>.not_found``."""
@@ -522,13 +592,40 @@ class ModelStore:
         for path in self.candidates(ref, kind):
             probed.append(path)
             ident = FileIdentity.of(path)
-            if ident is not None:
+            if ident is not None and self._legacy_dir_belongs_to(path, ref):
                 return Resolution(path=path, probed=tuple(probed), identity=ident)
         slog(f"storage.resolve_{kind}.not_found", probed_paths=[str(p) for p in probed],
              role_id=ref.role_id, roi_id=ref.roi_id, recipe_id=ref.recipe_id, model_key=ref.model_key)
         return Resolution(path=None, probed=tuple(probed))
 
     # -------------------------------------------------------------- model
+    @contextmanager
+    def fit_lock(self, ref: ModelRef, *, timeout_s: float) -> Iterator[None]:
+        """One writer per model, across threads and processes: an exclusive ``flock`` on
+        ``<model dir>/.<base>.fit.lock`` held for the whole fit. A second fit waits up to
+        ``timeout_s``, then gets :class:`FitInProgressError`. The kernel drops the lock when its
+        holder dies (even by SIGKILL), so a crashed fit never blocks the next one.
+        """
+        directory = self.paths(ref).memory.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {directory}: {exc}") from exc
+        lock = FileLock(str(directory / f".{ref.base}.fit.lock"), timeout=timeout_s)
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise FitInProgressError(
+                f"another fit of model_key '{ref.model_key}' (role '{ref.role_id}', roi '{ref.roi_id}') is in "
+                f"progress; waited {timeout_s:g} s (BDI_FIT_LOCK_TIMEOUT_S), retry when it has finished"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot take the fit lock in {directory}: {exc}") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
     def save_model(self, ref: ModelRef, memory: Memory, index: KnnIndex | None) -> ArtifactPaths:
         """Write the index (if a faiss one is given), then the npz recording the index's sha256.
 
@@ -770,16 +867,16 @@ class ModelStore:
             model_key = self._stored_model_key(npz) or mk_dir
             try:
                 ref = ModelRef(recipe_id=recipe_dir, role_id=role_id, roi_id=roi_id, model_key=model_key)
-                if ref.model_key_fs != mk_dir or ref.base != npz.stem:
+                if mk_dir not in self._key_dirs(ref) or ref.base != npz.stem:
                     continue
             except BDIError:
                 continue
-            paths = self.paths(ref)
+            index, calib = (npz.parent / f"{npz.stem}{_SUFFIX[k]}" for k in ("index", "calib"))
             out.append(StoredModel(
                 ref=ref,
                 memory_path=npz,
-                index_path=paths.index if paths.index.is_file() else None,
-                calib_path=paths.calib if paths.calib.is_file() else None,
+                index_path=index if index.is_file() else None,
+                calib_path=calib if calib.is_file() else None,
             ))
         return out
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
+import queue
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime h
     from .memory import Memory
     from .service import FitResult
     from .store import ModelRef
+
+_LOG = logging.getLogger(__name__)
 
 DEFAULT_DB_FILE = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
@@ -305,6 +310,23 @@ class RunHandle:
         if self._client is not None:
             self._client.log_dict(self.run_id, obj, artifact_file)
 
+    def log_input(self, *, name: str, source: str, digest: str, context: str) -> None:
+        """Log a dataset input, as ``mlflow.log_input`` does: a metadata-only dataset (``name``, local
+        ``source`` folder, ``digest`` ≤ 36 chars) with the ``mlflow.data.context`` tag ``context``."""
+        if self._client is None:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(Path(source).resolve().as_uri())
+        # MLflow declares ``profile`` abstract but MetaDataset works without it
+        dataset = MetaDataset(resolved, name=name, digest=digest)  # type: ignore[abstract]
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
     def set_tags(self, mapping: Mapping[str, Any]) -> None:
         """Set tags (values stringified, None skipped)."""
         if self._client is None:
@@ -330,13 +352,16 @@ def tracked_run(
 
     Ends FINISHED, FAILED when the body raises (the exception propagates) or KILLED on an interrupt.
     With ``cfg.enabled`` false it yields a no-op handle. Tag values are stringified; None values are skipped.
+    The run is tagged with the process that owns it (``bdi.pid``, ``bdi.host``), so a run left RUNNING
+    by a killed process can be told from a live one (:func:`reap_orphaned_runs`).
     """
     if not cfg.enabled:
         yield RunHandle(None, "")
         return
     client, uri, artifact_location = tracking_client(cfg, project_root=project_root)
     experiment_id = ensure_experiment(client, name=cfg.experiment, artifact_location=artifact_location)
-    clean_tags = {k: _truncate(_stringify(v), TAG_VALUE_MAX_CHARS) for k, v in (tags or {}).items()
+    owner = {OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: socket.gethostname()}  # see reap_orphaned_runs
+    clean_tags = {k: _truncate(_stringify(v), TAG_VALUE_MAX_CHARS) for k, v in {**owner, **(tags or {})}.items()
                   if v is not None}
     run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
     handle = RunHandle(client, run.info.run_id, tracking_uri=uri)
@@ -352,6 +377,106 @@ def tracked_run(
             slog("tracking.error", kind="end_run", run_id=run.info.run_id, error=str(end_exc))
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# ----------------------------------------------------------------------------------------- outages
+
+OWNER_PID_TAG = "bdi.pid"
+OWNER_HOST_TAG = "bdi.host"
+_MLFLOW_HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+_MLFLOW_HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@contextmanager
+def bounded_mlflow_http(timeout_s: float) -> Iterator[None]:
+    """While inside, every MLflow HTTP call of this process times out after ``timeout_s`` (whole
+    seconds, at least 1) and is not retried; the previous settings are restored on exit.
+
+    MLflow's defaults (120 s and 7 retries with backoff) keep one call against a stalled server busy
+    for many minutes, and MLflow reads these only from the environment, at call time.
+    """
+    names = (_MLFLOW_HTTP_TIMEOUT_ENV, _MLFLOW_HTTP_RETRIES_ENV)
+    before = {name: os.environ.get(name) for name in names}
+    os.environ[_MLFLOW_HTTP_TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
+    os.environ[_MLFLOW_HTTP_RETRIES_ENV] = "0"
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class TrackingStatus:
+    """What ``/health`` reports about the MLflow tracking server / registry, without any I/O.
+
+    ``disabled`` (none configured), ``checking`` (the start-up check runs), ``ok`` (the last call
+    worked) or ``unreachable`` (the last call failed; ``error`` says how). Thread-safe.
+    """
+
+    def __init__(self, state: str = "disabled") -> None:
+        self._lock = threading.Lock()
+        self._state = state
+        self._error: str | None = None
+        self._since = time.time()
+
+    def set(self, state: str, error: str | None = None) -> None:
+        with self._lock:
+            self._state, self._error, self._since = state, error, time.time()
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {"status": self._state, "since_unix": round(self._since, 3)}
+            if self._error:
+                out["error"] = self._error
+            return out
+
+
+def check_tracking_server(cfg: TrackingConfig, *, project_root: Path) -> None:
+    """One cheap call to the tracking server (list one experiment); raises when it cannot answer."""
+    client, _, _ = tracking_client(cfg, project_root=project_root)
+    client.search_experiments(max_results=1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def reap_orphaned_runs(
+    cfg: TrackingConfig, *, project_root: Path, is_alive: Callable[[int], bool] = _pid_alive
+) -> list[str]:
+    """Mark KILLED the runs of ``cfg.experiment`` left RUNNING by a process of this host that is gone
+    (killed mid-run: nothing could end them). Runs of live processes, of other hosts or without the
+    owner tags of :func:`tracked_run` are left alone. Returns the run ids marked."""
+    client, _, _ = tracking_client(cfg, project_root=project_root)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return []
+    host = socket.gethostname()
+    reaped: list[str] = []
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=1000)
+    for run in runs:
+        pid, run_host = run.data.tags.get(OWNER_PID_TAG, ""), run.data.tags.get(OWNER_HOST_TAG)
+        if run_host != host or not pid.isdigit() or is_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "bdi.ended_by", "startup: owner process gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        reaped.append(run.info.run_id)
+    return reaped
 
 
 # ----------------------------------------------------------------------------------------- API runs
@@ -378,18 +503,35 @@ class ApiRunLogger:
 
     Each run carries the tag ``source=api``. Best-effort: any failure is logged as the
     ``tracking.error`` event and swallowed, so a tracking outage never fails a fit. With
-    ``background=True`` runs are logged on one worker thread (a slow or unreachable server cannot
-    delay a request); :meth:`flush` waits for the queued runs and :meth:`close` stops the worker.
+    ``background=True`` runs are logged by one daemon thread from a bounded queue (``queue_size``):
+    a slow or unreachable server cannot delay a request, a full queue drops the run with a
+    ``tracking.dropped`` warning, and :meth:`close` waits at most its timeout (the thread never
+    holds the process open). ``status`` (if given) is told whether each run reached the server.
 
     Usage: ``InspectionService(..., on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)``.
     """
 
-    def __init__(self, cfg: TrackingConfig, *, project_root: Path, background: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        *,
+        project_root: Path,
+        background: bool = False,
+        queue_size: int = 64,
+        status: TrackingStatus | None = None,
+    ) -> None:
         self.cfg = cfg
         self.project_root = Path(project_root)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bdi-mlflow") if background else None
-        self._pending: list[Future[None]] = []
-        self._lock = threading.Lock()
+        self.status = status
+        self.dropped = 0
+        self._closed = False
+        self._queue: queue.Queue[tuple[str, ModelRef, Callable[[], None]] | None] = queue.Queue(
+            maxsize=max(1, queue_size)
+        )
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._work, name="bdi-mlflow", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ hooks
     def on_fit(self, ref: ModelRef, result: FitResult, memory: Memory) -> None:
@@ -403,39 +545,73 @@ class ApiRunLogger:
         self._submit("calibrate", ref, lambda: self._log_calibration(ref, snapshot))
 
     # ------------------------------------------------------------------ lifecycle
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait for the runs queued so far (background mode); errors were already logged."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for future in pending:
-            future.exception(timeout=timeout_s)
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until the queued runs are logged (background mode); False when ``timeout_s`` ran out."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self.flush()
-            self._executor.shutdown(wait=True)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop taking runs, give the queued ones up to ``timeout_s`` to be logged, stop the thread.
+
+        Whatever is still queued after the timeout is dropped (``tracking.shutdown_timeout``).
+        """
+        self._closed = True
+        if self._thread is None:
+            return
+        finished = self.flush(timeout_s)
+        if not finished:
+            pending = self._queue.qsize()
+            slog("tracking.shutdown_timeout", pending=pending, timeout_s=timeout_s)
+            _LOG.warning("MLflow logging did not finish within %ss; %d queued run(s) dropped", timeout_s, pending)
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            return  # the daemon thread dies with the process
+        self._thread.join(timeout=0 if not finished else timeout_s)
 
     # ------------------------------------------------------------------ internals
-    def _submit(self, kind: str, ref: ModelRef, job: Any) -> None:
+    def _submit(self, kind: str, ref: ModelRef, job: Callable[[], None]) -> None:
         if not self.cfg.enabled:
             return
-        if self._executor is None:
+        if self._thread is None:
             self._guarded(kind, ref, job)
             return
-        try:
-            future = self._executor.submit(self._guarded, kind, ref, job)
-        except RuntimeError as exc:  # executor already shut down
-            self._report(kind, ref, exc)
+        if self._closed:
+            self._report(kind, ref, RuntimeError("the MLflow logger is closed"))
             return
-        with self._lock:
-            self._pending = [f for f in self._pending if not f.done()]
-            self._pending.append(future)
+        try:
+            self._queue.put_nowait((kind, ref, job))
+        except queue.Full:
+            self.dropped += 1
+            slog("tracking.dropped", kind=kind, queue_size=self._queue.maxsize, dropped_total=self.dropped,
+                 recipe_id=ref.recipe_id, model_key=ref.model_key)
+            _LOG.warning("MLflow logging queue full (%d): %s run of %s dropped", self._queue.maxsize, kind,
+                         ref.model_key)
 
-    def _guarded(self, kind: str, ref: ModelRef, job: Any) -> None:
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._guarded(*item)
+            finally:
+                self._queue.task_done()
+
+    def _guarded(self, kind: str, ref: ModelRef, job: Callable[[], None]) -> None:
         try:
             job()
         except Exception as exc:  # noqa: BLE001 - best effort by contract: tracking never fails a fit
             self._report(kind, ref, exc)
+            if self.status is not None:
+                self.status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            if self.status is not None:
+                self.status.set("ok")
 
     @staticmethod
     def _report(kind: str, ref: ModelRef, exc: BaseException) -> None:

@@ -1,10 +1,12 @@
 """End to end: ``dvc repro`` in a fresh git+DVC repo on a tiny synthetic set, registry → sync → server.
 
 One module-scoped project runs the pipeline once; the tests then check what it produced, that a second
-``dvc repro`` runs nothing, and (last) that changing ``model.coreset_rate`` re-runs fit_ok and what follows
-only. The project copies this repository's dvc.yaml, conf/, pipelines/ and src/bdi (a dependency that
-DVC hashes; the code imported is the installed ``bdi``), switches conf/'s defaults to
-``dataset=synthetic`` and ``model=tiny`` and regenerates params.yaml from them, as a developer would.
+``dvc repro`` runs nothing, and (last) that ``dvc exp run -S model.coreset_rate=0.05`` (DVC's own Hydra
+composition, no params writer of ours) re-runs fit_ok and what follows only. The project copies this
+repository's dvc.yaml, .dvc/config's hydra section, conf/, hydra_plugins/, pipelines/ and src/bdi (a
+dependency that DVC hashes; the code imported is the installed ``bdi``), switches conf/'s defaults to
+``dataset=synthetic`` and ``model=tiny`` (with a promotion gate that random weights can pass) and
+regenerates params.yaml from them, as a developer would.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 STAGES = ("ingest", "fit_ok", "calibrate", "evaluate", "register")
 DVC_TIMEOUT_S = 420
 MM_PER_PX = 0.2
+GATE = {"max_false_reject_rate": "1.0", "max_infer_latency_ms": "5000.0"}
 
 
 @dataclass
@@ -88,14 +91,18 @@ def _regenerate_params(project: Project) -> None:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("dvc-project")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("conf", "pipelines"):
+    for name in ("conf", "pipelines", "hydra_plugins"):
         shutil.copytree(PROJECT / name, root / name, ignore=ignore)
     shutil.copytree(PROJECT / "src" / "bdi", root / "src" / "bdi", ignore=ignore)
     shutil.copy2(PROJECT / "dvc.yaml", root / "dvc.yaml")
     config = root / "conf" / "config.yaml"
     text = config.read_text(encoding="utf-8")
-    text = text.replace("- dataset: magnetic_tile", "- dataset: synthetic").replace(
-        "- model: dinov2_vits14", "- model: tiny")
+    text = re.sub(r"- dataset: \S+", "- dataset: synthetic", text)
+    text, n = re.subn(r"\n  - model: \S+", "\n  - model: tiny", text)  # whatever conf/'s default model is
+    assert n == 1
+    for key, value in GATE.items():  # random weights: a permissive gate, parity still checked
+        text, n = re.subn(rf"(\n  {key}:) [^\n]*", rf"\1 {value}", text)
+        assert n == 1, key
     config.write_text(text, encoding="utf-8")
     (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/data/synthetic/\n", encoding="utf-8")
     project = Project(root=root, env=_env(), first_run="")
@@ -106,9 +113,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
                         size=96, seed=0)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")
+    shutil.copy2(PROJECT / ".dvc" / "config", root / ".dvc" / "config")  # hydra.enabled, as in this repository
     with (root / ".dvcignore").open("a", encoding="utf-8") as handle:
         handle.write("__pycache__/\n*.pyc\n")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "the code")  # the commit the versions' lineage names
     project.first_run = project.dvc("repro").stdout
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "pipeline run")  # the baseline of `dvc exp run`
     yield project
 
 
@@ -161,6 +173,38 @@ def test_model_version_is_registered_with_alias(project: Project) -> None:
     assert int(version.version) == record["version"]
 
 
+def test_version_carries_lineage_tags_and_the_gate_report(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    record = json.loads(project.path("registration").read_text(encoding="utf-8"))["models"][0]
+    client = MlflowClient(tracking_uri=project.tracking_uri, registry_uri=project.tracking_uri)
+    tags = client.get_model_version(record["name"], str(record["version"])).tags
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text(encoding="utf-8"))
+    [source_dep] = [d for d in lock["stages"]["ingest"]["deps"] if d["path"] == project.params["dataset"]["source"]]
+    assert tags["data_hash"] == source_dep["md5"] and tags["data_source"] == "data/synthetic"
+    assert tags["git_commit"] == tags["dvc_commit"] and len(tags["git_commit"]) == 40
+    calibrate = client.get_run(tags["calibration_run_id"])
+    assert calibrate.data.tags["stage"] == "calibrate"
+    assert tags["gate.passed"] == "true" and tags["gate.export_parity"].startswith("pass")
+    assert record["alias_moved"] is True and record["gate"]["passed"] is True
+    assert {c["name"] for c in record["gate"]["checks"]} == {"image_auroc", "false_reject_rate",
+                                                              "infer_latency_ms", "export_parity"}
+
+
+def test_stage_runs_log_their_dataset_as_mlflow_inputs(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    experiment = client.get_experiment_by_name("bdi")
+    runs = {r.data.tags.get("stage"): r for r in client.search_runs([experiment.experiment_id])}
+    inputs = {stage: [(d.dataset.name, d.dataset.digest, d.dataset.source_type, {t.key: t.value for t in d.tags})
+                      for d in runs[stage].inputs.dataset_inputs] for stage in STAGES}
+    [(name, digest, source_type, tags)] = inputs["fit_ok"]
+    assert name == "synthetic-train" and len(digest) == 32 and source_type == "local"
+    assert tags["mlflow.data.context"] == "train"
+    assert inputs["evaluate"][0][0] == "synthetic-eval" and inputs["ingest"][0][0] == "synthetic"
+
+
 def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_path: Path) -> None:
     from bdi.store import ModelRef, ModelStore
 
@@ -183,6 +227,10 @@ def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_
         )
     assert response.status_code == 200, response.text
     assert response.json()["threshold"] == pytest.approx(registered["threshold"])
+    lineage = response.json()["lineage"]  # from the reject back to the data and the code
+    assert (lineage["registered_model"], lineage["registered_version"]) == (registered["name"], registered["version"])
+    assert lineage["mlflow_run_id"] == registered["run_id"] and len(lineage["git_commit"]) == 40
+    assert lineage["data_hash"] and lineage["threshold_source"] == "calibration_run"
 
 
 def test_second_repro_runs_nothing(project: Project) -> None:
@@ -193,14 +241,11 @@ def test_second_repro_runs_nothing(project: Project) -> None:
     assert "up to date" in status
 
 
-def test_coreset_rate_change_reruns_fit_and_downstream_only(project: Project) -> None:
-    tiny = project.root / "conf" / "model" / "tiny.yaml"
-    text = tiny.read_text(encoding="utf-8")
-    assert "coreset_rate: 0.1" in text
-    tiny.write_text(text.replace("coreset_rate: 0.1", "coreset_rate: 0.05"), encoding="utf-8")
-    _regenerate_params(project)
-    assert project.params["model"]["coreset_rate"] == 0.05
-    out = project.dvc("repro").stdout
+def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: Project) -> None:
+    assert project.params["model"]["coreset_rate"] == 0.1
+    out = project.dvc("exp", "run", "-S", "model.coreset_rate=0.05").stdout
+    assert project.params["model"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
+    assert project.params["dataset"]["name"] == "synthetic" and project.params["model"]["weights"] == "random"
     assert _ran(out) == {"fit_ok", "calibrate", "evaluate", "register"}, out
     assert "Stage 'ingest' didn't change" in out
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))

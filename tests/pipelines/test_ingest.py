@@ -16,7 +16,7 @@ import pytest
 
 from bdi.synthetic import write_mvtec_dataset
 from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
-from pipelines.ingest import deal, run_ingest, write_outputs
+from pipelines.ingest import run_ingest, write_outputs
 from pipelines.stage import MANIFEST_COLUMNS
 from tests.helpers.synthetic import disc_png
 
@@ -108,10 +108,15 @@ def test_splits_do_not_depend_on_file_names(dataset: Path, tmp_path: Path) -> No
     assert before == after
 
 
-def test_deal_interleaves_the_requested_share() -> None:
-    assert deal(5, 0.5) == [True, False, True, False, True]
-    assert sum(deal(10, 0.3)) == 3
-    assert deal(0, 0.5) == []
+def test_ingest_splits_as_the_library_rule_does(dataset: Path, tmp_path: Path) -> None:
+    """One home for the rule: the manifest's splits are ``bdi.splits.split_mvtec``'s (the benchmark's)."""
+    from bdi.datasets import read_mvtec
+    from bdi.splits import split_mvtec
+
+    items = read_mvtec(dataset)
+    library = {it.path.resolve(): s for it, s in zip(items, split_mvtec(items, calib_fraction=0.5), strict=True)}
+    rows = run_ingest(_cfg(dataset), root=tmp_path).rows
+    assert {(tmp_path / r["file"]).resolve(): r["split"] for r in rows} == library
 
 
 def test_missing_dataset_path_names_the_key_to_fix(tmp_path: Path) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipelines.config import compose_config, params_diff, to_plain, validate
+from pipelines.config import compose_config, compose_params, params_diff, to_plain, validate
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +34,34 @@ def test_params_yaml_equals_composed_conf() -> None:
     assert not diff, (
         "params.yaml differs from conf/ (regenerate: python -m pipelines.config --write params.yaml):\n" + diff
     )
+
+
+def test_params_yaml_is_byte_for_byte_what_dvc_composes(tmp_path: Path) -> None:
+    composed = tmp_path / "params.yaml"
+    compose_params(composed)  # DVC's own compose_and_dump, as `dvc exp run -S ...` calls it
+    assert (PROJECT / "params.yaml").read_text(encoding="utf-8") == composed.read_text(encoding="utf-8")
+
+
+def test_dvc_hydra_composition_is_enabled_and_finds_the_schema_plugin(tmp_path: Path) -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PROJECT / ".dvc" / "config")
+    assert config["hydra"]["enabled"] == "true" and config["hydra"]["config_dir"] == "conf"
+    composed = tmp_path / "params.yaml"
+    # In a fresh process that never imported pipelines.config (as DVC's is), outside the project: only the
+    # plugin under the project root (DVC's hydra.plugins_path default) can register bdi_schema.
+    code = ("import sys; from dvc.utils.hydra import compose_and_dump; "
+            "compose_and_dump(sys.argv[1], sys.argv[2], None, 'config', sys.argv[3], sys.argv[4:])")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p and Path(p).resolve() != PROJECT]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = subprocess.run([sys.executable, "-c", code, str(composed), str(PROJECT / "conf"), str(PROJECT),
+                          "model=tiny", "model.coreset_rate=0.05"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model = yaml.safe_load(composed.read_text(encoding="utf-8"))["model"]
+    assert (model["weights"], model["depth"], model["coreset_rate"]) == ("random", 4, 0.05)
 
 
 def test_params_yaml_matches_the_schema() -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from serving.errors import internal_error_message
 from tests.helpers.synthetic import disc_png
 
 from .conftest import ROI, ROLE, ClientFactory, calibrate_ng, fit_from_dataset, infer, upload
@@ -78,7 +79,8 @@ def test_infer_with_bad_shape_is_400_shape_a(fitted: TestClient, shape: str) -> 
 
 
 @pytest.mark.parametrize(
-    "metas", ["not json", "[1]", '{"shape_json": "{bad"}'], ids=["malformed", "array", "bad-shape"]
+    "metas", ["not json", "[1]", '{"shape_json": "{bad"}', "null", '"text"', "3", "true"],
+    ids=["malformed", "array", "bad-shape", "null", "string", "number", "bool"],
 )
 def test_upload_with_bad_metas_is_400_shape_b(client: TestClient, metas: str) -> None:
     error_text(upload_raw(client, [("a.png", PNG)], metas=[metas]), status=400, shape="B")
@@ -167,11 +169,22 @@ def test_calibrate_ng_with_nan_percentile_is_400_shape_a(client: TestClient) -> 
     assert "finite" in error_text(response, status=400, shape="A")
 
 
-@pytest.mark.parametrize("model_key", ["..", "."])
+@pytest.mark.parametrize("model_key", ["..", ".", " .. ", "   "])
 def test_dot_model_keys_are_rejected(client: TestClient, model_key: str) -> None:
     response = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [1],
                                                   "model_key": model_key})
     assert "model_key" in error_text(response, status=400, shape="A")
+
+
+def test_model_keys_that_sanitised_alike_are_different_models(client: TestClient, models_dir: Path) -> None:
+    """``a b`` and ``a_b`` once shared the folder ``a_b``: two clients silently shared a model."""
+    for key, score in (("a b", 1.0), ("a_b", 5.0)):
+        assert calibrate_ng(client, ok_scores=[score], model_key=key).status_code == 200
+    params = {"role_id": ROLE, "roi_id": ROI}
+    thresholds = {key: client.get("/manifest", params={**params, "model_key": key}).json()["calib"]["threshold"]
+                  for key in ("a b", "a_b")}
+    assert thresholds == {"a b": 1.0, "a_b": 5.0}
+    assert sorted(p.name for p in (models_dir / "recipes" / "default").iterdir() if p.is_dir()) == ["a_b", "a~20b"]
 
 
 # ------------------------------------------------------------------------------------ missing fields (422)
@@ -208,6 +221,49 @@ def test_missing_or_unparsable_fields_are_422(
 def test_non_object_json_body_is_422(client: TestClient, path: str, body: str) -> None:
     response = client.post(path, content=body, headers={"Content-Type": "application/json"})
     error_text(response, status=422, shape="D")
+
+
+HUGE = "1" + "0" * 400  # a JSON integer no float can hold
+NUMERIC_FIELDS: dict[str, list[str]] = {
+    "/calibrate_ng": ["score_percentile", "area_mm2_thr", "mm_per_px"],
+    "/calibrate_dataset": ["score_percentile", "area_mm2_thr", "default_mm_per_px"],
+    "/infer_dataset": ["default_mm_per_px"],
+}
+OUT_OF_RANGE: dict[str, list[str]] = {
+    "score_percentile": ["150", "-1", "100.5"],
+    "area_mm2_thr": ["-0.5"],
+    "mm_per_px": ["0", "-1"],
+    "default_mm_per_px": ["0", "-0.2"],
+}
+NOT_A_NUMBER = ["true", '"abc"', "[1]", "{}", "1e999", HUGE, "NaN", "-Infinity"]
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "raw"),
+    [(path, key, raw) for path, keys in NUMERIC_FIELDS.items() for key in keys
+     for raw in OUT_OF_RANGE[key] + NOT_A_NUMBER],
+)
+def test_every_numeric_json_field_out_of_range_is_400_naming_it(
+    client: TestClient, path: str, key: str, raw: str
+) -> None:
+    """``score_percentile: 150`` was a 500 (issue 16); every numeric key of every JSON body is checked."""
+    body = f'{{"role_id": "{ROLE}", "roi_id": "{ROI}", "ok_scores": [1.0], "{key}": {raw}}}'
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert error_text(response, status=400, shape="A").startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("scores", [f"[1.0, {HUGE}]", "[true]", '["1"]', '"1,2"'])
+@pytest.mark.parametrize("key", ["ok_scores", "ng_scores"])
+def test_score_lists_holding_non_numbers_are_400(client: TestClient, key: str, scores: str) -> None:
+    body = f'{{"role_id": "{ROLE}", "roi_id": "{ROI}", "ok_scores": [1.0], "{key}": {scores}}}'
+    response = client.post("/calibrate_ng", content=body, headers={"Content-Type": "application/json"})
+    assert error_text(response, status=400, shape="A").startswith(f"{key}")
+
+
+def test_numbers_in_range_and_numeric_strings_are_accepted(client: TestClient) -> None:
+    response = calibrate_ng(client, ok_scores=[1.0, 2.0], score_percentile="95", area_mm2_thr=0, mm_per_px=0.1)
+    assert response.status_code == 200, response.text
+    assert (response.json()["score_percentile"], response.json()["area_mm2_thr"]) == (95, 0.0)
 
 
 @pytest.mark.parametrize("path", ["/infer_dataset", "/calibrate_dataset"])
@@ -271,11 +327,14 @@ def test_storage_failure_is_logged_500_shape_a_with_request_id(client_factory: C
     client = client_factory(models_dir=blocked)
     response = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [1.0]},
                            headers={"X-Request-Id": "rid-500"})
-    assert error_text(response, status=500, shape="A")
+    message = error_text(response, status=500, shape="A")
+    assert message == internal_error_message("rid-500")
+    assert str(tmp_path) not in response.text and "blocked" not in response.text  # no server path leaks
     assert response.headers["x-request-id"] == "rid-500" and response.json()["request_id"] == "rid-500"
     log = (tmp_path / "logs" / "backend_diagnostics.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in log]
-    assert any(e["event"] == "calibrate_ng.error" and e.get("trace") and e["request_id"] == "rid-500" for e in events)
+    assert any(e["event"] == "calibrate_ng.error" and e.get("trace") and e["request_id"] == "rid-500"
+               and str(blocked) in e["error_message"] for e in events)
 
 
 def test_unexpected_exception_is_json_500_shape_a_not_plain_text(client_factory: ClientFactory) -> None:
@@ -283,11 +342,12 @@ def test_unexpected_exception_is_json_500_shape_a_not_plain_text(client_factory:
     client = client_factory(raise_server_exceptions=False)
 
     def explode() -> None:
-        raise RuntimeError("boom")
+        raise RuntimeError("kaboom at /srv/secret/path")
 
     client.app.add_api_route("/explode", explode)  # type: ignore[attr-defined]
     response = client.get("/explode", headers={"X-Request-Id": "rid-boom"})
-    assert error_text(response, status=500, shape="A") == "boom"
+    assert error_text(response, status=500, shape="A") == internal_error_message("rid-boom")
+    assert "kaboom" not in response.text and "/srv/secret" not in response.text
     assert response.headers["content-type"] == "application/json"
     assert response.headers["x-request-id"] == "rid-boom"
 

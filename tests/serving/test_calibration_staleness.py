@@ -48,3 +48,16 @@ def test_infer_dataset_reports_stale_calibration_as_shape_b(client: TestClient) 
     response = client.post("/infer_dataset", json={"role_id": ROLE, "roi_id": ROI})
     assert response.status_code == 400
     assert response.json()["detail"].startswith(GUI_CALIBRATION_TOKEN)
+
+
+def test_calibration_made_before_any_fit_is_stored_unbound_and_never_applied(client: TestClient) -> None:
+    """/calibrate_ng before /fit_ok records no memory: a later fit must not silently use it."""
+    early = calibrate_ng(client, ok_scores=[10.0])
+    assert early.status_code == 200, early.text
+    upload(client, "ok", seeds=range(10))
+    assert fit_from_dataset(client).status_code == 200
+    response = infer(client, disc_png(seed=3))
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(f"{GUI_CALIBRATION_TOKEN}: unbound")
+    assert calibrate_ng(client, ok_scores=[10.0]).status_code == 200  # bound to the fitted memory now
+    assert infer(client, disc_png(seed=3)).status_code == 200

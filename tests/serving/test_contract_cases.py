@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bdi.features import FeatureExtractor
+from bdi.memory import Memory
 from bdi.synthetic import make_disc
 from tests.helpers.synthetic import disc_png, png_bytes
 
@@ -624,7 +625,7 @@ def test_c10_non_numeric_score_is_400_shape_a(client: TestClient) -> None:
 # ---------------------------------------------------------------------------------------------- I
 
 INFER_KEYS = {"score", "threshold", "token_shape", "heatmap_png_base64", "regions", "request_id", "recipe_id",
-              "decision"}
+              "decision", "lineage"}  # lineage: additive (issue 17), the GUI ignores unknown fields
 HIGH_THRESHOLD = [10.0]  # distances are ≤ 2, so every crop is "ok"
 LOW_THRESHOLD = [1e-6]  # every crop is "ng" and most of the mask is a region
 
@@ -769,7 +770,8 @@ def test_i15_memory_with_other_token_grid(
     index = faiss.IndexFlatL2(emb.shape[1])
     index.add(emb)
     Path(f"{legacy}_index.faiss").write_bytes(faiss.serialize_index(index).tobytes())
-    Path(f"{legacy}_calib.json").write_text(json.dumps({"threshold": 0.5}))
+    fingerprint = Memory(embeddings=emb, token_shape=(5, 5)).fingerprint  # a calibration bound to it
+    Path(f"{legacy}_calib.json").write_text(json.dumps({"threshold": 0.5, "memory_fingerprint": fingerprint}))
     error = assert_shape_a(infer(client, crop_png(seed=1)))
     assert error == "Token grid mismatch: got (8, 8), expected (5, 5)"
 
@@ -806,7 +808,7 @@ def test_s1_state_with_nothing_fitted(client: TestClient) -> None:
     assert response.json() == {
         "status": "ok", "memory_fitted": False, "calib_present": False,
         "request_id": response.headers["x-request-id"], "recipe_id": "default",
-        "role_id": ROLE, "roi_id": ROI, "model_key": ROI,
+        "role_id": ROLE, "roi_id": ROI, "model_key": ROI, "lineage": None,
     }
 
 
@@ -829,7 +831,7 @@ def test_m1_manifest_after_fit_calibrate_and_upload(calibrated: TestClient) -> N
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"role_id", "roi_id", "recipe_id", "model_key", "memory", "calib", "datasets",
-                         "request_id"}
+                         "request_id", "lineage"}
     assert body["memory"] is True and body["model_key"] == ROI
     assert body["calib"]["threshold"] > 0
     assert set(body["datasets"]) == {"role_id", "roi_id", "classes"}

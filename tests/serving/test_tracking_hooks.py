@@ -15,7 +15,8 @@ def test_api_fit_and_calibration_are_logged_as_mlflow_runs(tmp_path: Path) -> No
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = tiny_settings(tmp_path / "models", mlflow_tracking_uri=uri, log_dir=tmp_path / "logs")
+    settings = tiny_settings(tmp_path / "models", mlflow_tracking_uri=uri, log_dir=tmp_path / "logs",
+                             mlflow_shutdown_timeout_s=120)  # this test waits for every run
     with TestClient(create_app(settings)) as client:
         upload(client, "ok", seeds=range(10))
         fit = client.post("/fit_ok", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": MM, "use_dataset": "true"})

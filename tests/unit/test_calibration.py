@@ -69,10 +69,18 @@ def test_usable_threshold_rejects_missing_nonpositive_and_stale() -> None:
     with pytest.raises(CalibrationMissingError, match="stale"):
         usable_threshold({"threshold": 1.0, "memory_fingerprint": "b"}, memory_fingerprint="a")
     assert usable_threshold({"threshold": 1.5, "memory_fingerprint": "a"}, memory_fingerprint="a") == 1.5
-    assert usable_threshold({"threshold": 1.5}, memory_fingerprint="a") == 1.5  # legacy calib
 
 
 def test_calibration_missing_message_keeps_gui_token() -> None:
     with pytest.raises(CalibrationMissingError) as info:
         usable_threshold({"threshold": -1}, memory_fingerprint="a")
     assert "calibration_missing" in str(info.value)
+
+
+@pytest.mark.parametrize("recorded", [None, "", 0, ["a"]], ids=["null", "empty", "number", "list"])
+def test_calibration_without_a_memory_fingerprint_never_applies(recorded: object) -> None:
+    """Staleness is never skipped because the field is missing (issue 16)."""
+    with pytest.raises(CalibrationMissingError, match="^calibration_missing: unbound"):
+        usable_threshold({"threshold": 1.5, "memory_fingerprint": recorded}, memory_fingerprint="a")
+    with pytest.raises(CalibrationMissingError, match="^calibration_missing: unbound"):
+        usable_threshold({"threshold": 1.5}, memory_fingerprint="a")

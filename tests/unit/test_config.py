@@ -77,6 +77,31 @@ def test_bad_setting_fails_at_startup_not_first_request() -> None:
         Settings(input_size=100)
 
 
+@pytest.mark.parametrize("stray", ["DEVICE", "device", "bdi_device", "Bdi_Device"])
+def test_only_bdi_names_are_read_and_case_sensitively(monkeypatch: pytest.MonkeyPatch, stray: str) -> None:
+    """``DEVICE=cuda BDI_DEVICE=cpu`` selects cpu; a bare or mis-cased name is never read (issue 16)."""
+    monkeypatch.delenv("BRAKEDISC_DEVICE", raising=False)
+    monkeypatch.setenv(stray, "cuda")
+    monkeypatch.delenv("BDI_DEVICE", raising=False)
+    assert Settings().device == "auto"
+    monkeypatch.setenv("BDI_DEVICE", "cpu")
+    assert Settings().device == "cpu"
+
+
+def test_bare_mlflow_tracking_uri_is_not_a_bdi_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BDI_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BRAKEDISC_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert Settings().mlflow_tracking_uri == ""
+
+
+def test_field_names_still_work_as_init_kwargs_and_in_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("device: cpu\n")
+    assert Settings(config_file=str(config)).device == "cpu"
+    assert Settings(device="cpu").device == "cpu"
+
+
 def test_threads_are_the_cores_divided_among_uvicorn_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 

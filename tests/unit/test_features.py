@@ -15,8 +15,8 @@ from bdi.backbones import BACKBONES
 from bdi.config import FeatureConfig
 from bdi.errors import InvalidInputError, WeightsError
 from bdi.features import (
-    FeatureExtractor,
     FeatureBatch,
+    FeatureExtractor,
     WeightsInfo,
     create_backbone,
     resolve_weights,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -16,7 +19,7 @@ from bdi.errors import (
 from bdi.imaging import build_roi_mask
 from bdi.service import InspectionService
 from bdi.store import ModelRef
-from bdi.synthetic import DiscGeometry
+from bdi.synthetic import DiscGeometry, make_disc
 from tests.helpers.synthetic import png_bytes
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
@@ -155,3 +158,28 @@ def test_golden_scores_for_seeded_discs_and_weights(
     good, bad = service.score_images(ref=REF, images=[good_discs[10], defect_discs[0]], masks=[mask, mask])
     assert good.score == pytest.approx(0.517271, abs=1e-4)
     assert bad.score == pytest.approx(0.765237, abs=1e-4)
+
+
+def _lazy_discs(n: int) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(3)
+    for _ in range(n):
+        yield make_disc(size=96, rng=rng).image
+
+
+def _traced_peak_of_fit(service: InspectionService, n: int) -> int:
+    tracemalloc.start()
+    try:
+        service.fit_images(ref=REF, images=_lazy_discs(n), n_images=n)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_fit_memory_grows_with_the_bank_not_with_all_embeddings(service: InspectionService) -> None:
+    """A fit decodes and encodes in batches: per extra image its peak grows by far less than one float32
+    copy of the image's patch rows (the old fit held three). numpy's allocations are what is traced."""
+    service.fit_images(ref=REF, images=_lazy_discs(2), n_images=2)  # warm-up
+    small, large = _traced_peak_of_fit(service, 8), _traced_peak_of_fit(service, 40)
+    rows_per_image = service.extractor.num_tokens * service.extractor.embed_dim * 4
+    growth_per_image = (large - small) / 32
+    assert growth_per_image < 0.75 * rows_per_image, (growth_per_image, rows_per_image)

@@ -137,15 +137,15 @@ def test_pick_recipe_prefers_a_non_empty_explicit_string() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("a b", "a_b"), (None, "inspection-1"), ("", "inspection-1"), ("mk.v1", "mk.v1"),
-     ("é/x", "__x"), ("k" * 100, "k" * 80)],
+    [("a b", "a~20b"), ("a_b", "a_b"), (None, "inspection-1"), ("", "inspection-1"), ("mk.v1", "mk.v1"),
+     ("é/x", "~C3~A9~2Fx"), ("k" * 100, "k" * 100), ("a~20b", "a~7E20b"), (" a ", "a"), ("..a", "..a")],
 )
 def test_model_key_is_sanitised_for_the_filesystem(raw: str | None, expected: str) -> None:
     assert sanitize_model_key(raw, roi_id="inspection-1") == expected
 
 
-@pytest.mark.parametrize("raw", [".", "..", "...."])
-def test_model_key_made_of_dots_is_rejected(raw: str) -> None:
+@pytest.mark.parametrize("raw", [".", "..", "....", " .. ", "   ", "\t"])
+def test_model_key_made_of_dots_or_blank_after_trimming_is_rejected(raw: str) -> None:
     with pytest.raises(InvalidInputError):
         sanitize_model_key(raw, roi_id="x")
     with pytest.raises(InvalidInputError):
@@ -154,7 +154,7 @@ def test_model_key_made_of_dots_is_rejected(raw: str) -> None:
 
 def test_model_ref_keeps_the_raw_effective_key() -> None:
     ref = _ref(recipe="R1", model_key="a b")
-    assert (ref.recipe_id, ref.model_key, ref.model_key_fs, ref.base) == ("r1", "a b", "a_b", BASE)
+    assert (ref.recipe_id, ref.model_key, ref.model_key_fs, ref.base) == ("r1", "a b", "a~20b", BASE)
     assert _ref().model_key == "inspection-1"
 
 
@@ -182,7 +182,7 @@ def test_validate_mm_per_px_rejects_non_positive_and_non_finite() -> None:
 
 def test_paths_follow_the_current_layout(store: ModelStore) -> None:
     paths = store.paths(_ref(model_key="a b"))
-    directory = store.root / "recipes" / "default" / "a_b"
+    directory = store.root / "recipes" / "default" / "a~20b"
     assert paths.memory == directory / f"{BASE}.npz"
     assert paths.index == directory / f"{BASE}_index.faiss"
     assert paths.calib == directory / f"{BASE}_calib.json"
@@ -533,6 +533,44 @@ def test_list_models_decodes_ids_and_raw_model_keys(store: ModelStore) -> None:
     assert set(models) == {_ref(model_key="a b"), other}
     assert models[_ref(model_key="a b")].calib_path == store.paths(_ref(model_key="a b")).calib
     assert models[other].index_path is None and models[other].calib_path is None
-    assert store.model_keys("default") == ["a_b"]
+    assert store.model_keys("default") == ["a~20b"]
     assert store.model_keys("r1") == ["Pattern"]
     assert store.model_keys("r2") == []
+
+
+# ------------------------------------------------------------------------------------------ model keys
+
+
+def test_model_key_folder_mapping_is_injective(store: ModelStore) -> None:
+    """``a b`` and ``a_b`` used to share ``a_b/``: two clients silently shared one model."""
+    keys = ["a b", "a_b", "a~20b", "a/b", "a\\b", "é", "e\u0301", "k" * 81, "k" * 80]
+    assert len({sanitize_model_key(k, roi_id="x") for k in keys}) == len(keys)
+    for i, key in enumerate(keys[:2]):
+        _save(store, _ref(model_key=key), _memory(i))
+    loaded = [store.load_model(_ref(model_key=k)) for k in keys[:2]]
+    assert [m.fingerprint for m in loaded if m] == [_memory(0).fingerprint, _memory(1).fingerprint]
+
+
+def test_over_long_model_key_is_refused_not_cut() -> None:
+    with pytest.raises(InvalidInputError, match="model_key too long"):
+        sanitize_model_key("é" * 40, roi_id="x")  # 240 escaped characters
+
+
+def _legacy_save(store: ModelStore, ref: ModelRef, memory: Memory, *, folder: str) -> None:
+    """What the legacy sanitiser wrote: the same files under the non-injective folder name."""
+    paths = store.paths(ref)
+    _save(store, ref, memory)
+    legacy = paths.memory.parent.parent / folder
+    paths.memory.parent.rename(legacy)
+
+
+def test_legacy_model_key_folder_stays_readable_by_its_own_key(store: ModelStore) -> None:
+    _legacy_save(store, _ref(model_key="a b"), _memory(0), folder="a_b")
+    assert store.load_model(_ref(model_key="a b")).fingerprint == _memory(0).fingerprint  # type: ignore[union-attr]
+    assert [m.ref.model_key for m in store.list_models()] == ["a b"]
+
+
+def test_legacy_model_key_folder_is_not_read_by_another_key(store: ModelStore) -> None:
+    _save(store, _ref(model_key="a_b"), _memory(1))  # a_b's own folder is also "a b"'s legacy name
+    assert store.load_model(_ref(model_key="a b")) is None
+    assert store.load_model(_ref(model_key="a_b")).fingerprint == _memory(1).fingerprint  # type: ignore[union-attr]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +18,20 @@ from mlflow import MlflowClient
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.tracking import (
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
     PARAM_VALUE_MAX_CHARS,
     ApiRunLogger,
     TrackingConfig,
+    TrackingStatus,
+    bounded_mlflow_http,
+    check_tracking_server,
     flatten_params,
+    reap_orphaned_runs,
     resolve_tracking_uri,
     tracked_run,
 )
+from tests.helpers.stall import stalling_server
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 
@@ -130,3 +142,66 @@ def test_api_run_logger_in_background_logs_after_flush(
     hooked.fit_images(ref=REF, images=good_discs[:2])
     logger.close()
     assert [r.data.tags["kind"] for r in _runs(client, "unit-bg")] == ["fit"]
+
+
+# ---------------------------------------------------------------------------------------------- outages
+
+
+def test_each_mlflow_call_times_out_against_a_server_that_accepts_and_stalls(tmp_path: Path) -> None:
+    with stalling_server() as uri, bounded_mlflow_http(1):
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, it must raise soon
+            check_tracking_server(TrackingConfig(tracking_uri=uri), project_root=tmp_path)
+        assert time.monotonic() - started < 5  # MLflow's own default: 120 s and 7 retries
+
+
+def test_bounded_mlflow_http_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "42")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with bounded_mlflow_http(2.5):
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_full_logging_queue_drops_runs_with_a_warning_and_close_is_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with stalling_server() as uri, bounded_mlflow_http(1):
+        status = TrackingStatus("checking")
+        logger = ApiRunLogger(TrackingConfig(tracking_uri=uri), project_root=tmp_path, background=True,
+                              queue_size=2, status=status)
+        started = time.monotonic()
+        for i in range(8):
+            logger.on_calibrate(REF, {"threshold": float(i + 1)})
+        assert time.monotonic() - started < 0.5  # submitting never waits for the server
+        assert logger.dropped >= 5  # one in flight, two queued, the rest dropped
+        assert any("queue full" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        started = time.monotonic()
+        logger.close(timeout_s=0.5)
+        assert time.monotonic() - started < 2.0
+    assert any("tracking.shutdown_timeout" in r.getMessage() for r in caplog.records)
+    deadline = time.monotonic() + 10
+    while status.state != "unreachable" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status.state == "unreachable"
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(project_root: Path, client: MlflowClient) -> None:
+    cfg = TrackingConfig(experiment="unit-reap")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    with tracked_run(cfg, project_root=project_root, run_name="live") as live:
+        experiment_id = client.get_experiment_by_name("unit-reap").experiment_id
+        orphan = client.create_run(experiment_id, run_name="orphan",
+                                   tags={OWNER_PID_TAG: str(dead_pid), OWNER_HOST_TAG: socket.gethostname()})
+        foreign = client.create_run(experiment_id, run_name="foreign",
+                                    tags={OWNER_PID_TAG: str(dead_pid), OWNER_HOST_TAG: "another-host"})
+        reaped = reap_orphaned_runs(cfg, project_root=project_root)
+        assert reaped == [orphan.info.run_id]
+        assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+        assert client.get_run(live.run_id).info.status == "RUNNING"  # its process (this one) is alive
+        assert client.get_run(foreign.info.run_id).info.status == "RUNNING"  # cannot tell: left alone

@@ -1,0 +1,89 @@
+"""The quality benchmark's harness keeps working: one quick run on the synthetic discs measures every row."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+QUICK = ["--quick", "--datasets", "synthetic", "--latency-repeats", "2"]
+
+
+def _quality(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    # bench.quality sets OMP_WAIT_POLICY when first imported; keep that out of the rest of the session
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    return importlib.import_module("bench.quality")
+
+
+def _rows(out_dir: Path, stem: str = "quality-quick") -> dict[str, dict[str, Any]]:
+    results = json.loads((out_dir / f"{stem}.json").read_text(encoding="utf-8"))
+    (dataset,) = results["datasets"]
+    assert dataset["name"] == "synthetic"
+    return {row["name"]: row for row in dataset["rows"]}
+
+
+def _assert_measured(row: dict[str, Any]) -> None:
+    assert row["status"] == "ok", row.get("reason")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "escape_rate"):
+        assert 0.0 <= row["metrics"][key] <= 1.0, key
+    assert row["fit"]["features_s"] > 0 and row["fit"]["coreset_s"] > 0
+    assert 0 < row["fit"]["memory_size"] < row["fit"]["n_patches"]
+    assert row["latency_ms"]["p50"] > 0 and row["latency_ms"]["n"] == 2
+    assert set(row["per_class"]) == {"crack", "pit", "scratch"}
+    assert row["threshold"] > 0
+
+
+def test_quick_run_measures_bdi_and_the_pixel_baseline_and_skips_anomalib_when_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quality = _quality(monkeypatch)
+    monkeypatch.setattr(quality, "anomalib_version", lambda: None)
+    monkeypatch.setenv("BDI_INPUT_SIZE", "64")  # the rows must ignore it and use the registry's defaults
+    assert quality.main([*QUICK, "--rows", "bdi-effnet,anomalib,pixel-knn", "--out-dir", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert list(rows) == ["bdi-effnet", "anomalib", "pixel-knn"]
+    for name in ("bdi-effnet", "pixel-knn"):
+        _assert_measured(rows[name])
+    from bdi.backbones import backbone_spec
+
+    assert rows["bdi-effnet"]["config"]["input_size"] == backbone_spec("efficientnet_lite0").input_size
+    assert rows["bdi-effnet"]["config"]["weights_sha256"] == backbone_spec("efficientnet_lite0").official.sha256
+    assert rows["anomalib"]["status"] == "skipped" and "pip install -e '.[bench]'" in rows["anomalib"]["reason"]
+    markdown = (tmp_path / "quality-quick.md").read_text(encoding="utf-8")
+    assert "| row | image AUROC | pixel AUROC | AUPRO | false reject | escape |" in markdown
+    assert "BDI efficientnet_lite0 (ImageNet)" in markdown and "anomalib is not installed" in markdown
+    assert "BDI_INPUT_SIZE" in markdown  # reported as ignored
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_an_unknown_row_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    quality = _quality(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--rows", "bdi-effnet,resnet"])
+    assert info.value.code == 2
+    assert "unknown ['resnet']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_run_with_every_row_drives_anomalib_on_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quality = _quality(monkeypatch)
+    assert quality.main([*QUICK, "--out-dir", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert list(rows) == ["bdi-effnet", "bdi-dinov2-random", "anomalib", "pixel-knn"]
+    _assert_measured(rows["bdi-dinov2-random"])
+    assert rows["bdi-dinov2-random"]["config"]["weights"] == "vit_small_patch14_dinov2(random,seed=0)"
+    if quality.anomalib_version() is None:  # CI: the bench extra is not installed
+        assert rows["anomalib"]["status"] == "skipped"
+        return
+    _assert_measured(rows["anomalib"])
+    bdi, anomalib = rows["bdi-effnet"]["config"], rows["anomalib"]["config"]
+    assert anomalib["weights_check_max_abs_diff"] == 0.0
+    assert bdi["weights_sha256"] in anomalib["weights"]
+    assert (anomalib["input_size"], anomalib["layers"]) == (bdi["input_size"], bdi["layers"])
+    assert anomalib["coreset_rate"] == 0.1

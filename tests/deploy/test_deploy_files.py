@@ -1,0 +1,121 @@
+"""The deployment files, checked without a Docker engine: the compose file parses and names every service of
+the plant, the Dockerfile has the structure the issue asks for, and README's Deploy section shows the commands
+that tests/deploy/test_plant_sync.py runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomllib
+import yaml
+
+from tests.helpers.servers import MlflowServer
+
+PROJECT = Path(__file__).resolve().parents[2]
+DEPLOY = PROJECT / "deploy"
+
+
+def _compose() -> dict:
+    data = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _stages() -> dict[str, list[str]]:
+    """Dockerfile stage name → its instruction lines (continuations joined)."""
+    text = (PROJECT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(2), [line])
+        elif current is not None:
+            current.append(line)
+    return stages
+
+
+def test_compose_names_every_service_of_the_plant() -> None:
+    services = _compose()["services"]
+    assert {"postgres", "minio", "mlflow", "bdi-a", "bdi-b", "nginx"} <= set(services)
+
+
+def test_mlflow_runs_on_postgresql_with_artefacts_in_minio() -> None:
+    mlflow = _compose()["services"]["mlflow"]
+    command = " ".join(mlflow["command"].split())
+    assert "--backend-store-uri postgresql+psycopg2://" in command and "@postgres:5432/" in command
+    assert "--artifacts-destination s3://" in command and "--serve-artifacts" in command
+    assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert {"postgres", "minio-init"} <= set(mlflow["depends_on"])
+    assert "psycopg2-binary" in (DEPLOY / "mlflow.Dockerfile").read_text(encoding="utf-8")
+
+
+def test_each_replica_has_its_own_models_volume_and_follows_the_registry() -> None:
+    compose = _compose()
+    volumes = []
+    for name in ("bdi-a", "bdi-b"):
+        service = compose["services"][name]
+        env = service["environment"]
+        assert env["BDI_MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["BDI_REGISTRY_SYNC_ON_START"] == "1"
+        assert float(env["BDI_REGISTRY_SYNC_INTERVAL_S"]) > 0
+        [data] = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == "/data"]
+        volumes.append(data)
+        assert data in compose["volumes"]
+    assert len(set(volumes)) == 2
+
+
+def test_nginx_fronts_both_replicas() -> None:
+    nginx = _compose()["services"]["nginx"]
+    assert any(v.startswith("./nginx.conf:") for v in nginx["volumes"])
+    assert {"bdi-a", "bdi-b"} <= set(nginx["depends_on"])
+    conf = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    assert "server bdi-a:8000" in conf and "server bdi-b:8000" in conf
+
+
+def test_dockerfile_has_a_cuda_runtime_gpu_target_and_a_cpu_target() -> None:
+    stages = _stages()
+    assert list(stages)[-1] == "gpu"  # the default target
+    text = (PROJECT / "Dockerfile").read_text(encoding="utf-8")
+    cuda = re.search(r"ARG CUDA_RUNTIME_IMAGE=(\S+)", text)
+    assert cuda and cuda.group(1).startswith("nvidia/cuda:") and "runtime" in cuda.group(1)
+    assert stages["gpu"][0].startswith("FROM ${CUDA_RUNTIME_IMAGE}") and "cpu" in stages
+
+
+def test_faiss_gpu_is_installed_alone_and_proven_to_be_the_gpu_build() -> None:
+    text = (PROJECT / "Dockerfile").read_text(encoding="utf-8")
+    assert "uninstall" not in text
+    builder = " ".join(_stages()["gpu-builder"])
+    assert '.[gpu]' in builder and "StandardGpuResources" in builder and "import faiss" in builder
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(d.startswith("faiss") for d in project["dependencies"])
+    assert project["optional-dependencies"]["gpu"] == ["faiss-gpu-cu12>=1.8"]
+    assert project["optional-dependencies"]["cpu"] == ["faiss-cpu>=1.8"]
+
+
+def test_final_stages_run_as_non_root_with_a_healthcheck_and_no_build_tools() -> None:
+    for name in ("cpu", "gpu"):
+        lines = _stages()[name]
+        users = [line.split()[1] for line in lines if line.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0")
+        [health] = [line for line in lines if line.startswith("HEALTHCHECK")]
+        assert "--start-period=" in health and "/health" in health
+        body = " ".join(lines)
+        assert not re.search(r"build-essential|gcc|g\+\+|python3-dev|pip install", body), name
+        assert any(line.startswith("COPY --from=") and "/opt/venv" in line for line in lines)
+
+
+def test_readme_deploy_section_shows_the_commands_the_plant_test_runs() -> None:
+    readme = (PROJECT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Deploy", 1)[1].split("\n## ", 1)[0]
+    # the mlflow server command tests/deploy/test_plant_sync.py starts, with any values in the placeholders
+    pattern = re.escape(MlflowServer.COMMAND).replace(r"\{backend\}", r"postgresql\+psycopg2://\S+")
+    pattern = re.sub(r"\\\{\w+\\\}", r"\\S+", pattern)
+    assert re.search(pattern, " ".join(section.split())), MlflowServer.COMMAND
+    for fragment in ("BDI_REGISTRY_SYNC_ON_START=1", "BDI_REGISTRY_SYNC_INTERVAL_S=", "bdi promote",
+                     "--skip-gate", "docker build --target cpu", "docker compose -f deploy/compose.yaml up",
+                     "readinessProbe", "bdi sync --watch"):
+        assert fragment in section, fragment

@@ -1,0 +1,179 @@
+"""The plant deployment on one machine: a real PostgreSQL, a real ``mlflow server`` on it with proxied artefacts
+on local disk, the pipeline registering the tiny model, and two BDI servers (real uvicorn, own ports and models
+folders) following the registry. Promotion reaches both within the sync interval without a restart, a rollback
+restores the old version, and a registry outage leaves both serving while /health says how stale they are.
+
+Needs Debian's ``postgresql`` package (``.ci/run`` installs it); outside CI the test is skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bdi.synthetic import write_mvtec_dataset
+from tests.conftest import TINY_ENV
+from tests.helpers.servers import BdiServer, MlflowServer, PostgresCluster, postgres_bindir
+
+pytestmark = pytest.mark.slow
+
+SYNC_INTERVAL_S = 2.0
+PROPAGATION_SLACK_S = 30.0  # one sync (list, download, swap) on a loaded 2-core CI machine
+IDS = {"recipe_id": "synthetic", "role_id": "disc", "roi_id": "ring", "mm_per_px": "0.2"}
+PIPELINE = ["dataset=synthetic", "model=tiny", "promotion.max_false_reject_rate=1.0",
+            "promotion.max_infer_latency_ms=5000"]
+
+
+@dataclass
+class Plant:
+    root: Path
+    mlflow: MlflowServer
+    replicas: list[BdiServer]
+    name: str = ""
+    thresholds: dict[int, float] = field(default_factory=dict)
+    image: bytes = b""
+    first_scores: list[float] = field(default_factory=list)
+
+    def promote(self, version: int) -> None:
+        """``bdi promote NAME VERSION --skip-gate --tracking-uri URI`` (README's Deploy section), in this
+        process. --skip-gate: with random weights the AUROC comparison is a coin toss; the gate itself is
+        tested in tests/unit/test_promotion.py and by the register stage in tests/pipelines."""
+        from bdi.cli import main
+
+        assert main(["promote", self.name, str(version), "--skip-gate", "--tracking-uri", self.mlflow.uri]) == 0
+
+    def infer_all(self) -> list[dict[str, Any]]:
+        bodies = []
+        for replica in self.replicas:
+            response = httpx.post(f"{replica.url}/infer", data=IDS,
+                                  files={"image": ("pit.png", self.image, "image/png")}, timeout=60)
+            assert response.status_code == 200, response.text
+            bodies.append(response.json())
+        return bodies
+
+    def wait_for_version(self, version: int, *, timeout_s: float) -> float:
+        """Seconds until every replica answers /infer with ``version``'s lineage; fails after ``timeout_s``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if all(b["lineage"]["registered_version"] == version for b in self.infer_all()):
+                return time.monotonic() - started
+            time.sleep(0.25)
+        raise AssertionError(f"not every replica serves version {version} after {timeout_s:.0f} s: "
+                             f"{[b['lineage'] for b in self.infer_all()]}")
+
+
+def _run_pipeline(root: Path, overrides: list[str], stages: list[str]) -> None:
+    """The pipeline's stages in this process, as ``python -m pipelines.<stage> <overrides>`` runs them."""
+    import importlib
+
+    from pipelines.config import compose_config
+    from pipelines.stage import stage_context
+
+    before = Path.cwd()
+    os.chdir(root)  # stages read and write relative to the project root, as DVC runs them
+    try:
+        for stage in stages:
+            module = importlib.import_module(f"pipelines.{stage}")
+            module.execute(stage_context(compose_config(overrides), stage=stage))
+    finally:
+        os.chdir(before)
+
+
+def _registration(root: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((root / "registration.json").read_text(encoding="utf-8"))["models"][0]
+    return data
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plant]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run must apt-get install postgresql")
+        pytest.skip("needs Debian's postgresql package (initdb, pg_ctl); .ci/run installs it")
+    root = tmp_path_factory.mktemp("plant")
+    with ExitStack() as stack:
+        postgres = stack.enter_context(PostgresCluster(bindir))
+        mlflow = stack.enter_context(MlflowServer(backend_uri=postgres.uri, artifacts=root / "mlartifacts",
+                                                  scratch=root))
+        project = root / "project"
+        write_mvtec_dataset(project / "data" / "synthetic", n_train=8, n_test_good=4, n_test_per_defect=2, size=96,
+                            seed=0)
+        tracking = f"tracking.tracking_uri='{mlflow.uri}'"
+        _run_pipeline(project, [*PIPELINE, tracking], ["ingest", "fit_ok", "calibrate", "evaluate", "register"])
+        first = _registration(project)
+        assert first["version"] == 1 and first["alias_moved"], first
+        # a second version from the pipeline (another coreset rate), parked under another alias
+        _run_pipeline(project, [*PIPELINE, tracking, "model.coreset_rate=0.05", "tracking.alias=staging"],
+                      ["fit_ok", "calibrate", "evaluate", "register"])
+        second = _registration(project)
+        assert second["version"] == 2 and second["threshold"] != first["threshold"]
+
+        replicas = []
+        for name in ("replica-a", "replica-b"):
+            scratch = root / name
+            env = {**TINY_ENV, "BDI_MODELS_DIR": str(scratch / "models"),
+                   "BDI_WEIGHTS_CACHE_DIR": str(scratch / "weights-cache"), "BDI_GUI_LOG_DIR": str(scratch / "logs"),
+                   "BDI_MLFLOW_TRACKING_URI": mlflow.uri, "BDI_REGISTRY_SYNC_ON_START": "1",
+                   "BDI_REGISTRY_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S),
+                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+            replicas.append(stack.enter_context(BdiServer(scratch=scratch, env=env, name=name).start()))
+        for replica in replicas:
+            replica.wait_ready()
+        image = next((project / "data" / "synthetic" / "test" / "pit").glob("*.png")).read_bytes()
+        yield Plant(root=root, mlflow=mlflow, replicas=replicas, name=first["name"], image=image,
+                    thresholds={1: first["threshold"], 2: second["threshold"]})
+
+
+def test_both_replicas_serve_the_champion_with_the_same_score(plant: Plant) -> None:
+    bodies = plant.infer_all()
+    assert [b["threshold"] for b in bodies] == pytest.approx([plant.thresholds[1]] * 2)
+    assert bodies[0]["score"] == pytest.approx(bodies[1]["score"], rel=1e-6)
+    assert {(b["lineage"]["registered_model"], b["lineage"]["registered_version"]) for b in bodies} == {
+        (plant.name, 1)}
+    health = [httpx.get(f"{r.url}/health", timeout=10).json()["registry"] for r in plant.replicas]
+    assert all(h["reachable"] and [m["version"] for m in h["synced"]] == [1] for h in health), health
+    plant.first_scores = [b["score"] for b in bodies]
+
+
+def test_promoting_a_new_version_reaches_both_replicas_within_the_sync_interval(plant: Plant) -> None:
+    plant.promote(2)
+    elapsed = plant.wait_for_version(2, timeout_s=SYNC_INTERVAL_S + PROPAGATION_SLACK_S)
+    sys.stdout.write(f"\nversion 2 served by both replicas {elapsed:.1f} s after the promotion "
+                     f"(sync interval {SYNC_INTERVAL_S} s)\n")
+    bodies = plant.infer_all()
+    assert [b["threshold"] for b in bodies] == pytest.approx([plant.thresholds[2]] * 2)
+    assert bodies[0]["score"] == pytest.approx(bodies[1]["score"], rel=1e-6)
+
+
+def test_rolling_back_restores_the_old_version_on_both(plant: Plant) -> None:
+    plant.promote(1)
+    plant.wait_for_version(1, timeout_s=SYNC_INTERVAL_S + PROPAGATION_SLACK_S)
+    bodies = plant.infer_all()
+    assert [b["threshold"] for b in bodies] == pytest.approx([plant.thresholds[1]] * 2)
+    assert [b["score"] for b in bodies] == pytest.approx(plant.first_scores, rel=1e-6)
+
+
+def test_registry_outage_keeps_both_serving_and_health_reports_the_stale_view(plant: Plant) -> None:
+    plant.mlflow.stop()
+    deadline = time.monotonic() + SYNC_INTERVAL_S + PROPAGATION_SLACK_S
+    health: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        health = [httpx.get(f"{r.url}/health", timeout=10).json()["registry"] for r in plant.replicas]
+        if all(h["reachable"] is False for h in health):
+            break
+        time.sleep(0.5)
+    assert all(h["reachable"] is False and h["error"] for h in health), health
+    for h in health:
+        assert h["stale_s"] > 0 and [m["version"] for m in h["synced"]] == [1], h
+    assert [b["threshold"] for b in plant.infer_all()] == pytest.approx([plant.thresholds[1]] * 2)

@@ -1,0 +1,156 @@
+"""The promotion gate: each check on its own (pure), then on a real MLflow registry with the tiny real model,
+where the export-parity check scores the golden images through the serving path of the registered artefact."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from bdi.promotion import (
+    GoldenImage,
+    PromotionGate,
+    ServingProbe,
+    evaluate_gate,
+    promote_version,
+    read_golden_set,
+    write_golden_set,
+)
+from bdi.service import InspectionService
+from bdi.store import ModelRef
+from bdi.tracking import TrackingConfig, resolve_tracking_uri
+from tests.helpers.registry import fit_and_export, register
+from tests.helpers.synthetic import png_bytes
+
+REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
+GOOD_PROBE = ServingProbe(scores=[0.5, 0.7], latencies_ms=[20.0, 30.0], expected=[0.5, 0.7])
+GATE = PromotionGate(max_false_reject_rate=0.05, max_infer_latency_ms=100.0, parity_eps=1e-3)
+
+
+def _failed(report: object) -> set[str]:
+    return {c.name for c in report.failures()}  # type: ignore[attr-defined]
+
+
+def test_gate_passes_a_candidate_at_least_as_good_as_the_holder() -> None:
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.01},
+                           holder={"image_auroc": 0.9}, probe=GOOD_PROBE)
+    assert report.passed and [c.name for c in report.checks] == [
+        "image_auroc", "false_reject_rate", "infer_latency_ms", "export_parity"]
+
+
+def test_gate_refuses_an_auroc_below_the_holders() -> None:
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.8, "false_reject_rate": 0.0},
+                           holder={"image_auroc": 0.9}, probe=GOOD_PROBE)
+    assert _failed(report) == {"image_auroc"}
+
+
+def test_gate_refuses_a_false_reject_rate_over_the_limit() -> None:
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.2}, holder=None,
+                           probe=GOOD_PROBE)
+    assert _failed(report) == {"false_reject_rate"}
+
+
+def test_gate_refuses_a_latency_over_the_budget() -> None:
+    slow = replace(GOOD_PROBE, latencies_ms=[150.0, 160.0])
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.0}, holder=None, probe=slow)
+    assert _failed(report) == {"infer_latency_ms"}
+
+
+def test_gate_refuses_served_scores_that_differ_from_the_pipelines() -> None:
+    drift = replace(GOOD_PROBE, scores=[0.5, 0.71])
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.0}, holder=None, probe=drift)
+    assert _failed(report) == {"export_parity"}
+
+
+def test_gate_without_golden_images_fails_latency_and_parity_unless_disabled() -> None:
+    empty = ServingProbe(scores=[], latencies_ms=[])
+    metrics = {"image_auroc": 0.9, "false_reject_rate": 0.0}
+    assert _failed(evaluate_gate(GATE, candidate=metrics, holder=None, probe=empty)) == {
+        "infer_latency_ms", "export_parity"}
+    lenient = PromotionGate(max_false_reject_rate=None, max_infer_latency_ms=None, parity_eps=None)
+    assert evaluate_gate(lenient, candidate={"image_auroc": 0.9}, holder=None, probe=empty).passed
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture()
+def golden_export(
+    service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray], tmp_path: Path
+) -> Path:
+    """A calibrated export with golden images whose expected scores come from the pipeline's scoring call."""
+    exported = fit_and_export(service, ref=REF, fit_on=good_discs[:10], ok=good_discs[10:], ng=defect_discs,
+                              dest=tmp_path / "export")
+    images = [good_discs[10], defect_discs[0]]
+    calib = service.store.load_calibration(REF)
+    assert calib is not None
+    scores = [r.score for r in service.score_images(ref=REF, images=images, scoring=service.calibrated_scoring(calib))]
+    write_golden_set(exported, [(png_bytes(img), ".png", GoldenImage(file="", expected_score=s, mm_per_px=0.2))
+                                for img, s in zip(images, scores, strict=True)])
+    return exported
+
+
+def _cfg(prefix: str) -> TrackingConfig:
+    return TrackingConfig(experiment="unit-promotion", registered_model_prefix=prefix)
+
+
+def _client(project_root: Path) -> MlflowClient:
+    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_golden_set_round_trips(golden_export: Path) -> None:
+    golden = read_golden_set(golden_export)
+    assert [r.file for _, r in golden] == ["000.png", "001.png"] and golden[0][0].startswith(b"\x89PNG")
+
+
+def test_promote_moves_the_alias_when_served_scores_match_the_pipelines(
+    project_root: Path, golden_export: Path
+) -> None:
+    cfg = _cfg("parity")
+    registered = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF, move_alias=False)
+    result = promote_version(cfg=cfg, project_root=project_root, name=registered.name, version=1,
+                             gate=PromotionGate(max_infer_latency_ms=60_000.0, parity_eps=1e-4))
+    assert result.moved and result.report is not None and result.report.passed, result.report
+    version = _client(project_root).get_model_version_by_alias(registered.name, "champion")
+    assert str(version.version) == "1" and version.tags["gate.passed"] == "true"
+
+
+def test_promote_keeps_the_holder_when_the_export_scores_differently(
+    project_root: Path, golden_export: Path
+) -> None:
+    cfg = _cfg("drift")
+    first = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)
+    drifted = [(data, ".png", replace(record, expected_score=record.expected_score + 0.05))
+               for data, record in read_golden_set(golden_export)]
+    write_golden_set(golden_export, drifted)
+    register(cfg, project_root=project_root, model_dir=golden_export, ref=REF, move_alias=False)
+    result = promote_version(cfg=cfg, project_root=project_root, name=first.name, version=2,
+                             gate=PromotionGate(max_infer_latency_ms=60_000.0))
+    assert not result.moved and result.previous_version == 1
+    assert result.report is not None and _failed(result.report) == {"export_parity"}
+    client = _client(project_root)
+    assert str(client.get_model_version_by_alias(first.name, "champion").version) == "1"
+    assert client.get_model_version(first.name, "2").tags["gate.passed"] == "false"
+
+
+def test_cli_promote_skip_gate_moves_the_alias_back(
+    project_root: Path, golden_export: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bdi.cli import main
+
+    cfg = _cfg("cli")
+    first = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)
+    register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)  # AUROC equal: champion → v2
+    assert str(_client(project_root).get_model_version_by_alias(first.name, "champion").version) == "2"
+    code = main(["promote", first.name, "1", "--skip-gate", "--project-root", str(project_root)])
+    assert code == 0 and f"{first.name}@champion -> v1 (was v2)" in capsys.readouterr().out
+    assert str(_client(project_root).get_model_version_by_alias(first.name, "champion").version) == "1"
