@@ -7,6 +7,7 @@ process builds its ``Settings`` and its one ``InspectionService`` in the lifespa
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
 
+MLFLOW_PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.entities", "mlflow.artifacts")
 FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
 
@@ -109,14 +111,19 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
 async def _start_tracking(
     stack: AsyncExitStack, settings: Settings, *, log_api_runs: bool
 ) -> tuple[TrackingStatus, ApiRunLogger | None]:
-    """Bound every MLflow call of the process, start the start-up work against MLflow on a thread
-    (waiting a bounded time when models are synced at start-up), and build the API run logger.
+    """Bound every MLflow call of the process, start the start-up work against MLflow on a thread and
+    build the API run logger.
     What must be undone at shutdown goes on ``stack``: the logger's bounded close, then the timeouts."""
     tracking = TrackingConfig.from_settings(settings)
     uses_mlflow = bool(settings.mlflow_tracking_uri) or settings.registry_sync_on_start
     status = TrackingStatus("checking" if uses_mlflow else "disabled")
     stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
     if uses_mlflow:
+        # Import MLflow once, before any thread uses it: the start-up check and the registry follower
+        # importing it at the same time can deadlock the import, leaving a half-initialised module
+        # that breaks every later MLflow call of the process.
+        for module in MLFLOW_PRELOAD:
+            await asyncio.to_thread(importlib.import_module, module)
         startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
                                    name="bdi-registry-startup", daemon=True)
         startup.start()
