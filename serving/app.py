@@ -22,7 +22,7 @@ from bdi.logging import configure_logging, slog
 from bdi.service import InspectionService
 from bdi.shadow import ShadowScorer, shadow_models_dir
 from bdi.store import remove_orphan_temp_files
-from bdi.sync import RegistryFollower, SyncStatusReader
+from bdi.sync import RegistryFollower, SyncStatusReader, preload_mlflow
 from bdi.tracking import (
     ApiRunLogger,
     TrackingConfig,
@@ -56,6 +56,8 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         if orphans:
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         async with AsyncExitStack() as stack:
+            if resolved.mlflow_tracking_uri or resolved.registry_sync_on_start:
+                await asyncio.to_thread(preload_mlflow)  # before any MLflow thread starts (bdi.sync)
             status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
             tracking = TrackingConfig.from_settings(resolved)
             follower = await _follow_registry(tracking, resolved)

@@ -41,6 +41,22 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
 
 
+# What MLflow code the server's background threads run (the registry follower, the start-up check, API
+# run logging). Imported once, in one thread, before those threads start: two threads importing mlflow
+# for the first time at once can deadlock on its circular imports, and Python then leaves a half-built
+# `mlflow` module in sys.modules for the life of the process (every later sync fails).
+MLFLOW_MODULES = ("mlflow", "mlflow.artifacts", "mlflow.exceptions", "mlflow.models", "mlflow.entities",
+                  "mlflow.tracking", "mlflow.store.artifact.artifact_repository_registry")
+
+
+def preload_mlflow() -> None:
+    """Import :data:`MLFLOW_MODULES` in the calling thread (call before starting MLflow threads)."""
+    import importlib
+
+    for name in MLFLOW_MODULES:
+        importlib.import_module(name)
+
+
 def status_path(models_dir: Path) -> Path:
     return Path(models_dir) / STATUS_FILE
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -143,3 +144,21 @@ def test_shadow_mode_logs_the_challengers_score_while_the_champion_decides(
     assert event["champion"]["version"] == 1 and event["champion"]["score"] == body["score"]
     assert event["challenger"]["version"] == 2 and event["challenger"]["decision"] in ("ok", "ng")
     assert event["agree"] == (event["challenger"]["decision"] == body["decision"])
+
+
+@pytest.mark.slow
+def test_a_fresh_server_process_syncs_at_start_up_alongside_its_mlflow_start_up_check(
+    tmp_path: Path, registered: tuple[str, TrackingConfig, Path]
+) -> None:
+    """In a new process the follower and the start-up check are two threads reaching MLflow at once: its
+    first import must not race (a deadlock there left a half-imported mlflow and every sync failing)."""
+    from tests.conftest import TINY_ENV
+    from tests.helpers.servers import BdiServer
+
+    env = {**TINY_ENV, "BDI_MODELS_DIR": str(tmp_path / "served"), "BDI_GUI_LOG_DIR": str(tmp_path / "logs"),
+           "BDI_WEIGHTS_CACHE_DIR": str(tmp_path / "weights-cache"),
+           "BDI_MLFLOW_TRACKING_URI": registered[1].tracking_uri, "BDI_REGISTRY_SYNC_ON_START": "1"}
+    with BdiServer(scratch=tmp_path / "server", env=env) as server:
+        registry = httpx.get(f"{server.url}/health", timeout=30).json()["registry"]
+    assert registry["reachable"] is True and registry["error"] is None, registry
+    assert [(m["name"], m["version"]) for m in registry["synced"]] == [(registered[0], 1)]
