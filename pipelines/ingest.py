@@ -133,7 +133,8 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
 
 def _server_candidates(root: Path, target: Target) -> list[Candidate]:
     """The GUI's ``ok``/``ng`` samples of one model; ``root`` was checked by ``check_source``."""
-    from bdi.datasets import LABELS, DatasetRef, DatasetStore
+    from bdi.datasets import LABELS, DatasetStore
+    from bdi.refs import DatasetRef
 
     store = DatasetStore(root)
     ref = DatasetRef(recipe_id=target.ref.recipe_id, role_id=target.ref.role_id, roi_id=target.ref.roi_id)

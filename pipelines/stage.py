@@ -311,7 +311,7 @@ def stage_run_with_progress(
 class Target:
     """One model the pipeline builds: a ModelStore ref plus its data settings."""
 
-    ref: Any  # bdi.store.ModelRef
+    ref: Any  # bdi.refs.ModelRef
     mm_per_px: float
     roi_shape: dict[str, Any] | None
     subdir: str | None
@@ -329,7 +329,7 @@ class Target:
 
 def targets(cfg: PipelineConfig) -> list[Target]:
     """The (recipe, role, roi) models of the dataset config, in config order."""
-    from bdi.store import ModelRef
+    from bdi.refs import ModelRef
 
     out: list[Target] = []
     for i, roi in enumerate(cfg.dataset.rois):
@@ -437,9 +437,9 @@ def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None 
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write strict JSON (NaN/inf refused) atomically with ``bdi.store.atomic_write_bytes``, creating the
+    """Write strict JSON (NaN/inf refused) atomically with ``bdi.fsio.atomic_write_bytes``, creating the
     parent folder. Unlike ``atomic_write_json`` (which lets NaN through), DVC metrics must be strict."""
-    from bdi.store import atomic_write_bytes
+    from bdi.fsio import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))

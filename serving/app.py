@@ -18,10 +18,10 @@ from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
+from bdi.fsio import remove_orphan_temp_files
 from bdi.logging import configure_logging, slog
 from bdi.service import InspectionService
 from bdi.shadow import ShadowScorer, shadow_models_dir
-from bdi.store import remove_orphan_temp_files
 from bdi.sync import RegistryFollower, SyncStatusReader, preload_mlflow
 from bdi.tracking import (
     ApiRunLogger,

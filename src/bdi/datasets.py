@@ -26,18 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, NotFoundError, StorageError
+from .fsio import fsync_dir, utc_now_iso, write_temp_file
 from .logging import slog
-from .store import (
-    check_recipe_id,
-    checked_roi_base,
-    ensure_inside,
-    fsync_dir,
-    legacy_name,
-    recipe_dir_candidates,
-    roi_base,
-    utc_now_iso,
-    write_temp_file,
-)
+from .refs import DatasetRef, ensure_inside, legacy_name, recipe_dir_candidates
 
 LABELS: tuple[str, ...] = ("ok", "ng")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -68,23 +59,6 @@ def client_extension(client_filename: str | None) -> str:
 def _basename(filename: str) -> str:
     """The last path component, splitting on both '/' and '\\' (clients may be Windows)."""
     return filename.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """Which dataset: a validated recipe id and the raw role/roi ids (model_key plays no part)."""
-
-    recipe_id: str
-    role_id: str
-    roi_id: str
-
-    def __post_init__(self) -> None:
-        check_recipe_id(self.recipe_id)
-        checked_roi_base(self.role_id, self.roi_id)
-
-    @property
-    def base(self) -> str:
-        return roi_base(self.role_id, self.roi_id)
 
 
 @dataclass(frozen=True)

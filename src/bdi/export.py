@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from .errors import ExportError
-from .store import atomic_write_json, utc_now_iso
+from .fsio import atomic_write_json, utc_now_iso
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .features import FeatureExtractor

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bdi.errors import ImageDecodeError, InvalidInputError, UploadLimitError
+from bdi.errors import ImageDecodeError, InvalidInputError, InvalidScaleError, UploadLimitError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -92,6 +92,19 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") 
         scale = 255.0 / float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 255.0
         image = np.clip(image.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
+
+
+def validate_mm_per_px(value: object) -> float:
+    """The pixel scale ``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
+    if isinstance(value, bool):
+        raise InvalidScaleError()
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise InvalidScaleError() from exc
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidScaleError()
+    return number
 
 
 def encode_png_gray(u8: np.ndarray) -> bytes:

@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime h
     from mlflow import MlflowClient
 
     from .memory import Memory
+    from .refs import ModelRef
     from .service import FitResult
-    from .store import ModelRef
 
 _LOG = logging.getLogger(__name__)
 

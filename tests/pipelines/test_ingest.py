@@ -145,7 +145,8 @@ def test_cli_bad_dataset_path_exits_non_zero_with_clear_error(tmp_path: Path) ->
 
 
 def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
-    from bdi.datasets import DatasetRef, DatasetStore, UploadItem
+    from bdi.datasets import DatasetStore, UploadItem
+    from bdi.refs import DatasetRef
 
     models = tmp_path / "models"
     store = DatasetStore(models)
