@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from bdi.fsio import staged_dir
 from pipelines.stage import (
     PipelineDataError,
     StageContext,
@@ -27,7 +28,6 @@ from pipelines.stage import (
     run_cli,
     score_rows,
     stage_run_with_progress,
-    staged_output,
     targets,
 )
 
@@ -52,7 +52,7 @@ def run_calibrate(
     if not fit_dir.is_dir():
         raise PipelineDataError(f"{fit_dir} (paths.fit_dir) is missing: run the fit_ok stage first")
     outcomes: list[CalibrationOutcome] = []
-    with staged_output(ctx.path(cfg.paths.model_dir)) as staged:
+    with staged_dir(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
         service = build_service(ctx, models_dir=staged, extractor=extractor)
         scoring = service.settings.scoring_config()  # to_settings carries calibration.* into Settings

@@ -16,10 +16,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -444,21 +442,3 @@ def write_json(path: Path, obj: Any) -> Path:
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
-
-
-@contextmanager
-def staged_output(final: Path) -> Iterator[Path]:
-    """Build the folder ``final`` elsewhere: yields a fresh sibling path (not yet created) that replaces
-    ``final`` when the block succeeds (the old folder is removed first); on failure ``final`` is left
-    as it was and the staged folder is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staged = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        yield staged
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)

@@ -1,14 +1,18 @@
-"""Crash-safe file IO: atomic writes (temp file + fsync + ``os.replace``), orphan temp-file cleanup,
-reads that report the identity of the very file read, and the UTC timestamps written into files."""
+"""Crash-safe file IO: atomic writes (temp file + fsync + ``os.replace``), folders swapped in whole,
+orphan temp-file cleanup, reads that report the identity of the very file read, and the UTC
+timestamps written into files."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import stat as stat_mod
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +113,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc}") from exc
     fsync_dir(path.parent)
+
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Build the folder ``final`` elsewhere: yields a fresh sibling path (not yet created) that replaces
+    ``final`` when the block succeeds (the old folder is removed first); on failure ``final`` is left
+    as it was and the staged folder is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        yield staged
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def json_default(obj: Any) -> Any:
