@@ -15,13 +15,12 @@ import hydra
 from omegaconf import DictConfig
 
 from bdi.fsio import staged_dir
+from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
-    PipelineDataError,
     StageContext,
     build_service,
     execute_stage,
     load_image,
-    read_manifest,
     recipe_mm_per_px,
     rows_for,
     run_cli,

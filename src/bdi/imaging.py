@@ -94,6 +94,28 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") 
     return np.ascontiguousarray(image)
 
 
+def decode_mask(data: bytes, *, name: str = "") -> np.ndarray:
+    """Decode a ground-truth mask to grayscale ``uint8`` ``(H, W)``; :class:`ImageDecodeError` when it cannot be."""
+    try:
+        mask: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"mask {name} cannot be decoded") from exc
+    if mask is None or mask.size == 0:
+        raise ImageDecodeError(f"mask {name} cannot be decoded")
+    return mask
+
+
+def channel_count(data: bytes) -> int | None:
+    """How many channels the encoded image stores (1 gray, 3 colour, 4 with alpha); None when undecodable."""
+    try:
+        raw: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    if raw is None:
+        return None
+    return 1 if raw.ndim == 2 else int(raw.shape[2])
+
+
 def validate_mm_per_px(value: object) -> float:
     """The pixel scale ``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
     if isinstance(value, bool):
