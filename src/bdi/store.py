@@ -195,10 +195,6 @@ class _LRU(Generic[K, V]):
             while len(self._data) > self._max:
                 self._data.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
 
 # ----------------------------------------------------------------------------------------- store
 
@@ -564,9 +560,3 @@ class ModelStore:
         ref = meta.get("model_ref") if isinstance(meta, dict) else None
         key = ref.get("model_key") if isinstance(ref, dict) else None
         return key if isinstance(key, str) and key else None
-
-    def clear_cache(self) -> None:
-        """Drop cached entries (never needed for correctness)."""
-        self._memories.clear()
-        self._models.clear()
-        self._calibs.clear()
