@@ -370,7 +370,7 @@ class ModelStore:
             if loaded is None:
                 continue  # replaced or removed between resolve and read
             memory, store_keys, mem_ident = loaded
-            model, idx_ident = self._pair(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
+            model, idx_ident = self._attach_index_file(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
             if model is not None:
                 self._models.put((mem_ident, idx_ident), model)
                 return model
@@ -397,11 +397,11 @@ class ModelStore:
             index = KnnIndex.build(memory.embeddings, factory=factory)
         except InvalidInputError:
             index = KnnIndex.build(memory.embeddings, factory="Flat")
-        model = LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=None)
+        model = LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path, index_path=None)
         self._models.put((mem_ident, idx_ident), model)
         return model
 
-    def _pair(
+    def _attach_index_file(
         self, memory: Memory, store_keys: Mapping[str, Any], *, mem_path: Path, idx_path: Path | None
     ) -> tuple[LoadedModel | None, FileIdentity | None]:
         """Join a memory with its index file; (None, _) when the index belongs to another save."""
@@ -422,10 +422,10 @@ class ModelStore:
             raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
         if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
             return None, idx_ident
-        return LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path,
+        return LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path,
                            index_path=idx_path), idx_ident
 
-    def _place(self, index: KnnIndex) -> KnnIndex:
+    def _to_configured_gpu(self, index: KnnIndex) -> KnnIndex:
         """The index on the configured GPU when possible (contract §8), else unchanged."""
         return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
 
