@@ -1,4 +1,5 @@
-"""OK/NG sample folders per (recipe, role, roi), and a reader for MVTec-style trees.
+"""OK/NG sample folders per (recipe, role, roi), a reader for MVTec-style trees, and the checks that make
+a sample file usable for training or evaluation (:func:`check_sample`).
 
 Layout (API_CONTRACT §4.1): ``<root>/recipes/<recipe>/datasets/<b64role>__<b64roi>/{ok,ng}/`` holding
 ``<YYYYmmdd-HHMMSS-ffffff><ext>`` images, each with a ``<stem>.json`` sidecar.

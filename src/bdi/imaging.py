@@ -1,4 +1,5 @@
-"""Image decoding and geometry: decode, letterbox (+ its inverse), normalise, ROI masks. No torch.
+"""Image decoding and geometry: decode (images, ground-truth masks), the mm_per_px rule, letterbox (+ its
+inverse), normalise, ROI masks. No torch.
 
 All images are NumPy arrays: decoded images are BGR ``uint8`` ``(H, W, 3)`` (OpenCV order), letterboxed
 images are RGB ``uint8`` ``(size, size, 3)`` (API_CONTRACT §3.1), masks are ``uint8`` ``(H, W)`` in 0..255
