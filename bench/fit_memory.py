@@ -27,7 +27,8 @@ def _prepare(n_images: int, models_dir: Path) -> None:
     import cv2
     import numpy as np
 
-    from bdi.datasets import DatasetRef, DatasetStore, UploadItem
+    from bdi.datasets import DatasetStore, UploadItem
+    from bdi.refs import DatasetRef
     from bdi.synthetic import make_disc
     from bench.run import REF
 

@@ -31,8 +31,8 @@ from bdi.coreset import coreset_size, greedy_k_center
 from bdi.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
 from bdi.inference import distance_map, gaussian_blur, masked_score
 from bdi.knn import FAISS_AVAILABLE, KnnIndex
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 MM_PER_PX = 0.2  # any valid scale: /infer needs one; it changes region areas only, never scores

@@ -28,8 +28,8 @@ from bdi.coreset import coreset_size, covering_radius, greedy_k_center
 from bdi.datasets import read_mvtec
 from bdi.imaging import decode_image
 from bdi.memory import l2_normalize
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import write_mvtec_dataset
 from bench.baselines import reference_greedy_k_center
 

@@ -38,8 +38,8 @@ from bdi.acceleration import configure_threads, export_checked
 from bdi.config import Settings
 from bdi.datasets import read_mvtec
 from bdi.imaging import decode_image
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import write_mvtec_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

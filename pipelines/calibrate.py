@@ -16,18 +16,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from bdi.fsio import staged_dir
+from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
-    PipelineDataError,
     StageContext,
     build_service,
     execute_stage,
-    read_manifest,
     recipe_mm_per_px,
     rows_for,
     run_cli,
     score_rows,
     stage_run_with_progress,
-    staged_output,
     targets,
 )
 
@@ -52,7 +51,7 @@ def run_calibrate(
     if not fit_dir.is_dir():
         raise PipelineDataError(f"{fit_dir} (paths.fit_dir) is missing: run the fit_ok stage first")
     outcomes: list[CalibrationOutcome] = []
-    with staged_output(ctx.path(cfg.paths.model_dir)) as staged:
+    with staged_dir(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
         service = build_service(ctx, models_dir=staged, extractor=extractor)
         scoring = service.settings.scoring_config()  # to_settings carries calibration.* into Settings
@@ -60,8 +59,8 @@ def run_calibrate(
             rows = rows_for(manifest, target, "calib")
             _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                           scoring=scoring, progress=progress)
-            ok = [res.score for res, row in zip(results, rows, strict=True) if row["label"] == "ok"]
-            ng = [res.score for res, row in zip(results, rows, strict=True) if row["label"] == "ng"]
+            ok = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ok"]
+            ng = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ng"]
             if not ok:
                 raise PipelineDataError(f"no OK calibration image for {target.key}: the calib split needs "
                                         "test/good images (or OK server samples)")
@@ -69,7 +68,7 @@ def run_calibrate(
                 ref=target.ref, ok_scores=ok, ng_scores=ng or None, mm_per_px=recipe_mm_per_px(manifest, target),
                 score_percentile=cfg.calibration.score_percentile, area_mm2_thr=cfg.calibration.area_mm2_thr,
             )
-            scores = [{"file": row["file"], "label": row["label"], "defect_class": row["defect_class"],
+            scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]
             outcomes.append(CalibrationOutcome(key=target.key, calib=dict(calib), scores=scores))
             log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib["threshold"],

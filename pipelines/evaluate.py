@@ -20,12 +20,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from pipelines.manifest import ManifestRow, PipelineDataError, read_manifest
 from pipelines.stage import (
-    PipelineDataError,
     StageContext,
     build_service,
     execute_stage,
-    read_manifest,
     resolve_path,
     rows_for,
     run_cli,
@@ -58,17 +57,17 @@ class EvaluationOutputs:
     models: list[ModelEvaluation]
 
 
-def _load_mask(root: Path, row: dict[str, Any], *, threshold: int) -> np.ndarray | None:
-    import cv2
-
+def _load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | None:
+    from bdi.errors import BDIError
     from bdi.evaluation import binarize_mask
+    from bdi.imaging import decode_mask
 
-    if not row.get("mask"):
+    if not row.mask:
         return None
-    data = resolve_path(root, str(row["mask"])).read_bytes()
-    mask = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise PipelineDataError(f"mask {row['mask']} cannot be decoded: run the ingest stage again")
+    try:
+        mask = decode_mask(resolve_path(root, row.mask).read_bytes(), name=row.mask)
+    except BDIError as exc:
+        raise PipelineDataError(f"mask {row.mask} cannot be decoded: run the ingest stage again") from exc
     return binarize_mask(mask, threshold=threshold)
 
 
@@ -119,9 +118,9 @@ def run_evaluate(
         rows = rows_for(manifest, target, "eval")
         images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                      scoring=scoring, progress=progress)
-        labels = [1 if row["label"] == "ng" else 0 for row in rows]
+        labels = [1 if row.label == "ng" else 0 for row in rows]
         scores = [float(r.score) for r in results]
-        classes = [str(row["defect_class"]) for row in rows]
+        classes = [row.defect_class for row in rows]
         masks = [_load_mask(ctx.project_root, row, threshold=cfg.dataset.mask_threshold) for row in rows]
         maps = [r.anomaly_map for r in results]
         report = evaluate_scores(labels=labels, scores=scores, threshold=threshold, defect_classes=classes,
@@ -130,8 +129,8 @@ def run_evaluate(
         ng_scores = [s for s, y in zip(scores, labels, strict=True) if y == 1]
         evaluation = ModelEvaluation(
             key=target.key, slug=target.slug, metrics=report.to_dict(),
-            scores=[{"model": target.key, "file": row["file"], "label": row["label"],
-                     "defect_class": row["defect_class"], "score": s,
+            scores=[{"model": target.key, "file": row.file, "label": row.label,
+                     "defect_class": row.defect_class, "score": s,
                      "decision": decide(s, threshold)} for row, s in zip(rows, scores, strict=True)],
             roc=[{"model": target.key, **p} for p in report.roc],
             histogram=[{"model": target.key, **h}
@@ -145,7 +144,7 @@ def run_evaluate(
                                               title=f"Scores {target.key}"),
             "gallery": plot_gallery(
                 [images[i] for i in worst], [maps[i] for i in worst],
-                [f"{classes[i]} {Path(str(rows[i]['file'])).name}\nscore {scores[i]:.4g} "
+                [f"{classes[i]} {Path(rows[i].file).name}\nscore {scores[i]:.4g} "
                  f"({decide(scores[i], threshold).upper()})" for i in worst],
                 images_dir / f"{target.slug}_worst.png",
             ),

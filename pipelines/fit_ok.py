@@ -14,18 +14,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from bdi.fsio import staged_dir
+from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
-    PipelineDataError,
     StageContext,
     build_service,
     execute_stage,
     load_image,
-    read_manifest,
     recipe_mm_per_px,
     rows_for,
     run_cli,
     stage_run_with_progress,
-    staged_output,
     targets,
     write_json,
 )
@@ -50,7 +49,7 @@ def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any
     """Fit every target into a staging folder, then replace ``paths.fit_dir`` with it."""
     manifest = read_manifest(ctx.path(ctx.cfg.paths.manifest))
     outcomes: list[FitOutcome] = []
-    with staged_output(ctx.path(ctx.cfg.paths.fit_dir)) as staged:
+    with staged_dir(ctx.path(ctx.cfg.paths.fit_dir)) as staged:
         service = build_service(ctx, models_dir=staged, extractor=extractor)
         for target in targets(ctx.cfg):
             rows = rows_for(manifest, target, "train")

@@ -6,9 +6,9 @@ Sources (``dataset.kind``):
 * ``server``: the GUI's sample folders in a ModelStore root (``bdi.datasets.DatasetStore``), ``ok``/``ng``;
   a sample's sidecar ``mm_per_px`` / ``shape_json`` win over the dataset config.
 
-Validation (each failure rejects one file with a reason; the rest is kept): readable, decodable by
-``bdi.imaging.decode_image``, channel count in ``dataset.channels``, both sides ≥ ``dataset.min_size``,
-at most ``dataset.max_pixels``; a mask must decode and have the image's size; an exact duplicate
+Validation (``bdi.datasets.check_sample``; each failure rejects one file with a reason, the rest is kept):
+readable, decodable, channel count in ``dataset.channels``, both sides ≥ ``dataset.min_size``, at most
+``dataset.max_pixels``, a valid ``mm_per_px``; a mask must decode and have the image's size; an exact duplicate
 (same sha256) of an earlier file of the same model is rejected (no image may be both fitted and tested).
 
 Splits (``bdi.splits``, the one home of the rule, shared with ``bench.quality``): deterministic and
@@ -21,29 +21,24 @@ OK samples → ``train`` (``splits.train_fraction``), the remaining OK and all N
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from bdi.errors import BDIError
 from bdi.splits import SplitItem
 from bdi.splits import assign_splits as assign_splits_rule
 from pipelines.config import PipelineConfig, PipelineConfigError
+from pipelines.manifest import SPLITS, ManifestRow, PipelineDataError, write_manifest
 from pipelines.stage import (
-    MANIFEST_COLUMNS,
-    SPLITS,
-    PipelineDataError,
     StageContext,
     Target,
     execute_stage,
@@ -54,6 +49,9 @@ from pipelines.stage import (
     targets,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from bdi.datasets import SampleFacts
 
 log = logging.getLogger("pipelines.ingest")
 STAGE = "ingest"
@@ -74,7 +72,7 @@ class Candidate:
 
 @dataclass
 class IngestResult:
-    rows: list[dict[str, Any]]
+    rows: list[ManifestRow]
     rejected: list[dict[str, str]]
     warnings: list[str] = field(default_factory=list)
     n_found: int = 0
@@ -82,9 +80,9 @@ class IngestResult:
     def report(self, cfg: PipelineConfig) -> dict[str, Any]:
         counts: dict[str, dict[str, dict[str, int]]] = {}
         for row in self.rows:
-            key = f"{row['recipe']}/{row['role']}/{row['roi']}"
-            split = counts.setdefault(key, {}).setdefault(row["split"], {})
-            split[row["defect_class"]] = split.get(row["defect_class"], 0) + 1
+            key = f"{row.recipe}/{row.role}/{row.roi}"
+            split = counts.setdefault(key, {}).setdefault(row.split, {})
+            split[row.defect_class] = split.get(row.defect_class, 0) + 1
         return {
             "source": cfg.dataset.source,
             "kind": cfg.dataset.kind,
@@ -133,7 +131,8 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
 
 def _server_candidates(root: Path, target: Target) -> list[Candidate]:
     """The GUI's ``ok``/``ng`` samples of one model; ``root`` was checked by ``check_source``."""
-    from bdi.datasets import LABELS, DatasetRef, DatasetStore
+    from bdi.datasets import LABELS, DatasetStore
+    from bdi.refs import DatasetRef
 
     store = DatasetStore(root)
     ref = DatasetRef(recipe_id=target.ref.recipe_id, role_id=target.ref.role_id, roi_id=target.ref.roi_id)
@@ -156,60 +155,26 @@ def _server_candidates(root: Path, target: Target) -> list[Candidate]:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _channels(data: bytes) -> int | None:
-    import cv2
-
-    raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        return None
-    return 1 if raw.ndim == 2 else int(raw.shape[2])
-
-
-def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[dict[str, Any] | None, str | None]:
-    """``(facts, None)`` for a usable file (width, height, sha256) or ``(None, reason)``."""
-    import cv2
-
-    from bdi.imaging import decode_image
+def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[SampleFacts | None, str | None]:
+    """``(facts, None)`` for a usable file (``bdi.datasets.check_sample``) or ``(None, reason)``."""
+    from bdi.datasets import SampleLimits, check_sample
 
     ds = cfg.dataset
+    limits = SampleLimits(max_pixels=ds.max_pixels, channels=tuple(ds.channels), min_size=ds.min_size)
     try:
-        data = cand.path.read_bytes()
-    except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
-    try:
-        image = decode_image(data, max_pixels=ds.max_pixels, name=cand.path.name)
+        return check_sample(cand.path, mask_path=cand.mask_path, mm_per_px=cand.mm_per_px, limits=limits), None
     except BDIError as exc:
-        return None, f"corrupt image: cannot be decoded ({exc})"
-    channels = _channels(data)
-    if channels is not None and channels not in ds.channels:
-        return None, f"channels: {channels} channels, dataset.channels allows {list(ds.channels)}"
-    height, width = image.shape[:2]
-    if min(height, width) < ds.min_size:
-        return None, f"too small: {width}x{height} px, dataset.min_size is {ds.min_size}"
-    if not (math.isfinite(cand.mm_per_px) and cand.mm_per_px > 0):
-        return None, f"bad mm_per_px: {cand.mm_per_px!r} (must be a finite number > 0)"
-    if cand.mask_path is not None:
-        try:
-            mask_bytes = cand.mask_path.read_bytes()
-        except OSError as exc:
-            return None, f"mask unreadable: {cand.mask_path}: {exc.strerror or exc}"
-        mask = cv2.imdecode(np.frombuffer(mask_bytes, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            return None, f"corrupt mask: {cand.mask_path} cannot be decoded"
-        if mask.shape[:2] != (height, width):
-            return None, (f"image/mask size mismatch: image is {width}x{height} px, mask {cand.mask_path.name} "
-                          f"is {mask.shape[1]}x{mask.shape[0]} px")
-    return {"width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}, None
+        return None, str(exc)
 
 
 # --------------------------------------------------------------------------------------------- splits
 
 
-def assign_splits(kept: Sequence[tuple[Candidate, dict[str, Any]]], *, cfg: PipelineConfig) -> list[str]:
+def assign_splits(kept: Sequence[tuple[Candidate, SampleFacts]], *, cfg: PipelineConfig) -> list[str]:
     """The split of every kept file (``bdi.splits.assign_splits``, the one home of the rule), aligned with ``kept``."""
     items = [
         SplitItem(source_split=cand.source_split, label=cand.label, defect_class=cand.defect_class,
-                  sha256=facts["sha256"], path=str(cand.path))
+                  sha256=facts.sha256, path=str(cand.path))
         for cand, facts in kept
     ]
     splits = cfg.dataset.splits
@@ -241,7 +206,7 @@ def check_source(cfg: PipelineConfig, *, root: Path) -> Path:
 
 
 def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) -> IngestResult:
-    """List, validate and split every model's files; the rows follow ``MANIFEST_COLUMNS``."""
+    """List, validate and split every model's files into manifest rows."""
     from tqdm import tqdm
 
     source = check_source(cfg, root=root)
@@ -250,21 +215,21 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
         listing = _mvtec_candidates if cfg.dataset.kind == "mvtec" else _server_candidates
         candidates = listing(source, target)
         result.n_found += len(candidates)
-        kept: list[tuple[Candidate, dict[str, Any]]] = []
+        kept: list[tuple[Candidate, SampleFacts]] = []
         seen: dict[str, Path] = {}
         bar: Iterable[Candidate] = tqdm(candidates, desc=f"ingest {target.key}", unit="img",
                                         disable=not show_progress)
         for cand in bar:
             facts, reason = validate_candidate(cand, cfg=cfg)
-            if facts is not None and facts["sha256"] in seen:
-                duplicate_of = _rel(seen[facts["sha256"]], root)
+            if facts is not None and facts.sha256 in seen:
+                duplicate_of = _rel(seen[facts.sha256], root)
                 facts, reason = None, f"duplicate: same bytes as {duplicate_of}"
             if facts is None:
                 result.rejected.append({"file": _rel(cand.path, root), "role": target.ref.role_id,
                                         "roi": target.ref.roi_id, "reason": str(reason)})
                 log.warning("rejected %s: %s", cand.path, reason)
                 continue
-            seen[facts["sha256"]] = cand.path
+            seen[facts.sha256] = cand.path
             if cand.label == "ng" and cand.mask_path is None and cfg.dataset.kind == "mvtec":
                 result.warnings.append(f"{_rel(cand.path, root)}: no ground-truth mask (left out of pixel metrics)")
             kept.append((cand, facts))
@@ -275,27 +240,22 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
                 f"dataset.rois and the rejections ({len(result.rejected)} so far)"
             )
         for (cand, facts), split in zip(kept, splits, strict=True):
-            result.rows.append({
-                "file": _rel(cand.path, root), "recipe": target.ref.recipe_id, "role": target.ref.role_id,
-                "roi": target.ref.roi_id, "model_key": target.ref.model_key, "split": split,
-                "label": cand.label, "defect_class": cand.defect_class,
-                "mask": _rel(cand.mask_path, root) if cand.mask_path is not None else "",
-                "mm_per_px": cand.mm_per_px, "roi_shape": cand.roi_shape, "width": facts["width"],
-                "height": facts["height"], "sha256": facts["sha256"],
-            })
+            result.rows.append(ManifestRow(
+                file=_rel(cand.path, root), recipe=target.ref.recipe_id, role=target.ref.role_id,
+                roi=target.ref.roi_id, model_key=target.ref.model_key, split=split,
+                label=cand.label, defect_class=cand.defect_class,
+                mask=_rel(cand.mask_path, root) if cand.mask_path is not None else "",
+                mm_per_px=cand.mm_per_px, roi_shape=cand.roi_shape, width=facts.width,
+                height=facts.height, sha256=facts.sha256,
+            ))
     order = {name: i for i, name in enumerate(SPLITS)}
-    result.rows.sort(key=lambda r: (r["recipe"], r["role"], r["roi"], order[r["split"]], r["defect_class"],
-                                    r["file"]))
+    result.rows.sort(key=lambda r: (r.recipe, r.role, r.roi, order[r.split], r.defect_class, r.file))
     return result
 
 
 def write_outputs(result: IngestResult, *, cfg: PipelineConfig, root: Path) -> tuple[Path, Path]:
-    """Write the manifest CSV (pandas) and ``ingest_report.json``."""
-    import pandas as pd
-
-    manifest = resolve_path(root, cfg.paths.manifest)
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS)).to_csv(manifest, index=False)
+    """Write the manifest CSV and ``ingest_report.json``."""
+    manifest = write_manifest(resolve_path(root, cfg.paths.manifest), result.rows)
     report = write_json(resolve_path(root, cfg.paths.ingest_report), result.report(cfg))
     return manifest, report
 
@@ -305,7 +265,7 @@ def execute(ctx: StageContext) -> IngestResult:
     with stage_run(ctx) as run:
         result = run_ingest(ctx.cfg, root=ctx.project_root, show_progress=True)
         manifest, report = write_outputs(result, cfg=ctx.cfg, root=ctx.project_root)
-        splits = Counter(r["split"] for r in result.rows)
+        splits = Counter(r.split for r in result.rows)
         run.log_metrics({"n_found": result.n_found, "n_kept": len(result.rows), "n_rejected": len(result.rejected),
                          **{f"n_{k}": v for k, v in splits.items()}})
         run.log_artifact(manifest, "ingest")

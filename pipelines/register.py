@@ -26,13 +26,12 @@ import hydra
 from omegaconf import DictConfig
 
 from pipelines.config import tracking_config
+from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
-    PipelineDataError,
     StageContext,
     dataset_identity,
     dvc_data_hash,
     execute_stage,
-    read_manifest,
     recipe_mm_per_px,
     resolve_path,
     rows_for,
@@ -73,14 +72,14 @@ def golden_items(ctx: StageContext, *, target: Any, manifest: Any, scores: Any) 
     if n <= 0:
         return []
     expected = {str(r["file"]): float(r["score"]) for r in scores.to_dict("records") if r["model"] == target.key}
-    rows = [r for r in rows_for(manifest, target, "eval") if str(r["file"]) in expected]
+    rows = [r for r in rows_for(manifest, target, "eval") if r.file in expected]
     picked = rows[:: max(1, len(rows) // n)][:n]  # spread over the classes (rows are ordered by class)
     mm_per_px = recipe_mm_per_px(manifest, target)
     items = []
     for row in picked:
-        path = resolve_path(ctx.project_root, str(row["file"]))
-        record = GoldenImage(file=path.name, expected_score=expected[str(row["file"])], mm_per_px=mm_per_px,
-                             shape=str(row.get("roi_shape") or "") or None, source=str(row["file"]))
+        path = resolve_path(ctx.project_root, row.file)
+        record = GoldenImage(file=path.name, expected_score=expected[row.file], mm_per_px=mm_per_px,
+                             shape=row.roi_shape or None, source=row.file)
         items.append((path.read_bytes(), path.suffix or ".png", record))
     return items
 

@@ -1,5 +1,5 @@
 """Stage plumbing shared by the Hydra mains: which config a run uses, MLflow runs, progress bars,
-manifest I/O, staged output folders and the (recipe, role, roi) targets. No algorithm lives here:
+the (recipe, role, roi) targets and their manifest rows' images. No algorithm lives here:
 scoring, thresholds and metrics are ``bdi`` calls.
 
 Where a stage's config comes from:
@@ -16,11 +16,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import yaml
 from omegaconf import DictConfig
 
 from bdi.errors import BDIError
+from bdi.refs import ModelRef
 from pipelines.config import (
     PARAMS_FILE,
     PipelineConfig,
@@ -42,32 +41,22 @@ from pipelines.config import (
     tracking_config,
     validate,
 )
+from pipelines.manifest import ManifestRow, PipelineDataError, model_rows, read_manifest
 
 log = logging.getLogger("pipelines")
 
 StageResultT = TypeVar("StageResultT")
-
-MANIFEST_COLUMNS = (
-    "file", "recipe", "role", "roi", "model_key", "split", "label", "defect_class", "mask", "mm_per_px",
-    "roi_shape", "width", "height", "sha256",
-)
-SPLITS = ("train", "calib", "eval")  # manifest ``split`` values, in pipeline order
-
-
-class PipelineDataError(RuntimeError):
-    """The data cannot feed a stage (no images for a model, missing upstream output)."""
-
 
 # --------------------------------------------------------------------------------------------- context
 
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage run works with: the typed config, its plain form, where it came from."""
+    """What a stage run works with: the typed config, the same as nested dicts, where it came from."""
 
     stage: str
     cfg: PipelineConfig
-    plain: dict[str, Any]
+    config_dict: dict[str, Any]
     project_root: Path
     config_source: str  # "params.yaml" (DVC) | "conf/" (Hydra composition + overrides)
     overrides: tuple[str, ...]
@@ -106,20 +95,20 @@ def stage_context(hydra_cfg: DictConfig, *, stage: str) -> StageContext:
         if not params_path.is_file():
             raise PipelineConfigError(f"{params_path} is missing: run `python -m pipelines.config --write "
                                       f"{PARAMS_FILE}` in the project root")
-        plain = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+        raw_config = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
         source = PARAMS_FILE
     else:
         root = Path.cwd()
-        plain = to_plain(hydra_cfg)
+        raw_config = to_plain(hydra_cfg)
         source = "conf/"
         params_path = root / PARAMS_FILE
         if params_path.is_file():
             tracked = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-            if params_diff(plain, tracked):
+            if params_diff(raw_config, tracked):
                 log.warning("this run uses conf/ + overrides %s, which differ from %s (what DVC tracks)",
                             list(overrides), PARAMS_FILE)
-    cfg = validate(plain, source=source)
-    return StageContext(stage=stage, cfg=cfg, plain=to_plain(cfg), project_root=root.resolve(),
+    cfg = validate(raw_config, source=source)
+    return StageContext(stage=stage, cfg=cfg, config_dict=to_plain(cfg), project_root=root.resolve(),
                         config_source=source, overrides=overrides)
 
 
@@ -185,7 +174,7 @@ def run_tags(ctx: StageContext) -> dict[str, str]:
         "dvc_stage": os.environ.get("DVC_STAGE"),
         "dvc_commit": git_commit(ctx.project_root),
         "dvc_params_hash": file_sha256(ctx.project_root / PARAMS_FILE),
-        "config_hash": hashlib.sha256(json.dumps(ctx.plain, sort_keys=True).encode()).hexdigest(),
+        "config_hash": hashlib.sha256(json.dumps(ctx.config_dict, sort_keys=True).encode()).hexdigest(),
         "overrides": " ".join(ctx.overrides) or None,
     }
     return {k: v for k, v in tags.items() if v}
@@ -212,9 +201,8 @@ def dataset_identity(ctx: StageContext, *, split: str | None) -> DatasetIdentity
     path = ctx.path(ctx.cfg.paths.manifest)
     if not path.is_file():
         return None
-    manifest = read_manifest(path)
-    rows = manifest if split is None else manifest[manifest["split"] == split]
-    digest = hashlib.sha256("\n".join(str(h) for h in rows["sha256"]).encode("ascii")).hexdigest()[:DIGEST_CHARS]
+    rows = [r for r in read_manifest(path) if split is None or r.split == split]
+    digest = hashlib.sha256("\n".join(r.sha256 for r in rows).encode("ascii")).hexdigest()[:DIGEST_CHARS]
     name = ctx.cfg.dataset.name if split is None else f"{ctx.cfg.dataset.name}-{split}"
     return DatasetIdentity(name=name, source=str(ctx.path(ctx.cfg.dataset.source).resolve()), digest=digest,
                            n_images=len(rows))
@@ -251,8 +239,8 @@ def stage_run(ctx: StageContext) -> Iterator[Any]:
     from bdi.tracking import tracked_run
 
     with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
-                     tags=run_tags(ctx), params=flatten(ctx.plain)) as run:
-        run.log_dict(ctx.plain, "config.yaml")
+                     tags=run_tags(ctx), params=flatten(ctx.config_dict)) as run:
+        run.log_dict(ctx.config_dict, "config.yaml")
         if ctx.stage in STAGE_SPLITS:
             split = STAGE_SPLITS[ctx.stage]
             log_dataset(run, ctx, split=split, context=split or ctx.stage)
@@ -311,7 +299,7 @@ def stage_run_with_progress(
 class Target:
     """One model the pipeline builds: a ModelStore ref plus its data settings."""
 
-    ref: Any  # bdi.store.ModelRef
+    ref: ModelRef
     mm_per_px: float
     roi_shape: dict[str, Any] | None
     subdir: str | None
@@ -329,8 +317,6 @@ class Target:
 
 def targets(cfg: PipelineConfig) -> list[Target]:
     """The (recipe, role, roi) models of the dataset config, in config order."""
-    from bdi.store import ModelRef
-
     out: list[Target] = []
     for i, roi in enumerate(cfg.dataset.rois):
         try:
@@ -348,66 +334,45 @@ def targets(cfg: PipelineConfig) -> list[Target]:
 # --------------------------------------------------------------------------------------------- data
 
 
-def read_manifest(path: Path) -> Any:
-    """The ingest manifest as a DataFrame (empty strings for missing masks / shapes)."""
-    import pandas as pd
-
-    if not Path(path).is_file():
-        raise PipelineDataError(f"manifest {path} is missing: run the ingest stage first")
-    frame = pd.read_csv(path, dtype={"mask": str, "roi_shape": str, "sha256": str}, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineDataError(f"manifest {path} lacks columns {missing}: run the ingest stage again")
-    return frame
+def rows_for(manifest: Sequence[ManifestRow], target: Target, split: str) -> list[ManifestRow]:
+    """Manifest rows of one model and split, in manifest order."""
+    return model_rows(manifest, target.ref, split=split)
 
 
-def rows_for(manifest: Any, target: Target, split: str) -> list[dict[str, Any]]:
-    """Manifest rows of one model and split, as dicts, in manifest order."""
-    ref = target.ref
-    sel = manifest[
-        (manifest["recipe"] == ref.recipe_id) & (manifest["role"].astype(str) == ref.role_id)
-        & (manifest["roi"].astype(str) == ref.roi_id) & (manifest["split"] == split)
-    ]
-    return [dict(r) for r in sel.to_dict(orient="records")]
-
-
-def recipe_mm_per_px(manifest: Any, target: Target) -> float:
+def recipe_mm_per_px(manifest: Sequence[ManifestRow], target: Target) -> float:
     """The scale of a model's images: the one ``mm_per_px`` of its manifest rows (server samples carry
     their own), else the dataset config's. Several values are an error: a recipe has one scale (§1.6)."""
-    ref = target.ref
-    sel = manifest[(manifest["recipe"] == ref.recipe_id) & (manifest["role"].astype(str) == ref.role_id)
-                   & (manifest["roi"].astype(str) == ref.roi_id)]
-    values = sorted({float(v) for v in sel["mm_per_px"]})
+    values = sorted({row.mm_per_px for row in model_rows(manifest, target.ref)})
     if len(values) > 1:
         raise PipelineDataError(f"the images of {target.key} have several mm_per_px values {values}: "
                                 "a recipe has one scale; fix the sample metas or dataset.mm_per_px")
     return values[0] if values else target.mm_per_px
 
 
-def load_image(root: Path, row: Mapping[str, Any]) -> np.ndarray:
+def load_image(root: Path, row: ManifestRow) -> np.ndarray:
     """The row's image decoded by ``bdi.imaging`` (BGR uint8)."""
     from bdi.imaging import decode_image
 
-    path = resolve_path(root, str(row["file"]))
+    path = resolve_path(root, row.file)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise PipelineDataError(f"cannot read {path} listed in the manifest: {exc}") from exc
-    return decode_image(data, name=str(row["file"]))
+    return decode_image(data, name=row.file)
 
 
-def roi_mask(row: Mapping[str, Any], *, width: int, height: int) -> np.ndarray:
+def roi_mask(row: ManifestRow, *, width: int, height: int) -> np.ndarray:
     """The row's ROI mask (``bdi.imaging.build_roi_mask`` of its shape JSON; full image when empty)."""
     from bdi.imaging import build_roi_mask, parse_shape
 
-    return build_roi_mask(parse_shape(str(row.get("roi_shape") or "") or None), width=width, height=height)
+    return build_roi_mask(parse_shape(row.roi_shape or None), width=width, height=height)
 
 
 def score_rows(
     service: Any,
     *,
     target: Target,
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[ManifestRow],
     root: Path,
     scoring: Any,
     progress: Callable[[str, int, int], None] | None,
@@ -437,28 +402,10 @@ def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None 
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write strict JSON (NaN/inf refused) atomically with ``bdi.store.atomic_write_bytes``, creating the
+    """Write strict JSON (NaN/inf refused) atomically with ``bdi.fsio.atomic_write_bytes``, creating the
     parent folder. Unlike ``atomic_write_json`` (which lets NaN through), DVC metrics must be strict."""
-    from bdi.store import atomic_write_bytes
+    from bdi.fsio import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
-
-
-@contextmanager
-def staged_output(final: Path) -> Iterator[Path]:
-    """Build the folder ``final`` elsewhere: yields a fresh sibling path (not yet created) that replaces
-    ``final`` when the block succeeds (the old folder is removed first); on failure ``final`` is left
-    as it was and the staged folder is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staged = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        yield staged
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)

@@ -7,7 +7,6 @@ process builds its ``Settings`` and its one ``InspectionService`` in the lifespa
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -18,10 +17,10 @@ from fastapi import FastAPI
 
 from bdi import __version__
 from bdi.config import Settings
+from bdi.fsio import remove_orphan_temp_files
 from bdi.logging import configure_logging, slog
 from bdi.service import InspectionService
 from bdi.shadow import ShadowScorer, shadow_models_dir
-from bdi.store import remove_orphan_temp_files
 from bdi.sync import RegistryFollower, SyncStatusReader, preload_mlflow
 from bdi.tracking import (
     ApiRunLogger,
@@ -35,7 +34,6 @@ from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
 
-MLFLOW_PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.entities", "mlflow.artifacts")
 FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
 
@@ -121,11 +119,7 @@ async def _start_tracking(
     status = TrackingStatus("checking" if uses_mlflow else "disabled")
     stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
     if uses_mlflow:
-        # Import MLflow once, before any thread uses it: the start-up check and the registry follower
-        # importing it at the same time can deadlock the import, leaving a half-initialised module
-        # that breaks every later MLflow call of the process.
-        for module in MLFLOW_PRELOAD:
-            await asyncio.to_thread(importlib.import_module, module)
+        # MLflow was imported by the lifespan (bdi.sync.preload_mlflow) before this first MLflow thread
         startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
                                    name="bdi-registry-startup", daemon=True)
         startup.start()

@@ -28,8 +28,8 @@ from bdi.config import Settings
 from bdi.datasets import MvtecItem, read_mvtec
 from bdi.imaging import decode_image
 from bdi.inference import InferenceResult
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import write_mvtec_dataset
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2

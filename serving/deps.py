@@ -9,10 +9,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from bdi.config import Settings
-from bdi.datasets import DatasetRef
 from bdi.logging import bind_context
+from bdi.refs import DatasetRef, ModelRef, pick_recipe_id
 from bdi.service import InspectionService
-from bdi.store import ModelRef, pick_recipe_id
 from bdi.sync import SyncStatusReader
 
 RECIPE_HEADER = "X-Recipe-Id"

@@ -43,7 +43,7 @@ from bdi.errors import (
     WeightsError,
 )
 from bdi.logging import slog
-from bdi.store import DEFAULT_RECIPE
+from bdi.refs import DEFAULT_RECIPE
 
 ErrorStyle = Literal["model", "batch", "resource"]
 Shape = Literal["A", "B", "C"]

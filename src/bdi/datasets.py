@@ -1,4 +1,5 @@
-"""OK/NG sample folders per (recipe, role, roi), and a reader for MVTec-style trees.
+"""OK/NG sample folders per (recipe, role, roi), a reader for MVTec-style trees, and the checks that make
+a sample file usable for training or evaluation (:func:`check_sample`).
 
 Layout (API_CONTRACT §4.1): ``<root>/recipes/<recipe>/datasets/<b64role>__<b64roi>/{ok,ng}/`` holding
 ``<YYYYmmdd-HHMMSS-ffffff><ext>`` images, each with a ``<stem>.json`` sidecar.
@@ -17,6 +18,7 @@ Choices (DESIGN.md improvements 5–7):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -25,19 +27,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, NotFoundError, StorageError
+from .errors import BDIError, InvalidInputError, NotFoundError, StorageError
+from .fsio import fsync_dir, utc_now_iso, write_temp_file
+from .imaging import channel_count, decode_image, decode_mask, validate_mm_per_px
 from .logging import slog
-from .store import (
-    check_recipe_id,
-    checked_roi_base,
-    ensure_inside,
-    fsync_dir,
-    legacy_name,
-    recipe_dir_candidates,
-    roi_base,
-    utc_now_iso,
-    write_temp_file,
-)
+from .refs import DatasetRef, ensure_inside, legacy_name, recipe_dir_candidates
 
 LABELS: tuple[str, ...] = ("ok", "ng")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -68,23 +62,6 @@ def client_extension(client_filename: str | None) -> str:
 def _basename(filename: str) -> str:
     """The last path component, splitting on both '/' and '\\' (clients may be Windows)."""
     return filename.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """Which dataset: a validated recipe id and the raw role/roi ids (model_key plays no part)."""
-
-    recipe_id: str
-    role_id: str
-    roi_id: str
-
-    def __post_init__(self) -> None:
-        check_recipe_id(self.recipe_id)
-        checked_roi_base(self.role_id, self.roi_id)
-
-    @property
-    def base(self) -> str:
-        return roi_base(self.role_id, self.roi_id)
 
 
 @dataclass(frozen=True)
@@ -362,6 +339,61 @@ def _link_exclusive(src: Path, dst: Path) -> bool:
     os.close(fd)
     os.replace(src, dst)
     return True
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """What a training/evaluation image may be: its pixel count, channel counts and shortest side."""
+
+    max_pixels: int | None
+    channels: tuple[int, ...]
+    min_size: int
+
+
+@dataclass(frozen=True)
+class SampleFacts:
+    width: int
+    height: int
+    sha256: str
+
+
+def check_sample(path: Path, *, mask_path: Path | None, mm_per_px: object, limits: SampleLimits) -> SampleFacts:
+    """The facts of a usable image file (with its optional ground-truth mask), else an
+    :class:`InvalidInputError` whose message is the reason, starting with what failed: ``unreadable``,
+    ``corrupt image``, ``channels``, ``too small``, ``bad mm_per_px``, ``mask unreadable``, ``corrupt mask``
+    or ``image/mask size mismatch``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"unreadable: {exc.strerror or exc}") from exc
+    try:
+        image = decode_image(data, max_pixels=limits.max_pixels, name=path.name)
+    except BDIError as exc:
+        raise InvalidInputError(f"corrupt image: cannot be decoded ({exc})") from exc
+    channels = channel_count(data)
+    if channels is not None and channels not in limits.channels:
+        raise InvalidInputError(f"channels: {channels} channels, allowed are {list(limits.channels)}")
+    height, width = image.shape[:2]
+    if min(height, width) < limits.min_size:
+        raise InvalidInputError(f"too small: {width}x{height} px, the shortest side must be {limits.min_size}")
+    try:
+        validate_mm_per_px(mm_per_px)
+    except BDIError as exc:
+        raise InvalidInputError(f"bad mm_per_px: {mm_per_px!r} ({exc})") from exc
+    if mask_path is not None:
+        try:
+            mask = decode_mask(mask_path.read_bytes(), name=str(mask_path))
+        except OSError as exc:
+            raise InvalidInputError(f"mask unreadable: {mask_path}: {exc.strerror or exc}") from exc
+        except BDIError as exc:
+            raise InvalidInputError(f"corrupt mask: {mask_path} cannot be decoded") from exc
+        if mask.shape[:2] != (height, width):
+            raise InvalidInputError(f"image/mask size mismatch: image is {width}x{height} px, mask "
+                                    f"{mask_path.name} is {mask.shape[1]}x{mask.shape[0]} px")
+    return SampleFacts(width=width, height=height, sha256=hashlib.sha256(data).hexdigest())
 
 
 # ----------------------------------------------------------------------------------------- MVTec

@@ -132,6 +132,12 @@ class WeightsError(BDIError):
     code = "weights"
 
 
+class DeviceError(BDIError):
+    """The configured device or precision cannot run here (CUDA requested without CUDA, fp16 on the CPU)."""
+
+    code = "device"
+
+
 class StorageError(BDIError):
     """The model store could not be read or written."""
 

@@ -20,6 +20,8 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 GOOD_CLASS = "good"
 
 # Per-sample labels or scores: a list, tuple or 1-D numpy array.
@@ -33,11 +35,11 @@ def _labels_scores(labels: Values, scores: Values) -> tuple[np.ndarray, np.ndarr
     y = np.asarray(labels, dtype=np.int64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
-        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+        raise InvalidInputError(f"labels and scores differ in length: {y.size} vs {s.size}")
     if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (OK) or 1 (NG)")
+        raise InvalidInputError("labels must be 0 (OK) or 1 (NG)")
     if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
+        raise InvalidInputError("scores must be finite")
     return y, s
 
 
@@ -58,17 +60,17 @@ def _map_mask_pairs(
     maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     if len(maps) != len(masks):
-        raise ValueError(f"maps and masks differ in length: {len(maps)} vs {len(masks)}")
+        raise InvalidInputError(f"maps and masks differ in length: {len(maps)} vs {len(masks)}")
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     for i, (amap, mask) in enumerate(zip(maps, masks, strict=True)):
         a = np.asarray(amap, dtype=np.float64)
         if a.ndim != 2:
-            raise ValueError(f"maps[{i}] must be (H, W), got shape {a.shape}")
+            raise InvalidInputError(f"maps[{i}] must be (H, W), got shape {a.shape}")
         m = np.zeros(a.shape, dtype=bool) if mask is None else np.asarray(mask) != 0
         if m.ndim == 3:
             m = m.any(axis=2)
         if m.shape != a.shape:
-            raise ValueError(f"masks[{i}] has shape {m.shape}, its map has {a.shape}")
+            raise InvalidInputError(f"masks[{i}] has shape {m.shape}, its map has {a.shape}")
         pairs.append((a, m))
     return pairs
 
@@ -188,7 +190,7 @@ def pro_curve(
     ``None`` when there is no defect region or no non-defect pixel.
     """
     if n_thresholds < 2:
-        raise ValueError("n_thresholds must be >= 2")
+        raise InvalidInputError("n_thresholds must be >= 2")
     pairs = _map_mask_pairs(maps, masks)
     from scipy import ndimage
 
@@ -235,7 +237,7 @@ def aupro(
     chance diagonal). ``None`` when there is no defect region or no non-defect pixel.
     """
     if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise InvalidInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     curve = pro_curve(maps, masks, n_thresholds=n_thresholds)
     if curve is None:
         return None
@@ -308,13 +310,13 @@ def evaluate_scores(
         else [GOOD_CLASS if v == 0 else "ng" for v in y]
     )
     if len(classes) != y.size:
-        raise ValueError("defect_classes must have one entry per score")
+        raise InvalidInputError("defect_classes must have one entry per score")
     rates = rates_at(y, s, threshold)
     pix_auroc: float | None = None
     pro: float | None = None
     if maps is not None and masks is not None:
         if len(maps) != y.size or len(masks) != y.size:
-            raise ValueError("maps and masks must have one entry per score")
+            raise InvalidInputError("maps and masks must have one entry per score")
         known = [i for i in range(y.size) if masks[i] is not None or y[i] == 0]
         if any(masks[i] is not None for i in known):
             sel_maps = [maps[i] for i in known]
@@ -448,7 +450,7 @@ def plot_gallery(
     maps share one colour scale (``0..vmax``, default the largest map value) so panels compare.
     """
     if not (len(images) == len(maps) == len(titles)):
-        raise ValueError("images, maps and titles must have the same length")
+        raise InvalidInputError("images, maps and titles must have the same length")
     plt = _pyplot()
     n = max(1, len(images))
     cols = max(1, min(columns, n))

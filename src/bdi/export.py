@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from .errors import ExportError
-from .store import atomic_write_json, utc_now_iso
+from .fsio import atomic_write_json, staged_dir, utc_now_iso
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .features import FeatureExtractor
@@ -204,10 +202,8 @@ def write_export(extractor: FeatureExtractor, dest: Path, *, openvino: bool | No
     import torch
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    try:
+    with staged_dir(dest) as staging:
+        staging.mkdir()
         write_onnx(extractor, staging / ONNX_FILE)
         files = {ONNX_FILE: _sha256(staging / ONNX_FILE)}
         ov_version = None
@@ -222,12 +218,6 @@ def write_export(extractor: FeatureExtractor, dest: Path, *, openvino: bool | No
             created_at_utc=utc_now_iso(),
         )
         atomic_write_json(staging / MANIFEST_FILE, manifest.to_dict())
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return Export(path=dest, manifest=manifest)
 
 
@@ -275,13 +265,6 @@ def copy_export(*, src_root: Path, dst_root: Path, key: str) -> bool:
             return False
         except ExportError:
             pass
-        staging = Path(dst_root) / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+        with staged_dir(target) as staging:
             shutil.copytree(source.path, staging)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     return True

@@ -41,7 +41,7 @@ from torch import nn
 
 from bdi.backbones import BackboneSpec, OfficialWeights, backbone_spec
 from bdi.config import FeatureConfig
-from bdi.errors import InvalidInputError, WeightsError
+from bdi.errors import DeviceError, InvalidInputError, WeightsError
 from bdi.imaging import Letterbox, letterbox, normalize_imagenet
 
 _log = logging.getLogger(__name__)
@@ -455,7 +455,7 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if cuda_available() else "cpu")
     if name == "cuda" and not cuda_available():
-        raise ValueError("device 'cuda' was requested (BDI_DEVICE) but CUDA is not available")
+        raise DeviceError("device 'cuda' was requested (BDI_DEVICE) but CUDA is not available")
     return torch.device(name)
 
 
@@ -463,7 +463,7 @@ def _resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs CUDA; use 'fp32' or 'bf16' on the CPU (BDI_PRECISION)")
+        raise DeviceError("precision 'fp16' needs CUDA; use 'fp32' or 'bf16' on the CPU (BDI_PRECISION)")
     return name
 
 

@@ -1,4 +1,5 @@
-"""Image decoding and geometry: decode, letterbox (+ its inverse), normalise, ROI masks. No torch.
+"""Image decoding and geometry: decode (images, ground-truth masks), the mm_per_px rule, letterbox (+ its
+inverse), normalise, ROI masks. No torch.
 
 All images are NumPy arrays: decoded images are BGR ``uint8`` ``(H, W, 3)`` (OpenCV order), letterboxed
 images are RGB ``uint8`` ``(size, size, 3)`` (API_CONTRACT §3.1), masks are ``uint8`` ``(H, W)`` in 0..255
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bdi.errors import ImageDecodeError, InvalidInputError, UploadLimitError
+from bdi.errors import ImageDecodeError, InvalidInputError, InvalidScaleError, UploadLimitError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -92,6 +93,41 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") 
         scale = 255.0 / float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 255.0
         image = np.clip(image.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
+
+
+def decode_mask(data: bytes, *, name: str = "") -> np.ndarray:
+    """Decode a ground-truth mask to grayscale ``uint8`` ``(H, W)``; :class:`ImageDecodeError` when it cannot be."""
+    try:
+        mask: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"mask {name} cannot be decoded") from exc
+    if mask is None or mask.size == 0:
+        raise ImageDecodeError(f"mask {name} cannot be decoded")
+    return mask
+
+
+def channel_count(data: bytes) -> int | None:
+    """How many channels the encoded image stores (1 gray, 3 colour, 4 with alpha); None when undecodable."""
+    try:
+        raw: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    if raw is None:
+        return None
+    return 1 if raw.ndim == 2 else int(raw.shape[2])
+
+
+def validate_mm_per_px(value: object) -> float:
+    """The pixel scale ``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
+    if isinstance(value, bool):
+        raise InvalidScaleError()
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise InvalidScaleError() from exc
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidScaleError()
+    return number
 
 
 def encode_png_gray(u8: np.ndarray) -> bytes:

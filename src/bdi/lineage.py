@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RegistryManagedError
+from .fsio import atomic_write_json, utc_now_iso
 from .logging import slog
 from .memory import Memory
-from .store import ModelRef, ModelStore, atomic_write_json, utc_now_iso
+from .refs import ModelRef
+from .store import ModelStore
 
 LINEAGE_SUFFIX = "_lineage.json"
 SOURCE_REGISTRY = "registry"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .errors import StorageError
 from .logging import slog
-from .store import ModelRef, ModelStore
+from .refs import ModelRef
+from .store import ModelStore
 
 try:  # POSIX only; elsewhere the lock is a no-op (the server runs on Linux)
     import fcntl

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, StorageError
+from .fsio import atomic_write_bytes, atomic_write_json
 from .logging import slog
-from .store import atomic_write_bytes, atomic_write_json
 from .tracking import TrackingConfig, global_tracking_uri, resolve_tracking_uri, tracking_client
 
 GOLDEN_DIR = "golden"

@@ -34,9 +34,11 @@ from filelock import FileLock, Timeout
 
 from . import model_lock
 from .errors import BDIError, InvalidInputError, NotFittedError, StorageError, WeightsError
+from .fsio import FileIdentity, atomic_write_bytes
 from .lineage import LINEAGE_SUFFIX, SOURCE_REGISTRY, Lineage, read_lineage, write_lineage
 from .logging import slog
-from .store import ArtifactPaths, FileIdentity, ModelRef, ModelStore, StoredModel, atomic_write_bytes
+from .refs import ModelRef
+from .store import ArtifactPaths, ModelStore, StoredModel
 from .tracking import (
     TrackingConfig,
     fluent_scope,

@@ -21,7 +21,7 @@ from . import model_lock
 from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
 from .calibration import ThresholdChoice, choose_threshold, usable_threshold
 from .config import ScoringConfig, Settings
-from .datasets import LABELS, DatasetRef, DatasetStore, Sample, UploadItem, parse_label
+from .datasets import LABELS, DatasetStore, Sample, UploadItem, parse_label
 from .errors import (
     BDIError,
     InsufficientSamplesError,
@@ -33,7 +33,8 @@ from .errors import (
     UploadLimitError,
 )
 from .features import FeatureExtractor, cuda_available
-from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
+from .fsio import utc_now_iso
+from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape, validate_mm_per_px
 from .inference import InferenceResult, StageTimer, score_crop
 from .knn import FAISS_AVAILABLE
 from .lineage import (
@@ -46,7 +47,8 @@ from .lineage import (
 )
 from .logging import slog
 from .memory import Memory, MemoryBuilder, build_index, check_features_match
-from .store import LoadedModel, ModelRef, ModelStore, utc_now_iso, validate_mm_per_px
+from .refs import DatasetRef, ModelRef
+from .store import LoadedModel, ModelStore
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2  # §2.3: stored with the calibration only, never validated nor locked

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import BDIError
 from .logging import slog
-from .store import ModelRef
+from .refs import ModelRef
 
 SHADOW_DIR = "shadow"
 QUEUE_SIZE = 16

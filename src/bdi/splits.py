@@ -2,7 +2,7 @@
 
 Every file goes to ``train`` (it fits the memory), ``calib`` (it sets the threshold) or ``eval`` (it measures).
 Within every (source split, label, defect class) group the files are ordered by the sha256 of their bytes
-(the path only breaks ties) and dealt out in that order (:func:`deal`), so a split never depends on file
+(the path only breaks ties) and dealt out in that order (:func:`interleaved_share`), so a split never depends on file
 names or listing order:
 
 * MVTec ``train/good`` (source split ``train``) → ``train``;
@@ -26,7 +26,7 @@ from .datasets import MvtecItem
 TRAIN, CALIB, EVAL = "train", "calib", "eval"
 
 
-def deal(n: int, fraction: float) -> list[bool]:
+def interleaved_share(n: int, fraction: float) -> list[bool]:
     """Which of ``n`` ordered items go to the first part: ``ceil(n·fraction)`` of them, evenly interleaved.
 
     Item ``i`` is taken when ``ceil((i+1)·f) > ceil(i·f)``: for f = 0.5 that is items 0, 2, 4, …
@@ -65,12 +65,12 @@ def assign_splits(items: Sequence[SplitItem], *, calib_fraction: float, train_fr
     for (source_split, label, _cls), members in sorted(groups.items()):
         members.sort(key=lambda i: (items[i].sha256, items[i].path))
         if source_split == "pool" and label == "ok":
-            to_train = deal(len(members), train_fraction)
+            to_train = interleaved_share(len(members), train_fraction)
             for i, t in zip(members, to_train, strict=True):
                 if t:
                     splits[i] = TRAIN
             members = [i for i, t in zip(members, to_train, strict=True) if not t]
-        for i, to_calib in zip(members, deal(len(members), calib_fraction), strict=True):
+        for i, to_calib in zip(members, interleaved_share(len(members), calib_fraction), strict=True):
             splits[i] = CALIB if to_calib else EVAL
     return splits
 

@@ -1,4 +1,5 @@
-"""ModelStore: ids → paths, atomic artefact writes, fallback reads, the per-recipe mm_per_px lock.
+"""ModelStore: refs → paths, artefact writes, fallback reads, the per-recipe mm_per_px lock, and the
+npz codec of a memory.
 
 Layout (API_CONTRACT §4.1), under ``root``::
 
@@ -7,9 +8,8 @@ Layout (API_CONTRACT §4.1), under ``root``::
     recipes/<recipe>/<model_key_fs>/<base>_index.faiss    faiss serialize_index bytes
     recipes/<recipe>/<model_key_fs>/<base>_calib.json     calibration, indent 2
 
-``base`` = urlsafe-base64(role) + "__" + urlsafe-base64(roi), so no id reaches a path raw
-(DESIGN.md improvement 5). Every write is a temp file + fsync + ``os.replace``; the read-modify-write
-of ``recipe_meta.json`` runs under a file lock (improvement 9).
+Ids become folder and file names in :mod:`bdi.refs`; every write is atomic (:mod:`bdi.fsio`); the
+read-modify-write of ``recipe_meta.json`` runs under a file lock (DESIGN.md improvement 9).
 
 Memory/index consistency: the index is written first, then the npz, whose metadata records
 ``index_sha256`` (the hash of the index bytes it was saved with). A reader checks the hash; a torn
@@ -21,61 +21,47 @@ re-read.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import hashlib
 import io
 import json
-import math
 import os
-import re
-import stat as stat_mod
 import threading
 import time
-import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import (
-    BDIError,
-    FitInProgressError,
-    InvalidInputError,
-    InvalidRecipeError,
-    InvalidScaleError,
-    ReservedRecipeError,
-    ScaleMismatchError,
-    StorageError,
-)
+from .errors import BDIError, FitInProgressError, InvalidInputError, InvalidScaleError, ScaleMismatchError, StorageError
+from .fsio import FileIdentity, atomic_write_bytes, atomic_write_json, json_default, read_with_identity, utc_now_iso
+from .imaging import validate_mm_per_px
 from .knn import FAISS_AVAILABLE, KnnIndex
 from .logging import slog
 from .memory import Memory
+from .refs import (
+    ModelRef,
+    check_recipe_id,
+    decode_id,
+    ensure_inside,
+    legacy_model_key_dir,
+    legacy_name,
+    recipe_dir_candidates,
+)
 
-RECIPE_ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
-DEFAULT_RECIPE = "default"
-RESERVED_RECIPES = frozenset({"last"})
-MODEL_KEY_MAX_LEN = 80  # the legacy sanitiser's cut (§1.3); only used to find legacy folders
-MODEL_KEY_DIR_MAX_LEN = 200  # an escaped model-key folder name longer than this is refused
-MAX_BASE_LEN = 200  # leaves room for "_index.faiss" and temp-file affixes under NAME_MAX (255)
 RECIPE_META_FILE = "recipe_meta.json"
 RECIPE_LOCK_FILE = ".recipe_meta.lock"
 LOCK_TIMEOUT_S = 30.0
 
 ArtifactKind = Literal["memory", "index", "calib"]
 
-_RECIPE_RE = re.compile(RECIPE_ID_PATTERN.strip("^$"))
-_MODEL_KEY_BAD = re.compile(r"[^A-Za-z0-9._-]")
-_MODEL_KEY_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
 _LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
 _STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
@@ -85,196 +71,7 @@ _NPZ_ERRORS = (
     zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError,
 )
 
-# ----------------------------------------------------------------------------------------- ids
-
-
-def resolve_recipe_id(raw: str | None) -> str:
-    """Trim, lower-case, empty → ``default``; ``last`` is reserved; the rest must match the pattern."""
-    value = (raw or "").strip().lower()
-    if not value:
-        return DEFAULT_RECIPE
-    if value in RESERVED_RECIPES:
-        raise ReservedRecipeError(f"recipe_id '{value}' is reserved")
-    if not _RECIPE_RE.fullmatch(value):
-        raise InvalidRecipeError(f"invalid recipe_id {raw!r}: must match {RECIPE_ID_PATTERN}")
-    return value
-
-
-def pick_recipe_id(*, explicit: object, header: str | None) -> str:
-    """§1.2 priority: an explicit non-empty string (form/JSON/query), else the header, else default."""
-    if isinstance(explicit, str) and explicit != "":
-        return resolve_recipe_id(explicit)
-    return resolve_recipe_id(header)
-
-
-def effective_model_key(raw: str | None, *, roi_id: str) -> str:
-    """The model key (§1.3: ``roi_id`` when missing or empty), trimmed; empty or only dots is refused."""
-    value = (raw if raw else roi_id or "").strip()
-    if not value:
-        raise InvalidInputError(f"invalid model_key {raw!r}: it must not be empty (after trimming)")
-    if set(value) == {"."}:
-        raise InvalidInputError(f"invalid model_key {raw!r}: it must not be '.', '..' or only dots")
-    return value
-
-
-def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
-    """The model key's folder name: injective, so two keys never share a model (§10 item 2).
-
-    The trimmed key's UTF-8 bytes are escaped as ``~XX`` (hex) except ``[A-Za-z0-9._-]``: the keys
-    the GUI sends (``inspection-1``) keep their legacy folder name, ``a b`` → ``a~20b`` and ``a_b`` →
-    ``a_b`` differ, and ``~`` itself is escaped. (``~``, not ``%``: MLflow URL-decodes artefact paths.)
-    Empty, only-dots and over-long keys are refused (:class:`InvalidInputError`); nothing is cut.
-    """
-    value = effective_model_key(raw, roi_id=roi_id)
-    encoded = "".join(chr(b) if b in _MODEL_KEY_SAFE else f"~{b:02X}" for b in value.encode("utf-8"))
-    if len(encoded) > MODEL_KEY_DIR_MAX_LEN:
-        raise InvalidInputError(
-            f"model_key too long: its folder name would exceed {MODEL_KEY_DIR_MAX_LEN} characters"
-        )
-    return encoded
-
-
-def legacy_model_key_dir(raw: str | None, *, roi_id: str) -> str:
-    """The folder the legacy sanitiser gave a key (§1.3: unsafe chars → ``_``, trim, cut to 80,
-    empty → ``default``); read-only fallback for models stored before the injective naming."""
-    value = raw if raw else roi_id
-    return _MODEL_KEY_BAD.sub("_", value or "").strip()[:MODEL_KEY_MAX_LEN] or "default"
-
-
-def encode_id(value: str) -> str:
-    """URL-safe base64 of the UTF-8 bytes without ``=`` padding; empty → ``default``."""
-    if not value:
-        return "default"
-    return base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii").rstrip("=")
-
-
-def decode_id(value: str) -> str | None:
-    """Inverse of :func:`encode_id` (``default`` → ""); None when ``value`` is not such a name."""
-    if value == "default":
-        return ""
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
-    except (binascii.Error, ValueError):
-        return None
-
-
-def roi_base(role_id: str, roi_id: str) -> str:
-    """Per-ROI file base name: ``encode_id(role) + "__" + encode_id(roi)``."""
-    return f"{encode_id(role_id)}__{encode_id(roi_id)}"
-
-
-def checked_roi_base(role_id: str, roi_id: str) -> str:
-    """:func:`roi_base`, rejecting ids whose encoded name would not fit a file name."""
-    base = roi_base(role_id, roi_id)
-    if len(base) > MAX_BASE_LEN:
-        raise InvalidInputError("role_id/roi_id too long: the encoded name exceeds 200 characters")
-    return base
-
-
-def legacy_name(value: str) -> str:
-    """S() of §4.2: trim, every char not alphanumeric, '-' or '_' → '_'; empty → ``default``."""
-    out = "".join(c if (c.isalnum() or c in "-_") else "_" for c in (value or "").strip())
-    return out or "default"
-
-
-def check_recipe_id(recipe_id: str) -> None:
-    """Raise :class:`InvalidRecipeError` unless ``recipe_id`` is already normalised and valid."""
-    if resolve_recipe_id(recipe_id) != recipe_id:
-        raise InvalidRecipeError(f"invalid recipe_id {recipe_id!r}: must match {RECIPE_ID_PATTERN}")
-
-
-def ensure_inside(root: Path, path: Path) -> Path:
-    """``path`` if it lies under ``root`` after normalising ``..``; else StorageError.
-
-    The check is lexical (``os.path.normpath`` of absolute paths): ids can only add path components,
-    and symlinks an operator places inside the root are trusted.
-    """
-    root_abs = Path(os.path.normpath(os.path.abspath(root)))
-    path_abs = Path(os.path.normpath(os.path.abspath(path)))
-    if not path_abs.is_relative_to(root_abs):
-        raise StorageError(f"refusing a path outside the models root: {path}")
-    return path
-
-
-def recipe_dir_candidates(recipes_root: Path, recipe_id: str) -> list[Path]:
-    """§4.2/§4.3 recipe dirs to try: the exact one, then (recipe ≠ default) case-insensitive matches
-    in name order, then ``default``."""
-    out = [recipes_root / recipe_id]
-    if recipe_id == DEFAULT_RECIPE:
-        return out
-    try:
-        names = sorted(entry.name for entry in os.scandir(recipes_root) if entry.is_dir())
-    except OSError:
-        names = []
-    out.extend(recipes_root / name for name in names if name != recipe_id and name.lower() == recipe_id)
-    out.append(recipes_root / DEFAULT_RECIPE)
-    return out
-
-
-# ----------------------------------------------------------------------------------------- refs
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Which model: a validated recipe id, the raw role/roi ids and the raw effective model key."""
-
-    recipe_id: str
-    role_id: str
-    roi_id: str
-    model_key: str
-
-    def __post_init__(self) -> None:
-        check_recipe_id(self.recipe_id)
-        checked_roi_base(self.role_id, self.roi_id)
-        sanitize_model_key(self.model_key, roi_id=self.roi_id)
-
-    @classmethod
-    def create(cls, *, recipe_id: str | None, role_id: str, roi_id: str, model_key: str | None) -> ModelRef:
-        """Normalise the recipe id and default the model key to ``roi_id`` (§1.2, §1.3)."""
-        return cls(
-            recipe_id=resolve_recipe_id(recipe_id),
-            role_id=role_id,
-            roi_id=roi_id,
-            model_key=model_key if model_key else roi_id,
-        )
-
-    @property
-    def model_key_fs(self) -> str:
-        return sanitize_model_key(self.model_key, roi_id=self.roi_id)
-
-    @property
-    def model_key_legacy(self) -> str:
-        """The key as the legacy sanitiser wrote it (``a b`` → ``a_b``): what /manifest reports (M2)."""
-        return legacy_model_key_dir(self.model_key, roi_id=self.roi_id)
-
-    @property
-    def base(self) -> str:
-        return roi_base(self.role_id, self.roi_id)
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """What a cache entry is keyed by: a changed file (new inode, mtime or size) is a cache miss."""
-
-    path: Path
-    mtime_ns: int
-    size: int
-    inode: int = 0
-
-    @classmethod
-    def of(cls, path: Path) -> FileIdentity | None:
-        """The identity of a regular file, or None when it does not exist (or is not a file)."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return cls._from_stat(path, st)
-
-    @classmethod
-    def _from_stat(cls, path: Path, st: os.stat_result) -> FileIdentity | None:
-        if not stat_mod.S_ISREG(st.st_mode):
-            return None
-        return cls(path=Path(path), mtime_ns=st.st_mtime_ns, size=st.st_size, inode=st.st_ino)
+# ----------------------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
@@ -319,130 +116,6 @@ class StoredModel:
     calib_path: Path | None
 
 
-# ----------------------------------------------------------------------------------------- writes
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # best effort: some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
-
-
-def write_temp_file(directory: Path, data: bytes) -> Path:
-    """A new hidden temp file in ``directory`` holding ``data``, fsynced (mode 0o666 & ~umask)."""
-    tmp = directory / f".{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.tmp")
-
-
-def remove_orphan_temp_files(root: Path, *, older_than_s: float, now: float | None = None) -> list[Path]:
-    """Delete the temp files :func:`write_temp_file` left under ``root`` (a writer killed between
-    writing and ``os.replace``) once they are older than ``older_than_s``; younger ones may belong to a
-    write in progress in another worker. Returns what was removed; unreadable dirs are skipped."""
-    cutoff = (time.time() if now is None else now) - older_than_s
-    removed: list[Path] = []
-    for directory, _, names in os.walk(root):
-        for name in names:
-            if not _TEMP_NAME.fullmatch(name):
-                continue
-            path = Path(directory) / name
-            try:
-                if path.lstat().st_mtime <= cutoff and stat_mod.S_ISREG(path.lstat().st_mode):
-                    path.unlink()
-                    removed.append(path)
-            except OSError:
-                continue  # vanished meanwhile, or not ours to delete
-    return removed
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write_temp_file(path.parent, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc}") from exc
-    fsync_dir(path.parent)
-
-
-def _json_default(obj: Any) -> Any:
-    """numpy scalars/arrays → Python values, paths → str; anything else is not JSON."""
-    if isinstance(obj, Path):
-        return str(obj)
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path: Path, obj: Any, *, indent: int = 2) -> None:
-    """Atomically write ``obj`` as UTF-8 JSON (numpy values converted)."""
-    try:
-        text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"not JSON-serialisable for {Path(path).name}: {exc}") from exc
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
-    """The bytes of ``path`` and the identity of the very file read (fstat on the open descriptor)."""
-    try:
-        with open(path, "rb") as fh:
-            ident = FileIdentity._from_stat(path, os.fstat(fh.fileno()))
-            if ident is None:
-                return None
-            data = fh.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from exc
-    return data, ident
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
-
-
-def validate_mm_per_px(value: object) -> float:
-    """``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
-    if isinstance(value, bool):
-        raise InvalidScaleError()
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise InvalidScaleError() from exc
-    if not math.isfinite(number) or number <= 0:
-        raise InvalidScaleError()
-    return number
-
-
 # ----------------------------------------------------------------------------------------- npz codec
 
 
@@ -451,7 +124,7 @@ def encode_memory_npz(memory: Memory, *, extra: Mapping[str, Any]) -> bytes:
     metadata = {k: v for k, v in memory.metadata.items() if k not in _STORE_KEYS}
     metadata.update(extra)
     try:
-        meta_json = json.dumps(metadata, ensure_ascii=False, default=_json_default)
+        meta_json = json.dumps(metadata, ensure_ascii=False, default=json_default)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"memory metadata is not JSON-serialisable: {exc}") from exc
     buf = io.BytesIO()
@@ -521,10 +194,6 @@ class _LRU(Generic[K, V]):
             self._data.move_to_end(key)
             while len(self._data) > self._max:
                 self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
 
 
 # ----------------------------------------------------------------------------------------- store
@@ -660,7 +329,7 @@ class ModelStore:
             cached = self._memories.get(ident)
             if cached is not None:
                 return cached[0], cached[1], ident
-        read = _read_with_identity(path)
+        read = read_with_identity(path)
         if read is None:
             return None
         data, ident = read
@@ -701,7 +370,7 @@ class ModelStore:
             if loaded is None:
                 continue  # replaced or removed between resolve and read
             memory, store_keys, mem_ident = loaded
-            model, idx_ident = self._pair(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
+            model, idx_ident = self._attach_index_file(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
             if model is not None:
                 self._models.put((mem_ident, idx_ident), model)
                 return model
@@ -728,11 +397,11 @@ class ModelStore:
             index = KnnIndex.build(memory.embeddings, factory=factory)
         except InvalidInputError:
             index = KnnIndex.build(memory.embeddings, factory="Flat")
-        model = LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path, index_path=None)
+        model = LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path, index_path=None)
         self._models.put((mem_ident, idx_ident), model)
         return model
 
-    def _pair(
+    def _attach_index_file(
         self, memory: Memory, store_keys: Mapping[str, Any], *, mem_path: Path, idx_path: Path | None
     ) -> tuple[LoadedModel | None, FileIdentity | None]:
         """Join a memory with its index file; (None, _) when the index belongs to another save."""
@@ -740,7 +409,7 @@ class ModelStore:
         if not FAISS_AVAILABLE:
             index = KnnIndex.build(memory.embeddings, use_faiss=False)
             return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None), None
-        read = _read_with_identity(idx_path) if idx_path is not None and not saved_without_index else None
+        read = read_with_identity(idx_path) if idx_path is not None and not saved_without_index else None
         if read is None:
             return LoadedModel(memory=memory, index=None, memory_path=mem_path, index_path=None), None
         data, idx_ident = read
@@ -753,10 +422,10 @@ class ModelStore:
             raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
         if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
             return None, idx_ident
-        return LoadedModel(memory=memory, index=self._place(index), memory_path=mem_path,
+        return LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path,
                            index_path=idx_path), idx_ident
 
-    def _place(self, index: KnnIndex) -> KnnIndex:
+    def _to_configured_gpu(self, index: KnnIndex) -> KnnIndex:
         """The index on the configured GPU when possible (contract §8), else unchanged."""
         return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
 
@@ -780,7 +449,7 @@ class ModelStore:
             cached = self._calibs.get(res.identity) if res.identity is not None else None
             if cached is not None:
                 return copy.deepcopy(cached)
-            read = _read_with_identity(res.path)
+            read = read_with_identity(res.path)
             if read is None:
                 continue
             data, ident = read
@@ -803,7 +472,7 @@ class ModelStore:
     def read_recipe_meta(self, recipe_id: str) -> dict[str, Any]:
         """The recipe meta ({} when absent); a corrupt file raises :class:`StorageError`."""
         path = self.recipe_meta_path(recipe_id)
-        read = _read_with_identity(path)
+        read = read_with_identity(path)
         if read is None:
             return {}
         try:
@@ -891,9 +560,3 @@ class ModelStore:
         ref = meta.get("model_ref") if isinstance(meta, dict) else None
         key = ref.get("model_key") if isinstance(ref, dict) else None
         return key if isinstance(key, str) and key else None
-
-    def clear_cache(self) -> None:
-        """Drop cached entries (never needed for correctness)."""
-        self._memories.clear()
-        self._models.clear()
-        self._calibs.clear()

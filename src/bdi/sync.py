@@ -26,10 +26,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .fsio import FileIdentity, atomic_write_json
 from .logging import slog
 from .registry import SyncReport, sync_registry
 from .shadow import shadow_models_dir
-from .store import FileIdentity, atomic_write_json
 from .tracking import TrackingConfig
 
 STATUS_FILE = ".registry_sync.json"

@@ -13,7 +13,6 @@ a database backend). Any other tracking URI passes through unchanged.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -38,8 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime h
     from mlflow import MlflowClient
 
     from .memory import Memory
+    from .refs import ModelRef
     from .service import FitResult
-    from .store import ModelRef
 
 _LOG = logging.getLogger(__name__)
 
@@ -175,12 +174,6 @@ def flatten_metrics(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, f
         if math.isfinite(number):
             out[_clean_key(name)] = number
     return out
-
-
-def params_hash(mapping: Mapping[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of ``mapping``: a stable id of a parameter set."""
-    text = json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- client

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bdi.refs import ModelRef
 from bdi.registry import RegistrationResult, export_model_dir, register_model
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.tracking import TrackingConfig, tracked_run
 
 LINEAGE_TAGS = {"dvc_commit": "0123abcd", "data_hash": "5d41402abc4b2a76.dir", "data_source": "data/synthetic",

@@ -1,10 +1,12 @@
-"""Real servers on loopback for the deployment tests: a PostgreSQL cluster, an ``mlflow server`` on it with
-proxied artefacts on local disk, and BDI (``uvicorn serving.app:app``). Each is a context manager that
-starts the process, waits until it answers and stops exactly the process it started."""
+"""Real servers on loopback: a PostgreSQL cluster, an ``mlflow server`` on it with proxied artefacts on
+local disk, and BDI (``uvicorn serving.app:app``) for the deployment tests (context managers), plus
+tiny-model ``uvicorn`` processes for the end-to-end, kill and load tests (:func:`running_server`). Each
+starts its process, waits until it answers and stops exactly the process it started."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -14,12 +16,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from tests.conftest import TINY_ENV
+
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 240.0  # two workers importing torch on a busy 2-core machine
 PG_USER = "bdi"  # the cluster's superuser (trust authentication, loopback only)
 PG_DB = "mlflow"
 
@@ -222,3 +231,96 @@ class BdiServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- tiny-model uvicorn processes
+
+
+@dataclass
+class ServerProcess:
+    """One started server; ``log_file`` is its JSONL diagnostics log."""
+
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    port: int
+    log_file: Path
+    output: Path
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        if not self.log_file.is_file():
+            return []
+        out = []
+        for line in self.log_file.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if name is None or event.get("event") == name:
+                out.append(event)
+        return out
+
+    def tail(self) -> str:
+        return self.output.read_text(errors="replace")[-3000:] if self.output.is_file() else ""
+
+
+def server_env(tmp: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a tiny-model server: no inherited ``BDI_*``, logs under ``tmp/logs``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BDI_", "BRAKEDISC_"))}
+    env.update(TINY_ENV)
+    env.update(
+        BDI_MODELS_DIR=str(models_dir),
+        BDI_GUI_LOG_DIR=str(tmp / "logs"),
+        BDI_WEIGHTS_CACHE_DIR=str(tmp / "weights"),
+        BDI_REQUIRE_CUDA="0",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    )
+    env.update(overrides)
+    return env
+
+
+def start_server(
+    tmp: Path, *, models_dir: Path, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "uvicorn"
+) -> ServerProcess:
+    """Start uvicorn in its own session and wait until ``/health`` answers 200."""
+    port = free_port()
+    output = tmp / f"{name}.out"
+    with output.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", str(workers),
+             "--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "10"],
+            env=dict(env) if env is not None else server_env(tmp, models_dir), cwd=tmp, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = ServerProcess(proc=proc, base_url=f"http://127.0.0.1:{port}", port=port,
+                           log_file=tmp / "logs" / "backend_diagnostics.jsonl", output=output)
+    try:
+        _wait_http(f"{server.base_url}/health", proc=proc, log=output, timeout_s=STARTUP_TIMEOUT_S, what="uvicorn")
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: ServerProcess, *, timeout_s: float = 20.0) -> None:
+    """SIGTERM (uvicorn's parent stops its workers), then SIGKILL of our own process group only."""
+    proc = server.proc
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the group is ours alone
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def running_server(
+    tmp: Path, *, models_dir: Path, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "uvicorn"
+) -> Iterator[ServerProcess]:
+    server = start_server(tmp, models_dir=models_dir, workers=workers, env=env, name=name)
+    try:
+        yield server
+    finally:
+        stop_server(server)

@@ -206,7 +206,8 @@ def test_stage_runs_log_their_dataset_as_mlflow_inputs(project: Project) -> None
 
 
 def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_path: Path) -> None:
-    from bdi.store import ModelRef, ModelStore
+    from bdi.refs import ModelRef
+    from bdi.store import ModelStore
 
     models = tmp_path / "models"
     project.run(str(VENV_BIN / "bdi"), "sync", "--models-dir", str(models), "--project-root", str(project.root))

@@ -17,7 +17,7 @@ import pytest
 from bdi.synthetic import write_mvtec_dataset
 from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
 from pipelines.ingest import run_ingest, write_outputs
-from pipelines.stage import MANIFEST_COLUMNS
+from pipelines.manifest import MANIFEST_COLUMNS
 from tests.helpers.synthetic import disc_png
 
 N_TRAIN, N_GOOD, N_PER_DEFECT = 6, 4, 2
@@ -43,13 +43,13 @@ def test_ingest_keeps_every_valid_file_and_splits_them(dataset: Path, tmp_path: 
     result = run_ingest(_cfg(dataset), root=tmp_path)
     assert result.rejected == []
     assert len(result.rows) == N_FILES
-    splits = Counter(r["split"] for r in result.rows)
+    splits = Counter(r.split for r in result.rows)
     assert splits == {"train": N_TRAIN, "calib": N_GOOD // 2 + 3, "eval": N_GOOD // 2 + 3}
     for cls in ("pit", "scratch", "crack"):  # stratified: every class in both halves
-        assert {r["split"] for r in result.rows if r["defect_class"] == cls} == {"calib", "eval"}
-    ng = [r for r in result.rows if r["label"] == "ng"]
-    assert all(r["mask"].endswith("_mask.png") for r in ng)
-    assert all(r["mm_per_px"] == pytest.approx(0.2) for r in result.rows)
+        assert {r.split for r in result.rows if r.defect_class == cls} == {"calib", "eval"}
+    ng = [r for r in result.rows if r.label == "ng"]
+    assert all(r.mask.endswith("_mask.png") for r in ng)
+    assert all(r.mm_per_px == pytest.approx(0.2) for r in result.rows)
 
 
 def test_ingest_rejects_a_corrupt_image_and_keeps_the_rest(dataset: Path, tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_ingest_rejects_a_corrupt_image_and_keeps_the_rest(dataset: Path, tmp_pa
     assert [Path(r["file"]).name for r in bad] == ["001.png"]
     assert "cannot be decoded" in bad[0]["reason"]
     assert len(result.rows) == N_FILES - 1
-    assert not any(r["file"].endswith("test/good/001.png") for r in result.rows)
+    assert not any(r.file.endswith("test/good/001.png") for r in result.rows)
 
 
 def test_ingest_rejects_an_image_mask_size_mismatch(dataset: Path, tmp_path: Path) -> None:
@@ -97,14 +97,14 @@ def test_ingest_writes_manifest_and_report(dataset: Path, tmp_path: Path) -> Non
 
 def test_manifest_paths_are_relative_to_the_project_root(dataset: Path, tmp_path: Path) -> None:
     result = run_ingest(_cfg("mvtec"), root=tmp_path)
-    assert result.rows[0]["file"].startswith("mvtec/train/good/")
+    assert result.rows[0].file.startswith("mvtec/train/good/")
 
 
 def test_splits_do_not_depend_on_file_names(dataset: Path, tmp_path: Path) -> None:
-    before = {r["sha256"]: r["split"] for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
+    before = {r.sha256: r.split for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
     for path in sorted((dataset / "test" / "good").glob("*.png")):
         path.rename(path.with_name(f"renamed_{path.name}"))
-    after = {r["sha256"]: r["split"] for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
+    after = {r.sha256: r.split for r in run_ingest(_cfg(dataset), root=tmp_path).rows}
     assert before == after
 
 
@@ -116,7 +116,7 @@ def test_ingest_splits_as_the_library_rule_does(dataset: Path, tmp_path: Path) -
     items = read_mvtec(dataset)
     library = {it.path.resolve(): s for it, s in zip(items, split_mvtec(items, calib_fraction=0.5), strict=True)}
     rows = run_ingest(_cfg(dataset), root=tmp_path).rows
-    assert {(tmp_path / r["file"]).resolve(): r["split"] for r in rows} == library
+    assert {(tmp_path / r.file).resolve(): r.split for r in rows} == library
 
 
 def test_missing_dataset_path_names_the_key_to_fix(tmp_path: Path) -> None:
@@ -145,7 +145,8 @@ def test_cli_bad_dataset_path_exits_non_zero_with_clear_error(tmp_path: Path) ->
 
 
 def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
-    from bdi.datasets import DatasetRef, DatasetStore, UploadItem
+    from bdi.datasets import DatasetStore, UploadItem
+    from bdi.refs import DatasetRef
 
     models = tmp_path / "models"
     store = DatasetStore(models)
@@ -160,9 +161,9 @@ def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
     ])))
     result = run_ingest(cfg, root=tmp_path)
     assert result.rejected == []
-    splits = Counter((r["label"], r["split"]) for r in result.rows)
+    splits = Counter((r.label, r.split) for r in result.rows)
     assert splits == {("ok", "train"): 3, ("ok", "calib"): 2, ("ok", "eval"): 1, ("ng", "calib"): 1,
                       ("ng", "eval"): 1}
-    assert {r["mm_per_px"] for r in result.rows if r["label"] == "ok"} == {0.25}
-    assert {r["mm_per_px"] for r in result.rows if r["label"] == "ng"} == {0.2}  # the dataset default
+    assert {r.mm_per_px for r in result.rows if r.label == "ok"} == {0.25}
+    assert {r.mm_per_px for r in result.rows if r.label == "ng"} == {0.2}  # the dataset default
 

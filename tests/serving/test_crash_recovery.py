@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.server import running_server, server_env, start_server
+from tests.helpers.servers import running_server, server_env, start_server
 from tests.helpers.synthetic import disc_png
 
 pytestmark = pytest.mark.slow

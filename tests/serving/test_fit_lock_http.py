@@ -6,8 +6,8 @@ the test itself and the request comes through the app.
 
 from __future__ import annotations
 
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 
 from .conftest import MM, ROI, ROLE, ClientFactory, fit_from_dataset, upload
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers.server import ServerProcess, running_server, server_env
+from tests.helpers.servers import ServerProcess, running_server, server_env
 from tests.helpers.synthetic import disc_png
 
 from .conftest import MM, ROI, ROLE, ClientFactory, fit_from_dataset, upload

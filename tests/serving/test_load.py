@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.server import ServerProcess, running_server, server_env
+from tests.helpers.servers import ServerProcess, running_server, server_env
 from tests.helpers.synthetic import disc_png
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from bdi.backbones import EFFICIENTNET_LITE0
 from bdi.features import FeatureExtractor
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from serving.app import create_app
 from tests.conftest import tiny_settings
 from tests.helpers.synthetic import disc_png

@@ -16,8 +16,9 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from bdi.features import FeatureExtractor
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef, ModelStore
+from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig
 from serving.app import create_app
 from tests.conftest import tiny_settings

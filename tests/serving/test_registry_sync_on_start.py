@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 
+from bdi.refs import ModelRef
 from bdi.registry import export_model_dir, register_model
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.tracking import TrackingConfig, tracked_run
 from serving.app import create_app
 from tests.conftest import tiny_settings

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bdi.datasets import (
-    DatasetRef,
-    DatasetStore,
-    UploadItem,
-    client_extension,
-    parse_label,
-    read_mvtec,
-)
+from bdi.datasets import DatasetStore, UploadItem, client_extension, parse_label, read_mvtec
 from bdi.errors import InvalidInputError, InvalidRecipeError, NotFoundError, StorageError
 from bdi.logging import configure_logging, disable_logging
+from bdi.refs import DatasetRef
 
 BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"
 STORED_NAME = re.compile(r"^\d{8}-\d{6}-\d{6}\.(png|jpg|jpeg|bmp|webp)$")

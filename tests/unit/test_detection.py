@@ -14,8 +14,8 @@ from bdi.config import Settings
 from bdi.datasets import MvtecItem, read_mvtec
 from bdi.evaluation import image_auroc
 from bdi.imaging import decode_image
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import make_disc
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "magnetic_tile"

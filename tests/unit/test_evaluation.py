@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bdi.errors import InvalidInputError
 from bdi.evaluation import (
     aupro,
     binarize_mask,
@@ -53,7 +54,7 @@ def test_image_auroc_single_class_is_none(labels: list[int]) -> None:
 
 
 def test_image_auroc_rejects_bad_labels() -> None:
-    with pytest.raises(ValueError, match="labels must be 0"):
+    with pytest.raises(InvalidInputError, match="labels must be 0"):
         image_auroc([0, 2], [0.1, 0.2])
 
 
@@ -107,7 +108,7 @@ def test_pixel_auroc_without_defect_pixels_is_none() -> None:
 
 
 def test_pixel_auroc_rejects_shape_mismatch() -> None:
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(InvalidInputError, match="shape"):
         pixel_auroc([np.zeros((8, 8))], [np.zeros((4, 4))])
 
 
@@ -160,7 +161,7 @@ def test_aupro_without_regions_is_none() -> None:
 
 
 def test_aupro_rejects_bad_fpr_limit() -> None:
-    with pytest.raises(ValueError, match="fpr_limit"):
+    with pytest.raises(InvalidInputError, match="fpr_limit"):
         aupro([np.zeros((8, 8))], [_square_mask(8, lo=1, hi=3)], fpr_limit=0.0)
 
 

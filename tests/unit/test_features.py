@@ -13,7 +13,7 @@ from timm.layers import resample_abs_pos_embed
 
 from bdi.backbones import BACKBONES
 from bdi.config import FeatureConfig
-from bdi.errors import InvalidInputError, WeightsError
+from bdi.errors import DeviceError, InvalidInputError, WeightsError
 from bdi.features import (
     FeatureBatch,
     FeatureExtractor,
@@ -169,7 +169,7 @@ def test_bf16_on_cpu_is_close_to_fp32(tmp_path: Path, tiny: FeatureExtractor) ->
 
 
 def test_fp16_on_cpu_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(DeviceError, match="fp16"):
         FeatureExtractor(replace(TINY, precision="fp16"), cache_dir=tmp_path)
 
 
@@ -179,7 +179,7 @@ def test_auto_precision_on_cpu_is_fp32(tiny: FeatureExtractor) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
 def test_cuda_requested_without_cuda_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(DeviceError, match="CUDA"):
         FeatureExtractor(replace(TINY, device="cuda"), cache_dir=tmp_path)
 
 

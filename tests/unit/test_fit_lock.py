@@ -17,8 +17,8 @@ import pytest
 
 from bdi.errors import FitInProgressError
 from bdi.features import FeatureExtractor
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import make_disc
 from tests.conftest import tiny_settings
 

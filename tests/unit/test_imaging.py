@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdi.errors import ImageDecodeError, InvalidInputError, UploadLimitError
+from bdi.errors import ImageDecodeError, InvalidInputError, InvalidScaleError, UploadLimitError
 from bdi.imaging import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,6 +19,7 @@ from bdi.imaging import (
     letterbox_geometry,
     normalize_imagenet,
     parse_shape,
+    validate_mm_per_px,
 )
 
 
@@ -330,3 +331,11 @@ def test_mask_annulus_negative_inner_radius_is_clamped() -> None:
 def test_mask_bad_values_raise_invalid_input_not_type_error(shape: dict) -> None:
     with pytest.raises(InvalidInputError, match="shape"):
         build_roi_mask(shape, width=10, height=10)
+
+
+def test_validate_mm_per_px_rejects_non_positive_and_non_finite() -> None:
+    assert validate_mm_per_px(0.2) == 0.2
+    assert validate_mm_per_px("0.5") == 0.5
+    for bad in (0, -1, float("nan"), float("inf"), "abc", None, True):
+        with pytest.raises(InvalidScaleError, match="mm_per_px must be > 0 and finite"):
+            validate_mm_per_px(bad)

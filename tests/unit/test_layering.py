@@ -7,7 +7,7 @@ from pathlib import Path
 
 BDI = Path(__file__).resolve().parents[2] / "src" / "bdi"
 FORBIDDEN_EVERYWHERE = {"fastapi", "starlette", "hydra", "serving", "pipelines", "uvicorn"}
-LEAVES = {"errors", "config", "imaging", "coreset", "knn"}
+LEAVES = {"errors", "config", "imaging", "coreset", "knn", "refs", "fsio"}
 MIDDLE_AND_UP = {"memory", "inference", "calibration", "store", "datasets", "service", "features",
                  "tracking", "registry", "evaluation", "cli", "lineage", "model_lock", "sync", "promotion", "shadow"}
 
@@ -43,5 +43,6 @@ def test_service_is_the_only_bdi_module_serving_imports() -> None:
     for path in serving.rglob("*.py"):
         for name in _imports(path):
             if name.startswith("bdi.") and path.name != "demo.py":
-                assert name.split(".")[1] in {"service", "errors", "config", "store", "datasets", "logging",
-                                              "tracking", "registry", "sync", "shadow", "__init__"}, f"{path}: {name}"
+                assert name.split(".")[1] in {"service", "errors", "config", "refs", "fsio", "store", "datasets",
+                                              "logging", "tracking", "registry", "sync", "shadow", "__init__"}, \
+                    f"{path}: {name}"

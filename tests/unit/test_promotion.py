@@ -19,8 +19,8 @@ from bdi.promotion import (
     read_golden_set,
     write_golden_set,
 )
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.tracking import TrackingConfig, resolve_tracking_uri
 from tests.helpers.registry import fit_and_export, register
 from tests.helpers.synthetic import png_bytes

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bdi.errors import InvalidInputError
+from bdi.refs import ModelRef
 from bdi.registry import (
     RegistrationResult,
     export_model_dir,
@@ -20,7 +21,7 @@ from bdi.registry import (
     sync_registered,
 )
 from bdi.service import InspectionService
-from bdi.store import ModelRef, ModelStore
+from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, resolve_tracking_uri, tracked_run
 
 REF = ModelRef.create(recipe_id="line-a", role_id="Inspection", roi_id="disc 1/ä", model_key=None)

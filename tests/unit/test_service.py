@@ -17,8 +17,8 @@ from bdi.errors import (
     ScaleMismatchError,
 )
 from bdi.imaging import build_roi_mask
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.synthetic import DiscGeometry, make_disc
 from tests.helpers.synthetic import png_bytes
 

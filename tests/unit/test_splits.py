@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from bdi.datasets import read_mvtec
-from bdi.splits import CALIB, EVAL, TRAIN, SplitItem, assign_splits, deal, split_mvtec
+from bdi.splits import CALIB, EVAL, TRAIN, SplitItem, assign_splits, interleaved_share, split_mvtec
 from bdi.synthetic import write_mvtec_dataset
 
 
@@ -14,10 +14,10 @@ def _item(source: str, label: str, cls: str, sha: str) -> SplitItem:
     return SplitItem(source_split=source, label=label, defect_class=cls, sha256=sha, path=f"/{cls}/{sha}.png")
 
 
-def test_deal_interleaves_the_requested_share() -> None:
-    assert deal(5, 0.5) == [True, False, True, False, True]
-    assert sum(deal(10, 0.3)) == 3
-    assert deal(0, 0.5) == []
+def test_interleaved_share_picks_the_requested_share_evenly() -> None:
+    assert interleaved_share(5, 0.5) == [True, False, True, False, True]
+    assert sum(interleaved_share(10, 0.3)) == 3
+    assert interleaved_share(0, 0.5) == []
 
 
 def test_files_are_dealt_in_sha256_order_not_listing_order() -> None:

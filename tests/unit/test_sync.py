@@ -16,9 +16,10 @@ from bdi import model_lock
 from bdi.errors import CalibrationMissingError, RegistryManagedError, StorageError
 from bdi.features import FeatureExtractor
 from bdi.lineage import read_lineage
+from bdi.refs import ModelRef
 from bdi.registry import materialise_model, sync_registry
 from bdi.service import InspectionService
-from bdi.store import ModelRef, ModelStore
+from bdi.store import ModelStore
 from bdi.sync import RegistryFollower, SyncStatusReader, read_status
 from bdi.tracking import TrackingConfig, resolve_tracking_uri
 from tests.conftest import tiny_settings

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelRef
 from bdi.tracking import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
