@@ -108,7 +108,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     project = Project(root=root, env=_env(), first_run="")
     _regenerate_params(project)
     params = project.params
-    assert params["dataset"]["name"] == "synthetic" and params["model"]["weights"] == "random"
+    assert params["dataset"]["name"] == "synthetic" and params["model"]["features"]["weights"] == "random"
     write_mvtec_dataset(root / params["dataset"]["source"], n_train=8, n_test_good=4, n_test_per_defect=2,
                         size=96, seed=0)
     project.run("git", "init", "-q")
@@ -242,10 +242,11 @@ def test_second_repro_runs_nothing(project: Project) -> None:
 
 
 def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: Project) -> None:
-    assert project.params["model"]["coreset_rate"] == 0.1
+    assert project.params["model"]["memory"]["coreset_rate"] == 0.1
     out = project.dvc("exp", "run", "-S", "model.memory.coreset_rate=0.05").stdout
-    assert project.params["model"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
-    assert project.params["dataset"]["name"] == "synthetic" and project.params["model"]["weights"] == "random"
+    assert project.params["model"]["memory"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
+    assert project.params["dataset"]["name"] == "synthetic"
+    assert project.params["model"]["features"]["weights"] == "random"
     assert _ran(out) == {"fit_ok", "calibrate", "evaluate", "register"}, out
     assert "Stage 'ingest' didn't change" in out
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
