@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-TINY = {"weights": "random", "input_size": 112, "feature_blocks": (1, 2, 3), "backbone_depth": 4, "device": "cpu"}
+TINY = {"model": {"features": {"weights": "random", "input_size": 112, "blocks": (1, 2, 3), "depth": 4,
+                               "device": "cpu"}}}
 
 
 def _prepare(n_images: int, models_dir: Path) -> None:

@@ -135,8 +135,9 @@ def build_row(name: str, work: Path) -> Detector:
     if name == "bdi-dinov2-random":
         return BdiDetector(name=name, label="BDI DINOv2 ViT-S/14 (random init)", backbone=VIT, weights="random",
                            work=work)
-    cnn = Settings(backbone=CNN, weights="official", device="cpu", models_dir=work / name)
-    features: FeatureConfig = cnn.feature_config()  # resolved: the registry's defaults
+    cnn = Settings(model={"features": {"backbone": CNN, "weights": "official", "device": "cpu"}},
+                   models_dir=work / name)
+    features: FeatureConfig = cnn.model.features  # resolved: the registry's defaults
     assert features.input_size is not None and features.blocks is not None
     if name == "anomalib":
         if anomalib_version() is None:
@@ -151,8 +152,8 @@ def build_row(name: str, work: Path) -> Detector:
         )
     if name == "pixel-knn":
         return PixelKnnDetector(name=name, label="raw-pixel patch kNN", input_size=features.input_size,
-                                cell=PIXEL_CELL, coreset_rate=cnn.coreset_rate, settings=cnn,
-                                scoring=cnn.scoring_config())
+                                cell=PIXEL_CELL, coreset_rate=cnn.model.memory.coreset_rate, settings=cnn,
+                                scoring=cnn.model.scoring)
     raise ValueError(f"unknown row {name!r}; known: {', '.join(ROWS)}")
 
 

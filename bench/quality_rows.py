@@ -1,7 +1,7 @@
 """The detectors the quality benchmark puts side by side, behind one small interface.
 
 * :class:`BdiDetector`: BDI itself, only through the public library API (``InspectionService`` built from
-  ``Settings(backbone=..., weights=...)``; every other setting is the library's default).
+  ``Settings(model={"features": {"backbone": ..., "weights": ...}})``; every other setting is the library's default).
 * :class:`AnomalibDetector`: anomalib's PatchCore torch model (``PatchcoreModel``) driven directly, with a
   timm backbone that carries given weights (anomalib's custom-``nn.Module`` path, torchvision FX).
 * :class:`PixelKnnDetector`: a raw-pixel patch-kNN baseline (no network): the pixels of each cell of the
@@ -77,9 +77,9 @@ class Detector(Protocol):
 
 def bdi_threshold(ok_scores: Sequence[float], ng_scores: Sequence[float], settings: Settings) -> float:
     """BDI's calibration rule (``bdi.calibration.choose_threshold``) with the library's default config."""
-    cfg: CalibrationConfig = settings.calibration_config()
-    choice = choose_threshold(list(ok_scores), list(ng_scores) or None, score_percentile=settings.score_percentile,
-                              cfg=cfg)
+    cfg: CalibrationConfig = settings.calibration
+    choice = choose_threshold(list(ok_scores), list(ng_scores) or None,
+                              score_percentile=settings.model.scoring.score_percentile, cfg=cfg)
     return float(choice.threshold)
 
 
@@ -92,14 +92,15 @@ class BdiDetector:
     def __init__(self, *, name: str, label: str, backbone: str, weights: str, work: Path) -> None:
         self.name = name
         self.label = label
-        self.settings = Settings(backbone=backbone, weights=weights, device="cpu", models_dir=work / name)
+        self.settings = Settings(model={"features": {"backbone": backbone, "weights": weights, "device": "cpu"}},
+                                 models_dir=work / name)
         self.service = InspectionService.from_settings(self.settings)
         self._threshold_set = False
 
     def describe(self) -> dict[str, Any]:
         features = self.service.extractor.describe()
-        scoring = self.settings.scoring_config()
-        memory = self.settings.memory_config()
+        scoring = self.settings.model.scoring
+        memory = self.settings.model.memory
         return {
             "implementation": "bdi.service.InspectionService",
             "backbone": features["backbone"],
@@ -127,7 +128,7 @@ class BdiDetector:
 
     def _scoring(self) -> ScoringConfig:
         calib = self.service.store.load_calibration(REF) if self._threshold_set else None
-        return self.service.calibrated_scoring(calib) if calib else self.settings.scoring_config()
+        return self.service.calibrated_scoring(calib) if calib else self.settings.model.scoring
 
     def score(self, images: Sequence[np.ndarray]) -> list[Scored]:
         results = self.service.score_images(ref=REF, images=images, scoring=self._scoring())
@@ -298,7 +299,7 @@ class PixelKnnDetector:
         self.scoring = scoring
         self.grid = (input_size // cell, input_size // cell)
         self.index: KnnIndex | None = None
-        self._memory = settings.memory_config()  # resolved: seed and coreset projection as the CNN row's
+        self._memory = settings.model.memory  # resolved: seed and coreset projection as the CNN row's
 
     def describe(self) -> dict[str, Any]:
         return {

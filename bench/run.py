@@ -65,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     weights = os.environ.get("BDI_WEIGHTS", "random")
     print(f"data={data}  weights={weights}  threads={args.threads}  torch={torch.__version__}")
 
-    base = dict(models_dir=work / "models", weights=weights, device="cpu", min_ok_samples=1, runtime="torch")
-    fp32 = InspectionService.from_settings(Settings(**base, precision="fp32"))
+    def settings(precision: str) -> Settings:
+        return Settings(models_dir=work / "models", min_ok_samples=1, runtime="torch",
+                        model={"features": {"weights": weights, "device": "cpu", "precision": precision}})
+
+    fp32 = InspectionService.from_settings(settings("fp32"))
+    bf16_settings = settings("bf16")
     bf16 = InspectionService(
-        settings=Settings(**base, precision="bf16"),
-        extractor=type(fp32.extractor)(Settings(**base, precision="bf16").feature_config(),
-                                       cache_dir=fp32.settings.weights_cache_dir),
+        settings=bf16_settings,
+        extractor=type(fp32.extractor)(bf16_settings.model.features, cache_dir=fp32.settings.weights_cache_dir),
         store=fp32.store, datasets=fp32.datasets,
     )
     train = _images(data, "train", args.n_fit)

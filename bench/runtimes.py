@@ -134,8 +134,9 @@ def _infer(client: httpx.Client, server: Server, image: bytes) -> tuple[float, d
 
 def _build_model(models_dir: Path, env: dict[str, str], *, train: list[np.ndarray], test: list[np.ndarray],
                  cache: Path, threads: int) -> dict[str, Any]:
-    settings = Settings(models_dir=models_dir, backbone=env["BDI_BACKBONE"], weights=env["BDI_WEIGHTS"],
-                        device="cpu", runtime="torch", weights_cache_dir=cache, min_ok_samples=1)
+    features = {"backbone": env["BDI_BACKBONE"], "weights": env["BDI_WEIGHTS"], "device": "cpu"}
+    settings = Settings(models_dir=models_dir, model={"features": features}, runtime="torch",
+                        weights_cache_dir=cache, min_ok_samples=1)
     service = InspectionService.from_settings(settings)
     started = time.perf_counter()
     service.fit_images(ref=REF, images=train)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent loopback clients")
     args = parser.parse_args(argv)
 
-    threads = Settings(weights="random").intra_op_threads()
+    threads = Settings().intra_op_threads()
     configure_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="bdi-bench-runtimes-"))
     data = SHARED_DATA if SHARED_DATA.is_dir() else write_mvtec_dataset(work / "data", n_train=args.n_fit, size=256)

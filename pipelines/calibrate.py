@@ -54,7 +54,7 @@ def run_calibrate(
     with staged_dir(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
         service = build_service(ctx, models_dir=staged, extractor=extractor)
-        scoring = service.settings.scoring_config()  # to_settings carries calibration.* into Settings
+        scoring = service.settings.model.scoring
         for target in targets(cfg):
             rows = rows_for(manifest, target, "calib")
             _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
@@ -66,7 +66,7 @@ def run_calibrate(
                                         "test/good images (or OK server samples)")
             calib = service.calibrate_from_scores(
                 ref=target.ref, ok_scores=ok, ng_scores=ng or None, mm_per_px=recipe_mm_per_px(manifest, target),
-                score_percentile=cfg.calibration.score_percentile, area_mm2_thr=cfg.calibration.area_mm2_thr,
+                score_percentile=scoring.score_percentile, area_mm2_thr=scoring.area_mm2_thr,
             )
             scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]

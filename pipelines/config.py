@@ -2,15 +2,12 @@
 
 ``conf/`` is the configuration tree; the dataclasses below are its schema (registered in Hydra's
 ConfigStore as ``bdi_schema``, first in ``conf/config.yaml``'s defaults list), so a misspelt key or a
-wrongly typed value is a composition error. Defaults come from ``bdi.config`` (one place), and every
-key keeps the name of the ``bdi`` field it feeds:
+wrongly typed value is a composition error. The algorithm sections are the library's own dataclasses
+(one vocabulary, one default each, in ``bdi.config``), through their Hydra twins (:func:`schema_twin`):
 
-* ``model.*`` = the fields of ``FeatureConfig`` ∪ ``MemoryConfig`` ∪ ``ScoringConfig``, except the two
-  scoring fields that the calibration owns. ``model.seed`` seeds both the random weights
-  (``FeatureConfig.seed``) and the coreset (``MemoryConfig.seed``).
-* ``calibration.*`` = ``CalibrationConfig`` plus ``area_mm2_thr``; ``calibration.score_percentile`` is
-  also ``ScoringConfig.score_percentile``, because the calibration file stores it and ``/infer``
-  scores with it (API_CONTRACT §3.5).
+* ``model.features.*`` / ``model.memory.*`` / ``model.scoring.*`` = ``bdi.config.ModelConfig`` — the same
+  names as ``Settings.model`` in serving;
+* ``calibration.*`` = ``bdi.config.CalibrationConfig``;
 * ``tracking.*`` = ``bdi.tracking.TrackingConfig``.
 
 ``params.yaml`` (what DVC tracks) is this composition. DVC writes it itself (``hydra.enabled`` in
@@ -22,25 +19,23 @@ checks that params.yaml is what DVC composes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import functools
 import sys
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from pydantic import TypeAdapter
 
-from bdi.config import (
-    CalibrationConfig,
-    FeatureConfig,
-    MemoryConfig,
-    ModelConfig,
-    ScoringConfig,
-    Settings,
-)
+from bdi.config import CalibrationConfig, ModelConfig, Settings
 from bdi.promotion import PromotionGate
 from bdi.tracking import TrackingConfig
 
@@ -48,8 +43,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = "params.yaml"
 SCHEMA_NAME = "bdi_schema"
-CALIBRATION_OWNED_SCORING_FIELDS = ("score_percentile", "area_mm2_thr")
 DATASET_KINDS = ("mvtec", "server")
+_T = TypeVar("_T")
 
 
 class PipelineConfigError(ValueError):
@@ -95,53 +90,47 @@ class DatasetSchema:
     splits: SplitsSchema = field(default_factory=SplitsSchema)
 
 
-@dataclass
-class ModelSchema:
-    """``FeatureConfig`` ∪ ``MemoryConfig`` ∪ ``ScoringConfig`` fields (same names, same defaults)."""
-
-    # FeatureConfig
-    backbone: str = FeatureConfig.backbone
-    weights: str = FeatureConfig.weights
-    input_size: int | None = FeatureConfig.input_size  # None = the backbone's default
-    blocks: list[int] | None = None  # None = the backbone's default
-    neighbourhood: int | None = FeatureConfig.neighbourhood  # None = the backbone's default
-    depth: int | None = FeatureConfig.depth
-    seed: int = FeatureConfig.seed
-    device: str = FeatureConfig.device
-    precision: str = FeatureConfig.precision
-    batch_size: int = FeatureConfig.batch_size
-    # MemoryConfig (seed: see above)
-    coreset_rate: float = MemoryConfig.coreset_rate
-    projection_dim: int | None = MemoryConfig.projection_dim  # None = the backbone's default
-    knn_index: str = MemoryConfig.knn_index
-    prefer_gpu: bool = MemoryConfig.prefer_gpu
-    gpu_device: int = MemoryConfig.gpu_device
-    # ScoringConfig (score_percentile and area_mm2_thr: see CalibrationSchema)
-    blur_sigma: float | None = ScoringConfig.blur_sigma  # None = the backbone's default
-    remove_letterbox: bool = ScoringConfig.remove_letterbox
+def _schema_type(hint: Any) -> Any:
+    """``hint`` as OmegaConf can check it: ``Literal`` → ``str``, tuples → lists, dataclasses → their twins."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return str
+    if origin in (types.UnionType, typing.Union):
+        (inner,) = [a for a in args if a is not type(None)]
+        return typing.Optional[_schema_type(inner)]  # noqa: UP045 - OmegaConf needs typing.Optional
+    if origin is tuple:
+        return list[_schema_type(args[0])]  # type: ignore[misc]
+    if dataclasses.is_dataclass(hint):
+        return schema_twin(cast(type, hint))
+    return hint
 
 
-@dataclass
-class CalibrationSchema:
-    """``CalibrationConfig`` (the §3.5 rule) plus the scoring fields that calib.json records."""
+@functools.cache
+def schema_twin(cls: type) -> type:
+    """The Hydra structured-config twin of a frozen library dataclass: the same field names and defaults, so
+    ``conf/`` speaks the library's vocabulary, in types OmegaConf can check; the library dataclass itself checks
+    the values when :func:`model_config` builds it."""
+    hints = typing.get_type_hints(cls)
+    specs: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(cls):
+        kind = _schema_type(hints[f.name])
+        if dataclasses.is_dataclass(hints[f.name]):
+            specs.append((f.name, kind, field(default_factory=kind)))
+        elif isinstance(f.default, tuple):
+            specs.append((f.name, kind, field(default_factory=functools.partial(list, f.default))))
+        else:
+            specs.append((f.name, kind, f.default))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", specs)
 
-    score_percentile: float = CalibrationConfig.score_percentile
-    ng_percentile: float = CalibrationConfig.ng_percentile
-    overlap_factor: float = CalibrationConfig.overlap_factor
-    area_mm2_thr: float = ScoringConfig.area_mm2_thr
 
-
-@dataclass
-class TrackingSchema:
-    """``bdi.tracking.TrackingConfig`` (same fields, same defaults; its checks run in ``tracking_config``).
-    Empty tracking_uri = ``sqlite:///<project>/mlflow.db``."""
-
-    tracking_uri: str = TrackingConfig.tracking_uri
-    artifact_location: str = TrackingConfig.artifact_location
-    experiment: str = TrackingConfig.experiment
-    registered_model_prefix: str = TrackingConfig.registered_model_prefix
-    alias: str = TrackingConfig.alias
-    enabled: bool = TrackingConfig.enabled
+if TYPE_CHECKING:  # mypy checks attribute access against the library's own dataclasses
+    ModelSchema = ModelConfig
+    CalibrationSchema = CalibrationConfig
+    TrackingSchema = TrackingConfig
+else:
+    ModelSchema = schema_twin(ModelConfig)
+    CalibrationSchema = schema_twin(CalibrationConfig)
+    TrackingSchema = schema_twin(TrackingConfig)
 
 
 @dataclass
@@ -248,12 +237,6 @@ def check_values(cfg: PipelineConfig) -> None:
         value = getattr(ds.splits, name)
         if not 0.0 < value < 1.0:
             raise PipelineConfigError(f"dataset.splits.{name} must be in (0, 1), got {value}")
-    percentile = cfg.calibration.score_percentile
-    if float(percentile) != int(percentile):
-        raise PipelineConfigError(
-            f"calibration.score_percentile must be a whole number (calib.json stores an int and /infer "
-            f"scores with it), got {percentile}"
-        )
     if not 0.0 < cfg.evaluation.aupro_fpr_limit <= 1.0:
         raise PipelineConfigError("evaluation.aupro_fpr_limit must be in (0, 1]")
     for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps"):
@@ -267,111 +250,42 @@ def check_values(cfg: PipelineConfig) -> None:
 # --------------------------------------------------------------------------------------------- to bdi
 
 
-def feature_config(cfg: PipelineConfig) -> FeatureConfig:
-    m = cfg.model
-    return FeatureConfig(
-        backbone=m.backbone, weights=m.weights, input_size=m.input_size,
-        blocks=None if m.blocks is None else tuple(m.blocks), neighbourhood=m.neighbourhood, depth=m.depth,
-        seed=m.seed, device=m.device, precision=m.precision, batch_size=m.batch_size,  # type: ignore[arg-type]
-    ).resolved()
-
-
-def memory_config(cfg: PipelineConfig) -> MemoryConfig:
-    m = cfg.model
-    return MemoryConfig(
-        coreset_rate=m.coreset_rate, seed=m.seed, projection_dim=m.projection_dim, knn_index=m.knn_index,
-        prefer_gpu=m.prefer_gpu, gpu_device=m.gpu_device,
-    ).resolved(m.backbone)
-
-
-def scoring_config(cfg: PipelineConfig) -> ScoringConfig:
-    return ScoringConfig(
-        score_percentile=float(cfg.calibration.score_percentile),
-        area_mm2_thr=float(cfg.calibration.area_mm2_thr),
-        blur_sigma=cfg.model.blur_sigma,
-        remove_letterbox=cfg.model.remove_letterbox,
-    ).resolved(cfg.model.backbone)
+def _library(cls: type[_T], node: object, key: str) -> _T:
+    try:
+        return TypeAdapter(cls).validate_python(dataclasses.asdict(node))  # type: ignore[call-overload]
+    except ValueError as exc:
+        raise PipelineConfigError(f"{key}.* rejected by bdi: {exc}") from exc
 
 
 def model_config(cfg: PipelineConfig) -> ModelConfig:
-    """The frozen ``bdi`` model config; invalid values raise with the ``model.`` key named."""
-    try:
-        return ModelConfig(features=feature_config(cfg), memory=memory_config(cfg), scoring=scoring_config(cfg))
-    except ValueError as exc:
-        raise PipelineConfigError(f"model/calibration config rejected by bdi.config: {exc}") from exc
+    """``model.*`` as the library's frozen ``ModelConfig`` (resolved); invalid values name their key."""
+    return _library(ModelConfig, cfg.model, "model")
+
+
+def calibration_config(cfg: PipelineConfig) -> CalibrationConfig:
+    return _library(CalibrationConfig, cfg.calibration, "calibration")
 
 
 def tracking_config(cfg: PipelineConfig) -> TrackingConfig:
-    """``bdi.tracking.TrackingConfig`` with the same field values."""
-    t = cfg.tracking
-    return TrackingConfig(**{f.name: getattr(t, f.name) for f in fields(TrackingSchema)})
+    return _library(TrackingConfig, cfg.tracking, "tracking")
 
 
 def to_settings(cfg: PipelineConfig, *, models_dir: Path, project_root: Path | None = None) -> Settings:
-    """A ``Settings`` for ``InspectionService`` that reproduces ``model_config(cfg)`` exactly.
-
-    ``Settings`` is the service's only way in (the calibration rule's keys included); a model field it
-    cannot carry yet must keep its default, else a ``PipelineConfigError`` names it instead of silently
-    ignoring it.
-    """
-    wanted = model_config(cfg)
-    m = cfg.model
-    values: dict[str, Any] = {
-        "models_dir": Path(models_dir),
-        "backbone": m.backbone,
-        "weights": m.weights,
-        "device": m.device,
-        "precision": m.precision,
-        "input_size": m.input_size,
-        "feature_blocks": None if m.blocks is None else tuple(m.blocks),
-        "feature_neighbourhood": m.neighbourhood,
-        "backbone_depth": m.depth,
-        "weights_seed": m.seed,
-        "coreset_seed": m.seed,
-        "batch_size": m.batch_size,
-        "coreset_rate": m.coreset_rate,
-        "coreset_projection_dim": m.projection_dim,
-        "knn_index": m.knn_index,
-        "faiss_prefer_gpu": m.prefer_gpu,
-        "faiss_gpu_device": m.gpu_device,
-        "score_percentile": float(cfg.calibration.score_percentile),
-        "area_mm2_thr": float(cfg.calibration.area_mm2_thr),
-        "blur_sigma": m.blur_sigma,
-        "remove_letterbox": m.remove_letterbox,
-        "calibration_ng_percentile": float(cfg.calibration.ng_percentile),
-        "calibration_overlap_factor": float(cfg.calibration.overlap_factor),
-        "config_file": None,
-    }
+    """The ``Settings`` of an ``InspectionService`` that runs this config's model into ``models_dir``."""
+    values: dict[str, Any] = {"models_dir": Path(models_dir), "model": model_config(cfg),
+                              "calibration": calibration_config(cfg), "config_file": None}
     if cfg.paths.weights_cache_dir:
         cache = Path(cfg.paths.weights_cache_dir)
         values["weights_cache_dir"] = cache if cache.is_absolute() or project_root is None else project_root / cache
-    try:
-        settings = Settings(**values)
-    except ValueError as exc:
-        raise PipelineConfigError(f"model config rejected by bdi.config.Settings: {exc}") from exc
-    got = settings.to_model_config()
-    unsupported = [
-        f"model.{name}" if name not in CALIBRATION_OWNED_SCORING_FIELDS else f"calibration.{name}"
-        for section in ("features", "memory", "scoring")
-        for name in _differing_fields(getattr(got, section), getattr(wanted, section))
-    ]
-    if unsupported:
-        raise PipelineConfigError(
-            f"{sorted(set(unsupported))} cannot reach InspectionService yet (bdi.config.Settings / "
-            "calibrate_from_scores have no field for them): keep their defaults"
-        )
-    return settings
-
-
-def _differing_fields(a: Any, b: Any) -> list[str]:
-    return [f.name for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return Settings(**values)
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
 def flatten(data: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"coreset_rate": 0.1}}`` → ``{"model.coreset_rate": 0.1}``; list items get their index."""
+    """``{"model": {"memory": {"coreset_rate": 0.1}}}`` → ``{"model.memory.coreset_rate": 0.1}``; list items get
+    their index."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"

@@ -132,7 +132,7 @@ class ExportCarrier:
 
         if self._extractor is None:
             settings = self._settings
-            self._extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+            self._extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
         return self._extractor
 
     def into(self, model_dir: Path, *, signature: dict[str, Any]) -> str:
@@ -185,7 +185,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
         "calibration_run_id": calibration_run_id(ctx),
     }
     gate = promotion_gate(cfg)
-    overrides = {"device": cfg.model.device}
+    overrides: dict[str, str] = {"device": cfg.model.features.device}
     if cfg.paths.weights_cache_dir:
         overrides["weights_cache_dir"] = str(ctx.path(cfg.paths.weights_cache_dir))
     records: list[dict[str, Any]] = []

@@ -6,7 +6,7 @@ Where a stage's config comes from:
 * run by DVC (``DVC_STAGE`` is set, as ``dvc repro`` / ``dvc exp run`` do): ``<DVC_ROOT>/params.yaml``,
   the file DVC tracks and ``dvc exp run -S key=value`` edits, validated against the schema;
 * run by hand: ``conf/`` composed by Hydra with the command-line overrides
-  (``python -m pipelines.fit_ok model.coreset_rate=0.05``), in the current directory.
+  (``python -m pipelines.fit_ok model.memory.coreset_rate=0.05``), in the current directory.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[name] = value
     os.environ.setdefault("BDI_MODELS_DIR", "models")
     settings = Settings()
-    print(f"backbone {settings.backbone}, weights {settings.weights}")
+    print(f"backbone {settings.model.features.backbone}, weights {settings.model.features.weights}")
     data_root = _dataset_root(settings.models_dir.parent / "demo-data")
     print(f"data: {data_root}")
     demo = build_demo_model(settings, data_root=data_root, n_train=args.n_train)

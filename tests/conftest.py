@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,15 @@ TINY_ENV: dict[str, str] = {
 }
 
 
-def tiny_settings(models_dir: Path, **overrides: Any) -> Settings:
+TINY_FEATURES: dict[str, Any] = {"weights": "random", "input_size": 112, "blocks": (1, 2, 3), "depth": 4,
+                                  "device": "cpu"}
+
+
+def tiny_settings(models_dir: Path, *, features: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+    """Settings of the tiny random ViT; ``features`` overrides ``model.features`` fields, the rest top-level ones."""
     values: dict[str, Any] = {
         "models_dir": models_dir,
-        "weights": "random",
-        "input_size": 112,
-        "feature_blocks": (1, 2, 3),
-        "backbone_depth": 4,
-        "device": "cpu",
+        "model": {"features": {**TINY_FEATURES, **(features or {})}},
         "min_ok_samples": 10,
         "weights_cache_dir": models_dir.parent / "weights-cache",
     }
@@ -41,7 +43,7 @@ def tiny_settings(models_dir: Path, **overrides: Any) -> Settings:
 @pytest.fixture(scope="session")
 def tiny_extractor(tmp_path_factory: pytest.TempPathFactory) -> FeatureExtractor:
     settings = tiny_settings(tmp_path_factory.mktemp("extractor") / "models")
-    return FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+    return FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
 
 
 @pytest.fixture()

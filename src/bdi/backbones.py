@@ -126,6 +126,6 @@ def backbone_spec(name: str) -> BackboneSpec:
     spec = BACKBONES.get(name)
     if spec is None:
         raise WeightsError(
-            f"unknown backbone {name!r} (BDI_BACKBONE / model.backbone); known: {sorted(BACKBONES)}"
+            f"unknown backbone {name!r} (BDI_BACKBONE / model.features.backbone); known: {sorted(BACKBONES)}"
         )
     return spec

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import CalibrationConfig
+from .config import CalibrationConfig, ScoringConfig
 from .errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
 
 NO_OK_SCORE_MESSAGE = "Se requiere al menos 1 score OK para calibrar (at least 1 finite OK score is required)"
@@ -64,11 +64,11 @@ def choose_threshold(
     """Contract §3.5: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
     p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
 
-    ``score_percentile`` (P, in [0, 100]) defaults to ``cfg.score_percentile`` (99).
+    ``score_percentile`` (P, in [0, 100]) defaults to ``ScoringConfig.score_percentile`` (99).
     """
     cfg = cfg or CalibrationConfig()
     if score_percentile is None:
-        score_percentile = cfg.score_percentile
+        score_percentile = ScoringConfig.score_percentile
     if not 0.0 <= score_percentile <= 100.0:
         raise InvalidInputError(f"score_percentile must be in [0, 100], got {score_percentile}")
     ok = finite_scores(ok_scores, name="ok_scores")

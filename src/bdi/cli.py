@@ -178,7 +178,7 @@ def _export(args: argparse.Namespace) -> int:
     settings = Settings()
     threads = settings.intra_op_threads()
     configure_threads(threads)
-    extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+    extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
     root = args.out if args.out is not None else settings.exports_dir()
     runtimes = None if args.runtime == "all" else [args.runtime]
     export, reports = export_checked(extractor, root=root, threads=threads, runtimes=runtimes)

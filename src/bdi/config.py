@@ -13,14 +13,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -109,14 +108,17 @@ class MemoryConfig:
 class ScoringConfig:
     """Distances → heatmap → score → regions (API_CONTRACT §3.3)."""
 
-    score_percentile: float = 99.0  # in [0, 100], over blurred values inside the mask
+    # a whole number in [0, 100]: the image score's percentile over blurred values inside the mask, and the OK
+    # percentile of the threshold rule (calib.json stores it as an int and /infer scores with it)
+    score_percentile: int = 99
     area_mm2_thr: float = 1.0  # regions smaller than this are dropped
     blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
     remove_letterbox: bool = True  # cut padding tokens before upsampling (DESIGN.md improvement 3)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.score_percentile <= 100.0:
-            raise ValueError(f"score_percentile must be in [0, 100], got {self.score_percentile}")
+        if isinstance(self.score_percentile, bool) or not isinstance(self.score_percentile, int) \
+                or not 0 <= self.score_percentile <= 100:
+            raise ValueError(f"score_percentile must be a whole number in [0, 100], got {self.score_percentile!r}")
         if self.blur_sigma is not None and self.blur_sigma < 0:
             raise ValueError("blur_sigma must be >= 0")
 
@@ -129,29 +131,27 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """The threshold rule of API_CONTRACT §3.5."""
+    """The threshold rule of API_CONTRACT §3.5; its OK percentile is ``ScoringConfig.score_percentile``."""
 
-    score_percentile: float = 99.0  # percentile of the OK scores
     ng_percentile: float = 5.0  # percentile of the NG scores
     overlap_factor: float = 1.02  # threshold = factor * p_ok when the NG and OK percentiles overlap
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to build the same model twice."""
+    """Everything needed to build the same model twice: the vocabulary of ``Settings.model`` and of the
+    pipeline's ``model.*`` keys. Construction fills every unset backbone-dependent field from the backbone's
+    registry entry, so a ``ModelConfig`` is always resolved (change the backbone by building a new one)."""
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
-    def resolved(self) -> ModelConfig:
-        """Every backbone-dependent default filled in."""
-        return replace(
-            self,
-            features=self.features.resolved(),
-            memory=self.memory.resolved(self.features.backbone),
-            scoring=self.scoring.resolved(self.features.backbone),
-        )
+    def __post_init__(self) -> None:
+        backbone = self.features.backbone
+        object.__setattr__(self, "features", self.features.resolved())
+        object.__setattr__(self, "memory", self.memory.resolved(backbone))
+        object.__setattr__(self, "scoring", self.scoring.resolved(backbone))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +161,77 @@ def _truthy(value: object) -> bool:
     if isinstance(value, bool):
         return value
     return str(value).strip().lower() in {"1", "true", "yes", "on", "t", "y"}
+
+
+def _optional(value: object) -> object:
+    return None if value in ("", None) else value
+
+
+def _whole(value: object) -> object:
+    """``"99"`` and ``"99.0"`` → 99; anything else is left for the field's validation to reject."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() else value
+
+
+def _blocks(value: object) -> object:
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+        return [int(p) for p in parts] if parts else None  # "" = the backbone's default
+    return value
+
+
+@dataclass(frozen=True)
+class FlatName:
+    """A legacy flat setting name (env ``BDI_<NAME>``/``BRAKEDISC_<NAME>``, a flat key of the ``BDI_CONFIG``
+    YAML in lower case) and the nested ``Settings`` field it sets."""
+
+    path: tuple[str, ...]
+    parse: Any = None  # str -> value, for env text that pydantic would not read the same way
+
+
+# The one map from the contract's flat names (API_CONTRACT §5.1) to the nested algorithm settings.
+FLAT_NAMES: dict[str, FlatName] = {
+    "BACKBONE": FlatName(("model", "features", "backbone")),
+    "WEIGHTS": FlatName(("model", "features", "weights")),
+    "INPUT_SIZE": FlatName(("model", "features", "input_size"), _optional),
+    "FEATURE_BLOCKS": FlatName(("model", "features", "blocks"), _blocks),
+    "FEATURE_NEIGHBOURHOOD": FlatName(("model", "features", "neighbourhood"), _optional),
+    "BACKBONE_DEPTH": FlatName(("model", "features", "depth"), _optional),
+    "WEIGHTS_SEED": FlatName(("model", "features", "seed")),
+    "DEVICE": FlatName(("model", "features", "device")),
+    "PRECISION": FlatName(("model", "features", "precision")),
+    "BATCH_SIZE": FlatName(("model", "features", "batch_size")),
+    "CORESET_RATE": FlatName(("model", "memory", "coreset_rate")),
+    "CORESET_PROJECTION_DIM": FlatName(("model", "memory", "projection_dim"), _optional),
+    "CORESET_SEED": FlatName(("model", "memory", "seed")),
+    "KNN_INDEX": FlatName(("model", "memory", "knn_index")),
+    "FAISS_PREFER_GPU": FlatName(("model", "memory", "prefer_gpu"), _truthy),
+    "FAISS_GPU_DEVICE": FlatName(("model", "memory", "gpu_device")),
+    "SCORE_PERCENTILE": FlatName(("model", "scoring", "score_percentile"), _whole),
+    "AREA_MM2_THR": FlatName(("model", "scoring", "area_mm2_thr")),
+    "BLUR_SIGMA": FlatName(("model", "scoring", "blur_sigma"), _optional),
+    "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), _truthy),
+    "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
+    "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
+}
+
+
+NESTED_SECTIONS = ("model", "calibration")
+
+
+def _nest(flat: Mapping[str, object], *, parse: bool) -> dict[str, Any]:
+    """``{"CORESET_RATE": "0.2"}`` → ``{"model": {"memory": {"coreset_rate": "0.2"}}}``."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        target = FLAT_NAMES[name]
+        node = nested
+        for key in target.path[:-1]:
+            node = node.setdefault(key, {})
+        node[target.path[-1]] = target.parse(value) if parse and target.parse else value
+    return nested
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
@@ -175,7 +246,8 @@ class _ContractEnvSource(EnvSettingsSource):
     pydantic-settings would also read a field's bare name (``device``, or ``DEVICE`` when not
     case-sensitive) because init kwargs may use field names; here only the aliases count, so a
     stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (API_CONTRACT §5). The first alias
-    set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names).
+    set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names). The flat
+    names of the nested algorithm settings (:data:`FLAT_NAMES`) are read the same way.
     """
 
     def _extract_field_info(
@@ -185,12 +257,28 @@ class _ContractEnvSource(EnvSettingsSource):
         # keyed by the field name, so the sources merge (env over YAML) on one key
         return [(field_name, env_name, is_complex) for _, env_name, is_complex in infos if env_name != field_name]
 
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in NESTED_SECTIONS:  # read through FLAT_NAMES below, never as one env variable
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        flat: dict[str, object] = {}
+        for name in FLAT_NAMES:
+            for spelt in (f"BDI_{name}", f"BRAKEDISC_{name}"):
+                if spelt in os.environ:
+                    flat[name] = os.environ[spelt]
+                    break
+        return {**values, **_nest(flat, parse=True)}
+
 
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ``BDI_CONFIG`` (or ``config_file=`` at init).
 
     Sections one level deep (``inference: {coreset_rate: 0.1}``) are flattened, so the legacy
-    ``configs/app.yaml`` shape and a flat file both work.
+    ``configs/app.yaml`` shape and a flat file both work; keys are field names or the lower-case
+    flat names of :data:`FLAT_NAMES`.
     """
 
     def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
@@ -215,55 +303,40 @@ class _YamlSource(PydanticBaseSettingsSource):
                 flat.update(value)
             else:
                 flat[key] = value
-        known = set(self.settings_cls.model_fields)
-        unknown = sorted(set(flat) - known)
+        fields_ = {k: v for k, v in flat.items() if k in self.settings_cls.model_fields}
+        nested = {k.upper(): v for k, v in flat.items() if k.upper() in FLAT_NAMES and k not in fields_}
+        unknown = sorted(set(flat) - set(fields_) - {k.lower() for k in nested})
         if unknown:
             raise ValueError(f"unknown keys in {path}: {unknown}")
-        return flat
+        return {**fields_, **_nest(nested, parse=False)}
 
 
 class Settings(BaseSettings):
-    """Runtime settings of the server and the CLI. Build one per app; never at import time."""
+    """Runtime settings of the server and the CLI. Build one per app; never at import time.
+
+    ``model`` and ``calibration`` are the library's own dataclasses (the pipeline's ``model.*`` and
+    ``calibration.*`` keys are the same ones); the contract's flat env names set their fields
+    (:data:`FLAT_NAMES`). Everything else is a runtime setting of this process.
+    """
 
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
-    # storage and model identity
-    backbone: str = Field(DINOV2_VITS14, validation_alias=_env("BACKBONE"))
+    # the algorithm: what a fit builds and how /infer scores (every field goes in the manifest)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    # storage
     models_dir: Path = Field(Path("models"), validation_alias=_env("MODELS_DIR"))
-    weights: str = Field("official", validation_alias=_env("WEIGHTS"))
     weights_cache_dir: Path = Field(
         Path.home() / ".cache" / "bdi", validation_alias=_env("WEIGHTS_CACHE_DIR")
     )
-    device: DeviceName = Field("auto", validation_alias=_env("DEVICE"))
-    precision: Precision = Field("auto", validation_alias=_env("PRECISION"))
-    # None = the backbone's default (bdi.backbones)
-    input_size: int | None = Field(None, validation_alias=_env("INPUT_SIZE"))
-    feature_blocks: Annotated[tuple[int, ...] | None, NoDecode] = Field(None, validation_alias=_env("FEATURE_BLOCKS"))
-    feature_neighbourhood: int | None = Field(None, validation_alias=_env("FEATURE_NEIGHBOURHOOD"))
-    backbone_depth: int | None = Field(None, validation_alias=_env("BACKBONE_DEPTH"))
-    weights_seed: int = Field(0, validation_alias=_env("WEIGHTS_SEED"))
-    batch_size: int = Field(8, validation_alias=_env("BATCH_SIZE"))
     # what runs the feature net: auto = the fastest of torch and the exported runtimes that pass parity
     runtime: RuntimeName = Field("auto", validation_alias=_env("RUNTIME"))
     # intra-op threads per process; None = the CPU cores divided among `workers` (uvicorn's WEB_CONCURRENCY)
     threads: int | None = Field(None, validation_alias=_env("THREADS"))
     workers: int = Field(1, validation_alias=_env("WORKERS", "WEB_CONCURRENCY"))
-
-    # algorithm defaults (contract §5.1)
-    coreset_rate: float = Field(0.10, validation_alias=_env("CORESET_RATE"))
-    coreset_projection_dim: int | None = Field(None, validation_alias=_env("CORESET_PROJECTION_DIM"))
-    coreset_seed: int = Field(0, validation_alias=_env("CORESET_SEED"))
-    knn_index: str = Field("Flat", validation_alias=_env("KNN_INDEX"))
-    score_percentile: float = Field(99.0, validation_alias=_env("SCORE_PERCENTILE"))
-    area_mm2_thr: float = Field(1.0, validation_alias=_env("AREA_MM2_THR"))
-    blur_sigma: float | None = Field(None, validation_alias=_env("BLUR_SIGMA"))
-    remove_letterbox: bool = Field(True, validation_alias=_env("REMOVE_LETTERBOX"))
-    calibration_ng_percentile: float = Field(5.0, validation_alias=_env("CALIBRATION_NG_PERCENTILE"))
-    calibration_overlap_factor: float = Field(1.02, validation_alias=_env("CALIBRATION_OVERLAP_FACTOR"))
     min_ok_samples: int = Field(10, validation_alias=_env("MIN_OK_SAMPLES"))
     train_dataset_only: bool = Field(False, validation_alias=_env("TRAIN_DATASET_ONLY"))
-    faiss_prefer_gpu: bool = Field(True, validation_alias=_env("FAISS_PREFER_GPU"))
-    faiss_gpu_device: int = Field(0, validation_alias=_env("FAISS_GPU_DEVICE"))
     require_cuda: bool = Field(False, validation_alias=_env("REQUIRE_CUDA"))
 
     # serving
@@ -298,18 +371,7 @@ class Settings(BaseSettings):
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
-    @field_validator("feature_blocks", mode="before")
-    @classmethod
-    def _parse_blocks(cls, value: object) -> object:
-        if isinstance(value, str):
-            parts = [p for p in value.replace(" ", "").split(",") if p]
-            return tuple(int(p) for p in parts) if parts else None  # "" = the backbone's default
-        return value
-
-    @field_validator(
-        "train_dataset_only", "require_cuda", "faiss_prefer_gpu", "registry_sync_on_start", "remove_letterbox",
-        mode="before",
-    )
+    @field_validator("train_dataset_only", "require_cuda", "registry_sync_on_start", mode="before")
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return _truthy(value)
@@ -324,18 +386,13 @@ class Settings(BaseSettings):
             return 8000
         return port if 0 < port < 65536 else 8000
 
-    @field_validator(
-        "backbone_depth", "input_size", "feature_neighbourhood", "blur_sigma", "coreset_projection_dim", "threads",
-        mode="before",
-    )
+    @field_validator("threads", mode="before")
     @classmethod
-    def _parse_depth(cls, value: object) -> object:
-        return None if value in ("", None) else value
+    def _parse_optional(cls, value: object) -> object:
+        return _optional(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        # Build the frozen configs once so a bad value fails at start-up, not on the first request.
-        self.to_model_config()
         if self.min_ok_samples < 1:
             raise ValueError("min_ok_samples must be >= 1")
         if self.threads is not None and self.threads < 1:
@@ -372,49 +429,3 @@ class Settings(BaseSettings):
     def exports_dir(self) -> Path:
         """The machine's cache of exported feature nets (``bdi.export``): ``<weights_cache_dir>/exports``."""
         return self.weights_cache_dir.expanduser() / EXPORTS_DIRNAME
-
-    def feature_config(self) -> FeatureConfig:
-        return FeatureConfig(
-            backbone=self.backbone,
-            weights=self.weights,
-            input_size=self.input_size,
-            blocks=None if self.feature_blocks is None else tuple(self.feature_blocks),
-            neighbourhood=self.feature_neighbourhood,
-            depth=self.backbone_depth,
-            seed=self.weights_seed,
-            device=self.device,
-            precision=self.precision,
-            batch_size=self.batch_size,
-        ).resolved()
-
-    def memory_config(self, *, coreset_rate: float | None = None) -> MemoryConfig:
-        return MemoryConfig(
-            coreset_rate=self.coreset_rate if coreset_rate is None else coreset_rate,
-            seed=self.coreset_seed,
-            projection_dim=self.coreset_projection_dim,
-            knn_index=self.knn_index,
-            prefer_gpu=self.faiss_prefer_gpu,
-            gpu_device=self.faiss_gpu_device,
-        ).resolved(self.backbone)
-
-    def scoring_config(
-        self, *, score_percentile: float | None = None, area_mm2_thr: float | None = None
-    ) -> ScoringConfig:
-        return ScoringConfig(
-            score_percentile=self.score_percentile if score_percentile is None else score_percentile,
-            area_mm2_thr=self.area_mm2_thr if area_mm2_thr is None else area_mm2_thr,
-            blur_sigma=self.blur_sigma,
-            remove_letterbox=self.remove_letterbox,
-        ).resolved(self.backbone)
-
-    def calibration_config(self) -> CalibrationConfig:
-        return CalibrationConfig(
-            score_percentile=self.score_percentile,
-            ng_percentile=self.calibration_ng_percentile,
-            overlap_factor=self.calibration_overlap_factor,
-        )
-
-    def to_model_config(self) -> ModelConfig:
-        return ModelConfig(
-            features=self.feature_config(), memory=self.memory_config(), scoring=self.scoring_config()
-        )

@@ -182,20 +182,23 @@ def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides
         spec = "official"
     else:
         spec = str(weights.get("path") or "")
-    values: dict[str, Any] = {
-        "models_dir": model_dir,
+    feature_values: dict[str, Any] = {
         "weights": spec,
         "backbone": str(features.get("backbone")),
         "input_size": int(features["input_size"]),
-        "feature_blocks": tuple(int(b) for b in features["blocks"]),
-        "feature_neighbourhood": features.get("neighbourhood"),
-        "backbone_depth": int(features["depth"]) if features.get("depth") is not None else None,
-        "weights_seed": int(weights.get("seed") or 0),
+        "blocks": tuple(int(b) for b in features["blocks"]),
+        "neighbourhood": features.get("neighbourhood"),
+        "depth": int(features["depth"]) if features.get("depth") is not None else None,
+        "seed": int(weights.get("seed") or 0),
     }
     unknown = sorted(set(overrides) - set(PYFUNC_CONFIG_KEYS))
     if unknown:
         raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {list(PYFUNC_CONFIG_KEYS)}")
-    values.update({k: v for k, v in overrides.items() if v not in ("", None)})  # "" = keep the default
+    given = {k: v for k, v in overrides.items() if v not in ("", None)}  # "" = keep the default
+    values: dict[str, Any] = {"models_dir": model_dir}
+    if "weights_cache_dir" in given:
+        values["weights_cache_dir"] = given.pop("weights_cache_dir")
+    values["model"] = {"features": {**feature_values, **given}}
     return Settings(**values)
 
 
@@ -223,7 +226,7 @@ class ModelDirPredictor:
         assert calib is not None  # usable_threshold raised otherwise
         settings = _feature_settings(model.memory.metadata, model_dir=self.model_dir, overrides=overrides or {})
         features = model.memory.metadata["features"]
-        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
         _check_weights(recorded=features.get("weights") or {}, got=extractor.weights.to_dict())
         self.service: InspectionService = InspectionService(settings=settings, extractor=extractor, store=store)
         self.scoring: ScoringConfig = self.service.calibrated_scoring(calib)

@@ -164,7 +164,7 @@ class InspectionService:
         self.store = store or ModelStore(
             settings.models_dir,
             cache_max_entries=settings.cache_max_entries,
-            faiss_gpu_device=settings.faiss_gpu_device if settings.faiss_prefer_gpu else None,
+            faiss_gpu_device=settings.model.memory.gpu_device if settings.model.memory.prefer_gpu else None,
         )
         self.datasets = datasets or DatasetStore(settings.models_dir)
         self._on_fit = on_fit
@@ -176,7 +176,7 @@ class InspectionService:
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
         """Build the extractor, give the process its thread budget and attach ``BDI_RUNTIME`` (parity-checked)."""
         configure_threads(settings.intra_op_threads())
-        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
         runtime = attach_runtime(extractor, requested=settings.runtime, root=settings.exports_dir(),
                                  threads=settings.intra_op_threads())
         return cls(settings=settings, extractor=extractor, runtime=runtime, **hooks)
@@ -264,8 +264,9 @@ class InspectionService:
         if n_images < 1:
             raise InvalidInputError("No valid images")
         timer = StageTimer()
-        rate = 1.0 if memory_fit else (self.settings.coreset_rate if coreset_rate is None else coreset_rate)
-        memory_cfg = self.settings.memory_config(coreset_rate=rate)
+        memory_cfg = self.settings.model.memory
+        rate = 1.0 if memory_fit else (memory_cfg.coreset_rate if coreset_rate is None else coreset_rate)
+        memory_cfg = replace(memory_cfg, coreset_rate=rate)
         grid = self.extractor.grid
         n_rows = n_images * grid[0] * grid[1]
         with self.store.fit_lock(ref, timeout_s=self.settings.fit_lock_timeout_s), MemoryBuilder(
@@ -352,7 +353,7 @@ class InspectionService:
         ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         choice = choose_threshold(
-            ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration_config()
+            ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration
         )
         memory = self._safe_memory(ref)
         calib = {
@@ -383,7 +384,7 @@ class InspectionService:
         ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
-        scoring = self.settings.scoring_config(score_percentile=percentile, area_mm2_thr=area)
+        scoring = replace(self.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area)
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
         for label, samples in self._capped_samples(ref, LABELS).items():
             for item in self._score_samples(
@@ -397,7 +398,7 @@ class InspectionService:
         if require_ng and not scores["ng"]:
             raise InsufficientSamplesError("No NG samples available for calibration.")
         choice = choose_threshold(
-            scores["ok"], scores["ng"], score_percentile=percentile, cfg=self.settings.calibration_config()
+            scores["ok"], scores["ng"], score_percentile=percentile, cfg=self.settings.calibration
         )
         calib = {
             "threshold": choice.threshold,
@@ -416,8 +417,8 @@ class InspectionService:
         self, score_percentile: float | None, area_mm2_thr: float | None
     ) -> tuple[int, float]:
         """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""
-        percentile = int(self.settings.score_percentile if score_percentile is None else score_percentile)
-        area = float(self.settings.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        percentile = int(self.settings.model.scoring.score_percentile if score_percentile is None else score_percentile)
+        area = float(self.settings.model.scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
 
     @staticmethod
@@ -523,7 +524,7 @@ class InspectionService:
             for crop, m in zip(images, given, strict=True)
         ]
         return list(self._score_crops(
-            model, images, roi_masks, scoring=scoring or self.settings.scoring_config(), threshold=None,
+            model, images, roi_masks, scoring=scoring or self.settings.model.scoring, threshold=None,
             mm_per_px=[1.0] * len(images), progress=progress, progress_stage="score",
         ))
 
@@ -565,9 +566,9 @@ class InspectionService:
 
     def calibrated_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
         """The scoring config a calibration was made with (its percentile and area; settings otherwise)."""
-        percentile = calib.get("score_percentile", self.settings.score_percentile)
-        area = calib.get("area_mm2_thr", self.settings.area_mm2_thr)
-        return self.settings.scoring_config(score_percentile=float(percentile), area_mm2_thr=float(area))
+        percentile = calib.get("score_percentile", self.settings.model.scoring.score_percentile)
+        area = calib.get("area_mm2_thr", self.settings.model.scoring.area_mm2_thr)
+        return replace(self.settings.model.scoring, score_percentile=int(percentile), area_mm2_thr=float(area))
 
     def _score(
         self,
@@ -766,7 +767,7 @@ class InspectionService:
                 slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)
                 raise NotFittedError(endpoint, detail="index file missing")
             # no index file (or no faiss): search an in-memory index built from the rows
-            model = replace(model, index=build_index(model.memory, self.settings.memory_config(),
+            model = replace(model, index=build_index(model.memory, self.settings.model.memory,
                                                      use_faiss=FAISS_AVAILABLE))
         return model
 

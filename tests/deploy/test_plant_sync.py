@@ -114,7 +114,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plant]:
         first = _registration(project)
         assert first["version"] == 1 and first["alias_moved"], first
         # a second version from the pipeline (another coreset rate), parked under another alias
-        _run_pipeline(project, [*PIPELINE, tracking, "model.coreset_rate=0.05", "tracking.alias=staging"],
+        _run_pipeline(project, [*PIPELINE, tracking, "model.memory.coreset_rate=0.05", "tracking.alias=staging"],
                       ["fit_ok", "calibrate", "evaluate", "register"])
         second = _registration(project)
         assert second["version"] == 2 and second["threshold"] != first["threshold"]

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from pydantic import TypeAdapter
 
-from bdi.config import CalibrationConfig, FeatureConfig, MemoryConfig, ScoringConfig
+from bdi.config import CalibrationConfig, FeatureConfig, ModelConfig
 from bdi.tracking import TrackingConfig
 from pipelines.config import (
-    CALIBRATION_OWNED_SCORING_FIELDS,
-    CalibrationSchema,
-    ModelSchema,
     PipelineConfigError,
-    TrackingSchema,
     compose_config,
     model_config,
     override_hint,
+    schema_twin,
     to_plain,
     to_settings,
     validate,
@@ -35,8 +33,8 @@ def _names(cls: type) -> set[str]:
 
 
 def test_override_coreset_rate_composes() -> None:
-    cfg = validate(to_plain(compose_config(["model.coreset_rate=0.05"])))
-    assert cfg.model.coreset_rate == pytest.approx(0.05)
+    cfg = validate(to_plain(compose_config(["model.memory.coreset_rate=0.05"])))
+    assert cfg.model.memory.coreset_rate == pytest.approx(0.05)
     assert model_config(cfg).memory.coreset_rate == pytest.approx(0.05)
 
 
@@ -48,78 +46,70 @@ def test_group_override_selects_tiny_model() -> None:
 
 def test_misspelt_key_is_a_composition_error() -> None:
     with pytest.raises(ConfigCompositionException, match="coreset_rat"):
-        compose_config(["model.coreset_rat=0.1"])
+        compose_config(["model.memory.coreset_rat=0.1"])
 
 
-def test_misspelt_key_hint_suggests_the_real_key() -> None:
-    hint = override_hint(["model.coreset_rat=0.1", "dataset=synthetic", "model.coreset_rate=0.2"])
-    assert "Unknown config key 'model.coreset_rat'" in hint
-    assert "'model.coreset_rate'" in hint
+def test_misspelt_or_pre_nesting_key_hint_suggests_the_real_key() -> None:
+    hint = override_hint(["model.coreset_rate=0.1", "dataset=synthetic", "model.memory.coreset_rate=0.2"])
+    assert "Unknown config key 'model.coreset_rate'" in hint
+    assert "'model.memory.coreset_rate'" in hint
     assert hint.count("Unknown") == 1
 
 
 def test_wrong_type_is_a_composition_error() -> None:
     with pytest.raises(ConfigCompositionException, match="coreset_rate"):
-        compose_config(["model.coreset_rate=lots"])
+        compose_config(["model.memory.coreset_rate=lots"])
 
 
 def test_unknown_key_in_params_is_rejected() -> None:
     data = to_plain(compose_config())
-    data["model"]["coreset_rat"] = 0.1
+    data["model"]["memory"]["coreset_rat"] = 0.1
     with pytest.raises(PipelineConfigError, match="coreset_rat"):
         validate(data, source="params.yaml")
 
 
 def test_invalid_value_names_the_key() -> None:
-    data = to_plain(compose_config(["model.coreset_rate=1.5"]))
+    data = to_plain(compose_config(["model.memory.coreset_rate=1.5"]))
     with pytest.raises(PipelineConfigError, match="coreset_rate"):
         model_config(validate(data))
 
 
-def test_model_keys_map_one_to_one_to_bdi_dataclasses() -> None:
-    bdi_fields = _names(FeatureConfig) | _names(MemoryConfig) | _names(ScoringConfig)
-    assert _names(ModelSchema) == bdi_fields - set(CALIBRATION_OWNED_SCORING_FIELDS)
-    assert set(CALIBRATION_OWNED_SCORING_FIELDS) <= _names(CalibrationSchema)
-    assert _names(CalibrationConfig) <= _names(CalibrationSchema)
+@pytest.mark.parametrize("cls", [ModelConfig, CalibrationConfig, TrackingConfig])
+def test_pipeline_sections_are_the_library_dataclasses(cls: type) -> None:
+    twin = schema_twin(cls)
+    assert _names(twin) == _names(cls)
+    assert TypeAdapter(cls).validate_python(dataclasses.asdict(twin())) == cls()  # the same defaults
 
 
 def test_schema_defaults_equal_bdi_defaults() -> None:
     cfg = validate(to_plain(compose_config()))
     schema_default = validate({"dataset": {"name": "x", "source": "x"}})
-    got = model_config(schema_default)
-    assert got.features == FeatureConfig().resolved()
-    assert got.memory == MemoryConfig().resolved(got.features.backbone)
-    assert got.scoring == ScoringConfig().resolved(got.features.backbone)
+    assert model_config(schema_default) == ModelConfig()
+    assert model_config(cfg) == ModelConfig(features=FeatureConfig(backbone="efficientnet_lite0"))
     assert cfg.calibration.ng_percentile == CalibrationConfig().ng_percentile
 
 
-def test_tracking_keys_match_tracking_config() -> None:
-    assert _names(TrackingSchema) == _names(TrackingConfig)
-    schema = TrackingSchema()
-    assert all(getattr(schema, n) == getattr(TrackingConfig(), n) for n in _names(TrackingConfig))
-
-
 def test_settings_reproduce_the_model_config(tmp_path: Path) -> None:
-    cfg = validate(to_plain(compose_config(["model=tiny", "model.coreset_rate=0.05"])))
+    cfg = validate(to_plain(compose_config(["model=tiny", "model.memory.coreset_rate=0.05"])))
     settings = to_settings(cfg, models_dir=tmp_path)
-    assert settings.to_model_config() == model_config(cfg)
+    assert settings.model == model_config(cfg)
     assert settings.models_dir == tmp_path
 
 
 def test_every_model_and_rule_key_reaches_the_service_settings(tmp_path: Path) -> None:
-    overrides = ["model=tiny", "model.remove_letterbox=false", "model.seed=7",
+    overrides = ["model=tiny", "model.scoring.remove_letterbox=false", "model.features.seed=7", "model.memory.seed=8",
                  "calibration.ng_percentile=10", "calibration.overlap_factor=1.1"]
     settings = to_settings(validate(to_plain(compose_config(overrides))), models_dir=tmp_path)
-    model = settings.to_model_config()
+    model = settings.model
     assert model.scoring.remove_letterbox is False
-    assert (model.features.seed, model.memory.seed) == (7, 7)
-    rule = settings.calibration_config()
+    assert (model.features.seed, model.memory.seed) == (7, 8)
+    rule = settings.calibration
     assert (rule.ng_percentile, rule.overlap_factor) == (10.0, 1.1)
 
 
 def test_fractional_score_percentile_is_refused() -> None:
-    with pytest.raises(PipelineConfigError, match="calibration.score_percentile"):
-        validate(to_plain(compose_config(["calibration.score_percentile=99.5"])))
+    with pytest.raises(ConfigCompositionException, match="score_percentile"):
+        compose_config(["model.scoring.score_percentile=99.5"])
 
 
 def test_hydra_writes_no_output_folders() -> None:
@@ -135,10 +125,10 @@ def test_hydra_writes_no_output_folders() -> None:
 def test_cli_typo_exits_non_zero_with_hint(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.fit_ok", "model.coreset_rat=0.1"],
+        [sys.executable, "-m", "pipelines.fit_ok", "model.memory.coreset_rat=0.1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0
-    assert "Could not override 'model.coreset_rat'" in out.stderr
-    assert "Did you mean 'model.coreset_rate'" in out.stderr
+    assert "Could not override 'model.memory.coreset_rat'" in out.stderr
+    assert "Did you mean 'model.memory.coreset_rate'" in out.stderr
     assert not (tmp_path / "outputs").exists()

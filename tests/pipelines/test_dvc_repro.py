@@ -1,7 +1,7 @@
 """End to end: ``dvc repro`` in a fresh git+DVC repo on a tiny synthetic set, registry → sync → server.
 
 One module-scoped project runs the pipeline once; the tests then check what it produced, that a second
-``dvc repro`` runs nothing, and (last) that ``dvc exp run -S model.coreset_rate=0.05`` (DVC's own Hydra
+``dvc repro`` runs nothing, and (last) that ``dvc exp run -S model.memory.coreset_rate=0.05`` (DVC's own Hydra
 composition, no params writer of ours) re-runs fit_ok and what follows only. The project copies this
 repository's dvc.yaml, .dvc/config's hydra section, conf/, hydra_plugins/, pipelines/ and src/bdi (a
 dependency that DVC hashes; the code imported is the installed ``bdi``), switches conf/'s defaults to
@@ -108,7 +108,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     project = Project(root=root, env=_env(), first_run="")
     _regenerate_params(project)
     params = project.params
-    assert params["dataset"]["name"] == "synthetic" and params["model"]["weights"] == "random"
+    assert params["dataset"]["name"] == "synthetic" and params["model"]["features"]["weights"] == "random"
     write_mvtec_dataset(root / params["dataset"]["source"], n_train=8, n_test_good=4, n_test_per_defect=2,
                         size=96, seed=0)
     project.run("git", "init", "-q")
@@ -158,7 +158,7 @@ def test_stage_runs_are_logged_to_mlflow(project: Project) -> None:
     by_stage = {r.data.tags.get("stage"): r for r in runs}
     assert set(STAGES) <= set(by_stage)
     fit = by_stage["fit_ok"]
-    assert fit.data.params["model.coreset_rate"] == "0.1"
+    assert fit.data.params["model.memory.coreset_rate"] == "0.1"
     assert fit.data.tags["config_source"] == "params.yaml" and fit.data.tags["dvc_stage"] == "fit_ok"
     assert "image_auroc" in by_stage["evaluate"].data.metrics
 
@@ -243,10 +243,11 @@ def test_second_repro_runs_nothing(project: Project) -> None:
 
 
 def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: Project) -> None:
-    assert project.params["model"]["coreset_rate"] == 0.1
-    out = project.dvc("exp", "run", "-S", "model.coreset_rate=0.05").stdout
-    assert project.params["model"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
-    assert project.params["dataset"]["name"] == "synthetic" and project.params["model"]["weights"] == "random"
+    assert project.params["model"]["memory"]["coreset_rate"] == 0.1
+    out = project.dvc("exp", "run", "-S", "model.memory.coreset_rate=0.05").stdout
+    assert project.params["model"]["memory"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
+    assert project.params["dataset"]["name"] == "synthetic"
+    assert project.params["model"]["features"]["weights"] == "random"
     assert _ran(out) == {"fit_ok", "calibrate", "evaluate", "register"}, out
     assert "Stage 'ingest' didn't change" in out
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))

@@ -57,11 +57,12 @@ def test_dvc_hydra_composition_is_enabled_and_finds_the_schema_plugin(tmp_path: 
              if p and Path(p).resolve() != PROJECT]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     out = subprocess.run([sys.executable, "-c", code, str(composed), str(PROJECT / "conf"), str(PROJECT),
-                          "model=tiny", "model.coreset_rate=0.05"], cwd=tmp_path, env=env, capture_output=True,
+                          "model=tiny", "model.memory.coreset_rate=0.05"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     model = yaml.safe_load(composed.read_text(encoding="utf-8"))["model"]
-    assert (model["weights"], model["depth"], model["coreset_rate"]) == ("random", 4, 0.05)
+    features, memory = model["features"], model["memory"]
+    assert (features["weights"], features["depth"], memory["coreset_rate"]) == ("random", 4, 0.05)
 
 
 def test_params_yaml_matches_the_schema() -> None:

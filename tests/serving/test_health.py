@@ -54,7 +54,7 @@ def _served_with_runtime(tmp_path: Path, *, runtime: str, perturb: bool = False)
     """A real app whose service is built from settings (as a server starts), on the tiny model."""
     settings = tiny_settings(tmp_path / "models", runtime=runtime, log_dir=tmp_path / "logs")
     if perturb:  # an export in the machine's cache whose numbers differ from torch
-        extractor = FeatureExtractor(settings.feature_config(), cache_dir=settings.weights_cache_dir)
+        extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
         perturb_export(ensure_export(extractor, root=settings.exports_dir()).path)
     return TestClient(create_app(settings))
 

@@ -25,8 +25,9 @@ def _fit_and_calibrate(service: InspectionService, images: list[bytes]) -> None:
     service.calibrate_from_scores(ref=REF, ok_scores=[0.1, 0.2], ng_scores=[0.9], mm_per_px=MM)
 
 
-def _infer(models_dir: Path, extractor: FeatureExtractor, image: bytes, **overrides: object) -> dict[str, object]:
-    settings = tiny_settings(models_dir, log_dir=models_dir.parent / "logs", **overrides)
+def _infer(models_dir: Path, extractor: FeatureExtractor, image: bytes,
+           features: dict[str, object] | None = None) -> dict[str, object]:
+    settings = tiny_settings(models_dir, features=features, log_dir=models_dir.parent / "logs")
     with TestClient(create_app(service=InspectionService(settings=settings, extractor=extractor))) as client:
         response = client.post("/infer", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": str(MM)},
                                files={"image": ("x.png", image, "image/png")})
@@ -42,27 +43,27 @@ def fitted_with_tiny_vit(tmp_path: Path, tiny_extractor: FeatureExtractor) -> Pa
 
 
 def test_infer_rejects_memory_from_another_backbone(fitted_with_tiny_vit: Path, tmp_path: Path) -> None:
-    settings = tiny_settings(fitted_with_tiny_vit, backbone=EFFICIENTNET_LITE0, weights="official", input_size=64,
-                             feature_blocks=None, backbone_depth=None)
-    cnn = FeatureExtractor(settings.feature_config(), cache_dir=tmp_path / "cache")
-    body = _infer(fitted_with_tiny_vit, cnn, disc_png(seed=9), backbone=EFFICIENTNET_LITE0, weights="official",
-                  input_size=64, feature_blocks=None, backbone_depth=None)
+    features = {"backbone": EFFICIENTNET_LITE0, "weights": "official", "input_size": 64, "blocks": None,
+                "depth": None}
+    settings = tiny_settings(fitted_with_tiny_vit, features=features)
+    cnn = FeatureExtractor(settings.model.features, cache_dir=tmp_path / "cache")
+    body = _infer(fitted_with_tiny_vit, cnn, disc_png(seed=9), features=features)
     assert body["status"] == 409
     assert "vit_small_patch14_dinov2" in str(body["error"]) and EFFICIENTNET_LITE0 in str(body["error"])
 
 
 def test_infer_rejects_memory_fitted_with_other_layers(fitted_with_tiny_vit: Path, tmp_path: Path) -> None:
-    other_blocks = tiny_settings(fitted_with_tiny_vit, feature_blocks=(0, 2, 3))
-    extractor = FeatureExtractor(other_blocks.feature_config(), cache_dir=tmp_path / "cache")
-    body = _infer(fitted_with_tiny_vit, extractor, disc_png(seed=9), feature_blocks=(0, 2, 3))
+    other_blocks = tiny_settings(fitted_with_tiny_vit, features={"blocks": (0, 2, 3)})
+    extractor = FeatureExtractor(other_blocks.model.features, cache_dir=tmp_path / "cache")
+    body = _infer(fitted_with_tiny_vit, extractor, disc_png(seed=9), features={"blocks": (0, 2, 3)})
     assert body["status"] == 409
     assert "blocks [1, 2, 3] vs [0, 2, 3]" in str(body["error"])
 
 
 def test_infer_rejects_memory_fitted_with_other_weights(fitted_with_tiny_vit: Path, tmp_path: Path) -> None:
-    reseeded = tiny_settings(fitted_with_tiny_vit, weights_seed=7)
-    extractor = FeatureExtractor(reseeded.feature_config(), cache_dir=tmp_path / "cache")
-    body = _infer(fitted_with_tiny_vit, extractor, disc_png(seed=9), weights_seed=7)
+    reseeded = tiny_settings(fitted_with_tiny_vit, features={"seed": 7})
+    extractor = FeatureExtractor(reseeded.model.features, cache_dir=tmp_path / "cache")
+    body = _infer(fitted_with_tiny_vit, extractor, disc_png(seed=9), features={"seed": 7})
     assert body["status"] == 409 and "weights" in str(body["error"])
 
 

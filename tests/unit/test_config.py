@@ -11,7 +11,7 @@ from bdi.config import FeatureConfig, MemoryConfig, Settings
 def test_defaults_match_design(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("BDI_CONFIG", "BDI_CORESET_RATE", "BDI_WEIGHTS", "BDI_INPUT_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    model = Settings().to_model_config()
+    model = Settings().model
     assert model.features.input_size == 448
     assert model.features.blocks == (9, 10, 11)
     assert model.memory.coreset_rate == 0.10
@@ -25,8 +25,8 @@ def test_env_overrides_yaml_and_yaml_overrides_defaults(tmp_path: Path, monkeypa
     monkeypatch.setenv("BDI_CONFIG", str(config))
     monkeypatch.setenv("BDI_CORESET_RATE", "0.05")
     settings = Settings()
-    assert settings.coreset_rate == 0.05  # env wins over YAML (DESIGN.md improvement 4)
-    assert settings.score_percentile == 95  # YAML wins over defaults
+    assert settings.model.memory.coreset_rate == 0.05  # env wins over YAML (DESIGN.md improvement 4)
+    assert settings.model.scoring.score_percentile == 95  # YAML wins over defaults
 
 
 def test_legacy_brakedisc_env_names_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,12 +34,12 @@ def test_legacy_brakedisc_env_names_are_accepted(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("BRAKEDISC_AREA_MM2_THR", "2.5")
     settings = Settings()
     assert settings.models_dir == Path("/tmp/legacy-models")
-    assert settings.area_mm2_thr == 2.5
+    assert settings.model.scoring.area_mm2_thr == 2.5
 
 
 def test_feature_blocks_env_is_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BDI_FEATURE_BLOCKS", "8, 11")
-    assert Settings().feature_config().blocks == (8, 11)
+    assert Settings().model.features.blocks == (8, 11)
 
 
 def test_dataset_only_flag_parses_truthy_strings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,7 +74,7 @@ def test_memory_config_rejects_rate_outside_unit_interval() -> None:
 
 def test_bad_setting_fails_at_startup_not_first_request() -> None:
     with pytest.raises(ValidationError):
-        Settings(input_size=100)
+        Settings(model={"features": {"input_size": 100}})
 
 
 @pytest.mark.parametrize("stray", ["DEVICE", "device", "bdi_device", "Bdi_Device"])
@@ -83,9 +83,9 @@ def test_only_bdi_names_are_read_and_case_sensitively(monkeypatch: pytest.Monkey
     monkeypatch.delenv("BRAKEDISC_DEVICE", raising=False)
     monkeypatch.setenv(stray, "cuda")
     monkeypatch.delenv("BDI_DEVICE", raising=False)
-    assert Settings().device == "auto"
+    assert Settings().model.features.device == "auto"
     monkeypatch.setenv("BDI_DEVICE", "cpu")
-    assert Settings().device == "cpu"
+    assert Settings().model.features.device == "cpu"
 
 
 def test_bare_mlflow_tracking_uri_is_not_a_bdi_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,11 +95,46 @@ def test_bare_mlflow_tracking_uri_is_not_a_bdi_setting(monkeypatch: pytest.Monke
     assert Settings().mlflow_tracking_uri == ""
 
 
-def test_field_names_still_work_as_init_kwargs_and_in_yaml(tmp_path: Path) -> None:
+def test_flat_yaml_keys_and_nested_init_kwargs_set_the_same_field(tmp_path: Path) -> None:
     config = tmp_path / "app.yaml"
     config.write_text("device: cpu\n")
-    assert Settings(config_file=str(config)).device == "cpu"
-    assert Settings(device="cpu").device == "cpu"
+    assert Settings(config_file=str(config)).model.features.device == "cpu"
+    assert Settings(model={"features": {"device": "cpu"}}).model.features.device == "cpu"
+
+
+def test_init_kwargs_speak_only_the_nested_vocabulary() -> None:
+    with pytest.raises(ValidationError, match="coreset_rate"):
+        Settings(coreset_rate=0.2)  # type: ignore[call-arg]
+
+
+def test_env_names_merge_into_the_nested_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDI_CORESET_RATE", "0.2")
+    monkeypatch.setenv("BDI_CALIBRATION_NG_PERCENTILE", "10")
+    settings = Settings(model={"features": {"input_size": 224}})
+    assert settings.model.memory.coreset_rate == 0.2 and settings.model.features.input_size == 224
+    assert settings.calibration.ng_percentile == 10.0
+
+
+@pytest.mark.parametrize(("text", "accepted"), [("95", 95), ("95.0", 95), ("99.5", None), ("101", None)])
+def test_score_percentile_is_a_whole_number_in_0_to_100(
+    monkeypatch: pytest.MonkeyPatch, text: str, accepted: int | None
+) -> None:
+    monkeypatch.setenv("BDI_SCORE_PERCENTILE", text)
+    if accepted is None:
+        with pytest.raises(ValidationError, match="score_percentile"):
+            Settings()
+    else:
+        assert Settings().model.scoring.score_percentile == accepted
+
+
+def test_model_config_is_resolved_from_the_backbone_registry() -> None:
+    from bdi.backbones import EFFICIENTNET_LITE0, backbone_spec
+    from bdi.config import ModelConfig
+
+    spec = backbone_spec(EFFICIENTNET_LITE0)
+    model = ModelConfig(features=FeatureConfig(backbone=EFFICIENTNET_LITE0))
+    assert (model.features.input_size, model.features.blocks) == (spec.input_size, spec.blocks)
+    assert model.memory.projection_dim == spec.projection_dim and model.scoring.blur_sigma == spec.blur_sigma
 
 
 def test_threads_are_the_cores_divided_among_uvicorn_workers(monkeypatch: pytest.MonkeyPatch) -> None:

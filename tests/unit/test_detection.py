@@ -24,8 +24,9 @@ REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspect
 
 def _cnn_service(tmp_path: Path, *, input_size: int) -> InspectionService:
     settings = Settings(
-        models_dir=tmp_path / "models", backbone=EFFICIENTNET_LITE0, weights="official", device="cpu",
-        input_size=input_size, weights_cache_dir=tmp_path / "cache",
+        models_dir=tmp_path / "models", weights_cache_dir=tmp_path / "cache",
+        model={"features": {"backbone": EFFICIENTNET_LITE0, "weights": "official", "device": "cpu",
+                            "input_size": input_size}},
     )
     return InspectionService.from_settings(settings)
 
