@@ -125,9 +125,9 @@ class BdiDetector:
                         other_s=(t.get("index", 0.0) + t.get("save", 0.0)) / 1e3,
                         n_patches=result.n_embeddings, memory_size=result.coreset_size)
 
-    def _scoring(self) -> ScoringConfig:
-        calib = self.service.store.load_calibration(REF) if self._threshold_set else None
-        return self.service.calibrated_scoring(calib) if calib else self.settings.scoring_config()
+    def _scoring(self) -> ScoringConfig | None:
+        """The calibration's scoring once calibrated; the settings' before (None)."""
+        return self.service.model(REF).scoring if self._threshold_set else None
 
     def score(self, images: Sequence[np.ndarray]) -> list[Scored]:
         results = self.service.score_images(ref=REF, images=images, scoring=self._scoring())
@@ -137,7 +137,7 @@ class BdiDetector:
         calib = self.service.calibrate_from_scores(ref=REF, ok_scores=list(ok_scores),
                                                    ng_scores=list(ng_scores) or None, mm_per_px=MM_PER_PX)
         self._threshold_set = True
-        return float(calib["threshold"])
+        return calib.threshold
 
     def infer_once(self, data: bytes) -> float:
         return float(self.service.infer(ref=REF, mm_per_px=MM_PER_PX, image=data).result.score)

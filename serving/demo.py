@@ -84,10 +84,10 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
     ok = [r.score for r, i in scored if i.label == "ok"]
     ng = [r.score for r, i in scored if i.label == "ng"]
     calib = service.calibrate_from_scores(ref=ref, ok_scores=ok, ng_scores=ng, mm_per_px=MM_PER_PX)
-    print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib['threshold']:.4f}")
+    print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib.threshold:.4f}")
     ng_result, ng_item = max(((r, i) for r, i in scored if i.label == "ng"), key=lambda pair: pair[0].score)
     _, ok_item = min(((r, i) for r, i in scored if i.label == "ok"), key=lambda pair: pair[0].score)
-    return DemoModel(ref=ref, threshold=float(calib["threshold"]), ng_sample=ng_item, ok_sample=ok_item,
+    return DemoModel(ref=ref, threshold=calib.threshold, ng_sample=ng_item, ok_sample=ok_item,
                      ng_result=ng_result)
 
 

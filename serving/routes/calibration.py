@@ -36,7 +36,7 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[s
         mm_per_px=req.mm_per_px,
         score_percentile=req.score_percentile,
         area_mm2_thr=req.area_mm2_thr,
-    )
+    ).to_dict()
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"])
     response = {key: calib[key] for key in CALIBRATE_NG_KEYS}
     slog("calibrate_ng.response", model_key=ref.model_key,
@@ -56,7 +56,7 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> d
         area_mm2_thr=req.area_mm2_thr,
         default_mm_per_px=req.default_mm_per_px,
         require_ng=True if req.require_ng is None else req.require_ng,
-    )
+    ).to_dict()
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"],
          n_ok=calib["n_ok"], n_ng=calib["n_ng"])
     return {

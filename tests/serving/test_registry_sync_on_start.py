@@ -42,4 +42,4 @@ def test_server_syncs_registered_champion_at_startup(
             files={"image": ("disc.png", png_bytes(defect_discs[0]), "image/png")},
         ).json()
     assert state["memory_fitted"] and state["calib_present"]
-    assert body["threshold"] == calib["threshold"]
+    assert body["threshold"] == calib.threshold

@@ -31,7 +31,7 @@ def _fit_and_calibrate(service: InspectionService, good: list[np.ndarray], bad: 
     held_out = service.score_images(ref=REF, images=good[10:] + bad)
     ok = [r.score for r in held_out[: len(good) - 10]]
     ng = [r.score for r in held_out[len(good) - 10 :]]
-    return float(service.calibrate_from_scores(ref=REF, ok_scores=ok, ng_scores=ng)["threshold"])
+    return service.calibrate_from_scores(ref=REF, ok_scores=ok, ng_scores=ng).threshold
 
 
 def test_defective_disc_scores_above_every_good_disc(
@@ -142,8 +142,8 @@ def test_calibrate_dataset_scores_stored_samples(
     service.upload_samples(ref=dataset, label="ng", files=[(None, png_bytes(d)) for d in defect_discs])
     service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
     calib = service.calibrate_dataset(ref=REF, default_mm_per_px=0.2)
-    assert (calib["n_ok"], calib["n_ng"]) == (10, 3)
-    assert calib["threshold"] > 0
+    assert (calib.n_ok, calib.n_ng) == (10, 3)
+    assert calib.threshold > 0
     items = service.infer_dataset(ref=REF, default_mm_per_px=0.2)
     assert len(items) == 13 and all(i.error is None for i in items)
 

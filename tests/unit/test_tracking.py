@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from bdi.calibration import Calibration
 from bdi.service import InspectionService
 from bdi.store import ModelRef
 from bdi.tracking import (
@@ -175,7 +176,8 @@ def test_full_logging_queue_drops_runs_with_a_warning_and_close_is_bounded(
                               queue_size=2, status=status)
         started = time.monotonic()
         for i in range(8):
-            logger.on_calibrate(REF, {"threshold": float(i + 1)})
+            logger.on_calibrate(REF, Calibration(threshold=float(i + 1), score_percentile=99, area_mm2_thr=1.0,
+                                                 memory_fingerprint=None))
         assert time.monotonic() - started < 0.5  # submitting never waits for the server
         assert logger.dropped >= 5  # one in flight, two queued, the rest dropped
         assert any("queue full" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
