@@ -7,7 +7,6 @@ before anything is stored, calibrations record the memory they belong to.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -33,7 +32,7 @@ from .errors import (
 )
 from .features import FeatureExtractor, cuda_available
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape
-from .inference import InferenceResult, StageTimer
+from .inference import InferenceResult, Region, StageTimer
 from .knn import FAISS_AVAILABLE
 from .lineage import (
     api_lineage,
@@ -64,15 +63,6 @@ class FitResult:
     fingerprint: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    def to_response(self) -> dict[str, Any]:
-        return {
-            "n_embeddings": self.n_embeddings,
-            "coreset_size": self.coreset_size,
-            "token_shape": list(self.token_shape),
-            "coreset_rate_requested": self.coreset_rate_requested,
-            "coreset_rate_applied": self.coreset_rate_applied,
-        }
-
 
 @dataclass(frozen=True)
 class InferOutcome:
@@ -81,18 +71,6 @@ class InferOutcome:
     decision: str
     heatmap_png: bytes | None
     lineage: dict[str, Any] | None = None  # bdi.lineage.lineage_view of the model that answered
-
-    def to_response(self) -> dict[str, Any]:
-        heatmap = png_base64(self.heatmap_png)
-        return {
-            "score": self.result.score,
-            "threshold": self.threshold,
-            "token_shape": list(self.result.token_shape),
-            "heatmap_png_base64": heatmap,
-            "regions": [r.to_dict(with_xywh=True) for r in self.result.regions],
-            "decision": self.decision,
-            "lineage": self.lineage,
-        }
 
 
 @dataclass(frozen=True)
@@ -103,31 +81,10 @@ class SampleScore:
     filename: str
     mm_per_px: float | None
     score: float | None
-    regions: list[dict[str, Any]]
+    regions: list[Region]
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
-
-    def to_response(self, *, include_heatmap: bool) -> dict[str, Any]:
-        """The /infer_dataset item (§2.5); ``heatmap_png_base64`` only when heatmaps were asked for."""
-        body: dict[str, Any] = {
-            "label": self.label,
-            "filename": self.filename,
-            "mm_per_px": self.mm_per_px,
-            "score": self.score,
-            "threshold": self.threshold,
-            "regions": self.regions,
-            "n_regions": len(self.regions),
-            "error": self.error,
-        }
-        if include_heatmap:
-            body["heatmap_png_base64"] = png_base64(self.heatmap_png)
-        return body
-
-
-def png_base64(png: bytes | None) -> str | None:
-    """Standard base64 (with padding) of PNG bytes, as the GUI decodes it."""
-    return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
 class InspectionService:
@@ -551,7 +508,7 @@ class InspectionService:
         for (i, _, _, mm), result in zip(valid, results, strict=True):
             items[i] = SampleScore(
                 label=label, filename=samples[i].path.name, mm_per_px=mm, score=result.score,
-                regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
+                regions=result.regions, error=None,
                 heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
                 threshold=threshold,
             )

@@ -631,8 +631,11 @@ class ApiRunLogger:
                 "n_images": result.n_images,
                 "timings_ms": dict(result.timings_ms),
             })
-            run.log_dict({**result.to_response(), "fingerprint": fingerprint, "metadata": metadata},
-                         "fit_result.json")
+            run.log_dict({"n_embeddings": result.n_embeddings, "coreset_size": result.coreset_size,
+                          "token_shape": list(result.token_shape),
+                          "coreset_rate_requested": result.coreset_rate_requested,
+                          "coreset_rate_applied": result.coreset_rate_applied, "fingerprint": fingerprint,
+                          "metadata": metadata}, "fit_result.json")
         slog("tracking.run_logged", kind="fit", run_id=run.run_id, model_key=ref.model_key)
 
     def _log_calibration(self, ref: ModelRef, calib: Calibration) -> None:

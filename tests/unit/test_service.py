@@ -49,7 +49,7 @@ def test_fit_reports_contract_counts(service: InspectionService, good_discs: lis
     assert result.token_shape == (8, 8)
     assert result.n_embeddings == 3 * tokens
     assert result.coreset_size == int(np.ceil(3 * tokens * 0.1))
-    assert result.to_response()["coreset_rate_applied"] == pytest.approx(result.coreset_size / (3 * tokens))
+    assert result.coreset_rate_applied == pytest.approx(result.coreset_size / (3 * tokens))
     assert result.memory_path.is_file() and result.index_path is not None and result.index_path.is_file()
 
 
@@ -69,10 +69,7 @@ def test_infer_flags_defect_with_annulus_mask_and_regions(
     assert good.decision == "ok" and good.heatmap_png is None
     assert bad.decision == "ng" and bad.heatmap_png is not None
     assert bad.result.score > threshold > good.result.score
-    body = bad.to_response()
-    assert body["token_shape"] == [8, 8]
-    assert all({"bbox", "area_px", "area_mm2", "contour", "x", "y", "w", "h"} <= set(r) for r in body["regions"])
-    assert body["heatmap_png_base64"]
+    assert bad.result.token_shape == (8, 8)
 
 
 def test_infer_without_memory_is_not_fitted(service: InspectionService, good_discs: list[np.ndarray]) -> None:
