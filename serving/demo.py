@@ -71,9 +71,9 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
             bars[stage] = tqdm(total=total, desc=f"fit: {stage}", unit="img" if stage == "encode" else "centre")
         bars[stage].update(done - bars[stage].n)
 
-    service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
     try:
-        fit = service.fit_images(ref=ref, images=[_load(i) for i in train], progress=on_fit_progress)
+        fit = service.fit_images(ref=ref, mm_per_px=MM_PER_PX, images=[_load(i) for i in train],
+                                 progress=on_fit_progress)
     finally:
         for bar in bars.values():
             bar.close()

@@ -181,8 +181,8 @@ class InspectionService:
                 yield self._decode(data, name=name)
 
         # decoded lazily, batch by batch, inside the fit: never all images at once
-        result = self.fit_images(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
-                                 progress=progress)
+        result = self._fit(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
+                           progress=progress)
         write_lineage(self.store, ref, api_lineage(
             memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
             data_source="api:ok_dataset" if use_dataset else "api:upload",
@@ -193,19 +193,35 @@ class InspectionService:
         self,
         *,
         ref: ModelRef,
+        mm_per_px: float,
         images: Iterable[np.ndarray],
         n_images: int | None = None,
         memory_fit: bool = False,
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Extract, subsample and store: the part of a fit shared by the API and the pipeline.
+        """Fit ``ref`` on decoded BGR crops: lock the recipe's ``mm_per_px`` (ScaleMismatchError when
+        another one is locked), then extract, subsample and store (the fit the API and the pipeline share).
 
         ``images`` may be a lazy iterable (then ``n_images`` says how many it yields): they are
         encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
         The whole fit holds the model's fit lock (``BDI_FIT_LOCK_TIMEOUT_S``): a second fit of the same
         model, from any process, waits for it or gets :class:`FitInProgressError`.
         """
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        return self._fit(ref=ref, images=images, n_images=n_images, memory_fit=memory_fit,
+                         coreset_rate=coreset_rate, progress=progress)
+
+    def _fit(
+        self,
+        *,
+        ref: ModelRef,
+        images: Iterable[np.ndarray],
+        n_images: int | None = None,
+        memory_fit: bool = False,
+        coreset_rate: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         if n_images is None:
             if not isinstance(images, Sized):
                 images = list(images)

@@ -110,7 +110,7 @@ def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(
     logger = ApiRunLogger(TrackingConfig(experiment="unit-api"), project_root=project_root)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor,
                                on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)
-    fit = hooked.fit_images(ref=REF, images=good_discs[:4])
+    fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:4])
     hooked.calibrate_from_scores(ref=REF, ok_scores=[1.0, 2.0, 3.0], ng_scores=[5.0, 6.0])
     runs = {r.data.tags["kind"]: r for r in _runs(client, "unit-api", "tags.source = 'api'")}
     assert set(runs) == {"fit", "calibrate"}
@@ -130,7 +130,7 @@ def test_api_run_logger_swallows_tracking_outage(
     logger = ApiRunLogger(TrackingConfig(tracking_uri="unreachable-scheme://nowhere"), project_root=tmp_path)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
     caplog.set_level(logging.DEBUG, logger="bdi")
-    fit = hooked.fit_images(ref=REF, images=good_discs[:2])
+    fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     assert fit.memory_path.is_file()
     assert any("tracking.error" in record.getMessage() for record in caplog.records)
 
@@ -140,7 +140,7 @@ def test_api_run_logger_in_background_logs_after_flush(
 ) -> None:
     logger = ApiRunLogger(TrackingConfig(experiment="unit-bg"), project_root=project_root, background=True)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
-    hooked.fit_images(ref=REF, images=good_discs[:2])
+    hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     logger.close()
     assert [r.data.tags["kind"] for r in _runs(client, "unit-bg")] == ["fit"]
 
