@@ -1,4 +1,4 @@
-"""`make run`: build a demo model that detects, then serve it with uvicorn.
+"""`make run` (``python -m bdi.demo``): build a demo model that detects, then serve it with uvicorn.
 
 Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded synthetic
 brake-disc set written by ``bdi.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
@@ -23,17 +23,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from bdi.backbones import EFFICIENTNET_LITE0
-from bdi.config import Settings
-from bdi.datasets import MvtecItem, read_mvtec
-from bdi.imaging import decode_image
-from bdi.inference import InferenceResult
-from bdi.service import InspectionService
-from bdi.store import ModelRef
-from bdi.synthetic import write_mvtec_dataset
+from .backbones import EFFICIENTNET_LITE0
+from .config import Settings
+from .datasets import MvtecItem, read_mvtec
+from .imaging import decode_image
+from .inference import InferenceResult
+from .service import InspectionService
+from .store import ModelRef
+from .synthetic import write_mvtec_dataset
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"  # beside the checkout
 DEMO_ENV = {"BDI_BACKBONE": EFFICIENTNET_LITE0, "BDI_WEIGHTS": "official"}
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  curl -s {form} -F image=@{ok_png} {base}/infer   # a good part: decision ok\n")
     if args.no_serve:
         return 0
-    return subprocess.call([sys.executable, "-m", "serving"])
+    return subprocess.call([sys.executable, "-m", "serving"])  # the HTTP server, as its own process
 
 
 if __name__ == "__main__":
