@@ -163,7 +163,7 @@ class InspectionService:
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
         ensure_api_writable(self.store, ref)  # the registry's models are not overwritten (409)
-        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # before the samples are read (§2.2 order)
         named: Iterable[tuple[str, bytes]]
         if use_dataset:
             paths = self._ok_dataset_paths(ref)
@@ -181,8 +181,8 @@ class InspectionService:
                 yield self._decode(data, name=name)
 
         # decoded lazily, batch by batch, inside the fit: never all images at once
-        result = self._fit(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
-                           progress=progress)
+        result = self.fit_images(ref=ref, mm_per_px=mm_per_px, images=decode(named), n_images=n_images,
+                                 memory_fit=memory_fit, progress=progress)
         write_lineage(self.store, ref, api_lineage(
             memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
             data_source="api:ok_dataset" if use_dataset else "api:upload",
@@ -209,19 +209,6 @@ class InspectionService:
         model, from any process, waits for it or gets :class:`FitInProgressError`.
         """
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
-        return self._fit(ref=ref, images=images, n_images=n_images, memory_fit=memory_fit,
-                         coreset_rate=coreset_rate, progress=progress)
-
-    def _fit(
-        self,
-        *,
-        ref: ModelRef,
-        images: Iterable[np.ndarray],
-        n_images: int | None = None,
-        memory_fit: bool = False,
-        coreset_rate: float | None = None,
-        progress: ProgressFn | None = None,
-    ) -> FitResult:
         if n_images is None:
             if not isinstance(images, Sized):
                 images = list(images)
