@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m serving.demo
+	$(PY) -m bdi.demo
 
 test: setup
 	$(PY) -m ruff check .

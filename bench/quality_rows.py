@@ -120,15 +120,15 @@ class BdiDetector:
         }
 
     def fit(self, images: Sequence[np.ndarray]) -> FitTimes:
-        result = self.service.fit_images(ref=REF, images=images)
+        result = self.service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=images)
         t = result.timings_ms
         return FitTimes(features_s=t.get("encode", 0.0) / 1e3, coreset_s=t.get("coreset", 0.0) / 1e3,
                         other_s=(t.get("index", 0.0) + t.get("save", 0.0)) / 1e3,
                         n_patches=result.n_embeddings, memory_size=result.coreset_size)
 
-    def _scoring(self) -> ScoringConfig:
-        calib = self.service.store.load_calibration(REF) if self._threshold_set else None
-        return self.service.calibrated_scoring(calib) if calib else self.settings.model.scoring
+    def _scoring(self) -> ScoringConfig | None:
+        """The calibration's scoring once calibrated; the settings' before (None)."""
+        return self.service.model(REF).scoring if self._threshold_set else None
 
     def score(self, images: Sequence[np.ndarray]) -> list[Scored]:
         results = self.service.score_images(ref=REF, images=images, scoring=self._scoring())
@@ -138,7 +138,7 @@ class BdiDetector:
         calib = self.service.calibrate_from_scores(ref=REF, ok_scores=list(ok_scores),
                                                    ng_scores=list(ng_scores) or None, mm_per_px=MM_PER_PX)
         self._threshold_set = True
-        return float(calib["threshold"])
+        return calib.threshold
 
     def infer_once(self, data: bytes) -> float:
         return float(self.service.infer(ref=REF, mm_per_px=MM_PER_PX, image=data).result.score)

@@ -81,12 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. fit
     start = time.perf_counter()
-    fit = fp32.fit_images(ref=REF, images=[im for im, _ in train])
+    fit = fp32.fit_images(ref=REF, mm_per_px=0.2, images=[im for im, _ in train])
     fit_s = time.perf_counter() - start
     stages = ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in fit.timings_ms.items())
     print(f"\nfit {len(train)} images @448 fp32: {fit_s:.1f} s  ({stages}); "
           f"{fit.n_embeddings} patches -> {fit.coreset_size}")
-    fp32.store.lock_mm_per_px("default", 0.2)
     scores = [r.score for r in fp32.score_images(ref=REF, images=[im for im, _ in test])]
     fp32.calibrate_from_scores(ref=REF, ok_scores=scores, ng_scores=None)
 

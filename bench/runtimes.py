@@ -139,9 +139,8 @@ def _build_model(models_dir: Path, env: dict[str, str], *, train: list[np.ndarra
                         weights_cache_dir=cache, min_ok_samples=1)
     service = InspectionService.from_settings(settings)
     started = time.perf_counter()
-    service.fit_images(ref=REF, images=train)
+    service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=train)
     fit_s = time.perf_counter() - started
-    service.store.lock_mm_per_px(REF.recipe_id, MM_PER_PX)
     scores = [r.score for r in service.score_images(ref=REF, images=test)]
     service.calibrate_from_scores(ref=REF, ok_scores=scores, ng_scores=None)
     started = time.perf_counter()

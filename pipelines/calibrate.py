@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -30,6 +30,9 @@ from pipelines.stage import (
     targets,
 )
 
+if TYPE_CHECKING:
+    from bdi.calibration import Calibration
+
 log = logging.getLogger("pipelines.calibrate")
 STAGE = "calibrate"
 
@@ -37,7 +40,7 @@ STAGE = "calibrate"
 @dataclass(frozen=True)
 class CalibrationOutcome:
     key: str
-    calib: dict[str, Any]
+    calib: Calibration
     scores: list[dict[str, Any]]  # file, label, defect_class, score
 
 
@@ -70,21 +73,19 @@ def run_calibrate(
             )
             scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]
-            outcomes.append(CalibrationOutcome(key=target.key, calib=dict(calib), scores=scores))
-            log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib["threshold"],
+            outcomes.append(CalibrationOutcome(key=target.key, calib=calib, scores=scores))
+            log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib.threshold,
                      len(ok), len(ng))
     return outcomes
 
 
 def execute(ctx: StageContext) -> list[CalibrationOutcome]:
     with stage_run_with_progress(ctx, run_calibrate) as (run, outcomes):
-        keys = ("threshold", "false_reject_rate", "escape_rate", "ok_mean", "ng_mean", "p99_ok", "p5_ng",
-                "n_ok", "n_ng")
         for outcome in outcomes:
             prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
-            run.log_metrics({f"{prefix}{k}": outcome.calib.get(k) for k in keys})
+            run.log_metrics({f"{prefix}{k}": v for k, v in outcome.calib.metrics().items()})
             name = outcome.key.replace("/", "__")
-            run.log_dict(outcome.calib, f"calibration/{name}.calib.json")
+            run.log_dict(outcome.calib.to_dict(), f"calibration/{name}.calib.json")
             run.log_dict({"scores": outcome.scores}, f"calibration/{name}.scores.json")
     return outcomes
 

@@ -86,7 +86,8 @@ def run_evaluate(
     ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
 ) -> EvaluationOutputs:
     """Score every model's eval split; compute metrics; write the plot PNGs into ``paths.images_dir``."""
-    from bdi.calibration import usable_threshold
+    from bdi.calibration import decide
+    from bdi.errors import NotFittedError
     from bdi.evaluation import (
         evaluate_scores,
         plot_gallery,
@@ -94,7 +95,6 @@ def run_evaluate(
         plot_score_histogram,
         score_histogram,
     )
-    from bdi.service import decide
 
     cfg = ctx.cfg
     manifest = read_manifest(ctx.path(cfg.paths.manifest))
@@ -108,16 +108,15 @@ def run_evaluate(
     service = build_service(ctx, models_dir=model_dir, extractor=extractor)
     models: list[ModelEvaluation] = []
     for target in targets(cfg):
-        loaded = service.store.load_model(target.ref)
-        if loaded is None:
-            raise PipelineDataError(f"no fitted model for {target.key} in {model_dir}")
-        calib = service.store.load_calibration(target.ref)
-        threshold = usable_threshold(calib, memory_fingerprint=loaded.memory.fingerprint)
-        assert calib is not None
-        scoring = service.calibrated_scoring(calib)
+        try:
+            model = service.model(target.ref, endpoint="evaluate")
+        except NotFittedError as exc:
+            raise PipelineDataError(f"no fitted model for {target.key} in {model_dir}") from exc
+        assert model.calibration is not None  # calibrated: CalibrationMissingError otherwise
+        threshold = model.calibration.threshold
         rows = rows_for(manifest, target, "eval")
         images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
-                                     scoring=scoring, progress=progress)
+                                     scoring=model.scoring, progress=progress)
         labels = [1 if row.label == "ng" else 0 for row in rows]
         scores = [float(r.score) for r in results]
         classes = [row.defect_class for row in rows]

@@ -56,8 +56,8 @@ def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any
             if not rows:
                 raise PipelineDataError(f"no train images for {target.key} in the manifest")
             images = [load_image(ctx.project_root, row) for row in rows]
-            service.store.lock_mm_per_px(target.ref.recipe_id, recipe_mm_per_px(manifest, target))
-            result = service.fit_images(ref=target.ref, images=images, progress=progress)
+            result = service.fit_images(ref=target.ref, mm_per_px=recipe_mm_per_px(manifest, target), images=images,
+                                        progress=progress)
             outcomes.append(FitOutcome(
                 key=target.key, n_images=result.n_images, n_embeddings=result.n_embeddings,
                 coreset_size=result.coreset_size, coreset_rate_applied=result.coreset_rate_applied,

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from bdi import __version__
 from bdi.config import Settings
@@ -96,7 +97,10 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
             )
             yield
 
-    app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan)
+    # An explicit JSONResponse: response models are validated, then rendered by json.dumps as before (not
+    # by pydantic's JSON encoder, which spells some floats differently), so the bodies keep their bytes.
+    app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan,
+                  default_response_class=JSONResponse)
     # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
     # the body cap is innermost, so a 413 carries both.
     app.add_middleware(RequestSizeLimitMiddleware)

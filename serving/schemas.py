@@ -1,4 +1,5 @@
-"""Typed JSON bodies of /calibrate_ng, /infer_dataset and /calibrate_dataset, with their ranges.
+"""Typed JSON bodies: the requests of /calibrate_ng, /infer_dataset and /calibrate_dataset, with their ranges,
+and every route's response (set as ``response_model``, so OpenAPI documents it).
 
 Each model states what a key may hold (every number has its range), documents the body in the
 OpenAPI schema (:meth:`JsonBody.openapi`) and validates it (:meth:`JsonBody.parse`). A value out of
@@ -10,13 +11,17 @@ ignored rather than refused (§1.2, §2.3). Unknown keys are ignored, as by the 
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
+from bdi.calibration import Calibration
 from bdi.errors import InvalidInputError
+from bdi.inference import Region
+from bdi.service import FitResult, InferOutcome, SampleScore
 from serving.parsing import required_str
 
 T = TypeVar("T", bound="JsonBody")
@@ -115,3 +120,256 @@ class CalibrateDatasetRequest(JsonBody):
     area_mm2_thr: AreaMm2 | None = None
     default_mm_per_px: MmPerPx | None = None
     require_ng: bool | None = None
+
+
+# --------------------------------------------------------------------------------------------- responses
+# The JSON bodies of the routes (API_CONTRACT §2), field order = the body's key order. Floats are declared
+# as floats and counts as ints so that validation leaves every value as the route computed it.
+
+
+def png_base64(png: bytes | None) -> str | None:
+    """Standard base64 (with padding) of PNG bytes, as the GUI decodes it."""
+    return base64.b64encode(png).decode("ascii") if png is not None else None
+
+
+class Ids(BaseModel):
+    """``request_id`` and ``recipe_id``, in every JSON success body (``RequestContext.ids``)."""
+
+    request_id: str
+    recipe_id: str
+
+
+class FitResponse(BaseModel):
+    """POST /fit_ok (§2.2)."""
+
+    n_embeddings: int
+    coreset_size: int
+    token_shape: tuple[int, int]
+    coreset_rate_requested: float
+    coreset_rate_applied: float
+    request_id: str
+    recipe_id: str
+
+    @classmethod
+    def of(cls, result: FitResult, *, ids: Mapping[str, str]) -> FitResponse:
+        return cls(n_embeddings=result.n_embeddings, coreset_size=result.coreset_size, token_shape=result.token_shape,
+                   coreset_rate_requested=result.coreset_rate_requested,
+                   coreset_rate_applied=result.coreset_rate_applied, **ids)
+
+
+class RegionBody(BaseModel):
+    """A defect region in crop pixels: bbox ``[x, y, w, h]``, pixel and mm² areas, outer contour ``[[x, y], …]``."""
+
+    bbox: tuple[int, int, int, int]
+    area_px: float
+    area_mm2: float
+    contour: list[list[int]]
+
+    @classmethod
+    def of(cls, region: Region) -> RegionBody:
+        return cls(bbox=region.bbox, area_px=region.area_px, area_mm2=region.area_mm2, contour=region.contour)
+
+
+class InferRegion(RegionBody):
+    """A /infer region: the bbox also as ``x``, ``y``, ``w``, ``h`` floats."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+
+    @classmethod
+    def of(cls, region: Region) -> InferRegion:
+        x, y, w, h = region.bbox
+        return cls(bbox=region.bbox, area_px=region.area_px, area_mm2=region.area_mm2, contour=region.contour,
+                   x=x, y=y, w=w, h=h)
+
+
+class InferResponse(BaseModel):
+    """POST /infer (§2.4); ``lineage`` names the model that answered (``bdi.lineage.lineage_view``)."""
+
+    score: float
+    threshold: float
+    token_shape: tuple[int, int]
+    heatmap_png_base64: str | None
+    regions: list[InferRegion]
+    lineage: dict[str, Any] | None
+    request_id: str
+    recipe_id: str
+    decision: Literal["ok", "ng"]
+
+    @classmethod
+    def of(cls, outcome: InferOutcome, *, ids: Mapping[str, str]) -> InferResponse:
+        return cls(score=outcome.result.score, threshold=outcome.threshold, token_shape=outcome.result.token_shape,
+                   heatmap_png_base64=png_base64(outcome.heatmap_png),
+                   regions=[InferRegion.of(r) for r in outcome.result.regions], lineage=outcome.lineage, **ids,
+                   decision=outcome.decision)
+
+
+class InferDatasetItem(BaseModel):
+    """One scored sample; ``heatmap_png_base64`` only when heatmaps were asked for."""
+
+    label: str
+    filename: str
+    mm_per_px: float | None
+    score: float | None
+    threshold: float | None
+    regions: list[RegionBody]
+    n_regions: int
+    error: str | None
+    heatmap_png_base64: str | None = None
+
+    @classmethod
+    def of(cls, item: SampleScore, *, include_heatmap: bool) -> InferDatasetItem:
+        heatmap = {"heatmap_png_base64": png_base64(item.heatmap_png)} if include_heatmap else {}
+        return cls(label=item.label, filename=item.filename, mm_per_px=item.mm_per_px, score=item.score,
+                   threshold=item.threshold, regions=[RegionBody.of(r) for r in item.regions],
+                   n_regions=len(item.regions), error=item.error, **heatmap)
+
+
+class InferDatasetResponse(BaseModel):
+    """POST /infer_dataset (§2.5)."""
+
+    status: Literal["ok"] = "ok"
+    role_id: str
+    roi_id: str
+    request_id: str
+    recipe_id: str
+    model_key: str
+    n_total: int
+    n_errors: int
+    items: list[InferDatasetItem]
+
+
+class CalibrateNgResponse(BaseModel):
+    """POST /calibrate_ng (§2.3): the stored calibration's contract keys and the ids."""
+
+    threshold: float
+    ok_mean: float
+    ng_mean: float
+    p99_ok: float | None
+    p5_ng: float | None
+    mm_per_px: float
+    area_mm2_thr: float
+    score_percentile: int
+    request_id: str
+    recipe_id: str
+
+    @classmethod
+    def of(cls, calib: Calibration, *, ids: Mapping[str, str]) -> CalibrateNgResponse:
+        stats = calib.statistics
+        if stats is None or calib.mm_per_px is None:
+            raise ValueError("a /calibrate_ng calibration records its statistics and mm_per_px")
+        return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean, p99_ok=stats.p99_ok,
+                   p5_ng=stats.p5_ng, mm_per_px=calib.mm_per_px, area_mm2_thr=calib.area_mm2_thr,
+                   score_percentile=calib.score_percentile, **ids)
+
+
+class CalibrateDatasetResponse(BaseModel):
+    """POST /calibrate_dataset (§2.6)."""
+
+    status: Literal["ok"] = "ok"
+    threshold: float
+    score_percentile: int
+    area_mm2_thr: float
+    n_ok: int | None
+    n_ng: int | None
+    request_id: str
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+
+
+class StateResponse(BaseModel):
+    """GET /state (§2.14)."""
+
+    status: Literal["ok"] = "ok"
+    memory_fitted: bool
+    calib_present: bool
+    request_id: str
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+    lineage: dict[str, Any] | None
+
+
+class ManifestResponse(BaseModel):
+    """GET /manifest (§2.13): no top-level ``status``; ``calib`` is the stored calib JSON as it is."""
+
+    role_id: str
+    roi_id: str
+    recipe_id: str
+    model_key: str
+    memory: bool
+    calib: dict[str, Any] | None
+    datasets: dict[str, Any]
+    request_id: str
+    lineage: dict[str, Any] | None
+
+
+class HealthResponse(BaseModel):
+    """GET /health (§2.1); ``reason`` only when CUDA is not available."""
+
+    status: Literal["ok"] = "ok"
+    device: str
+    model: str
+    version: str
+    request_id: str
+    recipe_id: str
+    reason: str | None = None
+    backbone: str
+    weights: dict[str, Any]
+    pretrained: bool
+    registry: dict[str, Any]
+    runtime: str
+    runtime_requested: str
+    runtime_fallback: str | None
+    runtime_parity: dict[str, Any] | None
+
+
+class UploadResponse(BaseModel):
+    """POST /datasets/{ok,ng}/upload (§2.7): the stored file names."""
+
+    status: Literal["ok"] = "ok"
+    saved: list[str]
+    request_id: str
+    recipe_id: str
+
+
+class DatasetListResponse(BaseModel):
+    """GET /datasets/list (§2.8)."""
+
+    role_id: str
+    roi_id: str
+    classes: dict[str, Any]
+    request_id: str
+    recipe_id: str
+
+
+class SampleMetaResponse(BaseModel):
+    """GET /datasets/meta (§2.10): the sidecar object as stored (its keys win over the ids)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: Any
+    recipe_id: Any
+
+
+class DeleteResponse(BaseModel):
+    """DELETE /datasets/file (§2.11)."""
+
+    deleted: bool
+    filename: str
+    request_id: str
+    recipe_id: str
+
+
+class ClearResponse(BaseModel):
+    """DELETE /datasets/clear (§2.12)."""
+
+    cleared: int
+    label: str
+    request_id: str
+    recipe_id: str

@@ -9,20 +9,21 @@ from fastapi import APIRouter, Body
 from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
-from serving.schemas import CalibrateDatasetRequest, CalibrateNgRequest
+from serving.schemas import (
+    CalibrateDatasetRequest,
+    CalibrateDatasetResponse,
+    CalibrateNgRequest,
+    CalibrateNgResponse,
+)
 
 router = APIRouter(tags=["calibration"])
 
 JsonBody = Annotated[dict[str, Any], Body()]
 
-# §2.3: the response is exactly the stored calibration object's contract keys + the ids.
-CALIBRATE_NG_KEYS = ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng", "mm_per_px", "area_mm2_thr",
-                     "score_percentile")
-CALIBRATE_DATASET_KEYS = ("threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng")
 
-
-@router.post("/calibrate_ng", dependencies=[error_style("model")], openapi_extra=CalibrateNgRequest.openapi())
-def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
+@router.post("/calibrate_ng", dependencies=[error_style("model")], openapi_extra=CalibrateNgRequest.openapi(),
+             response_model=CalibrateNgResponse)
+def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateNgResponse:
     """Threshold from OK/NG scores the client computed; NaN/inf scores are dropped."""
     req = CalibrateNgRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
@@ -37,16 +38,16 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[s
         score_percentile=req.score_percentile,
         area_mm2_thr=req.area_mm2_thr,
     )
-    slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"])
-    response = {key: calib[key] for key in CALIBRATE_NG_KEYS}
+    slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold)
+    response = CalibrateNgResponse.of(calib, ids=ctx.ids())
     slog("calibrate_ng.response", model_key=ref.model_key,
-         **{k: response[k] for k in ("threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng")})
-    return {**response, **ctx.ids()}
+         **response.model_dump(include={"threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng"}))
+    return response
 
 
 @router.post("/calibrate_dataset", dependencies=[error_style("batch")],
-             openapi_extra=CalibrateDatasetRequest.openapi())
-def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> dict[str, Any]:
+             openapi_extra=CalibrateDatasetRequest.openapi(), response_model=CalibrateDatasetResponse)
+def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateDatasetResponse:
     """Score every stored OK/NG sample with the fitted memory and write a new calibration."""
     req = CalibrateDatasetRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
@@ -57,13 +58,9 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> d
         default_mm_per_px=req.default_mm_per_px,
         require_ng=True if req.require_ng is None else req.require_ng,
     )
-    slog("calibrate.saved", model_key=ref.model_key, threshold=calib["threshold"],
-         n_ok=calib["n_ok"], n_ng=calib["n_ng"])
-    return {
-        "status": "ok",
-        **{key: calib[key] for key in CALIBRATE_DATASET_KEYS},
-        **ctx.ids(),
-        "role_id": ref.role_id,
-        "roi_id": ref.roi_id,
-        "model_key": ref.model_key,
-    }
+    slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold, n_ok=calib.n_ok, n_ng=calib.n_ng)
+    return CalibrateDatasetResponse(
+        status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
+        area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ctx.ids(), role_id=ref.role_id,
+        roi_id=ref.roi_id, model_key=ref.model_key,
+    )

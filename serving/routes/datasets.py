@@ -13,6 +13,7 @@ from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
+from serving.schemas import ClearResponse, DatasetListResponse, DeleteResponse, SampleMetaResponse, UploadResponse
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[error_style("resource")])
 
@@ -43,14 +44,14 @@ def _add_upload_route(label: str) -> None:
 
     upload.__name__ = upload.__qualname__ = f"upload_{label}"
     upload.__doc__ = f"Store {label.upper()} samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."
-    router.post(f"/{label}/upload")(upload)
+    router.post(f"/{label}/upload", response_model=UploadResponse)(upload)
 
 
 for _label in ("ok", "ng"):
     _add_upload_route(_label)
 
 
-@router.get("/list")
+@router.get("/list", response_model=DatasetListResponse)
 def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ) -> dict[str, Any]:
     """Stored images per class (a class key only when its folder exists) and sidecar presence."""
     listing = service.dataset_listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
@@ -79,7 +80,7 @@ def download_sample(
     return Response(content=data, media_type=media_type, headers={"Content-Disposition": disposition})
 
 
-@router.get("/meta")
+@router.get("/meta", response_model=SampleMetaResponse)
 def sample_meta(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def sample_meta(
     return {**ctx.ids(), **meta}
 
 
-@router.delete("/file")
+@router.delete("/file", response_model=DeleteResponse)
 def delete_sample(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def delete_sample(
     return {"deleted": deleted, "filename": filename, **ctx.ids()}
 
 
-@router.delete("/clear")
+@router.delete("/clear", response_model=ClearResponse)
 def clear_samples(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
 ) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
@@ -11,11 +11,12 @@ from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
+from serving.schemas import FitResponse
 
 router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
 
 
-@router.post("/fit_ok")
+@router.post("/fit_ok", response_model=FitResponse)
 def fit_ok(
     ctx: RequestCtx,
     service: ServiceDep,
@@ -27,7 +28,7 @@ def fit_ok(
     memory_fit: Annotated[bool, Form()] = False,
     use_dataset: Annotated[bool, Form()] = False,
     model_key: Annotated[str | None, Form()] = None,
-) -> dict[str, Any]:
+) -> FitResponse:
     """Fit from repeated ``images`` parts, or from the stored ``ok`` samples with use_dataset=true."""
     started = time.perf_counter()
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
@@ -43,4 +44,4 @@ def fit_ok(
          memory_path_written=str(result.memory_path),
          index_path_written=str(result.index_path) if result.index_path else None,
          timings_ms=result.timings_ms, elapsed_ms=round((time.perf_counter() - started) * 1e3, 3))
-    return {**result.to_response(), **ctx.ids()}
+    return FitResponse.of(result, ids=ctx.ids())

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 from bdi import __version__
 from serving.deps import RegistryStatusDep, RequestCtx, ServiceDep
 from serving.errors import error_style
+from serving.schemas import HealthResponse
 
 router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
 async def health(
     request: Request, ctx: RequestCtx, service: ServiceDep, registry: RegistryStatusDep
 ) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
 from serving.parsing import read_upload
-from serving.schemas import InferDatasetRequest
+from serving.schemas import InferDatasetItem, InferDatasetRequest, InferDatasetResponse, InferResponse
 
 router = APIRouter(tags=["inference"])
 
 
-@router.post("/infer", dependencies=[error_style("model")])
+@router.post("/infer", dependencies=[error_style("model")], response_model=InferResponse)
 def infer(
     ctx: RequestCtx,
     service: ServiceDep,
@@ -28,7 +28,7 @@ def infer(
     shape: Annotated[str | None, Form()] = None,
     include_heatmap: Annotated[bool | None, Form()] = None,
     model_key: Annotated[str | None, Form()] = None,
-) -> dict[str, Any]:
+) -> InferResponse:
     """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     _, data = read_upload(image, max_bytes=settings.max_upload_bytes)
@@ -36,15 +36,14 @@ def infer(
          include_heatmap=include_heatmap, model_key=ref.model_key)
     outcome = service.infer(ref=ref, mm_per_px=mm_per_px, image=data, shape=shape,
                             include_heatmap=include_heatmap)
-    body = outcome.to_response()
-    decision = body.pop("decision")
-    return {**body, **ctx.ids(), "decision": decision}
+    return InferResponse.of(outcome, ids=ctx.ids())
 
 
-@router.post("/infer_dataset", dependencies=[error_style("batch")], openapi_extra=InferDatasetRequest.openapi())
+@router.post("/infer_dataset", dependencies=[error_style("batch")], openapi_extra=InferDatasetRequest.openapi(),
+             response_model=InferDatasetResponse, response_model_exclude_unset=True)
 def infer_dataset(
     ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any], Body()]
-) -> dict[str, Any]:
+) -> InferDatasetResponse:
     """Score every stored sample of the given labels with the calibrated threshold."""
     req = InferDatasetRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
@@ -55,16 +54,10 @@ def infer_dataset(
         include_heatmap=include_heatmap,
         default_mm_per_px=req.default_mm_per_px,
     )
-    shaped = [item.to_response(include_heatmap=include_heatmap) for item in items]
     n_errors = sum(1 for item in items if item.error is not None)
     slog("infer_dataset.response", model_key=ref.model_key, n_total=len(items), n_errors=n_errors)
-    return {
-        "status": "ok",
-        "role_id": ref.role_id,
-        "roi_id": ref.roi_id,
-        **ctx.ids(),
-        "model_key": ref.model_key,
-        "n_total": len(items),
-        "n_errors": n_errors,
-        "items": shaped,
-    }
+    return InferDatasetResponse(
+        status="ok", role_id=ref.role_id, roi_id=ref.roi_id, **ctx.ids(), model_key=ref.model_key,
+        n_total=len(items), n_errors=n_errors,
+        items=[InferDatasetItem.of(item, include_heatmap=include_heatmap) for item in items],
+    )

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
+from serving.schemas import ManifestResponse, StateResponse
 
 router = APIRouter(tags=["state"], dependencies=[error_style("resource")])
 
@@ -17,7 +18,7 @@ IdQ = Annotated[str, Query()]
 ModelKeyQ = Annotated[str | None, Query()]
 
 
-@router.get("/state")
+@router.get("/state", response_model=StateResponse)
 def state(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
 ) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def state(
     }
 
 
-@router.get("/manifest")
+@router.get("/manifest", response_model=ManifestResponse)
 def manifest(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
 ) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""Threshold selection from OK/NG scores (API_CONTRACT §3.5) and calibration validity."""
+"""Threshold selection from OK/NG scores (API_CONTRACT §3.5), the typed calibration and its validity."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,11 @@ def choose_threshold(
     )
 
 
+def decide(score: float, threshold: float) -> str:
+    """``"ng"`` when ``score`` reaches the threshold, else ``"ok"``."""
+    return "ng" if score >= threshold else "ok"
+
+
 def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str) -> float:
     """The threshold of a calibration that applies to the given memory.
 
@@ -106,8 +111,8 @@ def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str
     """
     if not calib:
         raise CalibrationMissingError()
-    threshold = calib.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    threshold = _number(calib.get("threshold"))
+    if threshold is None or not math.isfinite(threshold):
         raise CalibrationMissingError("threshold missing")
     if threshold <= 0:
         raise CalibrationMissingError("threshold <= 0")
@@ -118,4 +123,163 @@ def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str
         )
     if recorded != memory_fingerprint:
         raise CalibrationMissingError("stale: calibrated for another memory, recalibrate after the refit")
-    return float(threshold)
+    return threshold
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ScoreStatistics:
+    """The OK/NG score statistics ``/calibrate_ng`` stores (contract §2.3): ``p99_ok`` is the OK
+    percentile at the requested ``score_percentile``, ``p5_ng`` the 5th percentile of NG (None without NG)."""
+
+    ok_mean: float
+    ng_mean: float
+    p99_ok: float | None
+    p5_ng: float | None
+
+    @classmethod
+    def of(cls, choice: ThresholdChoice) -> ScoreStatistics:
+        return cls(ok_mean=choice.ok_mean, ng_mean=choice.ng_mean, p99_ok=choice.p99_ok, p5_ng=choice.p5_ng)
+
+
+@dataclass(frozen=True)
+class ModelIds:
+    """The ids of the model a ``/calibrate_dataset`` calibration belongs to (stored with it)."""
+
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model's calibration: the ``<base>_calib.json`` object (contract §2.3, §2.6, §4.1).
+
+    ``memory_fingerprint`` names the memory the threshold was computed for (None: no memory was fitted
+    then; such a calibration never applies). ``/calibrate_ng`` also stores the score ``statistics`` and
+    the ``mm_per_px`` it was given; ``/calibrate_dataset`` stores the model's ``ids``. Fields that an
+    older file lacks read as None.
+    """
+
+    threshold: float
+    score_percentile: int  # the percentile scores were (and are) computed at, in [0, 100]
+    area_mm2_thr: float  # regions smaller than this are dropped
+    memory_fingerprint: str | None
+    created_at_utc: str | None = None
+    n_ok: int | None = None
+    n_ng: int | None = None
+    false_reject_rate: float | None = None  # share of OK scores >= threshold, in [0, 1]
+    escape_rate: float | None = None  # share of NG scores < threshold, in [0, 1]; None without NG
+    mm_per_px: float | None = None
+    statistics: ScoreStatistics | None = None
+    ids: ModelIds | None = None
+
+    @classmethod
+    def from_choice(
+        cls,
+        choice: ThresholdChoice,
+        *,
+        area_mm2_thr: float,
+        memory_fingerprint: str | None,
+        created_at_utc: str,
+        mm_per_px: float | None = None,
+        statistics: bool = False,
+        ids: ModelIds | None = None,
+    ) -> Calibration:
+        """The calibration of a threshold choice (``statistics``: store its OK/NG statistics too)."""
+        return cls(
+            threshold=choice.threshold, score_percentile=int(choice.score_percentile), area_mm2_thr=area_mm2_thr,
+            memory_fingerprint=memory_fingerprint, created_at_utc=created_at_utc, n_ok=choice.n_ok,
+            n_ng=choice.n_ng, false_reject_rate=choice.false_reject_rate, escape_rate=choice.escape_rate,
+            mm_per_px=mm_per_px, statistics=ScoreStatistics.of(choice) if statistics else None, ids=ids,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, defaults: ScoringConfig) -> Calibration:
+        """Read a calib JSON object, old files included: a missing percentile or area is ``defaults``'.
+
+        Raises:
+            CalibrationMissingError: the threshold is missing or not a number.
+        """
+        threshold = _number(data.get("threshold"))
+        if threshold is None:
+            raise CalibrationMissingError("threshold missing")
+        percentile = _number(data.get("score_percentile"))
+        if percentile is None or not 0.0 <= percentile <= 100.0:
+            percentile = defaults.score_percentile
+        area = _number(data.get("area_mm2_thr"))
+        has_statistics = all(key in data for key in ("ok_mean", "ng_mean", "p99_ok", "p5_ng"))
+        ids = [_text(data.get(key)) for key in ("recipe_id", "role_id", "roi_id", "model_key")]
+        n_ok, n_ng = _number(data.get("n_ok")), _number(data.get("n_ng"))
+        return cls(
+            threshold=threshold,
+            score_percentile=int(percentile),
+            area_mm2_thr=defaults.area_mm2_thr if area is None else area,
+            memory_fingerprint=_text(data.get("memory_fingerprint")),
+            created_at_utc=_text(data.get("created_at_utc")),
+            n_ok=None if n_ok is None else int(n_ok),
+            n_ng=None if n_ng is None else int(n_ng),
+            false_reject_rate=_number(data.get("false_reject_rate")),
+            escape_rate=_number(data.get("escape_rate")),
+            mm_per_px=_number(data.get("mm_per_px")),
+            statistics=ScoreStatistics(
+                ok_mean=_number(data["ok_mean"]) or 0.0, ng_mean=_number(data["ng_mean"]) or 0.0,
+                p99_ok=_number(data["p99_ok"]), p5_ng=_number(data["p5_ng"]),
+            ) if has_statistics else None,
+            ids=ModelIds(*ids) if all(isinstance(v, str) for v in ids) else None,  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The calib JSON object (the keys its writer has always stored; ``None`` parts are left out)."""
+        body: dict[str, Any] = {"threshold": self.threshold}
+        if self.statistics is not None:
+            body.update(asdict(self.statistics))
+        if self.mm_per_px is not None:
+            body["mm_per_px"] = self.mm_per_px
+        body.update(area_mm2_thr=self.area_mm2_thr, score_percentile=self.score_percentile)
+        if self.ids is not None:
+            body.update(asdict(self.ids))
+        body.update(created_at_utc=self.created_at_utc, memory_fingerprint=self.memory_fingerprint,
+                    n_ok=self.n_ok, n_ng=self.n_ng, false_reject_rate=self.false_reject_rate,
+                    escape_rate=self.escape_rate)
+        return body
+
+    def metrics(self) -> dict[str, float | None]:
+        """What tracking logs as metrics: the threshold, the rates, the statistics and the counts."""
+        stats = self.statistics
+        return {
+            "threshold": self.threshold,
+            "false_reject_rate": self.false_reject_rate,
+            "escape_rate": self.escape_rate,
+            "ok_mean": stats.ok_mean if stats else None,
+            "ng_mean": stats.ng_mean if stats else None,
+            "p99_ok": stats.p99_ok if stats else None,
+            "p5_ng": stats.p5_ng if stats else None,
+            "n_ok": None if self.n_ok is None else float(self.n_ok),
+            "n_ng": None if self.n_ng is None else float(self.n_ng),
+        }
+
+    def scoring(self, base: ScoringConfig) -> ScoringConfig:
+        """``base`` with the percentile and the area this calibration was made with."""
+        return replace(base, score_percentile=self.score_percentile, area_mm2_thr=self.area_mm2_thr)
+
+
+def usable_calibration(
+    data: Mapping[str, Any] | None, *, memory_fingerprint: str, defaults: ScoringConfig
+) -> Calibration:
+    """The stored calibration, when it applies to the given memory (:func:`usable_threshold` says why not)."""
+    if not data:
+        raise CalibrationMissingError()
+    usable_threshold(data, memory_fingerprint=memory_fingerprint)
+    return Calibration.from_dict(data, defaults=defaults)

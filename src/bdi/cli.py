@@ -153,11 +153,13 @@ def _watch(
 def _promote(args: argparse.Namespace) -> int:
     from .promotion import PromotionGate, promote_version
 
-    _, cfg = _tracking(args)
+    settings, cfg = _tracking(args)
     limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps")
               if getattr(args, name) is not None}  # flags not given keep the gate's defaults
     gate = None if args.skip_gate else PromotionGate(primary_metric=args.primary_metric, **limits)
-    overrides = {"weights": args.weights} if args.weights else None
+    overrides = {"weights_cache_dir": str(settings.weights_cache_dir)}  # the pyfunc reads no BDI_* env
+    if args.weights:
+        overrides["weights"] = args.weights
     result = promote_version(cfg=cfg, project_root=args.project_root, name=args.name, version=args.version,
                              gate=gate, overrides=overrides)
     for check in result.report.checks if result.report is not None else ():

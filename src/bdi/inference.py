@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import cv2
 import numpy as np
@@ -33,18 +32,6 @@ class Region:
     area_px: float
     area_mm2: float
     contour: list[list[int]]  # [[x, y], ...] outer boundary
-
-    def to_dict(self, *, with_xywh: bool = True) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "bbox": list(self.bbox),
-            "area_px": self.area_px,
-            "area_mm2": self.area_mm2,
-            "contour": self.contour,
-        }
-        if with_xywh:
-            x, y, w, h = self.bbox
-            body.update(x=float(x), y=float(y), w=float(w), h=float(h))
-        return body
 
 
 @dataclass(frozen=True)

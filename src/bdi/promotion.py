@@ -167,13 +167,17 @@ def read_golden_set(model_dir: Path) -> list[tuple[bytes, GoldenImage]]:
 def probe_serving_path(model_dir: Path, *, overrides: Mapping[str, Any] | None = None) -> ServingProbe:
     """Score the golden images of a downloaded version through ``InspectionService.infer`` (the call
     behind ``/infer``), on the backbone the memory records; one warm-up call is not timed."""
+    from .config import Settings
     from .registry import ModelDirPredictor
+    from .service import InspectionService
 
     golden = read_golden_set(model_dir)
     if not golden:
         return ServingProbe(scores=[], latencies_ms=[])
     predictor = ModelDirPredictor(model_dir, overrides=overrides)
-    service, ref = predictor.service, predictor.ref
+    extractor, ref = predictor.model.extractor, predictor.ref
+    settings = Settings(models_dir=model_dir, model={"features": extractor.config})
+    service = InspectionService(settings=settings, extractor=extractor, store=predictor.store)
     first_bytes, first = golden[0]
     service.infer(ref=ref, mm_per_px=first.mm_per_px, image=first_bytes, shape=first.shape, include_heatmap=False)
     scores, latencies = [], []

@@ -53,8 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from .config import ScoringConfig, Settings
-    from .service import InspectionService
+    from .config import FeatureConfig
 
 MODEL_ARTIFACT_NAME = "model"  # the logged model's name inside the run
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artefact key holding the ModelStore root
@@ -161,14 +160,12 @@ def export_model_dir(*, store: ModelStore, ref: ModelRef, dest: Path) -> Artifac
 # ----------------------------------------------------------------------------------------- pyfunc
 
 
-def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides: Mapping[str, Any]) -> Settings:
-    """Runtime settings whose feature config reproduces the one recorded in ``metadata["features"]``.
-
-    ``overrides`` (the pyfunc ``model_config``, keys :data:`PYFUNC_CONFIG_KEYS`) may set ``weights`` (a
-    local file for pretrained weights), ``weights_cache_dir``, ``device``, ``precision`` or ``batch_size``;
-    empty values keep the recorded value or the default.
-    """
-    from .config import Settings
+def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
+                            overrides: Mapping[str, Any]) -> FeatureConfig:
+    """The feature config recorded in ``metadata["features"]`` (the memory's), with the load-time
+    ``overrides`` ``weights`` (a local file for pretrained weights), ``device``, ``precision`` and
+    ``batch_size`` applied; empty override values keep the recorded value or the default."""
+    from .config import FeatureConfig
 
     features = metadata.get("features")
     if not isinstance(features, Mapping):
@@ -176,60 +173,56 @@ def _feature_settings(metadata: Mapping[str, Any], *, model_dir: Path, overrides
     recorded_weights = features.get("weights")
     weights: Mapping[str, Any] = recorded_weights if isinstance(recorded_weights, Mapping) else {}
     source = str(weights.get("source", ""))
-    if source == "random":
-        spec = "random"
-    elif source == "official":
-        spec = "official"
-    else:
-        spec = str(weights.get("path") or "")
-    feature_values: dict[str, Any] = {
-        "weights": spec,
-        "backbone": str(features.get("backbone")),
-        "input_size": int(features["input_size"]),
-        "blocks": tuple(int(b) for b in features["blocks"]),
-        "neighbourhood": features.get("neighbourhood"),
-        "depth": int(features["depth"]) if features.get("depth") is not None else None,
-        "seed": int(weights.get("seed") or 0),
-    }
-    unknown = sorted(set(overrides) - set(PYFUNC_CONFIG_KEYS))
-    if unknown:
-        raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {list(PYFUNC_CONFIG_KEYS)}")
-    given = {k: v for k, v in overrides.items() if v not in ("", None)}  # "" = keep the default
-    values: dict[str, Any] = {"models_dir": model_dir}
-    if "weights_cache_dir" in given:
-        values["weights_cache_dir"] = given.pop("weights_cache_dir")
-    values["model"] = {"features": {**feature_values, **given}}
-    return Settings(**values)
+    spec = source if source in ("random", "official") else str(weights.get("path") or "")
+    given = {k: v for k, v in overrides.items() if v not in ("", None)}  # "" = keep the recorded value
+    try:
+        return FeatureConfig(
+            backbone=str(features.get("backbone")),
+            weights=str(given.get("weights", spec)),
+            input_size=int(features["input_size"]),
+            blocks=tuple(int(b) for b in features["blocks"]),
+            neighbourhood=features.get("neighbourhood"),
+            depth=int(features["depth"]) if features.get("depth") is not None else None,
+            seed=int(weights.get("seed") or 0),
+            device=given.get("device", "auto"),
+            precision=given.get("precision", "auto"),
+            batch_size=int(given.get("batch_size", FeatureConfig.batch_size)),
+        ).resolved()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"cannot rebuild the feature config of {model_dir}: {exc}") from exc
 
 
 class ModelDirPredictor:
     """Scores images with the single model of a ModelStore root; what ``BdiPyfuncModel`` delegates to.
 
-    Loads through ``ModelStore.load_model``/``load_calibration`` (the server's loader), rebuilds the
-    backbone recorded in the memory's metadata, checks that the weights are the recorded ones, and
-    scores with ``InspectionService.score_images`` and the calibrated threshold.
+    Rebuilds the backbone recorded in the memory's metadata, checks that the weights are the recorded
+    ones, and loads the model with :func:`bdi.model.load_patchcore` (the server's loader).
     """
 
     def __init__(self, model_dir: Path, *, overrides: Mapping[str, Any] | None = None) -> None:
-        from .calibration import usable_threshold
+        from .config import MemoryConfig, ScoringConfig, Settings
         from .features import FeatureExtractor
-        from .service import InspectionService
+        from .model import load_patchcore
 
         self.model_dir = Path(model_dir)
-        store = ModelStore(self.model_dir)
+        self.store = ModelStore(self.model_dir)
         self.ref = _single_model(self.model_dir).ref
-        model = store.load_model(self.ref)
-        if model is None:
+        memory = self.store.load_memory(self.ref)
+        if memory is None:
             raise NotFittedError("predict")
-        calib = store.load_calibration(self.ref)
-        self.threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
-        assert calib is not None  # usable_threshold raised otherwise
-        settings = _feature_settings(model.memory.metadata, model_dir=self.model_dir, overrides=overrides or {})
-        features = model.memory.metadata["features"]
-        extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
-        _check_weights(recorded=features.get("weights") or {}, got=extractor.weights.to_dict())
-        self.service: InspectionService = InspectionService(settings=settings, extractor=extractor, store=store)
-        self.scoring: ScoringConfig = self.service.calibrated_scoring(calib)
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(PYFUNC_CONFIG_KEYS))
+        if unknown:
+            raise InvalidInputError(f"unknown model_config keys {unknown}; allowed: {list(PYFUNC_CONFIG_KEYS)}")
+        features = recorded_feature_config(memory.metadata, model_dir=self.model_dir, overrides=overrides)
+        cache_dir = overrides.get("weights_cache_dir") or Settings.model_fields["weights_cache_dir"].default
+        extractor = FeatureExtractor(features, cache_dir=Path(cache_dir))
+        _check_weights(recorded=memory.metadata["features"].get("weights") or {}, got=extractor.weights.to_dict())
+        self.model = load_patchcore(
+            self.store, self.ref, extractor=extractor, scoring=ScoringConfig().resolved(features.backbone),
+            memory_cfg=MemoryConfig().resolved(features.backbone), endpoint="predict",
+        )
+        self.max_image_pixels: int = Settings.model_fields["max_image_pixels"].default
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Rows with ``image_path`` or ``image_bytes`` (and optional ``shape`` ROI JSON) →
@@ -237,7 +230,6 @@ class ModelDirPredictor:
         import pandas as pd
 
         from .imaging import build_roi_mask, decode_image, parse_shape
-        from .service import decide
 
         if "image_path" not in frame.columns and "image_bytes" not in frame.columns:
             raise InvalidInputError("the input needs an 'image_path' or an 'image_bytes' column")
@@ -252,17 +244,16 @@ class ModelDirPredictor:
                     data = Path(path).read_bytes()
                 except OSError as exc:
                     raise InvalidInputError(f"row {i}: cannot read {path}: {exc}") from exc
-            crop = decode_image(bytes(data), max_pixels=self.service.settings.max_image_pixels, name=f"row {i}")
+            crop = decode_image(bytes(data), max_pixels=self.max_image_pixels, name=f"row {i}")
             shape = row.get("shape")
             shape = parse_shape(shape) if isinstance(shape, (str, Mapping)) and shape else None
             images.append(crop)
             masks.append(build_roi_mask(shape, width=crop.shape[1], height=crop.shape[0]))
-        results = self.service.score_images(ref=self.ref, images=images, masks=masks, scoring=self.scoring)
-        scores = [float(r.score) for r in results]
+        scores = [float(r.score) for r in self.model.score(images, masks)]
         return pd.DataFrame({
             "score": scores,
-            "threshold": [self.threshold] * len(scores),
-            "decision": [decide(s, self.threshold) for s in scores],
+            "threshold": [self.model.threshold] * len(scores),
+            "decision": [self.model.decide(s) for s in scores],
         })
 
 

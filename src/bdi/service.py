@@ -7,7 +7,6 @@ before anything is stored, calibrations record the memory they belong to.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -19,14 +18,13 @@ import numpy as np
 
 from . import model_lock
 from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
-from .calibration import ThresholdChoice, choose_threshold, usable_threshold
+from .calibration import Calibration, ModelIds, choose_threshold
 from .config import ScoringConfig, Settings
 from .datasets import LABELS, DatasetStore, Sample, UploadItem, parse_label
 from .errors import (
     BDIError,
     InsufficientSamplesError,
     InvalidInputError,
-    NotFittedError,
     NotFoundError,
     StorageError,
     TokenGridMismatchError,
@@ -35,7 +33,7 @@ from .errors import (
 from .features import FeatureExtractor, cuda_available
 from .fsio import utc_now_iso
 from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape, validate_mm_per_px
-from .inference import InferenceResult, StageTimer, score_crop
+from .inference import InferenceResult, Region, StageTimer
 from .knn import FAISS_AVAILABLE
 from .lineage import (
     api_lineage,
@@ -46,11 +44,11 @@ from .lineage import (
     write_lineage,
 )
 from .logging import slog
-from .memory import Memory, MemoryBuilder, build_index, check_features_match
+from .memory import Memory, MemoryBuilder, build_index
+from .model import PatchCoreModel, ProgressFn, load_patchcore
 from .refs import DatasetRef, ModelRef
-from .store import LoadedModel, ModelStore
+from .store import ModelStore
 
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2  # §2.3: stored with the calibration only, never validated nor locked
 
 
@@ -67,15 +65,6 @@ class FitResult:
     fingerprint: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    def to_response(self) -> dict[str, Any]:
-        return {
-            "n_embeddings": self.n_embeddings,
-            "coreset_size": self.coreset_size,
-            "token_shape": list(self.token_shape),
-            "coreset_rate_requested": self.coreset_rate_requested,
-            "coreset_rate_applied": self.coreset_rate_applied,
-        }
-
 
 @dataclass(frozen=True)
 class InferOutcome:
@@ -83,20 +72,7 @@ class InferOutcome:
     threshold: float
     decision: str
     heatmap_png: bytes | None
-    mm_per_px: float
     lineage: dict[str, Any] | None = None  # bdi.lineage.lineage_view of the model that answered
-
-    def to_response(self) -> dict[str, Any]:
-        heatmap = png_base64(self.heatmap_png)
-        return {
-            "score": self.result.score,
-            "threshold": self.threshold,
-            "token_shape": list(self.result.token_shape),
-            "heatmap_png_base64": heatmap,
-            "regions": [r.to_dict(with_xywh=True) for r in self.result.regions],
-            "decision": self.decision,
-            "lineage": self.lineage,
-        }
 
 
 @dataclass(frozen=True)
@@ -107,35 +83,10 @@ class SampleScore:
     filename: str
     mm_per_px: float | None
     score: float | None
-    regions: list[dict[str, Any]]
+    regions: list[Region]
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
-
-    def to_response(self, *, include_heatmap: bool) -> dict[str, Any]:
-        """The /infer_dataset item (§2.5); ``heatmap_png_base64`` only when heatmaps were asked for."""
-        body: dict[str, Any] = {
-            "label": self.label,
-            "filename": self.filename,
-            "mm_per_px": self.mm_per_px,
-            "score": self.score,
-            "threshold": self.threshold,
-            "regions": self.regions,
-            "n_regions": len(self.regions),
-            "error": self.error,
-        }
-        if include_heatmap:
-            body["heatmap_png_base64"] = png_base64(self.heatmap_png)
-        return body
-
-
-def png_base64(png: bytes | None) -> str | None:
-    """Standard base64 (with padding) of PNG bytes, as the GUI decodes it."""
-    return base64.b64encode(png).decode("ascii") if png is not None else None
-
-
-def decide(score: float, threshold: float) -> str:
-    return "ng" if score >= threshold else "ok"
 
 
 class InspectionService:
@@ -153,7 +104,7 @@ class InspectionService:
         store: ModelStore | None = None,
         datasets: DatasetStore | None = None,
         on_fit: Callable[[ModelRef, FitResult, Memory], None] | None = None,
-        on_calibrate: Callable[[ModelRef, Mapping[str, Any]], None] | None = None,
+        on_calibrate: Callable[[ModelRef, Calibration], None] | None = None,
         runtime: RuntimeStatus | None = None,
         on_infer: Callable[..., None] | None = None,
     ) -> None:
@@ -214,7 +165,7 @@ class InspectionService:
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
         ensure_api_writable(self.store, ref)  # the registry's models are not overwritten (409)
-        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # before the samples are read (§2.2 order)
         named: Iterable[tuple[str, bytes]]
         if use_dataset:
             paths = self._ok_dataset_paths(ref)
@@ -232,8 +183,8 @@ class InspectionService:
                 yield self._decode(data, name=name)
 
         # decoded lazily, batch by batch, inside the fit: never all images at once
-        result = self.fit_images(ref=ref, images=decode(named), n_images=n_images, memory_fit=memory_fit,
-                                 progress=progress)
+        result = self.fit_images(ref=ref, mm_per_px=mm_per_px, images=decode(named), n_images=n_images,
+                                 memory_fit=memory_fit, progress=progress)
         write_lineage(self.store, ref, api_lineage(
             memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
             data_source="api:ok_dataset" if use_dataset else "api:upload",
@@ -244,19 +195,22 @@ class InspectionService:
         self,
         *,
         ref: ModelRef,
+        mm_per_px: float,
         images: Iterable[np.ndarray],
         n_images: int | None = None,
         memory_fit: bool = False,
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Extract, subsample and store: the part of a fit shared by the API and the pipeline.
+        """Fit ``ref`` on decoded BGR crops: lock the recipe's ``mm_per_px`` (ScaleMismatchError when
+        another one is locked), then extract, subsample and store (the fit the API and the pipeline share).
 
         ``images`` may be a lazy iterable (then ``n_images`` says how many it yields): they are
         encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
         The whole fit holds the model's fit lock (``BDI_FIT_LOCK_TIMEOUT_S``): a second fit of the same
         model, from any process, waits for it or gets :class:`FitInProgressError`.
         """
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
         if n_images is None:
             if not isinstance(images, Sized):
                 images = list(images)
@@ -348,25 +302,19 @@ class InspectionService:
         mm_per_px: float | None = None,
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Calibration:
         """/calibrate_ng: threshold from client scores; returns the stored calibration."""
         ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
         choice = choose_threshold(
             ok_scores, ng_scores, score_percentile=percentile, cfg=self.settings.calibration
         )
-        memory = self._safe_memory(ref)
-        calib = {
-            "threshold": choice.threshold,
-            "ok_mean": choice.ok_mean,
-            "ng_mean": choice.ng_mean,
-            "p99_ok": choice.p99_ok,
-            "p5_ng": choice.p5_ng,
-            "mm_per_px": float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
-            "area_mm2_thr": area,
-            "score_percentile": percentile,
-            **self._calibration_extras(choice, memory.fingerprint if memory is not None else None),
-        }
+        memory = self._memory_or_none(ref)
+        calib = Calibration.from_choice(
+            choice, area_mm2_thr=area, memory_fingerprint=memory.fingerprint if memory is not None else None,
+            created_at_utc=utc_now_iso(), statistics=True,
+            mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
+        )
         self._save_calibration(ref, calib)
         return calib
 
@@ -379,17 +327,17 @@ class InspectionService:
         default_mm_per_px: float | None = None,
         require_ng: bool = True,
         progress: ProgressFn | None = None,
-    ) -> dict[str, Any]:
+    ) -> Calibration:
         """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
         ensure_api_writable(self.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
-        model = self._require_model(ref, endpoint="/calibrate_dataset", require_index=False)
-        scoring = replace(self.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area)
+        model = self.model(ref, endpoint="/calibrate_dataset", calibrated=False,
+                           scoring=replace(self.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area))
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
         for label, samples in self._capped_samples(ref, LABELS).items():
             for item in self._score_samples(
-                model, label=label, samples=samples, scoring=scoring, threshold=None,
-                default_mm_per_px=default_mm_per_px, include_heatmap=False, progress=progress,
+                model, label=label, samples=samples, default_mm_per_px=default_mm_per_px, include_heatmap=False,
+                progress=progress,
             ):
                 if item.score is not None:
                     scores[label].append(item.score)
@@ -400,18 +348,12 @@ class InspectionService:
         choice = choose_threshold(
             scores["ok"], scores["ng"], score_percentile=percentile, cfg=self.settings.calibration
         )
-        calib = {
-            "threshold": choice.threshold,
-            "score_percentile": percentile,
-            "area_mm2_thr": area,
-            "recipe_id": ref.recipe_id,
-            "role_id": ref.role_id,
-            "roi_id": ref.roi_id,
-            "model_key": ref.model_key,
-            **self._calibration_extras(choice, model.fingerprint),
-        }
+        calib = Calibration.from_choice(
+            choice, area_mm2_thr=area, memory_fingerprint=model.memory.fingerprint, created_at_utc=utc_now_iso(),
+            ids=ModelIds(recipe_id=ref.recipe_id, role_id=ref.role_id, roi_id=ref.roi_id, model_key=ref.model_key),
+        )
         self._save_calibration(ref, calib)
-        return {**calib, "n_ok": choice.n_ok, "n_ng": choice.n_ng}
+        return calib
 
     def _percentile_and_area(
         self, score_percentile: float | None, area_mm2_thr: float | None
@@ -421,19 +363,8 @@ class InspectionService:
         area = float(self.settings.model.scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
 
-    @staticmethod
-    def _calibration_extras(choice: ThresholdChoice, memory_fingerprint: str | None) -> dict[str, Any]:
-        return {
-            "created_at_utc": utc_now_iso(),
-            "memory_fingerprint": memory_fingerprint,
-            "n_ok": choice.n_ok,
-            "n_ng": choice.n_ng,
-            "false_reject_rate": choice.false_reject_rate,
-            "escape_rate": choice.escape_rate,
-        }
-
-    def _save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
-        self.store.save_calibration(ref, calib)
+    def _save_calibration(self, ref: ModelRef, calib: Calibration) -> None:
+        self.store.save_calibration(ref, calib.to_dict())
         if self._on_calibrate is not None:
             self._on_calibrate(ref, calib)
 
@@ -454,16 +385,15 @@ class InspectionService:
         with timer.stage("decode"):
             crop = self._decode(image, name="image")
         with model_lock.reading(self.store, ref):  # memory, index, calibration and lineage of one version
-            model = self._require_model(ref, endpoint="/infer", require_index=True)
-            calib = self.store.load_calibration(ref)
+            model = self.model(ref, endpoint="/infer", require_index=True)
             lineage = read_lineage(self.store, ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
-        assert calib is not None
+        assert model.calibration is not None  # calibrated=True
+        threshold = model.calibration.threshold
         roi_shape = parse_shape(shape)
-        scoring = self.calibrated_scoring(calib)
-        result = self._score(model, crop, roi_shape, scoring=scoring, threshold=threshold,
-                             mm_per_px=mm_per_px, timer=timer)
-        decision = decide(result.score, threshold)
+        with timer.stage("mask"):
+            mask = build_roi_mask(roi_shape, width=crop.shape[1], height=crop.shape[0])
+        (result,) = model.score([crop], [mask], mm_per_px=[mm_per_px], timer=timer)
+        decision = model.decide(result.score)
         want_heatmap = include_heatmap if include_heatmap is not None else decision == "ng"
         heatmap_png = None
         if want_heatmap:
@@ -472,9 +402,9 @@ class InspectionService:
         result = replace(result, timings_ms=dict(timer.timings_ms))
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
-        outcome = InferOutcome(result=result, threshold=threshold, decision=decision,
-                               heatmap_png=heatmap_png, mm_per_px=mm_per_px,
-                               lineage=lineage_view(memory=model.memory, calib=calib, lineage=lineage))
+        outcome = InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
+                               lineage=lineage_view(memory=model.memory, calib=model.calibration.to_dict(),
+                                                    lineage=lineage))
         if self.on_infer is not None:
             self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
         return outcome
@@ -491,18 +421,13 @@ class InspectionService:
         """/infer_dataset (§2.5): score every stored sample of the given labels."""
         clean_labels = [parse_label(label) for label in labels]
         with model_lock.reading(self.store, ref):
-            model = self._require_model(ref, endpoint="/infer_dataset", require_index=False)
-            calib = self.store.load_calibration(ref)
-        threshold = usable_threshold(calib, memory_fingerprint=model.fingerprint)
-        assert calib is not None
-        scoring = self.calibrated_scoring(calib)
+            model = self.model(ref, endpoint="/infer_dataset")
         items: list[SampleScore] = []
         for label, samples in self._capped_samples(ref, clean_labels).items():
             items.extend(
                 self._score_samples(
-                    model, label=label, samples=samples, scoring=scoring, threshold=threshold,
-                    default_mm_per_px=default_mm_per_px, include_heatmap=include_heatmap,
-                    progress=progress,
+                    model, label=label, samples=samples, default_mm_per_px=default_mm_per_px,
+                    include_heatmap=include_heatmap, progress=progress,
                 )
             )
         return items
@@ -516,77 +441,27 @@ class InspectionService:
         scoring: ScoringConfig | None = None,
         progress: ProgressFn | None = None,
     ) -> list[InferenceResult]:
-        """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation."""
-        model = self._require_model(ref, endpoint="score_images", require_index=False)
-        given = [None] * len(images) if masks is None else masks
-        roi_masks = [
-            m if m is not None else build_roi_mask(None, width=crop.shape[1], height=crop.shape[0])
-            for crop, m in zip(images, given, strict=True)
-        ]
-        return list(self._score_crops(
-            model, images, roi_masks, scoring=scoring or self.settings.model.scoring, threshold=None,
-            mm_per_px=[1.0] * len(images), progress=progress, progress_stage="score",
-        ))
+        """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation.
+        ``scoring`` defaults to the settings'; ``masks[i]`` None means the whole crop."""
+        model = self.model(ref, endpoint="score_images", calibrated=False, scoring=scoring)
+        return list(model.score(images, masks, progress=progress))
 
-    def _score_crops(
+    def model(
         self,
-        model: LoadedModel,
-        crops: Sequence[np.ndarray],
-        masks: Sequence[np.ndarray],
+        ref: ModelRef,
         *,
-        scoring: ScoringConfig,
-        threshold: float | None,
-        mm_per_px: Sequence[float],
-        progress: ProgressFn | None = None,
-        progress_stage: str = "score",
-        timer: StageTimer | None = None,
-    ) -> Iterator[InferenceResult]:
-        """The one scoring loop: batched ViT extraction, then 1-NN, map, score, regions per crop."""
-        index = model.index
-        if index is None:  # _require_model always attaches one; a model without an index here is a bug
-            raise NotFittedError(detail="no kNN index attached to the loaded model")
-        timer = timer or StageTimer()
-        batches = self.extractor.iter_extract(crops, clock=timer.stage)  # letterbox, normalise, forward
-        done = 0
-        while True:
-            batch = next(batches, None)
-            if batch is None:
-                return
-            for j in range(len(batch)):
-                k = done + j
-                yield score_crop(
-                    embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
-                    index=index, memory_grid=model.memory.token_shape, mask=masks[k], cfg=scoring,
-                    threshold=threshold, mm_per_px=mm_per_px[k], timer=timer,
-                    normalize=model.memory.l2_normalized,
-                )
-            done += len(batch)
-            if progress:
-                progress(progress_stage, done, len(crops))
-
-    def calibrated_scoring(self, calib: Mapping[str, Any]) -> ScoringConfig:
-        """The scoring config a calibration was made with (its percentile and area; settings otherwise)."""
-        percentile = calib.get("score_percentile", self.settings.model.scoring.score_percentile)
-        area = calib.get("area_mm2_thr", self.settings.model.scoring.area_mm2_thr)
-        return replace(self.settings.model.scoring, score_percentile=int(percentile), area_mm2_thr=float(area))
-
-    def _score(
-        self,
-        model: LoadedModel,
-        crop: np.ndarray,
-        roi_shape: Mapping[str, Any] | None,
-        *,
-        scoring: ScoringConfig,
-        threshold: float | None,
-        mm_per_px: float,
-        timer: StageTimer,
-    ) -> InferenceResult:
-        height, width = crop.shape[:2]
-        with timer.stage("mask"):
-            mask = build_roi_mask(roi_shape, width=width, height=height)
-        (result,) = self._score_crops(model, [crop], [mask], scoring=scoring, threshold=threshold,
-                                      mm_per_px=[mm_per_px], timer=timer)
-        return result
+        endpoint: str = "score",
+        calibrated: bool = True,
+        require_index: bool = False,
+        scoring: ScoringConfig | None = None,
+    ) -> PatchCoreModel:
+        """The stored model ``ref`` scoring with this service's extractor (see :func:`bdi.model.load_patchcore`):
+        ``calibrated`` with the calibration that applies to it, else with ``scoring`` (default: the settings')."""
+        return load_patchcore(
+            self.store, ref, extractor=self.extractor, scoring=scoring or self.settings.model.scoring,
+            memory_cfg=self.settings.model.memory, endpoint=endpoint, require_index=require_index,
+            calibrated=calibrated,
+        )
 
     def _capped_samples(self, ref: ModelRef, labels: Iterable[str]) -> dict[str, list[Sample]]:
         """The stored samples of each label (a label once), refused as a whole when there are more than
@@ -604,12 +479,10 @@ class InspectionService:
 
     def _score_samples(
         self,
-        model: LoadedModel,
+        model: PatchCoreModel,
         *,
         label: str,
         samples: Sequence[Sample],
-        scoring: ScoringConfig,
-        threshold: float | None,
         default_mm_per_px: float | None,
         include_heatmap: bool,
         progress: ProgressFn | None,
@@ -618,6 +491,7 @@ class InspectionService:
 
         Samples are validated first (scale, image, shape), then the valid ones are extracted in batches.
         """
+        threshold = model.threshold
         items: list[SampleScore | None] = [None] * len(samples)
         valid: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (position, crop, mask, mm_per_px)
         for i, sample in enumerate(samples):
@@ -635,14 +509,12 @@ class InspectionService:
                     label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
                     score=None, regions=[], error=str(exc), threshold=threshold,
                 )
-        results = self._score_crops(
-            model, [v[1] for v in valid], [v[2] for v in valid], scoring=scoring, threshold=threshold,
-            mm_per_px=[v[3] for v in valid], progress=progress, progress_stage=f"score_{label}",
-        )
+        results = model.score([v[1] for v in valid], [v[2] for v in valid], mm_per_px=[v[3] for v in valid],
+                              progress=progress, progress_stage=f"score_{label}")
         for (i, _, _, mm), result in zip(valid, results, strict=True):
             items[i] = SampleScore(
                 label=label, filename=samples[i].path.name, mm_per_px=mm, score=result.score,
-                regions=[r.to_dict(with_xywh=False) for r in result.regions], error=None,
+                regions=result.regions, error=None,
                 heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
                 threshold=threshold,
             )
@@ -669,7 +541,7 @@ class InspectionService:
     def _model_snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
         """Memory, calibration and the lineage view of one model, read together (``bdi.model_lock``)."""
         with model_lock.reading(self.store, ref):
-            memory = self._safe_memory(ref)
+            memory = self._memory_or_none(ref)
             calib = self.store.load_calibration(ref)
             sidecar = read_lineage(self.store, ref)
         return memory, calib, lineage_view(memory=memory, calib=calib, lineage=sidecar)
@@ -756,22 +628,7 @@ class InspectionService:
                 "(BDI_MAX_FILES_PER_REQUEST)"
             )
 
-    def _require_model(self, ref: ModelRef, *, endpoint: str, require_index: bool) -> LoadedModel:
-        model = self.store.load_model(ref)
-        if model is None:
-            slog("infer.not_fitted", why_not_fitted="memory_missing", model_key=ref.model_key)
-            raise NotFittedError(endpoint)
-        check_features_match(model.memory, self.extractor.signature())
-        if model.index is None:
-            if require_index and FAISS_AVAILABLE:
-                slog("infer.not_fitted", why_not_fitted="index_missing", model_key=ref.model_key)
-                raise NotFittedError(endpoint, detail="index file missing")
-            # no index file (or no faiss): search an in-memory index built from the rows
-            model = replace(model, index=build_index(model.memory, self.settings.model.memory,
-                                                     use_faiss=FAISS_AVAILABLE))
-        return model
-
-    def _safe_memory(self, ref: ModelRef) -> Memory | None:
+    def _memory_or_none(self, ref: ModelRef) -> Memory | None:
         """The memory, or None when absent or unreadable (a corrupt file reads as "not fitted",
         so the GUI's refit repairs it instead of seeing a 500)."""
         try:

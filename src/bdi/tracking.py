@@ -36,6 +36,7 @@ from .logging import slog
 if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime here
     from mlflow import MlflowClient
 
+    from .calibration import Calibration
     from .memory import Memory
     from .refs import ModelRef
     from .service import FitResult
@@ -532,10 +533,9 @@ class ApiRunLogger:
         metadata = copy.deepcopy(dict(memory.metadata))
         self._submit("fit", ref, lambda: self._log_fit(ref, result, metadata, memory.fingerprint))
 
-    def on_calibrate(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
+    def on_calibrate(self, ref: ModelRef, calib: Calibration) -> None:
         """Log a ``calibrate`` run: threshold, false-reject and escape rates, the calibration JSON."""
-        snapshot = copy.deepcopy(dict(calib))
-        self._submit("calibrate", ref, lambda: self._log_calibration(ref, snapshot))
+        self._submit("calibrate", ref, lambda: self._log_calibration(ref, calib))
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -624,20 +624,22 @@ class ApiRunLogger:
                 "n_images": result.n_images,
                 "timings_ms": dict(result.timings_ms),
             })
-            run.log_dict({**result.to_response(), "fingerprint": fingerprint, "metadata": metadata},
-                         "fit_result.json")
+            run.log_dict({"n_embeddings": result.n_embeddings, "coreset_size": result.coreset_size,
+                          "token_shape": list(result.token_shape),
+                          "coreset_rate_requested": result.coreset_rate_requested,
+                          "coreset_rate_applied": result.coreset_rate_applied, "fingerprint": fingerprint,
+                          "metadata": metadata}, "fit_result.json")
         slog("tracking.run_logged", kind="fit", run_id=run.run_id, model_key=ref.model_key)
 
-    def _log_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> None:
+    def _log_calibration(self, ref: ModelRef, calib: Calibration) -> None:
+        body = calib.to_dict()
         tags = {"source": "api", "kind": "calibrate", **_ref_params(ref),
-                "memory_fingerprint": calib.get("memory_fingerprint")}
-        params = {"ref": _ref_params(ref),
-                  **{k: calib.get(k) for k in ("score_percentile", "area_mm2_thr", "mm_per_px") if k in calib}}
-        metric_keys = ("threshold", "false_reject_rate", "escape_rate", "ok_mean", "ng_mean", "p99_ok",
-                       "p5_ng", "n_ok", "n_ng")
+                "memory_fingerprint": calib.memory_fingerprint}
+        params: dict[str, Any] = {"ref": _ref_params(ref), **{k: body[k] for k in ("score_percentile", "area_mm2_thr",
+                                                                                   "mm_per_px") if k in body}}
         with tracked_run(self.cfg, project_root=self.project_root,
                          run_name=f"api-calibrate-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
             run.log_params(params)
-            run.log_metrics({k: calib.get(k) for k in metric_keys})
-            run.log_dict(dict(calib), "calibration.json")
+            run.log_metrics(calib.metrics())
+            run.log_dict(body, "calibration.json")
         slog("tracking.run_logged", kind="calibrate", run_id=run.run_id, model_key=ref.model_key)

@@ -10,6 +10,7 @@ import numpy as np
 from bdi.refs import ModelRef
 from bdi.registry import RegistrationResult, export_model_dir, register_model
 from bdi.service import InspectionService
+from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, tracked_run
 
 LINEAGE_TAGS = {"dvc_commit": "0123abcd", "data_hash": "5d41402abc4b2a76.dir", "data_source": "data/synthetic",
@@ -21,10 +22,10 @@ def fit_and_export(
     ng: list[np.ndarray], dest: Path,
 ) -> Path:
     """Fit + calibrate ``ref`` with the real service, then export it alone into ``dest`` (a ModelStore root)."""
-    service.fit_images(ref=ref, images=fit_on)
+    service.fit_images(ref=ref, mm_per_px=0.2, images=fit_on)
     scores = [r.score for r in service.score_images(ref=ref, images=ok + ng)]
     service.calibrate_from_scores(ref=ref, ok_scores=scores[: len(ok)], ng_scores=scores[len(ok):])
-    export_model_dir(store=service.store, ref=ref, dest=dest)
+    export_model_dir(store=ModelStore(service.settings.models_dir), ref=ref, dest=dest)
     return dest
 
 

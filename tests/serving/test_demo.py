@@ -1,4 +1,4 @@
-"""`make run`'s demo model (serving/demo.py) on the synthetic discs a user without ../shared gets, with the
+"""`make run`'s demo model (bdi/demo.py) on the synthetic discs a user without ../shared gets, with the
 pretrained CNN, served over HTTP: its NG sample is NG and its OK sample is OK."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 
 from bdi.backbones import EFFICIENTNET_LITE0
 from bdi.config import Settings
+from bdi.demo import MM_PER_PX, ROI_ID, ROLE_ID, build_demo_model, overlay
 from bdi.synthetic import write_mvtec_dataset
 from serving.app import create_app
-from serving.demo import MM_PER_PX, ROI_ID, ROLE_ID, build_demo_model, overlay
 
 
 def test_demo_samples_are_judged_ng_and_ok_over_http(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
+from bdi.store import ModelStore
 
 from .conftest import MM, ROI, ROLE, ClientFactory, fit_from_dataset, upload
 
@@ -17,7 +18,7 @@ def test_fit_of_a_model_being_fitted_is_409_shape_a_after_the_bounded_wait(clien
     upload(client, "ok", seeds=range(10))
     service: InspectionService = client.app.state.service  # type: ignore[attr-defined]
     ref = ModelRef.create(recipe_id="default", role_id=ROLE, roi_id=ROI, model_key=None)
-    with service.store.fit_lock(ref, timeout_s=0):
+    with ModelStore(service.settings.models_dir).fit_lock(ref, timeout_s=0):
         response = fit_from_dataset(client)
         other = fit_from_dataset(client, model_key="another-key")
     assert response.status_code == 409

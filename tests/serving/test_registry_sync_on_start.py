@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from bdi.refs import ModelRef
 from bdi.registry import export_model_dir, register_model
 from bdi.service import InspectionService
+from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, tracked_run
 from serving.app import create_app
 from tests.conftest import tiny_settings
@@ -21,11 +22,11 @@ REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspect
 def test_server_syncs_registered_champion_at_startup(
     tmp_path: Path, service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
 ) -> None:
-    service.fit_images(ref=REF, images=good_discs[:10])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:10])
     scores = [r.score for r in service.score_images(ref=REF, images=good_discs[10:] + defect_discs)]
     calib = service.calibrate_from_scores(ref=REF, ok_scores=scores[:2], ng_scores=scores[2:])
     exported = tmp_path / "export"
-    export_model_dir(store=service.store, ref=REF, dest=exported)
+    export_model_dir(store=ModelStore(service.settings.models_dir), ref=REF, dest=exported)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = TrackingConfig(tracking_uri=uri)
     with tracked_run(cfg, project_root=tmp_path, run_name="register") as run:
@@ -42,4 +43,4 @@ def test_server_syncs_registered_champion_at_startup(
             files={"image": ("disc.png", png_bytes(defect_discs[0]), "image/png")},
         ).json()
     assert state["memory_fitted"] and state["calib_present"]
-    assert body["threshold"] == calib["threshold"]
+    assert body["threshold"] == calib.threshold

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from bdi.calibration import choose_threshold, usable_threshold
+from bdi.calibration import Calibration, ModelIds, choose_threshold, usable_calibration, usable_threshold
+from bdi.config import ScoringConfig
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
 
 OK = [10, 11, 13]
@@ -84,3 +85,34 @@ def test_calibration_without_a_memory_fingerprint_never_applies(recorded: object
         usable_threshold({"threshold": 1.5, "memory_fingerprint": recorded}, memory_fingerprint="a")
     with pytest.raises(CalibrationMissingError, match="^calibration_missing: unbound"):
         usable_threshold({"threshold": 1.5}, memory_fingerprint="a")
+
+
+NG_FILE_KEYS = ["threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng", "mm_per_px", "area_mm2_thr", "score_percentile",
+                "created_at_utc", "memory_fingerprint", "n_ok", "n_ng", "false_reject_rate", "escape_rate"]
+
+
+def test_calibration_from_client_scores_writes_the_calibrate_ng_keys_and_reads_back() -> None:
+    calib = Calibration.from_choice(choose_threshold(OK, None, score_percentile=99.7), area_mm2_thr=2.0,
+                                    memory_fingerprint="m", created_at_utc="t", mm_per_px=0.2, statistics=True)
+    body = calib.to_dict()
+    assert list(body) == NG_FILE_KEYS
+    assert body["score_percentile"] == 99 and body["p5_ng"] is None
+    assert Calibration.from_dict(body, defaults=ScoringConfig()) == calib
+
+
+def test_calibration_from_the_dataset_writes_the_ids_and_no_statistics() -> None:
+    ids = ModelIds(recipe_id="r", role_id="a", roi_id="b", model_key="k")
+    calib = Calibration.from_choice(choose_threshold(OK, [22]), area_mm2_thr=1.0, memory_fingerprint="m",
+                                    created_at_utc="t", ids=ids)
+    body = calib.to_dict()
+    assert set(body) == {"threshold", "score_percentile", "area_mm2_thr", "recipe_id", "role_id", "roi_id",
+                         "model_key", "created_at_utc", "memory_fingerprint", "n_ok", "n_ng", "false_reject_rate",
+                         "escape_rate"}
+    assert Calibration.from_dict(body, defaults=ScoringConfig()) == calib
+
+
+def test_an_old_calibration_file_takes_the_missing_percentile_and_area_from_the_defaults() -> None:
+    calib = usable_calibration({"threshold": 2, "memory_fingerprint": "a"}, memory_fingerprint="a",
+                               defaults=ScoringConfig(score_percentile=95.0, area_mm2_thr=3.0))
+    assert (calib.threshold, calib.score_percentile, calib.area_mm2_thr) == (2.0, 95, 3.0)
+    assert calib.scoring(ScoringConfig()).score_percentile == 95.0

@@ -49,7 +49,7 @@ def test_pretrained_cnn_detects_magnetic_tile_defects(tmp_path: Path) -> None:
         item for cls in defect_classes for item in _by_hash([i for i in items if i.defect_class == cls])[:2]
     ]
     service = _cnn_service(tmp_path, input_size=256)
-    service.fit_images(ref=REF, images=[_load(i) for i in train])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=[_load(i) for i in train])
     results = service.score_images(ref=REF, images=[_load(i) for i in good + defective])
     labels = [0] * len(good) + [1] * len(defective)
     auroc = image_auroc(labels, [r.score for r in results])
@@ -62,6 +62,6 @@ def test_pretrained_cnn_detects_synthetic_disc_defects(tmp_path: Path) -> None:
     good = [make_disc(size=128, rng=rng).image for _ in range(6)]
     defective = [make_disc(size=128, defect=kind, rng=rng).image for kind in ("pit", "scratch", "crack") * 2]
     service = _cnn_service(tmp_path, input_size=128)
-    service.fit_images(ref=REF, images=train)
+    service.fit_images(ref=REF, mm_per_px=0.2, images=train)
     scores = [r.score for r in service.score_images(ref=REF, images=good + defective)]
     assert min(scores[len(good):]) > max(scores[: len(good)]), scores  # every defect above every good disc

@@ -19,6 +19,7 @@ from bdi.errors import FitInProgressError
 from bdi.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
+from bdi.store import ModelStore
 from bdi.synthetic import make_disc
 from tests.conftest import tiny_settings
 
@@ -41,7 +42,7 @@ def _fit_in_child(models_dir: str, started: Any, release: Any, results: Any) -> 
             started.set()  # the fit lock is held from here on
             release.wait(120)
 
-    result = service.fit_images(ref=REF, images=_discs(7, 4), progress=hold)
+    result = service.fit_images(ref=REF, mm_per_px=0.2, images=_discs(7, 4), progress=hold)
     results.put(result.fingerprint)
 
 
@@ -81,14 +82,14 @@ def test_second_fit_of_the_same_model_from_another_process_gets_fit_in_progress(
         parent = _parent_service(models_dir, tiny_extractor, fit_lock_timeout_s=0.3)
         started = time.monotonic()
         with pytest.raises(FitInProgressError, match="another fit of model_key 'inspection-1'.*BDI_FIT_LOCK_TIMEOUT_S"):
-            parent.fit_images(ref=REF, images=_discs(1, 2))
+            parent.fit_images(ref=REF, mm_per_px=0.2, images=_discs(1, 2))
         assert 0.25 < time.monotonic() - started < 10  # it waited its bounded time, then gave up
         other = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-2", model_key=None)
-        parent.fit_images(ref=other, images=_discs(1, 2))  # another model is not blocked
+        parent.fit_images(ref=other, mm_per_px=0.2, images=_discs(1, 2))  # another model is not blocked
     finally:
         child_fingerprint = child.release()
-    assert parent.store.load_model(REF).fingerprint == child_fingerprint  # type: ignore[union-attr]
-    parent.fit_images(ref=REF, images=_discs(1, 2))  # free again once the child is done
+    assert ModelStore(parent.settings.models_dir).load_model(REF).fingerprint == child_fingerprint  # type: ignore[union-attr]
+    parent.fit_images(ref=REF, mm_per_px=0.2, images=_discs(1, 2))  # free again once the child is done
 
 
 def test_second_fit_waits_for_the_first_and_the_last_writer_wins_whole(
@@ -100,7 +101,7 @@ def test_second_fit_waits_for_the_first_and_the_last_writer_wins_whole(
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
-        outcome["result"] = parent.fit_images(ref=REF, images=_discs(1, 2))
+        outcome["result"] = parent.fit_images(ref=REF, mm_per_px=0.2, images=_discs(1, 2))
 
     thread = threading.Thread(target=fit)
     thread.start()
@@ -108,7 +109,7 @@ def test_second_fit_waits_for_the_first_and_the_last_writer_wins_whole(
     assert thread.is_alive() and "result" not in outcome  # waiting on the child's lock
     child.release()
     thread.join(timeout=120)
-    loaded = parent.store.load_model(REF)
+    loaded = ModelStore(parent.settings.models_dir).load_model(REF)
     assert loaded is not None and loaded.fingerprint == outcome["result"].fingerprint
     assert loaded.index is not None and loaded.index.size == loaded.memory.size  # a whole pair, never torn
 
@@ -119,5 +120,5 @@ def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path, tiny_extra
     child._proc.kill()  # SIGKILL while it holds the lock
     child._proc.join(timeout=30)
     parent = _parent_service(models_dir, tiny_extractor, fit_lock_timeout_s=5)
-    parent.fit_images(ref=REF, images=_discs(1, 2))
+    parent.fit_images(ref=REF, mm_per_px=0.2, images=_discs(1, 2))
     assert list(models_dir.rglob(".*.fit.lock"))  # the file stays; the kernel dropped the lock

@@ -90,9 +90,7 @@ def golden_export(
     exported = fit_and_export(service, ref=REF, fit_on=good_discs[:10], ok=good_discs[10:], ng=defect_discs,
                               dest=tmp_path / "export")
     images = [good_discs[10], defect_discs[0]]
-    calib = service.store.load_calibration(REF)
-    assert calib is not None
-    scores = [r.score for r in service.score_images(ref=REF, images=images, scoring=service.calibrated_scoring(calib))]
+    scores = [r.score for r in service.score_images(ref=REF, images=images, scoring=service.model(REF).scoring)]
     write_golden_set(exported, [(png_bytes(img), ".png", GoldenImage(file="", expected_score=s, mm_per_px=0.2))
                                 for img, s in zip(images, scores, strict=True)])
     return exported

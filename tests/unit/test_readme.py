@@ -35,7 +35,7 @@ def test_readme_library_example_fits_and_infers(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert "'n_embeddings': 32000" in lines[0] and "'token_shape': [40, 40]" in lines[0]  # 320 px / stride 8
+    assert "n_embeddings=32000" in lines[0] and "token_shape=(40, 40)" in lines[0]  # 320 px / stride 8
     assert float(lines[1]) > 0  # the calibrated threshold
     decision, score = lines[-1].split()
     assert decision in {"ok", "ng"} and float(score) > 0

@@ -51,10 +51,10 @@ def _fit_and_export(
     service: InspectionService, *, fit_on: list[np.ndarray], ok: list[np.ndarray], ng: list[np.ndarray], dest: Path
 ) -> Path:
     """Fit + calibrate ``REF`` with the real service, then export it alone into ``dest``."""
-    service.fit_images(ref=REF, images=fit_on)
+    service.fit_images(ref=REF, mm_per_px=0.2, images=fit_on)
     scores = [r.score for r in service.score_images(ref=REF, images=ok + ng)]
     service.calibrate_from_scores(ref=REF, ok_scores=scores[: len(ok)], ng_scores=scores[len(ok):])
-    export_model_dir(store=service.store, ref=REF, dest=dest)
+    export_model_dir(store=ModelStore(service.settings.models_dir), ref=REF, dest=dest)
     return dest
 
 

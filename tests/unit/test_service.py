@@ -26,35 +26,34 @@ REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspect
 
 
 def _fit_and_calibrate(service: InspectionService, good: list[np.ndarray], bad: list[np.ndarray]) -> float:
-    service.store.lock_mm_per_px(REF.recipe_id, 0.2)
-    service.fit_images(ref=REF, images=good[:10])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good[:10])
     held_out = service.score_images(ref=REF, images=good[10:] + bad)
     ok = [r.score for r in held_out[: len(good) - 10]]
     ng = [r.score for r in held_out[len(good) - 10 :]]
-    return float(service.calibrate_from_scores(ref=REF, ok_scores=ok, ng_scores=ng)["threshold"])
+    return service.calibrate_from_scores(ref=REF, ok_scores=ok, ng_scores=ng).threshold
 
 
 def test_defective_disc_scores_above_every_good_disc(
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
 ) -> None:
-    service.fit_images(ref=REF, images=good_discs[:10])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:10])
     scores = [r.score for r in service.score_images(ref=REF, images=good_discs[10:] + defect_discs)]
     good_scores, defect_scores = scores[:2], scores[2:]
     assert min(defect_scores) > max(good_scores)
 
 
 def test_fit_reports_contract_counts(service: InspectionService, good_discs: list[np.ndarray]) -> None:
-    result = service.fit_images(ref=REF, images=good_discs[:3])
+    result = service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:3])
     tokens = 8 * 8  # 112 px input / 14 px patches
     assert result.token_shape == (8, 8)
     assert result.n_embeddings == 3 * tokens
     assert result.coreset_size == int(np.ceil(3 * tokens * 0.1))
-    assert result.to_response()["coreset_rate_applied"] == pytest.approx(result.coreset_size / (3 * tokens))
+    assert result.coreset_rate_applied == pytest.approx(result.coreset_size / (3 * tokens))
     assert result.memory_path.is_file() and result.index_path is not None and result.index_path.is_file()
 
 
 def test_memory_fit_keeps_every_patch(service: InspectionService, good_discs: list[np.ndarray]) -> None:
-    result = service.fit_images(ref=REF, images=good_discs[:2], memory_fit=True)
+    result = service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2], memory_fit=True)
     assert result.coreset_size == result.n_embeddings
     assert result.coreset_rate_requested == 1.0
 
@@ -69,10 +68,7 @@ def test_infer_flags_defect_with_annulus_mask_and_regions(
     assert good.decision == "ok" and good.heatmap_png is None
     assert bad.decision == "ng" and bad.heatmap_png is not None
     assert bad.result.score > threshold > good.result.score
-    body = bad.to_response()
-    assert body["token_shape"] == [8, 8]
-    assert all({"bbox", "area_px", "area_mm2", "contour", "x", "y", "w", "h"} <= set(r) for r in body["regions"])
-    assert body["heatmap_png_base64"]
+    assert bad.result.token_shape == (8, 8)
 
 
 def test_infer_without_memory_is_not_fitted(service: InspectionService, good_discs: list[np.ndarray]) -> None:
@@ -83,7 +79,7 @@ def test_infer_without_memory_is_not_fitted(service: InspectionService, good_dis
 def test_infer_without_calibration_is_calibration_missing(
     service: InspectionService, good_discs: list[np.ndarray]
 ) -> None:
-    service.fit_images(ref=REF, images=good_discs[:2])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     with pytest.raises(CalibrationMissingError, match="calibration_missing"):
         service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
 
@@ -92,7 +88,7 @@ def test_infer_reports_calibration_missing_after_refit(
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
 ) -> None:
     _fit_and_calibrate(service, good_discs, defect_discs)
-    service.fit_images(ref=REF, images=good_discs[2:8])  # a different memory
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[2:8])  # a different memory
     with pytest.raises(CalibrationMissingError, match="stale"):
         service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
 
@@ -100,7 +96,8 @@ def test_infer_reports_calibration_missing_after_refit(
 def test_infer_rejects_mm_per_px_other_than_the_recipe_lock(
     service: InspectionService, good_discs: list[np.ndarray]
 ) -> None:
-    service.store.lock_mm_per_px("default", 0.2)
+    with pytest.raises(NotFittedError):  # the first call locks the recipe at 0.2
+        service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
     with pytest.raises(ScaleMismatchError, match="mm_per_px mismatch"):
         service.infer(ref=REF, mm_per_px=0.25, image=png_bytes(good_discs[0]))
 
@@ -142,8 +139,8 @@ def test_calibrate_dataset_scores_stored_samples(
     service.upload_samples(ref=dataset, label="ng", files=[(None, png_bytes(d)) for d in defect_discs])
     service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
     calib = service.calibrate_dataset(ref=REF, default_mm_per_px=0.2)
-    assert (calib["n_ok"], calib["n_ng"]) == (10, 3)
-    assert calib["threshold"] > 0
+    assert (calib.n_ok, calib.n_ng) == (10, 3)
+    assert calib.threshold > 0
     items = service.infer_dataset(ref=REF, default_mm_per_px=0.2)
     assert len(items) == 13 and all(i.error is None for i in items)
 
@@ -153,7 +150,7 @@ def test_golden_scores_for_seeded_discs_and_weights(
 ) -> None:
     """Pins the whole chain (letterbox, ViT, coreset, 1-NN, un-letterbox, blur, percentile) for a fixed
     seed: a change here changes every calibrated threshold in the field, so it must be deliberate."""
-    service.fit_images(ref=REF, images=good_discs[:10])
+    service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:10])
     mask = build_roi_mask(DiscGeometry(96).annulus_shape(), width=96, height=96)
     good, bad = service.score_images(ref=REF, images=[good_discs[10], defect_discs[0]], masks=[mask, mask])
     assert good.score == pytest.approx(0.517271, abs=1e-4)
@@ -169,7 +166,7 @@ def _lazy_discs(n: int) -> Iterator[np.ndarray]:
 def _traced_peak_of_fit(service: InspectionService, n: int) -> int:
     tracemalloc.start()
     try:
-        service.fit_images(ref=REF, images=_lazy_discs(n), n_images=n)
+        service.fit_images(ref=REF, mm_per_px=0.2, images=_lazy_discs(n), n_images=n)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -178,7 +175,7 @@ def _traced_peak_of_fit(service: InspectionService, n: int) -> int:
 def test_fit_memory_grows_with_the_bank_not_with_all_embeddings(service: InspectionService) -> None:
     """A fit decodes and encodes in batches: per extra image its peak grows by far less than one float32
     copy of the image's patch rows (the old fit held three). numpy's allocations are what is traced."""
-    service.fit_images(ref=REF, images=_lazy_discs(2), n_images=2)  # warm-up
+    service.fit_images(ref=REF, mm_per_px=0.2, images=_lazy_discs(2), n_images=2)  # warm-up
     small, large = _traced_peak_of_fit(service, 8), _traced_peak_of_fit(service, 40)
     rows_per_image = service.extractor.num_tokens * service.extractor.embed_dim * 4
     growth_per_image = (large - small) / 32

@@ -130,10 +130,10 @@ def test_registry_replaces_an_api_fitted_model_of_the_same_key(
 
     cfg = _cfg("wins")
     register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.store.root)
+    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
     lineage = read_lineage(served.store, REF)
     assert lineage is not None and lineage.source == "registry"
-    assert _fingerprint(served.store.root) == _fingerprint(exports[0]) != api.memory_fingerprint
+    assert _fingerprint(served.settings.models_dir) == _fingerprint(exports[0]) != api.memory_fingerprint
 
 
 def test_api_fit_and_calibration_of_a_registry_model_are_refused_naming_the_version(
@@ -143,13 +143,13 @@ def test_api_fit_and_calibration_of_a_registry_model_are_refused_naming_the_vers
     cfg = _cfg("refuse")
     registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
     served = _served_service(tmp_path / "served", tiny_extractor)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.store.root)
-    memory_before = served.store.paths(REF).memory.read_bytes()
+    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
+    memory_before = ModelStore(served.settings.models_dir).paths(REF).memory.read_bytes()
     with pytest.raises(RegistryManagedError, match=rf"{registered.name} version 1 \(alias 'champion'\)"):
         served.fit_ok(ref=REF, mm_per_px=0.2, images=[("a.png", png_bytes(good_discs[0]))])
     with pytest.raises(RegistryManagedError):
         served.calibrate_from_scores(ref=REF, ok_scores=[0.1], ng_scores=[0.9])
-    assert served.store.paths(REF).memory.read_bytes() == memory_before
+    assert ModelStore(served.settings.models_dir).paths(REF).memory.read_bytes() == memory_before
     other = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key="local")
     served.fit_ok(ref=other, mm_per_px=0.2, images=[("a.png", png_bytes(good_discs[0]))])  # another key is free
 
@@ -161,13 +161,13 @@ def test_removing_the_alias_releases_the_model_to_the_api(
     cfg = _cfg("release")
     registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
     served = _served_service(tmp_path / "served", tiny_extractor)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.store.root)
+    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
     _client(cfg, project_root).delete_registered_model_alias(registered.name, "champion")
-    report = sync_registry(cfg=cfg, project_root=project_root, models_dir=served.store.root)
+    report = sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
     assert report.released == (registered.name,) and report.held == ()
     lineage = read_lineage(served.store, REF)
     assert lineage is not None and not lineage.managed
-    assert served.store.load_memory(REF) is not None  # still served
+    assert ModelStore(served.settings.models_dir).load_memory(REF) is not None  # still served
     served.fit_ok(ref=REF, mm_per_px=0.2, images=[("a.png", png_bytes(good_discs[0]))])
 
 
@@ -236,7 +236,7 @@ def test_infer_waits_for_a_sync_in_progress_and_sees_the_whole_new_version(
         except Exception as exc:  # noqa: BLE001 - reported below
             outcome["error"] = exc
 
-    src, dst = ModelStore(exports[1]).paths(REF), served.store.paths(REF)
+    src, dst = ModelStore(exports[1]).paths(REF), ModelStore(served.settings.models_dir).paths(REF)
     with model_lock.writing(served.store, REF):  # a sync between its memory and its calibration writes
         for a, b in ((src.index, dst.index), (src.memory, dst.memory)):
             b.write_bytes(a.read_bytes())

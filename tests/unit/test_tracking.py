@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from bdi.calibration import Calibration
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.tracking import (
@@ -109,7 +110,7 @@ def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(
     logger = ApiRunLogger(TrackingConfig(experiment="unit-api"), project_root=project_root)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor,
                                on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)
-    fit = hooked.fit_images(ref=REF, images=good_discs[:4])
+    fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:4])
     hooked.calibrate_from_scores(ref=REF, ok_scores=[1.0, 2.0, 3.0], ng_scores=[5.0, 6.0])
     runs = {r.data.tags["kind"]: r for r in _runs(client, "unit-api", "tags.source = 'api'")}
     assert set(runs) == {"fit", "calibrate"}
@@ -129,7 +130,7 @@ def test_api_run_logger_swallows_tracking_outage(
     logger = ApiRunLogger(TrackingConfig(tracking_uri="unreachable-scheme://nowhere"), project_root=tmp_path)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
     caplog.set_level(logging.DEBUG, logger="bdi")
-    fit = hooked.fit_images(ref=REF, images=good_discs[:2])
+    fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     assert fit.memory_path.is_file()
     assert any("tracking.error" in record.getMessage() for record in caplog.records)
 
@@ -139,7 +140,7 @@ def test_api_run_logger_in_background_logs_after_flush(
 ) -> None:
     logger = ApiRunLogger(TrackingConfig(experiment="unit-bg"), project_root=project_root, background=True)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
-    hooked.fit_images(ref=REF, images=good_discs[:2])
+    hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     logger.close()
     assert [r.data.tags["kind"] for r in _runs(client, "unit-bg")] == ["fit"]
 
@@ -175,7 +176,8 @@ def test_full_logging_queue_drops_runs_with_a_warning_and_close_is_bounded(
                               queue_size=2, status=status)
         started = time.monotonic()
         for i in range(8):
-            logger.on_calibrate(REF, {"threshold": float(i + 1)})
+            logger.on_calibrate(REF, Calibration(threshold=float(i + 1), score_percentile=99, area_mm2_thr=1.0,
+                                                 memory_fingerprint=None))
         assert time.monotonic() - started < 0.5  # submitting never waits for the server
         assert logger.dropped >= 5  # one in flight, two queued, the rest dropped
         assert any("queue full" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

@@ -1,4 +1,4 @@
-"""`make run`: build a demo model that detects, then serve it with uvicorn.
+"""`make run` (``python -m bdi.demo``): build a demo model that detects, then serve it with uvicorn.
 
 Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded synthetic
 brake-disc set written by ``bdi.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
@@ -23,17 +23,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from bdi.backbones import EFFICIENTNET_LITE0
-from bdi.config import Settings
-from bdi.datasets import MvtecItem, read_mvtec
-from bdi.imaging import decode_image
-from bdi.inference import InferenceResult
-from bdi.refs import ModelRef
-from bdi.service import InspectionService
-from bdi.synthetic import write_mvtec_dataset
+from .backbones import EFFICIENTNET_LITE0
+from .config import Settings
+from .datasets import MvtecItem, read_mvtec
+from .imaging import decode_image
+from .inference import InferenceResult
+from .refs import ModelRef
+from .service import InspectionService
+from .synthetic import write_mvtec_dataset
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"  # beside the checkout
 DEMO_ENV = {"BDI_BACKBONE": EFFICIENTNET_LITE0, "BDI_WEIGHTS": "official"}
 
 
@@ -71,9 +71,9 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
             bars[stage] = tqdm(total=total, desc=f"fit: {stage}", unit="img" if stage == "encode" else "centre")
         bars[stage].update(done - bars[stage].n)
 
-    service.store.lock_mm_per_px(ref.recipe_id, MM_PER_PX)
     try:
-        fit = service.fit_images(ref=ref, images=[_load(i) for i in train], progress=on_fit_progress)
+        fit = service.fit_images(ref=ref, mm_per_px=MM_PER_PX, images=[_load(i) for i in train],
+                                 progress=on_fit_progress)
     finally:
         for bar in bars.values():
             bar.close()
@@ -84,10 +84,10 @@ def build_demo_model(settings: Settings, *, data_root: Path, n_train: int) -> De
     ok = [r.score for r, i in scored if i.label == "ok"]
     ng = [r.score for r, i in scored if i.label == "ng"]
     calib = service.calibrate_from_scores(ref=ref, ok_scores=ok, ng_scores=ng, mm_per_px=MM_PER_PX)
-    print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib['threshold']:.4f}")
+    print(f"calibrated on {len(ok)} OK / {len(ng)} NG: threshold {calib.threshold:.4f}")
     ng_result, ng_item = max(((r, i) for r, i in scored if i.label == "ng"), key=lambda pair: pair[0].score)
     _, ok_item = min(((r, i) for r, i in scored if i.label == "ok"), key=lambda pair: pair[0].score)
-    return DemoModel(ref=ref, threshold=float(calib["threshold"]), ng_sample=ng_item, ok_sample=ok_item,
+    return DemoModel(ref=ref, threshold=calib.threshold, ng_sample=ng_item, ok_sample=ok_item,
                      ng_result=ng_result)
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  curl -s {form} -F image=@{ok_png} {base}/infer   # a good part: decision ok\n")
     if args.no_serve:
         return 0
-    return subprocess.call([sys.executable, "-m", "serving"])
+    return subprocess.call([sys.executable, "-m", "serving"])  # the HTTP server, as its own process
 
 
 if __name__ == "__main__":
