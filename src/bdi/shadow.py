@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BDIError
+from .errors import BDIError, NotFittedError
 from .logging import slog
 from .refs import ModelRef
 
@@ -96,10 +96,10 @@ class ShadowScorer:
     def _score(self, request: ShadowRequest) -> None:
         ref = request.ref
         try:
-            if self.service.store.load_memory(ref) is None:
-                return  # no challenger for this model
             outcome = self.service.infer(ref=ref, mm_per_px=request.mm_per_px, image=request.image,
                                          shape=request.shape, include_heatmap=False)
+        except NotFittedError:
+            return  # no challenger for this model
         except BDIError as exc:  # e.g. a challenger without a usable calibration
             slog("infer.shadow_error", model_key=ref.model_key, alias=self.alias, error=str(exc))
             return
