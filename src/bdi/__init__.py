@@ -1,4 +1,4 @@
-"""BDI: PatchCore visual inspection over DINOv2 ViT-S/14 patch tokens.
+"""BDI: PatchCore visual inspection over the patch features of a registered backbone (``bdi.backbones``).
 
 The library owns every algorithm and every byte on disk; HTTP (``serving/``) and
 Hydra/DVC (``pipelines/``) are thin layers over :mod:`bdi.service`.

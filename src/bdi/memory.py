@@ -1,4 +1,4 @@
-"""The PatchCore memory bank: L2-normalised coreset rows + a kNN index + what built them.
+"""The PatchCore memory bank: coreset rows (L2-normalised when the backbone says so) + a kNN index + what built them.
 
 :func:`fit_memory` builds a bank from all patch rows at once; :class:`MemoryBuilder` builds the same
 bank from rows fed batch by batch, holding only what the coreset needs: with the default projected

@@ -30,19 +30,17 @@ def test_health_answers_during_a_fit_in_the_same_process(client: TestClient) -> 
 
     fit_thread = threading.Thread(target=run_fit, daemon=True)
     fit_thread.start()
-    overlapping: list[float] = []
-    deadline = time.monotonic() + 60
+    answered_during_fit = 0
+    deadline = time.monotonic() + 120
     while fit_thread.is_alive() and time.monotonic() < deadline:
-        started = time.monotonic()
-        response = client.get("/health")
-        elapsed = time.monotonic() - started
-        assert response.status_code == 200 and elapsed < 2.0
-        if fit_thread.is_alive():
-            overlapping.append(elapsed)
+        assert client.get("/health").status_code == 200
+        answered_during_fit += fit_thread.is_alive()  # answered before the fit ended: not queued behind it
         time.sleep(0.02)
-    fit_thread.join(timeout=60)
+    fit_thread.join(timeout=120)
     assert outcome["fit"].status_code == 200
-    assert overlapping, "the fit finished before any /health call overlapped it"
+    # a /health queued behind the fit could complete at most once while it runs (no wall-clock bound: the
+    # machine may be loaded; the behaviour is that /health does not wait for the fit)
+    assert answered_during_fit >= 2, "/health did not answer while the fit was running"
 
 
 def test_health_touches_no_disk(client: TestClient, models_dir: Any) -> None:
