@@ -7,7 +7,7 @@ import numpy as np
 
 
 def reference_greedy_k_center(rows: np.ndarray, size: int) -> np.ndarray:
-    """The legacy backend's coreset (API_CONTRACT §3.2/§8): NumPy, first centre from default_rng(0),
+    """The legacy backend's coreset (docs/contract.md "Memory and coreset"): NumPy, first centre from default_rng(0),
     one full ``norm(x - c)`` pass per centre. Kept here only as the baseline being measured."""
     first = int(np.random.default_rng(0).integers(rows.shape[0]))
     selected = [first]

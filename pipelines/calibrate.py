@@ -2,7 +2,7 @@
 
 The fitted ModelStore (``paths.fit_dir``, an output of fit_ok that this stage must not modify) is
 copied to ``paths.model_dir``; ``InspectionService.calibrate_from_scores`` (the library rule of
-API_CONTRACT §3.5, as ``/calibrate_ng``) then writes each model's calib.json there, recording the
+docs/contract.md "Threshold rule", as ``/calibrate_ng``) then writes each model's calib.json there, recording the
 memory it belongs to. ``paths.model_dir`` is the deployable ModelStore: memory + index + calibration.
 """
 

@@ -341,7 +341,8 @@ def rows_for(manifest: Sequence[ManifestRow], target: Target, split: str) -> lis
 
 def recipe_mm_per_px(manifest: Sequence[ManifestRow], target: Target) -> float:
     """The scale of a model's images: the one ``mm_per_px`` of its manifest rows (server samples carry
-    their own), else the dataset config's. Several values are an error: a recipe has one scale (§1.6)."""
+    their own), else the dataset config's. Several values are an error: a recipe has one scale
+    (docs/contract.md "Scale lock")."""
     values = sorted({row.mm_per_px for row in model_rows(manifest, target.ref)})
     if len(values) > 1:
         raise PipelineDataError(f"the images of {target.key} have several mm_per_px values {values}: "

@@ -1,7 +1,8 @@
 """``python -m serving [--host H] [--port P] [--workers N]``: run uvicorn on ``serving.app:app``.
 
 Host and port default to ``BDI_BACKEND_HOST``/``BDI_BACKEND_PORT`` (legacy ``BRAKEDISC_*``, then
-``HOST``/``PORT``) through ``Settings``; an invalid port falls back to 8000 (contract §5.2).
+``HOST``/``PORT``) through ``Settings``; an invalid port falls back to 8000
+(docs/contract.md "Other environment variables").
 ``--workers`` defaults to ``WEB_CONCURRENCY`` (as uvicorn's own CLI) and is exported to the workers
 as ``WEB_CONCURRENCY``, so each one takes its share of the CPU cores (``Settings.intra_op_threads``).
 """

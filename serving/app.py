@@ -1,4 +1,4 @@
-"""The FastAPI app: ``create_app`` only assembles (STYLE.md §1); ``uvicorn serving.app:app``.
+"""The FastAPI app: ``create_app`` only assembles the app; ``uvicorn serving.app:app``.
 
 Module-level ``app = create_app()`` is cheap: it reads no settings and loads no model. Each worker
 process builds its ``Settings`` and its one ``InspectionService`` in the lifespan at startup.

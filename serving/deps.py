@@ -1,4 +1,4 @@
-"""Request dependencies, each declared once as an ``Annotated`` alias (STYLE.md §1)."""
+"""Request dependencies, each declared once as an ``Annotated`` alias."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ RegistryStatusDep = Annotated[SyncStatusReader, Depends(get_registry_status)]
 
 @dataclass(frozen=True)
 class RequestContext:
-    """The ids every response repeats: the request id and the validated recipe id (§1.1, §1.2)."""
+    """The ids every response repeats: the request id and the validated recipe id (docs/contract.md "Common rules")."""
 
     request_id: str
     recipe_id: str
@@ -50,13 +50,13 @@ class RequestContext:
         return {"request_id": self.request_id, "recipe_id": self.recipe_id}
 
     def model_ref(self, *, role_id: str, roi_id: str, model_key: str | None = None) -> ModelRef:
-        """The model of this request (model_key defaults to roi_id, §1.3); also binds role/roi
+        """The model of this request (model_key defaults to roi_id); also binds role/roi
         into the log context of the calling handler."""
         bind_context(role_id=role_id, roi_id=roi_id)
         return ModelRef.create(recipe_id=self.recipe_id, role_id=role_id, roi_id=roi_id, model_key=model_key)
 
     def dataset_ref(self, *, role_id: str, roi_id: str) -> DatasetRef:
-        """The dataset of this request (datasets ignore model_key, §1.3); binds role/roi for logs."""
+        """The dataset of this request (datasets ignore model_key); binds role/roi for logs."""
         bind_context(role_id=role_id, roi_id=roi_id)
         return DatasetRef(recipe_id=self.recipe_id, role_id=role_id, roi_id=roi_id)
 
@@ -85,7 +85,7 @@ async def _explicit_recipe_id(request: Request) -> object:
 
 
 async def request_context(request: Request) -> RequestContext:
-    """Resolve the recipe (§1.2): body/form/query ``recipe_id`` (a non-empty string) first, then
+    """Resolve the recipe (docs/contract.md "Recipe id"): body/form/query ``recipe_id`` (a non-empty string) first, then
     ``X-Recipe-Id``, then ``default``. Invalid or reserved ids raise (→ 400 shape C).
 
     ``async`` on purpose: the log binding must happen in the request's own context so the

@@ -1,13 +1,13 @@
-"""The ONE table mapping library errors to HTTP status + body shape (API_CONTRACT §1.4).
+"""The ONE table mapping library errors to HTTP status + body shape (docs/contract.md "Error bodies").
 
 Shapes: A ``{error, request_id, recipe_id}``, B ``{detail: str}``, C ``{detail: {error, request_id,
 recipe_id}}``. 422 validation errors keep FastAPI's shape D (its default handler). Which shape a
 ``BDIError`` gets can depend on the endpoint family, so every router marks its requests with an
 :data:`ErrorStyle` (see :func:`error_style`) instead of the handler looking at paths:
 
-* ``model``: /fit_ok, /calibrate_ng, /infer; the handler's own errors are shape A (§2.2–§2.4).
+* ``model``: /fit_ok, /calibrate_ng, /infer; the handler's own errors are shape A.
 * ``batch``: /infer_dataset, /calibrate_dataset; not-fitted / calibration / sample-count errors are
-  400 B, other bad input is 400 A (§2.5, §2.6).
+  400 B, other bad input is 400 A.
 * ``resource``: /health, datasets, /state, /manifest; simple ``HTTPException``-like 400/404 B.
 
 Anything that is not a ``BDIError`` becomes a logged 500 in shape A (JSON, never plain text). A 500's
@@ -73,10 +73,10 @@ class ErrorRule:
 # Looked up along the exception's MRO, so the most specific class wins
 # (ReservedRecipeError → InvalidRecipeError before InvalidInputError).
 ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
-    InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError (§1.2)
-    ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock (§1.6)
+    InvalidRecipeError: ErrorRule(400, "C"),  # also ReservedRecipeError
+    ScaleMismatchError: ErrorRule(409, "C"),  # the per-recipe mm_per_px lock
     FitInProgressError: ErrorRule(409, "A", {"resource": "B"}),  # one writer per model
-    InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite" (§1.6)
+    InvalidScaleError: ErrorRule(400, "B"),  # "mm_per_px must be > 0 and finite"
     NotFittedError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     ModelMismatchError: ErrorRule(409, "A", {"batch": "B", "resource": "B"}),  # memory from another backbone
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
@@ -137,7 +137,7 @@ async def handle_bdi_error(request: Request, exc: Exception) -> JSONResponse:
     shape = rule.shape_for(style)
     request_id, recipe_id = _request_ids(request)
     if isinstance(exc, InvalidRecipeError):
-        recipe_id = DEFAULT_RECIPE  # the reference reports "default" for a rejected recipe (§1.2)
+        recipe_id = DEFAULT_RECIPE  # the reference reports "default" for a rejected recipe
     fields: dict[str, Any] = {
         "error_type": type(exc).__name__,
         "error_code": exc.code,
@@ -183,11 +183,11 @@ class ErrorShapeC(BaseModel):
 
 
 class ErrorBody(RootModel[ErrorShapeA | ErrorShapeB | ErrorShapeC]):
-    """Any of the contract's JSON error shapes A, B, C (§1.4); 422 keeps FastAPI's own shape D."""
+    """Any of the contract's JSON error shapes A, B, C; 422 keeps FastAPI's own shape D."""
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family, §1.4)"},
+    400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family)"},
     404: {"model": ErrorBody, "description": "Dataset file or sidecar not found (shape B)"},
     409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C) or a fit of the model in progress (A)"},
     413: {"model": ErrorBody, "description": "Request body over BDI_MAX_REQUEST_BYTES (shape B)"},

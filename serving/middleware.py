@@ -16,7 +16,7 @@ from bdi.config import Settings
 from bdi.logging import bind_context, slog
 from serving.errors import REQUEST_ID_HEADER
 
-# DESIGN.md improvement (contract §10 item 5): only short, header- and log-safe ids are echoed.
+# docs/design.md "Safe request ids": only short, header- and log-safe ids are echoed.
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 EXPOSED_HEADERS = ("x-request-id", "x-recipe-id")
 
@@ -72,7 +72,7 @@ class RequestContextMiddleware:
 
 
 def build_cors(app: ASGIApp, cors_origins: str) -> CORSMiddleware:
-    """CORS per contract §1.7: credentials only when the origin list is not ``*``."""
+    """CORS per docs/contract.md "CORS": credentials only when the origin list is not ``*``."""
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()] or ["*"]
     wildcard = origins == ["*"]
     return CORSMiddleware(

@@ -3,10 +3,10 @@ and every route's response (set as ``response_model``, so OpenAPI documents it).
 
 Each model states what a key may hold (every number has its range), documents the body in the
 OpenAPI schema (:meth:`JsonBody.openapi`) and validates it (:meth:`JsonBody.parse`). A value out of
-range is bad input: :class:`InvalidInputError` (400 A, contract §2.5/§2.6 "KeyError or ValueError"),
+range is bad input: :class:`InvalidInputError` (400 A, the reference's "KeyError or ValueError"),
 never a 500 from deeper down. Quirks the contract keeps: a missing ``role_id``/``roi_id`` says
-``'role_id'`` (the reference's KeyError text, C8), and a non-string ``model_key``/``recipe_id`` is
-ignored rather than refused (§1.2, §2.3). Unknown keys are ignored, as by the reference.
+``'role_id'`` (the reference's KeyError text), and a non-string ``model_key``/``recipe_id`` is
+ignored rather than refused (docs/contract.md "Model key"). Unknown keys are ignored, as by the reference.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ _NoBool = BeforeValidator(_plain_number)
 Percentile = Annotated[float, _NoBool, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 AreaMm2 = Annotated[float, _NoBool, Field(ge=0.0, allow_inf_nan=False)]
 MmPerPx = Annotated[float, _NoBool, Field(gt=0.0, allow_inf_nan=False)]
-# JSON numbers only (NaN/Infinity literals are dropped by the library, §2.3); no strings, no booleans
+# JSON numbers only (NaN/Infinity literals are dropped by the library); no strings, no booleans
 Scores = list[Annotated[float, Strict()]]
-# used only when it is a string (§1.2, §1.3); anything else is ignored, not refused
+# used only when it is a string; anything else is ignored, not refused
 LooseString = Annotated[Any, WithJsonSchema({"type": "string"})]
 
 
@@ -96,7 +96,7 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 class CalibrateNgRequest(JsonBody):
-    """POST /calibrate_ng (§2.3): a threshold from scores the client computed."""
+    """POST /calibrate_ng: a threshold from scores the client computed."""
 
     ok_scores: Scores | None = None
     ng_scores: Scores | None = None
@@ -106,7 +106,7 @@ class CalibrateNgRequest(JsonBody):
 
 
 class InferDatasetRequest(JsonBody):
-    """POST /infer_dataset (§2.5): score every stored sample of the given labels."""
+    """POST /infer_dataset: score every stored sample of the given labels."""
 
     labels: list[str] | None = None
     include_heatmap: bool | None = None
@@ -114,7 +114,7 @@ class InferDatasetRequest(JsonBody):
 
 
 class CalibrateDatasetRequest(JsonBody):
-    """POST /calibrate_dataset (§2.6): score the stored OK/NG samples and calibrate."""
+    """POST /calibrate_dataset: score the stored OK/NG samples and calibrate."""
 
     score_percentile: Percentile | None = None
     area_mm2_thr: AreaMm2 | None = None
@@ -123,8 +123,9 @@ class CalibrateDatasetRequest(JsonBody):
 
 
 # --------------------------------------------------------------------------------------------- responses
-# The JSON bodies of the routes (API_CONTRACT §2), field order = the body's key order. Floats are declared
-# as floats and counts as ints so that validation leaves every value as the route computed it.
+# The JSON bodies of the routes (docs/contract.md "Endpoints", under each route), field order = the body's key
+# order. Floats are declared as floats and counts as ints so that validation leaves every value as the route
+# computed it.
 
 
 def png_base64(png: bytes | None) -> str | None:
@@ -140,7 +141,7 @@ class Ids(BaseModel):
 
 
 class FitResponse(BaseModel):
-    """POST /fit_ok (§2.2)."""
+    """POST /fit_ok."""
 
     n_embeddings: int
     coreset_size: int
@@ -186,7 +187,7 @@ class InferRegion(RegionBody):
 
 
 class InferResponse(BaseModel):
-    """POST /infer (§2.4); ``lineage`` names the model that answered (``bdi.lineage.lineage_view``)."""
+    """POST /infer; ``lineage`` names the model that answered (``bdi.lineage.lineage_view``)."""
 
     score: float
     threshold: float
@@ -228,7 +229,7 @@ class InferDatasetItem(BaseModel):
 
 
 class InferDatasetResponse(BaseModel):
-    """POST /infer_dataset (§2.5)."""
+    """POST /infer_dataset."""
 
     status: Literal["ok"] = "ok"
     role_id: str
@@ -242,7 +243,7 @@ class InferDatasetResponse(BaseModel):
 
 
 class CalibrateNgResponse(BaseModel):
-    """POST /calibrate_ng (§2.3): the stored calibration's contract keys and the ids."""
+    """POST /calibrate_ng: the stored calibration's contract keys and the ids."""
 
     threshold: float
     ok_mean: float
@@ -266,7 +267,7 @@ class CalibrateNgResponse(BaseModel):
 
 
 class CalibrateDatasetResponse(BaseModel):
-    """POST /calibrate_dataset (§2.6)."""
+    """POST /calibrate_dataset."""
 
     status: Literal["ok"] = "ok"
     threshold: float
@@ -282,7 +283,7 @@ class CalibrateDatasetResponse(BaseModel):
 
 
 class StateResponse(BaseModel):
-    """GET /state (§2.14)."""
+    """GET /state."""
 
     status: Literal["ok"] = "ok"
     memory_fitted: bool
@@ -296,7 +297,7 @@ class StateResponse(BaseModel):
 
 
 class ManifestResponse(BaseModel):
-    """GET /manifest (§2.13): no top-level ``status``; ``calib`` is the stored calib JSON as it is."""
+    """GET /manifest: no top-level ``status``; ``calib`` is the stored calib JSON as it is."""
 
     role_id: str
     roi_id: str
@@ -310,7 +311,7 @@ class ManifestResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """GET /health (§2.1); ``reason`` only when CUDA is not available."""
+    """GET /health; ``reason`` only when CUDA is not available."""
 
     status: Literal["ok"] = "ok"
     device: str
@@ -330,7 +331,7 @@ class HealthResponse(BaseModel):
 
 
 class UploadResponse(BaseModel):
-    """POST /datasets/{ok,ng}/upload (§2.7): the stored file names."""
+    """POST /datasets/{ok,ng}/upload: the stored file names."""
 
     status: Literal["ok"] = "ok"
     saved: list[str]
@@ -339,7 +340,7 @@ class UploadResponse(BaseModel):
 
 
 class DatasetListResponse(BaseModel):
-    """GET /datasets/list (§2.8)."""
+    """GET /datasets/list."""
 
     role_id: str
     roi_id: str
@@ -349,7 +350,7 @@ class DatasetListResponse(BaseModel):
 
 
 class SampleMetaResponse(BaseModel):
-    """GET /datasets/meta (§2.10): the sidecar object as stored (its keys win over the ids)."""
+    """GET /datasets/meta: the sidecar object as stored (its keys win over the ids)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -358,7 +359,7 @@ class SampleMetaResponse(BaseModel):
 
 
 class DeleteResponse(BaseModel):
-    """DELETE /datasets/file (§2.11)."""
+    """DELETE /datasets/file."""
 
     deleted: bool
     filename: str
@@ -367,7 +368,7 @@ class DeleteResponse(BaseModel):
 
 
 class ClearResponse(BaseModel):
-    """DELETE /datasets/clear (§2.12)."""
+    """DELETE /datasets/clear."""
 
     cleared: int
     label: str

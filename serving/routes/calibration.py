@@ -1,4 +1,4 @@
-"""POST /calibrate_ng (§2.3, client scores) and POST /calibrate_dataset (§2.6, stored samples)."""
+"""POST /calibrate_ng (client scores) and POST /calibrate_dataset (stored samples); see docs/contract.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dataset sample endpoints (§2.7–§2.12): upload, list, download, meta, delete, clear."""
+"""Dataset sample endpoints (docs/contract.md "Endpoints"): upload, list, download, meta, delete, clear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POST /fit_ok (§2.2): build the PatchCore memory from uploaded images or the OK dataset."""
+"""POST /fit_ok (docs/contract.md "POST /fit_ok"): build the PatchCore memory from uploaded images or the OK dataset."""
 
 from __future__ import annotations
 

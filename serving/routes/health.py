@@ -1,5 +1,5 @@
-"""GET /health (§2.1): O(1), polled by the GUI every 2 s; its only disk access is a stat of the registry
-sync status file."""
+"""GET /health (docs/contract.md "GET /health"): O(1), polled by the GUI every 2 s; its only disk access is
+a stat of the registry sync status file."""
 
 from __future__ import annotations
 

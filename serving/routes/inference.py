@@ -1,4 +1,4 @@
-"""POST /infer (§2.4, one crop) and POST /infer_dataset (§2.5, every stored sample)."""
+"""POST /infer (one crop) and POST /infer_dataset (every stored sample); see docs/contract.md."""
 
 from __future__ import annotations
 

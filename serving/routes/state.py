@@ -1,4 +1,4 @@
-"""GET /state (§2.14) and GET /manifest (§2.13): what is fitted/calibrated for one ROI, and its lineage
+"""GET /state and GET /manifest (docs/contract.md): what is fitted/calibrated for one ROI, and its lineage
 (an additive field: where the model came from, ``bdi.lineage.lineage_view``)."""
 
 from __future__ import annotations

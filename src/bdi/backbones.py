@@ -75,7 +75,8 @@ DINOV2_VITS14 = "vit_small_patch14_dinov2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 
 BACKBONES: Mapping[str, BackboneSpec] = {
-    # The production default and the legacy backend's extractor (API_CONTRACT §3.1): keep its numbers.
+    # The production default and the legacy backend's extractor (docs/contract.md "Feature extractor"): keep
+    # its numbers.
     DINOV2_VITS14: BackboneSpec(
         name=DINOV2_VITS14,
         family="vit",

@@ -1,4 +1,4 @@
-"""Threshold selection from OK/NG scores (API_CONTRACT §3.5), the typed calibration and its validity."""
+"""Threshold selection from OK/NG scores (docs/contract.md "Threshold rule"), the typed calibration and its validity."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def choose_threshold(
     score_percentile: float | None = None,
     cfg: CalibrationConfig | None = None,
 ) -> ThresholdChoice:
-    """Contract §3.5: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
+    """The contract's threshold rule: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
     p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
 
     ``score_percentile`` (P, in [0, 100]) defaults to ``ScoringConfig.score_percentile`` (99).
@@ -139,7 +139,7 @@ def _text(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class ScoreStatistics:
-    """The OK/NG score statistics ``/calibrate_ng`` stores (contract §2.3): ``p99_ok`` is the OK
+    """The OK/NG score statistics ``/calibrate_ng`` stores: ``p99_ok`` is the OK
     percentile at the requested ``score_percentile``, ``p5_ng`` the 5th percentile of NG (None without NG)."""
 
     ok_mean: float
@@ -164,7 +164,7 @@ class ModelIds:
 
 @dataclass(frozen=True)
 class Calibration:
-    """One model's calibration: the ``<base>_calib.json`` object (contract §2.3, §2.6, §4.1).
+    """One model's calibration: the ``<base>_calib.json`` object (docs/contract.md "Files").
 
     ``memory_fingerprint`` names the memory the threshold was computed for (None: no memory was fitted
     then; such a calibration never applies). ``/calibrate_ng`` also stores the score ``statistics`` and

@@ -1,6 +1,6 @@
 """Configuration: frozen algorithm dataclasses and the runtime ``Settings``.
 
-Algorithm defaults live here once (DESIGN.md "Defaults that keep scores comparable"). ``Settings``
+Algorithm defaults live here once (docs/contract.md "Scoring"). ``Settings``
 (pydantic-settings) adds runtime fields and resolves, in order of precedence:
 init kwargs > ``BDI_*`` env (legacy ``BRAKEDISC_*``) > YAML file (``BDI_CONFIG``) > defaults.
 Library functions receive the sub-config they need and never read ``os.environ``.
@@ -106,14 +106,15 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Distances → heatmap → score → regions (API_CONTRACT §3.3)."""
+    """Distances → heatmap → score → regions (docs/contract.md "Inference pipeline")."""
 
     # a whole number in [0, 100]: the image score's percentile over blurred values inside the mask, and the OK
     # percentile of the threshold rule (calib.json stores it as an int and /infer scores with it)
     score_percentile: int = 99
     area_mm2_thr: float = 1.0  # regions smaller than this are dropped
     blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
-    remove_letterbox: bool = True  # cut padding tokens before upsampling (DESIGN.md improvement 3)
+    # cut padding tokens before upsampling (docs/design.md "Heatmap aligned with the crop")
+    remove_letterbox: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.score_percentile, bool) or not isinstance(self.score_percentile, int) \
@@ -131,7 +132,7 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """The threshold rule of API_CONTRACT §3.5; its OK percentile is ``ScoringConfig.score_percentile``."""
+    """docs/contract.md "Threshold rule"; its OK percentile is ``ScoringConfig.score_percentile``."""
 
     ng_percentile: float = 5.0  # percentile of the NG scores
     overlap_factor: float = 1.02  # threshold = factor * p_ok when the NG and OK percentiles overlap
@@ -192,7 +193,7 @@ class FlatName:
     parse: Any = None  # str -> value, for env text that pydantic would not read the same way
 
 
-# The one map from the contract's flat names (API_CONTRACT §5.1) to the nested algorithm settings.
+# The one map from the contract's flat names (docs/contract.md "Algorithm settings") to the nested algorithm settings.
 FLAT_NAMES: dict[str, FlatName] = {
     "BACKBONE": FlatName(("model", "features", "backbone")),
     "WEIGHTS": FlatName(("model", "features", "weights")),
@@ -245,7 +246,7 @@ class _ContractEnvSource(EnvSettingsSource):
 
     pydantic-settings would also read a field's bare name (``device``, or ``DEVICE`` when not
     case-sensitive) because init kwargs may use field names; here only the aliases count, so a
-    stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (API_CONTRACT §5). The first alias
+    stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (docs/contract.md "Configuration"). The first alias
     set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names). The flat
     names of the nested algorithm settings (:data:`FLAT_NAMES`) are read the same way.
     """
@@ -346,7 +347,7 @@ class Settings(BaseSettings):
     backend_port: int = Field(8000, validation_alias=_env("BACKEND_PORT", "PORT"))
     log_dir: Path | None = Field(None, validation_alias=_env("GUI_LOG_DIR"))
 
-    # upload limits (DESIGN.md improvement 6)
+    # upload limits (docs/design.md "Upload limits")
     max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=_env("MAX_UPLOAD_BYTES"))
     max_image_pixels: int = Field(40_000_000, validation_alias=_env("MAX_IMAGE_PIXELS"))
     max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
@@ -379,7 +380,7 @@ class Settings(BaseSettings):
     @field_validator("backend_port", mode="before")
     @classmethod
     def _parse_port(cls, value: object) -> int:
-        # contract §5.2: an invalid port falls back to 8000
+        # an invalid port falls back to 8000 (docs/contract.md "Other environment variables")
         try:
             port = int(str(value))
         except ValueError:

@@ -18,7 +18,7 @@ from .errors import InvalidInputError
 
 
 def coreset_size(n_rows: int, rate: float) -> int:
-    """m = max(1, ceil(N·rate)) capped at N (API_CONTRACT §3.2)."""
+    """m = max(1, ceil(N·rate)) capped at N (docs/contract.md "Memory and coreset")."""
     if n_rows < 1:
         raise InvalidInputError("No valid images: cannot build a memory from zero embeddings")
     if not (0.0 < rate <= 1.0):

@@ -1,18 +1,18 @@
 """OK/NG sample folders per (recipe, role, roi), a reader for MVTec-style trees, and the checks that make
 a sample file usable for training or evaluation (:func:`check_sample`).
 
-Layout (API_CONTRACT §4.1): ``<root>/recipes/<recipe>/datasets/<b64role>__<b64roi>/{ok,ng}/`` holding
+Layout (docs/contract.md "Files"): ``<root>/recipes/<recipe>/datasets/<b64role>__<b64roi>/{ok,ng}/`` holding
 ``<YYYYmmdd-HHMMSS-ffffff><ext>`` images, each with a ``<stem>.json`` sidecar.
 
-Choices (DESIGN.md improvements 5–7):
+Choices (docs/design.md: "No id reaches a path raw", "Upload limits", "Unique sample names"):
 * Stored names use UTC time (like ``created_at_utc``; no DST jumps). A name is claimed with an
   exclusive hard link of a fully written temp file, so a concurrent upload can never overwrite it
   nor can a reader see a half-written file; on a collision the microsecond is bumped.
 * The sidecar is linked before its image (an image never appears without its sidecar), its
   ``filename`` is always the stored name and the client's name is kept as ``client_filename``.
 * A multi-file upload stores all files or none.
-* Reads resolve the base dir with the §4.3 fallbacks, but the legacy ``<root>/datasets/...`` folder is
-  only reached through sanitised names (S() of §4.2), never raw ids; downloads and deletes take the
+* Reads resolve the base dir as in docs/contract.md "Dataset read order", but the legacy ``<root>/datasets/...``
+  folder is only reached through sanitised names (``S()``), never raw ids; downloads and deletes take the
   basename of the requested file only.
 """
 
@@ -98,7 +98,7 @@ class DatasetStore:
         return ensure_inside(self.root, self.recipes_root / ref.recipe_id / "datasets" / ref.base)
 
     def candidates(self, ref: DatasetRef) -> list[Path]:
-        """§4.3 read order, with the legacy folder reached through sanitised names only."""
+        """docs/contract.md "Dataset read order", with the legacy folder reached through sanitised names only."""
         out = [d / "datasets" / ref.base for d in recipe_dir_candidates(self.recipes_root, ref.recipe_id)]
         out.append(self.root / "datasets" / legacy_name(ref.role_id) / legacy_name(ref.roi_id))
         return [ensure_inside(self.root, p) for p in out]
@@ -206,7 +206,7 @@ class DatasetStore:
             return []
 
     def listing(self, ref: DatasetRef) -> dict[str, Any]:
-        """``{"role_id", "roi_id", "classes": {label: {"count", "files", "meta"}}}`` (§2.8)."""
+        """``{"role_id", "roi_id", "classes": {label: {"count", "files", "meta"}}}`` (GET /datasets/list)."""
         classes: dict[str, Any] = {}
         base = self.resolve_base(ref)
         if base is not None:

@@ -1,6 +1,6 @@
 """Expected failures of the library, each with a stable ``code``.
 
-The messages carry the substrings the legacy GUI classifies on (see API_CONTRACT.md §7.2),
+The messages carry the substrings the legacy GUI classifies on (docs/contract.md "Error substrings"),
 so they must not be reworded casually. Mapping to HTTP lives in ``serving/errors.py`` only.
 """
 

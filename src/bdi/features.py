@@ -2,8 +2,8 @@
 
 Two families (``bdi.backbones``):
 
-* ``vit`` (DINOv2 ViT-S/14, the default; API_CONTRACT §3.1): built at its native 518 px, weights loaded
-  (official file, local file or seeded random init), the position embedding resampled **once** to
+* ``vit`` (DINOv2 ViT-S/14, the default; docs/contract.md "Feature extractor"): built at its native 518 px,
+  weights loaded (official file, local file or seeded random init), the position embedding resampled **once** to
   ``input_size // 14`` tokens per side, bicubic *without* antialias (as the legacy backend did), and the
   patch tokens of ``blocks`` (no final norm) concatenated on the channel axis.
 * ``cnn`` (EfficientNet-Lite0): PatchCore's usual path: the outputs of mid-level stages ``blocks``, each

@@ -2,8 +2,8 @@
 inverse), normalise, ROI masks. No torch.
 
 All images are NumPy arrays: decoded images are BGR ``uint8`` ``(H, W, 3)`` (OpenCV order), letterboxed
-images are RGB ``uint8`` ``(size, size, 3)`` (API_CONTRACT §3.1), masks are ``uint8`` ``(H, W)`` in 0..255
-(API_CONTRACT §3.4).
+images are RGB ``uint8`` ``(size, size, 3)`` (docs/contract.md "Feature extractor"), masks are ``uint8`` ``(H, W)``
+in 0..255 (docs/contract.md "ROI mask").
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def channel_count(data: bytes) -> int | None:
 
 
 def validate_mm_per_px(value: object) -> float:
-    """The pixel scale ``value`` as a finite float > 0, else :class:`InvalidScaleError` (§1.6)."""
+    """The pixel scale ``value`` as a finite float > 0 (docs/contract.md "Scale lock"), else
+    :class:`InvalidScaleError`."""
     if isinstance(value, bool):
         raise InvalidScaleError()
     try:
@@ -209,7 +210,7 @@ def _check_bgr(image: np.ndarray) -> None:
 
 
 def letterbox_geometry(*, src_w: int, src_h: int, size: int) -> Letterbox:
-    """The letterbox of API_CONTRACT §3.1 for a ``src_w × src_h`` image, without touching pixels."""
+    """The letterbox of docs/contract.md "Feature extractor" for a ``src_w × src_h`` image, without touching pixels."""
     if src_w < 1 or src_h < 1 or size < 1:
         raise InvalidInputError(f"invalid letterbox request: {src_w}x{src_h} into {size}")
     scale = min(size / src_w, size / src_h)
@@ -230,7 +231,7 @@ def letterbox_geometry(*, src_w: int, src_h: int, size: int) -> Letterbox:
 def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     """Letterbox a BGR ``uint8`` ``(H, W, 3)`` image into an RGB ``uint8`` ``(size, size, 3)`` canvas.
 
-    API_CONTRACT §3.1: BGR → RGB, scale = min(size/w, size/h), rounded new size (≥ 1 px), PIL bicubic
+    BGR → RGB, scale = min(size/w, size/h), rounded new size (≥ 1 px), PIL bicubic
     resize, pasted on black at offsets floor((size − new) / 2).
     """
     _check_bgr(image_bgr)
@@ -269,7 +270,7 @@ _STD_CHW = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 def parse_shape(text: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Parse the ``shape`` field (API_CONTRACT §2.4 step 7, §3.4).
+    """Parse the ``shape`` field (docs/contract.md "ROI mask").
 
     ``None``/empty text and falsy JSON (``null``, ``{}``, ``[]``, ``0``, ``""``, ``false``) mean the full
     image and give ``None``. An already-parsed mapping is accepted (dataset sidecars store either form).
@@ -335,7 +336,7 @@ def _draw_disc(mask: np.ndarray, *, center: tuple[int, int], radius: int) -> Non
 
 
 def build_roi_mask(shape: Mapping[str, Any] | None, *, width: int, height: int) -> np.ndarray:
-    """The ROI mask of API_CONTRACT §3.4: ``uint8`` ``(height, width)``, 0..255, ``> 0`` means inside.
+    """The ROI mask of docs/contract.md "ROI mask": ``uint8`` ``(height, width)``, 0..255, ``> 0`` means inside.
 
     * ``None``/empty or an unknown ``kind``: the full image (all 255).
     * ``rect`` (also when ``kind`` is missing): x, y, w, h truncated by ``int()``, defaults 0, 0, W, H;

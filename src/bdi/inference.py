@@ -1,10 +1,10 @@
-"""Patch distances → anomaly map → score, heatmap and regions (API_CONTRACT §3.3).
+"""Patch distances → anomaly map → score, heatmap and regions (docs/contract.md "Inference pipeline").
 
 Pure array code: no storage, no HTTP. The one deliberate difference from the legacy backend
-(DESIGN.md improvement 3) is that letterbox padding is cut away before the map is resized to the
+(docs/design.md "Heatmap aligned with the crop") is that letterbox padding is cut away before the map is resized to the
 crop, so non-square crops are not distorted; ``ScoringConfig.remove_letterbox=False`` restores the
 legacy geometry. Region areas are pixel counts of connected components, not ``cv2.contourArea``
-(which gives 0 for a one-pixel blob, contract §10 item 15).
+(which gives 0 for a one-pixel blob).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def masked_score(anomaly_map: np.ndarray, mask: np.ndarray, percentile: float) -
 
 
 def heatmap_u8(anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-image display heatmap (contract §3.3 step 7): 1st–99th percentile stretch, 0 outside mask."""
+    """Per-image display heatmap (the pipeline's step 7): 1st–99th percentile stretch, 0 outside mask."""
     inside = mask > 0
     out = np.zeros(anomaly_map.shape, dtype=np.uint8)
     valid = anomaly_map[inside]

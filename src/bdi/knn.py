@@ -80,7 +80,7 @@ class KnnIndex:
         try:
             resources = faiss.StandardGpuResources()
             gpu_index = faiss.index_cpu_to_gpu(resources, device, self._faiss_index)
-        except Exception as exc:  # transfer failures keep the CPU index (contract §8)
+        except Exception as exc:  # transfer failures keep the CPU index (docs/contract.md "Nearest-neighbour index")
             log.warning("faiss.gpu.transfer_failed: %s", exc)
             return self
         log.info("faiss.gpu.enabled: device %d", device)

@@ -1,4 +1,6 @@
-"""Structured diagnostics: one JSON object per line in ``backend_diagnostics.jsonl`` (API_CONTRACT §6).
+"""Structured diagnostics: one JSON object per line in ``backend_diagnostics.jsonl``.
+
+The file and its line format: docs/contract.md "Diagnostics log".
 
 ``slog(event, **fields)`` appends ``{"ts", "event", "pid", "thread", <context ids>, <fields>}``.
 The ids (request_id, recipe_id, role_id, roi_id) come from :func:`bind_context` when the event does

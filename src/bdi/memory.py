@@ -93,7 +93,7 @@ def fit_memory(
         embeddings: (N, D) float32 raw patch embeddings of all OK images, N = n_images·Ht·Wt.
         cfg: coreset rate, seed and projection (resolved: ``MemoryConfig.resolved``).
         extra_metadata: feature/weights facts to store with the bank.
-        normalize: L2-normalise the rows (API_CONTRACT §3.2); recorded, so scoring does the same.
+        normalize: L2-normalise the rows (docs/contract.md "Memory and coreset"); recorded, so scoring does the same.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise InvalidInputError("No valid images: no embeddings to build a memory from")

@@ -1,7 +1,7 @@
 """Ids and refs: which model or dataset a request names, and how those ids become folder names.
 
-Recipe ids are normalised (§1.2), model keys are escaped injectively (§1.3), role/roi ids are
-urlsafe-base64 encoded into file bases, so no id reaches a path raw (DESIGN.md improvement 5).
+Recipe ids are normalised (docs/contract.md "Recipe id"), model keys are escaped injectively, role/roi ids are
+urlsafe-base64 encoded into file bases, so no id reaches a path raw (docs/design.md "No id reaches a path raw").
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .errors import InvalidInputError, InvalidRecipeError, ReservedRecipeError, 
 RECIPE_ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_RECIPE = "default"
 RESERVED_RECIPES = frozenset({"last"})
-MODEL_KEY_MAX_LEN = 80  # the legacy sanitiser's cut (§1.3); only used to find legacy folders
+MODEL_KEY_MAX_LEN = 80  # the legacy sanitiser's cut; only used to find legacy folders
 MODEL_KEY_DIR_MAX_LEN = 200  # an escaped model-key folder name longer than this is refused
 MAX_BASE_LEN = 200  # leaves room for "_index.faiss" and temp-file affixes under NAME_MAX (255)
 
@@ -40,14 +40,16 @@ def resolve_recipe_id(raw: str | None) -> str:
 
 
 def pick_recipe_id(*, explicit: object, header: str | None) -> str:
-    """§1.2 priority: an explicit non-empty string (form/JSON/query), else the header, else default."""
+    """An explicit non-empty string (form/JSON/query), else the header, else default
+    (docs/contract.md "Recipe id")."""
     if isinstance(explicit, str) and explicit != "":
         return resolve_recipe_id(explicit)
     return resolve_recipe_id(header)
 
 
 def effective_model_key(raw: str | None, *, roi_id: str) -> str:
-    """The model key (§1.3: ``roi_id`` when missing or empty), trimmed; empty or only dots is refused."""
+    """The model key (``roi_id`` when missing or empty: docs/contract.md "Model key"), trimmed; empty or only
+    dots is refused."""
     value = (raw if raw else roi_id or "").strip()
     if not value:
         raise InvalidInputError(f"invalid model_key {raw!r}: it must not be empty (after trimming)")
@@ -57,7 +59,7 @@ def effective_model_key(raw: str | None, *, roi_id: str) -> str:
 
 
 def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
-    """The model key's folder name: injective, so two keys never share a model (§10 item 2).
+    """The model key's folder name: injective, so two keys never share a model.
 
     The trimmed key's UTF-8 bytes are escaped as ``~XX`` (hex) except ``[A-Za-z0-9._-]``: the keys
     the GUI sends (``inspection-1``) keep their legacy folder name, ``a b`` → ``a~20b`` and ``a_b`` →
@@ -74,7 +76,7 @@ def sanitize_model_key(raw: str | None, *, roi_id: str) -> str:
 
 
 def legacy_model_key_dir(raw: str | None, *, roi_id: str) -> str:
-    """The folder the legacy sanitiser gave a key (§1.3: unsafe chars → ``_``, trim, cut to 80,
+    """The folder the legacy sanitiser gave a key (unsafe chars → ``_``, trim, cut to 80,
     empty → ``default``); read-only fallback for models stored before the injective naming."""
     value = raw if raw else roi_id
     return _MODEL_KEY_BAD.sub("_", value or "").strip()[:MODEL_KEY_MAX_LEN] or "default"
@@ -111,7 +113,8 @@ def checked_roi_base(role_id: str, roi_id: str) -> str:
 
 
 def legacy_name(value: str) -> str:
-    """S() of §4.2: trim, every char not alphanumeric, '-' or '_' → '_'; empty → ``default``."""
+    """``S()`` of docs/contract.md "Model read order": trim, every char not alphanumeric, '-' or '_' → '_';
+    empty → ``default``."""
     out = "".join(c if (c.isalnum() or c in "-_") else "_" for c in (value or "").strip())
     return out or "default"
 
@@ -136,8 +139,8 @@ def ensure_inside(root: Path, path: Path) -> Path:
 
 
 def recipe_dir_candidates(recipes_root: Path, recipe_id: str) -> list[Path]:
-    """§4.2/§4.3 recipe dirs to try: the exact one, then (recipe ≠ default) case-insensitive matches
-    in name order, then ``default``."""
+    """The recipe dirs of the model and dataset read orders: the exact one, then (recipe ≠ default)
+    case-insensitive matches in name order, then ``default``."""
     out = [recipes_root / recipe_id]
     if recipe_id == DEFAULT_RECIPE:
         return out
@@ -166,7 +169,7 @@ class ModelRef:
 
     @classmethod
     def create(cls, *, recipe_id: str | None, role_id: str, roi_id: str, model_key: str | None) -> ModelRef:
-        """Normalise the recipe id and default the model key to ``roi_id`` (§1.2, §1.3)."""
+        """Normalise the recipe id and default the model key to ``roi_id``."""
         return cls(
             recipe_id=resolve_recipe_id(recipe_id),
             role_id=role_id,

@@ -1,7 +1,7 @@
 """Use cases: the only API that ``serving/`` and ``pipelines/`` call.
 
-Each method follows the processing order of API_CONTRACT.md §2 (the first failure wins) with the
-DESIGN.md improvements: bad input is an ``InvalidInputError`` (never a 500), uploads are checked
+Each method follows its route's processing order in docs/contract.md "Endpoints" (the first failure wins), with
+the differences of docs/design.md: bad input is an ``InvalidInputError`` (never a 500), uploads are checked
 before anything is stored, calibrations record the memory they belong to.
 """
 
@@ -49,7 +49,8 @@ from .model import PatchCoreModel, ProgressFn, load_patchcore
 from .refs import DatasetRef, ModelRef
 from .store import ModelStore
 
-CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2  # §2.3: stored with the calibration only, never validated nor locked
+# stored with the calibration only, never validated nor locked (docs/contract.md "POST /calibrate_ng")
+CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class InspectionService:
         memory_fit: bool = False,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Build and store the memory of ``ref`` from uploaded images or the OK dataset (§2.2)."""
+        """Build and store the memory of ``ref`` from uploaded images or the OK dataset
+        (docs/contract.md "POST /fit_ok")."""
         mm_per_px = validate_mm_per_px(mm_per_px)
         if self.settings.train_dataset_only and not use_dataset:
             raise InvalidInputError(
@@ -165,7 +167,7 @@ class InspectionService:
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
         ensure_api_writable(self.store, ref)  # the registry's models are not overwritten (409)
-        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # before the samples are read (§2.2 order)
+        self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # before the samples are read (the /fit_ok order)
         named: Iterable[tuple[str, bytes]]
         if use_dataset:
             paths = self._ok_dataset_paths(ref)
@@ -269,7 +271,7 @@ class InspectionService:
         return result
 
     def _ok_dataset_paths(self, ref: ModelRef) -> list[Path]:
-        """The stored OK images to fit on (§2.2 step 6), checked against the minimum and the cap."""
+        """The stored OK images to fit on (/fit_ok step 6), checked against the minimum and the cap."""
         samples = self.datasets.samples(self._dataset_ref(ref), "ok")
         if not samples:
             raise InsufficientSamplesError("No OK dataset samples found")
@@ -378,7 +380,7 @@ class InspectionService:
         shape: str | Mapping[str, Any] | None = None,
         include_heatmap: bool | None = None,
     ) -> InferOutcome:
-        """/infer (§2.4): score one crop and decide ok/ng with the calibrated threshold."""
+        """/infer (docs/contract.md "POST /infer"): score one crop and decide ok/ng with the calibrated threshold."""
         timer = StageTimer()
         mm_per_px = validate_mm_per_px(mm_per_px)
         self.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
@@ -418,7 +420,7 @@ class InspectionService:
         default_mm_per_px: float | None = None,
         progress: ProgressFn | None = None,
     ) -> list[SampleScore]:
-        """/infer_dataset (§2.5): score every stored sample of the given labels."""
+        """/infer_dataset (docs/contract.md "POST /infer_dataset"): score every stored sample of the given labels."""
         clean_labels = [parse_label(label) for label in labels]
         with model_lock.reading(self.store, ref):
             model = self.model(ref, endpoint="/infer_dataset")
@@ -548,11 +550,11 @@ class InspectionService:
 
     # ------------------------------------------------------------------ datasets
     def dataset_listing(self, ref: DatasetRef) -> dict[str, Any]:
-        """``{"role_id", "roi_id", "classes"}`` of the resolved dataset (§2.8)."""
+        """``{"role_id", "roi_id", "classes"}`` of the resolved dataset (GET /datasets/list)."""
         return self.datasets.listing(ref)
 
     def dataset_file(self, *, ref: DatasetRef, label: str, filename: str) -> tuple[str, bytes]:
-        """``(stored name, bytes)`` of one sample (§2.9); NotFoundError when absent."""
+        """``(stored name, bytes)`` of one sample (GET /datasets/file); NotFoundError when absent."""
         path = self.datasets.file_path(ref, label, filename)
         try:
             return path.name, path.read_bytes()
@@ -562,15 +564,15 @@ class InspectionService:
             raise StorageError(f"cannot read {path.name}: {exc}") from exc
 
     def dataset_meta(self, *, ref: DatasetRef, label: str, filename: str) -> dict[str, Any]:
-        """The sidecar of one sample (§2.10); NotFoundError when absent."""
+        """The sidecar of one sample (GET /datasets/meta); NotFoundError when absent."""
         return self.datasets.read_meta(ref, label, filename)
 
     def delete_sample(self, *, ref: DatasetRef, label: str, filename: str) -> bool:
-        """Remove one sample and its sidecar (§2.11); True when the image existed."""
+        """Remove one sample and its sidecar (DELETE /datasets/file); True when the image existed."""
         return self.datasets.delete(ref, label, filename)
 
     def clear_samples(self, *, ref: DatasetRef, label: str) -> int:
-        """Remove every file of one label (§2.12); the number of files removed."""
+        """Remove every file of one label (DELETE /datasets/clear); the number of files removed."""
         return self.datasets.clear(ref, label)
 
     def upload_samples(
@@ -581,7 +583,7 @@ class InspectionService:
         files: Sequence[tuple[str | None, bytes]],
         metas: Sequence[str] | None = None,
     ) -> list[str]:
-        """Validate every file and meta, lock mm_per_px, then store all files or none (§2.7)."""
+        """Validate every file and meta, lock mm_per_px, then store all files or none (the upload routes)."""
         label = parse_label(label)
         if not files:
             raise InvalidInputError("images: at least one file is required")

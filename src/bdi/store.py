@@ -1,15 +1,15 @@
 """ModelStore: refs → paths, artefact writes, fallback reads, the per-recipe mm_per_px lock, and the
 npz codec of a memory.
 
-Layout (API_CONTRACT §4.1), under ``root``::
+Layout (docs/contract.md "Files"), under ``root``::
 
-    recipes/<recipe>/recipe_meta.json                      the mm_per_px lock (§1.6)
+    recipes/<recipe>/recipe_meta.json                      the mm_per_px lock
     recipes/<recipe>/<model_key_fs>/<base>.npz            emb, token_h, token_w, metadata
     recipes/<recipe>/<model_key_fs>/<base>_index.faiss    faiss serialize_index bytes
     recipes/<recipe>/<model_key_fs>/<base>_calib.json     calibration, indent 2
 
 Ids become folder and file names in :mod:`bdi.refs`; every write is atomic (:mod:`bdi.fsio`); the
-read-modify-write of ``recipe_meta.json`` runs under a file lock (DESIGN.md improvement 9).
+read-modify-write of ``recipe_meta.json`` runs under a file lock (docs/design.md "Atomic writes and file locks").
 
 Memory/index consistency: the index is written first, then the npz, whose metadata records
 ``index_sha256`` (the hash of the index bytes it was saved with). A reader checks the hash; a torn
@@ -231,7 +231,7 @@ class ModelStore:
         )
 
     def candidates(self, ref: ModelRef, kind: ArtifactKind) -> list[Path]:
-        """§4.2 read order for one artefact kind; in each recipe dir the key's folder, then (when it
+        """docs/contract.md "Model read order" for one artefact kind; in each recipe dir the key's folder, then (when it
         differs) the folder the legacy non-injective sanitiser gave it."""
         suffix = _SUFFIX[kind]
         base = ref.base
@@ -426,7 +426,8 @@ class ModelStore:
                            index_path=idx_path), idx_ident
 
     def _to_configured_gpu(self, index: KnnIndex) -> KnnIndex:
-        """The index on the configured GPU when possible (contract §8), else unchanged."""
+        """The index on the configured GPU when possible, else unchanged
+        (docs/contract.md "Nearest-neighbour index")."""
         return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
 
     # -------------------------------------------------------------- calibration
@@ -484,7 +485,8 @@ class ModelStore:
         return value
 
     def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
-        """First value wins per recipe; later ones must match within 1e-6·max(1,|a|,|b|) (§1.6)."""
+        """First value wins per recipe; later ones must match within 1e-6·max(1,|a|,|b|)
+        (docs/contract.md "Scale lock")."""
         value = validate_mm_per_px(mm_per_px)
         if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
             return

@@ -35,7 +35,7 @@ class DiscGeometry:
         return self.size * 0.22
 
     def annulus_shape(self) -> dict[str, float | str]:
-        """The ``shape`` JSON object the GUI would send for this ring (contract §3.4)."""
+        """The ``shape`` JSON object the GUI would send for this ring (docs/contract.md "ROI mask")."""
         cx, cy = self.centre
         return {"kind": "annulus", "cx": cx, "cy": cy, "r": self.r_outer, "r_inner": self.r_inner}
 

@@ -18,7 +18,7 @@ from tests.conftest import tiny_settings
 from tests.helpers.synthetic import disc_png
 
 ROLE, ROI = "Inspection", "inspection-1"
-BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"  # b64(role) + "__" + b64(roi), contract §4.1
+BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"  # b64(role) + "__" + b64(roi), docs/contract.md "Files"
 MM = 0.2
 TOKENS = 64  # tiny ViT: 112 px input / 14 px patches = 8 × 8 tokens per image
 ANNULUS = {"kind": "annulus", "cx": 48, "cy": 48, "r": 44, "r_inner": 12}

@@ -1,4 +1,4 @@
-"""Every bad input is a 4xx with the documented body shape, never a 500 (DESIGN.md improvement 1)."""
+"""Every bad input is a 4xx with the documented body shape, never a 500 (docs/design.md "Bad input is a 4xx")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A calibration belongs to the memory it was computed for (DESIGN.md improvement 8)."""
+"""A calibration belongs to the memory it was computed for (docs/design.md "Calibration bound to its memory")."""
 
 from __future__ import annotations
 

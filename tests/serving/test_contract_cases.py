@@ -1,8 +1,10 @@
-"""Contract cases of API_CONTRACT_examples.md, run against the real app and the tiny real ViT.
+"""The reference's request → response cases (docs/contract.md), run against the real app and the tiny real ViT;
+each test is named after its case id (H health, D datasets, F /fit_ok, C /calibrate_ng, CD /calibrate_dataset,
+I /infer, ID /infer_dataset, M /manifest, S /state).
 
 Numbers that depend on the backbone use the tiny model: 112 px input → token grid [8, 8], 64
 patches per image (the reference's 448 px gives [32, 32] and 1024). Where one of our deliberate
-improvements (DESIGN.md) differs from the reference, the test name says so and asserts OUR behaviour.
+improvements (docs/design.md) differs from the reference, the test name says so and asserts OUR behaviour.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_every_route_answers_generated_requests_within_its_schema(fuzzed_app: An
     data that fits the schema and data that does not (out-of-range numbers, wrong types, ...)."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 15  # the contract's routes (§0), each fuzzed
+    assert len(operations) >= 15  # the contract's routes (docs/contract.md "Routes"), each fuzzed
     for operation, mode in itertools.product(operations, GenerationMode):
 
         @given(case=operation.as_strategy(generation_mode=mode))

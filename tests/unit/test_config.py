@@ -25,7 +25,7 @@ def test_env_overrides_yaml_and_yaml_overrides_defaults(tmp_path: Path, monkeypa
     monkeypatch.setenv("BDI_CONFIG", str(config))
     monkeypatch.setenv("BDI_CORESET_RATE", "0.05")
     settings = Settings()
-    assert settings.model.memory.coreset_rate == 0.05  # env wins over YAML (DESIGN.md improvement 4)
+    assert settings.model.memory.coreset_rate == 0.05  # env wins over YAML (docs/design.md "Environment over YAML")
     assert settings.model.scoring.score_percentile == 95  # YAML wins over defaults
 
 

@@ -112,7 +112,7 @@ def test_encode_png_gray_rejects_color() -> None:
 
 
 def _reference_letterbox(image_bgr: np.ndarray, size: int) -> np.ndarray:
-    """The legacy PIL recipe of API_CONTRACT §3.1, written independently."""
+    """The legacy PIL recipe of docs/contract.md "Feature extractor", written independently."""
     pil = Image.fromarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB))
     w, h = pil.size
     scale = min(size / w, size / h)
