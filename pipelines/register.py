@@ -1,7 +1,7 @@
-"""Stage 5, register: every calibrated model becomes an MLflow model version (``bdi.registry``).
+"""Stage 5, register: every calibrated model becomes an MLflow model version (``bdi.registration``).
 
 For each (recipe, role, roi): the model is exported alone into a temporary ModelStore root
-(``bdi.registry.export_model_dir``) with its golden images (a few eval images and the scores this
+(``bdi.registration.export_model_dir``) with its golden images (a few eval images and the scores this
 pipeline gave them) and the parity-checked export of its feature net in ``exports/<key>`` (``bdi.export``;
 made now when the machine's export cache lacks it, left out with a warning when no runtime passes), logged
 as a pyfunc in this stage's run and registered with its lineage tags (git commit, the dataset's md5 from
@@ -162,7 +162,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     import pandas as pd
 
     from bdi.promotion import promote_version, write_golden_set
-    from bdi.registry import export_model_dir, register_model
+    from bdi.registration import export_model_dir, register_model
     from bdi.store import ModelStore
 
     cfg = ctx.cfg

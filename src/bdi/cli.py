@@ -108,7 +108,7 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from .registry import sync_registered
+    from .registry_sync import sync_registered
 
     settings, cfg = _tracking(args)
     models_dir = args.models_dir if args.models_dir is not None else settings.models_dir

@@ -168,7 +168,7 @@ def probe_serving_path(model_dir: Path, *, overrides: Mapping[str, Any] | None =
     """Score the golden images of a downloaded version through ``InspectionService.infer`` (the call
     behind ``/infer``), on the backbone the memory records; one warm-up call is not timed."""
     from .config import Settings
-    from .registry import ModelDirPredictor
+    from .pyfunc import ModelDirPredictor
     from .service import InspectionService
 
     golden = read_golden_set(model_dir)
@@ -232,13 +232,13 @@ def _limit_check(name: str, value: float | None, limit: float | None, *, missing
 
 
 def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
-    from .registry import METRIC_TAG_PREFIX, _finite
+    from .registration import METRIC_TAG_PREFIX, finite_float
 
     out: dict[str, float] = {}
     for key, raw in tags.items():
         if key.startswith(METRIC_TAG_PREFIX):
             try:
-                value = _finite(float(raw))
+                value = finite_float(float(raw))
             except ValueError:
                 continue
             if value is not None:
@@ -263,13 +263,13 @@ def promote_version(
     Raises:
         StorageError: MLflow unreachable, or the version does not exist.
     """
-    from .registry import _alias_holder, _mlflow_errors, download_version
+    from .registration import alias_holder, download_version, mlflow_errors
 
     uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
-    with _mlflow_errors("promotion"), global_tracking_uri(uri):
+    with mlflow_errors("promotion"), global_tracking_uri(uri):
         client = tracking_client(cfg, project_root=project_root)[0]
         candidate = client.get_model_version(name, str(version))
-        holder = _alias_holder(client, name, cfg.alias)
+        holder = alias_holder(client, name, cfg.alias)
         previous = int(holder.version) if holder is not None else None
         report: GateReport | None = None
         if gate is not None:

@@ -1,6 +1,6 @@
 """Serving follows the registry: a loop that keeps a models dir equal to the registry's alias holders.
 
-:class:`RegistryFollower` runs :func:`bdi.registry.sync_registry` every ``interval_s`` seconds, in a
+:class:`RegistryFollower` runs :func:`bdi.registry_sync.sync_registry` every ``interval_s`` seconds, in a
 background thread of the server (``BDI_REGISTRY_SYNC_ON_START=1``, interval
 ``BDI_REGISTRY_SYNC_INTERVAL_S``) or in the foreground as a sidecar (``bdi sync --watch``); both are
 this one loop. Of all the processes following one models dir (uvicorn workers, a sidecar) only the
@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 
 from .fsio import FileIdentity, atomic_write_json
 from .logging import slog
-from .registry import SyncReport, sync_registry
+from .registry_sync import SyncReport, sync_registry
 from .shadow import shadow_models_dir
 from .tracking import TrackingConfig
 

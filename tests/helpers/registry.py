@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bdi.refs import ModelRef
-from bdi.registry import RegistrationResult, export_model_dir, register_model
+from bdi.registration import RegistrationResult, export_model_dir, register_model
 from bdi.service import InspectionService
 from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, tracked_run

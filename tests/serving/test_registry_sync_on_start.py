@@ -8,7 +8,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from bdi.refs import ModelRef
-from bdi.registry import export_model_dir, register_model
+from bdi.registration import export_model_dir, register_model
 from bdi.service import InspectionService
 from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, tracked_run

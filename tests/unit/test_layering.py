@@ -9,8 +9,8 @@ BDI = Path(__file__).resolve().parents[2] / "src" / "bdi"
 FORBIDDEN_EVERYWHERE = {"fastapi", "starlette", "hydra", "serving", "pipelines", "uvicorn"}
 LEAVES = {"errors", "config", "imaging", "coreset", "knn", "refs", "fsio"}
 MIDDLE_AND_UP = {"memory", "inference", "calibration", "store", "datasets", "service", "features",
-                 "tracking", "registry", "evaluation", "cli", "lineage", "model_lock", "sync", "promotion", "shadow",
-                 "model", "demo"}
+                 "tracking", "registry", "pyfunc", "registration", "registry_sync", "evaluation", "cli", "lineage",
+                 "model_lock", "sync", "promotion", "shadow", "model", "demo"}
 
 
 def _imports(path: Path) -> set[str]:

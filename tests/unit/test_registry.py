@@ -13,13 +13,8 @@ from mlflow import MlflowClient
 
 from bdi.errors import InvalidInputError
 from bdi.refs import ModelRef
-from bdi.registry import (
-    RegistrationResult,
-    export_model_dir,
-    register_model,
-    registered_model_name,
-    sync_registered,
-)
+from bdi.registration import RegistrationResult, export_model_dir, register_model, registered_model_name
+from bdi.registry_sync import sync_registered
 from bdi.service import InspectionService
 from bdi.store import ModelStore
 from bdi.tracking import TrackingConfig, resolve_tracking_uri, tracked_run

@@ -17,7 +17,7 @@ from bdi.errors import CalibrationMissingError, RegistryManagedError, StorageErr
 from bdi.features import FeatureExtractor
 from bdi.lineage import read_lineage
 from bdi.refs import ModelRef
-from bdi.registry import materialise_model, sync_registry
+from bdi.registry_sync import materialise_model, sync_registry
 from bdi.service import InspectionService
 from bdi.store import ModelStore
 from bdi.sync import RegistryFollower, SyncStatusReader, read_status
