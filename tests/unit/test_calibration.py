@@ -113,6 +113,6 @@ def test_calibration_from_the_dataset_writes_the_ids_and_no_statistics() -> None
 
 def test_an_old_calibration_file_takes_the_missing_percentile_and_area_from_the_defaults() -> None:
     calib = usable_calibration({"threshold": 2, "memory_fingerprint": "a"}, memory_fingerprint="a",
-                               defaults=ScoringConfig(score_percentile=95.0, area_mm2_thr=3.0))
+                               defaults=ScoringConfig(score_percentile=95, area_mm2_thr=3.0))
     assert (calib.threshold, calib.score_percentile, calib.area_mm2_thr) == (2.0, 95, 3.0)
-    assert calib.scoring(ScoringConfig()).score_percentile == 95.0
+    assert calib.scoring(ScoringConfig()).score_percentile == 95
