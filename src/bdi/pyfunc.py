@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artefact key holding the ModelStore root
 # Load-time overrides a pyfunc accepts (``mlflow.pyfunc.load_model(uri, model_config={...})``); MLflow only
 # lets through keys logged with the model, so they are logged with "" (= recorded value / default).
-PYFUNC_CONFIG_KEYS = ("weights", "weights_cache_dir", "device", "precision", "batch_size")
+PYFUNC_CONFIG_KEYS = ("weights", "weights_cache_dir", "device", "precision", "batch_size", "runtime")
 
 
 def single_model(model_dir: Path) -> StoredModel:
@@ -77,7 +77,10 @@ class ModelDirPredictor:
     """
 
     def __init__(self, model_dir: Path, *, overrides: Mapping[str, Any] | None = None) -> None:
-        from .config import MemoryConfig, ScoringConfig, Settings
+        import torch
+
+        from .acceleration import attach_runtime
+        from .config import EXPORTS_DIRNAME, MemoryConfig, ScoringConfig, Settings
         from .features import FeatureExtractor
         from .model import load_patchcore
 
@@ -95,6 +98,12 @@ class ModelDirPredictor:
         cache_dir = overrides.get("weights_cache_dir") or Settings.model_fields["weights_cache_dir"].default
         extractor = FeatureExtractor(features, cache_dir=Path(cache_dir))
         _check_weights(recorded=memory.metadata["features"].get("weights") or {}, got=extractor.weights.to_dict())
+        # the version's own export when it carries one (register stage), else the machine's export cache
+        carried = self.model_dir / EXPORTS_DIRNAME
+        self.runtime = attach_runtime(
+            extractor, requested=str(overrides.get("runtime") or "torch"),
+            root=carried if carried.is_dir() else Path(cache_dir) / EXPORTS_DIRNAME, threads=torch.get_num_threads(),
+        )
         self.model = load_patchcore(
             self.store, self.ref, extractor=extractor, scoring=ScoringConfig().resolved(features.backbone),
             memory_cfg=MemoryConfig().resolved(features.backbone), endpoint="predict",

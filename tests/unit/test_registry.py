@@ -211,3 +211,19 @@ def test_a_version_without_an_export_syncs_and_serves(
     ok, encoded = cv2.imencode(".png", good_discs[11])
     outcome = server.infer(ref=REF, mm_per_px=0.2, image=encoded.tobytes())
     assert outcome.decision in ("ok", "ng") and server.health()["runtime"] in ("torch", "onnxruntime", "openvino")
+
+
+def test_pyfunc_scores_on_the_exported_runtime_when_asked_and_matches_torch(
+    model_dir: Path, good_discs: list[np.ndarray], defect_discs: list[np.ndarray], tmp_path: Path
+) -> None:
+    from bdi.pyfunc import ModelDirPredictor
+
+    images = [cv2.imencode(".png", image)[1].tobytes() for image in (good_discs[11], defect_discs[0])]
+    frame = pd.DataFrame({"image_bytes": images})
+    cache = str(tmp_path / "cache")
+    on_torch = ModelDirPredictor(model_dir, overrides={"weights_cache_dir": cache})
+    on_onnx = ModelDirPredictor(model_dir, overrides={"weights_cache_dir": cache, "runtime": "onnxruntime"})
+    assert (on_torch.runtime.active, on_onnx.runtime.active) == ("torch", "onnxruntime")
+    torch_scores = on_torch.predict_frame(frame)["score"].to_numpy()
+    onnx_scores = on_onnx.predict_frame(frame)["score"].to_numpy()
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
