@@ -4,11 +4,17 @@ The fitted ModelStore (``paths.fit_dir``, an output of fit_ok that this stage mu
 copied to ``paths.model_dir``; ``InspectionService.calibrate_from_scores`` (the library rule of
 docs/contract.md "Threshold rule", as ``/calibrate_ng``) then writes each model's calib.json there, recording the
 memory it belongs to. ``paths.model_dir`` is the deployable ModelStore: memory + index + calibration.
+
+It also reports the selection metrics of tuning on the calib split, ``calib_image_auroc`` and
+``calib_pixel_auroc`` (where the rows have masks), with the evaluate stage's code (``evaluate_rows``), to
+MLflow and to ``paths.calib_metrics`` (a DVC metrics file; top level = mean over models). Tuning compares
+these, never the eval split's figures.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +27,7 @@ from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,
     build_service,
+    evaluate_rows,
     execute_stage,
     recipe_mm_per_px,
     rows_for,
@@ -28,6 +35,7 @@ from pipelines.stage import (
     score_rows,
     stage_run_with_progress,
     targets,
+    write_json,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipelines.calibrate")
 STAGE = "calibrate"
+SELECTION_KEYS = ("image_auroc", "pixel_auroc")  # logged with a ``calib_`` prefix
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class CalibrationOutcome:
     key: str
     calib: Calibration
     scores: list[dict[str, Any]]  # file, label, defect_class, score
+    selection: dict[str, float | None]  # calib_image_auroc, calib_pixel_auroc (None: undefined on the split)
 
 
 def run_calibrate(
@@ -73,20 +83,35 @@ def run_calibrate(
             )
             scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]
-            outcomes.append(CalibrationOutcome(key=target.key, calib=calib, scores=scores))
+            report = evaluate_rows(ctx, rows=rows, results=results, threshold=calib.threshold)
+            selection = {f"calib_{k}": report.overall[k] for k in SELECTION_KEYS}
+            outcomes.append(CalibrationOutcome(key=target.key, calib=calib, scores=scores, selection=selection))
             log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib.threshold,
                      len(ok), len(ng))
     return outcomes
+
+
+def selection_metrics(outcomes: list[CalibrationOutcome]) -> dict[str, Any]:
+    """The ``paths.calib_metrics`` content: each selection metric's mean over the models (None when undefined
+    for all) and every model's own under ``models``."""
+    out: dict[str, Any] = {}
+    for key in (f"calib_{k}" for k in SELECTION_KEYS):
+        values = [v for o in outcomes if (v := o.selection[key]) is not None and math.isfinite(v)]
+        out[key] = sum(values) / len(values) if values else None
+    out["models"] = {o.key: o.selection for o in outcomes}
+    return out
 
 
 def execute(ctx: StageContext) -> list[CalibrationOutcome]:
     with stage_run_with_progress(ctx, run_calibrate) as (run, outcomes):
         for outcome in outcomes:
             prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
-            run.log_metrics({f"{prefix}{k}": v for k, v in outcome.calib.metrics().items()})
+            run.log_metrics({f"{prefix}{k}": v for k, v in {**outcome.calib.metrics(), **outcome.selection}.items()})
             name = outcome.key.replace("/", "__")
             run.log_dict(outcome.calib.to_dict(), f"calibration/{name}.calib.json")
             run.log_dict({"scores": outcome.scores}, f"calibration/{name}.scores.json")
+        run.log_artifact(write_json(ctx.path(ctx.cfg.paths.calib_metrics), selection_metrics(outcomes)),
+                         "calibration")
     return outcomes
 
 

@@ -160,6 +160,7 @@ class PathsSchema:
     ingest_report: str = "data/ingest_report.json"
     fit_dir: str = "artifacts/fit"  # ModelStore root: memory + index
     model_dir: str = "artifacts/model"  # ModelStore root: memory + index + calib.json (deployable)
+    calib_metrics: str = "eval/calib_metrics.json"  # the calibrate stage's selection metrics (calib split)
     metrics: str = "eval/metrics.json"
     scores: str = "eval/scores.csv"
     roc: str = "eval/plots/roc.csv"

@@ -20,12 +20,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.manifest import ManifestRow, PipelineDataError, read_manifest
+from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,
     build_service,
+    evaluate_rows,
     execute_stage,
-    resolve_path,
     rows_for,
     run_cli,
     score_rows,
@@ -57,20 +57,6 @@ class EvaluationOutputs:
     models: list[ModelEvaluation]
 
 
-def _load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | None:
-    from bdi.errors import BDIError
-    from bdi.evaluation import binarize_mask
-    from bdi.imaging import decode_mask
-
-    if not row.mask:
-        return None
-    try:
-        mask = decode_mask(resolve_path(root, row.mask).read_bytes(), name=row.mask)
-    except BDIError as exc:
-        raise PipelineDataError(f"mask {row.mask} cannot be decoded: run the ingest stage again") from exc
-    return binarize_mask(mask, threshold=threshold)
-
-
 def _worst(scores: list[float], labels: list[int], threshold: float, n: int) -> list[int]:
     """Indices of the ``n`` worst cases by signed margin: NG far below / OK far above the threshold."""
     margins = [(s - threshold) if y == 1 else (threshold - s) for s, y in zip(scores, labels, strict=True)]
@@ -88,13 +74,7 @@ def run_evaluate(
     """Score every model's eval split; compute metrics; write the plot PNGs into ``paths.images_dir``."""
     from bdi.calibration import decide
     from bdi.errors import NotFittedError
-    from bdi.evaluation import (
-        evaluate_scores,
-        plot_gallery,
-        plot_roc,
-        plot_score_histogram,
-        score_histogram,
-    )
+    from bdi.evaluation import plot_gallery, plot_roc, plot_score_histogram, score_histogram
 
     cfg = ctx.cfg
     manifest = read_manifest(ctx.path(cfg.paths.manifest))
@@ -117,13 +97,11 @@ def run_evaluate(
         rows = rows_for(manifest, target, "eval")
         images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                      scoring=model.scoring, progress=progress)
+        report = evaluate_rows(ctx, rows=rows, results=results, threshold=threshold)
         labels = [1 if row.label == "ng" else 0 for row in rows]
         scores = [float(r.score) for r in results]
         classes = [row.defect_class for row in rows]
-        masks = [_load_mask(ctx.project_root, row, threshold=cfg.dataset.mask_threshold) for row in rows]
         maps = [r.anomaly_map for r in results]
-        report = evaluate_scores(labels=labels, scores=scores, threshold=threshold, defect_classes=classes,
-                                 maps=maps, masks=masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
         ok_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         ng_scores = [s for s, y in zip(scores, labels, strict=True) if y == 1]
         evaluation = ModelEvaluation(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import yaml
@@ -42,6 +42,9 @@ from pipelines.config import (
     validate,
 )
 from pipelines.manifest import ManifestRow, PipelineDataError, model_rows, read_manifest
+
+if TYPE_CHECKING:
+    from bdi.evaluation import EvaluationReport
 
 log = logging.getLogger("pipelines")
 
@@ -367,6 +370,38 @@ def roi_mask(row: ManifestRow, *, width: int, height: int) -> np.ndarray:
     from bdi.imaging import build_roi_mask, parse_shape
 
     return build_roi_mask(parse_shape(row.roi_shape or None), width=width, height=height)
+
+
+def load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | None:
+    """The row's ground-truth mask binarised (``bdi.evaluation.binarize_mask``); None for a row without one."""
+    from bdi.evaluation import binarize_mask
+    from bdi.imaging import decode_mask
+
+    if not row.mask:
+        return None
+    try:
+        mask = decode_mask(resolve_path(root, row.mask).read_bytes(), name=row.mask)
+    except BDIError as exc:
+        raise PipelineDataError(f"mask {row.mask} cannot be decoded: run the ingest stage again") from exc
+    return binarize_mask(mask, threshold=threshold)
+
+
+def evaluate_rows(
+    ctx: StageContext, *, rows: Sequence[ManifestRow], results: Sequence[Any], threshold: float
+) -> EvaluationReport:
+    """``bdi.evaluation.evaluate_scores`` of scored manifest rows (``score_rows``): their labels, scores, defect
+    classes, anomaly maps and ground-truth masks, at ``threshold``. The evaluate stage reports it on the
+    ``eval`` split; the calibrate stage takes its selection metrics from it on the ``calib`` split."""
+    from bdi.evaluation import evaluate_scores
+
+    cfg = ctx.cfg
+    return evaluate_scores(
+        labels=[1 if row.label == "ng" else 0 for row in rows], scores=[float(r.score) for r in results],
+        threshold=threshold, defect_classes=[row.defect_class for row in rows],
+        maps=[r.anomaly_map for r in results],
+        masks=[load_mask(ctx.project_root, row, threshold=cfg.dataset.mask_threshold) for row in rows],
+        fpr_limit=cfg.evaluation.aupro_fpr_limit,
+    )
 
 
 def score_rows(

@@ -90,6 +90,7 @@ def test_dvc_stage_params_are_whole_sections_of_params() -> None:
 
 def test_every_output_path_is_a_stage_output() -> None:
     dvc = yaml.safe_load((PROJECT / "dvc.yaml").read_text(encoding="utf-8"))
-    outs = {next(iter(o)) if isinstance(o, dict) else o for s in dvc["stages"].values() for o in s.get("outs", [])}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in dvc["stages"].values()
+            for o in [*s.get("outs", []), *s.get("metrics", [])]}
     paths = {k for k in _params()["paths"] if k != "weights_cache_dir"}
     assert {f"${{paths.{k}}}" for k in paths} == outs

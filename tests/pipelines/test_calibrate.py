@@ -1,0 +1,80 @@
+"""Calibrate: besides the threshold, the stage reports the tuning selection metrics of the calib split.
+
+One module-scoped project (the synthetic discs, ``model=tiny``, MLflow on SQLite in ``tmp_path``) runs ingest,
+fit_ok and calibrate in process, as ``python -m pipelines.<stage>`` would with conf/ and these overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bdi.evaluation import image_auroc
+from bdi.synthetic import write_mvtec_dataset
+from pipelines import calibrate, fit_ok, ingest
+from pipelines.config import compose_config, to_plain, validate
+from pipelines.manifest import read_manifest
+from pipelines.stage import StageContext
+
+
+@dataclass
+class CalibratedProject:
+    root: Path
+    outcomes: list[calibrate.CalibrationOutcome]
+
+    def metrics_file(self) -> dict[str, Any]:
+        return json.loads((self.root / "eval" / "calib_metrics.json").read_text(encoding="utf-8"))
+
+
+def _context(root: Path, stage: str) -> StageContext:
+    overrides = ["dataset=synthetic", f"dataset.source={root / 'mvtec'}", "model=tiny"]
+    cfg = validate(to_plain(compose_config(overrides)))
+    return StageContext(stage=stage, cfg=cfg, config_dict=to_plain(cfg), project_root=root, config_source="conf/",
+                        overrides=tuple(overrides))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CalibratedProject]:
+    root = tmp_path_factory.mktemp("calibrate-project")
+    write_mvtec_dataset(root / "mvtec", n_train=8, n_test_good=4, n_test_per_defect=2, size=96, seed=0)
+    ingest.execute(_context(root, "ingest"))
+    fit_ok.execute(_context(root, "fit_ok"))
+    yield CalibratedProject(root=root, outcomes=calibrate.execute(_context(root, "calibrate")))
+
+
+def test_calibrate_reports_image_auroc_of_the_calib_split(project: CalibratedProject) -> None:
+    [outcome] = project.outcomes
+    calib_files = {r.file for r in read_manifest(project.root / "data" / "manifest.csv") if r.split == "calib"}
+    assert {s["file"] for s in outcome.scores} == calib_files
+    expected = image_auroc([s["label"] == "ng" for s in outcome.scores], [s["score"] for s in outcome.scores])
+    assert outcome.selection["calib_image_auroc"] == pytest.approx(expected)
+
+
+def test_calibrate_reports_pixel_auroc_where_the_rows_have_masks(project: CalibratedProject) -> None:
+    value = project.outcomes[0].selection["calib_pixel_auroc"]
+    assert value is not None and 0.0 <= value <= 1.0
+
+
+def test_calibrate_writes_the_selection_metrics_file(project: CalibratedProject) -> None:
+    [outcome] = project.outcomes
+    metrics = project.metrics_file()
+    assert metrics["models"] == {"synthetic/disc/ring": outcome.selection}
+    assert metrics["calib_image_auroc"] == pytest.approx(outcome.selection["calib_image_auroc"])
+    assert metrics["calib_pixel_auroc"] == pytest.approx(outcome.selection["calib_pixel_auroc"])
+
+
+def test_calibrate_logs_the_selection_metrics_to_mlflow(project: CalibratedProject) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bdi")
+    [run] = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'calibrate'")
+    selection = project.outcomes[0].selection
+    assert run.data.metrics["calib_image_auroc"] == pytest.approx(selection["calib_image_auroc"])
+    assert run.data.metrics["calib_pixel_auroc"] == pytest.approx(selection["calib_pixel_auroc"])
+    assert "threshold" in run.data.metrics
