@@ -343,7 +343,7 @@ class PixelKnnDetector:
         cells, box = self._cells(image)
         squared, _ = self.index.search(cells, k=1)
         distances = np.sqrt(np.maximum(squared[:, 0], 0.0)).astype(np.float32)
-        assert self.scoring.blur_sigma is not None
+        assert self.scoring.blur_sigma is not None and self.scoring.score_percentile is not None
         amap = gaussian_blur(distance_map(distances, grid=self.grid, letterbox=box,
                                           remove_letterbox=self.scoring.remove_letterbox), self.scoring.blur_sigma)
         full = np.full(amap.shape, 255, dtype=np.uint8)

@@ -53,6 +53,8 @@ class BackboneSpec:
         size_multiple: an input size must be a multiple of this, so every feature grid is whole.
         neighbourhood: default side of the local average over features (PatchCore's aggregation); 1 = none.
         blur_sigma: default Gaussian blur of the anomaly map, in crop px.
+        score_percentile: default image score: this percentile of the blurred map inside the ROI (100 = its
+            maximum, PatchCore's usual score); also the OK percentile of the threshold rule.
         l2_normalize: whether patch features are L2-normalised before the memory and the search (the DINOv2
             legacy rule, distances in [0, 2]); CNN features keep their magnitude, which carries the anomaly.
         projection_dim: default random-projection width for the greedy coreset (0 = exact distances).
@@ -66,11 +68,13 @@ class BackboneSpec:
     size_multiple: int
     neighbourhood: int
     blur_sigma: float
+    score_percentile: int
     l2_normalize: bool
     projection_dim: int
     official: OfficialWeights
 
 
+CONTRACT_SCORE_PERCENTILE = 99  # the legacy backend's image score and OK percentile (docs/contract.md)
 DINOV2_VITS14 = "vit_small_patch14_dinov2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 
@@ -85,6 +89,7 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         size_multiple=14,
         neighbourhood=1,
         blur_sigma=1.0,
+        score_percentile=CONTRACT_SCORE_PERCENTILE,
         l2_normalize=True,
         projection_dim=128,
         official=OfficialWeights(
@@ -104,6 +109,7 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         size_multiple=32,
         neighbourhood=3,
         blur_sigma=8.0,
+        score_percentile=100,
         l2_normalize=False,
         projection_dim=32,
         official=OfficialWeights(

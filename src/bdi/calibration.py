@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .backbones import CONTRACT_SCORE_PERCENTILE
 from .config import CalibrationConfig, ScoringConfig
 from .errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
 
@@ -64,11 +65,11 @@ def choose_threshold(
     """The contract's threshold rule: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
     p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
 
-    ``score_percentile`` (P, in [0, 100]) defaults to ``ScoringConfig.score_percentile`` (99).
+    ``score_percentile`` (P, in [0, 100]) defaults to the contract's 99.
     """
     cfg = cfg or CalibrationConfig()
     if score_percentile is None:
-        score_percentile = ScoringConfig.score_percentile
+        score_percentile = CONTRACT_SCORE_PERCENTILE
     if not 0.0 <= score_percentile <= 100.0:
         raise InvalidInputError(f"score_percentile must be in [0, 100], got {score_percentile}")
     ok = finite_scores(ok_scores, name="ok_scores")
@@ -217,7 +218,7 @@ class Calibration:
             raise CalibrationMissingError("threshold missing")
         percentile = _number(data.get("score_percentile"))
         if percentile is None or not 0.0 <= percentile <= 100.0:
-            percentile = defaults.score_percentile
+            percentile = CONTRACT_SCORE_PERCENTILE if defaults.score_percentile is None else defaults.score_percentile
         area = _number(data.get("area_mm2_thr"))
         has_statistics = all(key in data for key in ("ok_mean", "ng_mean", "p99_ok", "p5_ng"))
         ids = [_text(data.get(key)) for key in ("recipe_id", "role_id", "roi_id", "model_key")]

@@ -109,25 +109,30 @@ class ScoringConfig:
     """Distances → heatmap → score → regions (docs/contract.md "Inference pipeline")."""
 
     # a whole number in [0, 100]: the image score's percentile over blurred values inside the mask, and the OK
-    # percentile of the threshold rule (calib.json stores it as an int and /infer scores with it)
-    score_percentile: int = 99
+    # percentile of the threshold rule (calib.json stores it as an int and /infer scores with it); None = the
+    # backbone's (99, the contract's, for DINOv2; 100, the map's maximum, for efficientnet_lite0)
+    score_percentile: int | None = None
     area_mm2_thr: float = 1.0  # regions smaller than this are dropped
     blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
     # cut padding tokens before upsampling (docs/design.md "Heatmap aligned with the crop")
     remove_letterbox: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.score_percentile, bool) or not isinstance(self.score_percentile, int) \
-                or not 0 <= self.score_percentile <= 100:
+        if self.score_percentile is not None and (isinstance(self.score_percentile, bool)
+                                                  or not isinstance(self.score_percentile, int)
+                                                  or not 0 <= self.score_percentile <= 100):
             raise ValueError(f"score_percentile must be a whole number in [0, 100], got {self.score_percentile!r}")
         if self.blur_sigma is not None and self.blur_sigma < 0:
             raise ValueError("blur_sigma must be >= 0")
 
     def resolved(self, backbone: str) -> ScoringConfig:
-        """This config with an unset ``blur_sigma`` taken from the backbone's registry entry."""
-        if self.blur_sigma is not None:
-            return self
-        return replace(self, blur_sigma=backbone_spec(backbone).blur_sigma)
+        """This config with an unset ``blur_sigma`` and ``score_percentile`` taken from the backbone's entry."""
+        spec = backbone_spec(backbone)
+        return replace(
+            self,
+            blur_sigma=spec.blur_sigma if self.blur_sigma is None else self.blur_sigma,
+            score_percentile=spec.score_percentile if self.score_percentile is None else self.score_percentile,
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,10 @@ def _whole(value: object) -> object:
     return int(number) if number.is_integer() else value
 
 
+def _optional_whole(value: object) -> object:
+    return _optional(_whole(value))
+
+
 def _blocks(value: object) -> object:
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").split(",") if p]
@@ -211,7 +220,7 @@ FLAT_NAMES: dict[str, FlatName] = {
     "KNN_INDEX": FlatName(("model", "memory", "knn_index")),
     "FAISS_PREFER_GPU": FlatName(("model", "memory", "prefer_gpu"), _truthy),
     "FAISS_GPU_DEVICE": FlatName(("model", "memory", "gpu_device")),
-    "SCORE_PERCENTILE": FlatName(("model", "scoring", "score_percentile"), _whole),
+    "SCORE_PERCENTILE": FlatName(("model", "scoring", "score_percentile"), _optional_whole),
     "AREA_MM2_THR": FlatName(("model", "scoring", "area_mm2_thr")),
     "BLUR_SIGMA": FlatName(("model", "scoring", "blur_sigma"), _optional),
     "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), _truthy),

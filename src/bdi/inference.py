@@ -189,7 +189,7 @@ def score_crop(
         threshold: the calibrated threshold; regions are computed only when given.
     """
     timer = timer or StageTimer()
-    if cfg.blur_sigma is None:
+    if cfg.blur_sigma is None or cfg.score_percentile is None:
         raise ValueError("score_crop needs a resolved ScoringConfig (ScoringConfig.resolved(backbone))")
     if tuple(grid) != tuple(memory_grid):
         raise TokenGridMismatchError(got=grid, expected=memory_grid)

@@ -361,7 +361,9 @@ class InspectionService:
         self, score_percentile: float | None, area_mm2_thr: float | None
     ) -> tuple[int, float]:
         """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""
-        percentile = int(self.settings.model.scoring.score_percentile if score_percentile is None else score_percentile)
+        default = self.settings.model.scoring.score_percentile
+        assert default is not None  # Settings.model is resolved
+        percentile = int(default if score_percentile is None else score_percentile)
         area = float(self.settings.model.scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
 

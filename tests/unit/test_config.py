@@ -135,6 +135,8 @@ def test_model_config_is_resolved_from_the_backbone_registry() -> None:
     model = ModelConfig(features=FeatureConfig(backbone=EFFICIENTNET_LITE0))
     assert (model.features.input_size, model.features.blocks) == (spec.input_size, spec.blocks)
     assert model.memory.projection_dim == spec.projection_dim and model.scoring.blur_sigma == spec.blur_sigma
+    assert model.scoring.score_percentile == spec.score_percentile == 100  # the tuned image score: the map's max
+    assert ModelConfig().scoring.score_percentile == 99  # DINOv2 keeps the contract's
 
 
 def test_threads_are_the_cores_divided_among_uvicorn_workers(monkeypatch: pytest.MonkeyPatch) -> None:
