@@ -10,6 +10,8 @@ from bdi.inference import distance_map, find_regions, gaussian_blur, heatmap_u8,
 from bdi.knn import KnnIndex
 from bdi.memory import l2_normalize
 
+SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99)
+
 
 def test_gaussian_blur_sigma_one_uses_seven_tap_kernel() -> None:
     impulse = np.zeros((15, 15), dtype=np.float32)
@@ -75,7 +77,7 @@ def test_score_crop_rejects_token_grid_mismatch() -> None:
         score_crop(
             embeddings=np.eye(4, dtype=np.float32), grid=(2, 2),
             letterbox=letterbox_geometry(src_w=28, src_h=28, size=28), index=index, memory_grid=(3, 3),
-            mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(blur_sigma=1.0), threshold=None, mm_per_px=1.0,
+            mask=np.full((28, 28), 255, np.uint8), cfg=SCORING, threshold=None, mm_per_px=1.0,
         )
 
 
@@ -84,7 +86,7 @@ def test_score_crop_distances_lie_in_zero_two_and_match_memory_exactly() -> None
     index = KnnIndex.build(rows)
     result = score_crop(
         embeddings=rows, grid=(2, 2), letterbox=letterbox_geometry(src_w=28, src_h=28, size=28),
-        index=index, memory_grid=(2, 2), mask=np.full((28, 28), 255, np.uint8), cfg=ScoringConfig(blur_sigma=1.0),
+        index=index, memory_grid=(2, 2), mask=np.full((28, 28), 255, np.uint8), cfg=SCORING,
         threshold=0.5, mm_per_px=0.1,
     )
     assert result.score == pytest.approx(0.0, abs=1e-3)
