@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bdi import backbones
-from bdi.backbones import BACKBONES, EFFICIENTNET_LITE0, backbone_spec
+from bdi.backbones import BACKBONES, EFFICIENTNET_LITE0, EFFICIENTNET_LITE2, backbone_spec
 from bdi.config import FeatureConfig
 from bdi.errors import WeightsError
 from bdi.features import FeatureExtractor, convert_by_order, create_backbone, load_state_dict_file, resolve_weights
@@ -39,19 +39,26 @@ def test_unknown_backbone_is_rejected_naming_the_known_ones() -> None:
         FeatureConfig(backbone="resnet_nonexistent")
 
 
-def test_official_cnn_weights_come_from_the_installed_package_with_their_sha256(tmp_path: Path) -> None:
-    info = resolve_weights(LITE0, cache_dir=tmp_path)
+PIP_CNNS = [EFFICIENTNET_LITE0, EFFICIENTNET_LITE2]
+
+
+@pytest.mark.parametrize("backbone", PIP_CNNS)
+def test_official_cnn_weights_come_from_the_installed_package_with_their_sha256(backbone: str, tmp_path: Path) -> None:
+    config = FeatureConfig(backbone=backbone, weights="official", input_size=64, device="cpu")
+    info = resolve_weights(config, cache_dir=tmp_path)
     assert info.source == "official" and info.pretrained
-    assert info.sha256 == BACKBONES[EFFICIENTNET_LITE0].official.sha256
-    assert info.name == "efficientnet_lite0.in1k"
+    assert info.sha256 == BACKBONES[backbone].official.sha256
+    assert info.name == f"{backbone}.in1k"
     assert list(tmp_path.iterdir()) == []  # nothing downloaded, nothing cached: it works offline
 
 
-def test_efficientnet_pytorch_checkpoint_maps_every_tensor_onto_timm_by_order(tmp_path: Path) -> None:
-    path = Path(str(resolve_weights(LITE0, cache_dir=tmp_path).path))
+@pytest.mark.parametrize("backbone", PIP_CNNS)
+def test_efficientnet_pytorch_checkpoint_maps_every_tensor_onto_timm_by_order(backbone: str, tmp_path: Path) -> None:
+    config = FeatureConfig(backbone=backbone, weights="official", input_size=64, device="cpu")
+    path = Path(str(resolve_weights(config, cache_dir=tmp_path).path))
     theirs = load_state_dict_file(path)
     assert next(iter(theirs)) == "_conv_stem.weight"  # EfficientNet-PyTorch names, not timm's
-    model = create_backbone(LITE0)
+    model = create_backbone(config)
     converted = convert_by_order(theirs, model, source=str(path))
     assert list(converted) == list(model.state_dict())
     model.load_state_dict(converted, strict=True)
