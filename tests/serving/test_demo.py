@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from bdi.backbones import EFFICIENTNET_LITE0
+from bdi.backbones import PRETRAINED_CNN
 from bdi.config import Settings
 from bdi.demo import MM_PER_PX, ROI_ID, ROLE_ID, build_demo_model, overlay
 from bdi.synthetic import write_mvtec_dataset
@@ -18,7 +18,7 @@ def test_demo_samples_are_judged_ng_and_ok_over_http(tmp_path: Path) -> None:
     data = write_mvtec_dataset(tmp_path / "discs", n_train=10, n_test_good=4, n_test_per_defect=2, size=128)
     settings = Settings(
         models_dir=tmp_path / "models", log_dir=tmp_path / "logs", weights_cache_dir=tmp_path / "cache",
-        model={"features": {"backbone": EFFICIENTNET_LITE0, "weights": "official", "device": "cpu", "input_size": 128}},
+        model={"features": {"backbone": PRETRAINED_CNN, "weights": "official", "device": "cpu", "input_size": 128}},
     )
     demo = build_demo_model(settings, data_root=data, n_train=10)
     decisions = {}
@@ -40,7 +40,7 @@ def test_demo_overlay_puts_the_heatmap_peak_on_the_defect(tmp_path: Path) -> Non
     data = write_mvtec_dataset(tmp_path / "discs", n_train=10, n_test_good=4, n_test_per_defect=2, size=128)
     settings = Settings(
         models_dir=tmp_path / "models", weights_cache_dir=tmp_path / "cache",
-        model={"features": {"backbone": EFFICIENTNET_LITE0, "weights": "official", "device": "cpu", "input_size": 128}},
+        model={"features": {"backbone": PRETRAINED_CNN, "weights": "official", "device": "cpu", "input_size": 128}},
     )
     demo = build_demo_model(settings, data_root=data, n_train=10)
     import cv2
