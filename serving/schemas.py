@@ -325,6 +325,7 @@ class HealthResponse(BaseModel):
     pretrained: bool
     registry: dict[str, Any]
     runtime: str
+    runtime_precision: str
     runtime_requested: str
     runtime_fallback: str | None
     runtime_parity: dict[str, Any] | None

@@ -43,6 +43,6 @@ async def health(
     body["pretrained"] = bool(info["pretrained"])
     status = getattr(request.app.state, "tracking_status", None)
     body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
-    for key in ("runtime", "runtime_requested", "runtime_fallback", "runtime_parity"):
+    for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity"):
         body[key] = info[key]
     return body

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, get_args
 
 from .config import RuntimeName
 from .errors import ExportError
 from .export import Export, export_key, export_lock, load_export, record_parity, write_export
-from .features import FeatureExtractor
+from .features import FeatureExtractor, TorchRunner
 from .logging import slog
 from .parity import GoldenReference, ParityReport, ParityTolerance, check_parity, golden_reference
 from .runtime import RUNTIMES, Runner, RuntimeOptions, open_runtime, runtime_installed
 
+Candidate = Runner | TorchRunner
 RUNTIME_SETTINGS: tuple[RuntimeName, ...] = get_args(RuntimeName)  # auto, torch, then the exported runtimes
 assert set(RUNTIME_SETTINGS) == {"auto", "torch", *RUNTIMES}
 
@@ -72,6 +73,7 @@ class RuntimeStatus:
         """The ``/health`` fields: the runtime in use, the one asked for, why not (fallback) and parity figures."""
         return {
             "runtime": self.active,
+            "runtime_precision": self.details.get("precision", "fp32"),
             "runtime_requested": self.requested,
             "runtime_fallback": self.fallback,
             "runtime_parity": {
@@ -205,6 +207,24 @@ def checked_export_for(
     return export_checked(extractor, root=root, threads=threads)[0]
 
 
+def _candidates(extractor: FeatureExtractor, requested: str, *, installed: Sequence[str], export: Export | None,
+                options: RuntimeOptions) -> tuple[dict[str, Candidate], dict[str, str]]:
+    """What may run the net, by label (``openvino``, ``openvino-bf16``, ``torch-bf16``…), and why others cannot."""
+    runners: dict[str, Candidate] = {}
+    errors: dict[str, str] = {}
+    if extractor.precision != "fp32" and requested in ("auto", "torch"):
+        runners[f"torch-{extractor.precision}"] = TorchRunner(extractor, extractor.precision)
+    for name in installed if export is not None else ():
+        assert export is not None
+        try:
+            runner = open_runtime(name, export, options=options)
+        except ExportError as exc:
+            errors[name] = str(exc)
+            continue
+        runners[name if runner.precision == "fp32" else f"{name}-{runner.precision}"] = runner
+    return runners, errors
+
+
 def attach_runtime(
     extractor: FeatureExtractor,
     *,
@@ -214,61 +234,79 @@ def attach_runtime(
     tolerance: ParityTolerance | None = None,
 ) -> RuntimeStatus:
     """Attach the runtime ``requested`` (``auto``/``torch``/``onnxruntime``/``openvino``) to ``extractor`` if it
-    passes parity; torch otherwise (loudly, see the module docstring). Never raises for a runtime problem."""
+    passes parity; torch otherwise (loudly, see the module docstring). Never raises for a runtime problem.
+
+    A reduced ``precision`` (``bf16``, or ``fp16`` on CUDA) is a candidate like a runtime: torch autocast and the
+    runtimes that compute in it are checked against fp32 torch, and fp32 torch runs when none passes."""
     if requested not in RUNTIME_SETTINGS:
         raise ValueError(f"runtime must be one of {list(RUNTIME_SETTINGS)}, got {requested!r} (BDI_RUNTIME)")
     extractor.use_runtime(None)
-    if requested == "torch":
+    reduced = extractor.precision != "fp32"
+    if requested == "torch" and not reduced:
         status = RuntimeStatus(requested="torch", active="torch", reason="BDI_RUNTIME=torch", threads=threads)
         slog("runtime.selected", **status.to_dict())
         return status
-    candidates = list(RUNTIMES) if requested == "auto" else [requested]
-    installed = [name for name in candidates if runtime_installed(name)]
-    if not installed:
-        why = f"{' and '.join(candidates)} not installed (`pip install {' '.join(candidates)}`)"
+    fp32_torch = TorchRunner(extractor, "fp32")
+    names = [] if requested == "torch" else list(RUNTIMES) if requested == "auto" else [requested]
+    installed = [name for name in names if runtime_installed(name)]
+    common: dict[str, Any] = {"requested": requested, "threads": threads}
+    if names and not installed and not reduced:
+        why = f"{' and '.join(names)} not installed (`pip install {' '.join(names)}`)"
         return _fallback(requested, why=why, threads=threads, loud=requested != "auto")
-    try:
-        export = ensure_export(extractor, root=root)
-    except ExportError as exc:
-        return _fallback(requested, why=f"no usable export: {exc}", threads=threads)
+    export: Export | None = None
+    if installed:
+        try:
+            export = ensure_export(extractor, root=root)
+            common.update(export_key=export.manifest.key, export_path=str(export.path))
+        except ExportError as exc:
+            if not reduced:
+                return _fallback(requested, why=f"no usable export: {exc}", threads=threads)
+            _log.warning("no usable export, only torch-%s is checked: %s", extractor.precision, exc)
     reference = golden_reference(extractor)
     options = runtime_options(extractor, threads=threads)
-    runners: dict[str, Runner] = {}
-    reports: dict[str, ParityReport] = {}
-    for name in installed:
-        runner, report = _check(name, export, reference=reference, options=options, tolerance=tolerance)
-        reports[name] = report
-        if runner is not None and report.passed:
+    candidates, errors = _candidates(extractor, requested, installed=installed, export=export, options=options)
+    reports = {name: ParityReport(runtime=name, passed=False, error=error, torch_ms=reference.torch_ms)
+               for name, error in errors.items()}
+    runners: dict[str, Candidate] = {}
+    for name, runner in candidates.items():
+        reports[name] = replace(check_parity(reference, runner, tolerance=tolerance), runtime=name)
+        if reports[name].passed:
             runners[name] = runner
         else:
-            _log.warning("runtime %s failed the parity check and will not be used: %s", name, report.summary())
-    common: dict[str, Any] = {"requested": requested, "threads": threads, "export_key": export.manifest.key,
-                              "export_path": str(export.path), "parity": reports}
+            _log.warning("runtime %s failed the parity check and will not be used: %s", name, reports[name].summary())
+    common["parity"] = reports
     if not runners:
         why = "parity check failed: " + "; ".join(report.summary() for report in reports.values())
-        return _fallback(requested, why=why, threads=threads, status_extra=common)
+        if reduced:
+            extractor.use_runtime(fp32_torch)
+            common["details"] = fp32_torch.describe()
+        asked = f"BDI_RUNTIME={requested} with BDI_PRECISION={extractor.precision}" if reduced else None
+        return _fallback(requested, why=why, threads=threads, status_extra=common, asked=asked)
     best = min(runners, key=lambda name: reports[name].runtime_ms or float("inf"))
     best_ms, torch_ms = reports[best].runtime_ms or float("inf"), reference.torch_ms
     if requested == "auto" and best_ms >= torch_ms:
-        status = RuntimeStatus(active="torch", reason=f"auto: torch ({torch_ms:.0f} ms) was faster than every "
-                               f"runtime that passed parity ({best} {best_ms:.0f} ms)", **common)
+        if reduced:
+            extractor.use_runtime(fp32_torch)
+        status = RuntimeStatus(active="torch", reason=f"auto: torch fp32 ({torch_ms:.0f} ms) was faster than every "
+                               f"runtime that passed parity ({best} {best_ms:.0f} ms)",
+                               details=fp32_torch.describe(), **common)
     else:
         extractor.use_runtime(runners[best])
-        reason = (f"auto: the fastest that passed parity ({best_ms:.0f} ms vs torch {torch_ms:.0f} ms per image)"
-                  if requested == "auto" else f"BDI_RUNTIME={requested}, parity passed")
-        status = RuntimeStatus(active=best, reason=reason, details=runners[best].describe(), **common)
+        reason = (f"auto: the fastest that passed parity ({best} {best_ms:.0f} ms vs torch fp32 {torch_ms:.0f} ms "
+                  "per image)" if requested == "auto" else f"BDI_RUNTIME={requested}: {best} passed parity")
+        status = RuntimeStatus(active=runners[best].name, reason=reason, details=runners[best].describe(), **common)
     slog("runtime.selected", **status.to_dict())
     return status
 
 
 def _fallback(requested: str, *, why: str, threads: int, loud: bool = True,
-              status_extra: dict[str, Any] | None = None) -> RuntimeStatus:
+              status_extra: dict[str, Any] | None = None, asked: str | None = None) -> RuntimeStatus:
     extra = dict(status_extra or {})
     extra.pop("requested", None)
     extra.pop("threads", None)
     status = RuntimeStatus(requested=requested, active="torch", reason=f"fell back to torch: {why}",
                            fallback=why, threads=threads, **extra)
     if loud:
-        _log.warning("BDI_RUNTIME=%s is not used, falling back to torch: %s", requested, why)
+        _log.warning("%s is not used, falling back to torch fp32: %s", asked or f"BDI_RUNTIME={requested}", why)
     slog("runtime.fallback", **status.to_dict())
     return status

@@ -585,17 +585,17 @@ class FeatureExtractor:
             "grid": list(self._grid),
             "embed_dim": self._embed_dim,
             "device": self.device,
-            "precision": self._precision,
+            "precision": getattr(self._runtime, "precision", self._precision),  # what runs, not what was asked
             "runtime": self.runtime,
             "weights": self._weights.to_dict(),
         }
 
     # ------------------------------------------------------------------ extraction
 
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self._precision == "fp16":
+    def _autocast(self, precision: str) -> AbstractContextManager[Any]:
+        if precision == "fp16":
             return torch.autocast(device_type=self._device.type, dtype=torch.float16)
-        if self._precision == "bf16":
+        if precision == "bf16":
             return torch.autocast(device_type=self._device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -611,10 +611,16 @@ class FeatureExtractor:
         with self._lock:
             self._runtime = runtime
 
-    def forward_torch(self, batch: np.ndarray) -> np.ndarray:
-        """The torch net on ``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, whatever runtime is set."""
+    def forward_torch(self, batch: np.ndarray, *, precision: str | None = None) -> np.ndarray:
+        """The torch net on ``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, whatever runtime is set,
+        at ``precision`` (default: the configured one; ``fp32`` is the parity check's reference)."""
+        with self._lock:
+            return self._torch_forward(batch, precision or self._precision)
+
+    def _torch_forward(self, batch: np.ndarray, precision: str) -> np.ndarray:
+        """:meth:`forward_torch` for a caller that holds the lock (or has the extractor to itself)."""
         x = torch.from_numpy(batch).to(self._device, non_blocking=True)
-        with self._lock, torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(precision):
             result = self._net(x).float().cpu().numpy()
         return np.ascontiguousarray(result, dtype=np.float32)
 
@@ -689,3 +695,23 @@ class FeatureExtractor:
                 chunk = []
         if chunk:
             yield self._extract_chunk(chunk, clock=clock)
+
+
+class TorchRunner:
+    """The extractor's own torch net at a fixed ``precision``, as a :class:`ForwardRuntime`: what the runtime
+    choice attaches when reduced precision (``bf16``/``fp16`` autocast) passed the parity check, or ``fp32`` when
+    it did not. ``run`` is called under the extractor's lock (``FeatureExtractor._forward``)."""
+
+    def __init__(self, extractor: FeatureExtractor, precision: str) -> None:
+        self._extractor = extractor
+        self.precision = precision
+
+    @property
+    def name(self) -> str:
+        return "torch"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._extractor._torch_forward(batch, self.precision)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self._extractor.device, "precision": self.precision}

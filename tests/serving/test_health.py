@@ -64,6 +64,7 @@ def test_health_names_the_runtime_in_use(tmp_path: Path) -> None:
                                                                                       None)
     assert body["runtime_parity"]["onnxruntime"]["passed"] is True
     assert body["runtime_parity"]["onnxruntime"]["score_rel_err"] <= 1e-3
+    assert body["runtime_precision"] == "fp32"
 
 
 def test_health_says_when_a_failed_parity_fell_back_to_torch_and_infer_still_serves(tmp_path: Path) -> None:

@@ -204,3 +204,55 @@ def test_a_corrupt_export_in_the_cache_is_written_again(fresh_tiny: FeatureExtra
     (first.path / ONNX_FILE).write_bytes(b"not onnx")
     again = ensure_export(fresh_tiny, root=cache)
     assert load_export(again.path, signature=fresh_tiny.signature()).manifest.key == first.manifest.key
+
+
+# ------------------------------------------------------------------ reduced precision (BDI_PRECISION=bf16)
+
+
+@pytest.fixture()
+def bf16_tiny(tmp_path: Path) -> FeatureExtractor:
+    return FeatureExtractor(replace(TINY, precision="bf16"), cache_dir=tmp_path / "cache")
+
+
+def test_parity_reference_is_fp32_torch_whatever_precision_is_configured(
+    tiny: FeatureExtractor, bf16_tiny: FeatureExtractor
+) -> None:
+    bf16, fp32 = golden_reference(bf16_tiny), golden_reference(tiny)
+    np.testing.assert_array_equal(bf16.features, fp32.features)
+    assert bf16.scores == fp32.scores
+
+
+def test_bf16_torch_is_used_only_after_it_passes_parity_against_fp32(
+    bf16_tiny: FeatureExtractor, tmp_path: Path
+) -> None:
+    status = attach_runtime(bf16_tiny, requested="torch", root=tmp_path / "exports", threads=1)
+    report = status.parity["torch-bf16"]
+    assert report.tolerance == (1e-2, 1e-3)  # features loosened for bf16 rounding, scores held to 1e-3
+    assert report.passed, report.summary()
+    assert report.feature_rel_err is not None and report.feature_rel_err > 0  # it really ran in bf16
+    assert (status.active, status.fallback, status.health()["runtime_precision"]) == ("torch", None, "bf16")
+    assert bf16_tiny.describe()["precision"] == "bf16"
+    assert not (tmp_path / "exports").exists()  # BDI_RUNTIME=torch exports nothing
+
+
+def test_bf16_that_fails_parity_falls_back_to_fp32_torch_loudly(
+    bf16_tiny: FeatureExtractor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bdi.runtime"):
+        status = attach_runtime(bf16_tiny, requested="torch", root=tmp_path / "exports", threads=1,
+                                tolerance=ParityTolerance(feature_rel=1e-9, score_rel=1e-9))
+    assert status.active == "torch" and status.fallback is not None and "torch-bf16" in status.fallback
+    assert status.health()["runtime_precision"] == "fp32" and bf16_tiny.describe()["precision"] == "fp32"
+    images = [np.random.default_rng(5).integers(0, 256, (60, 40, 3), dtype=np.uint8)]
+    batch = bf16_tiny.prepare(images)[0]
+    np.testing.assert_array_equal(bf16_tiny.extract(images).embeddings,
+                                  bf16_tiny.forward_torch(batch, precision="fp32"))
+    assert any("falling back to torch" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_with_bf16_races_bf16_candidates_against_fp32_torch(bf16_tiny: FeatureExtractor, cache: Path) -> None:
+    status = attach_runtime(bf16_tiny, requested="auto", root=cache, threads=1)
+    assert {"torch-bf16", "onnxruntime"} <= set(status.parity)  # ONNX Runtime has no CPU bf16: it runs fp32
+    for name, report in status.parity.items():
+        assert report.tolerance[1] == 1e-3, name
+    assert status.fallback is None and status.active == bf16_tiny.runtime
