@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bdi.calibration import choose_threshold
-from bdi.config import CalibrationConfig, ScoringConfig, Settings
+from bdi.config import CalibrationConfig, RuntimeName, ScoringConfig, Settings
 from bdi.coreset import coreset_size, greedy_k_center
 from bdi.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
 from bdi.inference import distance_map, gaussian_blur, masked_score
@@ -89,11 +89,12 @@ def bdi_threshold(ok_scores: Sequence[float], ng_scores: Sequence[float], settin
 class BdiDetector:
     """BDI through ``InspectionService``: ``fit_images``, ``score_images``, ``calibrate_from_scores``, ``infer``."""
 
-    def __init__(self, *, name: str, label: str, backbone: str, weights: str, work: Path) -> None:
+    def __init__(self, *, name: str, label: str, backbone: str, weights: str, work: Path,
+                 runtime: RuntimeName = "auto") -> None:
         self.name = name
         self.label = label
         self.settings = Settings(model={"features": {"backbone": backbone, "weights": weights, "device": "cpu"}},
-                                 models_dir=work / name)
+                                 models_dir=work / name, runtime=runtime)
         self.service = InspectionService.from_settings(self.settings)
         self._threshold_set = False
 
