@@ -1,13 +1,15 @@
 """`/infer` over HTTP on each runtime, against BDI's torch path: `python -m bench.runtimes` (in `make bench`).
 
 One run, same image and same weights for every server, real uvicorn on 127.0.0.1:
-  1. per backbone (DINOv2 ViT-S/14 @448 with BDI_WEIGHTS or random init, and the pretrained EfficientNet-Lite0
-     @320), one model is fitted on magnetic-tile train images and calibrated, and its feature net exported
-     and parity-checked once (`bdi.acceleration.export_checked`, as `bdi export` does);
-  2. latency: one server per runtime (BDI_RUNTIME=torch | onnxruntime | openvino, 1 worker), requests sent
-     round-robin across the servers (so load from elsewhere hits them alike), p50/p95 of the client-side
-     wall time of `POST /infer`, and the largest relative score difference from the torch server over the
-     test images (score parity);
+  1. per backbone (DINOv2 ViT-S/14 @448 with BDI_WEIGHTS or random init, and the pretrained CNN
+     `bdi.backbones.PRETRAINED_CNN`), one model is fitted on magnetic-tile train images (fp32 torch) and
+     calibrated, and its feature net exported and parity-checked once (`bdi.acceleration.export_checked`, as
+     `bdi export` does);
+  2. latency: one server per mode (`MODES`: BDI_RUNTIME=torch | onnxruntime | openvino in fp32, and torch /
+     openvino with BDI_PRECISION=bf16; 1 worker each), requests sent round-robin across the servers (so load
+     from elsewhere hits them alike), p50/p95 of the client-side wall time of `POST /infer`, and the largest
+     relative score difference from the torch fp32 server over the test images (score parity); a bf16 server
+     whose parity check failed at start-up runs fp32 torch, and the table says so;
   3. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
      `Settings.intra_op_threads`), under a bounded loopback load (`--concurrency` clients, `--load-requests`
      requests), zero errors required.
@@ -35,6 +37,7 @@ import httpx
 import numpy as np
 
 from bdi.acceleration import configure_threads, export_checked
+from bdi.backbones import PRETRAINED_CNN, backbone_spec
 from bdi.config import Settings
 from bdi.datasets import read_mvtec
 from bdi.imaging import decode_image
@@ -46,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 MM_PER_PX = 0.2
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+# BDI_RUNTIME × BDI_PRECISION of the latency servers; torch fp32 (first) stands in for the reference backend
+MODES = (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "bf16"), ("openvino", "bf16"))
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Backbone:
 @dataclass
 class Server:
     runtime: str
+    precision: str
     workers: int
     port: int
     process: subprocess.Popen[bytes]
@@ -69,6 +74,16 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def mode(self) -> str:
+        """``openvino``, ``openvino bf16``…: BDI_RUNTIME, and BDI_PRECISION where it is not fp32."""
+        return self.runtime if self.precision == "fp32" else f"{self.runtime} {self.precision}"
+
+    @property
+    def parity_key(self) -> str:
+        """The candidate's name in ``/health``'s ``runtime_parity``."""
+        return self.runtime if self.precision == "fp32" else f"{self.runtime}-{self.precision}"
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -76,23 +91,24 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(runtime: str, *, workers: int, env: dict[str, str], log: Path) -> Server:
+def _start(runtime: str, precision: str, *, workers: int, env: dict[str, str], log: Path) -> Server:
     port = _free_port()
-    full = {**os.environ, **env, "BDI_RUNTIME": runtime, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    full = {**os.environ, **env, "BDI_RUNTIME": runtime, "BDI_PRECISION": precision,
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     full.pop("BDI_THREADS", None)  # the default: cores divided among workers
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "serving", "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
             env=full, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
         )
-    return Server(runtime=runtime, workers=workers, port=port, process=process)
+    return Server(runtime=runtime, precision=precision, workers=workers, port=port, process=process)
 
 
 def _wait(server: Server, *, timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"server {server.runtime} exited with {server.process.returncode}")
+            raise RuntimeError(f"server {server.mode} exited with {server.process.returncode}")
         try:
             response = httpx.get(f"{server.url}/health", timeout=5.0)
             if response.status_code == 200:
@@ -101,12 +117,12 @@ def _wait(server: Server, *, timeout_s: float = 600.0) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"server {server.runtime} did not answer /health within {timeout_s} s")
+    raise RuntimeError(f"server {server.mode} did not answer /health within {timeout_s} s")
 
 
 @contextmanager
-def _servers(specs: list[tuple[str, int]], *, env: dict[str, str], log: Path) -> Iterator[list[Server]]:
-    servers = [_start(runtime, workers=workers, env=env, log=log) for runtime, workers in specs]
+def _servers(specs: list[tuple[str, str, int]], *, env: dict[str, str], log: Path) -> Iterator[list[Server]]:
+    servers = [_start(runtime, precision, workers=workers, env=env, log=log) for runtime, precision, workers in specs]
     try:
         for server in servers:
             _wait(server)
@@ -128,7 +144,7 @@ def _infer(client: httpx.Client, server: Server, image: bytes) -> tuple[float, d
                            files={"image": ("crop.png", image, "image/png")}, timeout=120.0)
     elapsed = (time.perf_counter() - start) * 1e3
     if response.status_code != 200:
-        raise RuntimeError(f"/infer on {server.runtime}: {response.status_code} {response.text[:200]}")
+        raise RuntimeError(f"/infer on {server.mode}: {response.status_code} {response.text[:200]}")
     return elapsed, response.json()
 
 
@@ -209,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     backbones = {
         "vit": Backbone(f"DINOv2 ViT-S/14 @448 ({vit_weights})",
                         {"BDI_BACKBONE": "vit_small_patch14_dinov2", "BDI_WEIGHTS": vit_weights}),
-        "cnn": Backbone("EfficientNet-Lite0 @320 (official, pretrained)",
-                        {"BDI_BACKBONE": "efficientnet_lite0", "BDI_WEIGHTS": "official"}),
+        "cnn": Backbone(f"{PRETRAINED_CNN} @{backbone_spec(PRETRAINED_CNN).input_size} (official, pretrained)",
+                        {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official"}),
     }
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"data={data}  cpus={os.cpu_count()}  threads/process={threads}  load average at start "
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{backbone.label}: fit {len(train)} images {built['fit_s']:.1f} s; export + parity on "
               f"{len(built['parity'])} runtimes {built['export_s']:.1f} s -> {built['export']}")
         log = work / key / "servers.log"
-        with _servers([(rt, 1) for rt in RUNTIMES], env=env, log=log) as servers:
+        with _servers([(rt, precision, 1) for rt, precision in MODES], env=env, log=log) as servers:
             _latency(servers, test_bytes, requests=args.requests)
         torch_server = servers[0]
         rows = []
@@ -233,38 +249,41 @@ def main(argv: list[str] | None = None) -> int:
             rel = max(abs(server.scores[k] - torch_server.scores[k]) / abs(torch_server.scores[k])
                       for k in torch_server.scores)
             rows.append({
-                "runtime": server.runtime, "active": server.health.get("runtime"),
+                "mode": server.mode, "runtime": server.runtime, "precision": server.precision,
+                "active": f"{server.health.get('runtime')} {server.health.get('runtime_precision')}",
                 "fallback": server.health.get("runtime_fallback"),
                 "p50": _pct(server.latencies_ms, 50), "p95": _pct(server.latencies_ms, 95),
-                "score_rel_diff": rel, "parity": (server.health.get("runtime_parity") or {}).get(server.runtime),
+                "score_rel_diff": rel, "parity": (server.health.get("runtime_parity") or {}).get(server.parity_key),
             })
         torch_p50 = rows[0]["p50"]
         print(f"\n/infer over HTTP, 1 worker each, {args.requests} round-robin requests per server "
               f"({len(test_bytes)} crops):\n")
-        print("| runtime (active) | p50 ms | p95 ms | p50 vs torch | max score diff vs torch (rel) | "
-              "parity at load: features / scores (rel) |")
+        print("| BDI_RUNTIME, BDI_PRECISION (what runs) | p50 ms | p95 ms | p50 vs torch | max score diff vs torch "
+              "(rel) | parity at load: features / scores (rel) |")
         print("|---|---|---|---|---|---|")
         for row in rows:
             parity = row["parity"] or {}
             figures = (f"{parity['feature_rel_err']:.1e} / {parity['score_rel_err']:.1e}"
                        if parity.get("feature_rel_err") is not None else "—")
-            print(f"| {row['runtime']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
+            print(f"| {row['mode']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
                   f"x{row['p50'] / torch_p50:.2f} | {row['score_rel_diff']:.1e} | {figures} |")
-        fastest = min((r for r in rows[1:] if r["active"] == r["runtime"]), key=lambda r: r["p50"], default=None)
-        load_specs = [("torch", 1), ("torch", 2)]
+        used = [r for r in rows[1:] if r["active"] == f"{r['runtime']} {r['precision']}"]  # parity passed
+        fastest = min(used, key=lambda r: r["p50"], default=None)
+        load_specs = [("torch", "fp32", 1), ("torch", "fp32", 2)]
         if fastest is not None:
-            load_specs += [(fastest["runtime"], 1), (fastest["runtime"], 2)]
+            load_specs += [(fastest["runtime"], fastest["precision"], 1), (fastest["runtime"], fastest["precision"], 2)]
         print(f"\nthroughput, {args.load_requests} requests from {args.concurrency} concurrent loopback clients:\n")
         print("| runtime | workers × threads | requests/s | errors |")
         print("|---|---|---|---|")
         throughput = []
-        for runtime, workers in load_specs:
-            with _servers([(runtime, workers)], env={**env, "WEB_CONCURRENCY": str(workers)}, log=log) as (server,):
+        for runtime, precision, workers in load_specs:
+            with _servers([(runtime, precision, workers)], env={**env, "WEB_CONCURRENCY": str(workers)},
+                          log=log) as (server,):
                 rps, errors = _throughput(server, test_bytes, requests=args.load_requests,
                                           concurrency=args.concurrency)
             per_worker = max(1, (os.cpu_count() or 1) // workers)
-            print(f"| {runtime} | {workers} × {per_worker} | {rps:.2f} | {errors} |")
-            throughput.append({"runtime": runtime, "workers": workers, "rps": rps, "errors": errors})
+            print(f"| {server.mode} | {workers} × {per_worker} | {rps:.2f} | {errors} |")
+            throughput.append({"mode": server.mode, "workers": workers, "rps": rps, "errors": errors})
         report[key] = {"label": backbone.label, "built": built, "latency": rows, "throughput": throughput}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print(f"\nfull report: {work / 'report.json'}")
