@@ -70,6 +70,7 @@ DATASETS = ("magnetic_tile", "synthetic")
 ANOMALIB_CORESET_RATIO = 0.1
 PIXEL_CELL = 8  # px: the raw-pixel baseline's cell on the letterboxed image
 AUPRO_FPR_LIMIT = EvaluationSchema().aupro_fpr_limit
+AUROC_EPS = 1e-9  # an AUROC is a ratio of pair counts: 270/300 computes as 0.8999999999999999
 
 
 class RowSkipped(Exception):
@@ -237,13 +238,13 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
         value = bdi["metrics"][key]
         out.append({"target": f"BDI {label} >= 0.90", "measured": f"{value:.3f}" if value is not None else "–",
-                    "met": value is not None and value >= 0.90})
+                    "met": value is not None and value >= 0.90 - AUROC_EPS})
         if ano is not None:
             theirs = ano["metrics"][key]
             both = value is not None and theirs is not None
             out.append({"target": f"BDI {label} >= anomalib's (same backbone and weights)",
                         "measured": f"{value:.3f} vs {theirs:.3f}" if both else "–",
-                        "met": both and value >= theirs})
+                        "met": both and value >= theirs - AUROC_EPS})
     if ano is not None:
         ours = bdi["fit"]["features_s"] + bdi["fit"]["coreset_s"]
         theirs = ano["fit"]["features_s"] + ano["fit"]["coreset_s"]

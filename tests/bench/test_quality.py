@@ -87,3 +87,10 @@ def test_quick_run_with_every_row_drives_anomalib_on_the_same_weights(
     assert bdi["weights_sha256"] in anomalib["weights"]
     assert (anomalib["input_size"], anomalib["layers"]) == (bdi["input_size"], bdi["layers"])
     assert anomalib["coreset_rate"] == 0.1
+
+
+def test_a_target_met_exactly_counts_as_met(monkeypatch: pytest.MonkeyPatch) -> None:
+    quality = _quality(monkeypatch)
+    row = {"name": "bdi-effnet", "status": "ok", "metrics": {"image_auroc": 270 / 300, "pixel_auroc": 0.5}}
+    image = quality.targets([row])[0]
+    assert image["target"] == "BDI image AUROC >= 0.90" and image["met"] is True
