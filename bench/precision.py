@@ -1,13 +1,14 @@
 """bf16 against fp32 on real data, one command, one run: `python -m bench.precision` (README "Runtimes").
 
-For each backbone (the pretrained CNN, ``bdi.backbones.PRETRAINED_CNN``; DINOv2 ViT-S/14 with ``BDI_WEIGHTS``
-or random init) and each way of running its feature net (torch fp32, the reference; torch bf16 autocast;
-OpenVINO bf16; ONNX Runtime fp32), the same BDI model is fitted on magnetic-tile train/good, calibrated on the
-calib half and measured on the eval half (``bench.quality.measure_row``): image and pixel AUROC, the escape and
-false-reject rates, and how far each eval image's score moved from fp32 torch's. The feature net is set to each
-mode directly, bypassing the start-up parity gate, so the effect is measured even where the gate would refuse
-the mode; the gate's verdict on the golden images (``bdi.parity``) is printed beside it, with its forward time
-(one image, in-process). Writes ``bench/results/precision.{md,json}``.
+For each backbone (the pretrained CNN, ``bdi.backbones.PRETRAINED_CNN``; DINOv2 ViT-S/14 with ``BDI_WEIGHTS`` or
+random init) and each way of running its feature net (torch fp32, the reference; torch bf16 autocast; OpenVINO
+bf16; ONNX Runtime fp32), the same BDI model is fitted on magnetic-tile train/good, calibrated on the calib half
+and measured on the eval half (``bench.quality.measure_row``): image and pixel AUROC, the escape and false-reject
+rates, and how far each eval image's score moved from fp32 torch's, both end to end (fitted in that mode) and
+serving the fp32-fitted model in that mode (what ``BDI_PRECISION=bf16`` on a server alone changes). The feature
+net is set to each mode directly, bypassing the start-up parity gate, so the effect is measured even where the
+gate would refuse the mode; the gate's verdict on the golden images (``bdi.parity``) is printed beside it, with
+its forward time (one image, in-process). Writes ``bench/results/precision.{md,json}``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _runner(detector: BdiDetector, runtime: str, precision: str, *, threads: int
 def measure_backbone(key: str, data: BenchDataset, work: Path, *, threads: int, repeats: int) -> list[dict[str, Any]]:
     backbone, weights = BACKBONES[key]
     rows: list[dict[str, Any]] = []
+    reference_detector: BdiDetector | None = None  # the fp32 torch model, fitted and calibrated first
     for runtime, precision in MODES:
         label = f"{runtime} {precision}"
         print(f"[{backbone}] {label} ...", flush=True)
@@ -68,13 +70,28 @@ def measure_backbone(key: str, data: BenchDataset, work: Path, *, threads: int, 
         gate = check_parity(reference, runner)
         detector.service.extractor.use_runtime(runner)
         measured = measure_row(detector, data, latency_repeats=repeats, warmup=2)
-        rows.append({"backbone": backbone, "mode": label, "status": "ok", "gate": gate.to_dict(), **measured})
-    base = {s["file"]: s["score"] for s in rows[0]["eval_scores"]}
+        row = {"backbone": backbone, "mode": label, "status": "ok", "gate": gate.to_dict(), **measured}
+        if reference_detector is None:
+            reference_detector = detector
+        else:  # the same mode serving the fp32 model: what BDI_PRECISION=bf16 on a server alone changes
+            fp32_extractor = reference_detector.service.extractor
+            fp32_extractor.use_runtime(_runner(reference_detector, runtime, precision, threads=threads))
+            served = reference_detector.score([s.image for s in data.eval])
+            fp32_extractor.use_runtime(None)
+            row["served_fp32_model_scores"] = [r.score for r in served]
+        rows.append(row)
+    base = [s["score"] for s in rows[0]["eval_scores"]]
     for row in rows[1:]:
         if row["status"] == "ok":
-            moved = [abs(s["score"] - base[s["file"]]) / max(abs(base[s["file"]]), 1e-12) for s in row["eval_scores"]]
-            row["score_rel_diff"] = {"median": statistics.median(moved), "max": max(moved)}
+            row["score_rel_diff"] = _moved(base, [s["score"] for s in row["eval_scores"]])
+            row["served_rel_diff"] = _moved(base, row["served_fp32_model_scores"])
     return rows
+
+
+def _moved(base: Sequence[float], scores: Sequence[float]) -> dict[str, float]:
+    """Median and largest ``|s − s_fp32| / |s_fp32|`` over the eval images."""
+    moved = [abs(s - b) / max(abs(b), 1e-12) for s, b in zip(scores, base, strict=True)]
+    return {"median": statistics.median(moved), "max": max(moved)}
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -82,21 +99,23 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{results['created_utc']}; {results['cpu']}, {results['threads']} threads, load average at start "
              f"{results['load_before']}; data: {results['data']} (eval half: {results['n_eval']} images)", "",
              "| backbone | mode | golden-image gate (features / scores rel) | forward ms (1 image) | /infer p50 ms "
-             "| image AUROC | pixel AUROC | escape | false reject | eval score moved vs fp32 (median / max rel) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| image AUROC | pixel AUROC | escape | false reject | eval score moved vs fp32 (median / max rel) "
+             "| the same, serving the fp32-fitted model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['backbone']} | {row['mode']} | skipped: {row['reason']} | | | | | | | |")
+            lines.append(f"| {row['backbone']} | {row['mode']} | skipped: {row['reason']} | | | | | | | | |")
             continue
         gate, m = row["gate"], row["metrics"]
         verdict = (f"{'pass' if gate['passed'] else 'FAIL'} ({gate['feature_rel_err']:.1e} / "
                    f"{gate['score_rel_err']:.1e})")
-        moved = row.get("score_rel_diff")
+        moved, served = row.get("score_rel_diff"), row.get("served_rel_diff")
         moved_text = f"{moved['median']:.1e} / {moved['max']:.1e}" if moved else "(reference)"
+        served_text = f"{served['median']:.1e} / {served['max']:.1e}" if served else "(reference)"
         lines.append(
             f"| {row['backbone']} | {row['mode']} | {verdict} | {gate['runtime_ms']:.0f} "
             f"| {row['latency_ms']['p50']:.0f} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} "
-            f"| {m['escape_rate']:.3f} | {m['false_reject_rate']:.3f} | {moved_text} |")
+            f"| {m['escape_rate']:.3f} | {m['false_reject_rate']:.3f} | {moved_text} | {served_text} |")
     return "\n".join(lines) + "\n"
 
 

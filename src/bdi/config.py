@@ -48,7 +48,7 @@ class FeatureConfig:
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
-    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU; bf16/fp16 run only if they pass parity
     batch_size: int = 8
 
     def __post_init__(self) -> None:
