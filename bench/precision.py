@@ -33,7 +33,7 @@ from bdi.features import ForwardRuntime, TorchRunner
 from bdi.parity import check_parity, golden_reference
 from bdi.runtime import RuntimeOptions, open_runtime
 from bench.quality import MAGNETIC_TILE, RESULTS, load_average, measure_row, without_bdi_env
-from bench.quality_data import BenchDataset, load_mvtec
+from bench.quality_data import BenchDataset, load_mvtec, synthetic_dataset
 from bench.quality_rows import BdiDetector
 
 MODES: tuple[tuple[str, str], ...] = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "bf16"),
@@ -126,27 +126,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small subsets (a smoke run)")
+    parser.add_argument("--dataset", choices=("magnetic_tile", "synthetic"), default="magnetic_tile")
     parser.add_argument("--magnetic-tile", type=Path, default=MAGNETIC_TILE)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     keys = [k for k in args.backbones.split(",") if k]
     if unknown := set(keys) - set(BACKBONES):
         parser.error(f"--backbones: unknown {sorted(unknown)}; choose from {', '.join(BACKBONES)}")
-    if not args.magnetic_tile.is_dir():
-        parser.error(f"{args.magnetic_tile} does not exist (the magnetic-tile data of ../shared)")
+    if args.dataset == "magnetic_tile" and not args.magnetic_tile.is_dir():
+        parser.error(f"{args.magnetic_tile} does not exist (the magnetic-tile data of ../shared): --dataset synthetic")
     configure_threads(args.threads)
     from bench.quality import machine_facts
 
     load_before = load_average()
-    data = load_mvtec("magnetic_tile", args.magnetic_tile, quick=args.quick)
     rows: list[dict[str, Any]] = []
     with without_bdi_env(), tempfile.TemporaryDirectory(prefix="bdi-precision-") as tmp:
+        data = (load_mvtec("magnetic_tile", args.magnetic_tile, quick=args.quick) if args.dataset == "magnetic_tile"
+                else synthetic_dataset(Path(tmp), quick=args.quick))
         for key in keys:
             rows += measure_backbone(key, data, Path(tmp), threads=args.threads, repeats=args.latency_repeats)
     results = {"command": "python -m bench.precision" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "cpu": machine_facts(args.threads, load_before=load_before)["cpu"], "threads": args.threads,
-               "load_before": load_before, "data": "magnetic_tile", "n_eval": len(data.eval), "rows": rows}
+               "load_before": load_before, "data": data.name, "n_eval": len(data.eval), "rows": rows}
     name = "precision-quick" if args.quick else "precision"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     markdown = _markdown(results)

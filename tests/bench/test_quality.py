@@ -94,3 +94,20 @@ def test_a_target_met_exactly_counts_as_met(monkeypatch: pytest.MonkeyPatch) -> 
     row = {"name": "bdi-effnet", "status": "ok", "metrics": {"image_auroc": 270 / 300, "pixel_auroc": 0.5}}
     image = quality.targets([row])[0]
     assert image["target"] == "BDI image AUROC >= 0.90" and image["met"] is True
+
+
+def test_precision_benchmark_measures_bf16_beside_fp32_and_reports_the_gate(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    precision = importlib.import_module("bench.precision")
+    assert precision.main(["--quick", "--dataset", "synthetic", "--backbones", "cnn", "--latency-repeats", "2",
+                           "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "precision-quick.json").read_text(encoding="utf-8"))["rows"]
+    by_mode = {row["mode"]: row for row in rows}
+    assert list(by_mode)[:2] == ["torch fp32", "torch bf16"]
+    reference, bf16 = by_mode["torch fp32"], by_mode["torch bf16"]
+    assert reference["status"] == bf16["status"] == "ok"
+    assert reference["gate"]["passed"] and reference["gate"]["score_rel_err"] == 0.0
+    assert bf16["gate"]["tolerance"] == {"feature_rel": 1e-2, "score_rel": 1e-3}
+    assert bf16["score_rel_diff"]["max"] > 0 and bf16["served_rel_diff"]["max"] > 0  # bf16 really ran
+    assert "| torch bf16 |" in (tmp_path / "precision-quick.md").read_text(encoding="utf-8")
