@@ -214,8 +214,9 @@ def _candidates(extractor: FeatureExtractor, requested: str, *, installed: Seque
     errors: dict[str, str] = {}
     if extractor.precision != "fp32" and requested in ("auto", "torch"):
         runners[f"torch-{extractor.precision}"] = TorchRunner(extractor, extractor.precision)
-    for name in installed if export is not None else ():
-        assert export is not None
+    if export is None:
+        return runners, errors
+    for name in installed:
         try:
             runner = open_runtime(name, export, options=options)
         except ExportError as exc:
