@@ -27,10 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock, Timeout
-
 from .errors import ExportError
-from .fsio import atomic_write_json, staged_dir, utc_now_iso
+from .fsio import atomic_write_json, exclusive_lock, staged_dir, utc_now_iso
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .features import FeatureExtractor
@@ -234,22 +232,15 @@ def export_lock(root: Path, key: str) -> Iterator[None]:
     """Serialise the writers of ``root/key`` across processes (two workers starting at once export once).
 
     Raises:
-        ExportError: the lock was not obtained within :data:`LOCK_TIMEOUT_S`.
+        ExportError: the lock was not obtained within :data:`LOCK_TIMEOUT_S`, or the folder cannot be written.
     """
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create the exports folder {root}: {exc}") from exc
-    lock = FileLock(str(root / f".{key}.lock"), timeout=LOCK_TIMEOUT_S)
-    try:
-        lock.acquire()
-    except Timeout as exc:
-        raise ExportError(f"timed out waiting for {lock.lock_file}: another process is exporting") from exc
-    try:
+    lock_file = Path(root) / f".{key}.lock"
+    with exclusive_lock(
+        lock_file, timeout_s=LOCK_TIMEOUT_S,
+        busy=lambda: ExportError(f"timed out waiting for {lock_file}: another process is exporting"),
+        unusable=lambda exc: ExportError(f"cannot take the export lock in the exports folder {root}: {exc}"),
+    ):
         yield
-    finally:
-        lock.release()
 
 
 def copy_export(*, src_root: Path, dst_root: Path, key: str) -> bool:

@@ -11,12 +11,14 @@ import shutil
 import stat as stat_mod
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from .errors import InvalidInputError, StorageError
 
@@ -170,3 +172,28 @@ def read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
 
 def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+@contextmanager
+def exclusive_lock(
+    lock_file: Path, *, timeout_s: float, busy: Callable[[], Exception], unusable: Callable[[OSError], Exception]
+) -> Iterator[None]:
+    """Hold an inter-process lock on ``lock_file`` (``filelock``: ``flock`` on POSIX, so the kernel drops it when
+    its holder dies) for the block, creating its folder first.
+
+    Raises:
+        ``busy()``: the lock was not obtained within ``timeout_s``.
+        ``unusable(exc)``: the folder or the lock file cannot be created or opened.
+    """
+    lock = FileLock(str(lock_file), timeout=timeout_s)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout as exc:  # a TimeoutError, so an OSError: caught first
+        raise busy() from exc
+    except OSError as exc:
+        raise unusable(exc) from exc
+    try:
+        yield
+    finally:
+        lock.release()

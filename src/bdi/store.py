@@ -38,10 +38,17 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from .errors import BDIError, FitInProgressError, InvalidInputError, InvalidScaleError, ScaleMismatchError, StorageError
-from .fsio import FileIdentity, atomic_write_bytes, atomic_write_json, json_default, read_with_identity, utc_now_iso
+from .fsio import (
+    FileIdentity,
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_lock,
+    json_default,
+    read_with_identity,
+    utc_now_iso,
+)
 from .imaging import validate_mm_per_px
 from .knn import FAISS_AVAILABLE, KnnIndex
 from .logging import slog
@@ -276,24 +283,14 @@ class ModelStore:
         holder dies (even by SIGKILL), so a crashed fit never blocks the next one.
         """
         directory = self.paths(ref).memory.parent
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create {directory}: {exc}") from exc
-        lock = FileLock(str(directory / f".{ref.base}.fit.lock"), timeout=timeout_s)
-        try:
-            lock.acquire()
-        except Timeout as exc:
-            raise FitInProgressError(
+        with exclusive_lock(
+            directory / f".{ref.base}.fit.lock", timeout_s=timeout_s,
+            busy=lambda: FitInProgressError(
                 f"another fit of model_key '{ref.model_key}' (role '{ref.role_id}', roi '{ref.roi_id}') is in "
-                f"progress; waited {timeout_s:g} s (BDI_FIT_LOCK_TIMEOUT_S), retry when it has finished"
-            ) from exc
-        except OSError as exc:
-            raise StorageError(f"cannot take the fit lock in {directory}: {exc}") from exc
-        try:
+                f"progress; waited {timeout_s:g} s (BDI_FIT_LOCK_TIMEOUT_S), retry when it has finished"),
+            unusable=lambda exc: StorageError(f"cannot take the fit lock in {directory}: {exc}"),
+        ):
             yield
-        finally:
-            lock.release()
 
     def save_model(self, ref: ModelRef, memory: Memory, index: KnnIndex | None) -> ArtifactPaths:
         """Write the index (if a faiss one is given), then the npz recording the index's sha256.
@@ -490,20 +487,20 @@ class ModelStore:
         value = validate_mm_per_px(mm_per_px)
         if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
             return
-        directory = self.recipe_dir(recipe_id)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(directory / RECIPE_LOCK_FILE), timeout=LOCK_TIMEOUT_S):
+        with exclusive_lock(
+            self.recipe_dir(recipe_id) / RECIPE_LOCK_FILE, timeout_s=LOCK_TIMEOUT_S,
+            busy=lambda: StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'"),
+            unusable=lambda exc: StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}"),
+        ):
+            try:
                 if self._check_locked(recipe_id, value):
                     return
                 meta = self.read_recipe_meta(recipe_id)
                 meta["mm_per_px"] = value
                 meta.setdefault("created_at_utc", utc_now_iso())
                 atomic_write_json(self.recipe_meta_path(recipe_id), meta, indent=2)
-        except Timeout as exc:
-            raise StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}") from exc
+            except OSError as exc:
+                raise StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}") from exc
 
     def _check_locked(self, recipe_id: str, value: float) -> bool:
         """True when a valid value is stored and matches; ScaleMismatchError when it differs."""
