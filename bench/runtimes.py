@@ -13,7 +13,8 @@ One run, same image and same weights for every server, real uvicorn on 127.0.0.1
   3. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
      `Settings.intra_op_threads`), under a bounded loopback load (`--concurrency` clients, `--load-requests`
      requests), zero errors required.
-Prints a Markdown table (README "Benchmarks"). Data: ../shared/data/magnetic_tile, else synthetic discs.
+Prints Markdown tables and writes them to `bench/results/runtimes.md` (the report in `runtimes.json`; README
+"Benchmarks"). Data: ../shared/data/magnetic_tile, else synthetic discs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from bdi.service import InspectionService
 from bdi.synthetic import write_mvtec_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 MM_PER_PX = 0.2
@@ -210,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=30, help="latency requests per server")
     parser.add_argument("--load-requests", type=int, default=24, help="throughput requests per configuration")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent loopback clients")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where runtimes.md and runtimes.json go")
     args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
 
     threads = Settings().intra_op_threads()
     configure_threads(threads)
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                         {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official"}),
     }
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"data={data}  cpus={os.cpu_count()}  threads/process={threads}  load average at start "
+    emit(f"data={data}  cpus={os.cpu_count()}  threads/process={threads}  load average at start "
           f"{load[0]:.1f}  python={sys.version.split()[0]}")
     report: dict[str, Any] = {}
     for key in [b.strip() for b in args.backbones.split(",") if b.strip()]:
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**backbone.env, "BDI_MODELS_DIR": str(models_dir), "BDI_WEIGHTS_CACHE_DIR": str(cache),
                "BDI_DEVICE": "cpu", "BDI_GUI_LOG_DIR": str(work / key / "logs"), "WEB_CONCURRENCY": "1"}
         built = _build_model(models_dir, env, train=train, test=test_images, cache=cache, threads=threads)
-        print(f"\n{backbone.label}: fit {len(train)} images {built['fit_s']:.1f} s; export + parity on "
+        emit(f"\n{backbone.label}: fit {len(train)} images {built['fit_s']:.1f} s; export + parity on "
               f"{len(built['parity'])} runtimes {built['export_s']:.1f} s -> {built['export']}")
         log = work / key / "servers.log"
         with _servers([(rt, precision, 1) for rt, precision in MODES], env=env, log=log) as servers:
@@ -256,25 +265,25 @@ def main(argv: list[str] | None = None) -> int:
                 "score_rel_diff": rel, "parity": (server.health.get("runtime_parity") or {}).get(server.parity_key),
             })
         torch_p50 = rows[0]["p50"]
-        print(f"\n/infer over HTTP, 1 worker each, {args.requests} round-robin requests per server "
+        emit(f"\n/infer over HTTP, 1 worker each, {args.requests} round-robin requests per server "
               f"({len(test_bytes)} crops):\n")
-        print("| BDI_RUNTIME, BDI_PRECISION (what runs) | p50 ms | p95 ms | p50 vs torch | max score diff vs torch "
+        emit("| BDI_RUNTIME, BDI_PRECISION (what runs) | p50 ms | p95 ms | p50 vs torch | max score diff vs torch "
               "(rel) | parity at load: features / scores (rel) |")
-        print("|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|")
         for row in rows:
             parity = row["parity"] or {}
             figures = (f"{parity['feature_rel_err']:.1e} / {parity['score_rel_err']:.1e}"
                        if parity.get("feature_rel_err") is not None else "—")
-            print(f"| {row['mode']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
+            emit(f"| {row['mode']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
                   f"x{row['p50'] / torch_p50:.2f} | {row['score_rel_diff']:.1e} | {figures} |")
         used = [r for r in rows[1:] if r["active"] == f"{r['runtime']} {r['precision']}"]  # parity passed
         fastest = min(used, key=lambda r: r["p50"], default=None)
         load_specs = [("torch", "fp32", 1), ("torch", "fp32", 2)]
         if fastest is not None:
             load_specs += [(fastest["runtime"], fastest["precision"], 1), (fastest["runtime"], fastest["precision"], 2)]
-        print(f"\nthroughput, {args.load_requests} requests from {args.concurrency} concurrent loopback clients:\n")
-        print("| runtime | workers × threads | requests/s | errors |")
-        print("|---|---|---|---|")
+        emit(f"\nthroughput, {args.load_requests} requests from {args.concurrency} concurrent loopback clients:\n")
+        emit("| runtime | workers × threads | requests/s | errors |")
+        emit("|---|---|---|---|")
         throughput = []
         for runtime, precision, workers in load_specs:
             with _servers([(runtime, precision, workers)], env={**env, "WEB_CONCURRENCY": str(workers)},
@@ -282,11 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 rps, errors = _throughput(server, test_bytes, requests=args.load_requests,
                                           concurrency=args.concurrency)
             per_worker = max(1, (os.cpu_count() or 1) // workers)
-            print(f"| {server.mode} | {workers} × {per_worker} | {rps:.2f} | {errors} |")
+            emit(f"| {server.mode} | {workers} × {per_worker} | {rps:.2f} | {errors} |")
             throughput.append({"mode": server.mode, "workers": workers, "rps": rps, "errors": errors})
         report[key] = {"label": backbone.label, "built": built, "latency": rows, "throughput": throughput}
-    (work / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print(f"\nfull report: {work / 'report.json'}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.runtimes" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (args.out_dir / "runtimes.md").write_text(
+        f"# Runtimes: `/infer` over HTTP (`{command}`)\n\n{started}\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    (args.out_dir / "runtimes.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out_dir / 'runtimes.md'} and runtimes.json")
     return 0
 
 

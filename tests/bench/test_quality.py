@@ -111,3 +111,15 @@ def test_precision_benchmark_measures_bf16_beside_fp32_and_reports_the_gate(tmp_
     assert bf16["gate"]["tolerance"] == {"feature_rel": 1e-2, "score_rel": 1e-3}
     assert bf16["score_rel_diff"]["max"] > 0 and bf16["served_rel_diff"]["max"] > 0  # bf16 really ran
     assert "| torch bf16 |" in (tmp_path / "precision-quick.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_runtimes_benchmark_serves_every_mode_over_http_and_writes_its_tables(tmp_path: Path) -> None:
+    runtimes = importlib.import_module("bench.runtimes")
+    assert runtimes.main(["--backbones", "cnn", "--n-fit", "4", "--requests", "2", "--load-requests", "2",
+                          "--concurrency", "2", "--out-dir", str(tmp_path)]) == 0
+    markdown = (tmp_path / "runtimes.md").read_text(encoding="utf-8")
+    for mode in ("torch (torch fp32)", "onnxruntime (onnxruntime fp32)", "torch bf16 ("):
+        assert f"| {mode}" in markdown, mode
+    report = json.loads((tmp_path / "runtimes.json").read_text(encoding="utf-8"))
+    assert all(row["errors"] == 0 for row in report["cnn"]["throughput"])
