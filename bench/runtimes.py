@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         report[key] = {"label": backbone.label, "built": built, "latency": rows, "throughput": throughput}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.runtimes" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (args.out_dir / "runtimes.md").write_text(
-        f"# Runtimes: `/infer` over HTTP (`{command}`)\n\n{started}\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"# Runtimes: `/infer` over HTTP (`{command}`)\n\nfinished {finished}\n\n"
+    (args.out_dir / "runtimes.md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
     (args.out_dir / "runtimes.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out_dir / 'runtimes.md'} and runtimes.json")
     return 0
