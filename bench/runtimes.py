@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bdi.acceleration import configure_threads, export_checked
+from bdi.acceleration import candidate_label, configure_threads, export_checked
 from bdi.backbones import PRETRAINED_CNN, backbone_spec
 from bdi.config import Settings
 from bdi.datasets import read_mvtec
@@ -85,7 +85,7 @@ class Server:
     @property
     def parity_key(self) -> str:
         """The candidate's name in ``/health``'s ``runtime_parity``."""
-        return self.runtime if self.precision == "fp32" else f"{self.runtime}-{self.precision}"
+        return candidate_label(self.runtime, self.precision)
 
 
 def _free_port() -> int:

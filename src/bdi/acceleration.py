@@ -138,13 +138,25 @@ def ensure_export(extractor: FeatureExtractor, *, root: Path) -> Export:
         return export
 
 
+def candidate_label(runtime: str, precision: str) -> str:
+    """A candidate's name in parity reports and ``/health``: ``openvino``, ``openvino-bf16``, ``torch-bf16``…"""
+    return runtime if precision == "fp32" else f"{runtime}-{precision}"
+
+
+def _open(name: str, export: Export, *, reference: GoldenReference, options: RuntimeOptions) -> Runner | ParityReport:
+    """The runner of ``name`` on ``export``, or the failed report saying why it cannot run."""
+    try:
+        return open_runtime(name, export, options=options)
+    except ExportError as exc:
+        return ParityReport(runtime=name, passed=False, error=str(exc), torch_ms=reference.torch_ms)
+
+
 def _check(name: str, export: Export, *, reference: GoldenReference, options: RuntimeOptions,
            tolerance: ParityTolerance | None) -> tuple[Runner | None, ParityReport]:
-    try:
-        runner = open_runtime(name, export, options=options)
-    except ExportError as exc:
-        return None, ParityReport(runtime=name, passed=False, error=str(exc), torch_ms=reference.torch_ms)
-    return runner, check_parity(reference, runner, tolerance=tolerance)
+    opened = _open(name, export, reference=reference, options=options)
+    if isinstance(opened, ParityReport):
+        return None, opened
+    return opened, check_parity(reference, opened, tolerance=tolerance)
 
 
 def export_checked(
@@ -208,22 +220,22 @@ def checked_export_for(
 
 
 def _candidates(extractor: FeatureExtractor, requested: str, *, installed: Sequence[str], export: Export | None,
-                options: RuntimeOptions) -> tuple[dict[str, Candidate], dict[str, str]]:
-    """What may run the net, by label (``openvino``, ``openvino-bf16``, ``torch-bf16``…), and why others cannot."""
+                reference: GoldenReference, options: RuntimeOptions
+                ) -> tuple[dict[str, Candidate], dict[str, ParityReport]]:
+    """What may run the net, by :func:`candidate_label`, and the failed reports of the runtimes that cannot open."""
     runners: dict[str, Candidate] = {}
-    errors: dict[str, str] = {}
+    failed: dict[str, ParityReport] = {}
     if extractor.precision != "fp32" and requested in ("auto", "torch"):
-        runners[f"torch-{extractor.precision}"] = TorchRunner(extractor, extractor.precision)
+        runners[candidate_label("torch", extractor.precision)] = TorchRunner(extractor, extractor.precision)
     if export is None:
-        return runners, errors
+        return runners, failed
     for name in installed:
-        try:
-            runner = open_runtime(name, export, options=options)
-        except ExportError as exc:
-            errors[name] = str(exc)
-            continue
-        runners[name if runner.precision == "fp32" else f"{name}-{runner.precision}"] = runner
-    return runners, errors
+        opened = _open(name, export, reference=reference, options=options)
+        if isinstance(opened, ParityReport):
+            failed[name] = opened
+        else:
+            runners[candidate_label(name, opened.precision)] = opened
+    return runners, failed
 
 
 def attach_runtime(
@@ -265,9 +277,8 @@ def attach_runtime(
             _log.warning("no usable export, only torch-%s is checked: %s", extractor.precision, exc)
     reference = golden_reference(extractor)
     options = runtime_options(extractor, threads=threads)
-    candidates, errors = _candidates(extractor, requested, installed=installed, export=export, options=options)
-    reports = {name: ParityReport(runtime=name, passed=False, error=error, torch_ms=reference.torch_ms)
-               for name, error in errors.items()}
+    candidates, reports = _candidates(extractor, requested, installed=installed, export=export, reference=reference,
+                                      options=options)
     runners: dict[str, Candidate] = {}
     for name, runner in candidates.items():
         reports[name] = replace(check_parity(reference, runner, tolerance=tolerance), runtime=name)

@@ -487,10 +487,12 @@ class ModelStore:
         value = validate_mm_per_px(mm_per_px)
         if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
             return
+        def unusable(exc: OSError) -> StorageError:
+            return StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}")
+
         with exclusive_lock(
             self.recipe_dir(recipe_id) / RECIPE_LOCK_FILE, timeout_s=LOCK_TIMEOUT_S,
-            busy=lambda: StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'"),
-            unusable=lambda exc: StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}"),
+            busy=lambda: StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'"), unusable=unusable,
         ):
             try:
                 if self._check_locked(recipe_id, value):
@@ -500,7 +502,7 @@ class ModelStore:
                 meta.setdefault("created_at_utc", utc_now_iso())
                 atomic_write_json(self.recipe_meta_path(recipe_id), meta, indent=2)
             except OSError as exc:
-                raise StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}") from exc
+                raise unusable(exc) from exc
 
     def _check_locked(self, recipe_id: str, value: float) -> bool:
         """True when a valid value is stored and matches; ScaleMismatchError when it differs."""
