@@ -10,7 +10,10 @@ One run, same image and same weights for every server, real uvicorn on 127.0.0.1
      from elsewhere hits them alike), p50/p95 of the client-side wall time of `POST /infer`, and the largest
      relative score difference from the torch fp32 server over the test images (score parity); a bf16 server
      whose parity check failed at start-up runs fp32 torch, and the table says so;
-  3. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
+  3. fit: `POST /fit_ok` with the fit images on each latency server, round-robin (`--fit-repeats`), the
+     client-side wall time and the server's own stage times (`fit_ok.response` in the diagnostics log): how
+     much of the runtime's speed-up a fit gets;
+  4. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
      `Settings.intra_op_threads`), under a bounded loopback load (`--concurrency` clients, `--load-requests`
      requests), zero errors required.
 Prints Markdown tables and writes them to `bench/results/runtimes.md` (the report in `runtimes.json`; README
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,6 +76,7 @@ class Server:
     health: dict[str, Any] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     scores: dict[int, float] = field(default_factory=dict)
+    fits: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -182,6 +187,34 @@ def _latency(servers: list[Server], images: list[bytes], *, requests: int) -> No
                 server.scores[k] = float(body["score"])
 
 
+def _fit_stages(log_file: Path, request_id: str) -> dict[str, float]:
+    """The stage times (ms) the server logged for one ``/fit_ok``."""
+    for line in log_file.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event.get("event") == "fit_ok.response" and event.get("request_id") == request_id:
+            return {k: float(v) for k, v in event["timings_ms"].items()}
+    raise RuntimeError(f"no fit_ok.response logged for request {request_id} in {log_file}")
+
+
+def _fits(servers: list[Server], images: list[bytes], *, repeats: int, log_file: Path) -> None:
+    """``POST /fit_ok`` of ``images`` on every server, round-robin; appends wall, forward and coreset seconds."""
+    files = [("images", (f"fit{i}.png", image, "image/png")) for i, image in enumerate(images)]
+    with httpx.Client() as client:
+        for i in range(repeats):
+            for server in servers[i % len(servers):] + servers[: i % len(servers)]:
+                request_id = uuid.uuid4().hex
+                start = time.perf_counter()
+                response = client.post(f"{server.url}/fit_ok", data={"role_id": REF.role_id, "roi_id": "fit-bench",
+                                                                     "mm_per_px": str(MM_PER_PX)},
+                                       files=files, headers={"X-Request-Id": request_id}, timeout=600.0)
+                wall_s = time.perf_counter() - start
+                if response.status_code != 200:
+                    raise RuntimeError(f"/fit_ok on {server.mode}: {response.status_code} {response.text[:200]}")
+                stages = _fit_stages(log_file, request_id)
+                server.fits.append({"wall_s": wall_s, "forward_s": stages.get("forward", 0.0) / 1e3,
+                                    "coreset_s": stages.get("coreset", 0.0) / 1e3})
+
+
 def _throughput(server: Server, images: list[bytes], *, requests: int, concurrency: int) -> tuple[float, int]:
     def worker(indices: list[int]) -> int:
         errors = 0
@@ -211,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", default="vit,cnn", help="comma-separated: vit, cnn")
     parser.add_argument("--n-fit", type=int, default=10)
     parser.add_argument("--requests", type=int, default=30, help="latency requests per server")
+    parser.add_argument("--fit-repeats", type=int, default=3, help="/fit_ok calls per server")
     parser.add_argument("--load-requests", type=int, default=24, help="throughput requests per configuration")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent loopback clients")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where runtimes.md and runtimes.json go")
@@ -226,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bdi-bench-runtimes-"))
     data = SHARED_DATA if SHARED_DATA.is_dir() else write_mvtec_dataset(work / "data", n_train=args.n_fit, size=256)
     items = read_mvtec(data)
-    train = [decode_image(i.path.read_bytes()) for i in items if i.split == "train"][: args.n_fit]
+    train_bytes = [i.path.read_bytes() for i in items if i.split == "train"][: args.n_fit]
+    train = [decode_image(data) for data in train_bytes]
     test_items = [i for i in items if i.split == "test"][:6]
     test_images = [decode_image(i.path.read_bytes()) for i in test_items]
     test_bytes = [i.path.read_bytes() for i in test_items]
@@ -252,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         log = work / key / "servers.log"
         with _servers([(rt, precision, 1) for rt, precision in MODES], env=env, log=log) as servers:
             _latency(servers, test_bytes, requests=args.requests)
+            _fits(servers, train_bytes, repeats=args.fit_repeats,
+                  log_file=work / key / "logs" / "backend_diagnostics.jsonl")
         torch_server = servers[0]
-        rows = []
+        rows: list[dict[str, Any]] = []
         for server in servers:
             rel = max(abs(server.scores[k] - torch_server.scores[k]) / abs(torch_server.scores[k])
                       for k in torch_server.scores)
@@ -263,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fallback": server.health.get("runtime_fallback"),
                 "p50": _pct(server.latencies_ms, 50), "p95": _pct(server.latencies_ms, 95),
                 "score_rel_diff": rel, "parity": (server.health.get("runtime_parity") or {}).get(server.parity_key),
+                "fit": {k: _pct([f[k] for f in server.fits], 50) for k in ("wall_s", "forward_s", "coreset_s")},
             })
         torch_p50 = rows[0]["p50"]
         emit(f"\n/infer over HTTP, 1 worker each, {args.requests} round-robin requests per server "
@@ -276,6 +314,17 @@ def main(argv: list[str] | None = None) -> int:
                        if parity.get("feature_rel_err") is not None else "—")
             emit(f"| {row['mode']} ({row['active']}) | {row['p50']:.0f} | {row['p95']:.0f} | "
                   f"x{row['p50'] / torch_p50:.2f} | {row['score_rel_diff']:.1e} | {figures} |")
+        torch_fit = rows[0]["fit"]
+        emit(f"\nfit over HTTP: `POST /fit_ok` with the {len(train_bytes)} fit images, median of "
+             f"{args.fit_repeats} round-robin calls per server; forward and coreset as the server logged them:\n")
+        emit("| BDI_RUNTIME, BDI_PRECISION (what runs) | fit s | fit vs torch | forward s | forward vs torch | "
+             "coreset s |")
+        emit("|---|---|---|---|---|---|")
+        for row in rows:
+            fit = row["fit"]
+            emit(f"| {row['mode']} ({row['active']}) | {fit['wall_s']:.2f} | "
+                 f"x{fit['wall_s'] / torch_fit['wall_s']:.2f} | {fit['forward_s']:.2f} | "
+                 f"x{fit['forward_s'] / torch_fit['forward_s']:.2f} | {fit['coreset_s']:.2f} |")
         used = [r for r in rows[1:] if r["active"] == f"{r['runtime']} {r['precision']}"]  # parity passed
         fastest = min(used, key=lambda r: r["p50"], default=None)
         load_specs = [("torch", "fp32", 1), ("torch", "fp32", 2)]

@@ -231,7 +231,7 @@ class InspectionService:
         ) as builder:
             with timer.stage("encode"):
                 done = 0
-                for batch in self.extractor.iter_extract(images):
+                for batch in self.extractor.iter_extract(images, clock=timer.stage):  # + letterbox, forward…
                     if batch.grid != grid:
                         raise TokenGridMismatchError(got=batch.grid, expected=grid)
                     if done + len(batch) > n_images:

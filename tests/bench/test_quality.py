@@ -116,10 +116,12 @@ def test_precision_benchmark_measures_bf16_beside_fp32_and_reports_the_gate(tmp_
 @pytest.mark.slow
 def test_runtimes_benchmark_serves_every_mode_over_http_and_writes_its_tables(tmp_path: Path) -> None:
     runtimes = importlib.import_module("bench.runtimes")
-    assert runtimes.main(["--backbones", "cnn", "--n-fit", "4", "--requests", "2", "--load-requests", "2",
-                          "--concurrency", "2", "--out-dir", str(tmp_path)]) == 0
+    assert runtimes.main(["--backbones", "cnn", "--n-fit", "4", "--requests", "2", "--fit-repeats", "1",
+                          "--load-requests", "2", "--concurrency", "2", "--out-dir", str(tmp_path)]) == 0
     markdown = (tmp_path / "runtimes.md").read_text(encoding="utf-8")
     for mode in ("torch (torch fp32)", "onnxruntime (onnxruntime fp32)", "torch bf16 ("):
-        assert f"| {mode}" in markdown, mode
+        assert markdown.count(f"| {mode}") == 2, mode  # a latency row and a fit row
     report = json.loads((tmp_path / "runtimes.json").read_text(encoding="utf-8"))
     assert all(row["errors"] == 0 for row in report["cnn"]["throughput"])
+    for row in report["cnn"]["latency"]:  # every server fitted, and its log named the forward's share
+        assert row["fit"]["wall_s"] > row["fit"]["forward_s"] > 0, row["mode"]

@@ -52,6 +52,14 @@ def test_fit_reports_contract_counts(service: InspectionService, good_discs: lis
     assert result.memory_path.is_file() and result.index_path is not None and result.index_path.is_file()
 
 
+def test_fit_times_the_forward_apart_from_the_rest_of_the_encoding(
+    service: InspectionService, good_discs: list[np.ndarray]
+) -> None:
+    timings = service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2]).timings_ms
+    assert {"encode", "letterbox", "normalise", "forward", "coreset", "index", "save"} <= set(timings)
+    assert 0 < timings["forward"] <= timings["encode"]
+
+
 def test_memory_fit_keeps_every_patch(service: InspectionService, good_discs: list[np.ndarray]) -> None:
     result = service.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2], memory_fit=True)
     assert result.coreset_size == result.n_embeddings
