@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -58,6 +58,10 @@ class BenchDataset:
     train: list[Sample]
     calib: list[Sample]
     eval: list[Sample]
+
+    def swapped(self) -> BenchDataset:
+        """The halves exchanged: threshold from the eval half, figures on the calib half."""
+        return replace(self, calib=self.eval, eval=self.calib)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{split: {defect_class: n}}``."""

@@ -125,3 +125,19 @@ def test_runtimes_benchmark_serves_every_mode_over_http_and_writes_its_tables(tm
     assert all(row["errors"] == 0 for row in report["cnn"]["throughput"])
     for row in report["cnn"]["latency"]:  # every server fitted, and its log named the forward's share
         assert row["fit"]["wall_s"] > row["fit"]["forward_s"] > 0, row["mode"]
+
+
+def test_swap_halves_measures_on_the_calib_half_and_says_it_is_not_held_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quality = _quality(monkeypatch)
+    assert quality.main([*QUICK, "--rows", "pixel-knn", "--swap-halves", "--out-dir", str(tmp_path)]) == 0
+    assert not (tmp_path / "quality-quick.json").exists()  # the held-out report is not overwritten
+    results = json.loads((tmp_path / "quality-quick-swapped.json").read_text(encoding="utf-8"))
+    (dataset,) = results["datasets"]
+    from bench.quality_data import synthetic_dataset
+
+    plain = synthetic_dataset(tmp_path / "data", quick=True)
+    assert dataset["counts"]["eval"] == plain.counts()["calib"] and dataset["counts"]["calib"] == plain.counts()["eval"]
+    assert [s["file"] for s in dataset["rows"][0]["eval_scores"]] == [s.name for s in plain.calib]
+    assert "not held out" in (tmp_path / "quality-quick-swapped.md").read_text(encoding="utf-8")
