@@ -261,6 +261,11 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- main
 
 
+SWAPPED_NOTE = ("--swap-halves: the halves are EXCHANGED. In this report 'calib' is the pipeline's eval half and "
+                "'eval' is the pipeline's calib half, the one the defaults were tuned on: these figures are not "
+                "held out.")
+
+
 def _csv(value: str, known: Sequence[str], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in items if v not in known]
@@ -321,9 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             datasets.append({"name": data.name, "source": source, "counts": data.counts(), "rows": rows,
                              "targets": targets(rows)})
     if args.swap_halves:
-        notes.append("--swap-halves: the calib and eval halves are EXCHANGED. Below, 'calib half' is the pipeline's "
-                     "eval half and 'eval half' is the pipeline's calib half, on which the defaults were tuned: "
-                     "these figures are not held out.")
+        notes.append(SWAPPED_NOTE)
     notes += [
         "Every row fits on train/good, takes its threshold from the calib half with BDI's calibration rule "
         "(bdi.calibration.choose_threshold, library defaults) and is measured on the eval half; the false-reject "
@@ -343,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_facts(args.threads, load_before=load_before),
         "split_rule": (f"bdi.splits.split_mvtec, the pipeline's ingest rule: train/good fits; each test class is "
                        f"ordered by the sha256 of its files and dealt {CALIB_FRACTION:g} to calib (threshold), "
-                       "the rest to eval (every figure below)."),
+                       "the rest to eval (every figure below)."
+                       + (f" {SWAPPED_NOTE}" if args.swap_halves else "")),
         "datasets": datasets,
         "notes": notes,
     }
