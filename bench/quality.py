@@ -325,8 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = (os.path.relpath(data.source, ROOT) if Path(data.source).is_absolute() else data.source)
             datasets.append({"name": data.name, "source": source, "counts": data.counts(), "rows": rows,
                              "targets": targets(rows)})
-    if args.swap_halves:
-        notes.append(SWAPPED_NOTE)
     notes += [
         "Every row fits on train/good, takes its threshold from the calib half with BDI's calibration rule "
         "(bdi.calibration.choose_threshold, library defaults) and is measured on the eval half; the false-reject "

@@ -47,6 +47,7 @@ from bdi.backbones import PRETRAINED_CNN, backbone_spec
 from bdi.config import Settings
 from bdi.datasets import read_mvtec
 from bdi.imaging import decode_image
+from bdi.logging import LOG_FILE_NAME
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.synthetic import write_mvtec_dataset
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     data = SHARED_DATA if SHARED_DATA.is_dir() else write_mvtec_dataset(work / "data", n_train=args.n_fit, size=256)
     items = read_mvtec(data)
     train_bytes = [i.path.read_bytes() for i in items if i.split == "train"][: args.n_fit]
-    train = [decode_image(data) for data in train_bytes]
+    train = [decode_image(raw) for raw in train_bytes]
     test_items = [i for i in items if i.split == "test"][:6]
     test_images = [decode_image(i.path.read_bytes()) for i in test_items]
     test_bytes = [i.path.read_bytes() for i in test_items]
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         with _servers([(rt, precision, 1) for rt, precision in MODES], env=env, log=log) as servers:
             _latency(servers, test_bytes, requests=args.requests)
             _fits(servers, train_bytes, repeats=args.fit_repeats,
-                  log_file=work / key / "logs" / "backend_diagnostics.jsonl")
+                  log_file=Path(env["BDI_GUI_LOG_DIR"]) / LOG_FILE_NAME)
         torch_server = servers[0]
         rows: list[dict[str, Any]] = []
         for server in servers:
