@@ -28,9 +28,9 @@ def _prepare(n_images: int, models_dir: Path) -> None:
     import cv2
     import numpy as np
 
-    from bdi.datasets import DatasetStore, UploadItem
+    from bdi.data.synthetic import make_disc
     from bdi.refs import DatasetRef
-    from bdi.synthetic import make_disc
+    from bdi.storage.datasets import DatasetStore, UploadItem
     from bench.run import REF
 
     rng = np.random.default_rng(0)

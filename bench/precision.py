@@ -7,7 +7,7 @@ and measured on the eval half (``bench.quality.measure_row``): image and pixel A
 rates, and how far each eval image's score moved from fp32 torch's, both end to end (fitted in that mode) and
 serving the fp32-fitted model in that mode (what ``BDI_PRECISION=bf16`` on a server alone changes). The feature
 net is set to each mode directly, bypassing the start-up parity gate, so the effect is measured even where the
-gate would refuse the mode; the gate's verdict on the golden images (``bdi.parity``) is printed beside it, with
+gate would refuse the mode; the gate's verdict on the golden images (``bdi.runtime.parity``) is printed beside it, with
 its forward time (one image, in-process). Writes ``bench/results/precision.{md,json}``.
 """
 
@@ -27,11 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bdi.acceleration import configure_threads, ensure_export
 from bdi.backbones import DINOV2_VITS14, PRETRAINED_CNN
-from bdi.features import ForwardRuntime, TorchRunner
-from bdi.parity import check_parity, golden_reference
-from bdi.runtime import RuntimeOptions, open_runtime
+from bdi.patchcore.features import ForwardRuntime, TorchRunner
+from bdi.runtime.parity import check_parity, golden_reference
+from bdi.runtime.runners import RuntimeOptions, open_runtime
+from bdi.runtime.select import configure_threads, ensure_export
 from bench.quality import MAGNETIC_TILE, RESULTS, load_average, measure_row, without_bdi_env
 from bench.quality_data import BenchDataset, load_mvtec, synthetic_dataset
 from bench.quality_rows import BdiDetector

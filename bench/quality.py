@@ -51,9 +51,10 @@ import torch
 
 from bdi.backbones import BACKBONES, DINOV2_VITS14, PRETRAINED_CNN
 from bdi.config import FeatureConfig, Settings
-from bdi.evaluation import evaluate_scores
-from bdi.features import resolve_weights
-from bench.quality_data import CALIB_FRACTION, BenchDataset, load_mvtec, synthetic_dataset
+from bdi.data.metrics import AUPRO_FPR_LIMIT, evaluate_scores
+from bdi.data.splits import CALIB_FRACTION
+from bdi.patchcore.weights import resolve_weights
+from bench.quality_data import BenchDataset, load_mvtec, synthetic_dataset
 from bench.quality_report import write_results
 from bench.quality_rows import (
     AnomalibDetector,
@@ -62,7 +63,6 @@ from bench.quality_rows import (
     PixelKnnDetector,
     anomalib_version,
 )
-from pipelines.config import EvaluationSchema
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = ROOT.parent / "shared" / "data" / "magnetic_tile"
@@ -73,7 +73,6 @@ ROWS = ("bdi-effnet", "bdi-dinov2-random", "anomalib", "pixel-knn")
 DATASETS = ("magnetic_tile", "synthetic")
 ANOMALIB_CORESET_RATIO = 0.1
 PIXEL_CELL = 8  # px: the raw-pixel baseline's cell on the letterboxed image
-AUPRO_FPR_LIMIT = EvaluationSchema().aupro_fpr_limit
 AUROC_EPS = 1e-9  # an AUROC is a ratio of pair counts: 270/300 computes as 0.8999999999999999
 
 
@@ -327,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "targets": targets(rows)})
     notes += [
         "Every row fits on train/good, takes its threshold from the calib half with BDI's calibration rule "
-        "(bdi.calibration.choose_threshold, library defaults) and is measured on the eval half; the false-reject "
+        "(bdi.patchcore.calibration.choose_threshold, library defaults) and is measured on the eval half; "
+        "the false-reject "
         "and escape rates are at that threshold.",
         "Pixel AUROC and AUPRO (FPR limit "
         f"{AUPRO_FPR_LIMIT}) are computed at each image's own size: anomalib's input_size² map is resized back.",
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": time.perf_counter() - started,
         "machine": machine_facts(args.threads, load_before=load_before),
-        "split_rule": (f"bdi.splits.split_mvtec, the pipeline's ingest rule: train/good fits; each test class is "
+        "split_rule": (f"bdi.data.splits.split_mvtec, the pipeline's ingest rule: train/good fits; each test class is "
                        f"ordered by the sha256 of its files and dealt {CALIB_FRACTION:g} to calib (threshold), "
                        "the rest to eval (every figure below)."
                        + (f" {SWAPPED_NOTE}" if args.swap_halves else "")),

@@ -1,6 +1,6 @@
 """The quality benchmark's datasets: MVTec-layout folders split into train / calib / eval as the pipeline does.
 
-The split is ``bdi.splits.split_mvtec`` (the rule ``pipelines/ingest.py`` applies) with the pipeline's
+The split is ``bdi.data.splits.split_mvtec`` (the rule ``pipelines/ingest.py`` applies) with the pipeline's
 default ``calib_fraction``; ground-truth masks are binarised with the pipeline's default ``mask_threshold``.
 """
 
@@ -14,15 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bdi.datasets import MvtecItem, read_mvtec
-from bdi.evaluation import binarize_mask
-from bdi.imaging import decode_image
-from bdi.splits import CALIB, EVAL, TRAIN, split_mvtec
-from bdi.synthetic import write_mvtec_dataset
-from pipelines.config import DatasetSchema, SplitsSchema
-
-CALIB_FRACTION = SplitsSchema().calib_fraction
-MASK_THRESHOLD = DatasetSchema.mask_threshold
+from bdi.data.metrics import MASK_THRESHOLD, binarize_mask
+from bdi.data.mvtec import MvtecItem, read_mvtec
+from bdi.data.splits import CALIB, CALIB_FRACTION, EVAL, TRAIN, split_mvtec
+from bdi.data.synthetic import write_mvtec_dataset
+from bdi.patchcore.imaging import decode_image
 
 SYNTHETIC_FULL = {"n_train": 20, "n_test_good": 10, "n_test_per_defect": 6, "size": 256, "seed": 0}
 SYNTHETIC_QUICK = {"n_train": 4, "n_test_good": 4, "n_test_per_defect": 2, "size": 128, "seed": 0}
@@ -114,12 +110,12 @@ def load_mvtec(name: str, root: Path, *, quick: bool = False) -> BenchDataset:
 
 
 def synthetic_dataset(work: Path, *, quick: bool = False) -> BenchDataset:
-    """The project's seeded synthetic discs (``bdi.synthetic``), written under ``work`` and split."""
+    """The project's seeded synthetic discs (``bdi.data.synthetic``), written under ``work`` and split."""
     params = SYNTHETIC_QUICK if quick else SYNTHETIC_FULL
     root = write_mvtec_dataset(work / "synthetic", n_train=params["n_train"], n_test_good=params["n_test_good"],
                                n_test_per_defect=params["n_test_per_defect"], size=params["size"],
                                seed=params["seed"])
     dataset = load_mvtec("synthetic", root)
     described = ", ".join(f"{k}={v}" for k, v in params.items())
-    return BenchDataset(name=dataset.name, source=f"bdi.synthetic.write_mvtec_dataset({described})",
+    return BenchDataset(name=dataset.name, source=f"bdi.data.synthetic.write_mvtec_dataset({described})",
                         train=dataset.train, calib=dataset.calib, eval=dataset.eval)

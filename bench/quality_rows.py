@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 import torch
 
-from bdi.calibration import choose_threshold
 from bdi.config import CalibrationConfig, RuntimeName, ScoringConfig, Settings
-from bdi.coreset import coreset_size, greedy_k_center
-from bdi.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
-from bdi.inference import distance_map, gaussian_blur, masked_score
-from bdi.knn import FAISS_AVAILABLE, KnnIndex
+from bdi.patchcore.calibration import choose_threshold
+from bdi.patchcore.coreset import coreset_size, greedy_k_center
+from bdi.patchcore.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
+from bdi.patchcore.inference import distance_map, gaussian_blur, masked_score
+from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 
@@ -76,7 +76,7 @@ class Detector(Protocol):
 
 
 def bdi_threshold(ok_scores: Sequence[float], ng_scores: Sequence[float], settings: Settings) -> float:
-    """BDI's calibration rule (``bdi.calibration.choose_threshold``) with the library's default config."""
+    """BDI's calibration rule (``bdi.patchcore.calibration.choose_threshold``) with the library's default config."""
     cfg: CalibrationConfig = settings.calibration
     choice = choose_threshold(list(ok_scores), list(ng_scores) or None,
                               score_percentile=settings.model.scoring.score_percentile, cfg=cfg)
@@ -162,7 +162,7 @@ def timm_backbone_with_weights(backbone: str, weights_path: Path) -> torch.nn.Mo
     """A timm ``backbone`` with its ImageNet head, carrying the file's weights (mapped by ``convert_by_order``)."""
     import timm
 
-    from bdi.features import convert_by_order, load_state_dict_file
+    from bdi.patchcore.weights import convert_by_order, load_state_dict_file
 
     model = timm.create_model(backbone, pretrained=False)
     state = convert_by_order(load_state_dict_file(weights_path), model, source=str(weights_path))
@@ -284,8 +284,9 @@ def _plain(value: Any) -> Any:
 
 class PixelKnnDetector:
     """Raw-pixel patch-kNN: each ``cell``×``cell`` cell of the letterboxed RGB image (values in [0, 1], not
-    normalised) is a feature; greedy coreset (``bdi.coreset``), Euclidean 1-NN (``bdi.knn``), then BDI's map
-    and score (``bdi.inference``: un-letterbox, blur, percentile) with the given scoring config."""
+    normalised) is a feature; greedy coreset (``bdi.patchcore.coreset``), Euclidean 1-NN
+    (``bdi.patchcore.knn``), then BDI's map
+    and score (``bdi.patchcore.inference``: un-letterbox, blur, percentile) with the given scoring config."""
 
     def __init__(self, *, name: str, label: str, input_size: int, cell: int, coreset_rate: float,
                  settings: Settings, scoring: ScoringConfig) -> None:

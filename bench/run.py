@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from bdi.config import Settings
-from bdi.coreset import coreset_size, covering_radius, greedy_k_center
-from bdi.datasets import read_mvtec
-from bdi.imaging import decode_image
-from bdi.memory import l2_normalize
+from bdi.data.mvtec import read_mvtec
+from bdi.data.synthetic import write_mvtec_dataset
+from bdi.patchcore.coreset import coreset_size, covering_radius, greedy_k_center
+from bdi.patchcore.imaging import decode_image
+from bdi.patchcore.memory import l2_normalize
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.synthetic import write_mvtec_dataset
 from bench.baselines import reference_greedy_k_center
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"

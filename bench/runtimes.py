@@ -3,7 +3,7 @@
 One run, same image and same weights for every server, real uvicorn on 127.0.0.1:
   1. per backbone (DINOv2 ViT-S/14 @448 with BDI_WEIGHTS or random init, and the pretrained CNN
      `bdi.backbones.PRETRAINED_CNN`), one model is fitted on magnetic-tile train images (fp32 torch) and
-     calibrated, and its feature net exported and parity-checked once (`bdi.acceleration.export_checked`, as
+     calibrated, and its feature net exported and parity-checked once (`bdi.runtime.select.export_checked`, as
      `bdi export` does);
   2. latency: one server per mode (`MODES`: BDI_RUNTIME=torch | onnxruntime | openvino in fp32, and torch /
      openvino with BDI_PRECISION=bf16; 1 worker each), requests sent round-robin across the servers (so load
@@ -42,15 +42,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bdi.acceleration import candidate_label, configure_threads, export_checked
 from bdi.backbones import PRETRAINED_CNN, backbone_spec
 from bdi.config import Settings
-from bdi.datasets import read_mvtec
-from bdi.imaging import decode_image
+from bdi.data.mvtec import read_mvtec
+from bdi.data.synthetic import write_mvtec_dataset
 from bdi.logging import LOG_FILE_NAME
+from bdi.patchcore.imaging import decode_image
 from bdi.refs import ModelRef
+from bdi.runtime.select import candidate_label, configure_threads, export_checked
 from bdi.service import InspectionService
-from bdi.synthetic import write_mvtec_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

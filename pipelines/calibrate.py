@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from bdi.fsio import staged_dir
+from bdi.storage.fsio import staged_dir
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,
@@ -39,7 +39,7 @@ from pipelines.stage import (
 )
 
 if TYPE_CHECKING:
-    from bdi.calibration import Calibration
+    from bdi.patchcore.calibration import Calibration
 
 log = logging.getLogger("pipelines.calibrate")
 STAGE = "calibrate"

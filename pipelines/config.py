@@ -8,7 +8,7 @@ wrongly typed value is a composition error. The algorithm sections are the libra
 * ``model.features.*`` / ``model.memory.*`` / ``model.scoring.*`` = ``bdi.config.ModelConfig`` — the same
   names as ``Settings.model`` in serving;
 * ``calibration.*`` = ``bdi.config.CalibrationConfig``;
-* ``tracking.*`` = ``bdi.tracking.TrackingConfig``.
+* ``tracking.*`` = ``bdi.mlops.tracking.TrackingConfig``.
 
 ``params.yaml`` (what DVC tracks) is this composition. DVC writes it itself (``hydra.enabled`` in
 ``.dvc/config``) on ``dvc exp run -S key=value`` / ``-S model=tiny``; ``python -m pipelines.config --write``
@@ -36,8 +36,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pydantic import TypeAdapter
 
 from bdi.config import CalibrationConfig, ModelConfig, Settings
-from bdi.promotion import PromotionGate
-from bdi.tracking import TrackingConfig
+from bdi.data import metrics, splits
+from bdi.mlops.promotion import PromotionGate
+from bdi.mlops.tracking import TrackingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -70,8 +71,8 @@ class RoiSchema:
 class SplitsSchema:
     """How samples are split (see ``pipelines.ingest``): deterministic, by sha256, stratified by class."""
 
-    calib_fraction: float = 0.5  # share of every test class that calibrates; the rest evaluates
-    train_fraction: float = 0.5  # server source only: share of the OK samples that fit the memory
+    calib_fraction: float = splits.CALIB_FRACTION
+    train_fraction: float = splits.TRAIN_FRACTION
 
 
 @dataclass
@@ -86,7 +87,7 @@ class DatasetSchema:
     min_size: int = 32  # px, both sides
     channels: list[int] = field(default_factory=lambda: [1, 3, 4])  # accepted channel counts as stored
     max_pixels: int = 40_000_000
-    mask_threshold: int = 127  # ground-truth mask pixel > this = defect
+    mask_threshold: int = metrics.MASK_THRESHOLD
     splits: SplitsSchema = field(default_factory=SplitsSchema)
 
 
@@ -135,7 +136,7 @@ else:
 
 @dataclass
 class EvaluationSchema:
-    aupro_fpr_limit: float = 0.3
+    aupro_fpr_limit: float = metrics.AUPRO_FPR_LIMIT
     gallery_size: int = 8  # worst cases shown in the heatmap gallery
     histogram_bins: int = 30
     primary_metric: str = "image_auroc"  # the registry moves the alias only when this is not worse
@@ -143,7 +144,7 @@ class EvaluationSchema:
 
 @dataclass
 class PromotionSchema:
-    """The promotion gate of the register stage (``bdi.promotion.PromotionGate``; null disables a check).
+    """The promotion gate of the register stage (``bdi.mlops.promotion.PromotionGate``; null disables a check).
     The primary metric compared with the alias holder's is ``evaluation.primary_metric``."""
 
     max_false_reject_rate: float | None = PromotionGate.max_false_reject_rate  # at the calibrated threshold

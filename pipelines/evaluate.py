@@ -1,6 +1,6 @@
 """Stage 4, evaluate: score the ``eval`` split with the calibrated models and write metrics and plots.
 
-Per model (``<recipe>/<role>/<roi>``), from ``bdi.evaluation``: image AUROC, pixel AUROC and AUPRO
+Per model (``<recipe>/<role>/<roi>``), from ``bdi.data.metrics``: image AUROC, pixel AUROC and AUPRO
 (where masks exist), F1 / precision / recall, false-reject rate (OK) and escape rate (NG) at the
 calibrated threshold, and per defect class AUROC (class vs good) and recall. Outputs (all paths from
 ``paths.*``): ``metrics`` (JSON; top level = mean over models), ``scores`` (CSV per image), ``roc`` and
@@ -72,9 +72,10 @@ def run_evaluate(
     ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
 ) -> EvaluationOutputs:
     """Score every model's eval split; compute metrics; write the plot PNGs into ``paths.images_dir``."""
-    from bdi.calibration import decide
+    from bdi.data.metrics import score_histogram
+    from bdi.data.plots import plot_gallery, plot_roc, plot_score_histogram
     from bdi.errors import NotFittedError
-    from bdi.evaluation import plot_gallery, plot_roc, plot_score_histogram, score_histogram
+    from bdi.patchcore.calibration import decide
 
     cfg = ctx.cfg
     manifest = read_manifest(ctx.path(cfg.paths.manifest))

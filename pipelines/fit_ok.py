@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from bdi.fsio import staged_dir
+from bdi.storage.fsio import staged_dir
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,

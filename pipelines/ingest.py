@@ -2,16 +2,16 @@
 
 Sources (``dataset.kind``):
 * ``mvtec``: ``<source>[/<roi.subdir>]/train/good``, ``test/<class>``, ``ground_truth/<class>/<stem>_mask.png``
-  (``bdi.datasets.read_mvtec``);
-* ``server``: the GUI's sample folders in a ModelStore root (``bdi.datasets.DatasetStore``), ``ok``/``ng``;
+  (``bdi.data.mvtec.read_mvtec``);
+* ``server``: the GUI's sample folders in a ModelStore root (``bdi.storage.datasets.DatasetStore``), ``ok``/``ng``;
   a sample's sidecar ``mm_per_px`` / ``shape_json`` win over the dataset config.
 
-Validation (``bdi.datasets.check_sample``; each failure rejects one file with a reason, the rest is kept):
+Validation (``bdi.data.checks.check_sample``; each failure rejects one file with a reason, the rest is kept):
 readable, decodable, channel count in ``dataset.channels``, both sides ≥ ``dataset.min_size``, at most
 ``dataset.max_pixels``, a valid ``mm_per_px``; a mask must decode and have the image's size; an exact duplicate
 (same sha256) of an earlier file of the same model is rejected (no image may be both fitted and tested).
 
-Splits (``bdi.splits``, the one home of the rule, shared with ``bench.quality``): deterministic and
+Splits (``bdi.data.splits``, the one home of the rule, shared with ``bench.quality``): deterministic and
 stratified; within every (model, label, defect class) group the files are ordered by sha256 and dealt out in
 that order, so a split never depends on file names or listing order. ``mvtec``: train/good → ``train``; each
 test class → ``calib`` (a ``splits.calib_fraction`` share, interleaved) and ``eval`` (the rest). ``server``:
@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
+from bdi.data.splits import SplitItem
+from bdi.data.splits import assign_splits as assign_splits_rule
 from bdi.errors import BDIError
-from bdi.splits import SplitItem
-from bdi.splits import assign_splits as assign_splits_rule
 from pipelines.config import PipelineConfig, PipelineConfigError
 from pipelines.manifest import SPLITS, ManifestRow, PipelineDataError, write_manifest
 from pipelines.stage import (
@@ -51,7 +51,7 @@ from pipelines.stage import (
 )
 
 if TYPE_CHECKING:
-    from bdi.datasets import SampleFacts
+    from bdi.data.checks import SampleFacts
 
 log = logging.getLogger("pipelines.ingest")
 STAGE = "ingest"
@@ -100,14 +100,14 @@ class IngestResult:
 
 
 def _shape_text(shape: Any) -> str:
-    from bdi.imaging import parse_shape
+    from bdi.patchcore.imaging import parse_shape
 
     parsed = parse_shape(shape) if shape not in (None, "") else None
     return json.dumps(parsed, sort_keys=True) if parsed else ""
 
 
 def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
-    from bdi.datasets import read_mvtec
+    from bdi.data.mvtec import read_mvtec
 
     tree = root / target.subdir if target.subdir else root
     if not tree.is_dir():
@@ -131,8 +131,8 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
 
 def _server_candidates(root: Path, target: Target) -> list[Candidate]:
     """The GUI's ``ok``/``ng`` samples of one model; ``root`` was checked by ``check_source``."""
-    from bdi.datasets import LABELS, DatasetStore
     from bdi.refs import DatasetRef
+    from bdi.storage.datasets import LABELS, DatasetStore
 
     store = DatasetStore(root)
     ref = DatasetRef(recipe_id=target.ref.recipe_id, role_id=target.ref.role_id, roi_id=target.ref.roi_id)
@@ -156,8 +156,8 @@ def _server_candidates(root: Path, target: Target) -> list[Candidate]:
 
 
 def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[SampleFacts | None, str | None]:
-    """``(facts, None)`` for a usable file (``bdi.datasets.check_sample``) or ``(None, reason)``."""
-    from bdi.datasets import SampleLimits, check_sample
+    """``(facts, None)`` for a usable file (``bdi.data.checks.check_sample``) or ``(None, reason)``."""
+    from bdi.data.checks import SampleLimits, check_sample
 
     ds = cfg.dataset
     limits = SampleLimits(max_pixels=ds.max_pixels, channels=tuple(ds.channels), min_size=ds.min_size)
@@ -171,7 +171,8 @@ def validate_candidate(cand: Candidate, *, cfg: PipelineConfig) -> tuple[SampleF
 
 
 def assign_splits(kept: Sequence[tuple[Candidate, SampleFacts]], *, cfg: PipelineConfig) -> list[str]:
-    """The split of every kept file (``bdi.splits.assign_splits``, the one home of the rule), aligned with ``kept``."""
+    """The split of every kept file (``bdi.data.splits.assign_splits``, the one home of the rule), aligned with
+    ``kept``."""
     items = [
         SplitItem(source_split=cand.source_split, label=cand.label, defect_class=cand.defect_class,
                   sha256=facts.sha256, path=str(cand.path))

@@ -9,8 +9,8 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from bdi.fsio import atomic_write_bytes
 from bdi.refs import ModelRef
+from bdi.storage.fsio import atomic_write_bytes
 
 SPLITS = ("train", "calib", "eval")  # manifest ``split`` values, in pipeline order
 

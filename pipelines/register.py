@@ -1,12 +1,12 @@
-"""Stage 5, register: every calibrated model becomes an MLflow model version (``bdi.registration``).
+"""Stage 5, register: every calibrated model becomes an MLflow model version (``bdi.mlops.registration``).
 
 For each (recipe, role, roi): the model is exported alone into a temporary ModelStore root
-(``bdi.registration.export_model_dir``) with its golden images (a few eval images and the scores this
-pipeline gave them) and the parity-checked export of its feature net in ``exports/<key>`` (``bdi.export``;
+(``bdi.mlops.registration.export_model_dir``) with its golden images (a few eval images and the scores this
+pipeline gave them) and the parity-checked export of its feature net in ``exports/<key>`` (``bdi.runtime.export``;
 made now when the machine's export cache lacks it, left out with a warning when no runtime passes), logged
 as a pyfunc in this stage's run and registered with its lineage tags (git commit, the dataset's md5 from
 ``dvc.lock``, the calibrate run). The alias (``tracking.alias``) moves to it only when it passes the
-promotion gate (``promotion.*``, ``bdi.promotion``): primary metric not below the holder's, false-reject
+promotion gate (``promotion.*``, ``bdi.mlops.promotion``): primary metric not below the holder's, false-reject
 rate, /infer latency and export parity through the serving path. ``paths.registration`` records the
 versions and gate reports (small, so DVC re-runs nothing downstream). Servers following the registry
 pick the new champion up; ``bdi sync`` does it by hand.
@@ -65,8 +65,8 @@ def model_metrics(metrics: dict[str, Any], key: str) -> dict[str, float]:
 
 def golden_items(ctx: StageContext, *, target: Any, manifest: Any, scores: Any) -> list[tuple[bytes, str, Any]]:
     """Up to ``promotion.golden_images`` eval images of ``target`` with the scores the evaluate stage gave
-    them: the export-parity set logged with the version (``bdi.promotion.write_golden_set``)."""
-    from bdi.promotion import GoldenImage
+    them: the export-parity set logged with the version (``bdi.mlops.promotion.write_golden_set``)."""
+    from bdi.mlops.promotion import GoldenImage
 
     n = ctx.cfg.promotion.golden_images
     if n <= 0:
@@ -86,7 +86,7 @@ def golden_items(ctx: StageContext, *, target: Any, manifest: Any, scores: Any) 
 
 def calibration_run_id(ctx: StageContext) -> str | None:
     """The MLflow run of the calibrate stage that made these thresholds (same config hash, latest)."""
-    from bdi.tracking import tracking_client
+    from bdi.mlops.tracking import tracking_client
 
     config_hash = run_tags(ctx).get("config_hash")
     tracking = tracking_config(ctx.cfg)
@@ -100,8 +100,8 @@ def calibration_run_id(ctx: StageContext) -> str | None:
 
 
 def promotion_gate(cfg: Any) -> Any:
-    """``bdi.promotion.PromotionGate`` from the ``promotion`` section (+ ``evaluation.primary_metric``)."""
-    from bdi.promotion import PromotionGate
+    """``bdi.mlops.promotion.PromotionGate`` from the ``promotion`` section (+ ``evaluation.primary_metric``)."""
+    from bdi.mlops.promotion import PromotionGate
 
     p = cfg.promotion
     return PromotionGate(primary_metric=cfg.evaluation.primary_metric, max_false_reject_rate=p.max_false_reject_rate,
@@ -128,7 +128,7 @@ class ExportCarrier:
         self._extractor: Any = None
 
     def _build_extractor(self) -> Any:
-        from bdi.features import FeatureExtractor
+        from bdi.patchcore.features import FeatureExtractor
 
         if self._extractor is None:
             settings = self._settings
@@ -137,10 +137,10 @@ class ExportCarrier:
 
     def into(self, model_dir: Path, *, signature: dict[str, Any]) -> str:
         """Copy the export into ``model_dir/exports/<key>``; returns the key, "" when none could be made."""
-        from bdi.acceleration import checked_export_for
         from bdi.config import EXPORTS_DIRNAME
         from bdi.errors import ExportError
-        from bdi.export import copy_export
+        from bdi.runtime.export import copy_export
+        from bdi.runtime.select import checked_export_for
 
         if not signature:
             log.warning("the memory records no feature signature: registered without an export")
@@ -161,9 +161,9 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     the gate (``promotion``); one record each."""
     import pandas as pd
 
-    from bdi.promotion import promote_version, write_golden_set
-    from bdi.registration import export_model_dir, register_model
-    from bdi.store import ModelStore
+    from bdi.mlops.promotion import promote_version, write_golden_set
+    from bdi.mlops.registration import export_model_dir, register_model
+    from bdi.storage.store import ModelStore
 
     cfg = ctx.cfg
     model_dir = ctx.path(cfg.paths.model_dir)

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
+from bdi.digest import file_sha256
 from bdi.errors import BDIError
 from bdi.refs import ModelRef
 from pipelines.config import (
@@ -44,7 +45,7 @@ from pipelines.config import (
 from pipelines.manifest import ManifestRow, PipelineDataError, model_rows, read_manifest
 
 if TYPE_CHECKING:
-    from bdi.evaluation import EvaluationReport
+    from bdi.data.metrics import EvaluationReport
 
 log = logging.getLogger("pipelines")
 
@@ -159,9 +160,9 @@ def git_commit(root: Path) -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
-def file_sha256(path: Path) -> str | None:
+def _params_sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
@@ -176,7 +177,7 @@ def run_tags(ctx: StageContext) -> dict[str, str]:
         "recipe_id": ctx.cfg.dataset.recipe,
         "dvc_stage": os.environ.get("DVC_STAGE"),
         "dvc_commit": git_commit(ctx.project_root),
-        "dvc_params_hash": file_sha256(ctx.project_root / PARAMS_FILE),
+        "dvc_params_hash": _params_sha256(ctx.project_root / PARAMS_FILE),
         "config_hash": hashlib.sha256(json.dumps(ctx.config_dict, sort_keys=True).encode()).hexdigest(),
         "overrides": " ".join(ctx.overrides) or None,
     }
@@ -239,7 +240,7 @@ def dvc_data_hash(root: Path, *, source: str) -> str | None:
 def stage_run(ctx: StageContext) -> Iterator[Any]:
     """An MLflow run named after the stage, with the resolved config flattened as params and the
     manifest rows it reads logged as its dataset input (``STAGE_SPLITS``)."""
-    from bdi.tracking import tracked_run
+    from bdi.mlops.tracking import tracked_run
 
     with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
                      tags=run_tags(ctx), params=flatten(ctx.config_dict)) as run:
@@ -354,8 +355,8 @@ def recipe_mm_per_px(manifest: Sequence[ManifestRow], target: Target) -> float:
 
 
 def load_image(root: Path, row: ManifestRow) -> np.ndarray:
-    """The row's image decoded by ``bdi.imaging`` (BGR uint8)."""
-    from bdi.imaging import decode_image
+    """The row's image decoded by ``bdi.patchcore.imaging`` (BGR uint8)."""
+    from bdi.patchcore.imaging import decode_image
 
     path = resolve_path(root, row.file)
     try:
@@ -366,16 +367,16 @@ def load_image(root: Path, row: ManifestRow) -> np.ndarray:
 
 
 def roi_mask(row: ManifestRow, *, width: int, height: int) -> np.ndarray:
-    """The row's ROI mask (``bdi.imaging.build_roi_mask`` of its shape JSON; full image when empty)."""
-    from bdi.imaging import build_roi_mask, parse_shape
+    """The row's ROI mask (``bdi.patchcore.imaging.build_roi_mask`` of its shape JSON; full image when empty)."""
+    from bdi.patchcore.imaging import build_roi_mask, parse_shape
 
     return build_roi_mask(parse_shape(row.roi_shape or None), width=width, height=height)
 
 
 def load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | None:
-    """The row's ground-truth mask binarised (``bdi.evaluation.binarize_mask``); None for a row without one."""
-    from bdi.evaluation import binarize_mask
-    from bdi.imaging import decode_mask
+    """The row's ground-truth mask binarised (``bdi.data.metrics.binarize_mask``); None for a row without one."""
+    from bdi.data.metrics import binarize_mask
+    from bdi.patchcore.imaging import decode_mask
 
     if not row.mask:
         return None
@@ -389,10 +390,10 @@ def load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | N
 def evaluate_rows(
     ctx: StageContext, *, rows: Sequence[ManifestRow], results: Sequence[Any], threshold: float
 ) -> EvaluationReport:
-    """``bdi.evaluation.evaluate_scores`` of scored manifest rows (``score_rows``): their labels, scores, defect
+    """``bdi.data.metrics.evaluate_scores`` of scored manifest rows (``score_rows``): their labels, scores, defect
     classes, anomaly maps and ground-truth masks, at ``threshold``. The evaluate stage reports it on the
     ``eval`` split; the calibrate stage takes its selection metrics from it on the ``calib`` split."""
-    from bdi.evaluation import evaluate_scores
+    from bdi.data.metrics import evaluate_scores
 
     cfg = ctx.cfg
     return evaluate_scores(
@@ -438,9 +439,9 @@ def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None 
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write strict JSON (NaN/inf refused) atomically with ``bdi.fsio.atomic_write_bytes``, creating the
+    """Write strict JSON (NaN/inf refused) atomically with ``bdi.storage.fsio.atomic_write_bytes``, creating the
     parent folder. Unlike ``atomic_write_json`` (which lets NaN through), DVC metrics must be strict."""
-    from bdi.fsio import atomic_write_bytes
+    from bdi.storage.fsio import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))

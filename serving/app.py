@@ -18,19 +18,18 @@ from fastapi.responses import JSONResponse
 
 from bdi import __version__
 from bdi.config import Settings
-from bdi.fsio import remove_orphan_temp_files
 from bdi.logging import configure_logging, slog
-from bdi.service import InspectionService
-from bdi.shadow import ShadowScorer, shadow_models_dir
-from bdi.sync import RegistryFollower, SyncStatusReader, preload_mlflow
-from bdi.tracking import (
-    ApiRunLogger,
+from bdi.mlops.api_runs import ApiRunLogger
+from bdi.mlops.follower import RegistryFollower, SyncStatusReader, preload_mlflow
+from bdi.mlops.shadow import ShadowScorer, shadow_models_dir
+from bdi.mlops.tracking import (
     TrackingConfig,
     TrackingStatus,
     bounded_mlflow_http,
     check_tracking_server,
     reap_orphaned_runs,
 )
+from bdi.service import InspectionService, remove_orphan_files
 from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
@@ -51,12 +50,12 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or (service.settings if service is not None else Settings())
         log_file = configure_logging(resolved.log_dir)
-        orphans = remove_orphan_temp_files(resolved.models_dir, older_than_s=resolved.orphan_tmp_age_s)
+        orphans = remove_orphan_files(resolved)
         if orphans:
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         async with AsyncExitStack() as stack:
             if resolved.mlflow_tracking_uri or resolved.registry_sync_on_start:
-                await asyncio.to_thread(preload_mlflow)  # before any MLflow thread starts (bdi.sync)
+                await asyncio.to_thread(preload_mlflow)  # before any MLflow thread starts (bdi.mlops.follower)
             status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
             tracking = TrackingConfig.from_settings(resolved)
             follower = await _follow_registry(tracking, resolved)
@@ -123,7 +122,7 @@ async def _start_tracking(
     status = TrackingStatus("checking" if uses_mlflow else "disabled")
     stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
     if uses_mlflow:
-        # MLflow was imported by the lifespan (bdi.sync.preload_mlflow) before this first MLflow thread
+        # MLflow was imported by the lifespan (bdi.mlops.follower.preload_mlflow) before this first MLflow thread
         startup = threading.Thread(target=_registry_startup, args=(tracking, settings, status),
                                    name="bdi-registry-startup", daemon=True)
         startup.start()
@@ -168,7 +167,7 @@ async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> Regi
 
 def _shadow_scorer(service: InspectionService, settings: Settings) -> ShadowScorer | None:
     """With ``BDI_REGISTRY_SHADOW_ALIAS``: score every answered /infer again with that alias's version of
-    the model (synced into ``shadow/<alias>``) on a worker thread, and log it (``bdi.shadow``)."""
+    the model (synced into ``shadow/<alias>``) on a worker thread, and log it (``bdi.mlops.shadow``)."""
     alias = settings.registry_shadow_alias
     if not alias:
         return None

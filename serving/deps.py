@@ -10,9 +10,9 @@ from fastapi import Depends, Request
 
 from bdi.config import Settings
 from bdi.logging import bind_context
+from bdi.mlops.follower import SyncStatusReader
 from bdi.refs import DatasetRef, ModelRef, pick_recipe_id
 from bdi.service import InspectionService
-from bdi.sync import SyncStatusReader
 
 RECIPE_HEADER = "X-Recipe-Id"
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")

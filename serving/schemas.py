@@ -18,10 +18,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
-from bdi.calibration import Calibration
 from bdi.errors import InvalidInputError
-from bdi.inference import Region
-from bdi.service import FitResult, InferOutcome, SampleScore
+from bdi.service import Calibration, FitResult, InferOutcome, Region, SampleScore
 from serving.parsing import required_str
 
 T = TypeVar("T", bound="JsonBody")
@@ -187,7 +185,7 @@ class InferRegion(RegionBody):
 
 
 class InferResponse(BaseModel):
-    """POST /infer; ``lineage`` names the model that answered (``bdi.lineage.lineage_view``)."""
+    """POST /infer; ``lineage`` names the model that answered (``bdi.storage.lineage.lineage_view``)."""
 
     score: float
     threshold: float

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bdi.config import Settings
-from bdi.features import FeatureExtractor
+from bdi.data.synthetic import make_disc
+from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
-from bdi.synthetic import make_disc
 
 # Everything a test server / service needs to run fast on 2 CPU cores.
 TINY_ENV: dict[str, str] = {

@@ -22,7 +22,7 @@ async def health(
     """Status, device, backbone name and version, which weights are loaded, and the registry view:
     ``registry.state`` says whether the MLflow tracking server answers (disabled | checking | ok |
     unreachable, as last seen), the rest how stale the synced view is and which versions are synced
-    (``bdi.sync.SyncStatusReader``).
+    (``bdi.mlops.follower.SyncStatusReader``).
 
     ``async``: it touches no network and must answer even when every worker thread is busy fitting; its
     only disk access is a stat of the small sync status file (re-read when it changed).

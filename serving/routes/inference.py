@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, UploadFile
 
-from bdi.datasets import LABELS
 from bdi.logging import slog
+from bdi.service import LABELS
 from serving.deps import RequestCtx, ServiceDep, SettingsDep
 from serving.errors import error_style
 from serving.parsing import read_upload

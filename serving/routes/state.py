@@ -1,5 +1,5 @@
 """GET /state and GET /manifest (docs/contract.md): what is fitted/calibrated for one ROI, and its lineage
-(an additive field: where the model came from, ``bdi.lineage.lineage_view``)."""
+(an additive field: where the model came from, ``bdi.storage.lineage.lineage_view``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each entry says how the backbone is built (``family``), which of its blocks give the PatchCore features
 by default, the stride of those features, the input size and map blur that suit it, and where its
 ``official`` weights come from (an sha256-pinned file: downloaded when online, or shipped by a pip
-package so it works air-gapped). ``bdi.features`` builds the extractor from an entry; ``bdi.config``
+package so it works air-gapped). ``bdi.patchcore.features`` builds the extractor from an entry; ``bdi.config``
 fills unset feature settings from it. Callers only ever use the name (``BDI_BACKBONE``, ``model.backbone``).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .errors import WeightsError
+from bdi.errors import WeightsError
 
 Family = Literal["vit", "cnn"]
 

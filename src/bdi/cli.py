@@ -3,7 +3,7 @@ through the promotion gate, or back for a rollback), ``bdi export`` (the feature
 parity-checked) and ``bdi demo-data``.
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
-:class:`bdi.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
+:class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
 command with a one-line message on stderr and exit code 1 (2 for bad settings/arguments).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import BDIError
+from bdi.errors import BDIError
 
 
 def _emit(line: str, *, err: bool = False) -> None:
@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
     """(Settings, TrackingConfig) from the environment and the common flags."""
-    from .config import Settings
-    from .tracking import TrackingConfig
+    from bdi.config import Settings
+    from bdi.mlops.tracking import TrackingConfig
 
     settings = Settings()
     overrides: dict[str, str] = {}
@@ -108,7 +108,7 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from .registry_sync import sync_registered
+    from bdi.mlops.registry_sync import sync_registered
 
     settings, cfg = _tracking(args)
     models_dir = args.models_dir if args.models_dir is not None else settings.models_dir
@@ -131,9 +131,9 @@ def _watch(
     """``bdi sync --watch``: the server's follower loop in the foreground, until SIGTERM/SIGINT."""
     import signal
 
-    from .config import Settings
-    from .logging import configure_logging
-    from .sync import RegistryFollower
+    from bdi.config import Settings
+    from bdi.logging import configure_logging
+    from bdi.mlops.follower import RegistryFollower
 
     interval = args.interval if args.interval is not None else interval_s
     if interval <= 0:
@@ -151,7 +151,7 @@ def _watch(
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from .promotion import PromotionGate, promote_version
+    from bdi.mlops.promotion import PromotionGate, promote_version
 
     settings, cfg = _tracking(args)
     limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps")
@@ -173,9 +173,9 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .acceleration import configure_threads, export_checked
-    from .config import Settings
-    from .features import FeatureExtractor
+    from bdi.config import Settings
+    from bdi.patchcore.features import FeatureExtractor
+    from bdi.runtime.select import configure_threads, export_checked
 
     settings = Settings()
     threads = settings.intra_op_threads()
@@ -194,7 +194,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from .synthetic import write_mvtec_dataset
+    from bdi.data.synthetic import write_mvtec_dataset
 
     for name in ("n_train", "n_test_good", "n_test_per_defect"):
         if getattr(args, name) < 0:

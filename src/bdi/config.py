@@ -24,12 +24,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .backbones import BACKBONES, DINOV2_VITS14, backbone_spec
+from bdi.backbones import BACKBONES, DINOV2_VITS14, backbone_spec
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.acceleration)
-EXPORTS_DIRNAME = "exports"  # exported feature nets (bdi.export): in the weights cache dir and in registered models
+RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
+# exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
+EXPORTS_DIRNAME = "exports"
 
 
 @dataclass(frozen=True)
@@ -437,5 +438,5 @@ class Settings(BaseSettings):
         return max(1, cores // self.workers)
 
     def exports_dir(self) -> Path:
-        """The machine's cache of exported feature nets (``bdi.export``): ``<weights_cache_dir>/exports``."""
+        """The machine's cache of exported feature nets (``bdi.runtime.export``): ``<weights_cache_dir>/exports``."""
         return self.weights_cache_dir.expanduser() / EXPORTS_DIRNAME

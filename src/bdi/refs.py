@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInputError, InvalidRecipeError, ReservedRecipeError, StorageError
+from bdi.errors import InvalidInputError, InvalidRecipeError, ReservedRecipeError, StorageError
 
 RECIPE_ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_RECIPE = "default"

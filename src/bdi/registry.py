@@ -3,8 +3,8 @@
 Every registered version pickles its python model by reference under this exact name (cloudpickle
 stores ``bdi.registry.BdiPyfuncModel``, not the code), so this module keeps that name importable for
 as long as such versions exist: do not rename or move it. The class holds no logic; it delegates to
-:class:`bdi.pyfunc.ModelDirPredictor`. Logging and registering live in :mod:`bdi.registration`,
-syncing registered versions into a models dir in :mod:`bdi.registry_sync`.
+:class:`bdi.mlops.pyfunc.ModelDirPredictor`. Logging and registering live in :mod:`bdi.mlops.registration`,
+syncing registered versions into a models dir in :mod:`bdi.mlops.registry_sync`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .pyfunc import MODEL_DIR_ARTIFACT, ModelDirPredictor
+from bdi.mlops.pyfunc import MODEL_DIR_ARTIFACT, ModelDirPredictor
 
 _PYFUNC_LOCK = threading.Lock()
 
@@ -27,7 +27,7 @@ def _build_pyfunc_class() -> type:
 
     # Real objects, not strings (this module's annotations are postponed and pandas is imported
     # lazily): MLflow reads the hint when the class is created; a DataFrame hint means "no type-hint
-    # schema, use the logged signature" (bdi.pyfunc.model_signature).
+    # schema, use the logged signature" (bdi.mlops.pyfunc.model_signature).
     _predict.__annotations__ = {"context": Any, "model_input": pd.DataFrame, "params": dict[str, Any] | None,
                                 "return": pd.DataFrame}
 

@@ -16,12 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from . import model_lock
-from .acceleration import RuntimeStatus, attach_runtime, configure_threads, current_status
-from .calibration import Calibration, ModelIds, choose_threshold
-from .config import ScoringConfig, Settings
-from .datasets import LABELS, DatasetStore, Sample, UploadItem, parse_label
-from .errors import (
+from bdi.config import ScoringConfig, Settings
+from bdi.errors import (
     BDIError,
     InsufficientSamplesError,
     InvalidInputError,
@@ -30,12 +26,20 @@ from .errors import (
     TokenGridMismatchError,
     UploadLimitError,
 )
-from .features import FeatureExtractor, cuda_available
-from .fsio import utc_now_iso
-from .imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape, validate_mm_per_px
-from .inference import InferenceResult, Region, StageTimer
-from .knn import FAISS_AVAILABLE
-from .lineage import (
+from bdi.logging import slog
+from bdi.patchcore.calibration import Calibration, ModelIds, choose_threshold
+from bdi.patchcore.features import FeatureExtractor, cuda_available
+from bdi.patchcore.imaging import build_roi_mask, decode_image, encode_png_gray, parse_shape, validate_mm_per_px
+from bdi.patchcore.inference import InferenceResult, Region, StageTimer
+from bdi.patchcore.knn import FAISS_AVAILABLE
+from bdi.patchcore.memory import Memory, MemoryBuilder, build_index
+from bdi.patchcore.model import PatchCoreModel, ProgressFn
+from bdi.refs import DatasetRef, ModelRef
+from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads, current_status
+from bdi.storage import model_lock
+from bdi.storage.datasets import LABELS, DatasetStore, Sample, UploadItem, parse_label
+from bdi.storage.fsio import remove_orphan_temp_files, utc_now_iso
+from bdi.storage.lineage import (
     api_lineage,
     ensure_api_writable,
     hashes_digest,
@@ -43,14 +47,22 @@ from .lineage import (
     read_lineage,
     write_lineage,
 )
-from .logging import slog
-from .memory import Memory, MemoryBuilder, build_index
-from .model import PatchCoreModel, ProgressFn, load_patchcore
-from .refs import DatasetRef, ModelRef
-from .store import ModelStore
+from bdi.storage.loading import load_patchcore
+from bdi.storage.store import ModelStore
 
 # stored with the calibration only, never validated nor locked (docs/contract.md "POST /calibrate_ng")
 CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2
+
+
+# The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
+__all__ = ["LABELS", "Calibration", "FitResult", "InferOutcome", "InspectionService", "Region", "SampleScore",
+           "remove_orphan_files"]
+
+
+def remove_orphan_files(settings: Settings) -> list[Path]:
+    """Remove the temporary files that a crashed writer left under the models dir (older than
+    ``settings.orphan_tmp_age_s``); the removed paths."""
+    return remove_orphan_temp_files(settings.models_dir, older_than_s=settings.orphan_tmp_age_s)
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ class InferOutcome:
     threshold: float
     decision: str
     heatmap_png: bytes | None
-    lineage: dict[str, Any] | None = None  # bdi.lineage.lineage_view of the model that answered
+    lineage: dict[str, Any] | None = None  # bdi.storage.lineage.lineage_view of the model that answered
 
 
 @dataclass(frozen=True)
@@ -459,7 +471,7 @@ class InspectionService:
         require_index: bool = False,
         scoring: ScoringConfig | None = None,
     ) -> PatchCoreModel:
-        """The stored model ``ref`` scoring with this service's extractor (see :func:`bdi.model.load_patchcore`):
+        """The stored model ``ref`` scoring with this service's extractor (:func:`bdi.storage.loading.load_patchcore`):
         ``calibrated`` with the calibration that applies to it, else with ``scoring`` (default: the settings')."""
         return load_patchcore(
             self.store, ref, extractor=self.extractor, scoring=scoring or self.settings.model.scoring,
@@ -543,7 +555,7 @@ class InspectionService:
         }
 
     def _model_snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
-        """Memory, calibration and the lineage view of one model, read together (``bdi.model_lock``)."""
+        """Memory, calibration and the lineage view of one model, read together (``bdi.storage.model_lock``)."""
         with model_lock.reading(self.store, ref):
             memory = self._memory_or_none(ref)
             calib = self.store.load_calibration(ref)

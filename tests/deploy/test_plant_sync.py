@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bdi.synthetic import write_mvtec_dataset
+from bdi.data.synthetic import write_mvtec_dataset
 from tests.conftest import TINY_ENV
 from tests.helpers.servers import BdiServer, MlflowServer, PostgresCluster, postgres_bindir
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bdi.export import MANIFEST_FILE, ONNX_FILE, OPENVINO_BIN, OPENVINO_XML
+from bdi.runtime.export import MANIFEST_FILE, ONNX_FILE, OPENVINO_BIN, OPENVINO_XML
 
 
 def perturb_export(folder: Path, *, factor: float = 1.5) -> None:

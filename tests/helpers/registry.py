@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bdi.mlops.registration import RegistrationResult, export_model_dir, register_model
+from bdi.mlops.tracking import TrackingConfig, tracked_run
 from bdi.refs import ModelRef
-from bdi.registration import RegistrationResult, export_model_dir, register_model
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.tracking import TrackingConfig, tracked_run
+from bdi.storage.store import ModelStore
 
 LINEAGE_TAGS = {"dvc_commit": "0123abcd", "data_hash": "5d41402abc4b2a76.dir", "data_source": "data/synthetic",
                 "calibration_run_id": "calib-run-1"}

@@ -1,11 +1,11 @@
-"""Test-side helpers around the seeded disc generator in ``bdi.synthetic``."""
+"""Test-side helpers around the seeded disc generator in ``bdi.data.synthetic``."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-from bdi.synthetic import DiscGeometry, SyntheticDisc, make_disc
+from bdi.data.synthetic import DiscGeometry, SyntheticDisc, make_disc
 
 __all__ = ["DiscGeometry", "SyntheticDisc", "disc_png", "make_disc", "png_bytes"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from bdi.evaluation import image_auroc
-from bdi.synthetic import write_mvtec_dataset
+from bdi.data.metrics import image_auroc
+from bdi.data.synthetic import write_mvtec_dataset
 from pipelines import calibrate, fit_ok, ingest
 from pipelines.config import compose_config, to_plain, validate
 from pipelines.manifest import read_manifest

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 
 from bdi.backbones import PRETRAINED_CNN
 from bdi.config import CalibrationConfig, FeatureConfig, ModelConfig
-from bdi.tracking import TrackingConfig
+from bdi.mlops.tracking import TrackingConfig
 from pipelines.config import (
     PipelineConfigError,
     compose_config,

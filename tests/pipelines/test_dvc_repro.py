@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from bdi.synthetic import write_mvtec_dataset
+from bdi.data.synthetic import write_mvtec_dataset
 from tests.conftest import TINY_ENV
 
 pytestmark = pytest.mark.slow
@@ -207,7 +207,7 @@ def test_stage_runs_log_their_dataset_as_mlflow_inputs(project: Project) -> None
 
 def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_path: Path) -> None:
     from bdi.refs import ModelRef
-    from bdi.store import ModelStore
+    from bdi.storage.store import ModelStore
 
     models = tmp_path / "models"
     project.run(str(VENV_BIN / "bdi"), "sync", "--models-dir", str(models), "--project-root", str(project.root))

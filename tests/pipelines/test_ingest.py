@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bdi.synthetic import write_mvtec_dataset
+from bdi.data.synthetic import write_mvtec_dataset
 from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
 from pipelines.ingest import run_ingest, write_outputs
 from pipelines.manifest import MANIFEST_COLUMNS
@@ -109,9 +109,9 @@ def test_splits_do_not_depend_on_file_names(dataset: Path, tmp_path: Path) -> No
 
 
 def test_ingest_splits_as_the_library_rule_does(dataset: Path, tmp_path: Path) -> None:
-    """One home for the rule: the manifest's splits are ``bdi.splits.split_mvtec``'s (the benchmark's)."""
-    from bdi.datasets import read_mvtec
-    from bdi.splits import split_mvtec
+    """One home for the rule: the manifest's splits are ``bdi.data.splits.split_mvtec``'s (the benchmark's)."""
+    from bdi.data.mvtec import read_mvtec
+    from bdi.data.splits import split_mvtec
 
     items = read_mvtec(dataset)
     library = {it.path.resolve(): s for it, s in zip(items, split_mvtec(items, calib_fraction=0.5), strict=True)}
@@ -145,8 +145,8 @@ def test_cli_bad_dataset_path_exits_non_zero_with_clear_error(tmp_path: Path) ->
 
 
 def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
-    from bdi.datasets import DatasetStore, UploadItem
     from bdi.refs import DatasetRef
+    from bdi.storage.datasets import DatasetStore, UploadItem
 
     models = tmp_path / "models"
     store = DatasetStore(models)

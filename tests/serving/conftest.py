@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from bdi.features import FeatureExtractor
+from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
 from tests.conftest import tiny_settings

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bdi.features import FeatureExtractor
-from bdi.memory import Memory
-from bdi.synthetic import make_disc
+from bdi.data.synthetic import make_disc
+from bdi.patchcore.features import FeatureExtractor
+from bdi.patchcore.memory import Memory
 from tests.helpers.synthetic import disc_png, png_bytes
 
 from .conftest import (

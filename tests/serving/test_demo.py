@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from bdi.backbones import PRETRAINED_CNN
 from bdi.config import Settings
+from bdi.data.synthetic import write_mvtec_dataset
 from bdi.demo import MM_PER_PX, ROI_ID, ROLE_ID, build_demo_model, overlay
-from bdi.synthetic import write_mvtec_dataset
 from serving.app import create_app
 
 

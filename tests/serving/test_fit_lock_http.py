@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelStore
+from bdi.storage.store import ModelStore
 
 from .conftest import MM, ROI, ROLE, ClientFactory, fit_from_dataset, upload
 

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from bdi.features import FeatureExtractor
+from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
 from tests.conftest import tiny_settings

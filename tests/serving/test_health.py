@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
-from bdi.acceleration import ensure_export
-from bdi.features import FeatureExtractor
+from bdi.patchcore.features import FeatureExtractor
+from bdi.runtime.select import ensure_export
 from serving.app import create_app
 from tests.conftest import tiny_settings
 from tests.helpers.exports import perturb_export

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bdi.backbones import EFFICIENTNET_LITE0
-from bdi.features import FeatureExtractor
+from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from serving.app import create_app

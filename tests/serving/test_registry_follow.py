@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
-from bdi.features import FeatureExtractor
+from bdi.mlops.tracking import TrackingConfig
+from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.tracking import TrackingConfig
+from bdi.storage.store import ModelStore
 from serving.app import create_app
 from tests.conftest import tiny_settings
 from tests.helpers.registry import LINEAGE_TAGS, fit_and_export, register

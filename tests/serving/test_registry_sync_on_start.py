@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 
+from bdi.mlops.registration import export_model_dir, register_model
+from bdi.mlops.tracking import TrackingConfig, tracked_run
 from bdi.refs import ModelRef
-from bdi.registration import export_model_dir, register_model
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.tracking import TrackingConfig, tracked_run
+from bdi.storage.store import ModelStore
 from serving.app import create_app
 from tests.conftest import tiny_settings
 from tests.helpers.synthetic import png_bytes

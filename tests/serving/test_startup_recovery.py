@@ -47,7 +47,7 @@ def test_startup_removes_orphaned_temp_files_older_than_the_age(
 VICTIM = """
 import sys, time
 from pathlib import Path
-from bdi.tracking import TrackingConfig, tracked_run
+from bdi.mlops.tracking import TrackingConfig, tracked_run
 cfg = TrackingConfig(tracking_uri=sys.argv[1], experiment="bdi")
 with tracked_run(cfg, project_root=Path(sys.argv[2]), run_name="victim") as run:
     print(run.run_id, flush=True)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from bdi.calibration import Calibration, ModelIds, choose_threshold, usable_calibration, usable_threshold
 from bdi.config import ScoringConfig
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
+from bdi.patchcore.calibration import Calibration, ModelIds, choose_threshold, usable_calibration, usable_threshold
 
 OK = [10, 11, 13]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bdi.cli import main
-from bdi.datasets import read_mvtec
+from bdi.data.mvtec import read_mvtec
 
 
 def test_demo_data_writes_a_readable_mvtec_dataset(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_sync_with_an_unreachable_tracking_store_exits_non_zero_with_one_line(
 def test_export_writes_the_checked_export_where_servers_look(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bdi.export import load_export
+    from bdi.runtime.export import load_export
 
     for name, value in {"BDI_WEIGHTS": "random", "BDI_INPUT_SIZE": "56", "BDI_FEATURE_BLOCKS": "1,2,3",
                         "BDI_BACKBONE_DEPTH": "4", "BDI_DEVICE": "cpu",

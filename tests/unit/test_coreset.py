@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bdi.coreset import coreset_size, covering_radius, greedy_k_center
 from bdi.errors import InvalidInputError
+from bdi.patchcore.coreset import coreset_size, covering_radius, greedy_k_center
 
 
 def _points(n: int = 600, d: int = 16, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Unit tests for bdi.datasets: uploads (unique, all-or-nothing), listing, meta, delete, clear, MVTec."""
+"""Unit tests for bdi.storage.datasets: uploads (unique, all-or-nothing), listing, meta, delete, clear, MVTec."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bdi.datasets import DatasetStore, UploadItem, client_extension, parse_label, read_mvtec
+from bdi.data.mvtec import read_mvtec
 from bdi.errors import InvalidInputError, InvalidRecipeError, NotFoundError, StorageError
 from bdi.logging import configure_logging, disable_logging
 from bdi.refs import DatasetRef
+from bdi.storage.datasets import DatasetStore, UploadItem, client_extension, parse_label
 
 BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"
 STORED_NAME = re.compile(r"^\d{8}-\d{6}-\d{6}\.(png|jpg|jpeg|bmp|webp)$")

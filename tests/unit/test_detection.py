@@ -11,12 +11,12 @@ import pytest
 
 from bdi.backbones import EFFICIENTNET_LITE0
 from bdi.config import Settings
-from bdi.datasets import MvtecItem, read_mvtec
-from bdi.evaluation import image_auroc
-from bdi.imaging import decode_image
+from bdi.data.metrics import image_auroc
+from bdi.data.mvtec import MvtecItem, read_mvtec
+from bdi.data.synthetic import make_disc
+from bdi.patchcore.imaging import decode_image
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.synthetic import make_disc
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "magnetic_tile"
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)

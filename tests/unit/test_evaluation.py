@@ -1,4 +1,4 @@
-"""bdi.evaluation: known answers for AUROC, AUPRO, F1 and rates; plots are written as PNGs."""
+"""bdi.data.metrics: known answers for AUROC, AUPRO, F1 and rates; plots are written as PNGs."""
 
 from __future__ import annotations
 
@@ -9,22 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bdi.errors import InvalidInputError
-from bdi.evaluation import (
+from bdi.data.metrics import (
     aupro,
     binarize_mask,
     evaluate_scores,
     f1_at,
     image_auroc,
     pixel_auroc,
-    plot_gallery,
-    plot_roc,
-    plot_score_histogram,
     pro_curve,
     rates_at,
     roc_points,
     score_histogram,
 )
+from bdi.data.plots import plot_gallery, plot_roc, plot_score_histogram
+from bdi.errors import InvalidInputError
 
 
 def _square_mask(size: int = 32, *, lo: int = 8, hi: int = 16) -> np.ndarray:
@@ -228,7 +226,7 @@ def test_score_histogram_counts_every_score() -> None:
 
 def test_module_import_does_not_load_plotting_or_sklearn() -> None:
     code = (
-        "import sys, bdi.evaluation; "
+        "import sys, bdi.data.metrics; "
         "print(any(m in sys.modules for m in ('matplotlib', 'sklearn', 'scipy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bdi.acceleration import attach_runtime, ensure_export, export_checked
 from bdi.config import FeatureConfig
 from bdi.errors import ExportError
-from bdi.export import (
+from bdi.patchcore.features import FeatureExtractor
+from bdi.runtime.export import (
     MANIFEST_FILE,
     ONNX_FILE,
     OPENVINO_XML,
@@ -24,9 +24,9 @@ from bdi.export import (
     load_export,
     write_export,
 )
-from bdi.features import FeatureExtractor
-from bdi.parity import ParityTolerance, check_parity, golden_reference
-from bdi.runtime import RUNTIMES, RuntimeOptions, open_runtime
+from bdi.runtime.parity import ParityTolerance, check_parity, golden_reference
+from bdi.runtime.runners import RUNTIMES, RuntimeOptions, open_runtime
+from bdi.runtime.select import attach_runtime, ensure_export, export_checked
 from tests.helpers.exports import perturb_export
 
 TINY = FeatureConfig(weights="random", seed=0, input_size=56, depth=4, blocks=(1, 2, 3), device="cpu")

@@ -1,4 +1,4 @@
-"""Unit tests for bdi.features: a real timm DINOv2 ViT, shrunk (depth 4, 56/112 px) and randomly seeded."""
+"""Unit tests for bdi.patchcore.features: a real timm DINOv2 ViT, shrunk (depth 4, 56/112 px) and randomly seeded."""
 
 from __future__ import annotations
 
@@ -14,13 +14,8 @@ from timm.layers import resample_abs_pos_embed
 from bdi.backbones import BACKBONES
 from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError, WeightsError
-from bdi.features import (
-    FeatureBatch,
-    FeatureExtractor,
-    WeightsInfo,
-    create_backbone,
-    resolve_weights,
-)
+from bdi.patchcore.features import FeatureBatch, FeatureExtractor, create_backbone
+from bdi.patchcore.weights import WeightsInfo, resolve_weights
 
 TINY = FeatureConfig(weights="random", seed=0, input_size=56, depth=4, blocks=(1, 2, 3), device="cpu")
 

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bdi.data.synthetic import make_disc
 from bdi.errors import FitInProgressError
-from bdi.features import FeatureExtractor
+from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.synthetic import make_disc
+from bdi.storage.store import ModelStore
 from tests.conftest import tiny_settings
 
 pytestmark = pytest.mark.slow  # each test spawns a fresh interpreter that builds its own ViT

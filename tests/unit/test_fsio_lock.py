@@ -1,4 +1,4 @@
-"""`bdi.fsio.exclusive_lock`, the one inter-process lock behind the fit, export and recipe-scale locks."""
+"""`bdi.storage.fsio.exclusive_lock`, the one inter-process lock behind the fit, export and recipe-scale locks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bdi.errors import ExportError, StorageError
-from bdi.fsio import exclusive_lock
+from bdi.storage.fsio import exclusive_lock
 
 
 def _lock(path: Path, timeout_s: float = 0.1) -> AbstractContextManager[None]:

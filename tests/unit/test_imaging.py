@@ -1,4 +1,4 @@
-"""Unit tests for bdi.imaging: decode, letterbox geometry, normalisation, shape parsing and ROI masks."""
+"""Unit tests for bdi.patchcore.imaging: decode, letterbox geometry, normalisation, shape parsing and ROI masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from bdi.errors import ImageDecodeError, InvalidInputError, InvalidScaleError, UploadLimitError
-from bdi.imaging import (
+from bdi.patchcore.imaging import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Letterbox,

@@ -5,10 +5,10 @@ import pytest
 
 from bdi.config import ScoringConfig
 from bdi.errors import TokenGridMismatchError
-from bdi.imaging import build_roi_mask, letterbox_geometry
-from bdi.inference import distance_map, find_regions, gaussian_blur, heatmap_u8, masked_score, score_crop
-from bdi.knn import KnnIndex
-from bdi.memory import l2_normalize
+from bdi.patchcore.imaging import build_roi_mask, letterbox_geometry
+from bdi.patchcore.inference import distance_map, find_regions, gaussian_blur, heatmap_u8, masked_score, score_crop
+from bdi.patchcore.knn import KnnIndex
+from bdi.patchcore.memory import l2_normalize
 
 SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99)
 

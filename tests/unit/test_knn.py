@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bdi.errors import InvalidInputError
-from bdi.knn import KnnIndex, faiss_gpu_count
+from bdi.patchcore.knn import KnnIndex, faiss_gpu_count
 
 
 def _rows(n: int, d: int = 24, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from bdi.backbones import DINOV2_VITS14
 from bdi.config import MemoryConfig
 from bdi.errors import InvalidInputError
-from bdi.memory import MemoryBuilder, fit_memory
+from bdi.patchcore.memory import MemoryBuilder, fit_memory
 
 
 def _cfg(**values: object) -> MemoryConfig:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bdi.promotion import (
+from bdi.mlops.promotion import (
     GoldenImage,
     PromotionGate,
     ServingProbe,
@@ -19,9 +19,9 @@ from bdi.promotion import (
     read_golden_set,
     write_golden_set,
 )
+from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.tracking import TrackingConfig, resolve_tracking_uri
 from tests.helpers.registry import fit_and_export, register
 from tests.helpers.synthetic import png_bytes
 

@@ -12,12 +12,12 @@ import pytest
 from mlflow import MlflowClient
 
 from bdi.errors import InvalidInputError
+from bdi.mlops.registration import RegistrationResult, export_model_dir, register_model, registered_model_name
+from bdi.mlops.registry_sync import sync_registered
+from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri, tracked_run
 from bdi.refs import ModelRef
-from bdi.registration import RegistrationResult, export_model_dir, register_model, registered_model_name
-from bdi.registry_sync import sync_registered
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.tracking import TrackingConfig, resolve_tracking_uri, tracked_run
+from bdi.storage.store import ModelStore
 
 REF = ModelRef.create(recipe_id="line-a", role_id="Inspection", roi_id="disc 1/ä", model_key=None)
 
@@ -181,9 +181,9 @@ def test_cli_sync_materialises_the_champion_into_the_models_dir(
 def test_sync_copies_the_export_a_version_carries_into_the_export_cache(
     service: InspectionService, project_root: Path, model_dir: Path, tmp_path: Path
 ) -> None:
-    from bdi.acceleration import export_checked
     from bdi.config import EXPORTS_DIRNAME
-    from bdi.export import load_export
+    from bdi.runtime.export import load_export
+    from bdi.runtime.select import export_checked
 
     export, _ = export_checked(service.extractor, root=model_dir / EXPORTS_DIRNAME, threads=1,
                                runtimes=["onnxruntime"])
@@ -216,7 +216,7 @@ def test_a_version_without_an_export_syncs_and_serves(
 def test_pyfunc_scores_on_the_exported_runtime_when_asked_and_matches_torch(
     model_dir: Path, good_discs: list[np.ndarray], defect_discs: list[np.ndarray], tmp_path: Path
 ) -> None:
-    from bdi.pyfunc import ModelDirPredictor
+    from bdi.mlops.pyfunc import ModelDirPredictor
 
     images = [cv2.imencode(".png", image)[1].tobytes() for image in (good_discs[11], defect_discs[0])]
     frame = pd.DataFrame({"image_bytes": images})

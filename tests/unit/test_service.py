@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from bdi.data.synthetic import DiscGeometry, make_disc
 from bdi.errors import (
     CalibrationMissingError,
     ImageDecodeError,
@@ -16,10 +17,9 @@ from bdi.errors import (
     NotFittedError,
     ScaleMismatchError,
 )
-from bdi.imaging import build_roi_mask
+from bdi.patchcore.imaging import build_roi_mask
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bdi.synthetic import DiscGeometry, make_disc
 from tests.helpers.synthetic import png_bytes
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from bdi.datasets import read_mvtec
-from bdi.splits import CALIB, EVAL, TRAIN, SplitItem, assign_splits, interleaved_share, split_mvtec
-from bdi.synthetic import write_mvtec_dataset
+from bdi.data.mvtec import read_mvtec
+from bdi.data.splits import CALIB, EVAL, TRAIN, SplitItem, assign_splits, interleaved_share, split_mvtec
+from bdi.data.synthetic import write_mvtec_dataset
 
 
 def _item(source: str, label: str, cls: str, sha: str) -> SplitItem:

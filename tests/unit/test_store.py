@@ -1,4 +1,4 @@
-"""Unit tests for bdi.store: ids, layout, fallbacks, consistent model files, the mm_per_px lock."""
+"""Unit tests for bdi.storage.store: ids, layout, fallbacks, consistent model files, the mm_per_px lock."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from bdi.errors import (
     ScaleMismatchError,
     StorageError,
 )
-from bdi.fsio import FileIdentity, atomic_write_bytes
-from bdi.knn import FAISS_AVAILABLE
 from bdi.logging import configure_logging, disable_logging
-from bdi.memory import Memory, build_index, fit_memory
+from bdi.patchcore.knn import FAISS_AVAILABLE
+from bdi.patchcore.memory import Memory, build_index, fit_memory
 from bdi.refs import (
     ModelRef,
     sanitize_model_key,
 )
-from bdi.store import ModelStore
+from bdi.storage.fsio import FileIdentity, atomic_write_bytes
+from bdi.storage.store import ModelStore
 
 CFG = MemoryConfig(coreset_rate=0.5, projection_dim=0)
 BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bdi import model_lock
 from bdi.errors import CalibrationMissingError, RegistryManagedError, StorageError
-from bdi.features import FeatureExtractor
-from bdi.lineage import read_lineage
+from bdi.mlops.follower import RegistryFollower, SyncStatusReader, read_status
+from bdi.mlops.registry_sync import materialise_model, sync_registry
+from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri
+from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
-from bdi.registry_sync import materialise_model, sync_registry
 from bdi.service import InspectionService
-from bdi.store import ModelStore
-from bdi.sync import RegistryFollower, SyncStatusReader, read_status
-from bdi.tracking import TrackingConfig, resolve_tracking_uri
+from bdi.storage import model_lock
+from bdi.storage.lineage import read_lineage
+from bdi.storage.store import ModelStore
 from tests.conftest import tiny_settings
 from tests.helpers.registry import LINEAGE_TAGS, fit_and_export, register
 from tests.helpers.synthetic import png_bytes

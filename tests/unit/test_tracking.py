@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bdi.calibration import Calibration
-from bdi.refs import ModelRef
-from bdi.service import InspectionService
-from bdi.tracking import (
+from bdi.mlops.api_runs import ApiRunLogger
+from bdi.mlops.tracking import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
     PARAM_VALUE_MAX_CHARS,
-    ApiRunLogger,
     TrackingConfig,
     TrackingStatus,
     bounded_mlflow_http,
@@ -32,6 +29,9 @@ from bdi.tracking import (
     resolve_tracking_uri,
     tracked_run,
 )
+from bdi.patchcore.calibration import Calibration
+from bdi.refs import ModelRef
+from bdi.service import InspectionService
 from tests.helpers.stall import stalling_server
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)

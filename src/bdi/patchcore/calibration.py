@@ -1,0 +1,286 @@
+"""Threshold selection from OK/NG scores (docs/contract.md "Threshold rule"), the typed calibration and its validity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from bdi.backbones import CONTRACT_SCORE_PERCENTILE
+from bdi.config import CalibrationConfig, ScoringConfig
+from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
+
+NO_OK_SCORE_MESSAGE = "Se requiere al menos 1 score OK para calibrar (at least 1 finite OK score is required)"
+
+
+def finite_scores(values: Iterable[Any] | None, *, name: str) -> np.ndarray:
+    """Float64 array of the finite values; a non-numeric entry is an InvalidInputError."""
+    if values is None:
+        return np.empty(0, dtype=np.float64)
+    if isinstance(values, (str, bytes, Mapping)):
+        raise InvalidInputError(f"{name} must be a list of numbers")
+    out: list[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"{name} must contain only numbers, got {value!r}")
+        if math.isfinite(value):
+            out.append(float(value))
+    return np.asarray(out, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The chosen threshold and the statistics it came from.
+
+    ``p99_ok`` is the OK percentile at the requested ``score_percentile`` (the key keeps the legacy
+    name). ``false_reject_rate`` is the share of OK scores ≥ threshold; ``escape_rate`` the share of
+    NG scores < threshold (None without NG scores).
+    """
+
+    threshold: float
+    ok_mean: float
+    ng_mean: float
+    p99_ok: float
+    p5_ng: float | None
+    n_ok: int
+    n_ng: int
+    score_percentile: float
+    false_reject_rate: float
+    escape_rate: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_threshold(
+    ok_scores: Iterable[Any],
+    ng_scores: Iterable[Any] | None = None,
+    *,
+    score_percentile: float | None = None,
+    cfg: CalibrationConfig | None = None,
+) -> ThresholdChoice:
+    """The contract's threshold rule: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
+    p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
+
+    ``score_percentile`` (P, in [0, 100]) defaults to the contract's 99.
+    """
+    cfg = cfg or CalibrationConfig()
+    if score_percentile is None:
+        score_percentile = CONTRACT_SCORE_PERCENTILE
+    if not 0.0 <= score_percentile <= 100.0:
+        raise InvalidInputError(f"score_percentile must be in [0, 100], got {score_percentile}")
+    ok = finite_scores(ok_scores, name="ok_scores")
+    ng = finite_scores(ng_scores, name="ng_scores")
+    if ok.size == 0:
+        raise InsufficientSamplesError(NO_OK_SCORE_MESSAGE)
+    p_ok = float(np.percentile(ok, score_percentile))
+    p_ng: float | None = None
+    if ng.size == 0:
+        threshold = p_ok
+    else:
+        p_ng = float(np.percentile(ng, cfg.ng_percentile))
+        threshold = cfg.overlap_factor * p_ok if p_ng <= p_ok else (p_ok + p_ng) / 2.0
+    return ThresholdChoice(
+        threshold=float(threshold),
+        ok_mean=float(ok.mean()),
+        ng_mean=float(ng.mean()) if ng.size else 0.0,
+        p99_ok=p_ok,
+        p5_ng=p_ng,
+        n_ok=int(ok.size),
+        n_ng=int(ng.size),
+        score_percentile=float(score_percentile),
+        false_reject_rate=float((ok >= threshold).mean()),
+        escape_rate=float((ng < threshold).mean()) if ng.size else None,
+    )
+
+
+def decide(score: float, threshold: float) -> str:
+    """``"ng"`` when ``score`` reaches the threshold, else ``"ok"``."""
+    return "ng" if score >= threshold else "ok"
+
+
+def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str) -> float:
+    """The threshold of a calibration that applies to the given memory.
+
+    Raises CalibrationMissingError when there is no calibration, its threshold is missing, not
+    finite or ≤ 0, it records a different memory (it was computed before a refit), or it records no
+    memory at all: a calibration made before any fit (stored unbound) or by a backend that did not
+    record one never applies, because staleness cannot be ruled out without the fingerprint.
+    """
+    if not calib:
+        raise CalibrationMissingError()
+    threshold = _number(calib.get("threshold"))
+    if threshold is None or not math.isfinite(threshold):
+        raise CalibrationMissingError("threshold missing")
+    if threshold <= 0:
+        raise CalibrationMissingError("threshold <= 0")
+    recorded = calib.get("memory_fingerprint")
+    if not isinstance(recorded, str) or not recorded:
+        raise CalibrationMissingError(
+            "unbound: calibrated without a fitted memory (or by a backend that records none), recalibrate"
+        )
+    if recorded != memory_fingerprint:
+        raise CalibrationMissingError("stale: calibrated for another memory, recalibrate after the refit")
+    return threshold
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ScoreStatistics:
+    """The OK/NG score statistics ``/calibrate_ng`` stores: ``p99_ok`` is the OK
+    percentile at the requested ``score_percentile``, ``p5_ng`` the 5th percentile of NG (None without NG)."""
+
+    ok_mean: float
+    ng_mean: float
+    p99_ok: float | None
+    p5_ng: float | None
+
+    @classmethod
+    def of(cls, choice: ThresholdChoice) -> ScoreStatistics:
+        return cls(ok_mean=choice.ok_mean, ng_mean=choice.ng_mean, p99_ok=choice.p99_ok, p5_ng=choice.p5_ng)
+
+
+@dataclass(frozen=True)
+class ModelIds:
+    """The ids of the model a ``/calibrate_dataset`` calibration belongs to (stored with it)."""
+
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model's calibration: the ``<base>_calib.json`` object (docs/contract.md "Files").
+
+    ``memory_fingerprint`` names the memory the threshold was computed for (None: no memory was fitted
+    then; such a calibration never applies). ``/calibrate_ng`` also stores the score ``statistics`` and
+    the ``mm_per_px`` it was given; ``/calibrate_dataset`` stores the model's ``ids``. Fields that an
+    older file lacks read as None.
+    """
+
+    threshold: float
+    score_percentile: int  # the percentile scores were (and are) computed at, in [0, 100]
+    area_mm2_thr: float  # regions smaller than this are dropped
+    memory_fingerprint: str | None
+    created_at_utc: str | None = None
+    n_ok: int | None = None
+    n_ng: int | None = None
+    false_reject_rate: float | None = None  # share of OK scores >= threshold, in [0, 1]
+    escape_rate: float | None = None  # share of NG scores < threshold, in [0, 1]; None without NG
+    mm_per_px: float | None = None
+    statistics: ScoreStatistics | None = None
+    ids: ModelIds | None = None
+
+    @classmethod
+    def from_choice(
+        cls,
+        choice: ThresholdChoice,
+        *,
+        area_mm2_thr: float,
+        memory_fingerprint: str | None,
+        created_at_utc: str,
+        mm_per_px: float | None = None,
+        statistics: bool = False,
+        ids: ModelIds | None = None,
+    ) -> Calibration:
+        """The calibration of a threshold choice (``statistics``: store its OK/NG statistics too)."""
+        return cls(
+            threshold=choice.threshold, score_percentile=int(choice.score_percentile), area_mm2_thr=area_mm2_thr,
+            memory_fingerprint=memory_fingerprint, created_at_utc=created_at_utc, n_ok=choice.n_ok,
+            n_ng=choice.n_ng, false_reject_rate=choice.false_reject_rate, escape_rate=choice.escape_rate,
+            mm_per_px=mm_per_px, statistics=ScoreStatistics.of(choice) if statistics else None, ids=ids,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, defaults: ScoringConfig) -> Calibration:
+        """Read a calib JSON object, old files included: a missing percentile or area is ``defaults``'.
+
+        Raises:
+            CalibrationMissingError: the threshold is missing or not a number.
+        """
+        threshold = _number(data.get("threshold"))
+        if threshold is None:
+            raise CalibrationMissingError("threshold missing")
+        percentile = _number(data.get("score_percentile"))
+        if percentile is None or not 0.0 <= percentile <= 100.0:
+            percentile = CONTRACT_SCORE_PERCENTILE if defaults.score_percentile is None else defaults.score_percentile
+        area = _number(data.get("area_mm2_thr"))
+        has_statistics = all(key in data for key in ("ok_mean", "ng_mean", "p99_ok", "p5_ng"))
+        ids = [_text(data.get(key)) for key in ("recipe_id", "role_id", "roi_id", "model_key")]
+        n_ok, n_ng = _number(data.get("n_ok")), _number(data.get("n_ng"))
+        return cls(
+            threshold=threshold,
+            score_percentile=int(percentile),
+            area_mm2_thr=defaults.area_mm2_thr if area is None else area,
+            memory_fingerprint=_text(data.get("memory_fingerprint")),
+            created_at_utc=_text(data.get("created_at_utc")),
+            n_ok=None if n_ok is None else int(n_ok),
+            n_ng=None if n_ng is None else int(n_ng),
+            false_reject_rate=_number(data.get("false_reject_rate")),
+            escape_rate=_number(data.get("escape_rate")),
+            mm_per_px=_number(data.get("mm_per_px")),
+            statistics=ScoreStatistics(
+                ok_mean=_number(data["ok_mean"]) or 0.0, ng_mean=_number(data["ng_mean"]) or 0.0,
+                p99_ok=_number(data["p99_ok"]), p5_ng=_number(data["p5_ng"]),
+            ) if has_statistics else None,
+            ids=ModelIds(*ids) if all(isinstance(v, str) for v in ids) else None,  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The calib JSON object (the keys its writer has always stored; ``None`` parts are left out)."""
+        body: dict[str, Any] = {"threshold": self.threshold}
+        if self.statistics is not None:
+            body.update(asdict(self.statistics))
+        if self.mm_per_px is not None:
+            body["mm_per_px"] = self.mm_per_px
+        body.update(area_mm2_thr=self.area_mm2_thr, score_percentile=self.score_percentile)
+        if self.ids is not None:
+            body.update(asdict(self.ids))
+        body.update(created_at_utc=self.created_at_utc, memory_fingerprint=self.memory_fingerprint,
+                    n_ok=self.n_ok, n_ng=self.n_ng, false_reject_rate=self.false_reject_rate,
+                    escape_rate=self.escape_rate)
+        return body
+
+    def metrics(self) -> dict[str, float | None]:
+        """What tracking logs as metrics: the threshold, the rates, the statistics and the counts."""
+        stats = self.statistics
+        return {
+            "threshold": self.threshold,
+            "false_reject_rate": self.false_reject_rate,
+            "escape_rate": self.escape_rate,
+            "ok_mean": stats.ok_mean if stats else None,
+            "ng_mean": stats.ng_mean if stats else None,
+            "p99_ok": stats.p99_ok if stats else None,
+            "p5_ng": stats.p5_ng if stats else None,
+            "n_ok": None if self.n_ok is None else float(self.n_ok),
+            "n_ng": None if self.n_ng is None else float(self.n_ng),
+        }
+
+    def scoring(self, base: ScoringConfig) -> ScoringConfig:
+        """``base`` with the percentile and the area this calibration was made with."""
+        return replace(base, score_percentile=self.score_percentile, area_mm2_thr=self.area_mm2_thr)
+
+
+def usable_calibration(
+    data: Mapping[str, Any] | None, *, memory_fingerprint: str, defaults: ScoringConfig
+) -> Calibration:
+    """The stored calibration, when it applies to the given memory (:func:`usable_threshold` says why not)."""
+    if not data:
+        raise CalibrationMissingError()
+    usable_threshold(data, memory_fingerprint=memory_fingerprint)
+    return Calibration.from_dict(data, defaults=defaults)

@@ -1,0 +1,463 @@
+"""Patch features: a registered timm backbone whose intermediate feature maps are the PatchCore features.
+
+Two families (``bdi.backbones``):
+
+* ``vit`` (DINOv2 ViT-S/14, the default; docs/contract.md "Feature extractor"): built at its native 518 px,
+  weights loaded (official file, local file or seeded random init), the position embedding resampled **once** to
+  ``input_size // 14`` tokens per side, bicubic *without* antialias (as the legacy backend did), and the
+  patch tokens of ``blocks`` (no final norm) concatenated on the channel axis.
+* ``cnn`` (EfficientNet-Lite0): PatchCore's usual path: the outputs of mid-level stages ``blocks``, each
+  averaged over a ``neighbourhood``×``neighbourhood`` window, upsampled (bilinear) to the finest of them
+  and concatenated.
+
+Either way :class:`PatchFeatureNet` is a plain ``nn.Module`` mapping a normalised ``(B, 3, S, S)`` batch
+to ``(B, Ht*Wt, D)`` patch features, so it can be exported as it is. Only this module imports torch/timm.
+Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F  # noqa: N812 - the torch convention
+from timm.layers.pos_embed import resample_abs_pos_embed
+from timm.models.efficientnet import EfficientNet
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from bdi.backbones import BackboneSpec, backbone_spec
+from bdi.config import FeatureConfig
+from bdi.errors import DeviceError, InvalidInputError, WeightsError
+from bdi.patchcore.imaging import Letterbox, letterbox, normalize_imagenet
+from bdi.patchcore.weights import WeightsInfo, load_state_dict_file, load_weights_into, resolve_weights
+
+_log = logging.getLogger(__name__)
+
+NATIVE_IMG_SIZE = 518  # DINOv2's pretraining resolution: a 37×37 grid of 14 px patches
+
+
+# --------------------------------------------------------------------------------------------- runtime hook
+
+
+class ForwardRuntime(Protocol):
+    """What runs the feature net instead of torch (``bdi.runtime``: an exported graph in ONNX Runtime or
+    OpenVINO): normalised ``(B, 3, S, S)`` float32 → ``(B, Ht*Wt, D)`` float32, as :attr:`FeatureExtractor.net`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+StageClock = Callable[[str], AbstractContextManager[Any]]  # e.g. ``bdi.patchcore.inference.StageTimer().stage``
+
+
+def _no_clock(name: str) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+_BUILD_LOCK = threading.Lock()  # fork_rng swaps the process RNG state; two builds must not interleave
+
+
+def create_backbone(cfg: FeatureConfig) -> nn.Module:
+    """The timm model of ``cfg.backbone``, randomly initialised from ``cfg.seed``, on the CPU.
+
+    A ViT is built at its native 518 px (resized to ``input_size`` later, see :func:`_resize_to_grid`);
+    a CNN with its ImageNet head, so an official checkpoint maps tensor for tensor. The init runs inside
+    ``torch.random.fork_rng`` so the caller's global RNG is left untouched, and the same seed gives
+    bitwise-identical weights.
+    """
+    spec = backbone_spec(cfg.backbone)
+    kwargs: dict[str, Any] = {"pretrained": False}
+    if spec.family == "vit":
+        kwargs.update(num_classes=0, img_size=NATIVE_IMG_SIZE, dynamic_img_size=False)
+    if cfg.depth is not None:
+        if spec.family != "vit":
+            raise WeightsError(f"depth applies to ViT backbones only, not to {cfg.backbone!r}")
+        kwargs["depth"] = cfg.depth
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            model = timm.create_model(cfg.backbone, **kwargs)
+        except RuntimeError as exc:  # unknown model name
+            raise WeightsError(f"cannot build backbone {cfg.backbone!r}: {exc}") from exc
+    expected = VisionTransformer if spec.family == "vit" else EfficientNet
+    if not isinstance(model, expected):
+        raise WeightsError(f"backbone {cfg.backbone!r} is not a timm {expected.__name__}")
+    return cast(nn.Module, model)
+
+
+def _resize_to_grid(model: VisionTransformer, *, input_size: int) -> None:
+    """Set the model's input to ``input_size`` and resample its position embedding once.
+
+    Bicubic, ``align_corners=False``, **no antialias** (timm's ``set_input_size`` would antialias).
+    """
+    old_grid = tuple(model.patch_embed.grid_size)
+    model.patch_embed.set_input_size(img_size=(input_size, input_size))
+    new_grid = tuple(model.patch_embed.grid_size)
+    if model.pos_embed is None or new_grid == old_grid:
+        return
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    with torch.no_grad():
+        resampled = resample_abs_pos_embed(
+            model.pos_embed.data,
+            new_size=list(new_grid),
+            old_size=list(old_grid),
+            num_prefix_tokens=num_prefix,
+            interpolation="bicubic",
+            antialias=False,
+        )
+    model.pos_embed = torch.nn.Parameter(resampled.contiguous(), requires_grad=False)
+
+
+class VitPatchFeatures(nn.Module):
+    """ViT patch tokens of ``blocks`` (no final norm), concatenated: ``(B, 3, S, S)`` → ``(B, Ht*Wt, D)``."""
+
+    def __init__(self, model: VisionTransformer, *, blocks: tuple[int, ...]) -> None:
+        super().__init__()
+        if max(blocks) >= len(model.blocks):
+            raise WeightsError(f"blocks {blocks} do not exist in a ViT of depth {len(model.blocks)}")
+        self.vit = model
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # intermediates_only=True returns just the list of block outputs; timm annotates the
+        # union of every return mode (list, (final, list) tuple, dict).
+        outs = cast(list[torch.Tensor], self.vit.forward_intermediates(
+            x, indices=list(self.blocks), norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True,
+        ))
+        return torch.cat(outs, dim=-1)
+
+
+class CnnPatchFeatures(nn.Module):
+    """PatchCore's CNN features: stage outputs ``blocks``, each averaged over a ``neighbourhood`` window
+    (stride 1, zero padding counted, as PatchCore and anomalib do), upsampled bilinearly to the grid of the
+    finest one and concatenated: ``(B, 3, S, S)`` → ``(B, Ht*Wt, D)``. Stages after the last one are dropped.
+    """
+
+    def __init__(self, model: EfficientNet, *, blocks: tuple[int, ...], neighbourhood: int) -> None:
+        super().__init__()
+        if max(blocks) >= len(model.blocks):
+            raise WeightsError(f"blocks {blocks} do not exist in a CNN of {len(model.blocks)} stages")
+        self.stem = nn.Sequential(model.conv_stem, model.bn1)
+        self.stages = nn.ModuleList(list(model.blocks)[: max(blocks) + 1])
+        self.blocks = tuple(sorted(blocks))
+        self.pool: nn.Module = (
+            nn.AvgPool2d(neighbourhood, stride=1, padding=neighbourhood // 2) if neighbourhood > 1 else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps: list[torch.Tensor] = []
+        h = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i in self.blocks:
+                maps.append(self.pool(h))
+        size = maps[0].shape[-2:]
+        upsampled = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        return torch.cat(upsampled, dim=1).flatten(2).transpose(1, 2)
+
+
+def build_feature_net(cfg: FeatureConfig, *, weights: WeightsInfo) -> nn.Module:
+    """The eval-mode, frozen :class:`VitPatchFeatures` or :class:`CnnPatchFeatures` of a resolved ``cfg``."""
+    spec = backbone_spec(cfg.backbone)
+    model = create_backbone(cfg)
+    if weights.path is not None:
+        path = Path(weights.path)
+        load_weights_into(model, load_state_dict_file(path), source=str(path))
+    assert cfg.blocks is not None and cfg.input_size is not None and cfg.neighbourhood is not None
+    net: nn.Module
+    if spec.family == "vit":
+        assert isinstance(model, VisionTransformer)
+        _resize_to_grid(model, input_size=cfg.input_size)
+        net = VitPatchFeatures(model, blocks=cfg.blocks)
+    else:
+        assert isinstance(model, EfficientNet)
+        net = CnnPatchFeatures(model, blocks=cfg.blocks, neighbourhood=cfg.neighbourhood)
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net
+
+
+def cuda_available() -> bool:
+    """Whether this process can use CUDA (cheap after the first call)."""
+    return bool(torch.cuda.is_available())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name == "cuda" and not cuda_available():
+        raise DeviceError("device 'cuda' was requested (BDI_DEVICE) but CUDA is not available")
+    return torch.device(name)
+
+
+def _resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise DeviceError("precision 'fp16' needs CUDA; use 'fp32' or 'bf16' on the CPU (BDI_PRECISION)")
+    return name
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Patch features of a batch of images.
+
+    Attributes:
+        embeddings: ``(B, Ht*Wt, D)`` float32, raw (not L2-normalised), rows in row-major token order.
+        grid: ``(Ht, Wt)`` token grid.
+        letterboxes: one ``Letterbox`` per image, to map tokens back to the source image.
+    """
+
+    embeddings: np.ndarray
+    grid: tuple[int, int]
+    letterboxes: tuple[Letterbox, ...]
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class FeatureExtractor:
+    """A registered backbone as a feature extractor: BGR images → ``(B, Ht*Wt, D)`` float32 patch features.
+
+    Build one per process (server lifespan / pipeline main) and share it; ``extract`` is thread-safe.
+    ``cfg`` may leave blocks, input size and neighbourhood unset: the backbone's defaults fill them.
+    """
+
+    def __init__(self, cfg: FeatureConfig, *, cache_dir: Path) -> None:
+        cfg = cfg.resolved()
+        self._cfg = cfg
+        self._spec = backbone_spec(cfg.backbone)
+        self._device = _resolve_device(cfg.device)
+        self._precision = _resolve_precision(cfg.precision, self._device)
+        self._weights = resolve_weights(cfg, cache_dir=cache_dir)
+        self._net = build_feature_net(cfg, weights=self._weights).to(self._device)
+        assert cfg.input_size is not None
+        self._input_size: int = cfg.input_size
+        with torch.inference_mode():  # one dry pass: the grid and width follow from the network itself
+            probe = self._net(torch.zeros(1, 3, cfg.input_size, cfg.input_size, device=self._device))
+        self._depth = len(self._net.vit.blocks) if isinstance(self._net, VitPatchFeatures) else None
+        side = round(float(np.sqrt(probe.shape[1])))
+        self._grid = (side, side)
+        self._embed_dim = int(probe.shape[2])
+        self._lock = threading.Lock()
+        self._runtime: ForwardRuntime | None = None  # None: the torch net (see use_runtime)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> FeatureConfig:
+        """The resolved config (no unset fields)."""
+        return self._cfg
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return self._spec
+
+    @property
+    def net(self) -> nn.Module:
+        """The frozen ``nn.Module``: normalised ``(B, 3, S, S)`` float32 → ``(B, Ht*Wt, D)`` features."""
+        return self._net
+
+    @property
+    def weights(self) -> WeightsInfo:
+        return self._weights
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def precision(self) -> str:
+        """The effective precision: ``fp32``, ``fp16`` (CUDA autocast) or ``bf16`` (autocast)."""
+        return self._precision
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(Ht, Wt)``: ``input_size`` over the stride of the finest feature block."""
+        return self._grid
+
+    @property
+    def num_tokens(self) -> int:
+        return self._grid[0] * self._grid[1]
+
+    @property
+    def embed_dim(self) -> int:
+        """Feature width D (1152 for ViT-S and 3 blocks; 152 for EfficientNet-Lite0 blocks 2 and 4)."""
+        return self._embed_dim
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature cell (14 for ViT-S/14)."""
+        return self._input_size // self._grid[0]
+
+    def signature(self) -> dict[str, Any]:
+        """What must be equal for two feature sets to be comparable (stored with every memory)."""
+        return {
+            "backbone": self._cfg.backbone,
+            "input_size": self._cfg.input_size,
+            "blocks": list(self._cfg.blocks or ()),
+            "neighbourhood": self._cfg.neighbourhood,
+            "depth": self._depth,
+            "embed_dim": self._embed_dim,
+            "weights": self._weights.name,
+            "weights_sha256": self._weights.sha256,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What decides the features, for manifests, MLflow params and ``/health``."""
+        return {
+            "backbone": self._cfg.backbone,
+            "family": self._spec.family,
+            "input_size": self._cfg.input_size,
+            "blocks": list(self._cfg.blocks or ()),
+            "neighbourhood": self._cfg.neighbourhood,
+            "depth": self._depth,
+            "stride": self.stride,
+            "grid": list(self._grid),
+            "embed_dim": self._embed_dim,
+            "device": self.device,
+            "precision": getattr(self._runtime, "precision", self._precision),  # what runs, not what was asked
+            "runtime": self.runtime,
+            "weights": self._weights.to_dict(),
+        }
+
+    # ------------------------------------------------------------------ extraction
+
+    def _autocast(self, precision: str) -> AbstractContextManager[Any]:
+        if precision == "fp16":
+            return torch.autocast(device_type=self._device.type, dtype=torch.float16)
+        if precision == "bf16":
+            return torch.autocast(device_type=self._device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @property
+    def runtime(self) -> str:
+        """What runs the net: ``torch``, or the name of the runtime set by :meth:`use_runtime`."""
+        runtime = self._runtime
+        return "torch" if runtime is None else runtime.name
+
+    def use_runtime(self, runtime: ForwardRuntime | None) -> None:
+        """Run the net with ``runtime`` from now on (``None``: back to torch). The caller has checked that
+        it gives the torch features (``bdi.runtime.parity``); the signature is unchanged, so memories stay valid."""
+        with self._lock:
+            self._runtime = runtime
+
+    def forward_torch(self, batch: np.ndarray, *, precision: str | None = None) -> np.ndarray:
+        """The torch net on ``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, whatever runtime is set,
+        at ``precision`` (default: the configured one; ``fp32`` is the parity check's reference)."""
+        with self._lock:
+            return self._torch_forward(batch, precision or self._precision)
+
+    def _torch_forward(self, batch: np.ndarray, precision: str) -> np.ndarray:
+        """:meth:`forward_torch` for a caller that holds the lock (or has the extractor to itself)."""
+        x = torch.from_numpy(batch).to(self._device, non_blocking=True)
+        with torch.inference_mode(), self._autocast(precision):
+            result = self._net(x).float().cpu().numpy()
+        return np.ascontiguousarray(result, dtype=np.float32)
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` float32 normalised → ``(B, Ht*Wt, D)`` float32, on the runtime in use."""
+        runtime = self._runtime
+        if runtime is None:
+            return self.forward_torch(batch)
+        with self._lock:  # one forward at a time per process, as on torch (an OpenVINO request is not reentrant)
+            result = runtime.run(batch)
+        return np.ascontiguousarray(result, dtype=np.float32)
+
+    def prepare(
+        self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock
+    ) -> tuple[np.ndarray, tuple[Letterbox, ...]]:
+        """Letterbox and normalise BGR images: the ``(B, 3, S, S)`` float32 batch the net takes, and the boxes."""
+        boxes: list[Letterbox] = []
+        canvases: list[np.ndarray] = []
+        with clock("letterbox"):
+            for image in images:
+                canvas, box = letterbox(image, self._input_size)
+                canvases.append(canvas)
+                boxes.append(box)
+        with clock("normalise"):
+            batch = normalize_imagenet(canvases[0][None] if len(canvases) == 1 else np.stack(canvases))
+        return batch, tuple(boxes)
+
+    def _extract_chunk(self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock) -> FeatureBatch:
+        batch, boxes = self.prepare(images, clock=clock)
+        with clock("forward"):
+            embeddings = self._forward(batch)
+        return FeatureBatch(embeddings=embeddings, grid=self._grid, letterboxes=boxes)
+
+    def _empty(self) -> FeatureBatch:
+        empty = np.zeros((0, self.num_tokens, self.embed_dim), dtype=np.float32)
+        return FeatureBatch(embeddings=empty, grid=self._grid, letterboxes=())
+
+    def extract(self, images: Sequence[np.ndarray]) -> FeatureBatch:
+        """Features of BGR ``uint8`` ``(H, W, 3)`` images (any sizes), batched by ``cfg.batch_size``.
+
+        Returns:
+            ``FeatureBatch`` with embeddings ``(len(images), Ht*Wt, D)`` float32.
+
+        Raises:
+            InvalidInputError: an image that is not BGR ``uint8`` ``(H, W, 3)``.
+        """
+        parts = list(self.iter_extract(images))
+        if not parts:
+            return self._empty()
+        if len(parts) == 1:
+            return parts[0]
+        return FeatureBatch(
+            embeddings=np.concatenate([p.embeddings for p in parts], axis=0),
+            grid=self._grid,
+            letterboxes=tuple(box for p in parts for box in p.letterboxes),
+        )
+
+    def iter_extract(self, images: Iterable[np.ndarray], *, clock: StageClock = _no_clock) -> Iterator[FeatureBatch]:
+        """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images.
+
+        ``clock(stage)`` times ``letterbox``, ``normalise`` and ``forward`` (``StageTimer().stage``).
+        """
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            raise InvalidInputError(
+                f"pass a sequence of (H, W, 3) images or a (B, H, W, 3) array, got shape {images.shape}"
+            )
+        chunk: list[np.ndarray] = []
+        for image in images:
+            chunk.append(image)
+            if len(chunk) == self._cfg.batch_size:
+                yield self._extract_chunk(chunk, clock=clock)
+                chunk = []
+        if chunk:
+            yield self._extract_chunk(chunk, clock=clock)
+
+
+class TorchRunner:
+    """The extractor's own torch net at a fixed ``precision``, as a :class:`ForwardRuntime`: what the runtime
+    choice attaches when reduced precision (``bf16``/``fp16`` autocast) passed the parity check, or ``fp32`` when
+    it did not. ``run`` is called under the extractor's lock (``FeatureExtractor._forward``)."""
+
+    def __init__(self, extractor: FeatureExtractor, precision: str) -> None:
+        self._extractor = extractor
+        self.precision = precision
+
+    @property
+    def name(self) -> str:
+        return "torch"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._extractor._torch_forward(batch, self.precision)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self._extractor.device, "precision": self.precision}

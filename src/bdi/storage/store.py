@@ -1,0 +1,570 @@
+"""ModelStore: refs → paths, artefact writes, fallback reads, the per-recipe mm_per_px lock, and the
+npz codec of a memory.
+
+Layout (docs/contract.md "Files"), under ``root``::
+
+    recipes/<recipe>/recipe_meta.json                      the mm_per_px lock
+    recipes/<recipe>/<model_key_fs>/<base>.npz            emb, token_h, token_w, metadata
+    recipes/<recipe>/<model_key_fs>/<base>_index.faiss    faiss serialize_index bytes
+    recipes/<recipe>/<model_key_fs>/<base>_calib.json     calibration, indent 2
+
+Ids become folder and file names in :mod:`bdi.refs`; every write is atomic (:mod:`bdi.storage.fsio`); the
+read-modify-write of ``recipe_meta.json`` runs under a file lock (docs/design.md "Atomic writes and file locks").
+
+Memory/index consistency: the index is written first, then the npz, whose metadata records
+``index_sha256`` (the hash of the index bytes it was saved with). A reader checks the hash; a torn
+pair (one file from a newer save) is re-read, and if it persists (e.g. a crash between the two
+writes) the index is rebuilt from the npz rows, which are the source of truth. Caches are keyed by
+file identity (inode, mtime_ns, size) and only hold verified pairs, so a rewritten file is always
+re-read.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+
+from bdi.errors import (
+    BDIError,
+    FitInProgressError,
+    InvalidInputError,
+    InvalidScaleError,
+    ScaleMismatchError,
+    StorageError,
+)
+from bdi.logging import slog
+from bdi.patchcore.imaging import validate_mm_per_px
+from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
+from bdi.patchcore.memory import Memory
+from bdi.refs import (
+    ModelRef,
+    check_recipe_id,
+    decode_id,
+    ensure_inside,
+    legacy_model_key_dir,
+    legacy_name,
+    recipe_dir_candidates,
+)
+from bdi.storage.fsio import (
+    FileIdentity,
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_lock,
+    json_default,
+    read_with_identity,
+    utc_now_iso,
+)
+
+RECIPE_META_FILE = "recipe_meta.json"
+RECIPE_LOCK_FILE = ".recipe_meta.lock"
+LOCK_TIMEOUT_S = 30.0
+
+ArtifactKind = Literal["memory", "index", "calib"]
+
+_SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
+_LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
+_STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
+_TORN_RETRIES = 5
+# what numpy/zipfile raise on a damaged or foreign npz (never shown raw to callers)
+_NPZ_ERRORS = (
+    zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError,
+)
+
+# ----------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    memory: Path
+    index: Path
+    calib: Path
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The first existing path for an artefact (None on a miss), its identity when found (the stat
+    that found it, so callers need not stat again) and every path probed, in order."""
+
+    path: Path | None
+    probed: tuple[Path, ...]
+    identity: FileIdentity | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A memory with its index; ``index`` is None when faiss is installed and no index file exists."""
+
+    memory: Memory
+    index: KnnIndex | None
+    memory_path: Path
+    index_path: Path | None
+
+    @property
+    def fingerprint(self) -> str:
+        """The memory's content hash (computed once per loaded memory; the load verified it)."""
+        return self.memory.fingerprint
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One fitted model found on disk by :meth:`ModelStore.list_models`."""
+
+    ref: ModelRef
+    memory_path: Path
+    index_path: Path | None
+    calib_path: Path | None
+
+
+# ----------------------------------------------------------------------------------------- npz codec
+
+
+def encode_memory_npz(memory: Memory, *, extra: Mapping[str, Any]) -> bytes:
+    """The ``.npz`` bytes: emb (m, D) float32, token_h, token_w (int64), metadata (JSON string)."""
+    metadata = {k: v for k, v in memory.metadata.items() if k not in _STORE_KEYS}
+    metadata.update(extra)
+    try:
+        meta_json = json.dumps(metadata, ensure_ascii=False, default=json_default)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"memory metadata is not JSON-serialisable: {exc}") from exc
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        emb=np.ascontiguousarray(memory.embeddings, dtype=np.float32),
+        token_h=np.asarray(int(memory.token_shape[0]), dtype=np.int64),
+        token_w=np.asarray(int(memory.token_shape[1]), dtype=np.int64),
+        metadata=np.asarray(meta_json),
+    )
+    return buf.getvalue()
+
+
+def decode_memory_npz(data: bytes, *, path: Path) -> tuple[Memory, dict[str, Any]]:
+    """Parse npz bytes (pickle disabled) into a read-only :class:`Memory` and the store's own keys."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            emb = np.asarray(npz["emb"])
+            token_h = int(np.asarray(npz["token_h"]).reshape(-1)[0])
+            token_w = int(np.asarray(npz["token_w"]).reshape(-1)[0])
+            raw_meta = np.asarray(npz["metadata"]).reshape(-1)[0] if "metadata" in npz.files else "{}"
+        if isinstance(raw_meta, bytes):  # an npz written with a bytes (dtype S) metadata string
+            raw_meta = raw_meta.decode("utf-8")
+        metadata = json.loads(str(raw_meta)) if str(raw_meta).strip() else {}
+    except _NPZ_ERRORS as exc:
+        raise StorageError(f"corrupt memory file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise StorageError(f"corrupt memory file {path}: metadata is not a JSON object")
+    if emb.ndim != 2 or emb.shape[0] == 0 or emb.dtype.kind != "f":
+        raise StorageError(f"corrupt memory file {path}: emb has shape {emb.shape} and dtype {emb.dtype}")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    emb.flags.writeable = False  # shared through the cache
+    store_keys = {k: metadata.pop(k) for k in _STORE_KEYS if k in metadata}
+    memory = Memory(embeddings=emb, token_shape=(token_h, token_w), metadata=metadata)
+    expected = store_keys.get("fingerprint")
+    if isinstance(expected, str) and expected != memory.fingerprint:
+        raise StorageError(f"corrupt memory file {path}: content does not match its recorded fingerprint")
+    return memory, store_keys
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _LRU(Generic[K, V]):
+    """A small thread-safe LRU; only for speed (keys carry file identities)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max(0, int(max_entries))
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        if self._max == 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+
+# ----------------------------------------------------------------------------------------- store
+
+
+class ModelStore:
+    """Model artefacts and recipe meta under one root directory (``BDI_MODELS_DIR``)."""
+
+    def __init__(self, root: Path, *, cache_max_entries: int = 32, faiss_gpu_device: int | None = None) -> None:
+        """``faiss_gpu_device``: move loaded faiss indexes to that GPU when faiss-gpu sees it (the cached
+        model then holds the GPU copy); None keeps them on the CPU."""
+        self.root = Path(root)
+        self._gpu_device = faiss_gpu_device
+        self._memories: _LRU[FileIdentity, tuple[Memory, dict[str, Any]]] = _LRU(cache_max_entries)
+        self._models: _LRU[tuple[FileIdentity, FileIdentity | None], LoadedModel] = _LRU(cache_max_entries)
+        self._calibs: _LRU[FileIdentity, dict[str, Any]] = _LRU(cache_max_entries)
+
+    # -------------------------------------------------------------- layout
+    @property
+    def recipes_root(self) -> Path:
+        return self.root / "recipes"
+
+    def recipe_dir(self, recipe_id: str) -> Path:
+        check_recipe_id(recipe_id)
+        return ensure_inside(self.root, self.recipes_root / recipe_id)
+
+    def paths(self, ref: ModelRef) -> ArtifactPaths:
+        """Write targets: ``<root>/recipes/<recipe>/<model_key_fs>/<base>{.npz,_index.faiss,_calib.json}``."""
+        directory = self.recipe_dir(ref.recipe_id) / ref.model_key_fs
+        base = ref.base
+        return ArtifactPaths(
+            memory=ensure_inside(self.root, directory / f"{base}{_SUFFIX['memory']}"),
+            index=ensure_inside(self.root, directory / f"{base}{_SUFFIX['index']}"),
+            calib=ensure_inside(self.root, directory / f"{base}{_SUFFIX['calib']}"),
+        )
+
+    def candidates(self, ref: ModelRef, kind: ArtifactKind) -> list[Path]:
+        """docs/contract.md "Model read order" for one artefact kind; in each recipe dir the key's folder, then (when it
+        differs) the folder the legacy non-injective sanitiser gave it."""
+        suffix = _SUFFIX[kind]
+        base = ref.base
+        out = [d / mk / f"{base}{suffix}" for d in recipe_dir_candidates(self.recipes_root, ref.recipe_id)
+               for mk in self._key_dirs(ref)]
+        role_s, roi_s = legacy_name(ref.role_id), legacy_name(ref.roi_id)
+        out.append(self.root / f"{role_s}_{roi_s}{suffix}")
+        out.append(self.root / role_s / roi_s / _LEGACY_DIR_NAME[kind])
+        return [ensure_inside(self.root, p) for p in out]
+
+    @staticmethod
+    def _key_dirs(ref: ModelRef) -> tuple[str, ...]:
+        current, legacy = ref.model_key_fs, legacy_model_key_dir(ref.model_key, roi_id=ref.roi_id)
+        return (current,) if legacy == current else (current, legacy)
+
+    def _legacy_dir_belongs_to(self, path: Path, ref: ModelRef) -> bool:
+        """A legacy-named key folder may hold another key's model (``a b`` and ``a_b`` shared one):
+        use it only when its memory records this key, or records none (written by the legacy backend)."""
+        if path.parent.name == ref.model_key_fs or path.parent.parent.parent != self.recipes_root:
+            return True
+        recorded = self._stored_model_key(path.parent / f"{ref.base}{_SUFFIX['memory']}")
+        return recorded is None or recorded.strip() == ref.model_key.strip()
+
+    def resolve(self, ref: ModelRef, kind: ArtifactKind) -> Resolution:
+        """The first existing file among :meth:`candidates`; logs ``storage.resolve_<kind>.not_found``."""
+        probed: list[Path] = []
+        for path in self.candidates(ref, kind):
+            probed.append(path)
+            ident = FileIdentity.of(path)
+            if ident is not None and self._legacy_dir_belongs_to(path, ref):
+                return Resolution(path=path, probed=tuple(probed), identity=ident)
+        slog(f"storage.resolve_{kind}.not_found", probed_paths=[str(p) for p in probed],
+             role_id=ref.role_id, roi_id=ref.roi_id, recipe_id=ref.recipe_id, model_key=ref.model_key)
+        return Resolution(path=None, probed=tuple(probed))
+
+    # -------------------------------------------------------------- model
+    @contextmanager
+    def fit_lock(self, ref: ModelRef, *, timeout_s: float) -> Iterator[None]:
+        """One writer per model, across threads and processes: an exclusive ``flock`` on
+        ``<model dir>/.<base>.fit.lock`` held for the whole fit. A second fit waits up to
+        ``timeout_s``, then gets :class:`FitInProgressError`. The kernel drops the lock when its
+        holder dies (even by SIGKILL), so a crashed fit never blocks the next one.
+        """
+        directory = self.paths(ref).memory.parent
+        with exclusive_lock(
+            directory / f".{ref.base}.fit.lock", timeout_s=timeout_s,
+            busy=lambda: FitInProgressError(
+                f"another fit of model_key '{ref.model_key}' (role '{ref.role_id}', roi '{ref.roi_id}') is in "
+                f"progress; waited {timeout_s:g} s (BDI_FIT_LOCK_TIMEOUT_S), retry when it has finished"),
+            unusable=lambda exc: StorageError(f"cannot take the fit lock in {directory}: {exc}"),
+        ):
+            yield
+
+    def save_model(self, ref: ModelRef, memory: Memory, index: KnnIndex | None) -> ArtifactPaths:
+        """Write the index (if a faiss one is given), then the npz recording the index's sha256.
+
+        With no faiss index an old index file is removed first, so it can never pair with the new npz.
+        """
+        paths = self.paths(ref)
+        index_sha: str | None = None
+        if index is not None and index.backend != "torch":
+            index_bytes = index.serialize()
+            index_sha = hashlib.sha256(index_bytes).hexdigest()
+            atomic_write_bytes(paths.index, index_bytes)
+        else:
+            try:
+                paths.index.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot remove the stale index {paths.index}: {exc}") from exc
+        extra = {
+            "fingerprint": memory.fingerprint,
+            "index_sha256": index_sha,
+            "model_ref": {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
+                          "model_key": ref.model_key},
+        }
+        atomic_write_bytes(paths.memory, encode_memory_npz(memory, extra=extra))
+        return paths
+
+    def _memory_from(
+        self, path: Path, ident: FileIdentity | None
+    ) -> tuple[Memory, dict[str, Any], FileIdentity] | None:
+        """The memory at ``path``: from the cache when ``ident`` (its identity as resolved) is cached,
+        else read and decoded; None when the file vanished."""
+        if ident is not None:
+            cached = self._memories.get(ident)
+            if cached is not None:
+                return cached[0], cached[1], ident
+        read = read_with_identity(path)
+        if read is None:
+            return None
+        data, ident = read
+        memory, store_keys = decode_memory_npz(data, path=path)
+        self._memories.put(ident, (memory, store_keys))
+        return memory, store_keys, ident
+
+    def load_memory(self, ref: ModelRef) -> Memory | None:
+        """The memory resolved with fallbacks, or None; a corrupt file raises :class:`StorageError`."""
+        for _ in range(_TORN_RETRIES):
+            res = self.resolve(ref, "memory")
+            if res.path is None:
+                return None
+            loaded = self._memory_from(res.path, res.identity)
+            if loaded is not None:
+                return loaded[0]
+        return None  # the file kept vanishing between resolve and read: treat as absent
+
+    def load_model(self, ref: ModelRef) -> LoadedModel | None:
+        """Memory + index (see the module doc for the consistency check), or None without a memory.
+
+        Without faiss the index is a torch index built from the rows; with faiss and no index file
+        (or an npz saved without one) it is None and the caller decides what that means.
+        """
+        torn: tuple[Path, Path, Memory, FileIdentity, FileIdentity | None] | None = None
+        for attempt in range(_TORN_RETRIES):
+            mem_res = self.resolve(ref, "memory")
+            if mem_res.path is None:
+                return None
+            idx_res = self.resolve(ref, "index") if FAISS_AVAILABLE else None
+            idx_path = idx_res.path if idx_res is not None else None
+            idx_ident = idx_res.identity if idx_res is not None else None
+            if mem_res.identity is not None:
+                cached = self._models.get((mem_res.identity, idx_ident))
+                if cached is not None:
+                    return cached
+            loaded = self._memory_from(mem_res.path, mem_res.identity)
+            if loaded is None:
+                continue  # replaced or removed between resolve and read
+            memory, store_keys, mem_ident = loaded
+            model, idx_ident = self._attach_index_file(memory, store_keys, mem_path=mem_res.path, idx_path=idx_path)
+            if model is not None:
+                self._models.put((mem_ident, idx_ident), model)
+                return model
+            if idx_path is not None:
+                torn = (mem_res.path, idx_path, memory, mem_ident, idx_ident)
+            time.sleep(0.005 * (2**attempt))  # a concurrent save is between its two writes
+        if torn is None:
+            return None
+        return self._rebuild_index(*torn)
+
+    def _rebuild_index(
+        self,
+        mem_path: Path,
+        idx_path: Path,
+        memory: Memory,
+        mem_ident: FileIdentity,
+        idx_ident: FileIdentity | None,
+    ) -> LoadedModel:
+        """A persistent memory/index mismatch: index the npz rows again (they are the truth)."""
+        slog("storage.index_mismatch", memory_path=str(mem_path), index_path=str(idx_path),
+             action="rebuilt_from_memory")
+        factory = str(dict(memory.metadata.get("memory") or {}).get("knn_index", "Flat"))
+        try:
+            index = KnnIndex.build(memory.embeddings, factory=factory)
+        except InvalidInputError:
+            index = KnnIndex.build(memory.embeddings, factory="Flat")
+        model = LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path, index_path=None)
+        self._models.put((mem_ident, idx_ident), model)
+        return model
+
+    def _attach_index_file(
+        self, memory: Memory, store_keys: Mapping[str, Any], *, mem_path: Path, idx_path: Path | None
+    ) -> tuple[LoadedModel | None, FileIdentity | None]:
+        """Join a memory with its index file; (None, _) when the index belongs to another save."""
+        saved_without_index = "index_sha256" in store_keys and store_keys["index_sha256"] is None
+        if not FAISS_AVAILABLE:
+            index = KnnIndex.build(memory.embeddings, use_faiss=False)
+            return LoadedModel(memory=memory, index=index, memory_path=mem_path, index_path=None), None
+        read = read_with_identity(idx_path) if idx_path is not None and not saved_without_index else None
+        if read is None:
+            return LoadedModel(memory=memory, index=None, memory_path=mem_path, index_path=None), None
+        data, idx_ident = read
+        expected = store_keys.get("index_sha256")
+        if isinstance(expected, str) and hashlib.sha256(data).hexdigest() != expected:
+            return None, idx_ident
+        try:
+            index = KnnIndex.deserialize(data)
+        except StorageError as exc:
+            raise StorageError(f"corrupt index file {idx_path}: {exc}") from exc
+        if index.size != memory.size or index.dim != memory.dim:  # legacy pairs carry no hash
+            return None, idx_ident
+        return LoadedModel(memory=memory, index=self._to_configured_gpu(index), memory_path=mem_path,
+                           index_path=idx_path), idx_ident
+
+    def _to_configured_gpu(self, index: KnnIndex) -> KnnIndex:
+        """The index on the configured GPU when possible, else unchanged
+        (docs/contract.md "Nearest-neighbour index")."""
+        return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
+
+    # -------------------------------------------------------------- calibration
+    def save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> Path:
+        """Atomically write the calibration JSON (indent 2) to the current layout."""
+        path = self.paths(ref).calib
+        atomic_write_json(path, dict(calib), indent=2)
+        return path
+
+    def load_calibration(self, ref: ModelRef) -> dict[str, Any] | None:
+        """The calibration resolved with fallbacks (a copy), or None.
+
+        A corrupt or non-object file also gives None (logged as ``storage.calib_corrupt``): the
+        service then reports ``calibration_missing`` and a new calibration overwrites it.
+        """
+        for _ in range(_TORN_RETRIES):
+            res = self.resolve(ref, "calib")
+            if res.path is None:
+                return None
+            cached = self._calibs.get(res.identity) if res.identity is not None else None
+            if cached is not None:
+                return copy.deepcopy(cached)
+            read = read_with_identity(res.path)
+            if read is None:
+                continue
+            data, ident = read
+            try:
+                value = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                slog("storage.calib_corrupt", path=str(res.path), error=str(exc))
+                return None
+            if not isinstance(value, dict):
+                slog("storage.calib_corrupt", path=str(res.path), error="not a JSON object")
+                return None
+            self._calibs.put(ident, value)
+            return copy.deepcopy(value)
+        return None
+
+    # -------------------------------------------------------------- recipe lock
+    def recipe_meta_path(self, recipe_id: str) -> Path:
+        return self.recipe_dir(recipe_id) / RECIPE_META_FILE
+
+    def read_recipe_meta(self, recipe_id: str) -> dict[str, Any]:
+        """The recipe meta ({} when absent); a corrupt file raises :class:`StorageError`."""
+        path = self.recipe_meta_path(recipe_id)
+        read = read_with_identity(path)
+        if read is None:
+            return {}
+        try:
+            value = json.loads(read[0].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"corrupt recipe meta {path}: {exc}") from exc
+        if not isinstance(value, dict):
+            raise StorageError(f"corrupt recipe meta {path}: not a JSON object")
+        return value
+
+    def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
+        """First value wins per recipe; later ones must match within 1e-6·max(1,|a|,|b|)
+        (docs/contract.md "Scale lock")."""
+        value = validate_mm_per_px(mm_per_px)
+        if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
+            return
+        def unusable(exc: OSError) -> StorageError:
+            return StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}")
+
+        with exclusive_lock(
+            self.recipe_dir(recipe_id) / RECIPE_LOCK_FILE, timeout_s=LOCK_TIMEOUT_S,
+            busy=lambda: StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'"), unusable=unusable,
+        ):
+            try:
+                if self._check_locked(recipe_id, value):
+                    return
+                meta = self.read_recipe_meta(recipe_id)
+                meta["mm_per_px"] = value
+                meta.setdefault("created_at_utc", utc_now_iso())
+                atomic_write_json(self.recipe_meta_path(recipe_id), meta, indent=2)
+            except OSError as exc:
+                raise unusable(exc) from exc
+
+    def _check_locked(self, recipe_id: str, value: float) -> bool:
+        """True when a valid value is stored and matches; ScaleMismatchError when it differs."""
+        stored = self.read_recipe_meta(recipe_id).get("mm_per_px")
+        try:
+            expected = validate_mm_per_px(stored)
+        except InvalidScaleError:
+            return False  # absent or unusable: (re)written under the lock
+        if abs(expected - value) > 1e-6 * max(1.0, abs(expected), abs(value)):
+            raise ScaleMismatchError(recipe_id, expected, value)
+        return True
+
+    # -------------------------------------------------------------- listing
+    def model_keys(self, recipe_id: str) -> list[str]:
+        """Filesystem model keys of ``recipe_id`` that hold at least one memory file, sorted."""
+        directory = self.recipe_dir(recipe_id)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return []
+        return [e.name for e in entries if e.is_dir() and any(Path(e.path).glob("*__*.npz"))]
+
+    def list_models(self) -> list[StoredModel]:
+        """Every ``recipes/<recipe>/<mk>/<b64role>__<b64roi>.npz`` with decodable names, sorted."""
+        out: list[StoredModel] = []
+        for npz in sorted(self.recipes_root.glob("*/*/*__*.npz")):
+            recipe_dir, mk_dir = npz.parent.parent.name, npz.parent.name
+            role_b64, _, roi_b64 = npz.stem.partition("__")
+            role_id, roi_id = decode_id(role_b64), decode_id(roi_b64)
+            if role_id is None or roi_id is None:
+                continue
+            model_key = self._stored_model_key(npz) or mk_dir
+            try:
+                ref = ModelRef(recipe_id=recipe_dir, role_id=role_id, roi_id=roi_id, model_key=model_key)
+                if mk_dir not in self._key_dirs(ref) or ref.base != npz.stem:
+                    continue
+            except BDIError:
+                continue
+            index, calib = (npz.parent / f"{npz.stem}{_SUFFIX[k]}" for k in ("index", "calib"))
+            out.append(StoredModel(
+                ref=ref,
+                memory_path=npz,
+                index_path=index if index.is_file() else None,
+                calib_path=calib if calib.is_file() else None,
+            ))
+        return out
+
+    @staticmethod
+    def _stored_model_key(npz_path: Path) -> str | None:
+        """The raw model key recorded in an npz's metadata, if any (only that member is read)."""
+        try:
+            with np.load(npz_path, allow_pickle=False) as npz:
+                meta = json.loads(str(np.asarray(npz["metadata"]).reshape(-1)[0]))
+        except _NPZ_ERRORS:
+            return None
+        ref = meta.get("model_ref") if isinstance(meta, dict) else None
+        key = ref.get("model_key") if isinstance(ref, dict) else None
+        return key if isinstance(key, str) and key else None
