@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# BDI backend image, two targets (README "Deploy"):
+# BDI backend image, two targets (docs/deploy.md "GPU box"):
 #   docker build -t bdi:gpu .                 # default: CUDA runtime base, CUDA torch, faiss-gpu
 #   docker build -t bdi:cpu --target cpu .    # Debian slim, CPU torch, faiss-cpu
 # Multi-stage: each *-builder stage makes /opt/venv (wheels only, no compiler needed); the final stages copy

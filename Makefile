@@ -27,7 +27,7 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.runtimes
 
-# Quality side by side with anomalib (README "Quality benchmark"): installs the `bench` extra (anomalib) once.
+# Quality side by side with anomalib (docs/quality.md "Quality"): installs the `bench` extra (anomalib) once.
 bench-quality: $(VENV)/.bench-installed
 	$(PY) -m bench.quality
 

@@ -1,4 +1,4 @@
-"""bf16 against fp32 on real data, one command, one run: `python -m bench.precision` (README "Runtimes").
+"""bf16 against fp32 on real data, one command, one run: `python -m bench.precision` (docs/runtimes.md "Precision").
 
 For each backbone (the pretrained CNN, ``bdi.backbones.PRETRAINED_CNN``; DINOv2 ViT-S/14 with ``BDI_WEIGHTS`` or
 random init) and each way of running its feature net (torch fp32, the reference; torch bf16 autocast; OpenVINO

@@ -1,4 +1,4 @@
-"""The quality benchmark's results as markdown (the table README quotes) and strict JSON."""
+"""The quality benchmark's results as markdown (the table docs/quality.md quotes) and strict JSON."""
 
 from __future__ import annotations
 

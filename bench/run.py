@@ -1,7 +1,7 @@
 """One-command CPU benchmark: `make bench` (or `python -m bench.run`).
 
 Measures, side by side in one run, on the real DINOv2 ViT-S/14 architecture at 448 px:
-  * fit time for N OK images (encode / coreset / index) — the figure README quotes;
+  * fit time for N OK images (encode / coreset / index) — the figure docs/benchmarks.md quotes;
   * single-crop /infer latency through `InspectionService.infer`, fp32 vs bf16 autocast, with the
     largest score difference between the two (what bf16 costs in accuracy);
   * batched ViT extraction vs one image per forward pass (the reference backend never batches);

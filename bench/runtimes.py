@@ -16,8 +16,8 @@ One run, same image and same weights for every server, real uvicorn on 127.0.0.1
   4. throughput: torch and the fastest runtime, with 1 and 2 workers (threads divided among them:
      `Settings.intra_op_threads`), under a bounded loopback load (`--concurrency` clients, `--load-requests`
      requests), zero errors required.
-Prints Markdown tables and writes them to `bench/results/runtimes.md` (the report in `runtimes.json`; README
-"Benchmarks"). Data: ../shared/data/magnetic_tile, else synthetic discs.
+Prints Markdown tables and writes them to `bench/results/runtimes.md` (the report in `runtimes.json`;
+docs/benchmarks.md "Runtimes over HTTP"). Data: ../shared/data/magnetic_tile, else synthetic discs.
 """
 
 from __future__ import annotations

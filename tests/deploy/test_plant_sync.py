@@ -45,7 +45,7 @@ class Plant:
     first_scores: list[float] = field(default_factory=list)
 
     def promote(self, version: int) -> None:
-        """``bdi promote NAME VERSION --skip-gate --tracking-uri URI`` (README's Deploy section), in this
+        """``bdi promote NAME VERSION --skip-gate --tracking-uri URI`` (docs/deploy.md "Single box"), in this
         process. --skip-gate: with random weights the AUROC comparison is a coin toss; the gate itself is
         tested in tests/unit/test_promotion.py and by the register stage in tests/pipelines."""
         from bdi.cli import main

@@ -142,7 +142,7 @@ class PostgresCluster:
 class MlflowServer:
     """``mlflow server`` with ``backend_uri`` as its backend store and proxied artefacts in ``artifacts``.
 
-    ``COMMAND`` is also README's single-box command (tests/deploy/test_deploy_files.py checks it)."""
+    ``COMMAND`` is also docs/deploy.md "Single box"'s command (tests/deploy/test_deploy_files.py checks it)."""
 
     COMMAND = ("mlflow server --backend-store-uri {backend} --artifacts-destination {artifacts} --serve-artifacts "
                "--host 127.0.0.1 --port {port} --workers 1")

@@ -4,7 +4,7 @@
 middle a /fit_ok refits the model the /infer calls use. Required (issue 16): no 5xx, no torn read
 (a 200 /infer always answers the old model's exact score and threshold; after the refit the stale
 calibration is a clean 400 calibration_missing), every acknowledged upload is listed afterwards, and
-/health p95 < 100 ms while the fit runs. The figures are printed (``pytest -s``) for the README.
+/health p95 < 100 ms while the fit runs. The figures are printed (``pytest -s``) for docs/reliability.md.
 """
 
 from __future__ import annotations

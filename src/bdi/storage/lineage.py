@@ -14,7 +14,7 @@ from the memory's metadata, the calibration's memory fingerprint) into the flat 
 * ``stale``: a calibration computed for another memory (``/infer`` answers ``calibration_missing``);
 * ``None``: no calibration.
 
-Conflict rule (README "Serving follows the registry"): a model whose sidecar says the registry manages
+Conflict rule (docs/registry.md "Conflict rule (API vs registry)"): a model whose sidecar says the registry manages
 it is refused to API writes (:func:`ensure_api_writable` → :class:`RegistryManagedError`, HTTP 409);
 the registry, in turn, always replaces an API-fitted model when an alias holder exists for it.
 """
