@@ -23,9 +23,10 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY serving ./serving
 COPY pipelines ./pipelines
-# CPU wheels of the pinned torch pair first (torch==2.14.1 is satisfied by 2.14.1+cpu), then BDI with faiss-cpu.
+# CPU wheels of the pinned torch pair first (torch==2.14.1 is satisfied by 2.14.1+cpu), then BDI with faiss-cpu
+# and the exported runtimes (BDI_RUNTIME=auto); the pipeline and plots extras are not the server's.
 RUN pip install --index-url "${TORCH_CPU_INDEX}" torch==2.14.1 torchvision==0.29.1 \
- && pip install ".[cpu]"
+ && pip install ".[cpu,runtime]"
 RUN python -c "import faiss; assert not hasattr(faiss, 'StandardGpuResources'); print('faiss', faiss.__version__, 'CPU build')"
 
 FROM ${PYTHON_IMAGE} AS cpu
@@ -59,7 +60,7 @@ COPY src ./src
 COPY serving ./serving
 COPY pipelines ./pipelines
 # torch 2.14.1 from PyPI is a CUDA build on x86_64; the `gpu` extra brings faiss-gpu-cu12 and never faiss-cpu.
-RUN pip install ".[gpu]"
+RUN pip install ".[gpu,runtime]"
 # No GPU is visible while building: check the build itself (the GPU classes exist) and that no CPU wheel is there.
 RUN python -c "import faiss; assert hasattr(faiss, 'StandardGpuResources'), 'faiss is the CPU build'; print('faiss', faiss.__version__, 'GPU build')" \
  && ! pip show -q faiss-cpu

@@ -1,27 +1,33 @@
-# Two entry points on a fresh machine:  `make run` (demo server)  and  `make test` (whole suite).
+# Two entry points on a fresh machine:  `make run` (demo server)  and  `make test` (whole suite);
+# `make test-fast` is `make test` without the slow (server, dvc) tests.
 # torch/torchvision are pinned in pyproject.toml; pip (not uv/poetry) finds them on local disk.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench bench-quality pipeline clean
+.PHONY: setup run test test-fast lint bench bench-quality pipeline clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -e '.[cpu,test,all]'
 	touch $@
 
 run: setup
 	$(PY) -m bdi.demo
 
-test: setup
+lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) -m bench.run

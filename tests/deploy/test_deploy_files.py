@@ -89,7 +89,7 @@ def test_faiss_gpu_is_installed_alone_and_proven_to_be_the_gpu_build() -> None:
     text = (PROJECT / "Dockerfile").read_text(encoding="utf-8")
     assert "uninstall" not in text
     builder = " ".join(_stages()["gpu-builder"])
-    assert '.[gpu]' in builder and "StandardGpuResources" in builder and "import faiss" in builder
+    assert '.[gpu,runtime]' in builder and "StandardGpuResources" in builder and "import faiss" in builder
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert not any(d.startswith("faiss") for d in project["dependencies"])
     assert project["optional-dependencies"]["gpu"] == ["faiss-gpu-cu12>=1.8"]

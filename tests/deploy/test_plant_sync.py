@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from bdi.data.synthetic import write_mvtec_dataset
-from tests.conftest import TINY_ENV
-from tests.helpers.servers import BdiServer, MlflowServer, PostgresCluster, postgres_bindir
+from tests.helpers.servers import MlflowServer, PostgresCluster, UvicornServer, postgres_bindir, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,7 @@ PIPELINE = ["dataset=synthetic", "model=tiny", "promotion.max_false_reject_rate=
 class Plant:
     root: Path
     mlflow: MlflowServer
-    replicas: list[BdiServer]
+    replicas: list[UvicornServer]
     name: str = ""
     thresholds: dict[int, float] = field(default_factory=dict)
     image: bytes = b""
@@ -55,7 +54,7 @@ class Plant:
     def infer_all(self) -> list[dict[str, Any]]:
         bodies = []
         for replica in self.replicas:
-            response = httpx.post(f"{replica.url}/infer", data=IDS,
+            response = httpx.post(f"{replica.base_url}/infer", data=IDS,
                                   files={"image": ("pit.png", self.image, "image/png")}, timeout=60)
             assert response.status_code == 200, response.text
             bodies.append(response.json())
@@ -122,12 +121,10 @@ def plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plant]:
         replicas = []
         for name in ("replica-a", "replica-b"):
             scratch = root / name
-            env = {**TINY_ENV, "BDI_MODELS_DIR": str(scratch / "models"),
-                   "BDI_WEIGHTS_CACHE_DIR": str(scratch / "weights-cache"), "BDI_GUI_LOG_DIR": str(scratch / "logs"),
-                   "BDI_MLFLOW_TRACKING_URI": mlflow.uri, "BDI_REGISTRY_SYNC_ON_START": "1",
-                   "BDI_REGISTRY_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S),
-                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-            server = BdiServer(scratch=scratch, env=env, name=name)
+            env = server_env(scratch, BDI_MLFLOW_TRACKING_URI=mlflow.uri, BDI_REGISTRY_SYNC_ON_START="1",
+                             BDI_REGISTRY_SYNC_INTERVAL_S=str(SYNC_INTERVAL_S),
+                             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+            server = UvicornServer(cwd=scratch, env=env, name=name)
             stack.callback(server.stop)
             replicas.append(server.start())  # both start at once; wait_ready below
         for replica in replicas:
@@ -143,7 +140,7 @@ def test_both_replicas_serve_the_champion_with_the_same_score(plant: Plant) -> N
     assert bodies[0]["score"] == pytest.approx(bodies[1]["score"], rel=1e-6)
     assert {(b["lineage"]["registered_model"], b["lineage"]["registered_version"]) for b in bodies} == {
         (plant.name, 1)}
-    health = [httpx.get(f"{r.url}/health", timeout=10).json()["registry"] for r in plant.replicas]
+    health = [httpx.get(f"{r.base_url}/health", timeout=10).json()["registry"] for r in plant.replicas]
     assert all(h["reachable"] and [m["version"] for m in h["synced"]] == [1] for h in health), health
     plant.first_scores = [b["score"] for b in bodies]
 
@@ -171,7 +168,7 @@ def test_registry_outage_keeps_both_serving_and_health_reports_the_stale_view(pl
     deadline = time.monotonic() + SYNC_INTERVAL_S + PROPAGATION_SLACK_S
     health: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        health = [httpx.get(f"{r.url}/health", timeout=10).json()["registry"] for r in plant.replicas]
+        health = [httpx.get(f"{r.base_url}/health", timeout=10).json()["registry"] for r in plant.replicas]
         if all(h["reachable"] is False for h in health):
             break
         time.sleep(0.5)

@@ -1,7 +1,7 @@
 """Real servers on loopback: a PostgreSQL cluster, an ``mlflow server`` on it with proxied artefacts on
-local disk, and BDI (``uvicorn serving.app:app``) for the deployment tests (context managers), plus
-tiny-model ``uvicorn`` processes for the end-to-end, kill and load tests (:func:`running_server`). Each
-starts its process, waits until it answers and stops exactly the process it started."""
+local disk, and BDI itself, ``uvicorn serving.app:app`` (:class:`UvicornServer`, the only way a test starts
+one; :func:`server_env` gives it the tiny model). Each starts its process, waits until it answers and stops
+exactly the process group it started."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import TINY_ENV
+from bdi.logging import LOG_FILE_NAME
+from tests.helpers.tiny import TINY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -180,44 +179,66 @@ class MlflowServer:
         self.stop()
 
 
-class BdiServer:
-    """``uvicorn serving.app:app`` on a free loopback port with ``env`` (BDI_* settings) added."""
+class UvicornServer:
+    """``uvicorn serving.app:app`` on a free loopback port: the one way tests start a real BDI server.
 
-    def __init__(self, *, scratch: Path, env: Mapping[str, str], name: str = "bdi") -> None:
-        self.scratch = scratch
+    ``env`` is the child's whole environment (build it with :func:`server_env`), ``cwd`` its working
+    folder (its output goes to ``cwd/<name>.out``). As a context manager it starts, waits for ``/health``
+    and stops; :meth:`start` + :meth:`wait_ready` start several at once. The server runs in its own
+    session, and :meth:`stop` tears down exactly that process group (the parent and its workers).
+    """
+
+    def __init__(self, *, cwd: Path, env: Mapping[str, str], workers: int = 1, name: str = "uvicorn",
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        self.cwd = cwd
         self.env = dict(env)
+        self.workers = workers
+        self.name = name
+        self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
-        self.log = scratch / f"{name}.log"
+        self.log = cwd / f"{name}.out"  # stdout + stderr
+        self.log_file = Path(self.env.get("BDI_GUI_LOG_DIR", cwd / "logs")) / LOG_FILE_NAME  # JSONL events
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> BdiServer:
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as log:  # the child keeps its own copy of the handle
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self) -> UvicornServer:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:  # the child keeps its own copy of the handle
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=self.scratch, env=clean_env(**self.env), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", str(self.workers),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--timeout-graceful-shutdown", "10"],
+                cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return self
 
-    def wait_ready(self, timeout_s: float = 180, *, retries: int = 3) -> None:
+    def wait_ready(self, timeout_s: float | None = None, *, retries: int = 3) -> UvicornServer:
         """Wait for /health. The port was free when chosen, but until uvicorn binds it another process's
         outgoing connection may take it (e.g. the other replica syncing): then start again on a new one."""
-        assert self.proc is not None
+        assert self.proc is not None, "not started"
+        timeout = self.startup_timeout_s if timeout_s is None else timeout_s
         try:
-            _wait_http(f"{self.url}/health", proc=self.proc, log=self.log, timeout_s=timeout_s, what="BDI server")
+            _wait_http(f"{self.base_url}/health", proc=self.proc, log=self.log, timeout_s=timeout, what=self.name)
         except AssertionError:
             if retries <= 0 or "address already in use" not in self.log.read_text(errors="replace"):
                 raise
             self.stop()
             self.port = free_port()
-            self.start().wait_ready(timeout_s, retries=retries - 1)
+            self.start().wait_ready(timeout, retries=retries - 1)
+        return self
 
-    def __enter__(self) -> BdiServer:
+    def stop(self, *, timeout_s: float = 20) -> None:
+        """SIGTERM to the server's process group (uvicorn's parent stops its workers), then SIGKILL."""
+        _stop(self.proc, timeout_s=timeout_s)
+
+    def __enter__(self) -> UvicornServer:
         self.start()
         try:
             self.wait_ready()
@@ -226,27 +247,11 @@ class BdiServer:
             raise
         return self
 
-    def stop(self) -> None:
-        _stop(self.proc)
-
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-# ----------------------------------------------------------------------------- tiny-model uvicorn processes
-
-
-@dataclass
-class ServerProcess:
-    """One started server; ``log_file`` is its JSONL diagnostics log."""
-
-    proc: subprocess.Popen[bytes]
-    base_url: str
-    port: int
-    log_file: Path
-    output: Path
-
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSONL diagnostics events logged so far (``name``: only those)."""
         if not self.log_file.is_file():
             return []
         out = []
@@ -260,67 +265,20 @@ class ServerProcess:
         return out
 
     def tail(self) -> str:
-        return self.output.read_text(errors="replace")[-3000:] if self.output.is_file() else ""
+        return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
 
 
-def server_env(tmp: Path, models_dir: Path, **overrides: str) -> dict[str, str]:
-    """The environment of a tiny-model server: no inherited ``BDI_*``, logs under ``tmp/logs``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BDI_", "BRAKEDISC_"))}
-    env.update(TINY_ENV)
+def server_env(scratch: Path, models_dir: Path | None = None, **overrides: str) -> dict[str, str]:
+    """The environment of a tiny-model server (:data:`tests.helpers.tiny.TINY_ENV`): nothing inherited of
+    BDI/MLflow/DVC, models in ``models_dir`` (default ``scratch/models``), logs, weights under ``scratch``."""
+    env = clean_env(**TINY_ENV)
     env.update(
-        BDI_MODELS_DIR=str(models_dir),
-        BDI_GUI_LOG_DIR=str(tmp / "logs"),
-        BDI_WEIGHTS_CACHE_DIR=str(tmp / "weights"),
+        BDI_MODELS_DIR=str(models_dir if models_dir is not None else scratch / "models"),
+        BDI_GUI_LOG_DIR=str(scratch / "logs"),
+        BDI_WEIGHTS_CACHE_DIR=str(scratch / "weights"),
         BDI_REQUIRE_CUDA="0",
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH")])),
     )
     env.update(overrides)
     return env
-
-
-def start_server(
-    tmp: Path, *, models_dir: Path, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "uvicorn"
-) -> ServerProcess:
-    """Start uvicorn in its own session and wait until ``/health`` answers 200."""
-    port = free_port()
-    output = tmp / f"{name}.out"
-    with output.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", str(workers),
-             "--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "10"],
-            env=dict(env) if env is not None else server_env(tmp, models_dir), cwd=tmp, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    server = ServerProcess(proc=proc, base_url=f"http://127.0.0.1:{port}", port=port,
-                           log_file=tmp / "logs" / "backend_diagnostics.jsonl", output=output)
-    try:
-        _wait_http(f"{server.base_url}/health", proc=proc, log=output, timeout_s=STARTUP_TIMEOUT_S, what="uvicorn")
-    except BaseException:
-        stop_server(server)
-        raise
-    return server
-
-
-def stop_server(server: ServerProcess, *, timeout_s: float = 20.0) -> None:
-    """SIGTERM (uvicorn's parent stops its workers), then SIGKILL of our own process group only."""
-    proc = server.proc
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the group is ours alone
-        proc.wait(timeout=10)
-
-
-@contextmanager
-def running_server(
-    tmp: Path, *, models_dir: Path, workers: int = 1, env: Mapping[str, str] | None = None, name: str = "uvicorn"
-) -> Iterator[ServerProcess]:
-    server = start_server(tmp, models_dir=models_dir, workers=workers, env=env, name=name)
-    try:
-        yield server
-    finally:
-        stop_server(server)

@@ -15,10 +15,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import pytest
 import yaml
 
 from bdi.data.synthetic import write_mvtec_dataset
-from tests.conftest import TINY_ENV
+from tests.helpers.servers import UvicornServer, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -219,9 +217,9 @@ def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_
     assert calib is not None and calib["threshold"] == pytest.approx(registered["threshold"])
 
     image = next((project.root / project.params["dataset"]["source"] / "test" / "pit").glob("*.png"))
-    with _server(models) as base_url:
+    with UvicornServer(cwd=tmp_path, env=server_env(tmp_path, models)) as server:  # cwd outside the repository
         response = httpx.post(
-            f"{base_url}/infer",
+            f"{server.base_url}/infer",
             data={"role_id": "disc", "roi_id": "ring", "mm_per_px": str(MM_PER_PX), "recipe_id": "synthetic"},
             files={"image": (image.name, image.read_bytes(), "image/png")},
             timeout=60,
@@ -252,63 +250,3 @@ def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: P
     assert "Stage 'ingest' didn't change" in out
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
     assert registration["models"][0]["version"] == 2
-
-
-# --------------------------------------------------------------------------------------------- server
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _server:
-    """``uvicorn serving.app:app`` on a free loopback port, serving ``models_dir`` with the tiny model."""
-
-    def __init__(self, models_dir: Path) -> None:
-        self.models_dir = models_dir
-        self.scratch = models_dir.parent
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = self.scratch / "server.log"
-
-    def __enter__(self) -> str:
-        env = {**_env(), **TINY_ENV, "BDI_MODELS_DIR": str(self.models_dir),
-               "BDI_WEIGHTS_CACHE_DIR": str(self.scratch / "weights-cache"),
-               "BDI_GUI_LOG_DIR": str(self.scratch / "logs")}
-        with self.log.open("wb") as log:  # the child keeps its own copy of the handle
-            self.proc = subprocess.Popen(  # cwd outside the repository: the server writes nothing there
-                [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port",
-                 str(self.port)],
-                cwd=self.scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        try:
-            return self._wait_ready(f"http://127.0.0.1:{self.port}")
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def _wait_ready(self, base: str) -> str:
-        assert self.proc is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                output = self.log.read_text(errors="replace")
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{output[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    return base
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"server did not answer /health within 120 s:\n{self.log.read_text()[-4000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.synthetic import disc_png
+from tests.helpers.tiny import tiny_settings
 
 ROLE, ROI = "Inspection", "inspection-1"
 BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"  # b64(role) + "__" + b64(roi), docs/contract.md "Files"

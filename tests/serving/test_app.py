@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from bdi.config import Settings
 from serving.__main__ import parse_args
 from serving.app import CudaRequiredError, create_app
-from tests.conftest import tiny_settings
+from tests.helpers.tiny import tiny_settings
 
 from .conftest import ClientFactory
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.servers import running_server, server_env, start_server
+from tests.helpers.servers import UvicornServer, server_env
 from tests.helpers.synthetic import disc_png
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,9 @@ def _model_files(models_dir: Path) -> dict[str, bytes]:
 def test_sigkill_mid_fit_leaves_the_previous_model_serving(tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     probe = disc_png(seed=500)
-    first = start_server(tmp_path, models_dir=models_dir, name="first")
+    first = UvicornServer(cwd=tmp_path, env=server_env(tmp_path, models_dir), name="first").start()
     try:
+        first.wait_ready()
         with httpx.Client(base_url=first.base_url, timeout=120) as client:
             files = [("images", (f"ok_{i}.png", disc_png(seed=i), "image/png")) for i in range(10)]
             assert client.post("/fit_ok", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": str(MM)},
@@ -70,17 +71,16 @@ def test_sigkill_mid_fit_leaves_the_previous_model_serving(tmp_path: Path) -> No
                 assert time.monotonic() < deadline, "the big fit never started"
                 time.sleep(0.05)
             time.sleep(0.5)  # into the encode loop (200 images take far longer)
-            os.killpg(first.proc.pid, signal.SIGKILL)
+            os.killpg(first.pid, signal.SIGKILL)
             first.proc.wait(timeout=30)
             thread.join(timeout=60)
         assert "error" in outcome, outcome  # it never answered: killed mid-fit
     finally:
-        if first.proc.poll() is None:
-            os.killpg(first.proc.pid, signal.SIGKILL)
+        first.stop()
 
     assert _model_files(models_dir) == saved  # nothing new, nothing torn: the old files, byte for byte
     env = server_env(tmp_path, models_dir, BDI_ORPHAN_TMP_AGE_S="0")  # restart: clear any temp file now
-    with running_server(tmp_path, models_dir=models_dir, env=env, name="second") as second:
+    with UvicornServer(cwd=tmp_path, env=env, name="second") as second:
         with httpx.Client(base_url=second.base_url, timeout=120) as client:
             after = _infer(client, probe)
             assert after.status_code == 200, after.text

@@ -8,100 +8,37 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import TINY_ENV
+from tests.helpers.servers import UvicornServer, server_env
 from tests.helpers.synthetic import disc_png
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 ROLE, ROI = "Inspection", "inspection-1"
 MM = 0.2
 ANNULUS = {"kind": "annulus", "cx": 48, "cy": 48, "r": 44, "r_inner": 12}
-STARTUP_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    log_file: Path
-    output: Path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()  # uvicorn's parent stops its workers on SIGTERM
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own session only (start_new_session=True)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
     tmp = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BDI_", "BRAKEDISC_"))}
-    env.update(TINY_ENV)
-    env.update(
-        BDI_MODELS_DIR=str(tmp / "models"),
-        BDI_GUI_LOG_DIR=str(tmp / "logs"),
-        BDI_WEIGHTS_CACHE_DIR=str(tmp / "weights"),
-        BDI_REQUIRE_CUDA="0",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-    )
-    output = tmp / "uvicorn.out"
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", "2",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{output.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not answer /health in time:\n{output.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield Server(base_url=base_url, log_file=tmp / "logs" / "backend_diagnostics.jsonl", output=output)
-    finally:
-        _stop(proc)
+    env = server_env(tmp)
+    env.pop("OMP_NUM_THREADS")  # torch picks its thread count, as a plant's two workers would
+    with UvicornServer(cwd=tmp, env=env, workers=2) as started:
+        yield started
 
 
-def gui_client(server: Server, *, recipe: str = "DefaultLayout") -> httpx.Client:
+def gui_client(server: UvicornServer, *, recipe: str = "DefaultLayout") -> httpx.Client:
     """Like BackendClient: a new X-Request-Id per call and the layout name as X-Recipe-Id.
 
     Keep-alive is off so successive calls are spread over both worker processes.
@@ -120,7 +57,7 @@ def gui_client(server: Server, *, recipe: str = "DefaultLayout") -> httpx.Client
     )
 
 
-def served_by(server: Server, request_id: str) -> int:
+def served_by(server: UvicornServer, request_id: str) -> int:
     """The pid of the worker that logged the ``http`` event of ``request_id``."""
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
@@ -133,7 +70,7 @@ def served_by(server: Server, request_id: str) -> int:
     raise AssertionError(f"no http event logged for {request_id}")
 
 
-def get_from_another_worker(server: Server, path: str, params: dict[str, str], avoid_pid: int) -> Any:
+def get_from_another_worker(server: UvicornServer, path: str, params: dict[str, str], avoid_pid: int) -> Any:
     """The JSON body of ``GET path`` as answered by a worker other than ``avoid_pid``.
 
     The kernel decides which worker accepts a connection, and one idle worker can win every accept of
@@ -191,7 +128,7 @@ def assert_gui_infer_types(body: dict[str, Any]) -> None:
         base64.b64decode(body["heatmap_png_base64"], validate=True)
 
 
-def test_gui_workflow_across_two_workers(server: Server) -> None:
+def test_gui_workflow_across_two_workers(server: UvicornServer) -> None:
     ok_images = {f"sample_ok_{i}.png": disc_png(seed=i) for i in range(10)}
     ng_images = {f"sample_ng_{i}.png": disc_png(seed=100 + i, defect="scratch") for i in range(2)}
     ids = {"role_id": ROLE, "roi_id": ROI}
@@ -259,7 +196,7 @@ def test_gui_workflow_across_two_workers(server: Server) -> None:
         assert ng_name in body["datasets"]["classes"]["ng"]["files"]
 
 
-def test_health_answers_while_a_fit_is_running(server: Server) -> None:
+def test_health_answers_while_a_fit_is_running(server: UvicornServer) -> None:
     images = [("images", (f"{i}.png", disc_png(seed=300 + i), "image/png")) for i in range(200)]
     outcome: dict[str, Any] = {}
 

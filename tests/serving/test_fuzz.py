@@ -28,8 +28,8 @@ from schemathesis.specs.openapi.checks import (
 from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.synthetic import disc_png
+from tests.helpers.tiny import tiny_settings
 
 pytestmark = pytest.mark.slow
 

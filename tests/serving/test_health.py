@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from bdi.patchcore.features import FeatureExtractor
 from bdi.runtime.select import ensure_export
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.exports import perturb_export
 from tests.helpers.synthetic import disc_png
+from tests.helpers.tiny import tiny_settings
 
 from .conftest import ROI, ROLE, calibrate_ng, fit_from_dataset, infer, upload
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers.servers import ServerProcess, running_server, server_env
+from tests.helpers.servers import UvicornServer, server_env
 from tests.helpers.synthetic import disc_png
 
 from .conftest import MM, ROI, ROLE, ClientFactory, fit_from_dataset, upload
@@ -110,10 +110,10 @@ CAP = 1 << 20  # 1 MiB
 
 
 @pytest.fixture(scope="module")
-def capped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def capped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
     tmp = tmp_path_factory.mktemp("capped")
     env = server_env(tmp, tmp / "models", BDI_MAX_REQUEST_BYTES=str(CAP))
-    with running_server(tmp, models_dir=tmp / "models", env=env) as server:
+    with UvicornServer(cwd=tmp, env=env) as server:
         yield server
 
 
@@ -128,7 +128,7 @@ def _read_response(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.slow
-def test_real_server_refuses_a_declared_oversize_body_before_it_is_sent(capped_server: ServerProcess) -> None:
+def test_real_server_refuses_a_declared_oversize_body_before_it_is_sent(capped_server: UvicornServer) -> None:
     """Only the headers go out (Content-Length: 10 GB): the 413 comes back without waiting for a byte."""
     with socket.create_connection(("127.0.0.1", capped_server.port), timeout=10) as sock:
         sock.sendall(b"POST /datasets/ok/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -139,7 +139,7 @@ def test_real_server_refuses_a_declared_oversize_body_before_it_is_sent(capped_s
 
 
 @pytest.mark.slow
-def test_real_server_stops_reading_a_chunked_body_at_the_cap(capped_server: ServerProcess) -> None:
+def test_real_server_stops_reading_a_chunked_body_at_the_cap(capped_server: UvicornServer) -> None:
     """A chunked upload of up to 64 MiB: the server stops reading at the cap and answers 413."""
     chunk = b"x" * 65536
     sent = 0

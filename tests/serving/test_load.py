@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.servers import ServerProcess, running_server, server_env
+from tests.helpers.servers import UvicornServer, server_env
 from tests.helpers.synthetic import disc_png
 
 pytestmark = pytest.mark.slow
@@ -56,14 +56,14 @@ class LoadState:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
     tmp = tmp_path_factory.mktemp("load")
     env = server_env(tmp, tmp / "models", BDI_FIT_LOCK_TIMEOUT_S="60")
-    with running_server(tmp, models_dir=tmp / "models", workers=2, env=env) as started:
+    with UvicornServer(cwd=tmp, workers=2, env=env) as started:
         yield started
 
 
-def _client(server: ServerProcess) -> httpx.Client:
+def _client(server: UvicornServer) -> httpx.Client:
     # no keep-alive: successive calls are spread over both workers
     return httpx.Client(base_url=server.base_url, timeout=60, headers={"Connection": "close"},
                         limits=httpx.Limits(max_keepalive_connections=0))
@@ -114,7 +114,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def test_mixed_load_with_a_concurrent_refit(server: ServerProcess) -> None:
+def test_mixed_load_with_a_concurrent_refit(server: UvicornServer) -> None:
     probe = disc_png(seed=4242)
     with _client(server) as client:
         fit_files = [("images", (f"ok{i}.png", disc_png(seed=i), "image/png")) for i in range(10)]

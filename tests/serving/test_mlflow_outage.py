@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.stall import stalling_server
+from tests.helpers.tiny import tiny_settings
 
 from .conftest import MM, ROI, ROLE, upload
 

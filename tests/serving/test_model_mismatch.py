@@ -13,8 +13,8 @@ from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.synthetic import disc_png
+from tests.helpers.tiny import tiny_settings
 from tests.serving.conftest import MM, ROI, ROLE
 
 REF = ModelRef.create(recipe_id="default", role_id=ROLE, roi_id=ROI, model_key=None)

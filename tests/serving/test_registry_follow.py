@@ -21,9 +21,9 @@ from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.storage.store import ModelStore
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.registry import LINEAGE_TAGS, fit_and_export, register
 from tests.helpers.synthetic import png_bytes
+from tests.helpers.tiny import tiny_settings
 from tests.serving.conftest import ROI, ROLE, calibrate_ng, fit_from_dataset, infer, upload
 
 REF = ModelRef.create(recipe_id="default", role_id=ROLE, roi_id=ROI, model_key=None)
@@ -153,13 +153,11 @@ def test_a_fresh_server_process_syncs_at_start_up_alongside_its_mlflow_start_up_
 ) -> None:
     """In a new process the follower and the start-up check are two threads reaching MLflow at once: its
     first import must not race (a deadlock there left a half-imported mlflow and every sync failing)."""
-    from tests.conftest import TINY_ENV
-    from tests.helpers.servers import BdiServer
+    from tests.helpers.servers import UvicornServer, server_env
 
-    env = {**TINY_ENV, "BDI_MODELS_DIR": str(tmp_path / "served"), "BDI_GUI_LOG_DIR": str(tmp_path / "logs"),
-           "BDI_WEIGHTS_CACHE_DIR": str(tmp_path / "weights-cache"),
-           "BDI_MLFLOW_TRACKING_URI": registered[1].tracking_uri, "BDI_REGISTRY_SYNC_ON_START": "1"}
-    with BdiServer(scratch=tmp_path / "server", env=env) as server:
-        registry = httpx.get(f"{server.url}/health", timeout=30).json()["registry"]
+    env = server_env(tmp_path, tmp_path / "served", BDI_MLFLOW_TRACKING_URI=registered[1].tracking_uri,
+                     BDI_REGISTRY_SYNC_ON_START="1")
+    with UvicornServer(cwd=tmp_path / "server", env=env) as server:
+        registry = httpx.get(f"{server.base_url}/health", timeout=30).json()["registry"]
     assert registry["reachable"] is True and registry["error"] is None, registry
     assert [(m["name"], m["version"]) for m in registry["synced"]] == [(registered[0], 1)]

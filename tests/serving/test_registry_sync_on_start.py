@@ -13,8 +13,8 @@ from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.storage.store import ModelStore
 from serving.app import create_app
-from tests.conftest import tiny_settings
 from tests.helpers.synthetic import png_bytes
+from tests.helpers.tiny import tiny_settings
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 

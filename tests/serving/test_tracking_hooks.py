@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from serving.app import create_app
-from tests.conftest import tiny_settings
+from tests.helpers.tiny import tiny_settings
 from tests.serving.conftest import MM, ROI, ROLE, upload
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from bdi.cli import main
 from bdi.data.mvtec import read_mvtec
+from tests.helpers.tiny import TINY_ENV
 
 
 def test_demo_data_writes_a_readable_mvtec_dataset(tmp_path: Path) -> None:
@@ -32,9 +33,7 @@ def test_export_writes_the_checked_export_where_servers_look(
 ) -> None:
     from bdi.runtime.export import load_export
 
-    for name, value in {"BDI_WEIGHTS": "random", "BDI_INPUT_SIZE": "56", "BDI_FEATURE_BLOCKS": "1,2,3",
-                        "BDI_BACKBONE_DEPTH": "4", "BDI_DEVICE": "cpu",
-                        "BDI_WEIGHTS_CACHE_DIR": str(tmp_path / "cache")}.items():
+    for name, value in {**TINY_ENV, "BDI_INPUT_SIZE": "56", "BDI_WEIGHTS_CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(name, value)
     assert main(["export", "--runtime", "onnxruntime"]) == 0
     out = capsys.readouterr().out

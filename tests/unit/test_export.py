@@ -28,8 +28,9 @@ from bdi.runtime.parity import ParityTolerance, check_parity, golden_reference
 from bdi.runtime.runners import RUNTIMES, RuntimeOptions, open_runtime
 from bdi.runtime.select import attach_runtime, ensure_export, export_checked
 from tests.helpers.exports import perturb_export
+from tests.helpers.tiny import tiny_feature_config
 
-TINY = FeatureConfig(weights="random", seed=0, input_size=56, depth=4, blocks=(1, 2, 3), device="cpu")
+TINY = tiny_feature_config(input_size=56)  # the tiny model at its smallest input
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError, WeightsError
 from bdi.patchcore.features import FeatureBatch, FeatureExtractor, create_backbone
 from bdi.patchcore.weights import WeightsInfo, resolve_weights
+from tests.helpers.tiny import tiny_feature_config
 
-TINY = FeatureConfig(weights="random", seed=0, input_size=56, depth=4, blocks=(1, 2, 3), device="cpu")
+TINY = tiny_feature_config(input_size=56)  # the tiny model at its smallest input
 
 
 def _image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.storage.store import ModelStore
-from tests.conftest import tiny_settings
+from tests.helpers.tiny import tiny_settings
 
 pytestmark = pytest.mark.slow  # each test spawns a fresh interpreter that builds its own ViT
 

@@ -199,7 +199,7 @@ def test_sync_copies_the_export_a_version_carries_into_the_export_cache(
 def test_a_version_without_an_export_syncs_and_serves(
     project_root: Path, model_dir: Path, tmp_path: Path, good_discs: list[np.ndarray]
 ) -> None:
-    from tests.conftest import tiny_settings
+    from tests.helpers.tiny import tiny_settings
 
     cfg = _cfg("noexport")
     _register(cfg, project_root, model_dir, auroc=0.9)

@@ -22,9 +22,9 @@ from bdi.service import InspectionService
 from bdi.storage import model_lock
 from bdi.storage.lineage import read_lineage
 from bdi.storage.store import ModelStore
-from tests.conftest import tiny_settings
 from tests.helpers.registry import LINEAGE_TAGS, fit_and_export, register
 from tests.helpers.synthetic import png_bytes
+from tests.helpers.tiny import tiny_settings
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 

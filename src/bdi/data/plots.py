@@ -17,7 +17,10 @@ from bdi.errors import InvalidInputError
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: install the 'plots' extra (pip install 'bdi[plots]')") from exc
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

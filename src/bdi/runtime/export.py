@@ -168,12 +168,17 @@ def write_onnx(extractor: FeatureExtractor, path: Path) -> None:
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
     except Exception as exc:  # noqa: BLE001 - exporter failures come as many types (onnx missing, unsupported op)
-        raise ExportError(f"ONNX export of {extractor.config.backbone} failed: {type(exc).__name__}: {exc}") from exc
+        hint = " (install the 'runtime' extra: pip install 'bdi[runtime]')" if isinstance(exc, ImportError) else ""
+        raise ExportError(f"ONNX export of {extractor.config.backbone} failed: {type(exc).__name__}: {exc}"
+                          f"{hint}") from exc
 
 
 def write_openvino(onnx_path: Path, xml_path: Path) -> str:
     """Convert the ONNX file to OpenVINO IR (weights kept in fp32); returns the OpenVINO version."""
-    import openvino as ov
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ImportError("openvino is missing: install the 'runtime' extra (pip install 'bdi[runtime]')") from exc
 
     try:  # the ONNX frontend directly: same graph as ov.convert_model, without its seconds of tool loading
         model = ov.Core().read_model(str(onnx_path))

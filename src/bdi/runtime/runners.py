@@ -51,7 +51,10 @@ class OnnxRuntimeRunner:
     """An ONNX Runtime session over ``features.onnx``."""
 
     def __init__(self, onnx_path: Path, *, options: RuntimeOptions) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("onnxruntime is missing: pip install 'bdi[runtime]' (the 'runtime' extra)") from exc
 
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = max(1, options.threads)
@@ -99,7 +102,10 @@ class OpenVinoRunner:
     """An OpenVINO model compiled for the CPU (one infer request; callers serialise ``run``)."""
 
     def __init__(self, model_path: Path, *, options: RuntimeOptions) -> None:
-        import openvino as ov
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise ImportError("openvino is missing: install the 'runtime' extra (pip install 'bdi[runtime]')") from exc
 
         core = ov.Core()
         capabilities = set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
