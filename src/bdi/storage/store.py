@@ -318,8 +318,7 @@ class ModelStore:
         extra = {
             "fingerprint": memory.fingerprint,
             "index_sha256": index_sha,
-            "model_ref": {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
-                          "model_key": ref.model_key},
+            "model_ref": ref.to_dict(),
         }
         atomic_write_bytes(paths.memory, encode_memory_npz(memory, extra=extra))
         return paths
