@@ -7,13 +7,14 @@ Calls ``InspectionService.fit_images`` (the code path of ``/fit_ok``) into a fre
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from bdi.service import FitResult
 from bdi.storage.fsio import staged_dir
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
@@ -34,15 +35,20 @@ STAGE = "fit_ok"
 SUMMARY_FILE = "fit_summary.json"  # next to recipes/ in paths.fit_dir; the ModelStore ignores it
 
 
+# the FitResult fields fit_summary.json records for each target, in its key order
+SUMMARY_FIELDS = ("n_images", "n_embeddings", "coreset_size", "coreset_rate_applied", "fingerprint", "timings_ms")
+
+
 @dataclass(frozen=True)
 class FitOutcome:
+    """One target's fit: its key and what the service returned."""
+
     key: str
-    n_images: int
-    n_embeddings: int
-    coreset_size: int
-    coreset_rate_applied: float
-    fingerprint: str
-    timings_ms: dict[str, float]
+    result: FitResult
+
+    def summary(self) -> dict[str, Any]:
+        """The target's entry in fit_summary.json."""
+        return {"key": self.key, **{name: getattr(self.result, name) for name in SUMMARY_FIELDS}}
 
 
 def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None) -> list[FitOutcome]:
@@ -58,14 +64,10 @@ def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any
             images = [load_image(ctx.project_root, row) for row in rows]
             result = service.fit_images(ref=target.ref, mm_per_px=recipe_mm_per_px(manifest, target), images=images,
                                         progress=progress)
-            outcomes.append(FitOutcome(
-                key=target.key, n_images=result.n_images, n_embeddings=result.n_embeddings,
-                coreset_size=result.coreset_size, coreset_rate_applied=result.coreset_rate_applied,
-                fingerprint=result.fingerprint, timings_ms=dict(result.timings_ms),
-            ))
+            outcomes.append(FitOutcome(key=target.key, result=result))
             log.info("fit %s: %d images, %d patches -> coreset %d", target.key, result.n_images,
                      result.n_embeddings, result.coreset_size)
-        write_json(staged / SUMMARY_FILE, {"models": [asdict(o) for o in outcomes],
+        write_json(staged / SUMMARY_FILE, {"models": [o.summary() for o in outcomes],
                                            "features": service.extractor.describe()})
     return outcomes
 
@@ -74,11 +76,12 @@ def execute(ctx: StageContext) -> list[FitOutcome]:
     with stage_run_with_progress(ctx, run_fit_ok) as (run, outcomes):
         for outcome in outcomes:
             prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
-            run.log_metrics({f"{prefix}n_images": outcome.n_images, f"{prefix}n_embeddings": outcome.n_embeddings,
-                             f"{prefix}coreset_size": outcome.coreset_size,
-                             f"{prefix}coreset_rate_applied": outcome.coreset_rate_applied,
-                             **{f"{prefix}timings_ms.{k}": v for k, v in outcome.timings_ms.items()}})
-        run.set_tags({"memory_fingerprints": ",".join(o.fingerprint for o in outcomes)})
+            result = outcome.result
+            run.log_metrics({f"{prefix}n_images": result.n_images, f"{prefix}n_embeddings": result.n_embeddings,
+                             f"{prefix}coreset_size": result.coreset_size,
+                             f"{prefix}coreset_rate_applied": result.coreset_rate_applied,
+                             **{f"{prefix}timings_ms.{k}": v for k, v in result.timings_ms.items()}})
+        run.set_tags({"memory_fingerprints": ",".join(o.result.fingerprint for o in outcomes)})
         run.log_artifact(Path(ctx.path(ctx.cfg.paths.fit_dir)) / SUMMARY_FILE, "fit")
     return outcomes
 

@@ -151,9 +151,9 @@ class FitResponse(BaseModel):
 
     @classmethod
     def of(cls, result: FitResult, *, ids: Mapping[str, str]) -> FitResponse:
-        return cls(n_embeddings=result.n_embeddings, coreset_size=result.coreset_size, token_shape=result.token_shape,
-                   coreset_rate_requested=result.coreset_rate_requested,
-                   coreset_rate_applied=result.coreset_rate_applied, **ids)
+        """The response's fields of ``result`` (the library's one form of a fit) and the ids."""
+        return cls.model_validate({**{name: getattr(result, name) for name in cls.model_fields if name not in ids},
+                                   **ids})
 
 
 class RegionBody(BaseModel):

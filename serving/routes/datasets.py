@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from bdi.logging import slog
-from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
 from serving.schemas import ClearResponse, DatasetListResponse, DeleteResponse, SampleMetaResponse, UploadResponse
@@ -28,7 +28,6 @@ def _add_upload_route(label: str) -> None:
     def upload(
         ctx: RequestCtx,
         service: ServiceDep,
-        settings: SettingsDep,
         role_id: Annotated[str, Form()],
         roi_id: Annotated[str, Form()],
         images: Annotated[list[UploadFile], File()],
@@ -36,9 +35,8 @@ def _add_upload_route(label: str) -> None:
     ) -> dict[str, Any]:
         ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
         slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
-        files = read_uploads(images, max_bytes=settings.max_upload_bytes,
-                             max_files=settings.max_files_per_request)
-        saved = service.upload_samples(ref=ref, label=label, files=files, metas=metas)
+        files = read_uploads(images, limits=service.limits)
+        saved = service.samples.upload(ref=ref, label=label, files=files, metas=metas)
         slog("datasets.upload.response", label=label, saved=saved)
         return {"status": "ok", "saved": saved, **ctx.ids()}
 
@@ -54,7 +52,7 @@ for _label in ("ok", "ng"):
 @router.get("/list", response_model=DatasetListResponse)
 def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ) -> dict[str, Any]:
     """Stored images per class (a class key only when its folder exists) and sidecar presence."""
-    listing = service.dataset_listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
+    listing = service.samples.listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
     slog("datasets.list.response",
          class_counts={label: cls["count"] for label, cls in listing["classes"].items()})
     return {**listing, **ctx.ids()}
@@ -72,7 +70,7 @@ def download_sample(
 ) -> Response:
     """The raw image bytes (only the basename of ``filename`` is used)."""
     ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
-    name, data = service.dataset_file(ref=ref, label=label, filename=filename)
+    name, data = service.samples.read(ref=ref, label=label, filename=filename)
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     quoted = quote(name)
     disposition = (f'attachment; filename="{name}"' if quoted == name
@@ -85,7 +83,7 @@ def sample_meta(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
     """The sidecar object; request_id/recipe_id are added only when the sidecar lacks them."""
-    meta = service.dataset_meta(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
+    meta = service.samples.meta(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
                                 filename=filename)
     return {**ctx.ids(), **meta}
 
@@ -95,7 +93,7 @@ def delete_sample(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
     """Delete one image and its sidecar; ``deleted`` says whether the image existed."""
-    deleted = service.delete_sample(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
+    deleted = service.samples.delete(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
                                     filename=filename)
     slog("datasets.delete", label=label, filename=filename, deleted=deleted)
     return {"deleted": deleted, "filename": filename, **ctx.ids()}
@@ -106,6 +104,6 @@ def clear_samples(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
 ) -> dict[str, Any]:
     """Delete every file of one class (images and sidecars); ``cleared`` counts them all."""
-    cleared = service.clear_samples(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
+    cleared = service.samples.clear(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
     slog("datasets.clear", label=label, cleared=cleared)
     return {"cleared": cleared, "label": label, **ctx.ids()}

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from bdi.logging import slog
-from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
 from serving.schemas import FitResponse
@@ -20,7 +20,6 @@ router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
 def fit_ok(
     ctx: RequestCtx,
     service: ServiceDep,
-    settings: SettingsDep,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
     mm_per_px: Annotated[float, Form()],
@@ -32,9 +31,7 @@ def fit_ok(
     """Fit from repeated ``images`` parts, or from the stored ``ok`` samples with use_dataset=true."""
     started = time.perf_counter()
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
-    files = [] if use_dataset else read_uploads(
-        images, max_bytes=settings.max_upload_bytes, max_files=settings.max_files_per_request
-    )
+    files = [] if use_dataset else read_uploads(images, limits=service.limits)
     slog("fit_ok.request", n_files=len(images or ()), memory_fit=memory_fit, use_dataset=use_dataset,
          mm_per_px=mm_per_px, model_key_raw=model_key, model_key=ref.model_key)
     result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, File, Form, UploadFile
 
 from bdi.logging import slog
 from bdi.service import LABELS
-from serving.deps import RequestCtx, ServiceDep, SettingsDep
+from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_upload
 from serving.schemas import InferDatasetItem, InferDatasetRequest, InferDatasetResponse, InferResponse
@@ -20,7 +20,6 @@ router = APIRouter(tags=["inference"])
 def infer(
     ctx: RequestCtx,
     service: ServiceDep,
-    settings: SettingsDep,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
     mm_per_px: Annotated[float, Form()],
@@ -31,7 +30,7 @@ def infer(
 ) -> InferResponse:
     """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
-    _, data = read_upload(image, max_bytes=settings.max_upload_bytes)
+    _, data = read_upload(image, limits=service.limits)
     slog("infer.request", image_bytes_len=len(data), mm_per_px=mm_per_px, shape_present=bool(shape),
          include_heatmap=include_heatmap, model_key=ref.model_key)
     outcome = service.infer(ref=ref, mm_per_px=mm_per_px, image=data, shape=shape,

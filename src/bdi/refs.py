@@ -177,6 +177,16 @@ class ModelRef:
             model_key=model_key if model_key else roi_id,
         )
 
+    def to_dict(self) -> dict[str, str]:
+        """``{"recipe_id", "role_id", "roi_id", "model_key"}``: the one JSON form of a model's ids (the npz's
+        ``model_ref``, a ``/calibrate_dataset`` calibration, MLflow tags and registry descriptions)."""
+        return {"recipe_id": self.recipe_id, "role_id": self.role_id, "roi_id": self.roi_id,
+                "model_key": self.model_key}
+
+    def dataset_ref(self) -> DatasetRef:
+        """The dataset this model is fitted and calibrated from (same recipe, role and roi)."""
+        return DatasetRef(recipe_id=self.recipe_id, role_id=self.role_id, roi_id=self.roi_id)
+
     @property
     def model_key_fs(self) -> str:
         return sanitize_model_key(self.model_key, roi_id=self.roi_id)

@@ -6,7 +6,8 @@ import pytest
 
 from bdi.config import ScoringConfig
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
-from bdi.patchcore.calibration import Calibration, ModelIds, choose_threshold, usable_calibration, usable_threshold
+from bdi.patchcore.calibration import Calibration, choose_threshold, usable_calibration, usable_threshold
+from bdi.refs import ModelRef
 
 OK = [10, 11, 13]
 
@@ -101,7 +102,7 @@ def test_calibration_from_client_scores_writes_the_calibrate_ng_keys_and_reads_b
 
 
 def test_calibration_from_the_dataset_writes_the_ids_and_no_statistics() -> None:
-    ids = ModelIds(recipe_id="r", role_id="a", roi_id="b", model_key="k")
+    ids = ModelRef(recipe_id="r", role_id="a", roi_id="b", model_key="k")
     calib = Calibration.from_choice(choose_threshold(OK, [22]), area_mm2_thr=1.0, memory_fingerprint="m",
                                     created_at_utc="t", ids=ids)
     body = calib.to_dict()

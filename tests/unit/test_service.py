@@ -116,8 +116,8 @@ def test_infer_rejects_undecodable_image_before_model_lookup(service: Inspection
 
 
 def test_fit_from_dataset_needs_min_ok_samples(service: InspectionService, good_discs: list[np.ndarray]) -> None:
-    dataset = service._dataset_ref(REF)
-    service.upload_samples(ref=dataset, label="ok", files=[(f"{i}.png", png_bytes(d)) for i, d in
+    dataset = REF.dataset_ref()
+    service.samples.upload(ref=dataset, label="ok", files=[(f"{i}.png", png_bytes(d)) for i, d in
                                                           enumerate(good_discs[:9])])
     with pytest.raises(InsufficientSamplesError, match="Insufficient OK samples: need at least 10, found 9"):
         service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
@@ -126,25 +126,25 @@ def test_fit_from_dataset_needs_min_ok_samples(service: InspectionService, good_
 def test_upload_is_all_or_nothing_when_one_file_is_not_an_image(
     service: InspectionService, good_discs: list[np.ndarray]
 ) -> None:
-    dataset = service._dataset_ref(REF)
+    dataset = REF.dataset_ref()
     with pytest.raises(ImageDecodeError):
-        service.upload_samples(ref=dataset, label="ok", files=[("a.png", png_bytes(good_discs[0])),
+        service.samples.upload(ref=dataset, label="ok", files=[("a.png", png_bytes(good_discs[0])),
                                                                ("b.png", b"not an image")])
     assert service.datasets.samples(dataset, "ok") == []
 
 
 def test_upload_rejects_metas_length_mismatch(service: InspectionService, good_discs: list[np.ndarray]) -> None:
     with pytest.raises(InvalidInputError, match="metas length must match images length"):
-        service.upload_samples(ref=service._dataset_ref(REF), label="ok",
+        service.samples.upload(ref=REF.dataset_ref(), label="ok",
                                files=[("a.png", png_bytes(good_discs[0]))] * 2, metas=["{}"])
 
 
 def test_calibrate_dataset_scores_stored_samples(
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
 ) -> None:
-    dataset = service._dataset_ref(REF)
-    service.upload_samples(ref=dataset, label="ok", files=[(None, png_bytes(d)) for d in good_discs[:10]])
-    service.upload_samples(ref=dataset, label="ng", files=[(None, png_bytes(d)) for d in defect_discs])
+    dataset = REF.dataset_ref()
+    service.samples.upload(ref=dataset, label="ok", files=[(None, png_bytes(d)) for d in good_discs[:10]])
+    service.samples.upload(ref=dataset, label="ng", files=[(None, png_bytes(d)) for d in defect_discs])
     service.fit_ok(ref=REF, mm_per_px=0.2, use_dataset=True)
     calib = service.calibrate_dataset(ref=REF, default_mm_per_px=0.2)
     assert (calib.n_ok, calib.n_ng) == (10, 3)

@@ -23,11 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 _LOG = logging.getLogger(__name__)
 
 
-def _ref_params(ref: ModelRef) -> dict[str, str]:
-    return {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
-            "model_key": ref.model_key}
-
-
 class ApiRunLogger:
     """InspectionService hooks that log fits and calibrations made through the API as MLflow runs.
 
@@ -148,11 +143,11 @@ class ApiRunLogger:
              role_id=ref.role_id, roi_id=ref.roi_id, model_key=ref.model_key)
 
     def _log_fit(self, ref: ModelRef, result: FitResult, metadata: Mapping[str, Any], fingerprint: str) -> None:
-        tags = {"source": "api", "kind": "fit", **_ref_params(ref), "memory_fingerprint": fingerprint,
+        tags = {"source": "api", "kind": "fit", **ref.to_dict(), "memory_fingerprint": fingerprint,
                 **weights_identity(metadata)}
         with tracked_run(self.cfg, project_root=self.project_root,
                          run_name=f"api-fit-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
-            run.log_params({"ref": _ref_params(ref), **metadata})
+            run.log_params({"ref": ref.to_dict(), **metadata})
             run.log_metrics({
                 "n_embeddings": result.n_embeddings,
                 "coreset_size": result.coreset_size,
@@ -169,9 +164,9 @@ class ApiRunLogger:
 
     def _log_calibration(self, ref: ModelRef, calib: Calibration) -> None:
         body = calib.to_dict()
-        tags = {"source": "api", "kind": "calibrate", **_ref_params(ref),
+        tags = {"source": "api", "kind": "calibrate", **ref.to_dict(),
                 "memory_fingerprint": calib.memory_fingerprint}
-        params: dict[str, Any] = {"ref": _ref_params(ref), **{k: body[k] for k in ("score_percentile", "area_mm2_thr",
+        params: dict[str, Any] = {"ref": ref.to_dict(), **{k: body[k] for k in ("score_percentile", "area_mm2_thr",
                                                                                    "mm_per_px") if k in body}}
         with tracked_run(self.cfg, project_root=self.project_root,
                          run_name=f"api-calibrate-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:

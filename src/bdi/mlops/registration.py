@@ -206,7 +206,7 @@ def register_model(
         name = registered_model_name(cfg.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
                                      roi_id=ref.roi_id)
         identity = {
-            "recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id, "model_key": ref.model_key,
+            **ref.to_dict(),
             "memory_fingerprint": memory.fingerprint, "weights_sha256": "", **weights_identity(memory.metadata),
         }
         metric_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in

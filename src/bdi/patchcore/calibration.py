@@ -11,7 +11,8 @@ import numpy as np
 
 from bdi.backbones import CONTRACT_SCORE_PERCENTILE
 from bdi.config import CalibrationConfig, ScoringConfig
-from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError
+from bdi.errors import BDIError, CalibrationMissingError, InsufficientSamplesError, InvalidInputError
+from bdi.refs import ModelRef
 
 NO_OK_SCORE_MESSAGE = "Se requiere al menos 1 score OK para calibrar (at least 1 finite OK score is required)"
 
@@ -138,6 +139,18 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _model_ref(data: Mapping[str, Any]) -> ModelRef | None:
+    """The model ids a calibration records (``ModelRef.to_dict`` keys); None when absent or not valid ids."""
+    recipe_id, role_id, roi_id, model_key = (
+        _text(data.get(key)) for key in ("recipe_id", "role_id", "roi_id", "model_key"))
+    if recipe_id is None or role_id is None or roi_id is None or model_key is None:
+        return None
+    try:
+        return ModelRef(recipe_id=recipe_id, role_id=role_id, roi_id=roi_id, model_key=model_key)
+    except BDIError:
+        return None
+
+
 @dataclass(frozen=True)
 class ScoreStatistics:
     """The OK/NG score statistics ``/calibrate_ng`` stores: ``p99_ok`` is the OK
@@ -151,16 +164,6 @@ class ScoreStatistics:
     @classmethod
     def of(cls, choice: ThresholdChoice) -> ScoreStatistics:
         return cls(ok_mean=choice.ok_mean, ng_mean=choice.ng_mean, p99_ok=choice.p99_ok, p5_ng=choice.p5_ng)
-
-
-@dataclass(frozen=True)
-class ModelIds:
-    """The ids of the model a ``/calibrate_dataset`` calibration belongs to (stored with it)."""
-
-    recipe_id: str
-    role_id: str
-    roi_id: str
-    model_key: str
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class Calibration:
     escape_rate: float | None = None  # share of NG scores < threshold, in [0, 1]; None without NG
     mm_per_px: float | None = None
     statistics: ScoreStatistics | None = None
-    ids: ModelIds | None = None
+    ids: ModelRef | None = None  # the model a /calibrate_dataset calibration belongs to (stored with it)
 
     @classmethod
     def from_choice(
@@ -196,7 +199,7 @@ class Calibration:
         created_at_utc: str,
         mm_per_px: float | None = None,
         statistics: bool = False,
-        ids: ModelIds | None = None,
+        ids: ModelRef | None = None,
     ) -> Calibration:
         """The calibration of a threshold choice (``statistics``: store its OK/NG statistics too)."""
         return cls(
@@ -221,7 +224,6 @@ class Calibration:
             percentile = CONTRACT_SCORE_PERCENTILE if defaults.score_percentile is None else defaults.score_percentile
         area = _number(data.get("area_mm2_thr"))
         has_statistics = all(key in data for key in ("ok_mean", "ng_mean", "p99_ok", "p5_ng"))
-        ids = [_text(data.get(key)) for key in ("recipe_id", "role_id", "roi_id", "model_key")]
         n_ok, n_ng = _number(data.get("n_ok")), _number(data.get("n_ng"))
         return cls(
             threshold=threshold,
@@ -238,7 +240,7 @@ class Calibration:
                 ok_mean=_number(data["ok_mean"]) or 0.0, ng_mean=_number(data["ng_mean"]) or 0.0,
                 p99_ok=_number(data["p99_ok"]), p5_ng=_number(data["p5_ng"]),
             ) if has_statistics else None,
-            ids=ModelIds(*ids) if all(isinstance(v, str) for v in ids) else None,  # type: ignore[arg-type]
+            ids=_model_ref(data),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,7 +252,7 @@ class Calibration:
             body["mm_per_px"] = self.mm_per_px
         body.update(area_mm2_thr=self.area_mm2_thr, score_percentile=self.score_percentile)
         if self.ids is not None:
-            body.update(asdict(self.ids))
+            body.update(self.ids.to_dict())
         body.update(created_at_utc=self.created_at_utc, memory_fingerprint=self.memory_fingerprint,
                     n_ok=self.n_ok, n_ng=self.n_ng, false_reject_rate=self.false_reject_rate,
                     escape_rate=self.escape_rate)

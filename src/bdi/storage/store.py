@@ -1,5 +1,5 @@
-"""ModelStore: refs → paths, artefact writes, fallback reads, the per-recipe mm_per_px lock, and the
-npz codec of a memory.
+"""ModelStore: refs → paths, artefact writes, fallback reads, and the per-recipe mm_per_px lock (kept by
+:mod:`bdi.storage.recipes`); a memory's npz codec is :mod:`bdi.storage.npz`.
 
 Layout (docs/contract.md "Files"), under ``root``::
 
@@ -23,30 +23,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import os
-import threading
 import time
-import zipfile
-import zlib
-from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
-import numpy as np
-
-from bdi.errors import (
-    BDIError,
-    FitInProgressError,
-    InvalidInputError,
-    InvalidScaleError,
-    ScaleMismatchError,
-    StorageError,
-)
+from bdi.errors import BDIError, FitInProgressError, InvalidInputError, StorageError
 from bdi.logging import slog
 from bdi.patchcore.imaging import validate_mm_per_px
 from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
@@ -60,30 +46,16 @@ from bdi.refs import (
     legacy_name,
     recipe_dir_candidates,
 )
-from bdi.storage.fsio import (
-    FileIdentity,
-    atomic_write_bytes,
-    atomic_write_json,
-    exclusive_lock,
-    json_default,
-    read_with_identity,
-    utc_now_iso,
-)
-
-RECIPE_META_FILE = "recipe_meta.json"
-RECIPE_LOCK_FILE = ".recipe_meta.lock"
-LOCK_TIMEOUT_S = 30.0
+from bdi.storage import recipes
+from bdi.storage.cache import LRUCache
+from bdi.storage.fsio import FileIdentity, atomic_write_bytes, atomic_write_json, exclusive_lock, read_with_identity
+from bdi.storage.npz import decode_memory_npz, encode_memory_npz, read_model_key
 
 ArtifactKind = Literal["memory", "index", "calib"]
 
 _SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
 _LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
-_STORE_KEYS = ("fingerprint", "index_sha256", "model_ref")  # metadata keys the store adds to the npz
 _TORN_RETRIES = 5
-# what numpy/zipfile raise on a damaged or foreign npz (never shown raw to callers)
-_NPZ_ERRORS = (
-    zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError, OSError, EOFError,
-)
 
 # ----------------------------------------------------------------------------------------- results
 
@@ -130,86 +102,6 @@ class StoredModel:
     calib_path: Path | None
 
 
-# ----------------------------------------------------------------------------------------- npz codec
-
-
-def encode_memory_npz(memory: Memory, *, extra: Mapping[str, Any]) -> bytes:
-    """The ``.npz`` bytes: emb (m, D) float32, token_h, token_w (int64), metadata (JSON string)."""
-    metadata = {k: v for k, v in memory.metadata.items() if k not in _STORE_KEYS}
-    metadata.update(extra)
-    try:
-        meta_json = json.dumps(metadata, ensure_ascii=False, default=json_default)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"memory metadata is not JSON-serialisable: {exc}") from exc
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        emb=np.ascontiguousarray(memory.embeddings, dtype=np.float32),
-        token_h=np.asarray(int(memory.token_shape[0]), dtype=np.int64),
-        token_w=np.asarray(int(memory.token_shape[1]), dtype=np.int64),
-        metadata=np.asarray(meta_json),
-    )
-    return buf.getvalue()
-
-
-def decode_memory_npz(data: bytes, *, path: Path) -> tuple[Memory, dict[str, Any]]:
-    """Parse npz bytes (pickle disabled) into a read-only :class:`Memory` and the store's own keys."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            emb = np.asarray(npz["emb"])
-            token_h = int(np.asarray(npz["token_h"]).reshape(-1)[0])
-            token_w = int(np.asarray(npz["token_w"]).reshape(-1)[0])
-            raw_meta = np.asarray(npz["metadata"]).reshape(-1)[0] if "metadata" in npz.files else "{}"
-        if isinstance(raw_meta, bytes):  # an npz written with a bytes (dtype S) metadata string
-            raw_meta = raw_meta.decode("utf-8")
-        metadata = json.loads(str(raw_meta)) if str(raw_meta).strip() else {}
-    except _NPZ_ERRORS as exc:
-        raise StorageError(f"corrupt memory file {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise StorageError(f"corrupt memory file {path}: metadata is not a JSON object")
-    if emb.ndim != 2 or emb.shape[0] == 0 or emb.dtype.kind != "f":
-        raise StorageError(f"corrupt memory file {path}: emb has shape {emb.shape} and dtype {emb.dtype}")
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    emb.flags.writeable = False  # shared through the cache
-    store_keys = {k: metadata.pop(k) for k in _STORE_KEYS if k in metadata}
-    memory = Memory(embeddings=emb, token_shape=(token_h, token_w), metadata=metadata)
-    expected = store_keys.get("fingerprint")
-    if isinstance(expected, str) and expected != memory.fingerprint:
-        raise StorageError(f"corrupt memory file {path}: content does not match its recorded fingerprint")
-    return memory, store_keys
-
-
-# ----------------------------------------------------------------------------------------- cache
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class _LRU(Generic[K, V]):
-    """A small thread-safe LRU; only for speed (keys carry file identities)."""
-
-    def __init__(self, max_entries: int) -> None:
-        self._max = max(0, int(max_entries))
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: K, value: V) -> None:
-        if self._max == 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self._max:
-                self._data.popitem(last=False)
-
-
 # ----------------------------------------------------------------------------------------- store
 
 
@@ -221,9 +113,9 @@ class ModelStore:
         model then holds the GPU copy); None keeps them on the CPU."""
         self.root = Path(root)
         self._gpu_device = faiss_gpu_device
-        self._memories: _LRU[FileIdentity, tuple[Memory, dict[str, Any]]] = _LRU(cache_max_entries)
-        self._models: _LRU[tuple[FileIdentity, FileIdentity | None], LoadedModel] = _LRU(cache_max_entries)
-        self._calibs: _LRU[FileIdentity, dict[str, Any]] = _LRU(cache_max_entries)
+        self._memories: LRUCache[FileIdentity, tuple[Memory, dict[str, Any]]] = LRUCache(cache_max_entries)
+        self._models: LRUCache[tuple[FileIdentity, FileIdentity | None], LoadedModel] = LRUCache(cache_max_entries)
+        self._calibs: LRUCache[FileIdentity, dict[str, Any]] = LRUCache(cache_max_entries)
 
     # -------------------------------------------------------------- layout
     @property
@@ -266,7 +158,7 @@ class ModelStore:
         use it only when its memory records this key, or records none (written by the legacy backend)."""
         if path.parent.name == ref.model_key_fs or path.parent.parent.parent != self.recipes_root:
             return True
-        recorded = self._stored_model_key(path.parent / f"{ref.base}{_SUFFIX['memory']}")
+        recorded = read_model_key(path.parent / f"{ref.base}{_SUFFIX['memory']}")
         return recorded is None or recorded.strip() == ref.model_key.strip()
 
     def resolve(self, ref: ModelRef, kind: ArtifactKind) -> Resolution:
@@ -318,8 +210,7 @@ class ModelStore:
         extra = {
             "fingerprint": memory.fingerprint,
             "index_sha256": index_sha,
-            "model_ref": {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id,
-                          "model_key": ref.model_key},
+            "model_ref": ref.to_dict(),
         }
         atomic_write_bytes(paths.memory, encode_memory_npz(memory, extra=extra))
         return paths
@@ -471,56 +362,11 @@ class ModelStore:
         return None
 
     # -------------------------------------------------------------- recipe lock
-    def recipe_meta_path(self, recipe_id: str) -> Path:
-        return self.recipe_dir(recipe_id) / RECIPE_META_FILE
-
-    def read_recipe_meta(self, recipe_id: str) -> dict[str, Any]:
-        """The recipe meta ({} when absent); a corrupt file raises :class:`StorageError`."""
-        path = self.recipe_meta_path(recipe_id)
-        read = read_with_identity(path)
-        if read is None:
-            return {}
-        try:
-            value = json.loads(read[0].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StorageError(f"corrupt recipe meta {path}: {exc}") from exc
-        if not isinstance(value, dict):
-            raise StorageError(f"corrupt recipe meta {path}: not a JSON object")
-        return value
-
     def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
         """First value wins per recipe; later ones must match within 1e-6·max(1,|a|,|b|)
-        (docs/contract.md "Scale lock")."""
+        (docs/contract.md "Scale lock", :mod:`bdi.storage.recipes`)."""
         value = validate_mm_per_px(mm_per_px)
-        if self._check_locked(recipe_id, value):  # fast path: already locked, no file lock needed
-            return
-        def unusable(exc: OSError) -> StorageError:
-            return StorageError(f"cannot lock mm_per_px for recipe '{recipe_id}': {exc}")
-
-        with exclusive_lock(
-            self.recipe_dir(recipe_id) / RECIPE_LOCK_FILE, timeout_s=LOCK_TIMEOUT_S,
-            busy=lambda: StorageError(f"timed out waiting for the recipe lock of '{recipe_id}'"), unusable=unusable,
-        ):
-            try:
-                if self._check_locked(recipe_id, value):
-                    return
-                meta = self.read_recipe_meta(recipe_id)
-                meta["mm_per_px"] = value
-                meta.setdefault("created_at_utc", utc_now_iso())
-                atomic_write_json(self.recipe_meta_path(recipe_id), meta, indent=2)
-            except OSError as exc:
-                raise unusable(exc) from exc
-
-    def _check_locked(self, recipe_id: str, value: float) -> bool:
-        """True when a valid value is stored and matches; ScaleMismatchError when it differs."""
-        stored = self.read_recipe_meta(recipe_id).get("mm_per_px")
-        try:
-            expected = validate_mm_per_px(stored)
-        except InvalidScaleError:
-            return False  # absent or unusable: (re)written under the lock
-        if abs(expected - value) > 1e-6 * max(1.0, abs(expected), abs(value)):
-            raise ScaleMismatchError(recipe_id, expected, value)
-        return True
+        recipes.lock_mm_per_px(self.recipe_dir(recipe_id), recipe_id=recipe_id, mm_per_px=value)
 
     # -------------------------------------------------------------- listing
     def model_keys(self, recipe_id: str) -> list[str]:
@@ -541,7 +387,7 @@ class ModelStore:
             role_id, roi_id = decode_id(role_b64), decode_id(roi_b64)
             if role_id is None or roi_id is None:
                 continue
-            model_key = self._stored_model_key(npz) or mk_dir
+            model_key = read_model_key(npz) or mk_dir
             try:
                 ref = ModelRef(recipe_id=recipe_dir, role_id=role_id, roi_id=roi_id, model_key=model_key)
                 if mk_dir not in self._key_dirs(ref) or ref.base != npz.stem:
@@ -556,15 +402,3 @@ class ModelStore:
                 calib_path=calib if calib.is_file() else None,
             ))
         return out
-
-    @staticmethod
-    def _stored_model_key(npz_path: Path) -> str | None:
-        """The raw model key recorded in an npz's metadata, if any (only that member is read)."""
-        try:
-            with np.load(npz_path, allow_pickle=False) as npz:
-                meta = json.loads(str(np.asarray(npz["metadata"]).reshape(-1)[0]))
-        except _NPZ_ERRORS:
-            return None
-        ref = meta.get("model_ref") if isinstance(meta, dict) else None
-        key = ref.get("model_key") if isinstance(ref, dict) else None
-        return key if isinstance(key, str) and key else None

@@ -1,0 +1,25 @@
+"""Use cases: the only API that ``serving/`` and ``pipelines/`` call.
+
+:class:`InspectionService` holds one use-case object per job over a shared :class:`ServiceContext`:
+``fitting`` (:mod:`.fitting`), ``calibrating`` (:mod:`.calibrating`), ``inferring`` (:mod:`.inferring`),
+``samples`` (:mod:`.samples`, the ``/datasets/*`` folders) and ``status`` (:mod:`.status`); request limits are
+checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :mod:`.results`.
+"""
+
+from bdi.patchcore.calibration import Calibration
+from bdi.patchcore.inference import Region
+from bdi.service.calibrating import CALIBRATE_NG_DEFAULT_MM_PER_PX, Calibrating
+from bdi.service.context import ServiceContext
+from bdi.service.fitting import Fitting
+from bdi.service.inferring import Inferring
+from bdi.service.inspection import InspectionService, remove_orphan_files
+from bdi.service.limits import UploadLimits
+from bdi.service.results import FitResult, InferOutcome, SampleScore
+from bdi.service.samples import Samples
+from bdi.service.status import ModelStatus
+from bdi.storage.datasets import LABELS
+
+# The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
+__all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
+           "InferOutcome", "Inferring", "InspectionService", "ModelStatus", "Region", "SampleScore", "Samples",
+           "ServiceContext", "UploadLimits", "remove_orphan_files"]

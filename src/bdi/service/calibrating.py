@@ -1,0 +1,104 @@
+"""Calibrating (docs/contract.md "POST /calibrate_ng", "POST /calibrate_dataset"): a threshold from scores,
+stored with the memory it belongs to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from bdi.errors import InsufficientSamplesError
+from bdi.patchcore.calibration import Calibration, choose_threshold
+from bdi.patchcore.model import ProgressFn
+from bdi.refs import ModelRef
+from bdi.service.context import ServiceContext
+from bdi.service.scoring import score_samples
+from bdi.storage.datasets import LABELS
+from bdi.storage.fsio import utc_now_iso
+from bdi.storage.lineage import ensure_api_writable
+
+# stored with the calibration only, never validated nor locked (docs/contract.md "POST /calibrate_ng")
+CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2
+
+CalibrateHook = Callable[[ModelRef, Calibration], None]
+
+
+class Calibrating:
+    """Choose and store a model's threshold, from client scores or from its stored samples."""
+
+    def __init__(self, ctx: ServiceContext, *, on_calibrate: CalibrateHook | None = None) -> None:
+        self._ctx = ctx
+        self._on_calibrate = on_calibrate
+
+    def from_scores(
+        self,
+        *,
+        ref: ModelRef,
+        ok_scores: Iterable[Any],
+        ng_scores: Iterable[Any] | None,
+        mm_per_px: float | None = None,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+    ) -> Calibration:
+        """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        ctx = self._ctx
+        ensure_api_writable(ctx.store, ref)
+        percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
+        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile, cfg=ctx.settings.calibration)
+        memory = ctx.memory_or_none(ref)
+        calib = Calibration.from_choice(
+            choice, area_mm2_thr=area, memory_fingerprint=memory.fingerprint if memory is not None else None,
+            created_at_utc=utc_now_iso(), statistics=True,
+            mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
+        )
+        self._save(ref, calib)
+        return calib
+
+    def from_dataset(
+        self,
+        *,
+        ref: ModelRef,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+        default_mm_per_px: float | None = None,
+        require_ng: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> Calibration:
+        """/calibrate_dataset: score the stored OK/NG samples and write a new calibration."""
+        ctx = self._ctx
+        ensure_api_writable(ctx.store, ref)
+        percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
+        model = ctx.model(ref, endpoint="/calibrate_dataset", calibrated=False,
+                          scoring=replace(ctx.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area))
+        scores: dict[str, list[float]] = {"ok": [], "ng": []}
+        for label, samples in ctx.capped_samples(ref, LABELS).items():
+            for item in score_samples(ctx, model, label=label, samples=samples, default_mm_per_px=default_mm_per_px,
+                                      include_heatmap=False, progress=progress):
+                if item.score is not None:
+                    scores[label].append(item.score)
+        if not scores["ok"]:
+            raise InsufficientSamplesError("No valid OK samples for calibration.")
+        if require_ng and not scores["ng"]:
+            raise InsufficientSamplesError("No NG samples available for calibration.")
+        choice = choose_threshold(scores["ok"], scores["ng"], score_percentile=percentile,
+                                  cfg=ctx.settings.calibration)
+        calib = Calibration.from_choice(
+            choice, area_mm2_thr=area, memory_fingerprint=model.memory.fingerprint, created_at_utc=utc_now_iso(),
+            ids=ref,
+        )
+        self._save(ref, calib)
+        return calib
+
+    def _percentile_and_area(self, score_percentile: float | None, area_mm2_thr: float | None) -> tuple[int, float]:
+        """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""
+        scoring = self._ctx.settings.model.scoring
+        default = scoring.score_percentile
+        assert default is not None  # Settings.model is resolved
+        percentile = int(default if score_percentile is None else score_percentile)
+        area = float(scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
+        return percentile, area
+
+    def _save(self, ref: ModelRef, calib: Calibration) -> None:
+        self._ctx.store.save_calibration(ref, calib.to_dict())
+        if self._on_calibrate is not None:
+            self._on_calibrate(ref, calib)

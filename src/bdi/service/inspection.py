@@ -1,0 +1,229 @@
+"""InspectionService: one object per process that holds the use cases over one ModelStore and one feature extractor.
+
+Each use case follows its route's processing order in docs/contract.md "Endpoints" (the first failure wins), with
+the differences of docs/design.md: bad input is an ``InvalidInputError`` (never a 500), uploads are checked
+before anything is stored, calibrations record the memory they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bdi.config import ScoringConfig, Settings
+from bdi.patchcore.calibration import Calibration
+from bdi.patchcore.features import FeatureExtractor, cuda_available
+from bdi.patchcore.inference import InferenceResult
+from bdi.patchcore.model import PatchCoreModel, ProgressFn
+from bdi.refs import ModelRef
+from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads, current_status
+from bdi.service.calibrating import CalibrateHook, Calibrating
+from bdi.service.context import ServiceContext
+from bdi.service.fitting import FitHook, Fitting
+from bdi.service.inferring import Inferring
+from bdi.service.limits import UploadLimits
+from bdi.service.results import FitResult, InferOutcome, SampleScore
+from bdi.service.samples import Samples
+from bdi.service.status import ModelStatus
+from bdi.storage.datasets import LABELS, DatasetStore
+from bdi.storage.fsio import remove_orphan_temp_files
+from bdi.storage.store import ModelStore
+
+InferHook = Callable[..., None]
+
+
+def remove_orphan_files(settings: Settings) -> list[Path]:
+    """Remove the temporary files that a crashed writer left under the models dir (older than
+    ``settings.orphan_tmp_age_s``); the removed paths."""
+    return remove_orphan_temp_files(settings.models_dir, older_than_s=settings.orphan_tmp_age_s)
+
+
+class InspectionService:
+    """Fit, calibrate and infer over one ModelStore with one feature extractor.
+
+    Build one per process (the extractor is heavy); it holds no state that decides correctness:
+    every call re-reads the store, whose caches are keyed by file identity. The use cases are its
+    attributes (``fitting``, ``calibrating``, ``inferring``, ``samples``, ``status``); the methods below
+    are the entry points serving, pipelines and benchmarks call.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        extractor: FeatureExtractor,
+        store: ModelStore | None = None,
+        datasets: DatasetStore | None = None,
+        on_fit: FitHook | None = None,
+        on_calibrate: CalibrateHook | None = None,
+        runtime: RuntimeStatus | None = None,
+        on_infer: InferHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.extractor = extractor
+        # what runs the feature net (from_settings attaches BDI_RUNTIME; a given extractor keeps its own)
+        self.runtime = runtime or current_status(extractor, threads=settings.intra_op_threads())
+        self.store = store or ModelStore(
+            settings.models_dir,
+            cache_max_entries=settings.cache_max_entries,
+            faiss_gpu_device=settings.model.memory.gpu_device if settings.model.memory.prefer_gpu else None,
+        )
+        self.datasets = datasets or DatasetStore(settings.models_dir)
+        ctx = ServiceContext(settings=settings, extractor=extractor, store=self.store, datasets=self.datasets)
+        self.fitting = Fitting(ctx, on_fit=on_fit)
+        self.calibrating = Calibrating(ctx, on_calibrate=on_calibrate)
+        self.inferring = Inferring(ctx)
+        self.samples = Samples(ctx)
+        self.status = ModelStatus(ctx)
+        self._ctx = ctx
+        # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
+        self.on_infer = on_infer
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
+        """Build the extractor, give the process its thread budget and attach ``BDI_RUNTIME`` (parity-checked)."""
+        configure_threads(settings.intra_op_threads())
+        extractor = FeatureExtractor(settings.model.features, cache_dir=settings.weights_cache_dir)
+        runtime = attach_runtime(extractor, requested=settings.runtime, root=settings.exports_dir(),
+                                 threads=settings.intra_op_threads())
+        return cls(settings=settings, extractor=extractor, runtime=runtime, **hooks)
+
+    @property
+    def limits(self) -> UploadLimits:
+        """The request limits of these settings (the HTTP layer checks uploads with them too)."""
+        return self._ctx.limits
+
+    def health(self) -> dict[str, Any]:
+        weights = self.extractor.weights
+        return {
+            "backbone": self.extractor.config.backbone,
+            "device": self.extractor.device,
+            "cuda_available": cuda_available(),
+            "model": weights.name,
+            "weights": weights.to_dict(),
+            "pretrained": weights.pretrained,
+            **self.runtime.health(),
+        }
+
+    def fit_ok(
+        self,
+        *,
+        ref: ModelRef,
+        mm_per_px: float,
+        images: Sequence[tuple[str, bytes]] = (),
+        use_dataset: bool = False,
+        memory_fit: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
+        """/fit_ok: :meth:`Fitting.fit_ok`."""
+        return self.fitting.fit_ok(ref=ref, mm_per_px=mm_per_px, images=images, use_dataset=use_dataset,
+                                   memory_fit=memory_fit, progress=progress)
+
+    def fit_images(
+        self,
+        *,
+        ref: ModelRef,
+        mm_per_px: float,
+        images: Iterable[np.ndarray],
+        n_images: int | None = None,
+        memory_fit: bool = False,
+        coreset_rate: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
+        """Fit decoded crops (the fit_ok stage): :meth:`Fitting.fit_images`."""
+        return self.fitting.fit_images(ref=ref, mm_per_px=mm_per_px, images=images, n_images=n_images,
+                                       memory_fit=memory_fit, coreset_rate=coreset_rate, progress=progress)
+
+    def calibrate_from_scores(
+        self,
+        *,
+        ref: ModelRef,
+        ok_scores: Iterable[Any],
+        ng_scores: Iterable[Any] | None,
+        mm_per_px: float | None = None,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+    ) -> Calibration:
+        """/calibrate_ng: :meth:`Calibrating.from_scores`."""
+        return self.calibrating.from_scores(ref=ref, ok_scores=ok_scores, ng_scores=ng_scores, mm_per_px=mm_per_px,
+                                            score_percentile=score_percentile, area_mm2_thr=area_mm2_thr)
+
+    def calibrate_dataset(
+        self,
+        *,
+        ref: ModelRef,
+        score_percentile: float | None = None,
+        area_mm2_thr: float | None = None,
+        default_mm_per_px: float | None = None,
+        require_ng: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> Calibration:
+        """/calibrate_dataset: :meth:`Calibrating.from_dataset`."""
+        return self.calibrating.from_dataset(ref=ref, score_percentile=score_percentile, area_mm2_thr=area_mm2_thr,
+                                             default_mm_per_px=default_mm_per_px, require_ng=require_ng,
+                                             progress=progress)
+
+    def infer(
+        self,
+        *,
+        ref: ModelRef,
+        mm_per_px: float,
+        image: bytes,
+        shape: str | Mapping[str, Any] | None = None,
+        include_heatmap: bool | None = None,
+    ) -> InferOutcome:
+        """/infer: :meth:`Inferring.infer`, then the ``on_infer`` hook (shadow mode) with the outcome."""
+        outcome = self.inferring.infer(ref=ref, mm_per_px=mm_per_px, image=image, shape=shape,
+                                       include_heatmap=include_heatmap)
+        if self.on_infer is not None:
+            self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
+        return outcome
+
+    def infer_dataset(
+        self,
+        *,
+        ref: ModelRef,
+        labels: Sequence[str] = LABELS,
+        include_heatmap: bool = False,
+        default_mm_per_px: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[SampleScore]:
+        """/infer_dataset: :meth:`Inferring.infer_dataset`."""
+        return self.inferring.infer_dataset(ref=ref, labels=labels, include_heatmap=include_heatmap,
+                                            default_mm_per_px=default_mm_per_px, progress=progress)
+
+    def score_images(
+        self,
+        *,
+        ref: ModelRef,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray | None] | None = None,
+        scoring: ScoringConfig | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[InferenceResult]:
+        """Scores with no threshold (calibration/evaluation): :meth:`Inferring.score_images`."""
+        return self.inferring.score_images(ref=ref, images=images, masks=masks, scoring=scoring, progress=progress)
+
+    def model(
+        self,
+        ref: ModelRef,
+        *,
+        endpoint: str = "score",
+        calibrated: bool = True,
+        require_index: bool = False,
+        scoring: ScoringConfig | None = None,
+    ) -> PatchCoreModel:
+        """The stored model ``ref`` scoring with this service's extractor (:meth:`ServiceContext.model`)."""
+        return self._ctx.model(ref, endpoint=endpoint, calibrated=calibrated, require_index=require_index,
+                               scoring=scoring)
+
+    def state(self, ref: ModelRef) -> dict[str, Any]:
+        """/state: :meth:`ModelStatus.state`."""
+        return self.status.state(ref)
+
+    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+        """/manifest: :meth:`ModelStatus.manifest`."""
+        return self.status.manifest(ref)

@@ -1,0 +1,48 @@
+"""What the use cases return: the types ``serving/`` shapes its responses from (re-exported by :mod:`bdi.service`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bdi.patchcore.inference import InferenceResult, Region
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One stored fit (``/fit_ok``, the fit_ok stage): what was encoded, what the coreset kept, where it went."""
+
+    n_embeddings: int
+    coreset_size: int
+    token_shape: tuple[int, int]
+    coreset_rate_requested: float
+    coreset_rate_applied: float  # coreset_size / n_embeddings, in [0, 1]
+    n_images: int
+    memory_path: Path
+    index_path: Path | None
+    fingerprint: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferOutcome:
+    result: InferenceResult
+    threshold: float
+    decision: str
+    heatmap_png: bytes | None
+    lineage: dict[str, Any] | None = None  # bdi.storage.lineage.lineage_view of the model that answered
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """One dataset file scored (``infer_dataset`` item, and the scores calibration uses)."""
+
+    label: str
+    filename: str
+    mm_per_px: float | None
+    score: float | None
+    regions: list[Region]
+    error: str | None
+    heatmap_png: bytes | None = None
+    threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)

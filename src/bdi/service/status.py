@@ -1,0 +1,44 @@
+"""What is stored for one model (docs/contract.md "GET /state", "GET /manifest"), read as one version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bdi.patchcore.memory import Memory
+from bdi.refs import ModelRef
+from bdi.service.context import ServiceContext
+from bdi.storage import model_lock
+from bdi.storage.lineage import lineage_view, read_lineage
+
+
+class ModelStatus:
+    """Whether a model is fitted and calibrated, its calibration, samples and lineage."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+    def state(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._snapshot(ref)
+        return {
+            "memory_fitted": memory is not None,
+            "calib_present": calib is not None,
+            "lineage": lineage,
+        }
+
+    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+        memory, calib, lineage = self._snapshot(ref)
+        return {
+            "memory": memory is not None,
+            "calib": calib,
+            "datasets": self._ctx.datasets.listing(ref.dataset_ref()),
+            "lineage": lineage,
+        }
+
+    def _snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """Memory, calibration and the lineage view of one model, read together (``bdi.storage.model_lock``)."""
+        ctx = self._ctx
+        with model_lock.reading(ctx.store, ref):
+            memory = ctx.memory_or_none(ref)
+            calib = ctx.store.load_calibration(ref)
+            sidecar = read_lineage(ctx.store, ref)
+        return memory, calib, lineage_view(memory=memory, calib=calib, lineage=sidecar)
