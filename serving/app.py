@@ -28,6 +28,7 @@ from bdi.service import InspectionService, remove_orphan_files
 from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
+from serving.settings import ServingSettings
 
 FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
@@ -36,9 +37,13 @@ class CudaRequiredError(RuntimeError):
     """BDI_REQUIRE_CUDA is on and the extractor did not get a CUDA device."""
 
 
-def create_app(settings: Settings | None = None, *, service: InspectionService | None = None) -> FastAPI:
-    """Build the app. ``settings``/``service`` are for tests and embedding; by default both are
-    built at startup (``Settings()`` from the environment, then ``InspectionService.from_settings``).
+def create_app(
+    settings: Settings | None = None, *, service: InspectionService | None = None,
+    serving_settings: ServingSettings | None = None,
+) -> FastAPI:
+    """Build the app. ``settings``/``service``/``serving_settings`` are for tests and embedding; by default
+    they are built at startup (``Settings()`` and ``ServingSettings()`` from the environment, then
+    ``InspectionService.from_settings``).
     """
 
     @asynccontextmanager
@@ -73,6 +78,7 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
                     "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
                 )
             app.state.settings = resolved
+            app.state.serving_settings = serving_settings or ServingSettings()
             app.state.service = svc
             app.state.tracking_status = status
             slog(
