@@ -47,6 +47,7 @@ from pipelines.manifest import ManifestRow, PipelineDataError, model_rows, read_
 if TYPE_CHECKING:
     from bdi.data.metrics import EvaluationReport
     from bdi.mlops.tracking import TrackingTarget
+    from bdi.service import InspectionService
 
 log = logging.getLogger("pipelines")
 
@@ -429,15 +430,12 @@ def score_rows(
     return images, list(results)
 
 
-def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None = None) -> Any:
+def build_service(ctx: StageContext, *, models_dir: Path) -> InspectionService:
     """An ``InspectionService`` over ``models_dir`` with the config's model (one extractor per process)."""
     from bdi.service import InspectionService
     from pipelines.config import to_settings
 
-    settings = to_settings(ctx.cfg, models_dir=models_dir, project_root=ctx.project_root)
-    if extractor is not None:
-        return InspectionService(settings=settings, extractor=extractor)
-    return InspectionService.from_settings(settings)
+    return InspectionService.from_settings(to_settings(ctx.cfg, models_dir=models_dir, project_root=ctx.project_root))
 
 
 # --------------------------------------------------------------------------------------------- outputs

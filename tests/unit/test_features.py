@@ -14,7 +14,8 @@ from timm.layers import resample_abs_pos_embed
 from bdi.backbones import BACKBONES
 from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError, WeightsError
-from bdi.patchcore.features import FeatureBatch, FeatureExtractor, create_backbone
+from bdi.patchcore.features import FeatureBatch, FeatureExtractor
+from bdi.patchcore.nets import create_backbone
 from bdi.patchcore.weights import WeightsInfo, resolve_weights
 
 TINY = FeatureConfig(weights="random", seed=0, input_size=56, depth=4, blocks=(1, 2, 3), device="cpu")
