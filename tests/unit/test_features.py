@@ -218,6 +218,20 @@ def test_official_offline_with_empty_cache_raises_and_leaves_no_partial_file(
     assert list(cache.iterdir()) == []
 
 
+def test_official_download_with_wrong_hash_is_rejected_naming_sha256_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "served.pth"
+    served.write_bytes(b"not the weights")
+    spec = BACKBONES["vit_small_patch14_dinov2"]
+    monkeypatch.setitem(BACKBONES, spec.name, replace(spec, official=replace(spec.official, url=served.as_uri())))
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match="sha256") as info:
+        resolve_weights(replace(TINY, weights="official"), cache_dir=cache)
+    assert hashlib.sha256(b"not the weights").hexdigest() in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
 def test_official_cache_file_with_wrong_hash_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "dinov2_vits14_pretrain.pth").write_bytes(b"not the weights")
     with pytest.raises(WeightsError, match="sha256"):
