@@ -55,7 +55,7 @@ class CalibrationOutcome:
 
 
 def run_calibrate(
-    ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
+    ctx: StageContext, *, progress: Any | None = None
 ) -> list[CalibrationOutcome]:
     """Copy the fitted store, calibrate every target in it, then replace ``paths.model_dir``."""
     cfg = ctx.cfg
@@ -66,7 +66,7 @@ def run_calibrate(
     outcomes: list[CalibrationOutcome] = []
     with staged_dir(ctx.path(cfg.paths.model_dir)) as staged:
         shutil.copytree(fit_dir, staged)
-        service = build_service(ctx, models_dir=staged, extractor=extractor)
+        service = build_service(ctx, models_dir=staged)
         scoring = service.settings.model.scoring
         for target in targets(cfg):
             rows = rows_for(manifest, target, "calib")

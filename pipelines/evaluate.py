@@ -69,7 +69,7 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def run_evaluate(
-    ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None
+    ctx: StageContext, *, progress: Any | None = None
 ) -> EvaluationOutputs:
     """Score every model's eval split; compute metrics; write the plot PNGs into ``paths.images_dir``."""
     from bdi.data.metrics import score_histogram
@@ -86,7 +86,7 @@ def run_evaluate(
     images_dir.mkdir(parents=True, exist_ok=True)
     for stale in images_dir.glob("*.png"):  # plots of a previous run (perhaps of other models)
         stale.unlink()
-    service = build_service(ctx, models_dir=model_dir, extractor=extractor)
+    service = build_service(ctx, models_dir=model_dir)
     models: list[ModelEvaluation] = []
     for target in targets(cfg):
         try:

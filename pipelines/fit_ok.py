@@ -51,12 +51,12 @@ class FitOutcome:
         return {"key": self.key, **{name: getattr(self.result, name) for name in SUMMARY_FIELDS}}
 
 
-def run_fit_ok(ctx: StageContext, *, extractor: Any | None = None, progress: Any | None = None) -> list[FitOutcome]:
+def run_fit_ok(ctx: StageContext, *, progress: Any | None = None) -> list[FitOutcome]:
     """Fit every target into a staging folder, then replace ``paths.fit_dir`` with it."""
     manifest = read_manifest(ctx.path(ctx.cfg.paths.manifest))
     outcomes: list[FitOutcome] = []
     with staged_dir(ctx.path(ctx.cfg.paths.fit_dir)) as staged:
-        service = build_service(ctx, models_dir=staged, extractor=extractor)
+        service = build_service(ctx, models_dir=staged)
         for target in targets(ctx.cfg):
             rows = rows_for(manifest, target, "train")
             if not rows:

@@ -25,7 +25,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.config import tracking_config
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,
@@ -86,11 +85,9 @@ def golden_items(ctx: StageContext, *, target: Any, manifest: Any, scores: Any) 
 
 def calibration_run_id(ctx: StageContext) -> str | None:
     """The MLflow run of the calibrate stage that made these thresholds (same config hash, latest)."""
-    from bdi.mlops.tracking import tracking_client
-
     config_hash = run_tags(ctx).get("config_hash")
-    tracking = tracking_config(ctx.cfg)
-    client = tracking_client(tracking, project_root=ctx.project_root)[0]
+    tracking = ctx.tracking()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None or not config_hash:
         return None
@@ -174,7 +171,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     manifest = read_manifest(ctx.path(cfg.paths.manifest))
     scores = pd.read_csv(ctx.path(cfg.paths.scores))
     store = ModelStore(model_dir)
-    tracking = tracking_config(cfg)
+    tracking = ctx.tracking()
     base_tags = {k: v for k, v in run_tags(ctx).items() if k not in ("stage", "source", "overrides")}
     dataset = dataset_identity(ctx, split=None)
     lineage_tags = {
@@ -198,12 +195,12 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
             write_golden_set(Path(tmp), golden_items(ctx, target=target, manifest=manifest, scores=scores))
             key = carry.into(Path(tmp), signature=_memory_signature(store, target.ref))
             result = register_model(
-                cfg=tracking, project_root=ctx.project_root, run_id=run_id, model_dir=Path(tmp), ref=target.ref,
+                tracking=tracking, run_id=run_id, model_dir=Path(tmp), ref=target.ref,
                 metrics=values, primary_metric=cfg.evaluation.primary_metric, move_alias=False,
                 tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
                       "threshold": str(calib.get("threshold")), "export_key": key},
             )
-        promotion = promote_version(cfg=tracking, project_root=ctx.project_root, name=result.name,
+        promotion = promote_version(tracking=tracking, name=result.name,
                                     version=result.version, gate=gate, overrides=overrides)
         report = promotion.report.to_dict() if promotion.report is not None else None
         records.append({"model": target.key, **asdict(result), "alias_moved": promotion.moved, "run_id": run_id,

@@ -46,6 +46,8 @@ from pipelines.manifest import ManifestRow, PipelineDataError, model_rows, read_
 
 if TYPE_CHECKING:
     from bdi.data.metrics import EvaluationReport
+    from bdi.mlops.tracking import TrackingTarget
+    from bdi.service import InspectionService
 
 log = logging.getLogger("pipelines")
 
@@ -67,6 +69,10 @@ class StageContext:
 
     def path(self, relative: str) -> Path:
         return resolve_path(self.project_root, relative)
+
+    def tracking(self) -> TrackingTarget:
+        """Where this run's MLflow runs and registered models go (``tracking.*`` under the project root)."""
+        return tracking_config(self.cfg).resolve(self.project_root)
 
 
 def resolve_path(root: Path, value: str | Path) -> Path:
@@ -242,7 +248,7 @@ def stage_run(ctx: StageContext) -> Iterator[Any]:
     manifest rows it reads logged as its dataset input (``STAGE_SPLITS``)."""
     from bdi.mlops.tracking import tracked_run
 
-    with tracked_run(tracking_config(ctx.cfg), project_root=ctx.project_root, run_name=ctx.stage,
+    with tracked_run(ctx.tracking(), run_name=ctx.stage,
                      tags=run_tags(ctx), params=flatten(ctx.config_dict)) as run:
         run.log_dict(ctx.config_dict, "config.yaml")
         if ctx.stage in STAGE_SPLITS:
@@ -424,15 +430,12 @@ def score_rows(
     return images, list(results)
 
 
-def build_service(ctx: StageContext, *, models_dir: Path, extractor: Any | None = None) -> Any:
+def build_service(ctx: StageContext, *, models_dir: Path) -> InspectionService:
     """An ``InspectionService`` over ``models_dir`` with the config's model (one extractor per process)."""
     from bdi.service import InspectionService
     from pipelines.config import to_settings
 
-    settings = to_settings(ctx.cfg, models_dir=models_dir, project_root=ctx.project_root)
-    if extractor is not None:
-        return InspectionService(settings=settings, extractor=extractor)
-    return InspectionService.from_settings(settings)
+    return InspectionService.from_settings(to_settings(ctx.cfg, models_dir=models_dir, project_root=ctx.project_root))
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -21,18 +21,14 @@ from bdi.config import Settings
 from bdi.logging import configure_logging, slog
 from bdi.mlops.api_runs import ApiRunLogger
 from bdi.mlops.follower import RegistryFollower, SyncStatusReader, preload_mlflow
+from bdi.mlops.outages import TrackingStatus, bounded_mlflow_http, check_tracking_server, reap_orphaned_runs
 from bdi.mlops.shadow import ShadowScorer, shadow_models_dir
-from bdi.mlops.tracking import (
-    TrackingConfig,
-    TrackingStatus,
-    bounded_mlflow_http,
-    check_tracking_server,
-    reap_orphaned_runs,
-)
+from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.service import InspectionService, remove_orphan_files
 from serving.errors import ERROR_RESPONSES, install_error_handlers
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
+from serving.settings import ServingSettings
 
 FIRST_SYNC_WAIT_S = 60.0  # start-up waits this long at most for the first registry sync
 
@@ -41,9 +37,13 @@ class CudaRequiredError(RuntimeError):
     """BDI_REQUIRE_CUDA is on and the extractor did not get a CUDA device."""
 
 
-def create_app(settings: Settings | None = None, *, service: InspectionService | None = None) -> FastAPI:
-    """Build the app. ``settings``/``service`` are for tests and embedding; by default both are
-    built at startup (``Settings()`` from the environment, then ``InspectionService.from_settings``).
+def create_app(
+    settings: Settings | None = None, *, service: InspectionService | None = None,
+    serving_settings: ServingSettings | None = None,
+) -> FastAPI:
+    """Build the app. ``settings``/``service``/``serving_settings`` are for tests and embedding; by default
+    they are built at startup (``Settings()`` and ``ServingSettings()`` from the environment, then
+    ``InspectionService.from_settings``).
     """
 
     @asynccontextmanager
@@ -56,8 +56,9 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
         async with AsyncExitStack() as stack:
             if resolved.mlflow_tracking_uri or resolved.registry_sync_on_start:
                 await asyncio.to_thread(preload_mlflow)  # before any MLflow thread starts (bdi.mlops.follower)
-            status, run_logger = await _start_tracking(stack, resolved, log_api_runs=service is None)
-            tracking = TrackingConfig.from_settings(resolved)
+            tracking = TrackingConfig.from_settings(resolved).resolve(Path.cwd())
+            status, run_logger = await _start_tracking(stack, resolved, tracking=tracking,
+                                                       log_api_runs=service is None)
             follower = await _follow_registry(tracking, resolved)
             if follower is not None:
                 stack.callback(follower.stop)
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
                     "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
                 )
             app.state.settings = resolved
+            app.state.serving_settings = serving_settings or ServingSettings()
             app.state.service = svc
             app.state.tracking_status = status
             slog(
@@ -112,12 +114,11 @@ def create_app(settings: Settings | None = None, *, service: InspectionService |
 
 
 async def _start_tracking(
-    stack: AsyncExitStack, settings: Settings, *, log_api_runs: bool
+    stack: AsyncExitStack, settings: Settings, *, tracking: TrackingTarget, log_api_runs: bool
 ) -> tuple[TrackingStatus, ApiRunLogger | None]:
     """Bound every MLflow call of the process, start the start-up work against MLflow on a thread and
     build the API run logger.
     What must be undone at shutdown goes on ``stack``: the logger's bounded close, then the timeouts."""
-    tracking = TrackingConfig.from_settings(settings)
     uses_mlflow = bool(settings.mlflow_tracking_uri) or settings.registry_sync_on_start
     status = TrackingStatus("checking" if uses_mlflow else "disabled")
     stack.enter_context(bounded_mlflow_http(settings.mlflow_timeout_s))
@@ -128,21 +129,20 @@ async def _start_tracking(
         startup.start()
     if not (settings.mlflow_tracking_uri and log_api_runs):
         return status, None
-    run_logger = ApiRunLogger(tracking, project_root=Path.cwd(), background=True,
+    run_logger = ApiRunLogger(tracking, background=True,
                               queue_size=settings.mlflow_queue_size, status=status)
     stack.push_async_callback(asyncio.to_thread, run_logger.close, settings.mlflow_shutdown_timeout_s)
     return status, run_logger
 
 
-def _registry_startup(tracking: TrackingConfig, settings: Settings, status: TrackingStatus) -> None:
+def _registry_startup(tracking: TrackingTarget, settings: Settings, status: TrackingStatus) -> None:
     """Start-up work against MLflow, on a thread: check the tracking server, then mark KILLED the runs a
     killed process left RUNNING (syncing the registry is the follower's job, ``_follow_registry``). Each
     call has the ``BDI_MLFLOW_TIMEOUT_S`` timeout; a failure is logged and reported by /health
     (``registry.state: unreachable``), never fatal."""
-    root = Path.cwd()
     try:
-        check_tracking_server(tracking, project_root=root)
-        reaped = reap_orphaned_runs(tracking, project_root=root)
+        check_tracking_server(tracking)
+        reaped = reap_orphaned_runs(tracking)
         if reaped:
             slog("tracking.runs_reaped", run_ids=reaped, status="KILLED")
         status.set("ok")
@@ -151,13 +151,13 @@ def _registry_startup(tracking: TrackingConfig, settings: Settings, status: Trac
         status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-async def _follow_registry(tracking: TrackingConfig, settings: Settings) -> RegistryFollower | None:
+async def _follow_registry(tracking: TrackingTarget, settings: Settings) -> RegistryFollower | None:
     """With ``BDI_REGISTRY_SYNC_ON_START=1``: sync the registry's alias holders into the models dir now
     (waiting a bounded time, off the event loop) and then every ``BDI_REGISTRY_SYNC_INTERVAL_S`` in a
     background thread. A registry that cannot be reached is reported by /health, never fatal."""
     if not settings.registry_sync_on_start:
         return None
-    follower = RegistryFollower(cfg=tracking, project_root=Path.cwd(), models_dir=settings.models_dir,
+    follower = RegistryFollower(tracking=tracking, models_dir=settings.models_dir,
                                 interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir(),
                                 shadow_alias=settings.registry_shadow_alias)
     await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bdi.config import Settings
 from bdi.logging import bind_context, slog
 from serving.errors import REQUEST_ID_HEADER
+from serving.settings import ServingSettings
 
 # docs/design.md "Safe request ids": only short, header- and log-safe ids are echoed.
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -86,10 +87,10 @@ def build_cors(app: ASGIApp, cors_origins: str) -> CORSMiddleware:
 
 
 class SettingsCORSMiddleware:
-    """CORS whose origins come from the ``Settings`` built in the lifespan.
+    """CORS whose origins come from the ``ServingSettings`` built in the lifespan.
 
     ``create_app()`` at import must not read the environment, so the real ``CORSMiddleware`` is
-    built on the first request from ``app.state.settings`` (one per app instance).
+    built on the first request from ``app.state.serving_settings`` (one per app instance).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -101,8 +102,8 @@ class SettingsCORSMiddleware:
             await self.app(scope, receive, send)
             return
         if self._cors is None:
-            settings: Settings = scope["app"].state.settings
-            self._cors = build_cors(self.app, settings.cors_origins)
+            serving_settings: ServingSettings = scope["app"].state.serving_settings
+            self._cors = build_cors(self.app, serving_settings.cors_origins)
         await self._cors(scope, receive, send)
 
 

@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(Settings, TrackingConfig) from the environment and the common flags."""
+    """(Settings, TrackingTarget) from the environment and the common flags (``--project-root``)."""
     from bdi.config import Settings
     from bdi.mlops.tracking import TrackingConfig
 
@@ -104,18 +104,18 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, Any]:
         overrides["registered_model_prefix"] = args.prefix
     if args.alias is not None:
         overrides["alias"] = args.alias
-    return settings, TrackingConfig.from_settings(settings, **overrides)
+    return settings, TrackingConfig.from_settings(settings, **overrides).resolve(args.project_root)
 
 
 def _sync(args: argparse.Namespace) -> int:
     from bdi.mlops.registry_sync import sync_registered
 
-    settings, cfg = _tracking(args)
+    settings, tracking = _tracking(args)
     models_dir = args.models_dir if args.models_dir is not None else settings.models_dir
     if args.watch:
-        return _watch(args, cfg=cfg, models_dir=models_dir, interval_s=settings.registry_sync_interval_s,
+        return _watch(args, tracking=tracking, models_dir=models_dir, interval_s=settings.registry_sync_interval_s,
                       log_dir=settings.log_dir, shadow_alias=settings.registry_shadow_alias)
-    synced = sync_registered(cfg=cfg, project_root=args.project_root, models_dir=models_dir,
+    synced = sync_registered(tracking=tracking, models_dir=models_dir,
                              exports_root=settings.exports_dir())
     for item in synced:
         _emit(f"synced {item.name} v{item.version} (@{item.alias}) -> {item.paths.memory.parent} "
@@ -125,7 +125,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _watch(
-    args: argparse.Namespace, *, cfg: Any, models_dir: Path, interval_s: float, log_dir: Path | None,
+    args: argparse.Namespace, *, tracking: Any, models_dir: Path, interval_s: float, log_dir: Path | None,
     shadow_alias: str,
 ) -> int:
     """``bdi sync --watch``: the server's follower loop in the foreground, until SIGTERM/SIGINT."""
@@ -139,7 +139,7 @@ def _watch(
     if interval <= 0:
         raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
     configure_logging(log_dir)
-    follower = RegistryFollower(cfg=cfg, project_root=args.project_root, models_dir=models_dir, interval_s=interval,
+    follower = RegistryFollower(tracking=tracking, models_dir=models_dir, interval_s=interval,
                                 exports_root=Settings().exports_dir(), shadow_alias=shadow_alias)
     signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
     _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
@@ -153,14 +153,14 @@ def _watch(
 def _promote(args: argparse.Namespace) -> int:
     from bdi.mlops.promotion import PromotionGate, promote_version
 
-    settings, cfg = _tracking(args)
+    settings, tracking = _tracking(args)
     limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps")
               if getattr(args, name) is not None}  # flags not given keep the gate's defaults
     gate = None if args.skip_gate else PromotionGate(primary_metric=args.primary_metric, **limits)
     overrides = {"weights_cache_dir": str(settings.weights_cache_dir)}  # the pyfunc reads no BDI_* env
     if args.weights:
         overrides["weights"] = args.weights
-    result = promote_version(cfg=cfg, project_root=args.project_root, name=args.name, version=args.version,
+    result = promote_version(tracking=tracking, name=args.name, version=args.version,
                              gate=gate, overrides=overrides)
     for check in result.report.checks if result.report is not None else ():
         _emit(f"  {'pass' if check.passed else 'FAIL'} {check.name}: {check.detail}")

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
 from bdi.backbones import BACKBONES, DINOV2_VITS14, backbone_spec
+from bdi.settings_sources import ContractEnvSource, YamlSource, env_aliases, optional, truthy
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -164,170 +162,12 @@ class ModelConfig:
         return asdict(self)
 
 
-def _truthy(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in {"1", "true", "yes", "on", "t", "y"}
-
-
-def _optional(value: object) -> object:
-    return None if value in ("", None) else value
-
-
-def _whole(value: object) -> object:
-    """``"99"`` and ``"99.0"`` → 99; anything else is left for the field's validation to reject."""
-    try:
-        number = float(str(value))
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() else value
-
-
-def _optional_whole(value: object) -> object:
-    return _optional(_whole(value))
-
-
-def _blocks(value: object) -> object:
-    if isinstance(value, str):
-        parts = [p for p in value.replace(" ", "").split(",") if p]
-        return [int(p) for p in parts] if parts else None  # "" = the backbone's default
-    return value
-
-
-@dataclass(frozen=True)
-class FlatName:
-    """A legacy flat setting name (env ``BDI_<NAME>``/``BRAKEDISC_<NAME>``, a flat key of the ``BDI_CONFIG``
-    YAML in lower case) and the nested ``Settings`` field it sets."""
-
-    path: tuple[str, ...]
-    parse: Any = None  # str -> value, for env text that pydantic would not read the same way
-
-
-# The one map from the contract's flat names (docs/contract.md "Algorithm settings") to the nested algorithm settings.
-FLAT_NAMES: dict[str, FlatName] = {
-    "BACKBONE": FlatName(("model", "features", "backbone")),
-    "WEIGHTS": FlatName(("model", "features", "weights")),
-    "INPUT_SIZE": FlatName(("model", "features", "input_size"), _optional),
-    "FEATURE_BLOCKS": FlatName(("model", "features", "blocks"), _blocks),
-    "FEATURE_NEIGHBOURHOOD": FlatName(("model", "features", "neighbourhood"), _optional),
-    "BACKBONE_DEPTH": FlatName(("model", "features", "depth"), _optional),
-    "WEIGHTS_SEED": FlatName(("model", "features", "seed")),
-    "DEVICE": FlatName(("model", "features", "device")),
-    "PRECISION": FlatName(("model", "features", "precision")),
-    "BATCH_SIZE": FlatName(("model", "features", "batch_size")),
-    "CORESET_RATE": FlatName(("model", "memory", "coreset_rate")),
-    "CORESET_PROJECTION_DIM": FlatName(("model", "memory", "projection_dim"), _optional),
-    "CORESET_SEED": FlatName(("model", "memory", "seed")),
-    "KNN_INDEX": FlatName(("model", "memory", "knn_index")),
-    "FAISS_PREFER_GPU": FlatName(("model", "memory", "prefer_gpu"), _truthy),
-    "FAISS_GPU_DEVICE": FlatName(("model", "memory", "gpu_device")),
-    "SCORE_PERCENTILE": FlatName(("model", "scoring", "score_percentile"), _optional_whole),
-    "AREA_MM2_THR": FlatName(("model", "scoring", "area_mm2_thr")),
-    "BLUR_SIGMA": FlatName(("model", "scoring", "blur_sigma"), _optional),
-    "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), _truthy),
-    "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
-    "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
-}
-
-
-NESTED_SECTIONS = ("model", "calibration")
-
-
-def _nest(flat: Mapping[str, object], *, parse: bool) -> dict[str, Any]:
-    """``{"CORESET_RATE": "0.2"}`` → ``{"model": {"memory": {"coreset_rate": "0.2"}}}``."""
-    nested: dict[str, Any] = {}
-    for name, value in flat.items():
-        target = FLAT_NAMES[name]
-        node = nested
-        for key in target.path[:-1]:
-            node = node.setdefault(key, {})
-        node[target.path[-1]] = target.parse(value) if parse and target.parse else value
-    return nested
-
-
-def _env(name: str, *legacy: str) -> AliasChoices:
-    """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings (plus the contract's own
-    legacy names, e.g. ``HOST``), exactly as spelt: init kwargs use the field name instead."""
-    return AliasChoices(f"BDI_{name}", f"BRAKEDISC_{name}", *legacy)
-
-
-class _ContractEnvSource(EnvSettingsSource):
-    """The environment, read case-sensitively and only under the names the contract allows.
-
-    pydantic-settings would also read a field's bare name (``device``, or ``DEVICE`` when not
-    case-sensitive) because init kwargs may use field names; here only the aliases count, so a
-    stray ``DEVICE=cuda`` can never override ``BDI_DEVICE`` (docs/contract.md "Configuration"). The first alias
-    set wins (``BDI_*`` before ``BRAKEDISC_*`` before the contract's bare legacy names). The flat
-    names of the nested algorithm settings (:data:`FLAT_NAMES`) are read the same way.
-    """
-
-    def _extract_field_info(
-        self, field: Any, field_name: str, model_config: Mapping[str, Any] | None = None
-    ) -> list[tuple[str, str, bool]]:
-        infos = super()._extract_field_info(field, field_name, model_config)
-        # keyed by the field name, so the sources merge (env over YAML) on one key
-        return [(field_name, env_name, is_complex) for _, env_name, is_complex in infos if env_name != field_name]
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        if field_name in NESTED_SECTIONS:  # read through FLAT_NAMES below, never as one env variable
-            return None, field_name, False
-        return super().get_field_value(field, field_name)
-
-    def __call__(self) -> dict[str, Any]:
-        values = super().__call__()
-        flat: dict[str, object] = {}
-        for name in FLAT_NAMES:
-            for spelt in (f"BDI_{name}", f"BRAKEDISC_{name}"):
-                if spelt in os.environ:
-                    flat[name] = os.environ[spelt]
-                    break
-        return {**values, **_nest(flat, parse=True)}
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    """Reads the YAML file named by ``BDI_CONFIG`` (or ``config_file=`` at init).
-
-    Sections one level deep (``inference: {coreset_rate: 0.1}``) are flattened, so the legacy
-    ``configs/app.yaml`` shape and a flat file both work; keys are field names or the lower-case
-    flat names of :data:`FLAT_NAMES`.
-    """
-
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
-        super().__init__(settings_cls)
-        self._path = path
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        if not self._path:
-            return {}
-        path = Path(self._path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} (BDI_CONFIG) does not exist")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping")
-        flat: dict[str, Any] = {}
-        for key, value in raw.items():
-            if isinstance(value, dict):
-                flat.update(value)
-            else:
-                flat[key] = value
-        fields_ = {k: v for k, v in flat.items() if k in self.settings_cls.model_fields}
-        nested = {k.upper(): v for k, v in flat.items() if k.upper() in FLAT_NAMES and k not in fields_}
-        unknown = sorted(set(flat) - set(fields_) - {k.lower() for k in nested})
-        if unknown:
-            raise ValueError(f"unknown keys in {path}: {unknown}")
-        return {**fields_, **_nest(nested, parse=False)}
-
-
 class Settings(BaseSettings):
     """Runtime settings of the server and the CLI. Build one per app; never at import time.
 
     ``model`` and ``calibration`` are the library's own dataclasses (the pipeline's ``model.*`` and
     ``calibration.*`` keys are the same ones); the contract's flat env names set their fields
-    (:data:`FLAT_NAMES`). Everything else is a runtime setting of this process.
+    (:data:`bdi.settings_sources.FLAT_NAMES`). Everything else is a runtime setting of this process.
     """
 
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
@@ -337,55 +177,54 @@ class Settings(BaseSettings):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     # storage
-    models_dir: Path = Field(Path("models"), validation_alias=_env("MODELS_DIR"))
+    models_dir: Path = Field(Path("models"), validation_alias=env_aliases("MODELS_DIR"))
     weights_cache_dir: Path = Field(
-        Path.home() / ".cache" / "bdi", validation_alias=_env("WEIGHTS_CACHE_DIR")
+        Path.home() / ".cache" / "bdi", validation_alias=env_aliases("WEIGHTS_CACHE_DIR")
     )
     # what runs the feature net: auto = the fastest of torch and the exported runtimes that pass parity
-    runtime: RuntimeName = Field("auto", validation_alias=_env("RUNTIME"))
+    runtime: RuntimeName = Field("auto", validation_alias=env_aliases("RUNTIME"))
     # intra-op threads per process; None = the CPU cores divided among `workers` (uvicorn's WEB_CONCURRENCY)
-    threads: int | None = Field(None, validation_alias=_env("THREADS"))
-    workers: int = Field(1, validation_alias=_env("WORKERS", "WEB_CONCURRENCY"))
-    min_ok_samples: int = Field(10, validation_alias=_env("MIN_OK_SAMPLES"))
-    train_dataset_only: bool = Field(False, validation_alias=_env("TRAIN_DATASET_ONLY"))
-    require_cuda: bool = Field(False, validation_alias=_env("REQUIRE_CUDA"))
+    threads: int | None = Field(None, validation_alias=env_aliases("THREADS"))
+    workers: int = Field(1, validation_alias=env_aliases("WORKERS", "WEB_CONCURRENCY"))
+    min_ok_samples: int = Field(10, validation_alias=env_aliases("MIN_OK_SAMPLES"))
+    train_dataset_only: bool = Field(False, validation_alias=env_aliases("TRAIN_DATASET_ONLY"))
+    require_cuda: bool = Field(False, validation_alias=env_aliases("REQUIRE_CUDA"))
 
-    # serving
-    cors_origins: str = Field("*", validation_alias=_env("CORS_ORIGINS"))
-    cache_max_entries: int = Field(32, validation_alias=_env("CACHE_MAX_ENTRIES"))
-    backend_host: str = Field("127.0.0.1", validation_alias=_env("BACKEND_HOST", "HOST"))
-    backend_port: int = Field(8000, validation_alias=_env("BACKEND_PORT", "PORT"))
-    log_dir: Path | None = Field(None, validation_alias=_env("GUI_LOG_DIR"))
+    # serving (CORS: serving.settings.ServingSettings)
+    cache_max_entries: int = Field(32, validation_alias=env_aliases("CACHE_MAX_ENTRIES"))
+    backend_host: str = Field("127.0.0.1", validation_alias=env_aliases("BACKEND_HOST", "HOST"))
+    backend_port: int = Field(8000, validation_alias=env_aliases("BACKEND_PORT", "PORT"))
+    log_dir: Path | None = Field(None, validation_alias=env_aliases("GUI_LOG_DIR"))
 
     # upload limits (docs/design.md "Upload limits")
-    max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=_env("MAX_UPLOAD_BYTES"))
-    max_image_pixels: int = Field(40_000_000, validation_alias=_env("MAX_IMAGE_PIXELS"))
-    max_files_per_request: int = Field(512, validation_alias=_env("MAX_FILES_PER_REQUEST"))
+    max_upload_bytes: int = Field(32 * 1024 * 1024, validation_alias=env_aliases("MAX_UPLOAD_BYTES"))
+    max_image_pixels: int = Field(40_000_000, validation_alias=env_aliases("MAX_IMAGE_PIXELS"))
+    max_files_per_request: int = Field(512, validation_alias=env_aliases("MAX_FILES_PER_REQUEST"))
     # hardening (issue 16): limits that act before the bytes land, one writer per model
-    max_request_bytes: int = Field(64 * 1024 * 1024, validation_alias=_env("MAX_REQUEST_BYTES"))
-    max_dataset_images: int = Field(1000, validation_alias=_env("MAX_DATASET_IMAGES"))
-    fit_lock_timeout_s: float = Field(10.0, validation_alias=_env("FIT_LOCK_TIMEOUT_S"))
-    orphan_tmp_age_s: float = Field(300.0, validation_alias=_env("ORPHAN_TMP_AGE_S"))
+    max_request_bytes: int = Field(64 * 1024 * 1024, validation_alias=env_aliases("MAX_REQUEST_BYTES"))
+    max_dataset_images: int = Field(1000, validation_alias=env_aliases("MAX_DATASET_IMAGES"))
+    fit_lock_timeout_s: float = Field(10.0, validation_alias=env_aliases("FIT_LOCK_TIMEOUT_S"))
+    orphan_tmp_age_s: float = Field(300.0, validation_alias=env_aliases("ORPHAN_TMP_AGE_S"))
 
     # MLflow (optional; empty tracking_uri = no tracking from the server)
-    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
-    mlflow_experiment: str = Field("bdi", validation_alias=_env("MLFLOW_EXPERIMENT"))
-    registry_sync_on_start: bool = Field(False, validation_alias=_env("REGISTRY_SYNC_ON_START"))
-    registry_alias: str = Field("champion", validation_alias=_env("REGISTRY_ALIAS"))
-    mlflow_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_TIMEOUT_S"))
-    mlflow_queue_size: int = Field(64, validation_alias=_env("MLFLOW_QUEUE_SIZE"))
-    mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=_env("MLFLOW_SHUTDOWN_TIMEOUT_S"))
+    mlflow_tracking_uri: str = Field("", validation_alias=env_aliases("MLFLOW_TRACKING_URI"))
+    mlflow_experiment: str = Field("bdi", validation_alias=env_aliases("MLFLOW_EXPERIMENT"))
+    registry_sync_on_start: bool = Field(False, validation_alias=env_aliases("REGISTRY_SYNC_ON_START"))
+    registry_alias: str = Field("champion", validation_alias=env_aliases("REGISTRY_ALIAS"))
+    mlflow_timeout_s: float = Field(5.0, validation_alias=env_aliases("MLFLOW_TIMEOUT_S"))
+    mlflow_queue_size: int = Field(64, validation_alias=env_aliases("MLFLOW_QUEUE_SIZE"))
+    mlflow_shutdown_timeout_s: float = Field(5.0, validation_alias=env_aliases("MLFLOW_SHUTDOWN_TIMEOUT_S"))
     # with BDI_REGISTRY_SYNC_ON_START=1: sync again every this many seconds (0 = at start-up only)
-    registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=_env("REGISTRY_SYNC_INTERVAL_S"))
+    registry_sync_interval_s: float = Field(30.0, ge=0.0, validation_alias=env_aliases("REGISTRY_SYNC_INTERVAL_S"))
     # shadow mode: also sync this alias's holders and score them on live requests, logged only ("" = off)
-    registry_shadow_alias: str = Field("", validation_alias=_env("REGISTRY_SHADOW_ALIAS"))
+    registry_shadow_alias: str = Field("", validation_alias=env_aliases("REGISTRY_SHADOW_ALIAS"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("train_dataset_only", "require_cuda", "registry_sync_on_start", mode="before")
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
-        return _truthy(value)
+        return truthy(value)
 
     @field_validator("backend_port", mode="before")
     @classmethod
@@ -400,7 +239,7 @@ class Settings(BaseSettings):
     @field_validator("threads", mode="before")
     @classmethod
     def _parse_optional(cls, value: object) -> object:
-        return _optional(value)
+        return optional(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -428,7 +267,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         path = init_kwargs.get("config_file") or init_kwargs.get("BDI_CONFIG") or os.environ.get("BDI_CONFIG")
-        return init_settings, _ContractEnvSource(settings_cls, case_sensitive=True), _YamlSource(settings_cls, path)
+        return init_settings, ContractEnvSource(settings_cls, case_sensitive=True), YamlSource(settings_cls, path)
 
     def intra_op_threads(self) -> int:
         """Threads each process computes with: ``threads``, else the usable CPU cores // ``workers`` (≥ 1)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bdi.mlops.registration import RegistrationResult, export_model_dir, register_model
-from bdi.mlops.tracking import TrackingConfig, tracked_run
+from bdi.mlops.tracking import TrackingTarget, tracked_run
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.storage.store import ModelStore
@@ -30,10 +30,10 @@ def fit_and_export(
 
 
 def register(
-    cfg: TrackingConfig, *, project_root: Path, model_dir: Path, ref: ModelRef, auroc: float = 0.9,
+    tracking: TrackingTarget, *, model_dir: Path, ref: ModelRef, auroc: float = 0.9,
     tags: Mapping[str, str] = LINEAGE_TAGS, move_alias: bool = True,
 ) -> RegistrationResult:
-    with tracked_run(cfg, project_root=project_root, run_name="register") as run:
-        return register_model(cfg=cfg, project_root=project_root, run_id=run.run_id, model_dir=model_dir, ref=ref,
+    with tracked_run(tracking, run_name="register") as run:
+        return register_model(tracking=tracking, run_id=run.run_id, model_dir=model_dir, ref=ref,
                               metrics={"image_auroc": auroc, "false_reject_rate": 0.0}, tags=dict(tags),
                               move_alias=move_alias)

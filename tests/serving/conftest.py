@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from bdi.patchcore.features import FeatureExtractor
 from bdi.service import InspectionService
 from serving.app import create_app
+from serving.settings import ServingSettings
 from tests.helpers.synthetic import disc_png
 from tests.helpers.tiny import tiny_settings
 
@@ -33,9 +34,11 @@ def client_factory(tmp_path: Path, tiny_extractor: FeatureExtractor) -> Iterator
 
     def make(*, raise_server_exceptions: bool = True, **overrides: Any) -> TestClient:
         overrides.setdefault("log_dir", tmp_path / "logs")
+        serving = {k: overrides.pop(k) for k in list(overrides) if k in ServingSettings.model_fields}
         settings = tiny_settings(overrides.pop("models_dir", tmp_path / "models"), **overrides)
         service = InspectionService(settings=settings, extractor=tiny_extractor)
-        client = TestClient(create_app(service=service), raise_server_exceptions=raise_server_exceptions)
+        app = create_app(service=service, serving_settings=ServingSettings(**serving) if serving else None)
+        client = TestClient(app, raise_server_exceptions=raise_server_exceptions)
         client.__enter__()
         stack.append(client)
         return client

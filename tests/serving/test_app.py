@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from bdi.config import Settings
 from serving.__main__ import parse_args
 from serving.app import CudaRequiredError, create_app
+from serving.settings import ServingSettings
 from tests.helpers.tiny import tiny_settings
 
 from .conftest import ClientFactory
@@ -78,3 +79,21 @@ def test_python_m_serving_takes_host_and_port_from_the_environment(
     args = parse_args([], settings=Settings())
     assert (args.host, args.port, args.workers) == (host, port, 1)
     assert parse_args(["--workers", "3", "--port", "7000"], settings=Settings()).workers == 3
+
+
+def test_cors_origins_are_read_from_the_bdi_and_legacy_names_and_the_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("BDI_CORS_ORIGINS", "BRAKEDISC_CORS_ORIGINS", "CORS_ORIGINS", "cors_origins", "BDI_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("cors_origins", "http://bare.local")  # a field's bare name is never read
+    assert ServingSettings().cors_origins == "*"
+    config = tmp_path / "app.yaml"
+    config.write_text("cors_origins: http://file.local\ncoreset_rate: 0.2\n")
+    monkeypatch.setenv("BDI_CONFIG", str(config))
+    assert ServingSettings().cors_origins == "http://file.local"
+    assert Settings().model.memory.coreset_rate == 0.2  # the library's settings accept the server's key
+    monkeypatch.setenv("BRAKEDISC_CORS_ORIGINS", "http://legacy.local")
+    assert ServingSettings().cors_origins == "http://legacy.local"
+    monkeypatch.setenv("BDI_CORS_ORIGINS", "http://gui.local")
+    assert ServingSettings().cors_origins == "http://gui.local"

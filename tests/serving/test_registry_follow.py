@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
-from bdi.mlops.tracking import TrackingConfig
+from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
@@ -33,18 +33,18 @@ IDS = {"role_id": ROLE, "roi_id": ROI}
 @pytest.fixture()
 def registered(
     tmp_path: Path, service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray]
-) -> tuple[str, TrackingConfig, Path]:
-    """A champion version 1 of REF in an MLflow on SQLite; returns (name, tracking config, its export)."""
+) -> tuple[str, TrackingTarget, Path]:
+    """A champion version 1 of REF in an MLflow on SQLite; returns (name, tracking target, its export)."""
     exported = fit_and_export(service, ref=REF, fit_on=good_discs[:10], ok=good_discs[10:], ng=defect_discs,
                               dest=tmp_path / "export")
-    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    result = register(cfg, project_root=tmp_path, model_dir=exported, ref=REF)
-    return result.name, cfg, exported
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").resolve(tmp_path)
+    result = register(tracking, model_dir=exported, ref=REF)
+    return result.name, tracking, exported
 
 
 @pytest.fixture()
 def following(
-    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingConfig, Path]
+    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingTarget, Path]
 ) -> Iterator[TestClient]:
     """A server following that registry (sync at start-up, then every 0.5 s) on an empty models dir."""
     settings = tiny_settings(tmp_path / "served", mlflow_tracking_uri=registered[1].tracking_uri,
@@ -55,7 +55,7 @@ def following(
 
 
 def test_infer_reports_the_lineage_of_the_registered_version(
-    following: TestClient, registered: tuple[str, TrackingConfig, Path], defect_discs: list[np.ndarray]
+    following: TestClient, registered: tuple[str, TrackingTarget, Path], defect_discs: list[np.ndarray]
 ) -> None:
     response = infer(following, png_bytes(defect_discs[0]))
     assert response.status_code == 200, response.text
@@ -81,7 +81,7 @@ def test_state_and_manifest_carry_the_same_lineage(following: TestClient) -> Non
 
 
 def test_health_lists_the_synced_versions_and_how_stale_the_registry_view_is(
-    following: TestClient, registered: tuple[str, TrackingConfig, Path]
+    following: TestClient, registered: tuple[str, TrackingTarget, Path]
 ) -> None:
     registry = following.get("/health").json()["registry"]
     assert registry["following"] is True and registry["reachable"] is True and registry["error"] is None
@@ -90,7 +90,7 @@ def test_health_lists_the_synced_versions_and_how_stale_the_registry_view_is(
 
 
 def test_fit_ok_on_a_registry_model_is_a_409_naming_the_registered_version(
-    following: TestClient, registered: tuple[str, TrackingConfig, Path], good_discs: list[np.ndarray]
+    following: TestClient, registered: tuple[str, TrackingTarget, Path], good_discs: list[np.ndarray]
 ) -> None:
     files = [("images", ("a.png", png_bytes(good_discs[0]), "image/png"))]
     response = following.post("/fit_ok", data={**IDS, "mm_per_px": "0.2"}, files=files)
@@ -120,13 +120,13 @@ def test_api_fit_lineage_and_threshold_source_go_from_api_to_stale_after_a_refit
 
 
 def test_shadow_mode_logs_the_challengers_score_while_the_champion_decides(
-    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingConfig, Path],
+    tmp_path: Path, tiny_extractor: FeatureExtractor, registered: tuple[str, TrackingTarget, Path],
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
 ) -> None:
     name, cfg, _ = registered
     challenger = fit_and_export(service, ref=REF, fit_on=good_discs[2:12], ok=good_discs[:2], ng=defect_discs,
                                 dest=tmp_path / "export-2")
-    register(cfg, project_root=tmp_path, model_dir=challenger, ref=REF, move_alias=False)
+    register(cfg, model_dir=challenger, ref=REF, move_alias=False)
     MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri).set_registered_model_alias(
         name, "challenger", "2")
     logs = tmp_path / "logs"
@@ -149,7 +149,7 @@ def test_shadow_mode_logs_the_challengers_score_while_the_champion_decides(
 
 @pytest.mark.slow
 def test_a_fresh_server_process_syncs_at_start_up_alongside_its_mlflow_start_up_check(
-    tmp_path: Path, registered: tuple[str, TrackingConfig, Path]
+    tmp_path: Path, registered: tuple[str, TrackingTarget, Path]
 ) -> None:
     """In a new process the follower and the start-up check are two threads reaching MLflow at once: its
     first import must not race (a deadlock there left a half-imported mlflow and every sync failing)."""

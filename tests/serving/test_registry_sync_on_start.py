@@ -28,9 +28,9 @@ def test_server_syncs_registered_champion_at_startup(
     exported = tmp_path / "export"
     export_model_dir(store=ModelStore(service.settings.models_dir), ref=REF, dest=exported)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = TrackingConfig(tracking_uri=uri)
-    with tracked_run(cfg, project_root=tmp_path, run_name="register") as run:
-        register_model(cfg=cfg, project_root=tmp_path, run_id=run.run_id, model_dir=exported, ref=REF,
+    tracking = TrackingConfig(tracking_uri=uri).resolve(tmp_path)
+    with tracked_run(tracking, run_name="register") as run:
+        register_model(tracking=tracking, run_id=run.run_id, model_dir=exported, ref=REF,
                        metrics={"image_auroc": 1.0}, tags={})
 
     served = tmp_path / "served-models"

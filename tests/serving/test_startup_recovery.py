@@ -48,8 +48,8 @@ VICTIM = """
 import sys, time
 from pathlib import Path
 from bdi.mlops.tracking import TrackingConfig, tracked_run
-cfg = TrackingConfig(tracking_uri=sys.argv[1], experiment="bdi")
-with tracked_run(cfg, project_root=Path(sys.argv[2]), run_name="victim") as run:
+tracking = TrackingConfig(tracking_uri=sys.argv[1], experiment="bdi").resolve(Path(sys.argv[2]))
+with tracked_run(tracking, run_name="victim") as run:
     print(run.run_id, flush=True)
     time.sleep(600)
 """

@@ -15,7 +15,8 @@ from bdi import backbones
 from bdi.backbones import BACKBONES, EFFICIENTNET_LITE0, EFFICIENTNET_LITE2, backbone_spec
 from bdi.config import FeatureConfig
 from bdi.errors import WeightsError
-from bdi.patchcore.features import FeatureExtractor, create_backbone
+from bdi.patchcore.features import FeatureExtractor
+from bdi.patchcore.nets import create_backbone
 from bdi.patchcore.weights import convert_by_order, load_state_dict_file, resolve_weights
 
 LITE0 = FeatureConfig(backbone=EFFICIENTNET_LITE0, weights="official", input_size=64, device="cpu")

@@ -14,7 +14,8 @@ from timm.layers import resample_abs_pos_embed
 from bdi.backbones import BACKBONES
 from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError, WeightsError
-from bdi.patchcore.features import FeatureBatch, FeatureExtractor, create_backbone
+from bdi.patchcore.features import FeatureBatch, FeatureExtractor
+from bdi.patchcore.nets import create_backbone
 from bdi.patchcore.weights import WeightsInfo, resolve_weights
 from tests.helpers.tiny import tiny_feature_config
 
@@ -215,6 +216,20 @@ def test_official_offline_with_empty_cache_raises_and_leaves_no_partial_file(
     message = str(info.value)
     assert "BDI_WEIGHTS" in message and "random" in message
     assert calls == [BACKBONES["vit_small_patch14_dinov2"].official.url]
+    assert list(cache.iterdir()) == []
+
+
+def test_official_download_with_wrong_hash_is_rejected_naming_sha256_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "served.pth"
+    served.write_bytes(b"not the weights")
+    spec = BACKBONES["vit_small_patch14_dinov2"]
+    monkeypatch.setitem(BACKBONES, spec.name, replace(spec, official=replace(spec.official, url=served.as_uri())))
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match="sha256") as info:
+        resolve_weights(replace(TINY, weights="official"), cache_dir=cache)
+    assert hashlib.sha256(b"not the weights").hexdigest() in str(info.value)
     assert list(cache.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ from bdi.mlops.promotion import (
     read_golden_set,
     write_golden_set,
 )
-from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri
+from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from tests.helpers.registry import fit_and_export, register
@@ -96,12 +96,12 @@ def golden_export(
     return exported
 
 
-def _cfg(prefix: str) -> TrackingConfig:
-    return TrackingConfig(experiment="unit-promotion", registered_model_prefix=prefix)
+def _tracking(prefix: str, project_root: Path) -> TrackingTarget:
+    return TrackingConfig(experiment="unit-promotion", registered_model_prefix=prefix).resolve(project_root)
 
 
 def _client(project_root: Path) -> MlflowClient:
-    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
+    uri = TrackingConfig().resolve(project_root).tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -113,9 +113,9 @@ def test_golden_set_round_trips(golden_export: Path) -> None:
 def test_promote_moves_the_alias_when_served_scores_match_the_pipelines(
     project_root: Path, golden_export: Path
 ) -> None:
-    cfg = _cfg("parity")
-    registered = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF, move_alias=False)
-    result = promote_version(cfg=cfg, project_root=project_root, name=registered.name, version=1,
+    tracking = _tracking("parity", project_root)
+    registered = register(tracking, model_dir=golden_export, ref=REF, move_alias=False)
+    result = promote_version(tracking=tracking, name=registered.name, version=1,
                              gate=PromotionGate(max_infer_latency_ms=60_000.0, parity_eps=1e-4))
     assert result.moved and result.report is not None and result.report.passed, result.report
     version = _client(project_root).get_model_version_by_alias(registered.name, "champion")
@@ -125,13 +125,13 @@ def test_promote_moves_the_alias_when_served_scores_match_the_pipelines(
 def test_promote_keeps_the_holder_when_the_export_scores_differently(
     project_root: Path, golden_export: Path
 ) -> None:
-    cfg = _cfg("drift")
-    first = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)
+    tracking = _tracking("drift", project_root)
+    first = register(tracking, model_dir=golden_export, ref=REF)
     drifted = [(data, ".png", replace(record, expected_score=record.expected_score + 0.05))
                for data, record in read_golden_set(golden_export)]
     write_golden_set(golden_export, drifted)
-    register(cfg, project_root=project_root, model_dir=golden_export, ref=REF, move_alias=False)
-    result = promote_version(cfg=cfg, project_root=project_root, name=first.name, version=2,
+    register(tracking, model_dir=golden_export, ref=REF, move_alias=False)
+    result = promote_version(tracking=tracking, name=first.name, version=2,
                              gate=PromotionGate(max_infer_latency_ms=60_000.0))
     assert not result.moved and result.previous_version == 1
     assert result.report is not None and _failed(result.report) == {"export_parity"}
@@ -145,9 +145,9 @@ def test_cli_promote_skip_gate_moves_the_alias_back(
 ) -> None:
     from bdi.cli import main
 
-    cfg = _cfg("cli")
-    first = register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)
-    register(cfg, project_root=project_root, model_dir=golden_export, ref=REF)  # AUROC equal: champion → v2
+    tracking = _tracking("cli", project_root)
+    first = register(tracking, model_dir=golden_export, ref=REF)
+    register(tracking, model_dir=golden_export, ref=REF)  # AUROC equal: champion → v2
     assert str(_client(project_root).get_model_version_by_alias(first.name, "champion").version) == "2"
     code = main(["promote", first.name, "1", "--skip-gate", "--project-root", str(project_root)])
     assert code == 0 and f"{first.name}@champion -> v1 (was v2)" in capsys.readouterr().out

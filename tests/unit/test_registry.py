@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from bdi.errors import InvalidInputError
 from bdi.mlops.registration import RegistrationResult, export_model_dir, register_model, registered_model_name
 from bdi.mlops.registry_sync import sync_registered
-from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri, tracked_run
+from bdi.mlops.tracking import TrackingConfig, TrackingTarget, tracked_run
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 from bdi.storage.store import ModelStore
@@ -38,8 +38,8 @@ def no_stray_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # 
     assert sorted(p.name for p in cwd.iterdir()) == []
 
 
-def _cfg(prefix: str) -> TrackingConfig:
-    return TrackingConfig(experiment="unit-registry", registered_model_prefix=prefix)
+def _tracking(prefix: str, project_root: Path) -> TrackingTarget:
+    return TrackingConfig(experiment="unit-registry", registered_model_prefix=prefix).resolve(project_root)
 
 
 def _fit_and_export(
@@ -53,9 +53,9 @@ def _fit_and_export(
     return dest
 
 
-def _register(cfg: TrackingConfig, project_root: Path, model_dir: Path, auroc: float) -> RegistrationResult:
-    with tracked_run(cfg, project_root=project_root, run_name="register") as run:
-        return register_model(cfg=cfg, project_root=project_root, run_id=run.run_id, model_dir=model_dir,
+def _register(tracking: TrackingTarget, model_dir: Path, auroc: float) -> RegistrationResult:
+    with tracked_run(tracking, run_name="register") as run:
+        return register_model(tracking=tracking, run_id=run.run_id, model_dir=model_dir,
                               ref=REF, metrics={"image_auroc": auroc, "pixel_auroc": 0.5},
                               tags={"dvc_params_hash": "abc123"})
 
@@ -68,7 +68,7 @@ def model_dir(service: InspectionService, good_discs: list[np.ndarray], defect_d
 
 
 def _client(project_root: Path) -> MlflowClient:
-    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
+    uri = TrackingConfig().resolve(project_root).tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -84,9 +84,9 @@ def test_registered_model_name_is_mlflow_safe_and_keeps_similar_ids_apart() -> N
 def test_alias_stays_on_the_better_version_when_a_worse_one_registers(
     project_root: Path, model_dir: Path
 ) -> None:
-    cfg = _cfg("alias")
-    first = _register(cfg, project_root, model_dir, auroc=0.9)
-    second = _register(cfg, project_root, model_dir, auroc=0.8)
+    tracking = _tracking("alias", project_root)
+    first = _register(tracking, model_dir, auroc=0.9)
+    second = _register(tracking, model_dir, auroc=0.8)
     assert (first.version, first.alias_moved, first.previous_version) == (1, True, None)
     assert (second.version, second.alias_moved, second.previous_version) == (2, False, 1)
     client = _client(project_root)
@@ -99,20 +99,20 @@ def test_alias_stays_on_the_better_version_when_a_worse_one_registers(
 
 
 def test_register_rejects_a_missing_primary_metric(project_root: Path, model_dir: Path) -> None:
-    cfg = _cfg("nometric")
-    with tracked_run(cfg, project_root=project_root, run_name="register") as run:
+    tracking = _tracking("nometric", project_root)
+    with tracked_run(tracking, run_name="register") as run:
         with pytest.raises(InvalidInputError, match="image_auroc"):
-            register_model(cfg=cfg, project_root=project_root, run_id=run.run_id, model_dir=model_dir,
+            register_model(tracking=tracking, run_id=run.run_id, model_dir=model_dir,
                            ref=REF, metrics={"pixel_auroc": 0.7}, tags={})
 
 
 def test_sync_writes_the_exact_store_files_and_is_idempotent(
     project_root: Path, model_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg("sync")
-    _register(cfg, project_root, model_dir, auroc=0.9)
+    tracking = _tracking("sync", project_root)
+    _register(tracking, model_dir, auroc=0.9)
     served = tmp_path / "served"
-    [synced] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    [synced] = sync_registered(tracking=tracking, models_dir=served)
     src, dst = ModelStore(model_dir).paths(REF), ModelStore(served).paths(REF)
     assert synced.written == ("index", "memory", "calib")
     for a, b in ((src.index, dst.index), (src.memory, dst.memory), (src.calib, dst.calib)):
@@ -121,7 +121,7 @@ def test_sync_writes_the_exact_store_files_and_is_idempotent(
     assert loaded is not None and loaded.index is not None
     assert loaded.memory.fingerprint == synced.fingerprint
     assert ModelStore(served).load_calibration(REF) == ModelStore(model_dir).load_calibration(REF)
-    assert sync_registered(cfg=cfg, project_root=project_root, models_dir=served) == []
+    assert sync_registered(tracking=tracking, models_dir=served) == []
     assert not [p for p in served.iterdir() if p.name.startswith(".sync-")]
 
 
@@ -129,14 +129,14 @@ def test_sync_follows_the_alias_to_a_better_version(
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
     project_root: Path, model_dir: Path, tmp_path: Path,
 ) -> None:
-    cfg = _cfg("resync")
-    _register(cfg, project_root, model_dir, auroc=0.8)
+    tracking = _tracking("resync", project_root)
+    _register(tracking, model_dir, auroc=0.8)
     served = tmp_path / "served"
-    [first] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    [first] = sync_registered(tracking=tracking, models_dir=served)
     refit = _fit_and_export(service, fit_on=good_discs[2:12], ok=good_discs[:2], ng=defect_discs,
                             dest=tmp_path / "export-2")
-    better = _register(cfg, project_root, refit, auroc=0.95)
-    [second] = sync_registered(cfg=cfg, project_root=project_root, models_dir=served)
+    better = _register(tracking, refit, auroc=0.95)
+    [second] = sync_registered(tracking=tracking, models_dir=served)
     assert better.alias_moved and second.version == better.version == 2
     assert second.fingerprint != first.fingerprint
     loaded = ModelStore(served).load_model(REF)
@@ -147,13 +147,13 @@ def test_pyfunc_from_the_alias_scores_an_image_path_like_the_service(
     service: InspectionService, good_discs: list[np.ndarray], defect_discs: list[np.ndarray],
     project_root: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cfg = _cfg("pyfunc")
-    registered = _register(cfg, project_root, model_dir, auroc=0.9)
+    tracking = _tracking("pyfunc", project_root)
+    registered = _register(tracking, model_dir, auroc=0.9)
     paths = []
     for name, image in (("good.png", good_discs[11]), ("defect.png", defect_discs[0])):
         paths.append(str(tmp_path / name))
         assert cv2.imwrite(paths[-1], image)
-    uri, _ = resolve_tracking_uri(cfg, project_root=project_root)
+    uri = tracking.tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model(f"models:/{registered.name}@champion")
     out = model.predict(pd.DataFrame({"image_path": paths}))
@@ -169,8 +169,8 @@ def test_cli_sync_materialises_the_champion_into_the_models_dir(
 ) -> None:
     from bdi.cli import main
 
-    cfg = _cfg("cli")
-    registered = _register(cfg, project_root, model_dir, auroc=0.9)
+    tracking = _tracking("cli", project_root)
+    registered = _register(tracking, model_dir, auroc=0.9)
     served = tmp_path / "served"
     code = main(["sync", "--models-dir", str(served), "--project-root", str(project_root), "--prefix", "cli"])
     assert code == 0
@@ -187,10 +187,10 @@ def test_sync_copies_the_export_a_version_carries_into_the_export_cache(
 
     export, _ = export_checked(service.extractor, root=model_dir / EXPORTS_DIRNAME, threads=1,
                                runtimes=["onnxruntime"])
-    cfg = _cfg("carried")
-    _register(cfg, project_root, model_dir, auroc=0.9)
+    tracking = _tracking("carried", project_root)
+    _register(tracking, model_dir, auroc=0.9)
     cache = tmp_path / "cache" / "exports"
-    sync_registered(cfg=cfg, project_root=project_root, models_dir=tmp_path / "served", exports_root=cache)
+    sync_registered(tracking=tracking, models_dir=tmp_path / "served", exports_root=cache)
     synced = load_export(cache / export.manifest.key, signature=service.extractor.signature())
     assert synced.manifest.files == export.manifest.files
     assert synced.manifest.parity["onnxruntime"]["passed"] is True
@@ -201,11 +201,11 @@ def test_a_version_without_an_export_syncs_and_serves(
 ) -> None:
     from tests.helpers.tiny import tiny_settings
 
-    cfg = _cfg("noexport")
-    _register(cfg, project_root, model_dir, auroc=0.9)
+    tracking = _tracking("noexport", project_root)
+    _register(tracking, model_dir, auroc=0.9)
     served = tmp_path / "served"
     settings = tiny_settings(served, runtime="auto")
-    sync_registered(cfg=cfg, project_root=project_root, models_dir=served, exports_root=settings.exports_dir())
+    sync_registered(tracking=tracking, models_dir=served, exports_root=settings.exports_dir())
     assert not settings.exports_dir().exists()
     server = InspectionService.from_settings(settings)
     ok, encoded = cv2.imencode(".png", good_discs[11])

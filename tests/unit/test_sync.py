@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from bdi.errors import CalibrationMissingError, RegistryManagedError, StorageError
 from bdi.mlops.follower import RegistryFollower, SyncStatusReader, read_status
 from bdi.mlops.registry_sync import materialise_model, sync_registry
-from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri
+from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
@@ -49,12 +49,12 @@ def exports(
     return one, two
 
 
-def _cfg(prefix: str) -> TrackingConfig:
-    return TrackingConfig(experiment="unit-sync", registered_model_prefix=prefix)
+def _tracking(prefix: str, project_root: Path) -> TrackingTarget:
+    return TrackingConfig(experiment="unit-sync", registered_model_prefix=prefix).resolve(project_root)
 
 
-def _client(cfg: TrackingConfig, project_root: Path) -> MlflowClient:
-    uri, _ = resolve_tracking_uri(cfg, project_root=project_root)
+def _client(tracking: TrackingTarget) -> MlflowClient:
+    uri = tracking.tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -71,15 +71,15 @@ def _fingerprint(model_dir: Path) -> str:
 def test_sync_writes_a_lineage_naming_version_run_commit_and_data(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("lineage")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("lineage", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
     served = ModelStore(tmp_path / "served")
-    report = sync_registry(cfg=cfg, project_root=project_root, models_dir=served.root)
+    report = sync_registry(tracking=tracking, models_dir=served.root)
     lineage = read_lineage(served, REF)
     assert lineage is not None and lineage.source == "registry" and lineage.managed
     assert (lineage.registered_model, lineage.registered_version, lineage.registered_alias) == (
         registered.name, 1, "champion")
-    version = _client(cfg, project_root).get_model_version(registered.name, "1")
+    version = _client(tracking).get_model_version(registered.name, "1")
     assert lineage.mlflow_run_id == version.run_id
     assert lineage.git_commit == LINEAGE_TAGS["dvc_commit"] and lineage.data_hash == LINEAGE_TAGS["data_hash"]
     assert lineage.calibration_run_id == "calib-run-1"
@@ -89,13 +89,13 @@ def test_sync_writes_a_lineage_naming_version_run_commit_and_data(
 def test_second_sync_downloads_nothing_when_the_lineage_names_the_held_version(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("nodownload")
-    register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("nodownload", project_root)
+    register(tracking, model_dir=exports[0], ref=REF)
     served = tmp_path / "served"
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served)
+    sync_registry(tracking=tracking, models_dir=served)
     memory = ModelStore(served).paths(REF).memory
     before = memory.stat().st_mtime_ns
-    again = sync_registry(cfg=cfg, project_root=project_root, models_dir=served)
+    again = sync_registry(tracking=tracking, models_dir=served)
     assert again.changed == [] and [m.version for m in again.held] == [1]
     assert memory.stat().st_mtime_ns == before
 
@@ -103,15 +103,15 @@ def test_second_sync_downloads_nothing_when_the_lineage_names_the_held_version(
 def test_moving_the_alias_back_restores_the_old_model(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("rollback")
-    first = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF, auroc=0.8)
-    register(cfg, project_root=project_root, model_dir=exports[1], ref=REF, auroc=0.9)
+    tracking = _tracking("rollback", project_root)
+    first = register(tracking, model_dir=exports[0], ref=REF, auroc=0.8)
+    register(tracking, model_dir=exports[1], ref=REF, auroc=0.9)
     served = ModelStore(tmp_path / "served")
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.root)
+    sync_registry(tracking=tracking, models_dir=served.root)
     assert _fingerprint(served.root) == _fingerprint(exports[1])
 
-    _client(cfg, project_root).set_registered_model_alias(first.name, "champion", "1")
-    [restored] = sync_registry(cfg=cfg, project_root=project_root, models_dir=served.root).changed
+    _client(tracking).set_registered_model_alias(first.name, "champion", "1")
+    [restored] = sync_registry(tracking=tracking, models_dir=served.root).changed
     assert restored.version == 1
     assert _fingerprint(served.root) == _fingerprint(exports[0])
     assert served.load_calibration(REF) == ModelStore(exports[0]).load_calibration(REF)
@@ -128,9 +128,9 @@ def test_registry_replaces_an_api_fitted_model_of_the_same_key(
     api = read_lineage(served.store, REF)
     assert api is not None and api.source == "api" and api.data_source == "api:upload"
 
-    cfg = _cfg("wins")
-    register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
+    tracking = _tracking("wins", project_root)
+    register(tracking, model_dir=exports[0], ref=REF)
+    sync_registry(tracking=tracking, models_dir=served.settings.models_dir)
     lineage = read_lineage(served.store, REF)
     assert lineage is not None and lineage.source == "registry"
     assert _fingerprint(served.settings.models_dir) == _fingerprint(exports[0]) != api.memory_fingerprint
@@ -140,10 +140,10 @@ def test_api_fit_and_calibration_of_a_registry_model_are_refused_naming_the_vers
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     good_discs: list[np.ndarray],
 ) -> None:
-    cfg = _cfg("refuse")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("refuse", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
     served = _served_service(tmp_path / "served", tiny_extractor)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
+    sync_registry(tracking=tracking, models_dir=served.settings.models_dir)
     memory_before = ModelStore(served.settings.models_dir).paths(REF).memory.read_bytes()
     with pytest.raises(RegistryManagedError, match=rf"{registered.name} version 1 \(alias 'champion'\)"):
         served.fit_ok(ref=REF, mm_per_px=0.2, images=[("a.png", png_bytes(good_discs[0]))])
@@ -158,12 +158,12 @@ def test_removing_the_alias_releases_the_model_to_the_api(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path, tiny_extractor: FeatureExtractor,
     good_discs: list[np.ndarray],
 ) -> None:
-    cfg = _cfg("release")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("release", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
     served = _served_service(tmp_path / "served", tiny_extractor)
-    sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
-    _client(cfg, project_root).delete_registered_model_alias(registered.name, "champion")
-    report = sync_registry(cfg=cfg, project_root=project_root, models_dir=served.settings.models_dir)
+    sync_registry(tracking=tracking, models_dir=served.settings.models_dir)
+    _client(tracking).delete_registered_model_alias(registered.name, "champion")
+    report = sync_registry(tracking=tracking, models_dir=served.settings.models_dir)
     assert report.released == (registered.name,) and report.held == ()
     lineage = read_lineage(served.store, REF)
     assert lineage is not None and not lineage.managed
@@ -174,15 +174,15 @@ def test_removing_the_alias_releases_the_model_to_the_api(
 def test_follower_picks_up_a_promotion_within_the_interval(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("follow")
-    first = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("follow", project_root)
+    first = register(tracking, model_dir=exports[0], ref=REF)
     served = tmp_path / "served"
-    follower = RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0.5)
+    follower = RegistryFollower(tracking=tracking, models_dir=served, interval_s=0.5)
     follower.start(wait_first_s=60)
     try:
         assert _fingerprint(served) == _fingerprint(exports[0])
-        register(cfg, project_root=project_root, model_dir=exports[1], ref=REF, move_alias=False)
-        _client(cfg, project_root).set_registered_model_alias(first.name, "champion", "2")
+        register(tracking, model_dir=exports[1], ref=REF, move_alias=False)
+        _client(tracking).set_registered_model_alias(first.name, "champion", "2")
         deadline = time.monotonic() + 30
         while _fingerprint(served) != _fingerprint(exports[1]) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -203,17 +203,17 @@ def _closed_port() -> int:
 def test_unreachable_registry_keeps_the_models_and_health_reports_the_stale_view(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = _cfg("down")
-    register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("down", project_root)
+    register(tracking, model_dir=exports[0], ref=REF)
     served = tmp_path / "served"
-    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    RegistryFollower(tracking=tracking, models_dir=served, interval_s=0).run()
     synced_at = read_status(served)
     assert synced_at is not None and synced_at["error"] is None
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     down = TrackingConfig(tracking_uri=f"http://127.0.0.1:{_closed_port()}", registered_model_prefix="down")
-    RegistryFollower(cfg=down, project_root=project_root, models_dir=served, interval_s=0).run()
+    RegistryFollower(tracking=down.resolve(project_root), models_dir=served, interval_s=0).run()
     health = SyncStatusReader(served, following=True, alias="champion", interval_s=0).health()
     assert health["reachable"] is False and health["error"]
     assert health["last_sync_utc"] == synced_at["last_success_utc"] and health["stale_s"] >= 0
@@ -284,8 +284,8 @@ def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
 
     from tests.helpers.servers import clean_env
 
-    cfg = _cfg("watch")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("watch", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
     served = tmp_path / "served"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bdi.cli", "sync", "--watch", "--interval", "0.5", "--models-dir", str(served),
@@ -315,16 +315,16 @@ def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
 def test_a_broken_version_is_reported_and_does_not_stop_the_other_models(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("isolate")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
-    client = _client(cfg, project_root)
+    tracking = _tracking("isolate", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
+    client = _client(tracking)
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     client.create_registered_model("isolate.broken")
     client.create_model_version("isolate.broken", source=empty.as_uri())
     client.set_registered_model_alias("isolate.broken", "champion", "1")
     served = tmp_path / "served"
-    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    RegistryFollower(tracking=tracking, models_dir=served, interval_s=0).run()
     health = SyncStatusReader(served, following=True, alias="champion", interval_s=0).health()
     assert [m["name"] for m in health["synced"]] == [registered.name]
     assert len(health["failed"]) == 1 and health["failed"][0].startswith("isolate.broken v1: ")
@@ -335,16 +335,16 @@ def test_a_broken_version_is_reported_and_does_not_stop_the_other_models(
 def test_a_promoted_version_that_cannot_be_synced_leaves_the_old_one_served_and_listed(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg("keepold")
-    registered = register(cfg, project_root=project_root, model_dir=exports[0], ref=REF)
+    tracking = _tracking("keepold", project_root)
+    registered = register(tracking, model_dir=exports[0], ref=REF)
     served = tmp_path / "served"
-    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
-    client = _client(cfg, project_root)
+    RegistryFollower(tracking=tracking, models_dir=served, interval_s=0).run()
+    client = _client(tracking)
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     client.create_model_version(registered.name, source=empty.as_uri())
     client.set_registered_model_alias(registered.name, "champion", "2")
-    RegistryFollower(cfg=cfg, project_root=project_root, models_dir=served, interval_s=0).run()
+    RegistryFollower(tracking=tracking, models_dir=served, interval_s=0).run()
     health = SyncStatusReader(served, following=True, alias="champion", interval_s=0).health()
     assert [(m["name"], m["version"]) for m in health["synced"]] == [(registered.name, 1)]
     assert [f.split(":")[0] for f in health["failed"]] == [f"{registered.name} v2"]

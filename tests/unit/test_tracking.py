@@ -16,19 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from bdi.mlops.api_runs import ApiRunLogger
-from bdi.mlops.tracking import (
-    OWNER_HOST_TAG,
-    OWNER_PID_TAG,
-    PARAM_VALUE_MAX_CHARS,
-    TrackingConfig,
-    TrackingStatus,
-    bounded_mlflow_http,
-    check_tracking_server,
-    flatten_params,
-    reap_orphaned_runs,
-    resolve_tracking_uri,
-    tracked_run,
-)
+from bdi.mlops.outages import TrackingStatus, bounded_mlflow_http, check_tracking_server, reap_orphaned_runs
+from bdi.mlops.params import PARAM_VALUE_MAX_CHARS, flatten_params
+from bdi.mlops.tracking import OWNER_HOST_TAG, OWNER_PID_TAG, TrackingConfig, tracked_run
 from bdi.patchcore.calibration import Calibration
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
@@ -45,8 +35,7 @@ def project_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(project_root: Path) -> MlflowClient:
-    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=project_root)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=TrackingConfig().resolve(project_root).tracking_uri)
 
 
 def _runs(client: MlflowClient, experiment: str, filter_string: str = "") -> list:
@@ -56,14 +45,16 @@ def _runs(client: MlflowClient, experiment: str, filter_string: str = "") -> lis
 
 
 def test_empty_tracking_uri_resolves_to_project_sqlite_and_artifact_folder(tmp_path: Path) -> None:
-    uri, artifacts = resolve_tracking_uri(TrackingConfig(), project_root=tmp_path)
+    target = TrackingConfig().resolve(tmp_path)
+    uri, artifacts = target.tracking_uri, target.artifact_location
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert artifacts == (tmp_path.resolve() / "mlartifacts").as_uri()
 
 
 def test_configured_tracking_uri_passes_through(tmp_path: Path) -> None:
     cfg = TrackingConfig(tracking_uri="http://mlflow.internal:5000", artifact_location="store")
-    uri, artifacts = resolve_tracking_uri(cfg, project_root=tmp_path)
+    target = cfg.resolve(tmp_path)
+    uri, artifacts = target.tracking_uri, target.artifact_location
     assert uri == "http://mlflow.internal:5000"
     assert artifacts == (tmp_path.resolve() / "store").as_uri()
 
@@ -81,7 +72,7 @@ def test_tracked_run_logs_flattened_params_metrics_and_artifacts(
     report = tmp_path / "report.txt"
     report.write_text("hello", encoding="utf-8")
     cfg = TrackingConfig(experiment="unit-run")
-    with tracked_run(cfg, project_root=project_root, run_name="unit", tags={"stage": "test"},
+    with tracked_run(cfg.resolve(project_root), run_name="unit", tags={"stage": "test"},
                      params={"memory": {"coreset_rate": 0.1}}) as run:
         run.log_metrics({"image_auroc": 0.75, "skipped": None, "nan": math.nan, "timings_ms": {"encode": 3.0}})
         run.log_artifact(report, artifact_path="reports")
@@ -98,7 +89,7 @@ def test_tracked_run_logs_flattened_params_metrics_and_artifacts(
 def test_tracked_run_marks_failed_run_and_reraises(project_root: Path, client: MlflowClient) -> None:
     cfg = TrackingConfig(experiment="unit-fail")
     with pytest.raises(RuntimeError, match="boom"):
-        with tracked_run(cfg, project_root=project_root, run_name="fails"):
+        with tracked_run(cfg.resolve(project_root), run_name="fails"):
             raise RuntimeError("boom")
     [run] = _runs(client, "unit-fail")
     assert run.info.status == "FAILED"
@@ -107,7 +98,7 @@ def test_tracked_run_marks_failed_run_and_reraises(project_root: Path, client: M
 def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(
     service: InspectionService, good_discs: list[np.ndarray], project_root: Path, client: MlflowClient
 ) -> None:
-    logger = ApiRunLogger(TrackingConfig(experiment="unit-api"), project_root=project_root)
+    logger = ApiRunLogger(TrackingConfig(experiment="unit-api").resolve(project_root))
     hooked = InspectionService(settings=service.settings, extractor=service.extractor,
                                on_fit=logger.on_fit, on_calibrate=logger.on_calibrate)
     fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:4])
@@ -127,7 +118,7 @@ def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(
 def test_api_run_logger_swallows_tracking_outage(
     service: InspectionService, good_discs: list[np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    logger = ApiRunLogger(TrackingConfig(tracking_uri="unreachable-scheme://nowhere"), project_root=tmp_path)
+    logger = ApiRunLogger(TrackingConfig(tracking_uri="unreachable-scheme://nowhere").resolve(tmp_path))
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
     caplog.set_level(logging.DEBUG, logger="bdi")
     fit = hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
@@ -138,7 +129,7 @@ def test_api_run_logger_swallows_tracking_outage(
 def test_api_run_logger_in_background_logs_after_flush(
     service: InspectionService, good_discs: list[np.ndarray], project_root: Path, client: MlflowClient
 ) -> None:
-    logger = ApiRunLogger(TrackingConfig(experiment="unit-bg"), project_root=project_root, background=True)
+    logger = ApiRunLogger(TrackingConfig(experiment="unit-bg").resolve(project_root), background=True)
     hooked = InspectionService(settings=service.settings, extractor=service.extractor, on_fit=logger.on_fit)
     hooked.fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:2])
     logger.close()
@@ -152,7 +143,7 @@ def test_each_mlflow_call_times_out_against_a_server_that_accepts_and_stalls(tmp
     with stalling_server() as uri, bounded_mlflow_http(1):
         started = time.monotonic()
         with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, it must raise soon
-            check_tracking_server(TrackingConfig(tracking_uri=uri), project_root=tmp_path)
+            check_tracking_server(TrackingConfig(tracking_uri=uri).resolve(tmp_path))
         assert time.monotonic() - started < 5  # MLflow's own default: 120 s and 7 retries
 
 
@@ -172,7 +163,7 @@ def test_full_logging_queue_drops_runs_with_a_warning_and_close_is_bounded(
     caplog.set_level(logging.DEBUG)
     with stalling_server() as uri, bounded_mlflow_http(1):
         status = TrackingStatus("checking")
-        logger = ApiRunLogger(TrackingConfig(tracking_uri=uri), project_root=tmp_path, background=True,
+        logger = ApiRunLogger(TrackingConfig(tracking_uri=uri).resolve(tmp_path), background=True,
                               queue_size=2, status=status)
         started = time.monotonic()
         for i in range(8):
@@ -196,13 +187,13 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(project_root: Pat
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     dead_pid = int(dead.stdout)
-    with tracked_run(cfg, project_root=project_root, run_name="live") as live:
+    with tracked_run(cfg.resolve(project_root), run_name="live") as live:
         experiment_id = client.get_experiment_by_name("unit-reap").experiment_id
         orphan = client.create_run(experiment_id, run_name="orphan",
                                    tags={OWNER_PID_TAG: str(dead_pid), OWNER_HOST_TAG: socket.gethostname()})
         foreign = client.create_run(experiment_id, run_name="foreign",
                                     tags={OWNER_PID_TAG: str(dead_pid), OWNER_HOST_TAG: "another-host"})
-        reaped = reap_orphaned_runs(cfg, project_root=project_root)
+        reaped = reap_orphaned_runs(cfg.resolve(project_root))
         assert reaped == [orphan.info.run_id]
         assert client.get_run(orphan.info.run_id).info.status == "KILLED"
         assert client.get_run(live.run_id).info.status == "RUNNING"  # its process (this one) is alive

@@ -8,11 +8,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bdi.logging import slog
-from bdi.mlops.tracking import TrackingConfig, TrackingStatus, tracked_run, weights_identity
+from bdi.mlops.outages import TrackingStatus
+from bdi.mlops.params import weights_identity
+from bdi.mlops.tracking import TrackingTarget, tracked_run
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from bdi.patchcore.calibration import Calibration
@@ -38,15 +39,13 @@ class ApiRunLogger:
 
     def __init__(
         self,
-        cfg: TrackingConfig,
+        tracking: TrackingTarget,
         *,
-        project_root: Path,
         background: bool = False,
         queue_size: int = 64,
         status: TrackingStatus | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.project_root = Path(project_root)
+        self.tracking = tracking
         self.status = status
         self.dropped = 0
         self._closed = False
@@ -99,7 +98,7 @@ class ApiRunLogger:
 
     # ------------------------------------------------------------------ internals
     def _submit(self, kind: str, ref: ModelRef, job: Callable[[], None]) -> None:
-        if not self.cfg.enabled:
+        if not self.tracking.enabled:
             return
         if self._thread is None:
             self._guarded(kind, ref, job)
@@ -145,7 +144,7 @@ class ApiRunLogger:
     def _log_fit(self, ref: ModelRef, result: FitResult, metadata: Mapping[str, Any], fingerprint: str) -> None:
         tags = {"source": "api", "kind": "fit", **ref.to_dict(), "memory_fingerprint": fingerprint,
                 **weights_identity(metadata)}
-        with tracked_run(self.cfg, project_root=self.project_root,
+        with tracked_run(self.tracking,
                          run_name=f"api-fit-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
             run.log_params({"ref": ref.to_dict(), **metadata})
             run.log_metrics({
@@ -168,7 +167,7 @@ class ApiRunLogger:
                 "memory_fingerprint": calib.memory_fingerprint}
         params: dict[str, Any] = {"ref": ref.to_dict(), **{k: body[k] for k in ("score_percentile", "area_mm2_thr",
                                                                                    "mm_per_px") if k in body}}
-        with tracked_run(self.cfg, project_root=self.project_root,
+        with tracked_run(self.tracking,
                          run_name=f"api-calibrate-{ref.recipe_id}-{ref.model_key}", tags=tags) as run:
             run.log_params(params)
             run.log_metrics(calib.metrics())

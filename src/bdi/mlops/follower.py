@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from bdi.logging import slog
 from bdi.mlops.registry_sync import SyncReport, sync_registry
 from bdi.mlops.shadow import shadow_models_dir
-from bdi.mlops.tracking import TrackingConfig
+from bdi.mlops.tracking import TrackingTarget
 from bdi.storage.fsio import FileIdentity, atomic_write_json
 
 STATUS_FILE = ".registry_sync.json"
@@ -77,7 +77,7 @@ def _held_entries(report: SyncReport) -> list[dict[str, Any]]:
 
 
 def sync_once(
-    *, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str, interval_s: float,
+    *, tracking: TrackingTarget, models_dir: Path, alias: str, interval_s: float,
     previous: Mapping[str, Any] | None = None, exports_root: Path | None = None,
 ) -> dict[str, Any]:
     """One sync attempt, recorded in the status file; returns the status written.
@@ -90,7 +90,7 @@ def sync_once(
     status.update({"alias": alias, "interval_s": interval_s, "pid": os.getpid(),
                    "last_attempt_unix": started, "last_attempt_utc": _iso(started)})
     try:
-        report = sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias,
+        report = sync_registry(tracking=tracking, models_dir=models_dir, alias=alias,
                                exports_root=exports_root)
     except Exception as exc:  # noqa: BLE001 - a failed sync must never stop serving; it is reported
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
@@ -118,16 +118,15 @@ class RegistryFollower:
     """The sync loop over one models dir (see the module docstring). ``interval_s`` 0 = one sync only."""
 
     def __init__(
-        self, *, cfg: TrackingConfig, project_root: Path, models_dir: Path, interval_s: float,
+        self, *, tracking: TrackingTarget, models_dir: Path, interval_s: float,
         alias: str | None = None, exports_root: Path | None = None, shadow_alias: str = "",
     ) -> None:
         """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.mlops.shadow``)."""
-        self.cfg = cfg
+        self.tracking = tracking
         self.exports_root = exports_root  # where synced versions' feature-net exports are copied
-        self.project_root = Path(project_root)
         self.models_dir = Path(models_dir)
         self.interval_s = float(interval_s)
-        self.alias = alias or cfg.alias
+        self.alias = alias or tracking.alias
         self._stop = threading.Event()
         self._first_attempt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,13 +166,13 @@ class RegistryFollower:
                     except Timeout:
                         self._first_attempt.set()  # another process syncs this models dir
                 if leading:
-                    self._status = sync_once(cfg=self.cfg, project_root=self.project_root,
+                    self._status = sync_once(tracking=self.tracking,
                                              models_dir=self.models_dir, alias=self.alias,
                                              interval_s=self.interval_s, previous=self._status,
                                              exports_root=self.exports_root)
                     if self.shadow_alias:
                         self._shadow_status = sync_once(
-                            cfg=self.cfg, project_root=self.project_root,
+                            tracking=self.tracking,
                             models_dir=shadow_models_dir(self.models_dir, self.shadow_alias), alias=self.shadow_alias,
                             interval_s=self.interval_s, previous=self._shadow_status, exports_root=self.exports_root,
                         )

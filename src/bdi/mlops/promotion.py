@@ -31,7 +31,7 @@ from typing import Any
 
 from bdi.errors import InvalidInputError, StorageError
 from bdi.logging import slog
-from bdi.mlops.tracking import TrackingConfig, global_tracking_uri, resolve_tracking_uri, tracking_client
+from bdi.mlops.tracking import TrackingTarget, global_tracking_uri
 from bdi.storage.fsio import atomic_write_bytes, atomic_write_json
 
 GOLDEN_DIR = "golden"
@@ -248,14 +248,13 @@ def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
 
 def promote_version(
     *,
-    cfg: TrackingConfig,
-    project_root: Path,
+    tracking: TrackingTarget,
     name: str,
     version: int,
     gate: PromotionGate | None,
     overrides: Mapping[str, Any] | None = None,
 ) -> PromotionResult:
-    """Move ``cfg.alias`` of ``name`` to ``version`` when it passes ``gate`` (None: move unconditionally,
+    """Move ``tracking.alias`` of ``name`` to ``version`` when it passes ``gate`` (None: move unconditionally,
     e.g. a rollback). The report is tagged on the version (``gate.*``) and logged.
 
     ``overrides``: the pyfunc ``model_config`` keys (weights file, device …) for the serving probe.
@@ -265,11 +264,11 @@ def promote_version(
     """
     from bdi.mlops.registration import alias_holder, download_version, mlflow_errors
 
-    uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
+    uri = tracking.tracking_uri
     with mlflow_errors("promotion"), global_tracking_uri(uri):
-        client = tracking_client(cfg, project_root=project_root)[0]
+        client = tracking.client()
         candidate = client.get_model_version(name, str(version))
-        holder = alias_holder(client, name, cfg.alias)
+        holder = alias_holder(client, name, tracking.alias)
         previous = int(holder.version) if holder is not None else None
         report: GateReport | None = None
         if gate is not None:
@@ -284,8 +283,8 @@ def promote_version(
                 client.set_model_version_tag(name, str(version), key, value)
         moved = report is None or report.passed
         if moved:
-            client.set_registered_model_alias(name, cfg.alias, str(version))
-        slog("registry.promotion", name=name, version=version, alias=cfg.alias, moved=moved,
+            client.set_registered_model_alias(name, tracking.alias, str(version))
+        slog("registry.promotion", name=name, version=version, alias=tracking.alias, moved=moved,
              previous_version=previous, gate=report.to_dict() if report is not None else "skipped")
-        return PromotionResult(name=name, version=version, alias=cfg.alias, moved=moved, previous_version=previous,
+        return PromotionResult(name=name, version=version, alias=tracking.alias, moved=moved, previous_version=previous,
                                report=report)

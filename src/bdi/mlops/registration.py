@@ -23,15 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from bdi.errors import InvalidInputError, NotFittedError, StorageError
 from bdi.logging import slog
+from bdi.mlops.params import weights_identity
 from bdi.mlops.pyfunc import MODEL_DIR_ARTIFACT, PYFUNC_CONFIG_KEYS, model_signature, pip_requirements, single_model
-from bdi.mlops.tracking import (
-    TrackingConfig,
-    fluent_scope,
-    global_tracking_uri,
-    resolve_tracking_uri,
-    tracking_client,
-    weights_identity,
-)
+from bdi.mlops.tracking import TrackingTarget, fluent_scope, global_tracking_uri
 from bdi.refs import ModelRef
 from bdi.registry import pyfunc_model_class
 from bdi.storage.fsio import atomic_write_bytes
@@ -163,8 +157,7 @@ def mlflow_errors(action: str) -> Iterator[None]:
 
 def register_model(
     *,
-    cfg: TrackingConfig,
-    project_root: Path,
+    tracking: TrackingTarget,
     run_id: str,
     model_dir: Path,
     ref: ModelRef,
@@ -174,7 +167,7 @@ def register_model(
     move_alias: bool = True,
 ) -> RegistrationResult:
     """Log ``model_dir`` (a ModelStore root holding only ``ref``) as a pyfunc into run ``run_id``,
-    register it as a new version, and move ``cfg.alias`` to it only when
+    register it as a new version, and move ``tracking.alias`` to it only when
     ``metrics[primary_metric]`` ≥ the current holder's (no holder → move). With ``move_alias=False``
     the alias is left alone (``bdi.mlops.promotion.promote_version`` decides with the whole gate).
 
@@ -185,7 +178,7 @@ def register_model(
         InvalidInputError: tracking disabled, primary metric missing/not finite, or a model dir that
             does not hold exactly ``ref``.
     """
-    if not cfg.enabled:
+    if not tracking.enabled:
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot register")
     primary = finite_float(metrics.get(primary_metric))
     if primary is None:
@@ -200,10 +193,10 @@ def register_model(
     memory = ModelStore(model_dir).load_memory(stored.ref)
     if memory is None:
         raise NotFittedError("register")
-    uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
+    uri = tracking.tracking_uri
     with mlflow_errors("registration"), global_tracking_uri(uri):
-        client = tracking_client(cfg, project_root=project_root)[0]
-        name = registered_model_name(cfg.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
+        client = tracking.client()
+        name = registered_model_name(tracking.registered_model_prefix, recipe_id=ref.recipe_id, role_id=ref.role_id,
                                      roi_id=ref.roi_id)
         identity = {
             **ref.to_dict(),
@@ -216,17 +209,17 @@ def register_model(
         number = _log_model_version(client, uri=uri, run_id=run_id, name=name, model_dir=model_dir,
                                     identity=identity, version_tags=version_tags)
 
-        holder = alias_holder(client, name, cfg.alias)
+        holder = alias_holder(client, name, tracking.alias)
         previous = int(holder.version) if holder is not None else None
         held_value = _version_metric(client, holder, primary_metric) if holder is not None else None
         move = move_alias and (holder is None or held_value is None or primary >= held_value)
         if move:
-            client.set_registered_model_alias(name, cfg.alias, str(number))
+            client.set_registered_model_alias(name, tracking.alias, str(number))
         client.set_tag(run_id, "registered_model", f"{name}/{number}")
-        slog("registry.registered", name=name, version=number, alias=cfg.alias, alias_moved=move,
+        slog("registry.registered", name=name, version=number, alias=tracking.alias, alias_moved=move,
              previous_version=previous, primary_metric=primary_metric, value=primary, holder_value=held_value,
              model_key=ref.model_key)
-        return RegistrationResult(name=name, version=number, alias=cfg.alias, alias_moved=move,
+        return RegistrationResult(name=name, version=number, alias=tracking.alias, alias_moved=move,
                                   previous_version=previous)
 
 

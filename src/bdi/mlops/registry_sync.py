@@ -23,7 +23,7 @@ from bdi.errors import BDIError, InvalidInputError, StorageError
 from bdi.logging import slog
 from bdi.mlops.pyfunc import single_model
 from bdi.mlops.registration import download_version, finite_float, mlflow_errors
-from bdi.mlops.tracking import TrackingConfig, global_tracking_uri, resolve_tracking_uri, tracking_client
+from bdi.mlops.tracking import TrackingTarget, global_tracking_uri
 from bdi.refs import ModelRef
 from bdi.storage import model_lock
 from bdi.storage.fsio import FileIdentity, atomic_write_bytes
@@ -103,17 +103,16 @@ def materialise_model(*, source: ModelStore, ref: ModelRef, target: ModelStore) 
 
 def sync_registered(
     *,
-    cfg: TrackingConfig,
-    project_root: Path,
+    tracking: TrackingTarget,
     models_dir: Path,
     alias: str | None = None,
     exports_root: Path | None = None,
 ) -> list[SyncedModel]:
-    """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``cfg.alias``) into
+    """Write every ``<prefix>.*`` registered version holding ``alias`` (default ``tracking.alias``) into
     ``models_dir`` at the exact ModelStore paths (:func:`sync_registry`); returns the versions whose
     files changed. Running it twice writes nothing the second time.
     """
-    return sync_registry(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias,
+    return sync_registry(tracking=tracking, models_dir=models_dir, alias=alias,
                          exports_root=exports_root).changed
 
 
@@ -146,8 +145,7 @@ class SyncReport:
 
 def sync_registry(
     *,
-    cfg: TrackingConfig,
-    project_root: Path,
+    tracking: TrackingTarget,
     models_dir: Path,
     alias: str | None = None,
     exports_root: Path | None = None,
@@ -168,11 +166,10 @@ def sync_registry(
     Raises:
         StorageError: MLflow unreachable or failing, or the models dir not writable.
     """
-    if not cfg.enabled:
+    if not tracking.enabled:
         raise InvalidInputError("MLflow tracking is disabled (TrackingConfig.enabled=false): cannot sync")
-    uri = resolve_tracking_uri(cfg, project_root=project_root)[0]
-    with mlflow_errors("sync"), global_tracking_uri(uri):
-        return _sync(cfg=cfg, project_root=project_root, models_dir=models_dir, alias=alias or cfg.alias,
+    with mlflow_errors("sync"), global_tracking_uri(tracking.tracking_uri):
+        return _sync(tracking=tracking, models_dir=models_dir, alias=alias or tracking.alias,
                      exports_root=exports_root)
 
 
@@ -195,11 +192,11 @@ def _sync_exports(model_dir: Path, exports_root: Path) -> list[str]:
     return copied
 
 
-def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: str,
+def _sync(*, tracking: TrackingTarget, models_dir: Path, alias: str,
           exports_root: Path | None = None) -> SyncReport:
     from mlflow.exceptions import MlflowException
 
-    client, uri, _ = tracking_client(cfg, project_root=project_root)
+    client, uri = tracking.client(), tracking.tracking_uri
     models_dir = Path(models_dir)
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +209,7 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
             for leftover in models_dir.glob(f"{SYNC_TEMP_PREFIX}*"):  # from a sync that crashed
                 shutil.rmtree(leftover, ignore_errors=True)
             holders = {}
-            for registered in _registered_models(client, cfg.registered_model_prefix):
+            for registered in _registered_models(client, tracking.registered_model_prefix):
                 version = (registered.aliases or {}).get(alias)
                 if version is not None:
                     holders[registered.name] = int(version)
@@ -225,7 +222,7 @@ def _sync(*, cfg: TrackingConfig, project_root: Path, models_dir: Path, alias: s
                     message = str(getattr(exc, "message", exc))
                     failed.append(SyncFailure(name=name, version=version, error=message))
                     slog("registry.sync_version_failed", name=name, version=version, alias=alias, error=message)
-            released = _release_unheld(target, prefix=cfg.registered_model_prefix, alias=alias, held=set(holders))
+            released = _release_unheld(target, prefix=tracking.registered_model_prefix, alias=alias, held=set(holders))
     except Timeout as exc:
         raise StorageError(f"timed out waiting for another sync of {models_dir}") from exc
     return SyncReport(alias=alias, held=tuple(held), released=released, failed=tuple(failed))

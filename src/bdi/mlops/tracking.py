@@ -1,7 +1,9 @@
-"""MLflow tracking: where runs go and one run as a context manager (API-run logging: :mod:`bdi.mlops.api_runs`).
+"""MLflow tracking: where runs go (resolved once into a :class:`TrackingTarget`) and one run as a
+context manager. Values: :mod:`bdi.mlops.params`; server checks and orphaned runs:
+:mod:`bdi.mlops.outages`; API-run logging: :mod:`bdi.mlops.api_runs`.
 
 ``mlflow`` is imported inside functions only, so ``import bdi`` stays light. Runs are driven through
-an ``MlflowClient`` bound to the configured URI, never through MLflow's global active run or
+an ``MlflowClient`` bound to the target's URI, never through MLflow's global active run or
 tracking URI; the registry, where MLflow itself reads the globals, scopes them with
 :func:`global_tracking_uri` / :func:`fluent_scope`.
 
@@ -12,16 +14,14 @@ a database backend). Any other tracking URI passes through unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from bdi.config import Settings
 from bdi.errors import InvalidInputError
 from bdi.logging import slog
+from bdi.mlops.params import clean_key, flatten_metrics, flatten_params, tag_value
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at runtime here
     from mlflow import MlflowClient
@@ -39,13 +40,10 @@ _LOG = logging.getLogger(__name__)
 
 DEFAULT_DB_FILE = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
-PARAM_VALUE_MAX_CHARS = 500  # the historical MLflow limit; newer servers accept more
-PARAM_KEY_MAX_CHARS = 250
-TAG_VALUE_MAX_CHARS = 5000
+OWNER_PID_TAG = "bdi.pid"  # the process that owns a run (see bdi.mlops.outages.reap_orphaned_runs)
+OWNER_HOST_TAG = "bdi.host"
 _BATCH_PARAMS = 100  # MLflow log_batch limits
 _BATCH_METRICS = 1000
-_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-_TRUNCATION_MARK = "..."
 
 # MLflow keeps the tracking URI and the active-run stack in process globals; every bdi call that
 # must go through them holds this lock, so two threads never see each other's URI.
@@ -53,8 +51,34 @@ _FLUENT_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
+class TrackingTarget:
+    """Where MLflow runs and registered models live, resolved (:meth:`TrackingConfig.resolve`).
+
+    ``tracking_uri`` is never empty; ``artifact_location`` "" lets the tracking server choose.
+    ``embedded_root`` is the project folder holding the embedded SQLite default (None for any other URI).
+    """
+
+    tracking_uri: str
+    artifact_location: str
+    experiment: str
+    registered_model_prefix: str
+    alias: str
+    enabled: bool
+    embedded_root: Path | None = None
+
+    def client(self) -> MlflowClient:
+        """An ``MlflowClient`` bound to the URI (registry on the same URI); the embedded default's
+        folder is created."""
+        from mlflow import MlflowClient
+
+        if self.embedded_root is not None:
+            self.embedded_root.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
-    """Where MLflow runs and registered models live.
+    """Where MLflow runs and registered models live, as configured (:meth:`resolve` makes it a target).
 
     ``tracking_uri`` "" = the embedded SQLite default under the project root; ``artifact_location``
     "" = ``<project_root>/mlartifacts`` with the embedded default, the server's default otherwise.
@@ -88,103 +112,33 @@ class TrackingConfig:
         values.update(overrides)
         return cls(**values)
 
+    def resolve(self, project_root: Path) -> TrackingTarget:
+        """The target: "" URI → the embedded SQLite + local artefact folder under ``project_root``.
 
-def resolve_tracking_uri(cfg: TrackingConfig, *, project_root: Path) -> tuple[str, str]:
-    """``(tracking_uri, artifact_location)``; "" URI → the embedded SQLite + local artefact folder.
-
-    A relative ``artifact_location`` path is taken relative to ``project_root``; a URI passes through.
-    The returned artifact location is "" when the tracking server should choose it.
-    """
-    root = Path(project_root).expanduser().resolve()
-    artifact = cfg.artifact_location.strip()
-    if artifact and "://" not in artifact and not artifact.startswith("file:"):
-        path = Path(artifact).expanduser()
-        artifact = (path if path.is_absolute() else root / path).resolve().as_uri()
-    uri = cfg.tracking_uri.strip()
-    if not uri:
-        return f"sqlite:///{root / DEFAULT_DB_FILE}", artifact or (root / DEFAULT_ARTIFACT_DIR).as_uri()
-    if not artifact and uri.startswith("sqlite:///"):
-        # MLflow's own default would be ./mlruns under whatever the CWD is: keep artefacts beside the db.
-        db_path = Path(uri.removeprefix("sqlite:///"))
-        db_dir = db_path.parent if db_path.is_absolute() else (root / db_path).parent
-        artifact = (db_dir / DEFAULT_ARTIFACT_DIR).resolve().as_uri()
-    return uri, artifact
-
-
-# ----------------------------------------------------------------------------------------- values
-
-
-def _clean_key(key: str) -> str:
-    return _BAD_KEY_CHARS.sub("_", key)[:PARAM_KEY_MAX_CHARS]
-
-
-def _stringify(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
-        try:
-            return json.dumps(items, sort_keys=True, default=str)
-        except (TypeError, ValueError):
-            return str(items)
-    tolist = getattr(value, "tolist", None)  # numpy scalars/arrays
-    if callable(tolist) and not isinstance(value, (int, float, bool)):
-        return _stringify(tolist())
-    return str(value)
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
-
-
-def flatten_params(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings → ``{"a.b.c": "value"}``; values stringified (lists as JSON), ≤ 500 chars.
-
-    Keys are made MLflow-safe (characters outside ``[A-Za-z0-9_-. /]`` become ``_``).
-    """
-    out: dict[str, str] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, name))
-        else:
-            out[_clean_key(name)] = _truncate(_stringify(value), PARAM_VALUE_MAX_CHARS)
-    return out
-
-
-def flatten_metrics(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested mappings → ``{"a.b": float}``, keeping only finite numbers (None, NaN, text skipped)."""
-    out: dict[str, float] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten_metrics(value, name))
-            continue
-        if value is None or isinstance(value, str):
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number):
-            out[_clean_key(name)] = number
-    return out
+        A relative ``artifact_location`` path is taken relative to ``project_root``; a URI passes through.
+        The target's artifact location is "" when the tracking server should choose it.
+        """
+        root = Path(project_root).expanduser().resolve()
+        artifact = self.artifact_location.strip()
+        if artifact and "://" not in artifact and not artifact.startswith("file:"):
+            path = Path(artifact).expanduser()
+            artifact = (path if path.is_absolute() else root / path).resolve().as_uri()
+        uri = self.tracking_uri.strip()
+        embedded_root: Path | None = None
+        if not uri:
+            uri, embedded_root = f"sqlite:///{root / DEFAULT_DB_FILE}", root
+            artifact = artifact or (root / DEFAULT_ARTIFACT_DIR).as_uri()
+        elif not artifact and uri.startswith("sqlite:///"):
+            # MLflow's own default would be ./mlruns under whatever the CWD is: keep artefacts beside the db.
+            db_path = Path(uri.removeprefix("sqlite:///"))
+            db_dir = db_path.parent if db_path.is_absolute() else (root / db_path).parent
+            artifact = (db_dir / DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+        return TrackingTarget(tracking_uri=uri, artifact_location=artifact, experiment=self.experiment,
+                              registered_model_prefix=self.registered_model_prefix, alias=self.alias,
+                              enabled=self.enabled, embedded_root=embedded_root)
 
 
 # ----------------------------------------------------------------------------------------- client
-
-
-def tracking_client(cfg: TrackingConfig, *, project_root: Path) -> tuple[MlflowClient, str, str]:
-    """An ``MlflowClient`` bound to the resolved URI (registry on the same URI).
-
-    Returns ``(client, tracking_uri, artifact_location)``. The embedded default's folder is created.
-    """
-    from mlflow import MlflowClient
-
-    uri, artifact_location = resolve_tracking_uri(cfg, project_root=project_root)
-    if not cfg.tracking_uri.strip():
-        Path(project_root).expanduser().resolve().mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri, artifact_location
 
 
 def ensure_experiment(client: MlflowClient, *, name: str, artifact_location: str) -> str:
@@ -321,7 +275,7 @@ class RunHandle:
             return
         from mlflow.entities import RunTag
 
-        tags = [RunTag(_clean_key(str(k)), _truncate(_stringify(v), TAG_VALUE_MAX_CHARS))
+        tags = [RunTag(clean_key(str(k)), tag_value(v))
                 for k, v in mapping.items() if v is not None]
         if tags:
             self._client.log_batch(self.run_id, tags=tags)
@@ -329,30 +283,29 @@ class RunHandle:
 
 @contextmanager
 def tracked_run(
-    cfg: TrackingConfig,
+    tracking: TrackingTarget,
     *,
-    project_root: Path,
     run_name: str,
     tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Iterator[RunHandle]:
-    """One MLflow run in ``cfg.experiment`` (created with its artefact location when missing).
+    """One MLflow run in ``tracking.experiment`` (created with its artefact location when missing).
 
     Ends FINISHED, FAILED when the body raises (the exception propagates) or KILLED on an interrupt.
-    With ``cfg.enabled`` false it yields a no-op handle. Tag values are stringified; None values are skipped.
+    With ``tracking.enabled`` false it yields a no-op handle. Tag values are stringified; None values are skipped.
     The run is tagged with the process that owns it (``bdi.pid``, ``bdi.host``), so a run left RUNNING
-    by a killed process can be told from a live one (:func:`reap_orphaned_runs`).
+    by a killed process can be told from a live one (:func:`bdi.mlops.outages.reap_orphaned_runs`).
     """
-    if not cfg.enabled:
+    if not tracking.enabled:
         yield RunHandle(None, "")
         return
-    client, uri, artifact_location = tracking_client(cfg, project_root=project_root)
-    experiment_id = ensure_experiment(client, name=cfg.experiment, artifact_location=artifact_location)
+    client = tracking.client()
+    experiment_id = ensure_experiment(client, name=tracking.experiment, artifact_location=tracking.artifact_location)
     owner = {OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: socket.gethostname()}  # see reap_orphaned_runs
-    clean_tags = {k: _truncate(_stringify(v), TAG_VALUE_MAX_CHARS) for k, v in {**owner, **(tags or {})}.items()
+    clean_tags = {k: tag_value(v) for k, v in {**owner, **(tags or {})}.items()
                   if v is not None}
     run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
-    handle = RunHandle(client, run.info.run_id, tracking_uri=uri)
+    handle = RunHandle(client, run.info.run_id, tracking_uri=tracking.tracking_uri)
     try:
         if params:
             handle.log_params(params)
@@ -365,114 +318,3 @@ def tracked_run(
             slog("tracking.error", kind="end_run", run_id=run.info.run_id, error=str(end_exc))
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
-
-
-# ----------------------------------------------------------------------------------------- outages
-
-OWNER_PID_TAG = "bdi.pid"
-OWNER_HOST_TAG = "bdi.host"
-_MLFLOW_HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-_MLFLOW_HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-
-
-@contextmanager
-def bounded_mlflow_http(timeout_s: float) -> Iterator[None]:
-    """While inside, every MLflow HTTP call of this process times out after ``timeout_s`` (whole
-    seconds, at least 1) and is not retried; the previous settings are restored on exit.
-
-    MLflow's defaults (120 s and 7 retries with backoff) keep one call against a stalled server busy
-    for many minutes, and MLflow reads these only from the environment, at call time.
-    """
-    names = (_MLFLOW_HTTP_TIMEOUT_ENV, _MLFLOW_HTTP_RETRIES_ENV)
-    before = {name: os.environ.get(name) for name in names}
-    os.environ[_MLFLOW_HTTP_TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
-    os.environ[_MLFLOW_HTTP_RETRIES_ENV] = "0"
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-class TrackingStatus:
-    """What ``/health`` reports about the MLflow tracking server / registry, without any I/O.
-
-    ``disabled`` (none configured), ``checking`` (the start-up check runs), ``ok`` (the last call
-    worked) or ``unreachable`` (the last call failed; ``error`` says how). Thread-safe.
-    """
-
-    def __init__(self, state: str = "disabled") -> None:
-        self._lock = threading.Lock()
-        self._state = state
-        self._error: str | None = None
-        self._since = time.time()
-
-    def set(self, state: str, error: str | None = None) -> None:
-        with self._lock:
-            self._state, self._error, self._since = state, error, time.time()
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            return self._state
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            out: dict[str, Any] = {"status": self._state, "since_unix": round(self._since, 3)}
-            if self._error:
-                out["error"] = self._error
-            return out
-
-
-def check_tracking_server(cfg: TrackingConfig, *, project_root: Path) -> None:
-    """One cheap call to the tracking server (list one experiment); raises when it cannot answer."""
-    client, _, _ = tracking_client(cfg, project_root=project_root)
-    client.search_experiments(max_results=1)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def reap_orphaned_runs(
-    cfg: TrackingConfig, *, project_root: Path, is_alive: Callable[[int], bool] = _pid_alive
-) -> list[str]:
-    """Mark KILLED the runs of ``cfg.experiment`` left RUNNING by a process of this host that is gone
-    (killed mid-run: nothing could end them). Runs of live processes, of other hosts or without the
-    owner tags of :func:`tracked_run` are left alone. Returns the run ids marked."""
-    client, _, _ = tracking_client(cfg, project_root=project_root)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        return []
-    host = socket.gethostname()
-    reaped: list[str] = []
-    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                              max_results=1000)
-    for run in runs:
-        pid, run_host = run.data.tags.get(OWNER_PID_TAG, ""), run.data.tags.get(OWNER_HOST_TAG)
-        if run_host != host or not pid.isdigit() or is_alive(int(pid)):
-            continue
-        client.set_tag(run.info.run_id, "bdi.ended_by", "startup: owner process gone")
-        client.set_terminated(run.info.run_id, status="KILLED")
-        reaped.append(run.info.run_id)
-    return reaped
-
-
-def weights_identity(metadata: Mapping[str, Any]) -> dict[str, str]:
-    """``weights_name``/``weights_sha256``/``weights_source`` from a memory's metadata (``features.weights``)."""
-    features = metadata.get("features")
-    weights = features.get("weights") if isinstance(features, Mapping) else None
-    if not isinstance(weights, Mapping):
-        return {}
-    out = {"weights_name": weights.get("name"), "weights_source": weights.get("source"),
-           "weights_sha256": weights.get("sha256") or ""}
-    return {k: str(v) for k, v in out.items() if v is not None}

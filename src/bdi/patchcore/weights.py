@@ -48,27 +48,34 @@ def _pretrained_name(spec: BackboneSpec) -> str:
     return f"{spec.name}.{spec.official.tag}"
 
 
+# torch.hub.download_url_to_file's message when the downloaded bytes do not have ``hash_prefix``
+_TORCH_HASH_ERROR = re.compile(r'invalid hash value \(expected "[0-9a-f]*", got "(?P<got>[0-9a-f]*)"\)')
+
+
 def _download_official(official: OfficialWeights, *, target: Path) -> None:
     """Download the official file to ``target`` atomically (temp file in the same folder + rename)."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
     try:
-        torch.hub.download_url_to_file(str(official.url), str(tmp), hash_prefix=None, progress=False)
-        got = file_sha256(tmp)
-        if got != official.sha256:
-            raise WeightsError(
-                f"downloaded {official.url} has sha256 {got}, expected {official.sha256}; "
-                "set BDI_WEIGHTS to a local weights file path or to `random`"
-            )
+        # torch checks the sha256 while downloading and removes what it wrote when it differs
+        torch.hub.download_url_to_file(str(official.url), str(tmp), hash_prefix=official.sha256, progress=False)
         os.replace(tmp, target)
-    except WeightsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any network/disk failure means "not available offline"
+    except RuntimeError as exc:
+        hash_error = _TORCH_HASH_ERROR.search(str(exc))
+        if hash_error is None:
+            raise WeightsError(_download_failed(official, exc)) from exc
         raise WeightsError(
-            f"could not download the official weights from {official.url} ({type(exc).__name__}: {exc}). "
-            f"Set BDI_WEIGHTS to a local weights file path (e.g. {official.filename}) or to `random`"
+            f"downloaded {official.url} has sha256 {hash_error['got']}, expected {official.sha256}; "
+            "set BDI_WEIGHTS to a local weights file path or to `random`"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - any network/disk failure means "not available offline"
+        raise WeightsError(_download_failed(official, exc)) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _download_failed(official: OfficialWeights, exc: BaseException) -> str:
+    return (f"could not download the official weights from {official.url} ({type(exc).__name__}: {exc}). "
+            f"Set BDI_WEIGHTS to a local weights file path (e.g. {official.filename}) or to `random`")
 
 
 def _official_from_package(spec: BackboneSpec) -> Path:
