@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from bdi.mlops.registry_sync import sync_registry
-from bdi.mlops.tracking import TrackingConfig, resolve_tracking_uri
+from bdi.mlops.tracking import TrackingConfig
 from bdi.patchcore.features import FeatureExtractor
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
@@ -52,8 +52,7 @@ def premove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict
     root = tmp_path / "project"
     shutil.copytree(FIXTURE, root)
     assert _relocate(root / "mlflow.db", info["project_root"], str(root)) >= 3
-    uri, _ = resolve_tracking_uri(TrackingConfig(), project_root=root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", TrackingConfig().resolve(root).tracking_uri)
     return root, info
 
 
@@ -84,7 +83,7 @@ def test_premove_champion_synced_into_a_models_dir_serves_infer(
 ) -> None:
     root, info = premove
     models = tmp_path / "served"
-    report = sync_registry(cfg=TrackingConfig(registered_model_prefix=info["prefix"]), project_root=root,
+    report = sync_registry(tracking=TrackingConfig(registered_model_prefix=info["prefix"]).resolve(root),
                            models_dir=models)
     assert not report.failed and [(m.name, m.version) for m in report.changed] == [
         (info["registered_model"], info["version"])]

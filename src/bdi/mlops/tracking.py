@@ -173,6 +173,8 @@ def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
         env_before = os.environ.get("MLFLOW_TRACKING_URI")
         # is_tracking_uri_set is unannotated in mlflow
         uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # type: ignore[no-untyped-call]
+        if uri_before == env_before:  # set through the variable only: restoring it restores the URI, pinning would
+            uri_before = None  # keep it after the variable changes
         try:
             mlflow.set_tracking_uri(tracking_uri)
             yield
