@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m bdi.demo
+	$(PY) -m serving.demo
 
 lint: setup
 	$(PY) -m ruff check .

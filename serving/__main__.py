@@ -1,7 +1,7 @@
 """``python -m serving [--host H] [--port P] [--workers N]``: run uvicorn on ``serving.app:app``.
 
 Host and port default to ``BDI_BACKEND_HOST``/``BDI_BACKEND_PORT`` (legacy ``BRAKEDISC_*``, then
-``HOST``/``PORT``) through ``Settings``; an invalid port falls back to 8000
+``HOST``/``PORT``) through ``serving.settings.ServingSettings``; an invalid port falls back to 8000
 (docs/contract.md "Other environment variables").
 ``--workers`` defaults to ``WEB_CONCURRENCY`` (as uvicorn's own CLI) and is exported to the workers
 as ``WEB_CONCURRENCY``, so each one takes its share of the CPU cores (``Settings.intra_op_threads``).
@@ -16,14 +16,17 @@ from collections.abc import Sequence
 import uvicorn
 
 from bdi.config import Settings
+from serving.settings import ServingSettings
 
 APP_PATH = "serving.app:app"
 
 
-def parse_args(argv: Sequence[str] | None, *, settings: Settings) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None, *, settings: Settings, serving_settings: ServingSettings
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving", description="Run the BDI HTTP backend.")
-    parser.add_argument("--host", default=settings.backend_host, help="bind address (BDI_BACKEND_HOST)")
-    parser.add_argument("--port", type=int, default=settings.backend_port, help="port (BDI_BACKEND_PORT)")
+    parser.add_argument("--host", default=serving_settings.backend_host, help="bind address (BDI_BACKEND_HOST)")
+    parser.add_argument("--port", type=int, default=serving_settings.backend_port, help="port (BDI_BACKEND_PORT)")
     parser.add_argument("--workers", type=int, default=settings.workers,
                         help="worker processes, each loads the model and gets cores/workers threads "
                              "(default WEB_CONCURRENCY or 1)")
@@ -32,7 +35,7 @@ def parse_args(argv: Sequence[str] | None, *, settings: Settings) -> argparse.Na
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv, settings=Settings())
+    args = parse_args(argv, settings=Settings(), serving_settings=ServingSettings())
     os.environ["WEB_CONCURRENCY"] = os.environ["BDI_WORKERS"] = str(max(1, args.workers))  # each worker's Settings
     uvicorn.run(APP_PATH, host=args.host, port=args.port, workers=max(1, args.workers),
                 log_level=args.log_level)

@@ -190,10 +190,8 @@ class Settings(BaseSettings):
     train_dataset_only: bool = Field(False, validation_alias=env_aliases("TRAIN_DATASET_ONLY"))
     require_cuda: bool = Field(False, validation_alias=env_aliases("REQUIRE_CUDA"))
 
-    # serving (CORS: serving.settings.ServingSettings)
+    # serving (CORS, host and port: serving.settings.ServingSettings)
     cache_max_entries: int = Field(32, validation_alias=env_aliases("CACHE_MAX_ENTRIES"))
-    backend_host: str = Field("127.0.0.1", validation_alias=env_aliases("BACKEND_HOST", "HOST"))
-    backend_port: int = Field(8000, validation_alias=env_aliases("BACKEND_PORT", "PORT"))
     log_dir: Path | None = Field(None, validation_alias=env_aliases("GUI_LOG_DIR"))
 
     # upload limits (docs/design.md "Upload limits")
@@ -225,16 +223,6 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return truthy(value)
-
-    @field_validator("backend_port", mode="before")
-    @classmethod
-    def _parse_port(cls, value: object) -> int:
-        # an invalid port falls back to 8000 (docs/contract.md "Other environment variables")
-        try:
-            port = int(str(value))
-        except ValueError:
-            return 8000
-        return port if 0 < port < 65536 else 8000
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -1,4 +1,7 @@
-"""`make run` (``python -m bdi.demo``): build a demo model that detects, then serve it with uvicorn.
+"""The demo model of `make run` (``python -m bdi.demo``): build a model that detects and write two crops to try.
+
+Serving it is the server's job: ``python -m serving.demo`` (what `make run` runs) builds it through
+:func:`write_demo` and then starts the HTTP server; the library knows no server address.
 
 Data: ``../shared/data/magnetic_tile`` when present (real surface images), otherwise a seeded synthetic
 brake-disc set written by ``bdi.data.synthetic`` (a real user has no ``../shared``). Backbone: the pretrained
@@ -14,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,16 @@ class DemoModel:
     ng_sample: MvtecItem  # the defective test image with the highest score
     ok_sample: MvtecItem  # the good test image with the lowest score
     ng_result: InferenceResult
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    """The demo model and the crops :func:`write_demo` wrote beside it (in ``settings.models_dir``)."""
+
+    model: DemoModel
+    ng_png: Path  # the NG crop to send to /infer
+    ok_png: Path  # the OK crop to send to /infer
+    overlay_png: Path  # the NG crop with its heatmap and the ground-truth outline
 
 
 def _dataset_root(work_dir: Path) -> Path:
@@ -103,37 +114,41 @@ def overlay(image: np.ndarray, result: InferenceResult, *, mask_path: Path | Non
     return np.concatenate([image, blended], axis=1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n-train", type=int, default=60, help="OK images to fit on")
-    parser.add_argument("--no-serve", action="store_true", help="build the model and exit")
-    args = parser.parse_args(argv)
-
+def demo_settings() -> Settings:
+    """``Settings`` from the environment, with the demo's backbone and weights (:data:`DEMO_ENV`) and
+    ``BDI_MODELS_DIR=models`` where the environment leaves them unset (exported, so a server started
+    afterwards from this process reads the same)."""
     for name, value in DEMO_ENV.items():
         if not os.environ.get(name):
             os.environ[name] = value
     os.environ.setdefault("BDI_MODELS_DIR", "models")
-    settings = Settings()
+    return Settings()
+
+
+def write_demo(settings: Settings, *, n_train: int) -> DemoFiles:
+    """Build the demo model on the demo data and write the NG, OK and overlay crops into ``models_dir``."""
     print(f"backbone {settings.model.features.backbone}, weights {settings.model.features.weights}")
     data_root = _dataset_root(settings.models_dir.parent / "demo-data")
     print(f"data: {data_root}")
-    demo = build_demo_model(settings, data_root=data_root, n_train=args.n_train)
+    demo = build_demo_model(settings, data_root=data_root, n_train=n_train)
     ng_png, ok_png = settings.models_dir / "demo_ng.png", settings.models_dir / "demo_ok.png"
+    overlay_png = settings.models_dir / "demo_overlay.png"
     ng_image = _load(demo.ng_sample)
     cv2.imwrite(str(ng_png), ng_image)
     cv2.imwrite(str(ok_png), _load(demo.ok_sample))
-    cv2.imwrite(str(settings.models_dir / "demo_overlay.png"),
-                overlay(ng_image, demo.ng_result, mask_path=demo.ng_sample.mask_path))
+    cv2.imwrite(str(overlay_png), overlay(ng_image, demo.ng_result, mask_path=demo.ng_sample.mask_path))
+    print(f"wrote {ng_png}, {ok_png} and {overlay_png}")
+    return DemoFiles(model=demo, ng_png=ng_png, ok_png=ok_png, overlay_png=overlay_png)
 
-    base = f"http://{settings.backend_host}:{settings.backend_port}"
-    form = f"-F role_id={ROLE_ID} -F roi_id={ROI_ID} -F mm_per_px={MM_PER_PX}"
-    print("\nTry:")
-    print(f"  curl -s {base}/health")
-    print(f"  curl -s {form} -F image=@{ng_png} {base}/infer   # a defect: decision ng, regions on it")
-    print(f"  curl -s {form} -F image=@{ok_png} {base}/infer   # a good part: decision ok\n")
-    if args.no_serve:
-        return 0
-    return subprocess.call([sys.executable, "-m", "serving"])  # the HTTP server, as its own process
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-train", type=int, default=60, help="OK images to fit on")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="accepted for old scripts: this command only builds the model")
+    args = parser.parse_args(argv)
+    write_demo(demo_settings(), n_train=args.n_train)
+    return 0
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class ContractEnvSource(EnvSettingsSource):
 
 
 # keys of the BDI_CONFIG file that the HTTP server reads from it (serving.settings.ServingSettings), not Settings
-SERVING_CONFIG_KEYS = frozenset({"cors_origins"})
+SERVING_CONFIG_KEYS = frozenset({"cors_origins", "backend_host", "backend_port"})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

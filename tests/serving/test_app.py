@@ -16,6 +16,9 @@ from tests.helpers.tiny import tiny_settings
 
 from .conftest import ClientFactory
 
+HOST_PORT_ENV = ("BDI_BACKEND_HOST", "BDI_BACKEND_PORT", "BRAKEDISC_BACKEND_HOST", "BRAKEDISC_BACKEND_PORT",
+                 "HOST", "PORT")
+
 
 def test_lifespan_builds_the_service_from_settings_and_logs_startup(tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path / "models", log_dir=tmp_path / "logs")
@@ -71,14 +74,36 @@ def test_request_events_carry_request_and_recipe_ids(tmp_path: Path, client_fact
 def test_python_m_serving_takes_host_and_port_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], host: str, port: int
 ) -> None:
-    for name in ("BDI_BACKEND_HOST", "BDI_BACKEND_PORT", "BRAKEDISC_BACKEND_HOST", "BRAKEDISC_BACKEND_PORT",
-                 "HOST", "PORT", "BDI_CONFIG"):
+    for name in (*HOST_PORT_ENV, "BDI_CONFIG", "BDI_WORKERS", "BRAKEDISC_WORKERS", "WEB_CONCURRENCY"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    args = parse_args([], settings=Settings())
+    serving_settings = ServingSettings()
+    assert (serving_settings.backend_host, serving_settings.backend_port) == (host, port)
+    args = parse_args([], settings=Settings(), serving_settings=serving_settings)
     assert (args.host, args.port, args.workers) == (host, port, 1)
-    assert parse_args(["--workers", "3", "--port", "7000"], settings=Settings()).workers == 3
+    args = parse_args(["--workers", "3", "--port", "7000"], settings=Settings(), serving_settings=serving_settings)
+    assert (args.workers, args.port) == (3, 7000)
+
+
+def test_host_and_port_are_read_from_the_config_file_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in (*HOST_PORT_ENV, "BDI_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "app.yaml"
+    config.write_text("server:\n  backend_host: 0.0.0.0\n  backend_port: 9010\ncoreset_rate: 0.2\n")
+    monkeypatch.setenv("BDI_CONFIG", str(config))
+    assert (ServingSettings().backend_host, ServingSettings().backend_port) == ("0.0.0.0", 9010)
+    assert Settings().model.memory.coreset_rate == 0.2  # the library's settings accept the server's keys
+    monkeypatch.setenv("PORT", "9011")
+    assert ServingSettings().backend_port == 9011
+
+
+def test_library_settings_know_no_server_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDI_BACKEND_HOST", "0.0.0.0")
+    assert not {"backend_host", "backend_port"} & set(Settings.model_fields)
+    assert not hasattr(Settings(), "backend_host")
 
 
 def test_cors_origins_are_read_from_the_bdi_and_legacy_names_and_the_config_file(

@@ -1,10 +1,12 @@
 """`make run`'s demo model (bdi/demo.py) on the synthetic discs a user without ../shared gets, with the
-pretrained CNN, served over HTTP: its NG sample is NG and its OK sample is OK."""
+pretrained CNN, served over HTTP: its NG sample is NG and its OK sample is OK; and its launcher
+(serving/demo.py) names the server address of the environment."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from bdi.backbones import PRETRAINED_CNN
@@ -12,6 +14,8 @@ from bdi.config import Settings
 from bdi.data.synthetic import write_mvtec_dataset
 from bdi.demo import MM_PER_PX, ROI_ID, ROLE_ID, build_demo_model, overlay
 from serving.app import create_app
+from serving.demo import try_lines
+from serving.settings import ServingSettings
 
 
 def test_demo_samples_are_judged_ng_and_ok_over_http(tmp_path: Path) -> None:
@@ -57,3 +61,28 @@ def test_demo_overlay_puts_the_heatmap_peak_on_the_defect(tmp_path: Path) -> Non
     assert anomaly[truth].mean() > 1.5 * anomaly[~truth].mean()
     image = cv2.imread(str(demo.ng_sample.path))
     assert overlay(image, demo.ng_result, mask_path=demo.ng_sample.mask_path).shape[1] == 2 * image.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("env", "base"),
+    [
+        ({}, "http://127.0.0.1:8000"),
+        ({"BDI_BACKEND_HOST": "0.0.0.0", "BDI_BACKEND_PORT": "9001"}, "http://0.0.0.0:9001"),
+        ({"BRAKEDISC_BACKEND_HOST": "10.0.0.1", "PORT": "9002"}, "http://10.0.0.1:9002"),
+    ],
+    ids=["defaults", "bdi", "legacy-and-plain"],
+)
+def test_demo_launcher_prints_curl_lines_for_the_server_address_of_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], base: str
+) -> None:
+    for name in ("BDI_BACKEND_HOST", "BDI_BACKEND_PORT", "BRAKEDISC_BACKEND_HOST", "BRAKEDISC_BACKEND_PORT",
+                 "HOST", "PORT", "BDI_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ng_png, ok_png = tmp_path / "demo_ng.png", tmp_path / "demo_ok.png"
+    health, ng, ok = try_lines(serving_settings=ServingSettings(), ng_png=ng_png, ok_png=ok_png)
+    assert health == f"curl -s {base}/health"
+    form = f"-F role_id={ROLE_ID} -F roi_id={ROI_ID} -F mm_per_px={MM_PER_PX}"
+    assert ng.startswith(f"curl -s {form} -F image=@{ng_png} {base}/infer")
+    assert ok.startswith(f"curl -s {form} -F image=@{ok_png} {base}/infer")

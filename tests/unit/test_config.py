@@ -49,9 +49,14 @@ def test_dataset_only_flag_parses_truthy_strings(monkeypatch: pytest.MonkeyPatch
     assert Settings().train_dataset_only is False
 
 
-def test_invalid_port_falls_back_to_8000(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BDI_BACKEND_PORT", "not-a-port")
-    assert Settings().backend_port == 8000
+def test_server_address_keys_of_the_config_file_are_left_to_serving(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BDI_BACKEND_PORT", "not-a-port")  # the server's (serving.settings), never validated here
+    config = tmp_path / "app.yaml"
+    config.write_text("backend_host: 0.0.0.0\nbackend_port: 9001\ncors_origins: '*'\nmin_ok_samples: 3\n")
+    settings = Settings(config_file=str(config))
+    assert settings.min_ok_samples == 3 and "backend_port" not in Settings.model_fields
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path: Path) -> None:
