@@ -44,7 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = "params.yaml"
 SCHEMA_NAME = "bdi_schema"
-DATASET_KINDS = ("mvtec", "server")
+DATASET_KINDS = ("auto", "synthetic", "mvtec", "server")  # pipelines.sources
 _T = TypeVar("_T")
 
 
@@ -76,9 +76,24 @@ class SplitsSchema:
 
 
 @dataclass
+class SyntheticSchema:
+    """Seeded synthetic discs (``bdi.data.synthetic.write_mvtec_dataset``) that the ingest stage generates."""
+
+    folder: str = "data/synthetic"  # where they are written (kind synthetic: dataset.source instead)
+    seed: int = 0
+    n_train: int = 16  # train/good
+    n_test_good: int = 8  # test/good, split into calib and eval halves
+    n_test_per_defect: int = 4  # per defect kind (pit, scratch, crack), with masks
+    size: int = 192  # px, square
+
+
+@dataclass
 class DatasetSchema:
     name: str = MISSING
-    kind: str = "mvtec"  # "mvtec" (train/good, test/<class>, ground_truth/) | "server" (DatasetStore folders)
+    # auto: the server's samples under `source` when every model has some, else synthetic discs |
+    # synthetic: discs generated into `source` | mvtec: train/good, test/<class>, ground_truth/ | server: the
+    # DatasetStore folders under `source`
+    kind: str = "mvtec"
     source: str = MISSING  # folder, relative to the project root
     recipe: str = "default"
     rois: list[RoiSchema] = field(default_factory=lambda: [RoiSchema()])
@@ -89,6 +104,7 @@ class DatasetSchema:
     max_pixels: int = 40_000_000
     mask_threshold: int = metrics.MASK_THRESHOLD
     splits: SplitsSchema = field(default_factory=SplitsSchema)
+    synthetic: SyntheticSchema = field(default_factory=SyntheticSchema)
 
 
 def _schema_type(hint: Any) -> Any:
@@ -230,6 +246,11 @@ def check_values(cfg: PipelineConfig) -> None:
     ds = cfg.dataset
     if ds.kind not in DATASET_KINDS:
         raise PipelineConfigError(f"dataset.kind must be one of {DATASET_KINDS}, got {ds.kind!r}")
+    for name in ("n_train", "n_test_good", "n_test_per_defect"):
+        if getattr(ds.synthetic, name) < 1:
+            raise PipelineConfigError(f"dataset.synthetic.{name} must be >= 1")
+    if ds.synthetic.size < ds.min_size:
+        raise PipelineConfigError(f"dataset.synthetic.size must be >= dataset.min_size ({ds.min_size})")
     if not ds.rois:
         raise PipelineConfigError("dataset.rois must list at least one {role, roi}")
     pairs = [(r.role, r.roi) for r in ds.rois]
