@@ -234,18 +234,22 @@ def log_dataset(run: Any, ctx: StageContext, *, split: str | None, context: str)
 
 
 def dvc_data_hash(root: Path, *, source: str) -> str | None:
-    """The md5 DVC recorded in ``dvc.lock`` for the dataset folder (the ingest stage's dependency on
-    ``dataset.source``); None when the pipeline has not been run by DVC."""
+    """The md5 DVC recorded in ``dvc.lock`` for the data the ingest stage read: its dependency on ``source`` when
+    dvc.yaml declares one, else the manifest it wrote (``paths.manifest``, the sha256 of every file read; the
+    dataset folder is no DVC dependency, see dvc.yaml); None when the pipeline has not been run by DVC."""
     lock = Path(root) / "dvc.lock"
     try:
         data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return None
-    wanted = os.path.normpath(source)
-    for dep in (((data.get("stages") or {}).get("ingest") or {}).get("deps") or []):
-        if isinstance(dep, dict) and os.path.normpath(str(dep.get("path", ""))) == wanted:
-            value = dep.get("md5") or dep.get("hash")
-            return str(value) if value else None
+    ingest = (data.get("stages") or {}).get("ingest") or {}
+    manifest = (((ingest.get("params") or {}).get(PARAMS_FILE) or {}).get("paths") or {}).get("manifest")
+    for wanted, entries in ((source, ingest.get("deps")), (manifest, ingest.get("outs"))):
+        for entry in entries or []:
+            if wanted and isinstance(entry, dict) and \
+                    os.path.normpath(str(entry.get("path", ""))) == os.path.normpath(wanted):
+                value = entry.get("md5") or entry.get("hash")
+                return str(value) if value else None
     return None
 
 
