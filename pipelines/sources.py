@@ -151,3 +151,13 @@ def resolve_source(cfg: PipelineConfig, *, root: Path) -> Source:
     stamp, note = ensure_synthetic(cfg, folder)
     return Source(folder=folder, layout="mvtec", used="synthetic" if stamp else "mvtec", note=f"{why}; {note}",
                   generator=stamp)
+
+
+def ingested_folder(cfg: PipelineConfig, *, root: Path) -> Path:
+    """The folder the last ingest read (its report's ``source``: for ``auto``, the server's or the generated
+    one), else ``dataset.source``."""
+    try:
+        folder = json.loads(resolve_path(root, cfg.paths.ingest_report).read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        folder = cfg.dataset.source
+    return resolve_path(root, str(folder))

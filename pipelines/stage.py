@@ -218,11 +218,13 @@ def dataset_identity(ctx: StageContext, *, split: str | None) -> DatasetIdentity
     path = ctx.path(ctx.cfg.paths.manifest)
     if not path.is_file():
         return None
+    from pipelines.sources import ingested_folder
+
     rows = [r for r in read_manifest(path) if split is None or r.split == split]
     digest = hashlib.sha256("\n".join(r.sha256 for r in rows).encode("ascii")).hexdigest()[:DIGEST_CHARS]
     name = ctx.cfg.dataset.name if split is None else f"{ctx.cfg.dataset.name}-{split}"
-    return DatasetIdentity(name=name, source=str(ctx.path(ctx.cfg.dataset.source).resolve()), digest=digest,
-                           n_images=len(rows))
+    folder = ingested_folder(ctx.cfg, root=ctx.project_root)  # for dataset=auto: the server's or generated one
+    return DatasetIdentity(name=name, source=str(folder.resolve()), digest=digest, n_images=len(rows))
 
 
 def log_dataset(run: Any, ctx: StageContext, *, split: str | None, context: str) -> DatasetIdentity | None:
