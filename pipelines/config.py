@@ -25,7 +25,7 @@ import functools
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -44,7 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = "params.yaml"
 SCHEMA_NAME = "bdi_schema"
-DATASET_KINDS = ("mvtec", "server")
+DATASET_KINDS = ("auto", "synthetic", "mvtec", "server")  # pipelines.sources
 _T = TypeVar("_T")
 
 
@@ -76,9 +76,24 @@ class SplitsSchema:
 
 
 @dataclass
+class SyntheticSchema:
+    """Seeded synthetic discs (``bdi.data.synthetic.write_mvtec_dataset``) that the ingest stage generates."""
+
+    folder: str = "data/synthetic"  # where they are written (kind synthetic: dataset.source instead)
+    seed: int = 0
+    n_train: int = 16  # train/good
+    n_test_good: int = 8  # test/good, split into calib and eval halves
+    n_test_per_defect: int = 4  # per defect kind (pit, scratch, crack), with masks
+    size: int = 192  # px, square
+
+
+@dataclass
 class DatasetSchema:
     name: str = MISSING
-    kind: str = "mvtec"  # "mvtec" (train/good, test/<class>, ground_truth/) | "server" (DatasetStore folders)
+    # auto: the server's samples under `source` when every model has some, else synthetic discs |
+    # synthetic: discs generated into `source` | mvtec: train/good, test/<class>, ground_truth/ | server: the
+    # DatasetStore folders under `source`
+    kind: str = "mvtec"
     source: str = MISSING  # folder, relative to the project root
     recipe: str = "default"
     rois: list[RoiSchema] = field(default_factory=lambda: [RoiSchema()])
@@ -89,6 +104,7 @@ class DatasetSchema:
     max_pixels: int = 40_000_000
     mask_threshold: int = metrics.MASK_THRESHOLD
     splits: SplitsSchema = field(default_factory=SplitsSchema)
+    synthetic: SyntheticSchema = field(default_factory=SyntheticSchema)
 
 
 def _schema_type(hint: Any) -> Any:
@@ -230,6 +246,11 @@ def check_values(cfg: PipelineConfig) -> None:
     ds = cfg.dataset
     if ds.kind not in DATASET_KINDS:
         raise PipelineConfigError(f"dataset.kind must be one of {DATASET_KINDS}, got {ds.kind!r}")
+    for name in ("n_train", "n_test_good", "n_test_per_defect"):
+        if getattr(ds.synthetic, name) < 1:
+            raise PipelineConfigError(f"dataset.synthetic.{name} must be >= 1")
+    if ds.synthetic.size < ds.min_size:
+        raise PipelineConfigError(f"dataset.synthetic.size must be >= dataset.min_size ({ds.min_size})")
     if not ds.rois:
         raise PipelineConfigError("dataset.rois must list at least one {role, roi}")
     pairs = [(r.role, r.roi) for r in ds.rois]
@@ -302,52 +323,6 @@ def flatten(data: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def schema_keys() -> set[str]:
-    """Every dotted key of the schema (list items as ``rois.0.role``), for typo hints."""
-    keys = set(flatten(_schema_dict()))
-    for key in list(keys):
-        parts = key.split(".")
-        keys.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return keys
-
-
-def _schema_dict() -> dict[str, Any]:
-    data = OmegaConf.to_container(OmegaConf.structured(PipelineConfig), resolve=False)
-    assert isinstance(data, dict)
-    return cast(dict[str, Any], data)  # a DictConfig's keys are str
-
-
-def override_hint(overrides: Iterable[str]) -> str:
-    """What to fix for overrides naming keys the schema lacks ("did you mean ...?"); "" when all known."""
-    known = schema_keys()
-    known_no_index = {k for k in known if not any(p.isdigit() for p in k.split("."))}
-    hints: list[str] = []
-    for text in overrides:
-        if "=" not in text or text.startswith(("hydra.", "hydra/", "+", "~", "--")):
-            continue
-        key = text.split("=", 1)[0].strip().lstrip("+~")
-        if "." not in key or key in known or key.split(".")[0] in ("hydra",):
-            continue
-        if any(key.startswith(f"{dict_key}.") for dict_key in _dict_valued_keys()):
-            continue
-        close = difflib.get_close_matches(key, sorted(known_no_index), n=3, cutoff=0.75)
-        section = key.split(".")[0]
-        options = sorted(k[len(section) + 1:] for k in known_no_index if k.startswith(f"{section}.") and
-                         k.count(".") == 1)
-        hint = f"Unknown config key '{key}'."
-        if close:
-            hint += f" Did you mean {' or '.join(repr(c) for c in close)}?"
-        if options:
-            hint += f" Keys of '{section}': {', '.join(options)}."
-        hint += " Keys are defined in pipelines/config.py (schema) and conf/; see params.yaml for values."
-        hints.append(hint)
-    return "\n".join(hints)
-
-
-def _dict_valued_keys() -> set[str]:
-    return {"dataset.roi_shape"} | {f"dataset.rois.{i}.roi_shape" for i in range(64)}
 
 
 def compose_params(path: Path, *, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR,

@@ -1,10 +1,11 @@
 """Stage 1, ingest: list and validate the dataset, split it, write the manifest and a rejection report.
 
-Sources (``dataset.kind``):
-* ``mvtec``: ``<source>[/<roi.subdir>]/train/good``, ``test/<class>``, ``ground_truth/<class>/<stem>_mask.png``
-  (``bdi.data.mvtec.read_mvtec``);
-* ``server``: the GUI's sample folders in a ModelStore root (``bdi.storage.datasets.DatasetStore``), ``ok``/``ng``;
-  a sample's sidecar ``mm_per_px`` / ``shape_json`` win over the dataset config.
+Sources (``dataset.kind``; which folder, and the synthetic discs ``auto``/``synthetic`` generate:
+``pipelines.sources``), listed in one of two layouts:
+* MVTec: ``<source>[/<roi.subdir>]/train/good``, ``test/<class>``, ``ground_truth/<class>/<stem>_mask.png``
+  (``bdi.data.mvtec.read_mvtec``): ``mvtec``, ``synthetic``, ``auto`` without server samples;
+* server: the GUI's sample folders in a ModelStore root (``bdi.storage.datasets.DatasetStore``), ``ok``/``ng``;
+  a sample's sidecar ``mm_per_px`` / ``shape_json`` win over the dataset config: ``server``, ``auto`` with them.
 
 Validation (``bdi.data.checks.check_sample``; each failure rejects one file with a reason, the rest is kept):
 readable, decodable, channel count in ``dataset.channels``, both sides ≥ ``dataset.min_size``, at most
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from bdi.data.splits import assign_splits as assign_splits_rule
 from bdi.errors import BDIError
 from pipelines.config import PipelineConfig, PipelineConfigError
 from pipelines.manifest import SPLITS, ManifestRow, PipelineDataError, write_manifest
+from pipelines.sources import check_source, missing_folder_error, rel_path, resolve_source
 from pipelines.stage import (
     StageContext,
     Target,
@@ -76,6 +77,7 @@ class IngestResult:
     rejected: list[dict[str, str]]
     warnings: list[str] = field(default_factory=list)
     n_found: int = 0
+    source: dict[str, Any] = field(default_factory=dict)  # Source.report: what was read, generated or not
 
     def report(self, cfg: PipelineConfig) -> dict[str, Any]:
         counts: dict[str, dict[str, dict[str, int]]] = {}
@@ -84,8 +86,9 @@ class IngestResult:
             split = counts.setdefault(key, {}).setdefault(row.split, {})
             split[row.defect_class] = split.get(row.defect_class, 0) + 1
         return {
-            "source": cfg.dataset.source,
+            "source": self.source.get("folder", cfg.dataset.source),  # the folder read
             "kind": cfg.dataset.kind,
+            "dataset": {"name": cfg.dataset.name, "source": cfg.dataset.source, **self.source},
             "n_found": self.n_found,
             "n_kept": len(self.rows),
             "n_rejected": len(self.rejected),
@@ -106,16 +109,12 @@ def _shape_text(shape: Any) -> str:
     return json.dumps(parsed, sort_keys=True) if parsed else ""
 
 
-def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
+def _mvtec_candidates(root: Path, target: Target, cfg: PipelineConfig) -> list[Candidate]:
     from bdi.data.mvtec import read_mvtec
 
     tree = root / target.subdir if target.subdir else root
     if not tree.is_dir():
-        raise PipelineConfigError(
-            f"dataset.source: folder {tree} does not exist. Fix: set dataset.source (conf/dataset/*.yaml and "
-            "params.yaml) to a folder in MVTec layout (train/good, test/<class>, ground_truth/<class>/"
-            "<stem>_mask.png), or override it: python -m pipelines.ingest dataset.source=PATH"
-        )
+        raise missing_folder_error(cfg, tree)
     try:
         items = read_mvtec(tree)
     except BDIError as exc:  # InvalidInputError: not an MVTec layout
@@ -129,7 +128,7 @@ def _mvtec_candidates(root: Path, target: Target) -> list[Candidate]:
     ]
 
 
-def _server_candidates(root: Path, target: Target) -> list[Candidate]:
+def _server_candidates(root: Path, target: Target, cfg: PipelineConfig) -> list[Candidate]:
     """The GUI's ``ok``/``ng`` samples of one model; ``root`` was checked by ``check_source``."""
     from bdi.refs import DatasetRef
     from bdi.storage.datasets import LABELS, DatasetStore
@@ -185,36 +184,16 @@ def assign_splits(kept: Sequence[tuple[Candidate, SampleFacts]], *, cfg: Pipelin
 # --------------------------------------------------------------------------------------------- stage
 
 
-def _rel(path: Path, root: Path) -> str:
-    """``path`` relative to the project root when possible (``../`` allowed), POSIX separators."""
-    try:
-        return Path(os.path.relpath(path, root)).as_posix()
-    except ValueError:  # another drive (Windows)
-        return path.as_posix()
-
-
-def check_source(cfg: PipelineConfig, *, root: Path) -> Path:
-    """The dataset folder; a missing one is a ``PipelineConfigError`` saying which key to fix."""
-    source = resolve_path(root, cfg.dataset.source)
-    if not source.is_dir():
-        raise PipelineConfigError(
-            f"dataset.source: '{cfg.dataset.source}' does not exist or is not a folder (resolved to {source}). "
-            f"Fix: set dataset.source in conf/dataset/{cfg.dataset.name}.yaml (then regenerate params.yaml: "
-            "python -m pipelines.config --write params.yaml), or override it: "
-            "python -m pipelines.ingest dataset.source=PATH"
-        )
-    return source
-
-
 def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) -> IngestResult:
     """List, validate and split every model's files into manifest rows."""
     from tqdm import tqdm
 
-    source = check_source(cfg, root=root)
-    result = IngestResult(rows=[], rejected=[])
+    resolved = resolve_source(cfg, root=root)
+    source = resolved.folder
+    result = IngestResult(rows=[], rejected=[], source=resolved.report(root))
     for target in targets(cfg):
-        listing = _mvtec_candidates if cfg.dataset.kind == "mvtec" else _server_candidates
-        candidates = listing(source, target)
+        listing = _mvtec_candidates if resolved.layout == "mvtec" else _server_candidates
+        candidates = listing(source, target, cfg)
         result.n_found += len(candidates)
         kept: list[tuple[Candidate, SampleFacts]] = []
         seen: dict[str, Path] = {}
@@ -223,16 +202,16 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
         for cand in bar:
             facts, reason = validate_candidate(cand, cfg=cfg)
             if facts is not None and facts.sha256 in seen:
-                duplicate_of = _rel(seen[facts.sha256], root)
+                duplicate_of = rel_path(seen[facts.sha256], root)
                 facts, reason = None, f"duplicate: same bytes as {duplicate_of}"
             if facts is None:
-                result.rejected.append({"file": _rel(cand.path, root), "role": target.ref.role_id,
+                result.rejected.append({"file": rel_path(cand.path, root), "role": target.ref.role_id,
                                         "roi": target.ref.roi_id, "reason": str(reason)})
                 log.warning("rejected %s: %s", cand.path, reason)
                 continue
             seen[facts.sha256] = cand.path
-            if cand.label == "ng" and cand.mask_path is None and cfg.dataset.kind == "mvtec":
-                result.warnings.append(f"{_rel(cand.path, root)}: no ground-truth mask (left out of pixel metrics)")
+            if cand.label == "ng" and cand.mask_path is None and resolved.layout == "mvtec":
+                result.warnings.append(f"{rel_path(cand.path, root)}: no ground-truth mask (left out of pixel metrics)")
             kept.append((cand, facts))
         splits = assign_splits(kept, cfg=cfg)
         if "train" not in splits:
@@ -242,10 +221,10 @@ def run_ingest(cfg: PipelineConfig, *, root: Path, show_progress: bool = False) 
             )
         for (cand, facts), split in zip(kept, splits, strict=True):
             result.rows.append(ManifestRow(
-                file=_rel(cand.path, root), recipe=target.ref.recipe_id, role=target.ref.role_id,
+                file=rel_path(cand.path, root), recipe=target.ref.recipe_id, role=target.ref.role_id,
                 roi=target.ref.roi_id, model_key=target.ref.model_key, split=split,
                 label=cand.label, defect_class=cand.defect_class,
-                mask=_rel(cand.mask_path, root) if cand.mask_path is not None else "",
+                mask=rel_path(cand.mask_path, root) if cand.mask_path is not None else "",
                 mm_per_px=cand.mm_per_px, roi_shape=cand.roi_shape, width=facts.width,
                 height=facts.height, sha256=facts.sha256,
             ))
@@ -262,7 +241,7 @@ def write_outputs(result: IngestResult, *, cfg: PipelineConfig, root: Path) -> t
 
 
 def execute(ctx: StageContext) -> IngestResult:
-    check_source(ctx.cfg, root=ctx.project_root)  # fail before an MLflow run is opened
+    check_source(ctx.cfg, root=ctx.project_root)  # a missing folder fails before an MLflow run is opened
     with stage_run(ctx) as run:
         result = run_ingest(ctx.cfg, root=ctx.project_root, show_progress=True)
         manifest, report = write_outputs(result, cfg=ctx.cfg, root=ctx.project_root)

@@ -19,12 +19,12 @@ from pipelines.config import (
     PipelineConfigError,
     compose_config,
     model_config,
-    override_hint,
     schema_twin,
     to_plain,
     to_settings,
     validate,
 )
+from pipelines.hints import override_hint
 
 PROJECT = Path(__file__).resolve().parents[2]
 

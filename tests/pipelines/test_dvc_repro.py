@@ -1,8 +1,9 @@
 """End to end: ``dvc repro`` in a fresh git+DVC repo on a tiny synthetic set, registry → sync → server.
 
 One module-scoped project runs the pipeline once; the tests then check what it produced, that a second
-``dvc repro`` runs nothing, and (last) that ``dvc exp run -S model.memory.coreset_rate=0.05`` (DVC's own Hydra
-composition, no params writer of ours) re-runs fit_ok and what follows only. The project copies this
+``dvc repro`` reruns only ingest (always_changed) and nothing after it, and (last) that ``dvc exp run -S
+model.memory.coreset_rate=0.05`` (DVC's own Hydra composition, no params writer of ours) re-runs fit_ok and what
+follows only (besides ingest). The project copies this
 repository's dvc.yaml, .dvc/config's hydra section, conf/, hydra_plugins/, pipelines/ and src/bdi (a
 dependency that DVC hashes; the code imported is the installed ``bdi``), switches conf/'s defaults to
 ``dataset=synthetic`` and ``model=tiny`` (with a promotion gate that random weights can pass) and
@@ -177,9 +178,9 @@ def test_version_carries_lineage_tags_and_the_gate_report(project: Project) -> N
     record = json.loads(project.path("registration").read_text(encoding="utf-8"))["models"][0]
     client = MlflowClient(tracking_uri=project.tracking_uri, registry_uri=project.tracking_uri)
     tags = client.get_model_version(record["name"], str(record["version"])).tags
-    lock = yaml.safe_load((project.root / "dvc.lock").read_text(encoding="utf-8"))
-    [source_dep] = [d for d in lock["stages"]["ingest"]["deps"] if d["path"] == project.params["dataset"]["source"]]
-    assert tags["data_hash"] == source_dep["md5"] and tags["data_source"] == "data/synthetic"
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text(encoding="utf-8"))  # the folder is no dep (dvc.yaml)
+    [manifest] = [d for d in lock["stages"]["ingest"]["outs"] if d["path"] == project.params["paths"]["manifest"]]
+    assert tags["data_hash"] == manifest["md5"] and tags["data_source"] == "data/synthetic"
     assert tags["git_commit"] == tags["dvc_commit"] and len(tags["git_commit"]) == 40
     calibrate = client.get_run(tags["calibration_run_id"])
     assert calibrate.data.tags["stage"] == "calibrate"
@@ -232,12 +233,13 @@ def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_
     assert lineage["data_hash"] and lineage["threshold_source"] == "calibration_run"
 
 
-def test_second_repro_runs_nothing(project: Project) -> None:
+def test_second_repro_reruns_only_ingest(project: Project) -> None:
+    """ingest is always_changed (dvc.yaml); the same files give the same manifest, so nothing after it runs."""
     out = project.dvc("repro").stdout
-    assert _ran(out) == set(), out
-    assert "Data and pipelines are up to date" in out
+    assert _ran(out) == {"ingest"}, out
+    assert all(f"Stage '{stage}' didn't change" in out for stage in STAGES[1:]), out
     status = project.dvc("status").stdout
-    assert "up to date" in status
+    assert "always changed" in status and "fit_ok" not in status, status
 
 
 def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: Project) -> None:
@@ -246,7 +248,6 @@ def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: P
     assert project.params["model"]["memory"]["coreset_rate"] == 0.05  # composed by DVC from conf/ + the override
     assert project.params["dataset"]["name"] == "synthetic"
     assert project.params["model"]["features"]["weights"] == "random"
-    assert _ran(out) == {"fit_ok", "calibrate", "evaluate", "register"}, out
-    assert "Stage 'ingest' didn't change" in out
+    assert _ran(out) == {"ingest", "fit_ok", "calibrate", "evaluate", "register"}, out  # ingest: always_changed
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
     assert registration["models"][0]["version"] == 2

@@ -18,6 +18,7 @@ from bdi.data.synthetic import write_mvtec_dataset
 from pipelines.config import PipelineConfig, PipelineConfigError, compose_config, to_plain, validate
 from pipelines.ingest import run_ingest, write_outputs
 from pipelines.manifest import MANIFEST_COLUMNS
+from pipelines.sources import AUTO_MIN_OK, STAMP
 from tests.helpers.synthetic import disc_png
 
 N_TRAIN, N_GOOD, N_PER_DEFECT = 6, 4, 2
@@ -42,6 +43,8 @@ def _by_reason(result: object, word: str) -> list[dict[str, str]]:
 def test_ingest_keeps_every_valid_file_and_splits_them(dataset: Path, tmp_path: Path) -> None:
     result = run_ingest(_cfg(dataset), root=tmp_path)
     assert result.rejected == []
+    assert result.source["used"] == "mvtec" and result.source["generator"] is None  # not generated: read as is
+    assert not (dataset / STAMP).exists()
     assert len(result.rows) == N_FILES
     splits = Counter(r.split for r in result.rows)
     assert splits == {"train": N_TRAIN, "calib": N_GOOD // 2 + 3, "eval": N_GOOD // 2 + 3}
@@ -119,23 +122,29 @@ def test_ingest_splits_as_the_library_rule_does(dataset: Path, tmp_path: Path) -
     assert {(tmp_path / r.file).resolve(): r.split for r in rows} == library
 
 
-def test_missing_dataset_path_names_the_key_to_fix(tmp_path: Path) -> None:
+def test_missing_dataset_path_names_the_folder_and_the_overrides(tmp_path: Path) -> None:
+    cfg = validate(to_plain(compose_config(["dataset=magnetic_tile", "dataset.source=nowhere/tiles"])))
     with pytest.raises(PipelineConfigError, match="dataset.source") as info:
-        run_ingest(_cfg(tmp_path / "nowhere"), root=tmp_path)
-    assert "does not exist" in str(info.value) and "python -m pipelines.ingest dataset.source=" in str(info.value)
+        run_ingest(cfg, root=tmp_path)
+    text = str(info.value)
+    assert "folder 'nowhere/tiles' does not exist" in text and str(tmp_path / "nowhere" / "tiles") in text
+    assert "dvc exp run -S dataset.source=/path/to/folder" in text and "dvc exp run -S dataset=synthetic" in text
+    assert "python -m pipelines.ingest dataset.source=" in text
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_folder_without_mvtec_layout_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "flat").mkdir()
+    cfg = validate(to_plain(compose_config(["dataset=magnetic_tile", f"dataset.source={tmp_path / 'flat'}"])))
     with pytest.raises(PipelineConfigError, match="dataset.source"):
-        run_ingest(_cfg(tmp_path / "flat"), root=tmp_path)
+        run_ingest(cfg, root=tmp_path)
 
 
 def test_cli_bad_dataset_path_exits_non_zero_with_clear_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.ingest", "dataset=synthetic", f"dataset.source={tmp_path / 'nowhere'}",
-         "tracking.enabled=false"],
+        [sys.executable, "-m", "pipelines.ingest", "dataset=magnetic_tile",
+         f"dataset.source={tmp_path / 'nowhere'}", "tracking.enabled=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2, out.stderr
@@ -167,3 +176,52 @@ def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
     assert {r.mm_per_px for r in result.rows if r.label == "ok"} == {0.25}
     assert {r.mm_per_px for r in result.rows if r.label == "ng"} == {0.2}  # the dataset default
 
+
+
+SMALL_SYNTHETIC = ["dataset.synthetic.n_train=4", "dataset.synthetic.n_test_good=2",
+                   "dataset.synthetic.n_test_per_defect=2", "dataset.synthetic.size=64"]
+
+
+def test_synthetic_kind_generates_seeded_discs_once_and_records_them(tmp_path: Path) -> None:
+    cfg = _cfg("gen", *SMALL_SYNTHETIC)
+    first = run_ingest(cfg, root=tmp_path)
+    assert len(first.rows) == 4 + 2 + 3 * 2 and first.rejected == []
+    assert first.source["used"] == "synthetic" and first.source["folder"] == "gen"
+    generator = first.source["generator"]
+    assert generator["generator"] == "bdi.data.synthetic.write_mvtec_dataset" and generator["seed"] == 0
+    assert json.loads((tmp_path / "gen" / STAMP).read_text(encoding="utf-8")) == generator
+    again = run_ingest(cfg, root=tmp_path)
+    assert "reused" in again.source["note"] and [r.sha256 for r in again.rows] == [r.sha256 for r in first.rows]
+    reseeded = run_ingest(_cfg("gen", *SMALL_SYNTHETIC, "dataset.synthetic.seed=1"), root=tmp_path)
+    assert "regenerated" in reseeded.source["note"]
+    assert {r.sha256 for r in reseeded.rows}.isdisjoint({r.sha256 for r in first.rows})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]  # no temporary folder left
+
+
+def _auto_cfg(models: Path) -> PipelineConfig:
+    overrides = ["dataset=auto", f"dataset.source={models}", "dataset.synthetic.folder=discs", *SMALL_SYNTHETIC]
+    return validate(to_plain(compose_config(overrides)))
+
+
+def test_auto_generates_synthetic_discs_without_server_samples(tmp_path: Path) -> None:
+    result = run_ingest(_auto_cfg(tmp_path / "models"), root=tmp_path)
+    assert result.source["used"] == "synthetic" and result.source["folder"] == "discs"
+    assert "fewer than" in result.source["note"] and not (tmp_path / "models").exists()
+    assert {r.recipe for r in result.rows} == {"default"} and len(result.rows) == 4 + 2 + 3 * 2
+
+
+def test_auto_reads_the_server_samples_when_every_model_has_enough(tmp_path: Path) -> None:
+    from bdi.refs import DatasetRef
+    from bdi.storage.datasets import DatasetStore, UploadItem
+
+    models = tmp_path / "models"
+    store = DatasetStore(models)
+    ref = DatasetRef(recipe_id="default", role_id="default", roi_id="default")
+    store.save(ref, "ok", [UploadItem(data=disc_png(seed=i, size=64), client_filename=f"ok{i}.png", meta={})
+                           for i in range(AUTO_MIN_OK)])
+    store.save(ref, "ng", [UploadItem(data=disc_png(seed=20, size=64, defect="pit"), client_filename="ng.png",
+                                      meta={})])
+    result = run_ingest(_auto_cfg(models), root=tmp_path)
+    assert result.source["used"] == "server" and result.source["generator"] is None
+    assert Counter(r.label for r in result.rows) == {"ok": AUTO_MIN_OK, "ng": 1}
+    assert not (tmp_path / "discs").exists()
