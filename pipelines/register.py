@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
                 tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
                       "threshold": str(calib.get("threshold")), "export_key": key},
             )
+        link_model_metrics(ctx, run_id=run_id, name=result.name, version=result.version, metrics=values)
         promotion = promote_version(tracking=tracking, name=result.name,
                                     version=result.version, gate=gate, overrides=overrides)
         report = promotion.report.to_dict() if promotion.report is not None else None
@@ -213,6 +215,27 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
         for check in promotion.report.failures() if promotion.report is not None else ():
             log.warning("promotion gate: %s failed: %s", check.name, check.detail)
     return records
+
+
+def link_model_metrics(ctx: StageContext, *, run_id: str, name: str, version: int, metrics: dict[str, float]) -> None:
+    """Log the version's evaluation figures (``eval/<name>``) linked to its MLflow 3 ``LoggedModel`` (``model_id``)
+    and to the eval split's dataset (name + digest), so MLflow's Models view compares versions by them."""
+    from mlflow.entities import Metric
+
+    from bdi.mlops.tracking import global_tracking_uri
+
+    tracking = ctx.tracking()
+    client = tracking.client()
+    with global_tracking_uri(tracking.tracking_uri):
+        model_id = getattr(client.get_model_version(name, str(version)), "model_id", None)
+    if not model_id:
+        return
+    dataset = dataset_identity(ctx, split="eval")
+    now = int(time.time() * 1000)
+    linked = [Metric(f"eval/{k}", v, now, 0, model_id=model_id,
+                     dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None)
+              for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=linked)
 
 
 # what to change when a check refuses a version, by check name (the primary metric's is the default)
