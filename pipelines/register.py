@@ -217,6 +217,16 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     return records
 
 
+def logged_model_id(version: Any) -> str | None:
+    """The ``LoggedModel`` id of a model version: its ``model_id`` or, where the SQL registry does not return it,
+    the id in its source URI (``models:/<model_id>``)."""
+    model_id = getattr(version, "model_id", None)
+    source = str(getattr(version, "source", "") or "")
+    if not model_id and source.startswith("models:/m-"):
+        model_id = source.removeprefix("models:/").split("/")[0]
+    return str(model_id) if model_id else None
+
+
 def link_model_metrics(ctx: StageContext, *, run_id: str, name: str, version: int, metrics: dict[str, float]) -> None:
     """Log the version's evaluation figures (``eval/<name>``) linked to its MLflow 3 ``LoggedModel`` (``model_id``)
     and to the eval split's dataset (name + digest), so MLflow's Models view compares versions by them."""
@@ -227,7 +237,8 @@ def link_model_metrics(ctx: StageContext, *, run_id: str, name: str, version: in
     tracking = ctx.tracking()
     client = tracking.client()
     with global_tracking_uri(tracking.tracking_uri):
-        model_id = getattr(client.get_model_version(name, str(version)), "model_id", None)
+        registered = client.get_model_version(name, str(version))
+    model_id = logged_model_id(registered)
     if not model_id:
         return
     dataset = dataset_identity(ctx, split="eval")

@@ -294,7 +294,10 @@ def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project
     assert b.data.tags["promotion.passed"] == "false" and b.data.tags["promotion.verdict"].startswith("REFUSED")
     version = client.get_model_version(b.data.tags["registered_model"], b.data.tags["registered_version"])
     assert version.tags["dvc_exp_name"] == "calib-ng50-slowgate"
-    logged = client.get_logged_model(version.model_id)  # MLflow 3: the version's figures, linked to it and the data
+    from pipelines.register import logged_model_id
+
+    # MLflow 3: the version's figures, linked to its LoggedModel and to the data
+    logged = client.get_logged_model(logged_model_id(version))
     linked = {m.key: m for m in logged.metrics or []}
     assert linked["eval/image_auroc"].dataset_name == "synthetic-eval" and linked["eval/image_auroc"].dataset_digest
     exp_commit = project.run("git", "rev-parse", version.tags["dvc_exp_ref"]).stdout.strip()
