@@ -5,10 +5,13 @@ copied to ``paths.model_dir``; ``InspectionService.calibrate_from_scores`` (the 
 docs/contract.md "Threshold rule", as ``/calibrate_ng``) then writes each model's calib.json there, recording the
 memory it belongs to. ``paths.model_dir`` is the deployable ModelStore: memory + index + calibration.
 
-It also reports the selection metrics of tuning on the calib split, ``calib_image_auroc`` and
-``calib_pixel_auroc`` (where the rows have masks), with the evaluate stage's code (``evaluate_rows``), to
-MLflow and to ``paths.calib_metrics`` (a DVC metrics file; top level = mean over models). Tuning compares
-these, never the eval split's figures.
+It also reports the selection metrics of tuning on the calib split, image and pixel AUROC (where the rows
+have masks), with the evaluate stage's code (``evaluate_rows``), to ``paths.calib_metrics`` (a DVC metrics file,
+``calib_image_auroc`` / ``calib_pixel_auroc``; top level = mean over models) and to MLflow. In MLflow every figure
+of this stage is ``calib/<name>`` (``calib/threshold``, ``calib/false_reject_rate``, ``calib/image_auroc`` …), on the
+stage's run and on the execution's parent run, beside evaluate's ``eval/<name>``; calib.json's ``p99_ok`` / ``p5_ng``
+are logged as ``ok_score_at_percentile`` / ``ng_score_at_percentile``, the percentiles as the params
+``threshold.ok_percentile`` / ``threshold.ng_percentile``. Tuning compares these, never the eval split's figures.
 """
 
 from __future__ import annotations
@@ -102,16 +105,48 @@ def selection_metrics(outcomes: list[CalibrationOutcome]) -> dict[str, Any]:
     return out
 
 
+# calib.json's statistics under names that say what they hold: ``p99_ok`` is the OK score at the *applied*
+# ``score_percentile`` (100 for the CNNs), ``p5_ng`` the NG score at ``calibration.ng_percentile``
+HONEST_NAMES = {"p99_ok": "ok_score_at_percentile", "p5_ng": "ng_score_at_percentile"}
+CALIB_PREFIX = "calib/"  # every figure of this stage is on the calib split; evaluate's are ``eval/``
+
+
+def threshold_rule(ctx: StageContext, outcome: CalibrationOutcome) -> dict[str, Any]:
+    """The threshold rule as params: the percentiles it applied and the rule in words (docs/contract.md)."""
+    cal = ctx.cfg.calibration
+    ok_p, ng_p = outcome.calib.score_percentile, cal.ng_percentile
+    return {"threshold.ok_percentile": ok_p, "threshold.ng_percentile": ng_p,
+            "threshold.rule": f"p{ok_p:g} of OK scores; with NG scores: {cal.overlap_factor:g} x p{ok_p:g}(OK) when "
+                              f"p{ng_p:g}(NG) <= it, else their midpoint"}
+
+
+def calibration_metrics(outcome: CalibrationOutcome) -> dict[str, float | None]:
+    """One model's figures on the calib split, unprefixed: threshold, rates, statistics (honest names), counts
+    and the selection metrics (``image_auroc``, ``pixel_auroc``)."""
+    values = {HONEST_NAMES.get(k, k): v for k, v in outcome.calib.metrics().items()}
+    values.update({k.removeprefix("calib_"): v for k, v in outcome.selection.items()})
+    return values
+
+
 def execute(ctx: StageContext) -> list[CalibrationOutcome]:
     with stage_run_with_progress(ctx, run_calibrate) as (run, outcomes):
+        row: dict[str, Any] = {}
         for outcome in outcomes:
-            prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
-            run.log_metrics({f"{prefix}{k}": v for k, v in {**outcome.calib.metrics(), **outcome.selection}.items()})
+            prefix = f"{CALIB_PREFIX}{outcome.key}/" if len(outcomes) > 1 else CALIB_PREFIX
+            row.update({f"{prefix}{k}": v for k, v in calibration_metrics(outcome).items()})
             name = outcome.key.replace("/", "__")
             run.log_dict(outcome.calib.to_dict(), f"calibration/{name}.calib.json")
             run.log_dict({"scores": outcome.scores}, f"calibration/{name}.scores.json")
-        run.log_artifact(write_json(ctx.path(ctx.cfg.paths.calib_metrics), selection_metrics(outcomes)),
-                         "calibration")
+        summary = selection_metrics(outcomes)
+        if len(outcomes) > 1:  # the means over the models, for the comparison row
+            row.update({f"{CALIB_PREFIX}{k.removeprefix('calib_')}": v for k, v in summary.items() if k != "models"})
+        run.log_metrics(row)
+        run.parent.log_metrics(row)
+        if len(outcomes) == 1:
+            rule = threshold_rule(ctx, outcomes[0])
+            run.log_params(rule)
+            run.parent.log_params(rule)
+        run.log_artifact(write_json(ctx.path(ctx.cfg.paths.calib_metrics), summary), "calibration")
     return outcomes
 
 

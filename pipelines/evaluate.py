@@ -5,7 +5,9 @@ Per model (``<recipe>/<role>/<roi>``), from ``bdi.data.metrics``: image AUROC, p
 calibrated threshold, and per defect class AUROC (class vs good) and recall. Outputs (all paths from
 ``paths.*``): ``metrics`` (JSON; top level = mean over models), ``scores`` (CSV per image), ``roc`` and
 ``score_hist`` (CSV plot data for DVC) and ``images_dir`` (ROC, histogram with the threshold, and a
-heatmap gallery of the worst cases: NG with the lowest scores, OK with the highest, as PNGs).
+heatmap gallery of the worst cases: NG with the lowest scores, OK with the highest, as PNGs). In MLflow the
+figures are ``eval/<name>`` (means over models; ``eval/<model>/<name>`` each), on the stage's run and, the means,
+on the execution's parent run.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pipelines.stage import (
 
 log = logging.getLogger("pipelines.evaluate")
 STAGE = "evaluate"
+EVAL_PREFIX = "eval/"  # MLflow names of this stage's figures (the eval split); calibrate's are ``calib/``
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "false_reject_rate",
                 "escape_rate")
 
@@ -160,11 +163,13 @@ def write_outputs(outputs: EvaluationOutputs, *, ctx: StageContext) -> dict[str,
 def execute(ctx: StageContext) -> EvaluationOutputs:
     with stage_run_with_progress(ctx, run_evaluate) as (run, outputs):
         files = write_outputs(outputs, ctx=ctx)
-        summary = {k: v for k, v in outputs.metrics.items() if k != "models"}
+        summary = {f"{EVAL_PREFIX}{k}": v for k, v in outputs.metrics.items() if k != "models"}
         run.log_metrics(summary)
+        run.parent.log_metrics(summary)
         for model in outputs.models:
-            run.log_metrics({f"{model.key}/{k}": v for k, v in model.metrics.items() if k != "per_class"})
-            run.log_metrics({f"{model.key}/{cls}.{k}": v for cls, values in model.metrics["per_class"].items()
+            prefix = f"{EVAL_PREFIX}{model.key}/"
+            run.log_metrics({f"{prefix}{k}": v for k, v in model.metrics.items() if k != "per_class"})
+            run.log_metrics({f"{prefix}{cls}.{k}": v for cls, values in model.metrics["per_class"].items()
                              for k, v in values.items()})
             for path in model.images.values():
                 run.log_artifact(path, "plots")

@@ -75,12 +75,13 @@ def run_fit_ok(ctx: StageContext, *, progress: Any | None = None) -> list[FitOut
 def execute(ctx: StageContext) -> list[FitOutcome]:
     with stage_run_with_progress(ctx, run_fit_ok) as (run, outcomes):
         for outcome in outcomes:
-            prefix = f"{outcome.key}/" if len(outcomes) > 1 else ""
+            prefix = f"fit/{outcome.key}/" if len(outcomes) > 1 else "fit/"
             result = outcome.result
-            run.log_metrics({f"{prefix}n_images": result.n_images, f"{prefix}n_embeddings": result.n_embeddings,
-                             f"{prefix}coreset_size": result.coreset_size,
-                             f"{prefix}coreset_rate_applied": result.coreset_rate_applied,
-                             **{f"{prefix}timings_ms.{k}": v for k, v in result.timings_ms.items()}})
+            figures = {f"{prefix}n_images": result.n_images, f"{prefix}n_embeddings": result.n_embeddings,
+                       f"{prefix}coreset_size": result.coreset_size,
+                       f"{prefix}coreset_rate_applied": result.coreset_rate_applied}
+            run.log_metrics({**figures, **{f"{prefix}timings_ms.{k}": v for k, v in result.timings_ms.items()}})
+            run.parent.log_metrics(figures)
         run.set_tags({"memory_fingerprints": ",".join(o.result.fingerprint for o in outcomes)})
         run.log_artifact(Path(ctx.path(ctx.cfg.paths.fit_dir)) / SUMMARY_FILE, "fit")
     return outcomes

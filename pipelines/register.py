@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -200,17 +203,94 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
                 tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
                       "threshold": str(calib.get("threshold")), "export_key": key},
             )
+        link_model_metrics(ctx, run_id=run_id, name=result.name, version=result.version, metrics=values)
         promotion = promote_version(tracking=tracking, name=result.name,
                                     version=result.version, gate=gate, overrides=overrides)
         report = promotion.report.to_dict() if promotion.report is not None else None
         records.append({"model": target.key, **asdict(result), "alias_moved": promotion.moved, "run_id": run_id,
                         "threshold": calib.get("threshold"), "gate": report,
                         cfg.evaluation.primary_metric: values.get(cfg.evaluation.primary_metric)})
-        log.info("registered %s as %s v%d (alias %s %s)", target.key, result.name, result.version, result.alias,
-                 "moved" if promotion.moved else f"kept on v{promotion.previous_version}")
+        records[-1]["verdict"] = verdict(promotion)
+        log.info("registered %s as %s v%d", target.key, result.name, result.version)
         for check in promotion.report.failures() if promotion.report is not None else ():
             log.warning("promotion gate: %s failed: %s", check.name, check.detail)
     return records
+
+
+def logged_model_id(version: Any) -> str | None:
+    """The ``LoggedModel`` id of a model version: its ``model_id`` or, where the SQL registry does not return it,
+    the id in its source URI (``models:/<model_id>``)."""
+    model_id = getattr(version, "model_id", None)
+    source = str(getattr(version, "source", "") or "")
+    if not model_id and source.startswith("models:/m-"):
+        model_id = source.removeprefix("models:/").split("/")[0]
+    return str(model_id) if model_id else None
+
+
+def link_model_metrics(ctx: StageContext, *, run_id: str, name: str, version: int, metrics: dict[str, float]) -> None:
+    """Log the version's evaluation figures (``eval/<name>``) linked to its MLflow 3 ``LoggedModel`` (``model_id``)
+    and to the eval split's dataset (name + digest), so MLflow's Models view compares versions by them."""
+    from mlflow.entities import Metric
+
+    from bdi.mlops.tracking import global_tracking_uri
+
+    tracking = ctx.tracking()
+    client = tracking.client()
+    with global_tracking_uri(tracking.tracking_uri):
+        registered = client.get_model_version(name, str(version))
+    model_id = logged_model_id(registered)
+    if not model_id:
+        return
+    dataset = dataset_identity(ctx, split="eval")
+    now = int(time.time() * 1000)
+    linked = [Metric(f"eval/{k}", v, now, 0, model_id=model_id,
+                     dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None)
+              for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=linked)
+
+
+# what to change when a check refuses a version, by check name (the primary metric's is the default)
+CHANGE_HINTS = {
+    "false_reject_rate": "the calibration (calibration.*, model.scoring.score_percentile) or the model so fewer OK "
+                         "images score over the threshold, or the limit promotion.max_false_reject_rate",
+    "infer_latency_ms": "a lighter model (model.features.backbone / input_size), or the budget "
+                        "promotion.max_infer_latency_ms, or promote on the line's hardware (`bdi promote`)",
+    "export_parity": "nothing in the config: the served scores differ from the pipeline's; re-run register, and "
+                     "report it if it persists",
+}
+
+
+def verdict(promotion: Any) -> str:
+    """One line saying what happened to the alias, why, and (refused) what to change."""
+    where = f"{promotion.name} v{promotion.version}"
+    if promotion.moved:
+        was = f" (was v{promotion.previous_version})" if promotion.previous_version is not None else " (first champion)"
+        return f"promoted: {promotion.alias} -> {where}{was}"
+    failures = promotion.report.failures() if promotion.report is not None else []
+    why = "; ".join(f"{c.name}: {c.detail}" for c in failures) or "the gate refused it"
+    change = "; ".join(dict.fromkeys(CHANGE_HINTS.get(c.name, f"the model, so its {c.name} is not below the "
+                                                           "champion's") for c in failures))
+    if promotion.previous_version is None:
+        return f"REFUSED: no {promotion.alias} yet: {where} refused because {why}. Change {change}"
+    return (f"REFUSED: {where} refused because {why}; {promotion.alias} stays on v{promotion.previous_version}. "
+            f"Change {change}")
+
+
+STRICT_ENV = "BDI_PROMOTION_STRICT"  # "1": a refused promotion ends the stage with REFUSED_EXIT_CODE
+REFUSED_EXIT_CODE = 3
+
+
+def comparison_row(records: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent run's promotion metrics and tags: ``promotion/promoted`` (1/0, all models),
+    ``registered_version`` (one model) and the verdict lines."""
+    metrics: dict[str, float] = {"promotion/promoted": float(all(r["alias_moved"] for r in records)),
+                                 "promotion/refused": float(sum(not r["alias_moved"] for r in records))}
+    tags = {"promotion.verdict": " | ".join(r["verdict"] for r in records)[:5000],
+            "promotion.passed": str(all(r["alias_moved"] for r in records)).lower()}
+    if len(records) == 1:
+        metrics["registered_version"] = float(records[0]["version"])
+        tags.update(registered_model=records[0]["name"], registered_version=str(records[0]["version"]))
+    return metrics, tags
 
 
 def execute(ctx: StageContext) -> list[dict[str, Any]]:
@@ -222,7 +302,20 @@ def execute(ctx: StageContext) -> list[dict[str, Any]]:
     with stage_run(ctx) as run:
         records = run_register(ctx, run_id=run.run_id)
         run.log_dict({"models": records}, "registration.json")
-    write_json(out, {"enabled": True, "models": records})
+        metrics, tags = comparison_row(records)
+        for handle in (run, run.parent):
+            handle.log_metrics(metrics)
+            handle.set_tags(tags)
+    refused = [r for r in records if not r["alias_moved"]]
+    write_json(out, {"enabled": True, "promoted": int(not refused), "refused": len(refused),
+                     "registered_version": records[0]["version"] if len(records) == 1 else None,
+                     "models": records})
+    for record in records:  # the stage's last lines: the verdicts, on stdout (dvc shows it)
+        sys.stdout.write(f"register: {record['model']}: {record['verdict']}\n")
+    sys.stdout.flush()
+    if refused and os.environ.get(STRICT_ENV) == "1":
+        sys.stderr.write(f"error: register: {len(refused)} promotion(s) refused and {STRICT_ENV}=1\n")
+        raise SystemExit(REFUSED_EXIT_CODE)
     return records
 
 

@@ -75,6 +75,29 @@ def test_calibrate_logs_the_selection_metrics_to_mlflow(project: CalibratedProje
     experiment = client.get_experiment_by_name("bdi")
     [run] = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'calibrate'")
     selection = project.outcomes[0].selection
-    assert run.data.metrics["calib_image_auroc"] == pytest.approx(selection["calib_image_auroc"])
-    assert run.data.metrics["calib_pixel_auroc"] == pytest.approx(selection["calib_pixel_auroc"])
-    assert "threshold" in run.data.metrics
+    assert run.data.metrics["calib/image_auroc"] == pytest.approx(selection["calib_image_auroc"])
+    assert run.data.metrics["calib/pixel_auroc"] == pytest.approx(selection["calib_pixel_auroc"])
+    assert "calib/threshold" in run.data.metrics
+
+
+def test_stage_runs_nest_under_one_parent_run_with_the_comparison_row(project: CalibratedProject) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bdi")
+    [parent] = client.search_runs([experiment.experiment_id], filter_string="tags.pipeline = 'true'")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {"ingest", "fit_ok", "calibrate"}
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("manual@")
+    [outcome] = project.outcomes
+    metrics = parent.data.metrics
+    assert metrics["calib/threshold"] == pytest.approx(outcome.calib.threshold)
+    assert metrics["calib/image_auroc"] == pytest.approx(outcome.selection["calib_image_auroc"])
+    assert {"calib/false_reject_rate", "calib/ok_score_at_percentile", "calib/ng_score_at_percentile",
+            "fit/coreset_size"} <= set(metrics)
+    assert not {"p99_ok", "p5_ng", "calib/p99_ok", "calib/p5_ng"} & set(metrics)
+    params = parent.data.params  # resolved: the backbone's defaults, never "None" where one was applied
+    assert params["model.scoring.score_percentile"] == str(outcome.calib.score_percentile) != "None"
+    assert params["threshold.ok_percentile"] == str(outcome.calib.score_percentile)
+    assert params["threshold.ng_percentile"] == "5.0" and "threshold.rule" in params

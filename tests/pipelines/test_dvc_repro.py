@@ -159,7 +159,10 @@ def test_stage_runs_are_logged_to_mlflow(project: Project) -> None:
     fit = by_stage["fit_ok"]
     assert fit.data.params["model.memory.coreset_rate"] == "0.1"
     assert fit.data.tags["config_source"] == "params.yaml" and fit.data.tags["dvc_stage"] == "fit_ok"
-    assert "image_auroc" in by_stage["evaluate"].data.metrics
+    assert "eval/image_auroc" in by_stage["evaluate"].data.metrics
+    [parent] = [r for r in runs if r.data.tags.get("pipeline") == "true"]  # `dvc repro`: one execution
+    assert parent.info.run_name.startswith("workspace@") and parent.info.status == "FINISHED"
+    assert all(by_stage[s].data.tags["mlflow.parentRunId"] == parent.info.run_id for s in STAGES)
 
 
 def test_model_version_is_registered_with_alias(project: Project) -> None:
@@ -251,3 +254,52 @@ def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: P
     assert _ran(out) == {"ingest", "fit_ok", "calibrate", "evaluate", "register"}, out  # ingest: always_changed
     registration = json.loads(project.path("registration").read_text(encoding="utf-8"))
     assert registration["models"][0]["version"] == 2
+
+
+def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    accepted = project.dvc("exp", "run", "-n", "calib-ng10", "-S", "calibration.ng_percentile=10").stdout
+    refused = project.dvc("exp", "run", "-n", "calib-ng50-slowgate", "-S", "calibration.ng_percentile=50",
+                          "-S", "promotion.max_infer_latency_ms=0.001").stdout
+    assert _ran(accepted) == {"calibrate", "evaluate", "register"}, accepted
+    assert "register: synthetic/disc/ring: promoted: champion -> " in accepted
+    assert "register: synthetic/disc/ring: REFUSED: " in refused and "champion stays on v" in refused
+    assert "the model itself is too slow" in refused and "promotion.max_infer_latency_ms" in refused
+    shown = json.loads(project.dvc("metrics", "show", "--json").stdout)  # the workspace holds the last experiment
+    registration = shown[""]["data"]["registration.json"]["data"]
+    assert registration["promoted"] == 0 and registration["refused"] == 1
+
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    experiment = client.get_experiment_by_name("bdi")
+    parents = {r.info.run_name: r for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.pipeline = 'true' and attributes.run_name LIKE 'calib-%'")}
+    assert set(parents) == {"calib-ng10", "calib-ng50-slowgate"}
+    a, b = parents["calib-ng10"], parents["calib-ng50-slowgate"]
+    for parent in (a, b):
+        assert parent.info.status == "FINISHED"
+        assert {"calib/threshold", "calib/false_reject_rate", "calib/escape_rate", "calib/image_auroc",
+                "calib/ng_score_at_percentile", "eval/image_auroc", "eval/false_reject_rate", "eval/escape_rate",
+                "promotion/promoted", "registered_version"} <= set(parent.data.metrics)
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(c.data.tags["stage"] for c in children) == ["calibrate", "evaluate", "register"]
+        assert parent.data.params["model.scoring.score_percentile"] not in ("None", "")
+        name = parent.info.run_name
+        assert parent.data.tags["dvc_exp_name"] == name and parent.data.tags["dataset_digest"]
+        assert parent.data.tags["dvc_exp_ref"].startswith("refs/exps/") and parent.data.tags["dvc_exp_ref"].endswith(
+            f"/{name}")
+    assert (a.data.params["calibration.ng_percentile"], b.data.params["calibration.ng_percentile"]) == ("10.0", "50.0")
+    assert a.data.params["threshold.ng_percentile"] == "10.0" and b.data.params["threshold.ng_percentile"] == "50.0"
+    assert a.data.metrics["promotion/promoted"] == 1.0 and b.data.metrics["promotion/promoted"] == 0.0
+    assert b.data.tags["promotion.passed"] == "false" and b.data.tags["promotion.verdict"].startswith("REFUSED")
+    version = client.get_model_version(b.data.tags["registered_model"], b.data.tags["registered_version"])
+    assert version.tags["dvc_exp_name"] == "calib-ng50-slowgate"
+    from pipelines.register import logged_model_id
+
+    # MLflow 3: the version's figures, linked to its LoggedModel and to the data
+    logged = client.get_logged_model(logged_model_id(version))
+    linked = {m.key: m for m in logged.metrics or []}
+    assert linked["eval/image_auroc"].dataset_name == "synthetic-eval" and linked["eval/image_auroc"].dataset_digest
+    exp_commit = project.run("git", "rev-parse", version.tags["dvc_exp_ref"]).stdout.strip()
+    assert len(exp_commit) == 40 and exp_commit != version.tags["git_commit"]  # the experiment's, not its base

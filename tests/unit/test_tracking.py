@@ -18,7 +18,14 @@ from mlflow import MlflowClient
 from bdi.mlops.api_runs import ApiRunLogger
 from bdi.mlops.outages import TrackingStatus, bounded_mlflow_http, check_tracking_server, reap_orphaned_runs
 from bdi.mlops.params import PARAM_VALUE_MAX_CHARS, flatten_params
-from bdi.mlops.tracking import OWNER_HOST_TAG, OWNER_PID_TAG, TrackingConfig, tracked_run
+from bdi.mlops.tracking import (
+    EXECUTION_TAG,
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
+    TrackingConfig,
+    execution_run,
+    tracked_run,
+)
 from bdi.patchcore.calibration import Calibration
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
@@ -93,6 +100,32 @@ def test_tracked_run_marks_failed_run_and_reraises(project_root: Path, client: M
             raise RuntimeError("boom")
     [run] = _runs(client, "unit-fail")
     assert run.info.status == "FAILED"
+
+
+def test_execution_run_is_found_by_its_key_reopened_and_closed_by_each_stage(
+    project_root: Path, client: MlflowClient
+) -> None:
+    # two stage processes of one execution, then a second execution: two parents, children nested
+    target = TrackingConfig(experiment="unit-exec").resolve(project_root)
+    for key, stages in (("exp-a:1", ("calibrate", "evaluate")), ("exp-b:2", ("calibrate",))):
+        for stage in stages:
+            with execution_run(target, key=key, run_name=key.split(":")[0], params={"calibration": {"p": 5}},
+                               tags={"pipeline": "true"}) as parent:
+                assert client.get_run(parent.run_id).info.status == "RUNNING"
+                with tracked_run(target, run_name=stage, parent_run_id=parent.run_id) as child:
+                    child.log_metrics({f"{stage}/x": 1.0})
+                parent.log_metrics({f"{stage}/x": 1.0})
+    parents = {r.info.run_name: r for r in _runs(client, "unit-exec", "tags.pipeline = 'true'")}
+    assert set(parents) == {"exp-a", "exp-b"}
+    a = parents["exp-a"]
+    assert a.info.status == "FINISHED" and a.data.params == {"calibration.p": "5"}
+    assert set(a.data.metrics) == {"calibrate/x", "evaluate/x"} and a.data.tags[EXECUTION_TAG] == "exp-a:1"
+    children = _runs(client, "unit-exec", f"tags.mlflow.parentRunId = '{a.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["calibrate", "evaluate"]
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with execution_run(target, key="exp-a:1", run_name="exp-a"):
+            raise RuntimeError("stage failed")
+    assert client.get_run(a.info.run_id).info.status == "FAILED"
 
 
 def test_api_run_logger_logs_fit_and_calibration_as_source_api_runs(

@@ -5,7 +5,10 @@ promote`` flags) checks, for one registered version against the current alias ho
 
 * ``primary_metric``: the candidate's primary metric (``image_auroc``) is not below the holder's;
 * ``false_reject_rate``: its false-reject rate at the calibrated threshold is within a limit;
-* ``infer_latency``: the median ``/infer`` latency over the golden images is within a budget;
+* ``infer_latency``: the median ``/infer`` latency over the golden images is within a budget, with the load of
+  the machine divided out (:func:`machine_load_factor`, measured in the same process before every call) and
+  repeated up to ``LATENCY_ROUNDS`` times before refusing (:func:`probe_until_within`), so a loaded machine does
+  not refuse a good model;
 * ``export_parity``: the golden images, scored through the serving path (the registered artefact
   downloaded as the sync does, loaded by a ``ModelStore`` and scored by ``InspectionService.infer``,
   the call behind ``/infer``), match the scores the pipeline computed within ``parity_eps``.
@@ -25,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +102,36 @@ class GateReport:
 
 @dataclass(frozen=True)
 class ServingProbe:
-    """Golden images scored through the serving path: scores and per-call latencies (ms)."""
+    """Golden images scored through the serving path: scores and per-call latencies (ms).
+
+    ``load_factors``: per call, how much slower than its own CPU time a fixed single-thread reference ran just
+    before it in this process (wall / thread CPU time, ≥ 1; :func:`machine_load_factor`): about 1 on an idle
+    machine, about (busy threads) / (cores) on a loaded one. The latency check divides each call by it, so
+    other processes' load does not count against the model. ``rounds``: how many probes were taken (the gate
+    repeats a failing latency before refusing, keeping the best round).
+    """
 
     scores: list[float]
     latencies_ms: list[float]
     expected: list[float] = field(default_factory=list)
+    load_factors: list[float] = field(default_factory=list)
+    rounds: int = 1
 
     @property
     def median_latency_ms(self) -> float | None:
         return statistics.median(self.latencies_ms) if self.latencies_ms else None
+
+    @property
+    def median_load_factor(self) -> float:
+        return statistics.median(self.load_factors) if self.load_factors else 1.0
+
+    @property
+    def adjusted_latency_ms(self) -> float | None:
+        """The median of the calls' latencies each divided by its load factor: the model's own cost."""
+        if not self.latencies_ms:
+            return None
+        factors = self.load_factors or [1.0] * len(self.latencies_ms)
+        return statistics.median(t / f for t, f in zip(self.latencies_ms, factors, strict=True))
 
     @property
     def max_abs_diff(self) -> float | None:
@@ -180,14 +204,50 @@ def probe_serving_path(model_dir: Path, *, overrides: Mapping[str, Any] | None =
     service = InspectionService(settings=settings, extractor=extractor, store=predictor.store)
     first_bytes, first = golden[0]
     service.infer(ref=ref, mm_per_px=first.mm_per_px, image=first_bytes, shape=first.shape, include_heatmap=False)
-    scores, latencies = [], []
+    scores, latencies, factors = [], [], []
     for data, record in golden:
+        factors.append(machine_load_factor())
         started = time.perf_counter()
         outcome = service.infer(ref=ref, mm_per_px=record.mm_per_px, image=data, shape=record.shape,
                                 include_heatmap=False)
         latencies.append((time.perf_counter() - started) * 1e3)
         scores.append(float(outcome.result.score))
-    return ServingProbe(scores=scores, latencies_ms=latencies, expected=[r.expected_score for _, r in golden])
+    return ServingProbe(scores=scores, latencies_ms=latencies, expected=[r.expected_score for _, r in golden],
+                        load_factors=factors)
+
+
+REFERENCE_CPU_S = 0.02  # CPU time the load reference spins for
+
+
+def machine_load_factor(cpu_s: float = REFERENCE_CPU_S) -> float:
+    """Wall time / thread CPU time of a fixed single-thread busy loop run now, in this process: ≥ 1, about 1
+    when a core is free, about N/cores when N threads compete for the cores (the scheduler shares them)."""
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    while time.thread_time() - cpu0 < cpu_s:
+        sum(range(2000))
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    return max(1.0, wall / cpu) if cpu > 0 else 1.0
+
+
+LATENCY_ROUNDS = 3  # probes taken at most when the latency is over its budget; the best one counts
+
+
+def probe_until_within(
+    model_dir: Path, *, limit_ms: float | None, overrides: Mapping[str, Any] | None = None,
+    rounds: int = LATENCY_ROUNDS,
+) -> ServingProbe:
+    """:func:`probe_serving_path`, repeated (up to ``rounds``) while its load-adjusted latency is over
+    ``limit_ms``; returns the round with the lowest adjusted latency, so a passing model is not refused for
+    a burst of load, and a slow one is refused only after every round was slow."""
+    best = probe_serving_path(model_dir, overrides=overrides)
+    taken = 1
+    while (limit_ms is not None and taken < rounds and best.adjusted_latency_ms is not None
+           and best.adjusted_latency_ms > limit_ms):
+        probe = probe_serving_path(model_dir, overrides=overrides)
+        taken += 1
+        if probe.adjusted_latency_ms is not None and probe.adjusted_latency_ms < best.adjusted_latency_ms:
+            best = probe
+    return replace(best, rounds=taken)
 
 
 def evaluate_gate(
@@ -212,11 +272,26 @@ def evaluate_gate(
     checks.append(_limit_check("false_reject_rate", candidate.get("false_reject_rate"), gate.max_false_reject_rate,
                                missing="the candidate records no false_reject_rate"))
     no_golden = "no golden images were logged with this version"
-    checks.append(_limit_check("infer_latency_ms", probe.median_latency_ms, gate.max_infer_latency_ms,
-                               missing=no_golden, what=f"median /infer over {len(probe.latencies_ms)} images"))
+    checks.append(_latency_check(probe, gate.max_infer_latency_ms, missing=no_golden))
     checks.append(_limit_check("export_parity", probe.max_abs_diff, gate.parity_eps, missing=no_golden,
                                what="max |served score - pipeline score|"))
     return GateReport(checks=tuple(checks))
+
+
+def _latency_check(probe: ServingProbe, limit: float | None, *, missing: str) -> GateCheck:
+    """The median /infer latency with the machine's load divided out (``ServingProbe.adjusted_latency_ms``);
+    the detail gives the raw figure, the load factor and the rounds, and says when the model itself is slow."""
+    value = probe.adjusted_latency_ms
+    what = f"median /infer over {len(probe.latencies_ms)} images"
+    if limit is None or value is None:
+        return _limit_check("infer_latency_ms", value, limit, missing=missing, what=what)
+    raw, load = probe.median_latency_ms, probe.median_load_factor
+    measured = (f"{what}: {raw:.6g} ms measured, {value:.6g} ms with the machine's load (x{load:.2f}, measured "
+                f"in-process) divided out, best of {probe.rounds} round(s)")
+    if value <= limit:
+        return GateCheck("infer_latency_ms", True, value, limit, f"{measured} (limit {limit:.6g})")
+    return GateCheck("infer_latency_ms", False, value, limit,
+                     f"{measured} > limit {limit:.6g}: the model itself is too slow on this machine")
 
 
 def _limit_check(name: str, value: float | None, limit: float | None, *, missing: str, what: str = "") -> GateCheck:
@@ -274,7 +349,7 @@ def promote_version(
         if gate is not None:
             with tempfile.TemporaryDirectory(prefix="bdi-promote-") as tmp:
                 model_dir = download_version(name=name, version=version, uri=uri, dest=Path(tmp))
-                probe = probe_serving_path(model_dir, overrides=overrides)
+                probe = probe_until_within(model_dir, limit_ms=gate.max_infer_latency_ms, overrides=overrides)
             holder_metrics = (_metrics_from_tags(holder.tags or {})
                               if holder is not None and int(holder.version) != version else None)
             report = evaluate_gate(gate, candidate=_metrics_from_tags(candidate.tags or {}), holder=holder_metrics,

@@ -283,6 +283,19 @@ class RunHandle:
             self._client.log_batch(self.run_id, tags=tags)
 
 
+def _end_run(client: MlflowClient, run_id: str, exc: BaseException | None) -> None:
+    """Mark a run FINISHED, FAILED (an exception) or KILLED (an interrupt); an error doing so is logged when
+    the body already raised (its exception is the one to see)."""
+    status = "FINISHED" if exc is None else "FAILED" if isinstance(exc, Exception) else "KILLED"
+    if exc is None:
+        client.set_terminated(run_id, status=status)
+        return
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as end_exc:  # noqa: BLE001 - keep the body's exception, report this one
+        slog("tracking.error", kind="end_run", run_id=run_id, error=str(end_exc))
+
+
 @contextmanager
 def tracked_run(
     tracking: TrackingTarget,
@@ -290,6 +303,7 @@ def tracked_run(
     run_name: str,
     tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[RunHandle]:
     """One MLflow run in ``tracking.experiment`` (created with its artefact location when missing).
 
@@ -297,6 +311,7 @@ def tracked_run(
     With ``tracking.enabled`` false it yields a no-op handle. Tag values are stringified; None values are skipped.
     The run is tagged with the process that owns it (``bdi.pid``, ``bdi.host``), so a run left RUNNING
     by a killed process can be told from a live one (:func:`bdi.mlops.outages.reap_orphaned_runs`).
+    ``parent_run_id``: the run is nested under it (``mlflow.parentRunId``, as ``mlflow.start_run(nested=True)``).
     """
     if not tracking.enabled:
         yield RunHandle(None, "")
@@ -304,7 +319,8 @@ def tracked_run(
     client = tracking.client()
     experiment_id = ensure_experiment(client, name=tracking.experiment, artifact_location=tracking.artifact_location)
     owner = {OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: socket.gethostname()}  # see reap_orphaned_runs
-    clean_tags = {k: tag_value(v) for k, v in {**owner, **(tags or {})}.items()
+    nesting = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+    clean_tags = {k: tag_value(v) for k, v in {**owner, **(tags or {}), **nesting}.items()
                   if v is not None}
     run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
     handle = RunHandle(client, run.info.run_id, tracking_uri=tracking.tracking_uri)
@@ -313,10 +329,65 @@ def tracked_run(
             handle.log_params(params)
         yield handle
     except BaseException as exc:
-        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
-        try:
-            client.set_terminated(run.info.run_id, status=status)
-        except Exception as end_exc:  # noqa: BLE001 - keep the body's exception, report this one
-            slog("tracking.error", kind="end_run", run_id=run.info.run_id, error=str(end_exc))
+        _end_run(client, run.info.run_id, exc)
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    _end_run(client, run.info.run_id, None)
+
+
+# ----------------------------------------------------------------------------------------- executions
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+EXECUTION_TAG = "bdi.execution"  # the key of one pipeline execution, on its parent run
+
+
+def find_execution_run(tracking: TrackingTarget, *, key: str) -> str | None:
+    """The id of the parent run tagged ``bdi.execution = key`` (the latest when several), None when none."""
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return None
+    if "'" in key:
+        raise InvalidInputError(f"an execution key holds no quote: {key!r}")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return str(runs[0].info.run_id) if runs else None
+
+
+@contextmanager
+def execution_run(
+    tracking: TrackingTarget,
+    *,
+    key: str,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[RunHandle]:
+    """The parent run of one execution made of several processes (the stages of one ``dvc repro``): found
+    by ``key`` (tag ``bdi.execution``) or created, marked RUNNING for the block and ended as
+    :func:`tracked_run` ends a run, so it is closed whichever stage runs last (or alone, the others cached).
+
+    ``params`` that the run does not hold yet are logged (MLflow refuses to change a logged param); ``tags``
+    are (re)set. A no-op handle when tracking is disabled.
+    """
+    if not tracking.enabled:
+        yield RunHandle(None, "")
+        return
+    client = tracking.client()
+    experiment_id = ensure_experiment(client, name=tracking.experiment, artifact_location=tracking.artifact_location)
+    run_id = find_execution_run(tracking, key=key)
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=run_name, tags={EXECUTION_TAG: key})
+        run_id, held = str(run.info.run_id), {}
+    else:
+        client.update_run(run_id, status="RUNNING")
+        held = client.get_run(run_id).data.params
+    handle = RunHandle(client, run_id, tracking_uri=tracking.tracking_uri)
+    try:
+        handle.set_tags({**(tags or {}), EXECUTION_TAG: key})
+        if params:
+            handle.log_params({k: v for k, v in flatten_params(params).items() if k not in held})
+        yield handle
+    except BaseException as exc:
+        _end_run(client, run_id, exc)
+        raise
+    _end_run(client, run_id, None)
