@@ -259,9 +259,9 @@ class CalibrateNgResponse(BaseModel):
         stats = calib.statistics
         if stats is None or calib.mm_per_px is None:
             raise ValueError("a /calibrate_ng calibration records its statistics and mm_per_px")
-        return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean, p99_ok=stats.p99_ok,
-                   p5_ng=stats.p5_ng, mm_per_px=calib.mm_per_px, area_mm2_thr=calib.area_mm2_thr,
-                   score_percentile=calib.score_percentile, **ids)
+        return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean,
+                   p99_ok=stats.ok_score_at_percentile, p5_ng=stats.ng_score_at_percentile, mm_per_px=calib.mm_per_px,
+                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids)
 
 
 class CalibrateDatasetResponse(BaseModel):
