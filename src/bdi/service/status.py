@@ -9,6 +9,7 @@ from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.memory import Memory
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.service.results import ModelManifest, ModelState
 from bdi.storage import model_lock
 from bdi.storage.lineage import lineage_view, read_lineage
 
@@ -19,22 +20,15 @@ class ModelStatus:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    def state(self, ref: ModelRef) -> dict[str, Any]:
+    def state(self, ref: ModelRef) -> ModelState:
         memory, calib, lineage = self._snapshot(ref)
-        return {
-            "memory_fitted": memory is not None,
-            "calib_present": calib is not None,
-            "lineage": lineage,
-        }
+        return ModelState(ref=ref, memory_fitted=memory is not None, calib_present=calib is not None,
+                          lineage=lineage)
 
-    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+    def manifest(self, ref: ModelRef) -> ModelManifest:
         memory, calib, lineage = self._snapshot(ref)
-        return {
-            "memory": memory is not None,
-            "calib": calib,
-            "datasets": self._ctx.datasets.listing(ref.dataset_ref()),
-            "lineage": lineage,
-        }
+        return ModelManifest(ref=ref, memory=memory is not None, calib=calib,
+                             datasets=self._ctx.datasets.listing(ref.dataset_ref()), lineage=lineage)
 
     def _snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
         """Memory, the calibration document as stored and the lineage view of one model, read together
