@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bdi.config import CalibrationConfig, RuntimeName, ScoringConfig, Settings
-from bdi.patchcore.calibration import choose_threshold
+from bdi.patchcore.calibration import choose_threshold, resolved_percentile
 from bdi.patchcore.coreset import coreset_size, greedy_k_center
 from bdi.patchcore.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
 from bdi.patchcore.inference import distance_map, gaussian_blur, masked_score
@@ -79,7 +79,7 @@ def bdi_threshold(ok_scores: Sequence[float], ng_scores: Sequence[float], settin
     """BDI's calibration rule (``bdi.patchcore.calibration.choose_threshold``) with the library's default config."""
     cfg: CalibrationConfig = settings.calibration
     choice = choose_threshold(list(ok_scores), list(ng_scores) or None,
-                              score_percentile=settings.model.scoring.score_percentile, cfg=cfg)
+                              score_percentile=resolved_percentile(settings.model.scoring), cfg=cfg)
     return float(choice.threshold)
 
 

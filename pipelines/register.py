@@ -28,6 +28,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from pipelines.config import model_config
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.stage import (
     StageContext,
@@ -190,9 +191,11 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
         overrides["weights_cache_dir"] = str(ctx.path(cfg.paths.weights_cache_dir))
     records: list[dict[str, Any]] = []
     carry = ExportCarrier(ctx, model_dir=model_dir)
+    scoring = model_config(cfg).scoring
     for target in targets(cfg):
         values = model_metrics(metrics, target.key)
-        calib = store.load_calibration(target.ref) or {}
+        calib = store.load_calibration(target.ref, defaults=scoring)
+        threshold = calib.threshold if calib is not None else None
         with tempfile.TemporaryDirectory(prefix="bdi-register-") as tmp:
             export_model_dir(store=store, ref=target.ref, dest=Path(tmp))
             write_golden_set(Path(tmp), golden_items(ctx, target=target, manifest=manifest, scores=scores))
@@ -201,14 +204,14 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
                 tracking=tracking, run_id=run_id, model_dir=Path(tmp), ref=target.ref,
                 metrics=values, primary_metric=cfg.evaluation.primary_metric, move_alias=False,
                 tags={**base_tags, **{k: v for k, v in lineage_tags.items() if v},
-                      "threshold": str(calib.get("threshold")), "export_key": key},
+                      "threshold": str(threshold), "export_key": key},
             )
         link_model_metrics(ctx, run_id=run_id, name=result.name, version=result.version, metrics=values)
         promotion = promote_version(tracking=tracking, name=result.name,
                                     version=result.version, gate=gate, overrides=overrides)
         report = promotion.report.to_dict() if promotion.report is not None else None
         records.append({"model": target.key, **asdict(result), "alias_moved": promotion.moved, "run_id": run_id,
-                        "threshold": calib.get("threshold"), "gate": report,
+                        "threshold": threshold, "gate": report,
                         cfg.evaluation.primary_metric: values.get(cfg.evaluation.primary_metric)})
         records[-1]["verdict"] = verdict(promotion)
         log.info("registered %s as %s v%d", target.key, result.name, result.version)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
 from bdi.errors import InvalidInputError
-from bdi.service import Calibration, FitResult, InferOutcome, Region, SampleScore
+from bdi.service import Calibration, FitResult, InferOutcome, ModelManifest, ModelState, Region, SampleScore
 from serving.parsing import required_str
 
 T = TypeVar("T", bound="JsonBody")
@@ -259,9 +259,9 @@ class CalibrateNgResponse(BaseModel):
         stats = calib.statistics
         if stats is None or calib.mm_per_px is None:
             raise ValueError("a /calibrate_ng calibration records its statistics and mm_per_px")
-        return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean, p99_ok=stats.p99_ok,
-                   p5_ng=stats.p5_ng, mm_per_px=calib.mm_per_px, area_mm2_thr=calib.area_mm2_thr,
-                   score_percentile=calib.score_percentile, **ids)
+        return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean,
+                   p99_ok=stats.ok_score_at_percentile, p5_ng=stats.ng_score_at_percentile, mm_per_px=calib.mm_per_px,
+                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids)
 
 
 class CalibrateDatasetResponse(BaseModel):
@@ -279,6 +279,15 @@ class CalibrateDatasetResponse(BaseModel):
     roi_id: str
     model_key: str
 
+    @classmethod
+    def of(cls, calib: Calibration, *, ids: Mapping[str, str]) -> CalibrateDatasetResponse:
+        """The stored calibration's contract keys, the ids and the model it belongs to (``calib.ids``)."""
+        if calib.ids is None:
+            raise ValueError("a /calibrate_dataset calibration records the model's ids")
+        return cls(status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
+                   area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ids,
+                   role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key)
+
 
 class StateResponse(BaseModel):
     """GET /state."""
@@ -293,6 +302,13 @@ class StateResponse(BaseModel):
     model_key: str
     lineage: dict[str, Any] | None
 
+    @classmethod
+    def of(cls, state: ModelState, *, ids: Mapping[str, str]) -> StateResponse:
+        """``model_key`` is the raw effective one."""
+        return cls(status="ok", memory_fitted=state.memory_fitted, calib_present=state.calib_present, **ids,
+                   role_id=state.ref.role_id, roi_id=state.ref.roi_id, model_key=state.ref.model_key,
+                   lineage=state.lineage)
+
 
 class ManifestResponse(BaseModel):
     """GET /manifest: no top-level ``status``; ``calib`` is the stored calib JSON as it is."""
@@ -306,6 +322,14 @@ class ManifestResponse(BaseModel):
     datasets: dict[str, Any]
     request_id: str
     lineage: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, manifest: ModelManifest, *, ids: Mapping[str, str]) -> ManifestResponse:
+        """``model_key`` is sanitised the legacy way (contract M2); ``calib`` is the stored object as it is."""
+        ref = manifest.ref
+        return cls(role_id=ref.role_id, roi_id=ref.roi_id, recipe_id=ids["recipe_id"], model_key=ref.model_key_legacy,
+                   memory=manifest.memory, calib=manifest.calib, datasets=manifest.datasets,
+                   request_id=ids["request_id"], lineage=manifest.lineage)
 
 
 class HealthResponse(BaseModel):

@@ -59,8 +59,4 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> C
         require_ng=True if req.require_ng is None else req.require_ng,
     )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold, n_ok=calib.n_ok, n_ng=calib.n_ng)
-    return CalibrateDatasetResponse(
-        status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
-        area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ctx.ids(), role_id=ref.role_id,
-        roi_id=ref.roi_id, model_key=ref.model_key,
-    )
+    return CalibrateDatasetResponse.of(calib, ids=ctx.ids())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
@@ -21,42 +21,23 @@ ModelKeyQ = Annotated[str | None, Query()]
 @router.get("/state", response_model=StateResponse)
 def state(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
-) -> dict[str, Any]:
+) -> StateResponse:
     """``memory_fitted`` / ``calib_present``; model_key is the raw effective one."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
-    flags = service.state(ref)
-    slog("state.response", model_key=ref.model_key, memory_fitted=flags["memory_fitted"],
-         calib_present=flags["calib_present"])
-    return {
-        "status": "ok",
-        "memory_fitted": flags["memory_fitted"],
-        "calib_present": flags["calib_present"],
-        **ctx.ids(),
-        "role_id": ref.role_id,
-        "roi_id": ref.roi_id,
-        "model_key": ref.model_key,
-        "lineage": flags["lineage"],
-    }
+    state = service.state(ref)
+    slog("state.response", model_key=ref.model_key, memory_fitted=state.memory_fitted,
+         calib_present=state.calib_present)
+    return StateResponse.of(state, ids=ctx.ids())
 
 
 @router.get("/manifest", response_model=ManifestResponse)
 def manifest(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, model_key: ModelKeyQ = None
-) -> dict[str, Any]:
+) -> ManifestResponse:
     """Memory presence, the full calibration and the dataset listing; model_key is sanitised the legacy
     way (contract M2: ``a b`` → ``a_b``), though the model's folder name is the injective one."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
-    info = service.manifest(ref)
-    slog("manifest.response", model_key=ref.model_key, has_memory=info["memory"],
-         has_calib=info["calib"] is not None)
-    return {
-        "role_id": ref.role_id,
-        "roi_id": ref.roi_id,
-        "recipe_id": ctx.recipe_id,
-        "model_key": ref.model_key_legacy,
-        "memory": info["memory"],
-        "calib": info["calib"],
-        "datasets": info["datasets"],
-        "request_id": ctx.request_id,
-        "lineage": info["lineage"],
-    }
+    manifest = service.manifest(ref)
+    slog("manifest.response", model_key=ref.model_key, has_memory=manifest.memory,
+         has_calib=manifest.calib is not None)
+    return ManifestResponse.of(manifest, ids=ctx.ids())

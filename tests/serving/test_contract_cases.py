@@ -846,6 +846,24 @@ def test_m2_manifest_model_key_is_filesystem_sanitised(client: TestClient) -> No
     assert body["model_key"] == "a_b" and body["memory"] is False and body["calib"] is None
 
 
+def test_an_old_calibration_file_is_served_as_stored_and_still_applies(
+    calibrated: TestClient, models_dir: Path
+) -> None:
+    """A calib.json without percentile, area or counts: /manifest passes it through, /infer scores with the
+    resolved scoring config's percentile and area."""
+    path = models_dir / "recipes" / "default" / ROI / f"{BASE}_calib.json"
+    stored = json.loads(path.read_text())
+    old = {"threshold": stored["threshold"], "memory_fingerprint": stored["memory_fingerprint"]}
+    path.write_text(json.dumps(old))
+    params = {"role_id": ROLE, "roi_id": ROI}
+    assert calibrated.get("/manifest", params=params).json()["calib"] == old
+    state = calibrated.get("/state", params=params).json()
+    assert state["calib_present"] is True and state["lineage"]["threshold_source"] == "api"
+    response = infer(calibrated, crop_png(seed=1))
+    assert response.status_code == 200, response.text
+    assert response.json()["threshold"] == old["threshold"]
+
+
 # ---------------------------------------------------------------------------------------------- CD/ID
 
 

@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bdi.config import MemoryConfig
+from bdi.config import MemoryConfig, ModelConfig, ScoringConfig
 from bdi.errors import (
+    CalibrationMissingError,
     InvalidScaleError,
     ScaleMismatchError,
     StorageError,
 )
 from bdi.logging import configure_logging, disable_logging
+from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, build_index, fit_memory
 from bdi.refs import (
@@ -31,6 +33,7 @@ from bdi.storage.fsio import FileIdentity, atomic_write_bytes
 from bdi.storage.store import ModelStore
 
 CFG = MemoryConfig(coreset_rate=0.5, projection_dim=0)
+SCORING = ModelConfig().scoring  # resolved for the default backbone
 BASE = "SW5zcGVjdGlvbg__aW5zcGVjdGlvbi0x"
 needs_faiss = pytest.mark.skipif(not FAISS_AVAILABLE, reason="faiss not installed")
 
@@ -42,6 +45,11 @@ def _memory(seed: int, rows: int = 40, dim: int = 8) -> Memory:
 
 def _ref(recipe: str | None = None, model_key: str | None = None) -> ModelRef:
     return ModelRef.create(recipe_id=recipe, role_id="Inspection", roi_id="inspection-1", model_key=model_key)
+
+
+def _calib(threshold: float, *, memory_fingerprint: str | None = None) -> Calibration:
+    return Calibration(threshold=threshold, score_percentile=95, area_mm2_thr=2.0,
+                       memory_fingerprint=memory_fingerprint, created_at_utc="2024-01-01T00:00:00Z")
 
 
 def _save(store: ModelStore, ref: ModelRef, memory: Memory) -> None:
@@ -116,7 +124,7 @@ def test_saved_npz_has_the_contract_keys_and_no_pickle(store: ModelStore) -> Non
 def test_writes_leave_no_temp_files(store: ModelStore) -> None:
     for seed in range(3):
         _save(store, _ref(), _memory(seed))
-        store.save_calibration(_ref(), {"threshold": float(seed)})
+        store.save_calibration(_ref(), _calib(float(seed)))
     directory = store.paths(_ref()).memory.parent
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         [f"{BASE}.npz", f"{BASE}_calib.json"] + ([f"{BASE}_index.faiss"] if FAISS_AVAILABLE else [])
@@ -126,7 +134,8 @@ def test_writes_leave_no_temp_files(store: ModelStore) -> None:
 def test_load_returns_none_when_nothing_is_fitted(store: ModelStore) -> None:
     assert store.load_model(_ref()) is None
     assert store.load_memory(_ref()) is None
-    assert store.load_calibration(_ref()) is None
+    assert store.load_calibration(_ref(), defaults=SCORING) is None
+    assert store.calibration_document(_ref()) is None
 
 
 @needs_faiss
@@ -214,7 +223,9 @@ def test_legacy_flat_layout_is_read(store: ModelStore) -> None:
     shutil.rmtree(store.root / "recipes")
     assert store.resolve(_ref(), "memory").path == store.root / "Inspection_inspection-1.npz"
     assert store.load_memory(_ref()) is not None
-    assert store.load_calibration(_ref()) == {"threshold": 1.5}
+    assert store.calibration_document(_ref()) == {"threshold": 1.5}
+    calib = store.load_calibration(_ref(), defaults=SCORING)
+    assert calib is not None and calib.threshold == 1.5
 
 
 def test_legacy_dir_layout_is_read(store: ModelStore) -> None:
@@ -269,23 +280,65 @@ def test_an_unchanged_model_is_served_from_the_cache(store: ModelStore) -> None:
     assert store.load_model(_ref()) is store.load_model(_ref())
 
 
-def test_calibration_round_trips_and_a_rewrite_is_seen(store: ModelStore) -> None:
-    path = store.save_calibration(_ref(), {"threshold": 1.0, "memory_fingerprint": "abc"})
+def test_calibration_round_trips_typed_and_a_rewrite_is_seen(store: ModelStore) -> None:
+    calib = _calib(1.0, memory_fingerprint="abc")
+    path = store.save_calibration(_ref(), calib)
     assert path == store.paths(_ref()).calib
-    assert path.read_text().startswith('{\n  "threshold"')  # indent 2
-    first = store.load_calibration(_ref())
-    assert first == {"threshold": 1.0, "memory_fingerprint": "abc"}
-    first["threshold"] = 99.0  # callers get a copy
-    store.save_calibration(_ref(), {"threshold": 2.0})
-    assert store.load_calibration(_ref()) == {"threshold": 2.0}
+    assert path.read_text() == json.dumps(calib.to_dict(), indent=2)
+    assert store.load_calibration(_ref(), defaults=SCORING) == calib
+    store.save_calibration(_ref(), _calib(2.0))
+    assert store.load_calibration(_ref(), defaults=SCORING) == _calib(2.0)
+
+
+def test_calibration_document_is_the_stored_object_and_a_copy(store: ModelStore) -> None:
+    path = store.paths(_ref()).calib
+    path.parent.mkdir(parents=True)
+    path.write_text('{"threshold": 1.0, "legacy_key": [1]}')
+    first = store.calibration_document(_ref())
+    assert first == {"threshold": 1.0, "legacy_key": [1]}
+    first["legacy_key"].append(2)  # callers get a copy
+    assert store.calibration_document(_ref()) == {"threshold": 1.0, "legacy_key": [1]}
+
+
+def test_an_old_calibration_without_percentile_or_area_reads_with_the_resolved_scoring(store: ModelStore) -> None:
+    path = store.paths(_ref()).calib
+    path.parent.mkdir(parents=True)
+    path.write_text('{"threshold": 2, "memory_fingerprint": "m"}')
+    defaults = ModelConfig(scoring=ScoringConfig(score_percentile=97, area_mm2_thr=3.0)).scoring
+    calib = store.load_calibration(_ref(), defaults=defaults)
+    assert calib is not None
+    assert (calib.threshold, calib.score_percentile, calib.area_mm2_thr) == (2.0, 97, 3.0)
+
+
+def test_a_calibration_without_a_threshold_loads_as_calibration_missing(store: ModelStore) -> None:
+    path = store.paths(_ref()).calib
+    path.parent.mkdir(parents=True)
+    path.write_text('{"score_percentile": 99}')
+    with pytest.raises(CalibrationMissingError, match="threshold missing"):
+        store.load_calibration(_ref(), defaults=SCORING)
+    assert store.calibration_document(_ref()) == {"score_percentile": 99}
+
+
+def test_copy_calibration_writes_the_document_as_stored_or_removes_the_target(store: ModelStore,
+                                                                               tmp_path: Path) -> None:
+    target = ModelStore(tmp_path / "target")
+    path = store.paths(_ref()).calib
+    path.parent.mkdir(parents=True)
+    path.write_text('{"threshold": 1.5,"legacy_key": "kept"}')
+    written = store.copy_calibration(_ref(), target=target)
+    assert written == target.paths(_ref()).calib
+    assert written.read_text() == json.dumps({"threshold": 1.5, "legacy_key": "kept"}, indent=2)
+    path.unlink()
+    assert store.copy_calibration(_ref(), target=target) is None
+    assert not target.paths(_ref()).calib.exists()
 
 
 def test_corrupt_calibration_reads_as_missing_and_is_logged(store: ModelStore, log_file: Path) -> None:
-    path = store.save_calibration(_ref(), {"threshold": 1.0})
+    path = store.save_calibration(_ref(), _calib(1.0))
     path.write_text("{not json")
-    assert store.load_calibration(_ref()) is None
+    assert store.load_calibration(_ref(), defaults=SCORING) is None
     path.write_text("[1, 2]")
-    assert store.load_calibration(_ref()) is None
+    assert store.calibration_document(_ref()) is None
     assert len(_events(log_file, "storage.calib_corrupt")) == 2
 
 
@@ -303,7 +356,7 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
     fingerprints = {m.fingerprint for m in memories}
     writer_store, reader_store = ModelStore(root), ModelStore(root)
     _save(writer_store, _ref(), memories[0])
-    writer_store.save_calibration(_ref(), {"fingerprint": memories[0].fingerprint, "i": 0})
+    writer_store.save_calibration(_ref(), _calib(1.0, memory_fingerprint=memories[0].fingerprint))
     done = threading.Event()
     errors: list[BaseException] = []
 
@@ -312,7 +365,7 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
             for i in range(1, 80):
                 memory = memories[i % len(memories)]
                 _save(writer_store, _ref(), memory)
-                writer_store.save_calibration(_ref(), {"fingerprint": memory.fingerprint, "i": i})
+                writer_store.save_calibration(_ref(), _calib(float(i), memory_fingerprint=memory.fingerprint))
         except BaseException as exc:  # surfaced by the main thread
             errors.append(exc)
         finally:
@@ -327,8 +380,8 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
             assert loaded is not None and loaded.index is not None
             assert loaded.memory.fingerprint in fingerprints
             _assert_consistent(loaded.memory, loaded.index)
-            calib = reader_store.load_calibration(_ref())
-            assert calib is not None and calib["fingerprint"] in fingerprints
+            calib = reader_store.load_calibration(_ref(), defaults=SCORING)
+            assert calib is not None and calib.memory_fingerprint in fingerprints
             reads += 1
     finally:
         thread.join()
@@ -424,7 +477,7 @@ def test_concurrent_equal_first_writes_all_succeed(store: ModelStore) -> None:
 
 def test_list_models_decodes_ids_and_raw_model_keys(store: ModelStore) -> None:
     _save(store, _ref(model_key="a b"), _memory(0))
-    store.save_calibration(_ref(model_key="a b"), {"threshold": 1.0})
+    store.save_calibration(_ref(model_key="a b"), _calib(1.0))
     other = ModelRef.create(recipe_id="r1", role_id="Master", roi_id="Pattern", model_key=None)
     store.save_model(other, _memory(1), None)
     models = {m.ref: m for m in store.list_models()}

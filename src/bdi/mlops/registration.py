@@ -94,11 +94,7 @@ def export_model_dir(*, store: ModelStore, ref: ModelRef, dest: Path) -> Artifac
     else:
         paths.index.unlink(missing_ok=True)
     atomic_write_bytes(paths.memory, model.memory_path.read_bytes())
-    calib = store.load_calibration(ref)
-    if calib is not None:
-        target.save_calibration(ref, calib)
-    else:
-        paths.calib.unlink(missing_ok=True)
+    store.copy_calibration(ref, target=target)  # as stored: the registered file is the served one
     return paths
 
 

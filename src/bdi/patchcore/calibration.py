@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from bdi.backbones import CONTRACT_SCORE_PERCENTILE
 from bdi.config import CalibrationConfig, ScoringConfig
 from bdi.errors import BDIError, CalibrationMissingError, InsufficientSamplesError, InvalidInputError
 from bdi.refs import ModelRef
@@ -36,41 +35,48 @@ def finite_scores(values: Iterable[Any] | None, *, name: str) -> np.ndarray:
 class ThresholdChoice:
     """The chosen threshold and the statistics it came from.
 
-    ``p99_ok`` is the OK percentile at the requested ``score_percentile`` (the key keeps the legacy
-    name). ``false_reject_rate`` is the share of OK scores ≥ threshold; ``escape_rate`` the share of
-    NG scores < threshold (None without NG scores).
+    ``ok_score_at_percentile`` is the OK scores' percentile at ``score_percentile`` (stored as ``p99_ok``),
+    ``ng_score_at_percentile`` the NG scores' at ``CalibrationConfig.ng_percentile`` (stored as ``p5_ng``;
+    None without NG scores). ``false_reject_rate`` is the share of OK scores ≥ threshold; ``escape_rate``
+    the share of NG scores < threshold (None without NG scores).
     """
 
     threshold: float
     ok_mean: float
     ng_mean: float
-    p99_ok: float
-    p5_ng: float | None
+    ok_score_at_percentile: float
+    ng_score_at_percentile: float | None
     n_ok: int
     n_ng: int
     score_percentile: float
     false_reject_rate: float
     escape_rate: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def resolved_percentile(scoring: ScoringConfig) -> int:
+    """The score percentile of a resolved ``scoring`` (``ScoringConfig.resolved``: the backbone's when unset).
+
+    Raises:
+        ValueError: ``scoring`` is not resolved (a programming error: ``Settings.model`` always is).
+    """
+    if scoring.score_percentile is None:
+        raise ValueError("an unresolved ScoringConfig has no score_percentile: resolve it for the backbone first")
+    return scoring.score_percentile
 
 
 def choose_threshold(
     ok_scores: Iterable[Any],
     ng_scores: Iterable[Any] | None = None,
     *,
-    score_percentile: float | None = None,
+    score_percentile: float,
     cfg: CalibrationConfig | None = None,
 ) -> ThresholdChoice:
     """The contract's threshold rule: p_ok = P-th percentile of OK; without NG, threshold = p_ok; else with
     p_ng = 5th percentile of NG: threshold = 1.02·p_ok when p_ng ≤ p_ok, else (p_ok + p_ng)/2.
 
-    ``score_percentile`` (P, in [0, 100]) defaults to the contract's 99.
+    ``score_percentile`` is P, in [0, 100]: the resolved ``ScoringConfig.score_percentile`` or the request's.
     """
     cfg = cfg or CalibrationConfig()
-    if score_percentile is None:
-        score_percentile = CONTRACT_SCORE_PERCENTILE
     if not 0.0 <= score_percentile <= 100.0:
         raise InvalidInputError(f"score_percentile must be in [0, 100], got {score_percentile}")
     ok = finite_scores(ok_scores, name="ok_scores")
@@ -88,8 +94,8 @@ def choose_threshold(
         threshold=float(threshold),
         ok_mean=float(ok.mean()),
         ng_mean=float(ng.mean()) if ng.size else 0.0,
-        p99_ok=p_ok,
-        p5_ng=p_ng,
+        ok_score_at_percentile=p_ok,
+        ng_score_at_percentile=p_ng,
         n_ok=int(ok.size),
         n_ng=int(ng.size),
         score_percentile=float(score_percentile),
@@ -101,31 +107,6 @@ def choose_threshold(
 def decide(score: float, threshold: float) -> str:
     """``"ng"`` when ``score`` reaches the threshold, else ``"ok"``."""
     return "ng" if score >= threshold else "ok"
-
-
-def usable_threshold(calib: Mapping[str, Any] | None, *, memory_fingerprint: str) -> float:
-    """The threshold of a calibration that applies to the given memory.
-
-    Raises CalibrationMissingError when there is no calibration, its threshold is missing, not
-    finite or ≤ 0, it records a different memory (it was computed before a refit), or it records no
-    memory at all: a calibration made before any fit (stored unbound) or by a backend that did not
-    record one never applies, because staleness cannot be ruled out without the fingerprint.
-    """
-    if not calib:
-        raise CalibrationMissingError()
-    threshold = _number(calib.get("threshold"))
-    if threshold is None or not math.isfinite(threshold):
-        raise CalibrationMissingError("threshold missing")
-    if threshold <= 0:
-        raise CalibrationMissingError("threshold <= 0")
-    recorded = calib.get("memory_fingerprint")
-    if not isinstance(recorded, str) or not recorded:
-        raise CalibrationMissingError(
-            "unbound: calibrated without a fitted memory (or by a backend that records none), recalibrate"
-        )
-    if recorded != memory_fingerprint:
-        raise CalibrationMissingError("stale: calibrated for another memory, recalibrate after the refit")
-    return threshold
 
 
 def _number(value: Any) -> float | None:
@@ -151,19 +132,37 @@ def _model_ref(data: Mapping[str, Any]) -> ModelRef | None:
         return None
 
 
+STATISTICS_KEYS = ("ok_mean", "ng_mean", "p99_ok", "p5_ng")  # their JSON keys (docs/contract.md "POST /calibrate_ng")
+
+
 @dataclass(frozen=True)
 class ScoreStatistics:
-    """The OK/NG score statistics ``/calibrate_ng`` stores: ``p99_ok`` is the OK
-    percentile at the requested ``score_percentile``, ``p5_ng`` the 5th percentile of NG (None without NG)."""
+    """The OK/NG score statistics ``/calibrate_ng`` stores: the OK scores' mean and percentile at the
+    calibration's ``score_percentile`` (key ``p99_ok``), the NG scores' mean and percentile at
+    ``CalibrationConfig.ng_percentile`` (key ``p5_ng``; None without NG)."""
 
     ok_mean: float
     ng_mean: float
-    p99_ok: float | None
-    p5_ng: float | None
+    ok_score_at_percentile: float | None
+    ng_score_at_percentile: float | None
 
     @classmethod
     def of(cls, choice: ThresholdChoice) -> ScoreStatistics:
-        return cls(ok_mean=choice.ok_mean, ng_mean=choice.ng_mean, p99_ok=choice.p99_ok, p5_ng=choice.p5_ng)
+        return cls(ok_mean=choice.ok_mean, ng_mean=choice.ng_mean, ok_score_at_percentile=choice.ok_score_at_percentile,
+                   ng_score_at_percentile=choice.ng_score_at_percentile)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreStatistics | None:
+        """The statistics of a calib JSON object; None unless it has all four keys."""
+        if not all(key in data for key in STATISTICS_KEYS):
+            return None
+        return cls(ok_mean=_number(data["ok_mean"]) or 0.0, ng_mean=_number(data["ng_mean"]) or 0.0,
+                   ok_score_at_percentile=_number(data["p99_ok"]), ng_score_at_percentile=_number(data["p5_ng"]))
+
+    def to_dict(self) -> dict[str, float | None]:
+        """The JSON keys (docs/contract.md "POST /calibrate_ng": the names stay ``p99_ok`` and ``p5_ng``)."""
+        return {"ok_mean": self.ok_mean, "ng_mean": self.ng_mean, "p99_ok": self.ok_score_at_percentile,
+                "p5_ng": self.ng_score_at_percentile}
 
 
 @dataclass(frozen=True)
@@ -211,19 +210,22 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, defaults: ScoringConfig) -> Calibration:
-        """Read a calib JSON object, old files included: a missing percentile or area is ``defaults``'.
+        """Read a calib JSON object, old files included: a missing (or out of range) percentile or area is
+        ``defaults``', the resolved scoring config (:func:`resolved_percentile`).
 
         Raises:
-            CalibrationMissingError: the threshold is missing or not a number.
+            CalibrationMissingError: the object is empty, or its threshold is missing or not a number.
+            ValueError: the percentile is missing and ``defaults`` is not resolved.
         """
+        if not data:
+            raise CalibrationMissingError()
         threshold = _number(data.get("threshold"))
         if threshold is None:
             raise CalibrationMissingError("threshold missing")
         percentile = _number(data.get("score_percentile"))
         if percentile is None or not 0.0 <= percentile <= 100.0:
-            percentile = CONTRACT_SCORE_PERCENTILE if defaults.score_percentile is None else defaults.score_percentile
+            percentile = resolved_percentile(defaults)
         area = _number(data.get("area_mm2_thr"))
-        has_statistics = all(key in data for key in ("ok_mean", "ng_mean", "p99_ok", "p5_ng"))
         n_ok, n_ng = _number(data.get("n_ok")), _number(data.get("n_ng"))
         return cls(
             threshold=threshold,
@@ -236,10 +238,7 @@ class Calibration:
             false_reject_rate=_number(data.get("false_reject_rate")),
             escape_rate=_number(data.get("escape_rate")),
             mm_per_px=_number(data.get("mm_per_px")),
-            statistics=ScoreStatistics(
-                ok_mean=_number(data["ok_mean"]) or 0.0, ng_mean=_number(data["ng_mean"]) or 0.0,
-                p99_ok=_number(data["p99_ok"]), p5_ng=_number(data["p5_ng"]),
-            ) if has_statistics else None,
+            statistics=ScoreStatistics.from_dict(data),
             ids=_model_ref(data),
         )
 
@@ -247,7 +246,7 @@ class Calibration:
         """The calib JSON object (the keys its writer has always stored; ``None`` parts are left out)."""
         body: dict[str, Any] = {"threshold": self.threshold}
         if self.statistics is not None:
-            body.update(asdict(self.statistics))
+            body.update(self.statistics.to_dict())
         if self.mm_per_px is not None:
             body["mm_per_px"] = self.mm_per_px
         body.update(area_mm2_thr=self.area_mm2_thr, score_percentile=self.score_percentile)
@@ -267,8 +266,8 @@ class Calibration:
             "escape_rate": self.escape_rate,
             "ok_mean": stats.ok_mean if stats else None,
             "ng_mean": stats.ng_mean if stats else None,
-            "p99_ok": stats.p99_ok if stats else None,
-            "p5_ng": stats.p5_ng if stats else None,
+            "p99_ok": stats.ok_score_at_percentile if stats else None,
+            "p5_ng": stats.ng_score_at_percentile if stats else None,
             "n_ok": None if self.n_ok is None else float(self.n_ok),
             "n_ng": None if self.n_ng is None else float(self.n_ng),
         }
@@ -278,11 +277,24 @@ class Calibration:
         return replace(base, score_percentile=self.score_percentile, area_mm2_thr=self.area_mm2_thr)
 
 
-def usable_calibration(
-    data: Mapping[str, Any] | None, *, memory_fingerprint: str, defaults: ScoringConfig
-) -> Calibration:
-    """The stored calibration, when it applies to the given memory (:func:`usable_threshold` says why not)."""
-    if not data:
+def usable_calibration(calib: Calibration | None, *, memory_fingerprint: str) -> Calibration:
+    """``calib`` when it applies to the given memory.
+
+    Raises CalibrationMissingError when there is no calibration, its threshold is not finite or ≤ 0,
+    it records a different memory (it was computed before a refit), or it records no memory at all: a
+    calibration made before any fit (stored unbound) or by a backend that did not record one never
+    applies, because staleness cannot be ruled out without the fingerprint.
+    """
+    if calib is None:
         raise CalibrationMissingError()
-    usable_threshold(data, memory_fingerprint=memory_fingerprint)
-    return Calibration.from_dict(data, defaults=defaults)
+    if not math.isfinite(calib.threshold):
+        raise CalibrationMissingError("threshold missing")
+    if calib.threshold <= 0:
+        raise CalibrationMissingError("threshold <= 0")
+    if not calib.memory_fingerprint:
+        raise CalibrationMissingError(
+            "unbound: calibrated without a fitted memory (or by a backend that records none), recalibrate"
+        )
+    if calib.memory_fingerprint != memory_fingerprint:
+        raise CalibrationMissingError("stale: calibrated for another memory, recalibrate after the refit")
+    return calib

@@ -7,9 +7,8 @@ evaluate stage all score through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
@@ -43,10 +42,10 @@ class PatchCoreModel:
     def threshold(self) -> float | None:
         return self.calibration.threshold if self.calibration is not None else None
 
-    def calibrated(self, calib: Mapping[str, Any] | None) -> PatchCoreModel:
+    def calibrated(self, calib: Calibration | None) -> PatchCoreModel:
         """This model with the stored calibration ``calib``; CalibrationMissingError when it does not
         apply to this memory (none, no usable threshold, stale or unbound)."""
-        calibration = usable_calibration(calib, memory_fingerprint=self.memory.fingerprint, defaults=self.scoring)
+        calibration = usable_calibration(calib, memory_fingerprint=self.memory.fingerprint)
         return replace(self, calibration=calibration, scoring=calibration.scoring(self.scoring))
 
     def decide(self, score: float) -> str:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from bdi.errors import InsufficientSamplesError
-from bdi.patchcore.calibration import Calibration, choose_threshold
+from bdi.patchcore.calibration import Calibration, choose_threshold, resolved_percentile
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
@@ -92,13 +92,11 @@ class Calibrating:
     def _percentile_and_area(self, score_percentile: float | None, area_mm2_thr: float | None) -> tuple[int, float]:
         """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""
         scoring = self._ctx.settings.model.scoring
-        default = scoring.score_percentile
-        assert default is not None  # Settings.model is resolved
-        percentile = int(default if score_percentile is None else score_percentile)
+        percentile = int(resolved_percentile(scoring) if score_percentile is None else score_percentile)
         area = float(scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
 
     def _save(self, ref: ModelRef, calib: Calibration) -> None:
-        self._ctx.store.save_calibration(ref, calib.to_dict())
+        self._ctx.store.save_calibration(ref, calib)
         if self._on_calibrate is not None:
             self._on_calibrate(ref, calib)

@@ -64,7 +64,7 @@ class Inferring:
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         return InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
-                            lineage=lineage_view(memory=model.memory, calib=model.calibration.to_dict(),
+                            lineage=lineage_view(memory=model.memory, calib=model.calibration,
                                                  lineage=lineage))
 
     def infer_dataset(

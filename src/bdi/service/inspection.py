@@ -25,7 +25,7 @@ from bdi.service.context import ServiceContext
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.limits import UploadLimits
-from bdi.service.results import FitResult, InferOutcome, SampleScore
+from bdi.service.results import FitResult, InferOutcome, ModelManifest, ModelState, SampleScore
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.storage.datasets import LABELS, DatasetStore
@@ -220,10 +220,10 @@ class InspectionService:
         return self._ctx.model(ref, endpoint=endpoint, calibrated=calibrated, require_index=require_index,
                                scoring=scoring)
 
-    def state(self, ref: ModelRef) -> dict[str, Any]:
+    def state(self, ref: ModelRef) -> ModelState:
         """/state: :meth:`ModelStatus.state`."""
         return self.status.state(ref)
 
-    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+    def manifest(self, ref: ModelRef) -> ModelManifest:
         """/manifest: :meth:`ModelStatus.manifest`."""
         return self.status.manifest(ref)

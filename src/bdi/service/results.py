@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bdi.patchcore.inference import InferenceResult, Region
+from bdi.refs import ModelRef
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,25 @@ class SampleScore:
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """``/state``: whether ``ref`` has a memory and a calibration file, and its lineage view."""
+
+    ref: ModelRef
+    memory_fitted: bool
+    calib_present: bool  # a calibration object is stored (usable or not)
+    lineage: dict[str, Any] | None  # bdi.storage.lineage.lineage_view; None without a memory
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """``/manifest``: memory presence, the calibration object as stored (old files' missing keys stay missing),
+    the sample folders' listing and the lineage view."""
+
+    ref: ModelRef
+    memory: bool
+    calib: dict[str, Any] | None
+    datasets: dict[str, Any]  # bdi.storage.datasets.SampleFolders.listing
+    lineage: dict[str, Any] | None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from bdi.errors import CalibrationMissingError
+from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.memory import Memory
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.service.results import ModelManifest, ModelState
 from bdi.storage import model_lock
 from bdi.storage.lineage import lineage_view, read_lineage
 
@@ -17,28 +20,32 @@ class ModelStatus:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    def state(self, ref: ModelRef) -> dict[str, Any]:
+    def state(self, ref: ModelRef) -> ModelState:
         memory, calib, lineage = self._snapshot(ref)
-        return {
-            "memory_fitted": memory is not None,
-            "calib_present": calib is not None,
-            "lineage": lineage,
-        }
+        return ModelState(ref=ref, memory_fitted=memory is not None, calib_present=calib is not None,
+                          lineage=lineage)
 
-    def manifest(self, ref: ModelRef) -> dict[str, Any]:
+    def manifest(self, ref: ModelRef) -> ModelManifest:
         memory, calib, lineage = self._snapshot(ref)
-        return {
-            "memory": memory is not None,
-            "calib": calib,
-            "datasets": self._ctx.datasets.listing(ref.dataset_ref()),
-            "lineage": lineage,
-        }
+        return ModelManifest(ref=ref, memory=memory is not None, calib=calib,
+                             datasets=self._ctx.datasets.listing(ref.dataset_ref()), lineage=lineage)
 
     def _snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
-        """Memory, calibration and the lineage view of one model, read together (``bdi.storage.model_lock``)."""
+        """Memory, the calibration document as stored and the lineage view of one model, read together
+        (``bdi.storage.model_lock``)."""
         ctx = self._ctx
         with model_lock.reading(ctx.store, ref):
             memory = ctx.memory_or_none(ref)
-            calib = ctx.store.load_calibration(ref)
+            document = ctx.store.calibration_document(ref)
             sidecar = read_lineage(ctx.store, ref)
-        return memory, calib, lineage_view(memory=memory, calib=calib, lineage=sidecar)
+        return memory, document, lineage_view(memory=memory, calib=self._calibration(document), lineage=sidecar)
+
+    def _calibration(self, document: dict[str, Any] | None) -> Calibration | None:
+        """The typed calibration of a stored document (as :meth:`ModelStore.load_calibration` reads it); None
+        when there is none or it has no threshold."""
+        if document is None:
+            return None
+        try:
+            return Calibration.from_dict(document, defaults=self._ctx.settings.model.scoring)
+        except CalibrationMissingError:
+            return None

@@ -30,6 +30,7 @@ from typing import Any
 
 from bdi.errors import RegistryManagedError
 from bdi.logging import slog
+from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.memory import Memory
 from bdi.refs import ModelRef
 from bdi.storage.fsio import atomic_write_json, utc_now_iso
@@ -87,11 +88,11 @@ class Lineage:
         """The same record, no longer managed (the alias was removed from the registered model)."""
         return replace(self, managed=False)
 
-    def describes_calibration(self, calib: Mapping[str, Any]) -> bool:
+    def describes_calibration(self, calib: Calibration) -> bool:
         """True when ``calib`` is the calibration that came with this model (same threshold and time)."""
         return (self.calibration_created_at_utc is not None
-                and calib.get("created_at_utc") == self.calibration_created_at_utc
-                and calib.get("threshold") == self.calibration_threshold)
+                and calib.created_at_utc == self.calibration_created_at_utc
+                and calib.threshold == self.calibration_threshold)
 
 
 def lineage_path(store: ModelStore, ref: ModelRef) -> Path:
@@ -142,11 +143,11 @@ def ensure_api_writable(store: ModelStore, ref: ModelRef) -> None:
     )
 
 
-def threshold_source(calib: Mapping[str, Any] | None, *, memory: Memory, lineage: Lineage | None) -> str | None:
+def threshold_source(calib: Calibration | None, *, memory: Memory, lineage: Lineage | None) -> str | None:
     """Where the threshold in ``calib`` comes from (see the module docstring)."""
-    if not calib:
+    if calib is None:
         return None
-    recorded = calib.get("memory_fingerprint")
+    recorded = calib.memory_fingerprint
     if recorded is not None and recorded != memory.fingerprint:
         return THRESHOLD_STALE
     if lineage is not None and lineage.describes_calibration(calib):
@@ -155,7 +156,7 @@ def threshold_source(calib: Mapping[str, Any] | None, *, memory: Memory, lineage
 
 
 def lineage_view(
-    *, memory: Memory | None, calib: Mapping[str, Any] | None, lineage: Lineage | None
+    *, memory: Memory | None, calib: Calibration | None, lineage: Lineage | None
 ) -> dict[str, Any] | None:
     """The flat ``lineage`` object of the HTTP answers; None when there is no memory.
 
@@ -187,7 +188,7 @@ def lineage_view(
         "threshold_source": source,
         "calibration_run_id": lineage.calibration_run_id if lineage and source == THRESHOLD_CALIBRATION_RUN
         else None,
-        "calibrated_at_utc": calib.get("created_at_utc") if calib else None,
+        "calibrated_at_utc": calib.created_at_utc if calib is not None else None,
     }
 
 

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bdi.config import ScoringConfig
 from bdi.errors import BDIError, FitInProgressError, InvalidInputError, StorageError
 from bdi.logging import slog
+from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.imaging import validate_mm_per_px
 from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
 from bdi.patchcore.memory import Memory
@@ -326,14 +328,25 @@ class ModelStore:
         return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
 
     # -------------------------------------------------------------- calibration
-    def save_calibration(self, ref: ModelRef, calib: Mapping[str, Any]) -> Path:
-        """Atomically write the calibration JSON (indent 2) to the current layout."""
-        path = self.paths(ref).calib
-        atomic_write_json(path, dict(calib), indent=2)
-        return path
+    def save_calibration(self, ref: ModelRef, calib: Calibration) -> Path:
+        """Atomically write the calibration JSON (:meth:`Calibration.to_dict`, indent 2) to the current layout."""
+        return self._write_calibration_document(ref, calib.to_dict())
 
-    def load_calibration(self, ref: ModelRef) -> dict[str, Any] | None:
-        """The calibration resolved with fallbacks (a copy), or None.
+    def load_calibration(self, ref: ModelRef, *, defaults: ScoringConfig) -> Calibration | None:
+        """The calibration resolved with fallbacks, or None (absent, corrupt or not a JSON object).
+
+        ``defaults`` is the resolved scoring config: an old file without a percentile or area reads with its
+        (:meth:`Calibration.from_dict`). Whether it applies to a memory is :func:`usable_calibration`'s call.
+
+        Raises:
+            CalibrationMissingError: the stored object is empty or has no numeric threshold.
+        """
+        document = self.calibration_document(ref)
+        return None if document is None else Calibration.from_dict(document, defaults=defaults)
+
+    def calibration_document(self, ref: ModelRef) -> dict[str, Any] | None:
+        """The calibration JSON object exactly as stored (a copy; old files' missing keys stay missing), or None:
+        what ``/manifest`` returns and the registry copy carries.
 
         A corrupt or non-object file also gives None (logged as ``storage.calib_corrupt``): the
         service then reports ``calibration_missing`` and a new calibration overwrites it.
@@ -360,6 +373,24 @@ class ModelStore:
             self._calibs.put(ident, value)
             return copy.deepcopy(value)
         return None
+
+    def copy_calibration(self, ref: ModelRef, *, target: ModelStore) -> Path | None:
+        """Write this store's calibration of ``ref``, as stored, to ``target``'s current layout (indent 2);
+        without one here, remove ``target``'s. Returns the path written, or None."""
+        document = self.calibration_document(ref)
+        if document is None:
+            path = target.paths(ref).calib
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot remove the calibration {path}: {exc}") from exc
+            return None
+        return target._write_calibration_document(ref, document)
+
+    def _write_calibration_document(self, ref: ModelRef, document: Mapping[str, Any]) -> Path:
+        path = self.paths(ref).calib
+        atomic_write_json(path, dict(document), indent=2)
+        return path
 
     # -------------------------------------------------------------- recipe lock
     def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
