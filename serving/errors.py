@@ -29,6 +29,7 @@ from pydantic import BaseModel, RootModel
 from bdi.errors import (
     BDIError,
     CalibrationMissingError,
+    CrossRecipeDeleteError,
     FitInProgressError,
     InsufficientSamplesError,
     InvalidInputError,
@@ -82,6 +83,7 @@ ERROR_TABLE: Mapping[type[Exception], ErrorRule] = {
     CalibrationMissingError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     InsufficientSamplesError: ErrorRule(400, "A", {"batch": "B", "resource": "B"}),
     NotFoundError: ErrorRule(404, "B"),
+    CrossRecipeDeleteError: ErrorRule(409, "B"),  # a clear the read fallback would take to another recipe
     # the conflict rule: an API write to a model the registry manages; the message names the version
     RegistryManagedError: ErrorRule(409, "A", {"resource": "B"}),
     InvalidInputError: ErrorRule(400, "A", {"resource": "B"}),  # decode, limits, grid, metas, label
@@ -189,7 +191,8 @@ class ErrorBody(RootModel[ErrorShapeA | ErrorShapeB | ErrorShapeC]):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family)"},
     404: {"model": ErrorBody, "description": "Dataset file or sidecar not found (shape B)"},
-    409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C) or a fit of the model in progress (A)"},
+    409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C), a fit of the model in progress (A) or "
+                                            "a clear that would reach another recipe's samples (B)"},
     413: {"model": ErrorBody, "description": "Request body over BDI_MAX_REQUEST_BYTES (shape B)"},
     500: {"model": ErrorBody, "description": "Unexpected failure: a stable message and the request id (shape A)"},
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
@@ -253,15 +253,18 @@ class CalibrateNgResponse(BaseModel):
     score_percentile: int
     request_id: str
     recipe_id: str
+    # additive, only when the threshold detects no NG sample (docs/design.md "Calibrations that detect nothing")
+    warnings: list[str] | None = None
 
     @classmethod
-    def of(cls, calib: Calibration, *, ids: Mapping[str, str]) -> CalibrateNgResponse:
+    def of(cls, calib: Calibration, *, ids: Mapping[str, str], warnings: Sequence[str] = ()) -> CalibrateNgResponse:
         stats = calib.statistics
         if stats is None or calib.mm_per_px is None:
             raise ValueError("a /calibrate_ng calibration records its statistics and mm_per_px")
+        extra: dict[str, Any] = {"warnings": list(warnings)} if warnings else {}
         return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean,
                    p99_ok=stats.ok_score_at_percentile, p5_ng=stats.ng_score_at_percentile, mm_per_px=calib.mm_per_px,
-                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids)
+                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids, **extra)
 
 
 class CalibrateDatasetResponse(BaseModel):
@@ -278,15 +281,18 @@ class CalibrateDatasetResponse(BaseModel):
     role_id: str
     roi_id: str
     model_key: str
+    warnings: list[str] | None = None  # additive, as in CalibrateNgResponse
 
     @classmethod
-    def of(cls, calib: Calibration, *, ids: Mapping[str, str]) -> CalibrateDatasetResponse:
+    def of(cls, calib: Calibration, *, ids: Mapping[str, str], warnings: Sequence[str] = ()
+           ) -> CalibrateDatasetResponse:
         """The stored calibration's contract keys, the ids and the model it belongs to (``calib.ids``)."""
         if calib.ids is None:
             raise ValueError("a /calibrate_dataset calibration records the model's ids")
+        extra: dict[str, Any] = {"warnings": list(warnings)} if warnings else {}
         return cls(status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
                    area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ids,
-                   role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key)
+                   role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key, **extra)
 
 
 class StateResponse(BaseModel):
@@ -351,6 +357,8 @@ class HealthResponse(BaseModel):
     runtime_requested: str
     runtime_fallback: str | None
     runtime_parity: dict[str, Any] | None
+    runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
+    calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
 
 
 class UploadResponse(BaseModel):
@@ -391,9 +399,11 @@ class DeleteResponse(BaseModel):
 
 
 class ClearResponse(BaseModel):
-    """DELETE /datasets/clear."""
+    """DELETE /datasets/clear; ``resolved_recipe_id`` (additive) is the recipe whose folder was cleared (null: the
+    legacy datasets folder, or none found)."""
 
     cleared: int
     label: str
+    resolved_recipe_id: str | None = None
     request_id: str
     recipe_id: str

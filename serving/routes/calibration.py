@@ -22,7 +22,7 @@ JsonBody = Annotated[dict[str, Any], Body()]
 
 
 @router.post("/calibrate_ng", dependencies=[error_style("model")], openapi_extra=CalibrateNgRequest.openapi(),
-             response_model=CalibrateNgResponse)
+             response_model=CalibrateNgResponse, response_model_exclude_unset=True)
 def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateNgResponse:
     """Threshold from OK/NG scores the client computed; NaN/inf scores are dropped."""
     req = CalibrateNgRequest.parse(body)
@@ -39,14 +39,16 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> Calibr
         area_mm2_thr=req.area_mm2_thr,
     )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold)
-    response = CalibrateNgResponse.of(calib, ids=ctx.ids())
+    warnings = service.detection_warnings(ref=ref, calib=calib)
+    response = CalibrateNgResponse.of(calib, ids=ctx.ids(), warnings=warnings)
     slog("calibrate_ng.response", model_key=ref.model_key,
          **response.model_dump(include={"threshold", "ok_mean", "ng_mean", "p99_ok", "p5_ng"}))
     return response
 
 
 @router.post("/calibrate_dataset", dependencies=[error_style("batch")],
-             openapi_extra=CalibrateDatasetRequest.openapi(), response_model=CalibrateDatasetResponse)
+             openapi_extra=CalibrateDatasetRequest.openapi(), response_model=CalibrateDatasetResponse,
+             response_model_exclude_unset=True)
 def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateDatasetResponse:
     """Score every stored OK/NG sample with the fitted memory and write a new calibration."""
     req = CalibrateDatasetRequest.parse(body)
@@ -59,4 +61,5 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> C
         require_ng=True if req.require_ng is None else req.require_ng,
     )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold, n_ok=calib.n_ok, n_ng=calib.n_ng)
-    return CalibrateDatasetResponse.of(calib, ids=ctx.ids())
+    warnings = service.detection_warnings(ref=ref, calib=calib)
+    return CalibrateDatasetResponse.of(calib, ids=ctx.ids(), warnings=warnings)

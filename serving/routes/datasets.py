@@ -103,7 +103,10 @@ def delete_sample(
 def clear_samples(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
 ) -> dict[str, Any]:
-    """Delete every file of one class (images and sidecars); ``cleared`` counts them all."""
-    cleared = service.samples.clear(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
-    slog("datasets.clear", label=label, cleared=cleared)
-    return {"cleared": cleared, "label": label, **ctx.ids()}
+    """Delete every file of one class (images and sidecars); ``cleared`` counts them all and
+    ``resolved_recipe_id`` names the recipe whose folder it was (additive; docs/design.md "Deletes stay in their
+    recipe")."""
+    result = service.samples.clear(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
+    slog("datasets.clear", label=label, cleared=result.cleared, resolved_recipe_id=result.resolved_recipe_id)
+    return {"cleared": result.cleared, "label": label, "resolved_recipe_id": result.resolved_recipe_id,
+            **ctx.ids()}

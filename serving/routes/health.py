@@ -1,5 +1,5 @@
-"""GET /health (docs/contract.md "GET /health"): O(1), polled by the GUI every 2 s; its only disk access is
-a stat of the registry sync status file."""
+"""GET /health (docs/contract.md "GET /health"): O(1), polled by the GUI every 2 s; its only disk accesses are
+stats of the registry sync status file and of the calibration alerts file (each re-read only when it changed)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ async def health(
     unreachable, as last seen), the rest how stale the synced view is and which versions are synced
     (``bdi.mlops.follower.SyncStatusReader``).
 
+    ``calibration_warnings`` lists the stored calibrations whose threshold detects no NG sample
+    (``bdi.storage.alerts``); ``runtime_choice`` where the runtime was chosen for every worker.
+
     ``async``: it touches no network and must answer even when every worker thread is busy fitting; its
-    only disk access is a stat of the small sync status file (re-read when it changed).
+    only disk accesses are stats of two small files (each re-read when it changed).
     """
     info = service.health()
     device = str(info["device"]).split(":", 1)[0]  # "cuda:0" → "cuda" (the GUI shows it verbatim)
@@ -43,6 +46,7 @@ async def health(
     body["pretrained"] = bool(info["pretrained"])
     status = getattr(request.app.state, "tracking_status", None)
     body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
-    for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity"):
+    for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity",
+                "runtime_choice", "calibration_warnings"):
         body[key] = info[key]
     return body

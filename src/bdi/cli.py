@@ -1,6 +1,6 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
 through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
-parity-checked) and ``bdi demo-data``.
+parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock) and ``bdi demo-data``.
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
                              "where servers and pipeline stages look)")
     export.add_argument("--runtime", choices=("all", "onnxruntime", "openvino"), default="all",
                         help="check parity on this runtime only (default: every installed one)")
+
+    recipe = commands.add_parser("recipe", help="recipe administration (the scale lock)",
+                                 description="Recipe administration on the server's models dir (Settings).")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    unlock = recipe_commands.add_parser(
+        "unlock-scale", help="reset the recipe's mm_per_px lock (docs/contract.md \"Scale lock\")",
+        description="Remove the mm_per_px locked for RECIPE in recipes/<RECIPE>/recipe_meta.json, under the "
+                    "recipe lock: the next successful /fit_ok or /infer locks its own value. Fitted memories "
+                    "keep the scale they were fitted at: refit them at the new scale.",
+    )
+    unlock.add_argument("recipe_id", metavar="RECIPE", help="the recipe id (as in the recipe_id field)")
+    unlock.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR (Settings)")
 
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
@@ -193,6 +205,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> int:
+    """``bdi recipe unlock-scale RECIPE``: the documented reset of the scale lock, with the server's settings."""
+    from bdi.config import Settings
+    from bdi.logging import configure_logging, slog
+    from bdi.storage.store import ModelStore
+
+    settings = Settings()
+    models_dir = args.models_dir if args.models_dir is not None else settings.models_dir
+    configure_logging(settings.log_dir)
+    previous = ModelStore(models_dir).unlock_mm_per_px(args.recipe_id)
+    slog("recipe.scale_unlocked", recipe_id=args.recipe_id, previous_mm_per_px=previous, models_dir=str(models_dir))
+    if previous is None:
+        _emit(f"recipe '{args.recipe_id}' has no mm_per_px lock in {models_dir}")
+    else:
+        _emit(f"recipe '{args.recipe_id}': mm_per_px lock {previous:g} removed ({models_dir})")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from bdi.data.synthetic import write_mvtec_dataset
 
@@ -210,7 +240,8 @@ def _demo_data(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"sync": _sync, "promote": _promote, "export": _export, "demo-data": _demo_data}
+    handlers = {"sync": _sync, "promote": _promote, "export": _export, "recipe": _recipe,
+                "demo-data": _demo_data}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     min_ok_samples: int = Field(10, validation_alias=env_aliases("MIN_OK_SAMPLES"))
     train_dataset_only: bool = Field(False, validation_alias=env_aliases("TRAIN_DATASET_ONLY"))
     require_cuda: bool = Field(False, validation_alias=env_aliases("REQUIRE_CUDA"))
+    # DELETE /datasets/clear may follow the read fallback to another recipe's samples (the reference did; off:
+    # refused with a 409, docs/design.md "Deletes stay in their recipe")
+    dataset_clear_fallback: bool = Field(False, validation_alias=env_aliases("DATASET_CLEAR_FALLBACK"))
 
     # serving (CORS, host and port: serving.settings.ServingSettings)
     cache_max_entries: int = Field(32, validation_alias=env_aliases("CACHE_MAX_ENTRIES"))
@@ -219,7 +222,8 @@ class Settings(BaseSettings):
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
-    @field_validator("train_dataset_only", "require_cuda", "registry_sync_on_start", mode="before")
+    @field_validator("train_dataset_only", "require_cuda", "dataset_clear_fallback", "registry_sync_on_start",
+                     mode="before")
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return truthy(value)

@@ -120,6 +120,12 @@ class RegistryManagedError(BDIError):
     code = "registry_managed"
 
 
+class CrossRecipeDeleteError(BDIError):
+    """A dataset delete that the read fallback would take to another recipe's samples (refused by default)."""
+
+    code = "cross_recipe_delete"
+
+
 class NotFoundError(BDIError):
     """A dataset file or sidecar that does not exist."""
 

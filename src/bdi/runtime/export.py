@@ -9,6 +9,11 @@ blocks, weights sha256 …), so one export serves every memory fitted with that 
 can be shared by servers and pipeline runs on one machine (the cache: ``Settings.exports_dir()``,
 ``<BDI_WEIGHTS_CACHE_DIR>/exports``) or shipped inside a registered model version (``<model dir>/exports``).
 
+``runtime_choice.json`` next to them records what ``BDI_RUNTIME=auto`` chose for this export (per precision and
+device): the first process to time the candidates writes it under the export lock and every later worker, restart
+and replica reads it instead of timing again, so one model scores the same whichever process answers
+(:func:`record_runtime_choice`, ``bdi.runtime.select``). Re-exporting replaces the folder and so the choice.
+
 Writes are atomic (a temp folder renamed into place) and serialised per key by a file lock. torch is
 imported lazily; openvino only when present. Nothing here decides whether an export may be used:
 ``bdi.runtime.parity`` does.
@@ -42,6 +47,7 @@ ONNX_FILE = "features.onnx"
 OPENVINO_XML = "features.xml"
 OPENVINO_BIN = "features.bin"
 MANIFEST_FILE = "export.json"
+CHOICE_FILE = "runtime_choice.json"
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -223,6 +229,43 @@ def record_parity(export: Export, reports: Mapping[str, Mapping[str, Any]]) -> E
     manifest = ExportManifest.from_dict({**export.manifest.to_dict(), "parity": parity})
     atomic_write_json(export.path / MANIFEST_FILE, manifest.to_dict())
     return Export(path=export.path, manifest=manifest)
+
+
+def read_runtime_choice(export: Export, *, choice_key: str) -> dict[str, Any] | None:
+    """The choice recorded for ``choice_key`` in the export's ``runtime_choice.json``; None when there is none (or
+    the file is unreadable: then it is chosen, and written, again)."""
+    try:
+        raw = json.loads((export.path / CHOICE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = raw.get(choice_key) if isinstance(raw, dict) else None
+    return dict(entry) if isinstance(entry, dict) and isinstance(entry.get("runtime"), str) else None
+
+
+def record_runtime_choice(export: Export, *, root: Path, choice_key: str, choice: Mapping[str, Any]
+                          ) -> tuple[dict[str, Any], bool]:
+    """Record ``choice`` for ``choice_key`` unless another process recorded one first: the choice that holds, and
+    whether this call wrote it.
+
+    Raises:
+        ExportError: the export lock was not obtained, or the file cannot be written.
+    """
+    with export_lock(Path(root), export.manifest.key):
+        existing = read_runtime_choice(export, choice_key=choice_key)
+        if existing is not None:
+            return existing, False  # first writer wins
+        path = export.path / CHOICE_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        entries = raw if isinstance(raw, dict) else {}
+        entries[choice_key] = {**dict(choice), "recorded_at_utc": utc_now_iso()}
+        try:
+            atomic_write_json(path, entries)
+        except OSError as exc:
+            raise ExportError(f"cannot record the runtime choice in {path}: {exc}") from exc
+        return dict(entries[choice_key]), True
 
 
 @contextmanager

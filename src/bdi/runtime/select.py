@@ -27,7 +27,17 @@ from bdi.config import RuntimeName
 from bdi.errors import ExportError
 from bdi.logging import slog
 from bdi.patchcore.features import FeatureExtractor, TorchRunner
-from bdi.runtime.export import Export, export_key, export_lock, load_export, record_parity, write_export
+from bdi.runtime.export import (
+    CHOICE_FILE,
+    Export,
+    export_key,
+    export_lock,
+    load_export,
+    read_runtime_choice,
+    record_parity,
+    record_runtime_choice,
+    write_export,
+)
 from bdi.runtime.parity import GoldenReference, ParityReport, ParityTolerance, check_parity, golden_reference
 from bdi.runtime.runners import RUNTIMES, Runner, RuntimeOptions, open_runtime, runtime_installed
 
@@ -60,12 +70,14 @@ class RuntimeStatus:
     export_path: str | None = None
     parity: dict[str, ParityReport] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    choice: dict[str, Any] | None = None  # auto: the choice recorded with the export (runtime_choice.json)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "requested": self.requested, "active": self.active, "reason": self.reason, "threads": self.threads,
             "fallback": self.fallback, "export_key": self.export_key, "export_path": self.export_path,
             "parity": {name: report.to_dict() for name, report in self.parity.items()}, "details": self.details,
+            "choice": self.choice,
         }
 
 
@@ -76,6 +88,7 @@ class RuntimeStatus:
             "runtime_precision": self.details.get("precision", "fp32"),
             "runtime_requested": self.requested,
             "runtime_fallback": self.fallback,
+            "runtime_choice": self.choice,
             "runtime_parity": {
                 name: {"passed": r.passed, "feature_rel_err": r.feature_rel_err, "score_rel_err": r.score_rel_err}
                 for name, r in self.parity.items()
@@ -279,6 +292,11 @@ def attach_runtime(
     options = runtime_options(extractor, threads=threads)
     candidates, reports = _candidates(extractor, requested, installed=installed, export=export, reference=reference,
                                       options=options)
+    choice_key = f"{extractor.precision}@{extractor.device}"
+    recorded = (read_runtime_choice(export, choice_key=choice_key)
+                if requested == "auto" and export is not None else None)
+    if recorded is not None:  # chosen once for this export: check only that one, time nothing
+        candidates = {name: runner for name, runner in candidates.items() if name == recorded["runtime"]}
     runners: dict[str, Candidate] = {}
     for name, runner in candidates.items():
         reports[name] = replace(check_parity(reference, runner, tolerance=tolerance), runtime=name)
@@ -287,6 +305,11 @@ def attach_runtime(
         else:
             _log.warning("runtime %s failed the parity check and will not be used: %s", name, reports[name].summary())
     common["parity"] = reports
+    torch_ms = reference.torch_ms
+    if recorded is not None:
+        assert export is not None
+        return _attach_recorded(extractor, recorded=recorded, runners=runners, reports=reports, fp32_torch=fp32_torch,
+                                common=common, where=str(export.path / CHOICE_FILE))
     if not runners:
         why = "parity check failed: " + "; ".join(report.summary() for report in reports.values())
         if reduced:
@@ -295,18 +318,73 @@ def attach_runtime(
         asked = f"BDI_RUNTIME={requested} with BDI_PRECISION={extractor.precision}" if reduced else None
         return _fallback(requested, why=why, threads=threads, status_extra=common, asked=asked)
     best = min(runners, key=lambda name: reports[name].runtime_ms or float("inf"))
-    best_ms, torch_ms = reports[best].runtime_ms or float("inf"), reference.torch_ms
-    if requested == "auto" and best_ms >= torch_ms:
+    best_ms = reports[best].runtime_ms or float("inf")
+    chosen = "torch" if requested == "auto" and best_ms >= torch_ms else best
+    if requested == "auto" and export is not None:
+        timings = {name: reports[name].runtime_ms for name in runners} | {"torch": torch_ms}
+        chosen, common["choice"] = _record_choice(export, root=root, choice_key=choice_key, chosen=chosen,
+                                                  runners=runners, timings=timings)
+    if chosen == "torch":
         if reduced:
             extractor.use_runtime(fp32_torch)
         status = RuntimeStatus(active="torch", reason=f"auto: torch fp32 ({torch_ms:.0f} ms) was faster than every "
                                f"runtime that passed parity ({best} {best_ms:.0f} ms)",
                                details=fp32_torch.describe(), **common)
     else:
-        extractor.use_runtime(runners[best])
-        reason = (f"auto: the fastest that passed parity ({best} {best_ms:.0f} ms vs torch fp32 {torch_ms:.0f} ms "
-                  "per image)" if requested == "auto" else f"BDI_RUNTIME={requested}: {best} passed parity")
-        status = RuntimeStatus(active=runners[best].name, reason=reason, details=runners[best].describe(), **common)
+        chosen_ms = reports[chosen].runtime_ms or float("inf")
+        extractor.use_runtime(runners[chosen])
+        reason = (f"auto: the fastest that passed parity ({chosen} {chosen_ms:.0f} ms vs torch fp32 {torch_ms:.0f} ms "
+                  "per image)" if requested == "auto" else f"BDI_RUNTIME={requested}: {chosen} passed parity")
+        status = RuntimeStatus(active=runners[chosen].name, reason=reason, details=runners[chosen].describe(),
+                               **common)
+    slog("runtime.selected", **status.to_dict())
+    return status
+
+
+def _record_choice(export: Export, *, root: Path, choice_key: str, chosen: str, runners: Mapping[str, Candidate],
+                   timings: Mapping[str, float | None]) -> tuple[str, dict[str, Any]]:
+    """Record this process's ``auto`` choice with the export unless another process recorded one first; the
+    choice that holds (this one, or the recorded one when it can run here) and its record for ``/health``."""
+    mine = {"runtime": chosen, "timings_ms": dict(timings), "choice_key": choice_key}
+    try:
+        held, written = record_runtime_choice(export, root=root, choice_key=choice_key, choice=mine)
+    except ExportError as exc:
+        _log.warning("the runtime choice %s is not recorded (each process will time again): %s", chosen, exc)
+        return chosen, {**mine, "source": "timed, not recorded", "error": str(exc)}
+    where = str(export.path / CHOICE_FILE)
+    if written:
+        return chosen, {**held, "source": "timed and recorded by this process", "path": where}
+    if held["runtime"] == chosen or held["runtime"] == "torch" or held["runtime"] in runners:
+        return str(held["runtime"]), {**held, "source": "recorded (by a process that timed first)", "path": where}
+    _log.warning("the recorded runtime choice %s (%s) cannot run here; this process uses %s", held["runtime"],
+                 where, chosen)
+    return chosen, {**mine, "source": f"timed: the recorded {held['runtime']} cannot run here", "path": where}
+
+
+def _attach_recorded(extractor: FeatureExtractor, *, recorded: Mapping[str, Any], runners: Mapping[str, Candidate],
+                     reports: Mapping[str, ParityReport], fp32_torch: TorchRunner, common: dict[str, Any],
+                     where: str) -> RuntimeStatus:
+    """Attach the runtime recorded for this export (``runtime_choice.json``); torch, loudly, when it cannot run."""
+    label = str(recorded["runtime"])
+    common["choice"] = {**recorded, "source": "recorded", "path": where}
+    when = recorded.get("recorded_at_utc", "?")
+    if label == "torch":
+        if extractor.precision != "fp32":
+            extractor.use_runtime(fp32_torch)
+        status = RuntimeStatus(active="torch", reason=f"auto: torch fp32, the choice recorded in {where} ({when})",
+                               details=fp32_torch.describe(), **common)
+    elif label in runners:
+        extractor.use_runtime(runners[label])
+        status = RuntimeStatus(active=runners[label].name, details=runners[label].describe(),
+                               reason=f"auto: {label}, the choice recorded in {where} ({when}); it passed parity",
+                               **common)
+    else:
+        report = reports.get(label)
+        why = (f"the recorded runtime choice {label} ({where}) cannot run here: "
+               + (report.summary() if report is not None else "not installed or cannot open the export"))
+        if extractor.precision != "fp32":
+            extractor.use_runtime(fp32_torch)
+        return _fallback(str(common["requested"]), why=why, threads=int(common["threads"]), status_extra=common)
     slog("runtime.selected", **status.to_dict())
     return status
 

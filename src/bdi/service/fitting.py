@@ -53,7 +53,8 @@ class Fitting:
         if not use_dataset and not images:
             raise InvalidInputError("No images provided")
         ensure_api_writable(ctx.store, ref)  # the registry's models are not overwritten (409)
-        ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # before the samples are read (the /fit_ok order)
+        # 409 before the samples are read (the /fit_ok order); locked only when the memory is stored
+        ctx.store.check_mm_per_px(ref.recipe_id, mm_per_px)
         named: Iterable[tuple[str, bytes]]
         if use_dataset:
             paths = self._ok_dataset_paths(ref)
@@ -90,8 +91,9 @@ class Fitting:
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        """Fit ``ref`` on decoded BGR crops: lock the recipe's ``mm_per_px`` (ScaleMismatchError when
-        another one is locked), then extract, subsample and store (the fit the API and the pipeline share).
+        """Fit ``ref`` on decoded BGR crops: check the recipe's ``mm_per_px`` (ScaleMismatchError when
+        another one is locked), then extract, subsample, lock the scale and store (the fit the API and the
+        pipeline share).
 
         ``images`` may be a lazy iterable (then ``n_images`` says how many it yields): they are
         encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
@@ -99,7 +101,7 @@ class Fitting:
         model, from any process, waits for it or gets :class:`FitInProgressError`.
         """
         ctx = self._ctx
-        ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        ctx.store.check_mm_per_px(ref.recipe_id, mm_per_px)  # fail fast; locked below, once the fit succeeded
         images, n_images = _counted(images, n_images)
         memory_cfg = self._memory_config(memory_fit=memory_fit, coreset_rate=coreset_rate)
         extractor = ctx.extractor
@@ -116,6 +118,8 @@ class Fitting:
             with timer.stage("index"):
                 index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
             with timer.stage("save"):
+                # a failed fit leaves no lock (docs/design.md "Failed requests leave nothing behind")
+                ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
                 paths = ctx.store.save_model(ref, memory, index)  # a torch (no-faiss) index is not written
         result = FitResult(
             n_embeddings=n_rows,

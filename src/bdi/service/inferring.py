@@ -42,7 +42,7 @@ class Inferring:
         ctx = self._ctx
         timer = StageTimer()
         mm_per_px = validate_mm_per_px(mm_per_px)
-        ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)
+        ctx.store.check_mm_per_px(ref.recipe_id, mm_per_px)  # 409 here; locked once the request succeeded
         with timer.stage("decode"):
             crop = ctx.decode(image, name="image")
         with model_lock.reading(ctx.store, ref):  # memory, index, calibration and lineage of one version
@@ -61,6 +61,7 @@ class Inferring:
             with timer.stage("png"):
                 heatmap_png = encode_png_gray(result.heatmap_u8())
         result = replace(result, timings_ms=dict(timer.timings_ms))
+        ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # docs/design.md "Failed requests leave nothing behind"
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         return InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,

@@ -22,12 +22,14 @@ from bdi.refs import ModelRef
 from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads, current_status
 from bdi.service.calibrating import CalibrateHook, Calibrating
 from bdi.service.context import ServiceContext
+from bdi.service.detection import check_detection, record_detection
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.limits import UploadLimits
 from bdi.service.results import FitResult, InferOutcome, ModelManifest, ModelState, SampleScore
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
+from bdi.storage.alerts import AlertsReader
 from bdi.storage.datasets import LABELS, DatasetStore
 from bdi.storage.fsio import remove_orphan_temp_files
 from bdi.storage.store import ModelStore
@@ -79,6 +81,7 @@ class InspectionService:
         self.samples = Samples(ctx)
         self.status = ModelStatus(ctx)
         self._ctx = ctx
+        self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
         # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
         self.on_infer = on_infer
 
@@ -106,6 +109,7 @@ class InspectionService:
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
             **self.runtime.health(),
+            "calibration_warnings": self._alerts.read(),
         }
 
     def fit_ok(
@@ -150,6 +154,14 @@ class InspectionService:
         """/calibrate_ng: :meth:`Calibrating.from_scores`."""
         return self.calibrating.from_scores(ref=ref, ok_scores=ok_scores, ng_scores=ng_scores, mm_per_px=mm_per_px,
                                             score_percentile=score_percentile, area_mm2_thr=area_mm2_thr)
+
+    def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:
+        """Warnings when the new calibration ``calib`` of ``ref`` detects no NG sample (its threshold is above
+        every NG score it knows), logged and shown by ``/health`` until the next calibration
+        (``bdi.service.detection``); () when it detects."""
+        check = check_detection(self._ctx, ref, calib)
+        record_detection(self._ctx, ref, calib, check)
+        return check.warnings
 
     def calibrate_dataset(
         self,

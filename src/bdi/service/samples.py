@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from bdi.errors import InvalidInputError, NotFoundError, StorageError
+from bdi.logging import slog
 from bdi.patchcore.imaging import parse_shape, validate_mm_per_px
 from bdi.refs import DatasetRef
 from bdi.service.context import ServiceContext
-from bdi.storage.datasets import UploadItem, parse_label
+from bdi.storage.datasets import ClearResult, UploadItem, parse_label
 
 
 class Samples:
@@ -70,9 +71,15 @@ class Samples:
         """Remove one sample and its sidecar (DELETE /datasets/file); True when the image existed."""
         return self._ctx.datasets.delete(ref, label, filename)
 
-    def clear(self, *, ref: DatasetRef, label: str) -> int:
-        """Remove every file of one label (DELETE /datasets/clear); the number of files removed."""
-        return self._ctx.datasets.clear(ref, label)
+    def clear(self, *, ref: DatasetRef, label: str) -> ClearResult:
+        """Remove every file of one label (DELETE /datasets/clear): how many, and from which recipe's folder.
+        A clear the read fallback takes to another recipe is refused unless ``Settings.dataset_clear_fallback``
+        (:class:`CrossRecipeDeleteError`); an allowed one is logged as ``datasets.clear.crossed``."""
+        result = self._ctx.datasets.clear(ref, label, allow_fallback=self._ctx.settings.dataset_clear_fallback)
+        if result.crossed:
+            slog("datasets.clear.crossed", recipe_id=ref.recipe_id, resolved_recipe_id=result.resolved_recipe_id,
+                 label=label, cleared=result.cleared)
+        return result
 
 
 def _parse_meta(text: str, *, index: int) -> dict[str, Any]:

@@ -14,7 +14,9 @@ Choices (docs/design.md: "No id reaches a path raw", "Upload limits", "Unique sa
 * A multi-file upload stores all files or none.
 * Reads resolve the base dir as in docs/contract.md "Dataset read order", but the legacy ``<root>/datasets/...``
   folder is only reached through sanitised names (``S()``), never raw ids; downloads and deletes take the
-  basename of the requested file only.
+  basename of the requested file only, and only an image's name (a sidecar is reached through its image).
+* A clear that the read order takes to another recipe's folder (docs/design.md "Deletes stay in their recipe")
+  is refused unless the caller allows it (``Settings.dataset_clear_fallback``), and says which recipe it cleared.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from bdi.errors import InvalidInputError, NotFoundError, StorageError
+from bdi.errors import CrossRecipeDeleteError, InvalidInputError, NotFoundError, StorageError
 from bdi.logging import slog
-from bdi.refs import DatasetRef, ensure_inside, legacy_name, recipe_dir_candidates
+from bdi.refs import DEFAULT_RECIPE, DatasetRef, ensure_inside, legacy_name, recipe_dir_candidates
 from bdi.storage.fsio import fsync_dir, utc_now_iso, write_temp_file
 
 LABELS: tuple[str, ...] = ("ok", "ng")
@@ -58,6 +60,16 @@ def client_extension(client_filename: str | None) -> str:
     return ext if ext in IMAGE_EXTENSIONS else DEFAULT_EXTENSION
 
 
+def check_image_name(filename: str) -> None:
+    """:class:`InvalidInputError` unless the basename of ``filename`` has an image extension (or is empty, which
+    finds nothing): a sidecar (or any other file) is never served nor deleted on its own."""
+    name = _basename(filename or "")
+    if name not in ("", ".", "..") and not is_image_name(name):
+        raise InvalidInputError(
+            f"filename must name a stored image ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "its sidecar is read with /datasets/meta and deleted with its image")
+
+
 def _basename(filename: str) -> str:
     """The last path component, splitting on both '/' and '\\' (clients may be Windows)."""
     return filename.replace("\\", "/").rsplit("/", 1)[-1]
@@ -79,6 +91,16 @@ class Sample:
     path: Path
     label: str
     meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClearResult:
+    """What ``DatasetStore.clear`` removed: ``cleared`` files from the folder of ``resolved_recipe_id`` (None:
+    the legacy ``<root>/datasets/…`` folder, or no folder at all)."""
+
+    cleared: int
+    resolved_recipe_id: str | None
+    crossed: bool  # the folder is not the requested recipe's own (the read fallback took it elsewhere)
 
 
 class DatasetStore:
@@ -117,6 +139,15 @@ class DatasetStore:
         if name in ("", ".", ".."):
             return None
         return ensure_inside(base, self._label_dir(base, label) / name)
+
+    def resolved_recipe_id(self, ref: DatasetRef, base: Path) -> tuple[str | None, bool]:
+        """``(recipe folder name or None for the legacy folder, whether it is another recipe's)`` of a resolved
+        base dir (docs/contract.md "Dataset read order")."""
+        recipes_root = self.recipes_root
+        if base.parent.parent.parent == recipes_root:  # recipes/<recipe>/datasets/<base>
+            name = base.parent.parent.name
+            return name, name.lower() != ref.recipe_id.lower()
+        return None, ref.recipe_id != DEFAULT_RECIPE  # the legacy folder belongs to no recipe but the default
 
     # -------------------------------------------------------------- writes
     def save(self, ref: DatasetRef, label: str, items: Sequence[UploadItem]) -> list[str]:
@@ -226,6 +257,7 @@ class DatasetStore:
     def file_path(self, ref: DatasetRef, label: str, filename: str) -> Path:
         """The stored image ``<base>/<label>/<basename(filename)>``; :class:`NotFoundError` if absent."""
         label = parse_label(label)
+        check_image_name(filename)
         base = self.resolve_base(ref)
         path = self._file_in(base, label, filename) if base is not None else None
         if path is None or not path.is_file():
@@ -236,6 +268,7 @@ class DatasetStore:
         """The sidecar object of a stored image; :class:`NotFoundError` ("meta not found") when the
         image or its sidecar is missing or the sidecar is not a JSON object."""
         label = parse_label(label)
+        check_image_name(filename)
         base = self.resolve_base(ref)
         path = self._file_in(base, label, filename) if base is not None else None
         if path is None or not path.is_file():
@@ -261,6 +294,7 @@ class DatasetStore:
     def delete(self, ref: DatasetRef, label: str, filename: str) -> bool:
         """Remove an image and its sidecar; True when the image existed and was removed."""
         label = parse_label(label)
+        check_image_name(filename)
         base = self.resolve_base(ref)
         path = self._file_in(base, label, filename) if base is not None else None
         if path is None or not path.is_file():
@@ -277,16 +311,27 @@ class DatasetStore:
             raise StorageError(f"cannot delete the sidecar of {path.name}: {exc}") from exc
         return True
 
-    def clear(self, ref: DatasetRef, label: str) -> int:
-        """Remove every regular file in ``<base>/<label>/`` (sidecars included) and return the count."""
+    def clear(self, ref: DatasetRef, label: str, *, allow_fallback: bool = False) -> ClearResult:
+        """Remove every regular file in ``<base>/<label>/`` (sidecars included): the count and whose folder it was.
+
+        Raises:
+            CrossRecipeDeleteError: the read order resolves to another recipe's folder (or the legacy one for a
+                recipe other than the default) and ``allow_fallback`` is off; nothing is deleted.
+        """
         label = parse_label(label)
         base = self.resolve_base(ref)
         if base is None:
-            return 0
+            return ClearResult(cleared=0, resolved_recipe_id=None, crossed=False)
+        resolved, crossed = self.resolved_recipe_id(ref, base)
+        if crossed and not allow_fallback:
+            where = f"recipe '{resolved}'" if resolved is not None else "the legacy datasets folder"
+            raise CrossRecipeDeleteError(
+                f"recipe '{ref.recipe_id}' has no dataset folder of its own: the clear would delete the samples of "
+                f"{where}; refused (BDI_DATASET_CLEAR_FALLBACK=1 allows it)")
         try:
             entries = list(os.scandir(self._label_dir(base, label)))
         except OSError:
-            return 0
+            return ClearResult(cleared=0, resolved_recipe_id=resolved, crossed=crossed)
         cleared = 0
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
@@ -298,7 +343,7 @@ class DatasetStore:
             except OSError as exc:
                 raise StorageError(f"cannot delete {entry.name}: {exc}") from exc
             cleared += 1
-        return cleared
+        return ClearResult(cleared=cleared, resolved_recipe_id=resolved, crossed=crossed)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:

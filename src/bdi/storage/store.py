@@ -399,6 +399,15 @@ class ModelStore:
         value = validate_mm_per_px(mm_per_px)
         recipes.lock_mm_per_px(self.recipe_dir(recipe_id), recipe_id=recipe_id, mm_per_px=value)
 
+    def check_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
+        """:class:`ScaleMismatchError` when the recipe holds another scale; writes nothing (checked before the work,
+        locked after it succeeded: docs/design.md "Failed requests leave nothing behind")."""
+        recipes.check_mm_per_px(self.recipe_dir(recipe_id), recipe_id=recipe_id, mm_per_px=mm_per_px)
+
+    def unlock_mm_per_px(self, recipe_id: str) -> float | None:
+        """Reset the recipe's scale lock (``bdi recipe unlock-scale``); the value it held, None when none."""
+        return recipes.unlock_mm_per_px(self.recipe_dir(recipe_id), recipe_id=recipe_id)
+
     # -------------------------------------------------------------- listing
     def model_keys(self, recipe_id: str) -> list[str]:
         """Filesystem model keys of ``recipe_id`` that hold at least one memory file, sorted."""
