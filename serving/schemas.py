@@ -253,7 +253,8 @@ class CalibrateNgResponse(BaseModel):
     score_percentile: int
     request_id: str
     recipe_id: str
-    # additive, only when the threshold detects no NG sample (docs/design.md "Calibrations that detect nothing")
+    # additive, only when the threshold detects no NG sample
+    # (docs/design.md "Calibrations that detect nothing are flagged")
     warnings: list[str] | None = None
 
     @classmethod

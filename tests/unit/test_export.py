@@ -15,6 +15,7 @@ from bdi.config import FeatureConfig
 from bdi.errors import ExportError
 from bdi.patchcore.features import FeatureExtractor
 from bdi.runtime.export import (
+    CHOICE_FILE,
     MANIFEST_FILE,
     ONNX_FILE,
     OPENVINO_XML,
@@ -175,6 +176,31 @@ def test_auto_keeps_the_fastest_of_torch_and_the_runtimes_that_pass(fresh_tiny: 
     timings = {name: report.runtime_ms for name, report in status.parity.items() if report.passed}
     timings["torch"] = next(iter(status.parity.values())).torch_ms
     assert status.active == min(timings, key=lambda name: timings[name] or float("inf"))
+
+
+def test_auto_records_its_choice_with_the_export(fresh_tiny: FeatureExtractor, cache: Path) -> None:
+    status = attach_runtime(fresh_tiny, requested="auto", root=cache, threads=1)
+    assert status.choice is not None and status.choice["source"] == "timed and recorded by this process"
+    recorded = json.loads((cache / export_key(fresh_tiny.signature()) / CHOICE_FILE).read_text())
+    assert recorded["fp32@cpu"]["runtime"] == status.active
+    assert status.health()["runtime_choice"]["runtime"] == status.active
+
+
+@pytest.mark.parametrize("forced", ["torch", *RUNTIMES])
+def test_auto_reuses_the_recorded_choice_instead_of_timing_again(forced: str, fresh_tiny: FeatureExtractor,
+                                                                  cache: Path, tmp_path: Path) -> None:
+    """What another worker (or replica) chose first holds, whatever this process's timing would say."""
+    attach_runtime(fresh_tiny, requested="auto", root=cache, threads=1)
+    path = cache / export_key(fresh_tiny.signature()) / CHOICE_FILE
+    record = json.loads(path.read_text())
+    record["fp32@cpu"]["runtime"] = forced
+    path.write_text(json.dumps(record))
+    later = FeatureExtractor(TINY, cache_dir=tmp_path / "cache")
+    status = attach_runtime(later, requested="auto", root=cache, threads=1)
+    assert (status.active, later.runtime, status.fallback) == (forced, forced, None)
+    assert set(status.parity) == ({forced} if forced != "torch" else set())  # only the recorded one is checked
+    assert status.choice is not None and status.choice["source"] == "recorded"
+    assert json.loads(path.read_text())["fp32@cpu"]["runtime"] == forced  # first writer wins: not rewritten
 
 
 def test_failed_parity_falls_back_to_torch_with_a_visible_warning(

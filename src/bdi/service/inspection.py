@@ -22,13 +22,13 @@ from bdi.refs import ModelRef
 from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads, current_status
 from bdi.service.calibrating import CalibrateHook, Calibrating
 from bdi.service.context import ServiceContext
-from bdi.service.detection import check_detection, record_detection
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.limits import UploadLimits
 from bdi.service.results import FitResult, InferOutcome, ModelManifest, ModelState, SampleScore
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
+from bdi.service.threshold_check import check_detection, record_detection
 from bdi.storage.alerts import AlertsReader
 from bdi.storage.datasets import LABELS, DatasetStore
 from bdi.storage.fsio import remove_orphan_temp_files
@@ -158,7 +158,7 @@ class InspectionService:
     def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:
         """Warnings when the new calibration ``calib`` of ``ref`` detects no NG sample (its threshold is above
         every NG score it knows), logged and shown by ``/health`` until the next calibration
-        (``bdi.service.detection``); () when it detects."""
+        (``bdi.service.threshold_check``); () when it detects."""
         check = check_detection(self._ctx, ref, calib)
         record_detection(self._ctx, ref, calib, check)
         return check.warnings
