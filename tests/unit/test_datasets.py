@@ -215,7 +215,7 @@ def test_traversal_ids_never_reach_outside_the_root(tmp_path: Path, datasets: Da
     root = datasets.root.resolve()
     assert all(p.resolve().is_relative_to(root) for p in datasets.candidates(evil))
     assert datasets.listing(evil)["classes"] == {}
-    assert datasets.clear(evil, "ok") == 0
+    assert datasets.clear(evil, "ok").cleared == 0
     assert datasets.delete(evil, "ok", "secret.png") is False
     assert (outside / "secret.png").exists()
 
@@ -295,15 +295,15 @@ def test_delete_without_a_dataset_is_false(datasets: DatasetStore) -> None:
 def test_clear_counts_images_and_sidecars(datasets: DatasetStore) -> None:
     datasets.save(_ref(), "ok", [_item(), _item(), _item()])
     datasets.save(_ref(), "ng", [_item()])
-    assert datasets.clear(_ref(), "ok") == 6
+    assert datasets.clear(_ref(), "ok").cleared == 6
     assert datasets.listing(_ref())["classes"]["ok"]["count"] == 0
     assert datasets.counts(_ref()) == {"ok": 0, "ng": 1}
 
 
 def test_clear_of_an_unknown_roi_or_label_dir_is_zero(datasets: DatasetStore) -> None:
-    assert datasets.clear(_ref(), "ok") == 0
+    assert datasets.clear(_ref(), "ok").cleared == 0
     datasets.save(_ref(), "ok", [_item()])
-    assert datasets.clear(_ref(), "ng") == 0
+    assert datasets.clear(_ref(), "ng").cleared == 0
 
 
 def test_samples_are_sorted_with_their_meta(datasets: DatasetStore) -> None:

@@ -104,8 +104,7 @@ def test_infer_reports_calibration_missing_after_refit(
 def test_infer_rejects_mm_per_px_other_than_the_recipe_lock(
     service: InspectionService, good_discs: list[np.ndarray]
 ) -> None:
-    with pytest.raises(NotFittedError):  # the first call locks the recipe at 0.2
-        service.infer(ref=REF, mm_per_px=0.2, image=png_bytes(good_discs[0]))
+    service.store.lock_mm_per_px(REF.recipe_id, 0.2)  # as a successful fit or infer does
     with pytest.raises(ScaleMismatchError, match="mm_per_px mismatch"):
         service.infer(ref=REF, mm_per_px=0.25, image=png_bytes(good_discs[0]))
 

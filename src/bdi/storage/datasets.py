@@ -61,10 +61,10 @@ def client_extension(client_filename: str | None) -> str:
 
 
 def check_image_name(filename: str) -> None:
-    """:class:`InvalidInputError` unless the basename of ``filename`` has an image extension (or is empty, which
-    finds nothing): a sidecar (or any other file) is never served nor deleted on its own."""
+    """:class:`InvalidInputError` when the basename of ``filename`` has an extension that is not an image's
+    (``.json``: a sidecar is never served nor deleted on its own); a name without one simply finds nothing."""
     name = _basename(filename or "")
-    if name not in ("", ".", "..") and not is_image_name(name):
+    if os.path.splitext(name)[1] and not is_image_name(name):
         raise InvalidInputError(
             f"filename must name a stored image ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
             "its sidecar is read with /datasets/meta and deleted with its image")
