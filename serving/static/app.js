@@ -486,7 +486,7 @@ async function loadScores() {
     state.range = [Math.max(0, lo - pad), hi + pad];
     const slider = $("candidate");
     slider.min = String(state.range[0]); slider.max = String(state.range[1]);
-    slider.step = String((state.range[1] - state.range[0]) / 1000);
+    slider.step = "any";  // the candidate is any score, never snapped to a step
     $("threshold-view").hidden = false;
     $("n-ok").textContent = String(ok.length);
     $("n-ng").textContent = String(ng.length);
@@ -499,6 +499,7 @@ function setCandidate(t) {
   if (!state.scores || !Number.isFinite(t)) return;
   state.candidate = t;
   $("candidate").value = String(t);
+  $("candidate").dataset.value = String(t);  // exact: a range input's value may round it
   if (document.activeElement !== $("candidate-value")) $("candidate-value").value = t.toFixed(4);
   const { falseRejects, escapes } = countsAt(t, state.scores.ok, state.scores.ng);
   $("false-rejects").textContent = String(falseRejects);
