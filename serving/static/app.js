@@ -185,7 +185,14 @@ function drawRegions(regions) {
     const points = (region.contour || []).map(([x, y]) => `${x},${y}`).join(" ");
     if (points) svg("polygon", { points, class: "region-outline" }, g);
     else svg("rect", { x: region.x, y: region.y, width: region.w, height: region.h, class: "region-outline" }, g);
-    const label = svg("text", { x: region.x, y: Math.max(10, region.y - 3), class: "region-label" }, g);
+    // the label in image pixels, sized to the image and kept inside it, beside the region's nearer edge
+    const img = $("view-image");
+    const W = img.naturalWidth || 1, H = img.naturalHeight || 1, size = Math.max(6, Math.min(W, H) / 18);
+    const right = region.x + region.w / 2 > W / 2;
+    const above = region.y > size * 1.2;
+    const label = svg("text", {
+      x: right ? region.x + region.w : region.x, y: above ? region.y - size * 0.25 : region.y + region.h + size,
+      "text-anchor": right ? "end" : "start", "font-size": size, class: "region-label" }, g);
     label.textContent = `${i + 1}: ${fmt(region.area_mm2, 2)} mm²`;
     const row = tbody.insertRow();
     [i + 1, fmt(region.area_mm2, 2), region.area_px, (region.bbox || []).join(", ")].forEach((v) => {
