@@ -19,7 +19,16 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
 from bdi.errors import InvalidInputError
-from bdi.service import Calibration, FitResult, InferOutcome, ModelManifest, ModelState, Region, SampleScore
+from bdi.service import (
+    Calibration,
+    FitResult,
+    InferOutcome,
+    ManualCalibration,
+    ModelManifest,
+    ModelState,
+    Region,
+    SampleScore,
+)
 from serving.parsing import required_str
 
 T = TypeVar("T", bound="JsonBody")
@@ -118,6 +127,12 @@ class CalibrateDatasetRequest(JsonBody):
     area_mm2_thr: AreaMm2 | None = None
     default_mm_per_px: MmPerPx | None = None
     require_ng: bool | None = None
+
+
+class CalibrateManualRequest(JsonBody):
+    """POST /calibrate_manual (additive, docs/contract.md "Additive routes"): a threshold an operator chose."""
+
+    threshold: Annotated[float, _NoBool, Field(gt=0.0, allow_inf_nan=False)]
 
 
 # --------------------------------------------------------------------------------------------- responses
@@ -294,6 +309,33 @@ class CalibrateDatasetResponse(BaseModel):
         return cls(status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
                    area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ids,
                    role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key, **extra)
+
+
+class CalibrateManualResponse(BaseModel):
+    """POST /calibrate_manual: the stored calibration, its ``source`` and the threshold it replaced."""
+
+    status: Literal["ok"] = "ok"
+    threshold: float
+    previous_threshold: float | None
+    source: str
+    score_percentile: int
+    area_mm2_thr: float
+    created_at_utc: str | None
+    request_id: str
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+
+    @classmethod
+    def of(cls, manual: ManualCalibration, *, ids: Mapping[str, str]) -> CalibrateManualResponse:
+        calib = manual.calibration
+        if calib.ids is None or calib.source is None:
+            raise ValueError("a manual calibration records the model's ids and its source")
+        return cls(status="ok", threshold=calib.threshold, previous_threshold=manual.previous_threshold,
+                   source=calib.source, score_percentile=calib.score_percentile, area_mm2_thr=calib.area_mm2_thr,
+                   created_at_utc=calib.created_at_utc, **ids, role_id=calib.ids.role_id, roi_id=calib.ids.roi_id,
+                   model_key=calib.ids.model_key)
 
 
 class StateResponse(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, state
+from serving.routes import calibration, datasets, fit, health, inference, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -13,4 +13,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     inference.router,
     datasets.router,
     state.router,
+    ui.router,
 )

@@ -1,4 +1,5 @@
-"""POST /calibrate_ng (client scores) and POST /calibrate_dataset (stored samples); see docs/contract.md."""
+"""POST /calibrate_ng (client scores), POST /calibrate_dataset (stored samples) and the additive POST
+/calibrate_manual (a threshold an operator chose, from the web page); see docs/contract.md."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from serving.errors import error_style
 from serving.schemas import (
     CalibrateDatasetRequest,
     CalibrateDatasetResponse,
+    CalibrateManualRequest,
+    CalibrateManualResponse,
     CalibrateNgRequest,
     CalibrateNgResponse,
 )
@@ -63,3 +66,16 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> C
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold, n_ok=calib.n_ok, n_ng=calib.n_ng)
     warnings = service.detection_warnings(ref=ref, calib=calib)
     return CalibrateDatasetResponse.of(calib, ids=ctx.ids(), warnings=warnings)
+
+
+@router.post("/calibrate_manual", dependencies=[error_style("model")], openapi_extra=CalibrateManualRequest.openapi(),
+             response_model=CalibrateManualResponse)
+def calibrate_manual(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateManualResponse:
+    """Store an operator's threshold as the calibration (``source: manual``), bound to the fitted memory;
+    the answer names the threshold it replaced, so a client can restore it the same way."""
+    req = CalibrateManualRequest.parse(body)
+    ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
+    manual = service.calibrate_manual(ref=ref, threshold=req.threshold)
+    slog("calibrate.saved", model_key=ref.model_key, threshold=manual.calibration.threshold, source="manual",
+         previous_threshold=manual.previous_threshold)
+    return CalibrateManualResponse.of(manual, ids=ctx.ids())

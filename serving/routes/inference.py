@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, File, Form, UploadFile
+from fastapi import APIRouter, Body, File, Form, Response, UploadFile
 
 from bdi.logging import slog
 from bdi.service import LABELS
@@ -20,6 +21,7 @@ router = APIRouter(tags=["inference"])
 def infer(
     ctx: RequestCtx,
     service: ServiceDep,
+    response: Response,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
     mm_per_px: Annotated[float, Form()],
@@ -28,14 +30,26 @@ def infer(
     include_heatmap: Annotated[bool | None, Form()] = None,
     model_key: Annotated[str | None, Form()] = None,
 ) -> InferResponse:
-    """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only."""
+    """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only. The stage
+    timings go in a standard ``Server-Timing`` header (additive; the body stays the contract's)."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     _, data = read_upload(image, limits=service.limits)
     slog("infer.request", image_bytes_len=len(data), mm_per_px=mm_per_px, shape_present=bool(shape),
          include_heatmap=include_heatmap, model_key=ref.model_key)
     outcome = service.infer(ref=ref, mm_per_px=mm_per_px, image=data, shape=shape,
                             include_heatmap=include_heatmap)
+    response.headers["Server-Timing"] = server_timing(outcome.result.timings_ms)
     return InferResponse.of(outcome, ids=ctx.ids())
+
+
+def server_timing(timings_ms: Mapping[str, float]) -> str:
+    """The W3C ``Server-Timing`` value of stage timings: ``decode;dur=1.2, forward;dur=30.5`` (ms)."""
+    return ", ".join(f"{_metric_name(stage)};dur={float(ms):.3f}" for stage, ms in timings_ms.items())
+
+
+def _metric_name(stage: str) -> str:
+    """A stage name as an RFC 7230 token (letters, digits and ``-_.`` kept, anything else ``_``)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in stage) or "stage"
 
 
 @router.post("/infer_dataset", dependencies=[error_style("batch")], openapi_extra=InferDatasetRequest.openapi(),

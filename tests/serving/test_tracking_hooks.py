@@ -1,4 +1,5 @@
-"""Fits and calibrations made through the API are logged to MLflow as source=api runs."""
+"""Fits and calibrations made through the API (a threshold set by hand included) are logged to MLflow as
+source=api runs."""
 
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ def test_api_fit_and_calibration_are_logged_as_mlflow_runs(tmp_path: Path) -> No
         calib = client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI, "ok_scores": [0.1, 0.2],
                                                    "ng_scores": [0.5]})
         assert calib.status_code == 200, calib.text
+        manual = client.post("/calibrate_manual", json={"role_id": ROLE, "roi_id": ROI, "threshold": 0.3})
+        assert manual.status_code == 200, manual.text
     # leaving the client runs the lifespan shutdown, which flushes the background logger
     runs = MlflowClient(tracking_uri=uri).search_runs(
         experiment_ids=[e.experiment_id for e in MlflowClient(tracking_uri=uri).search_experiments()],
         filter_string="tags.source = 'api'",
     )
     kinds = sorted(run.data.tags.get("kind", "") for run in runs)
-    assert kinds == ["calibrate", "fit"]
+    assert kinds == ["calibrate", "calibrate", "fit"]
+    manual_run = next(run for run in runs if run.data.tags.get("calibration_source") == "manual")
+    assert manual_run.data.metrics["threshold"] == 0.3
     fit_run = next(run for run in runs if run.data.tags["kind"] == "fit")
     assert fit_run.data.metrics["n_embeddings"] == 10 * 64

@@ -165,6 +165,8 @@ class ApiRunLogger:
         body = calib.to_dict()
         tags = {"source": "api", "kind": "calibrate", **ref.to_dict(),
                 "memory_fingerprint": calib.memory_fingerprint}
+        if calib.source is not None:  # "manual": a threshold an operator set (/calibrate_manual)
+            tags["calibration_source"] = calib.source
         params: dict[str, Any] = {"ref": ref.to_dict(), **{k: body[k] for k in ("score_percentile", "area_mm2_thr",
                                                                                    "mm_per_px") if k in body}}
         with tracked_run(self.tracking,

@@ -187,6 +187,7 @@ class Calibration:
     mm_per_px: float | None = None
     statistics: ScoreStatistics | None = None
     ids: ModelRef | None = None  # the model a /calibrate_dataset calibration belongs to (stored with it)
+    source: str | None = None  # how the threshold was set when not by the threshold rule: "manual" (/calibrate_manual)
 
     @classmethod
     def from_choice(
@@ -240,6 +241,7 @@ class Calibration:
             mm_per_px=_number(data.get("mm_per_px")),
             statistics=ScoreStatistics.from_dict(data),
             ids=_model_ref(data),
+            source=_text(data.get("source")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +257,8 @@ class Calibration:
         body.update(created_at_utc=self.created_at_utc, memory_fingerprint=self.memory_fingerprint,
                     n_ok=self.n_ok, n_ng=self.n_ng, false_reject_rate=self.false_reject_rate,
                     escape_rate=self.escape_rate)
+        if self.source is not None:
+            body["source"] = self.source
         return body
 
     def metrics(self) -> dict[str, float | None]:

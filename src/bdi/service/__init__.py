@@ -14,13 +14,21 @@ from bdi.service.fitting import Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.inspection import InspectionService, remove_orphan_files
 from bdi.service.limits import UploadLimits
-from bdi.service.results import FitResult, InferOutcome, ModelManifest, ModelState, SampleScore
+from bdi.service.results import (
+    FitResult,
+    InferOutcome,
+    ManualCalibration,
+    ModelManifest,
+    ModelState,
+    SampleScore,
+)
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.storage.datasets import LABELS
 
 # The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
 __all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
-           "InferOutcome", "Inferring", "InspectionService", "ModelManifest", "ModelState", "ModelStatus", "Region",
+           "InferOutcome", "Inferring", "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
+           "ModelStatus", "Region",
            "SampleScore", "Samples",
            "ServiceContext", "UploadLimits", "remove_orphan_files"]

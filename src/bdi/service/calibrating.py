@@ -1,17 +1,19 @@
-"""Calibrating (docs/contract.md "POST /calibrate_ng", "POST /calibrate_dataset"): a threshold from scores,
-stored with the memory it belongs to."""
+"""Calibrating (docs/contract.md "POST /calibrate_ng", "POST /calibrate_dataset", "POST /calibrate_manual"): a
+threshold from scores, or one an operator chose, stored with the memory it belongs to."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from bdi.errors import InsufficientSamplesError
+from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError, NotFittedError
 from bdi.patchcore.calibration import Calibration, choose_threshold, resolved_percentile
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.service.results import ManualCalibration
 from bdi.service.scoring import score_samples
 from bdi.storage.datasets import LABELS
 from bdi.storage.fsio import utc_now_iso
@@ -21,6 +23,7 @@ from bdi.storage.lineage import ensure_api_writable
 CALIBRATE_NG_DEFAULT_MM_PER_PX = 0.2
 
 CalibrateHook = Callable[[ModelRef, Calibration], None]
+MANUAL_SOURCE = "manual"  # Calibration.source of a threshold an operator set
 
 
 class Calibrating:
@@ -88,6 +91,36 @@ class Calibrating:
         )
         self._save(ref, calib)
         return calib
+
+    def manual(self, *, ref: ModelRef, threshold: float) -> ManualCalibration:
+        """/calibrate_manual: store ``threshold`` as the model's calibration with ``source="manual"``, bound to
+        the fitted memory; the percentile and area are the current calibration's (else the settings').
+
+        Raises:
+            InvalidInputError: the threshold is not a finite number > 0.
+            NotFittedError: no memory to bind the threshold to.
+        """
+        ctx = self._ctx
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise InvalidInputError(f"threshold must be a finite number > 0, got {threshold!r}")
+        ensure_api_writable(ctx.store, ref)
+        memory = ctx.memory_or_none(ref)
+        if memory is None:
+            raise NotFittedError("/calibrate_manual")
+        try:
+            previous = ctx.store.load_calibration(ref, defaults=ctx.settings.model.scoring)
+        except CalibrationMissingError:  # an empty or threshold-less file: nothing to restore
+            previous = None
+        percentile, area = (
+            (previous.score_percentile, previous.area_mm2_thr) if previous is not None
+            else self._percentile_and_area(None, None))
+        calib = Calibration(
+            threshold=float(threshold), score_percentile=percentile, area_mm2_thr=area,
+            memory_fingerprint=memory.fingerprint, created_at_utc=utc_now_iso(), ids=ref, source=MANUAL_SOURCE,
+        )
+        self._save(ref, calib)
+        return ManualCalibration(calibration=calib,
+                                 previous_threshold=previous.threshold if previous is not None else None)
 
     def _percentile_and_area(self, score_percentile: float | None, area_mm2_thr: float | None) -> tuple[int, float]:
         """The calibration's ``score_percentile`` (stored as an int) and ``area_mm2_thr``; None = settings."""

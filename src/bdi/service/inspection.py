@@ -25,7 +25,14 @@ from bdi.service.context import ServiceContext
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.limits import UploadLimits
-from bdi.service.results import FitResult, InferOutcome, ModelManifest, ModelState, SampleScore
+from bdi.service.results import (
+    FitResult,
+    InferOutcome,
+    ManualCalibration,
+    ModelManifest,
+    ModelState,
+    SampleScore,
+)
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
@@ -177,6 +184,10 @@ class InspectionService:
         return self.calibrating.from_dataset(ref=ref, score_percentile=score_percentile, area_mm2_thr=area_mm2_thr,
                                              default_mm_per_px=default_mm_per_px, require_ng=require_ng,
                                              progress=progress)
+
+    def calibrate_manual(self, *, ref: ModelRef, threshold: float) -> ManualCalibration:
+        """/calibrate_manual: :meth:`Calibrating.manual`."""
+        return self.calibrating.manual(ref=ref, threshold=threshold)
 
     def infer(
         self,

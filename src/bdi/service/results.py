@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.inference import InferenceResult, Region
 from bdi.refs import ModelRef
 
@@ -69,3 +70,12 @@ class ModelManifest:
     calib: dict[str, Any] | None
     datasets: dict[str, Any]  # bdi.storage.datasets.SampleFolders.listing
     lineage: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ManualCalibration:
+    """A threshold an operator set (``/calibrate_manual``): the stored calibration and the threshold it
+    replaced (None when there was no calibration), so a client can restore it."""
+
+    calibration: Calibration
+    previous_threshold: float | None

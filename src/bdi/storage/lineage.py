@@ -11,6 +11,7 @@ from the memory's metadata, the calibration's memory fingerprint) into the flat 
 
 * ``calibration_run``: the calibration that came with the registered version (its run is named);
 * ``api``: a calibration made through ``/calibrate_ng`` or ``/calibrate_dataset``;
+* ``manual``: a threshold an operator set through ``/calibrate_manual`` (the calibration's ``source``);
 * ``stale``: a calibration computed for another memory (``/infer`` answers ``calibration_missing``);
 * ``None``: no calibration.
 
@@ -43,6 +44,7 @@ SOURCE_UNKNOWN = "unknown"  # no sidecar for this memory (legacy folders, files 
 THRESHOLD_CALIBRATION_RUN = "calibration_run"
 THRESHOLD_API = "api"
 THRESHOLD_STALE = "stale"
+THRESHOLD_MANUAL = "manual"
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def threshold_source(calib: Calibration | None, *, memory: Memory, lineage: Line
         return THRESHOLD_STALE
     if lineage is not None and lineage.describes_calibration(calib):
         return THRESHOLD_CALIBRATION_RUN
-    return THRESHOLD_API
+    return THRESHOLD_MANUAL if calib.source == THRESHOLD_MANUAL else THRESHOLD_API
 
 
 def lineage_view(
