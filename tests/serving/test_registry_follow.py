@@ -143,7 +143,14 @@ def test_shadow_mode_logs_the_challengers_score_while_the_champion_decides(
             events = [e for e in map(json.loads, lines) if e.get("event") == "infer.shadow"]
     [event] = events
     assert event["champion"]["version"] == 1 and event["champion"]["score"] == body["score"]
-    assert event["challenger"]["version"] == 2 and event["challenger"]["decision"] in ("ok", "ng")
+    assert event["challenger"]["version"] == 2
+    # version 2 on its own (its exported folder, a fresh service) scores the same image the same way
+    version_2 = InspectionService(settings=tiny_settings(challenger), extractor=tiny_extractor).infer(
+        ref=REF, mm_per_px=0.2, image=png_bytes(defect_discs[0]))
+    assert event["challenger"]["score"] == pytest.approx(float(version_2.result.score), rel=1e-6)
+    assert event["challenger"]["score"] != pytest.approx(body["score"], rel=1e-6)  # two models, two scores
+    assert (event["challenger"]["threshold"], event["challenger"]["decision"]) == (
+        version_2.threshold, version_2.decision)
     assert event["agree"] == (event["challenger"]["decision"] == body["decision"])
 
 

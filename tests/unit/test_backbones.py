@@ -3,7 +3,9 @@ features of the right shape, a clear error when its package is missing, and real
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,17 +76,44 @@ def test_checkpoint_of_another_network_is_refused(tmp_path: Path) -> None:
         convert_by_order(vit.state_dict(), create_backbone(LITE0), source="vit.pth")
 
 
+def _flip_one_byte(path: Path) -> None:
+    with path.open("r+b") as fh:  # flip one byte in the middle of the tensors
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([byte ^ 0xFF]))
+
+
 def test_changed_official_cnn_file_fails_its_sha256(tmp_path: Path) -> None:
     official = Path(str(resolve_weights(LITE0, cache_dir=tmp_path).path))
     tampered = tmp_path / official.name
     shutil.copyfile(official, tampered)
-    with tampered.open("r+b") as fh:  # flip one byte in the middle of the tensors
-        fh.seek(tampered.stat().st_size // 2)
-        byte = fh.read(1)[0]
-        fh.seek(-1, 1)
-        fh.write(bytes([byte ^ 0xFF]))
+    _flip_one_byte(tampered)
     with pytest.raises(WeightsError, match="sha256"):
         resolve_weights(replace(LITE0, weights=str(tampered)), cache_dir=tmp_path)
+
+
+def test_tampered_file_shipped_by_the_weights_package_fails_its_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A package of the same name first on sys.path, shipping a copy with one byte flipped; site-packages untouched.
+    official = BACKBONES[EFFICIENTNET_LITE0].official
+    assert official.package is not None and official.package_path is not None
+    real = Path(str(resolve_weights(LITE0, cache_dir=tmp_path).path))
+    package = tmp_path / "site" / official.package
+    tampered = package / official.package_path
+    tampered.parent.mkdir(parents=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    shutil.copyfile(real, tampered)
+    _flip_one_byte(tampered)
+    monkeypatch.delitem(sys.modules, official.package, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(WeightsError, match="sha256") as info:
+        FeatureExtractor(LITE0, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert str(tampered) in message  # the package's file was the one checked ...
+    assert hashlib.sha256(tampered.read_bytes()).hexdigest() in message and official.sha256 in message
+    assert "BDI_WEIGHTS" in message
 
 
 def test_missing_weights_package_gives_an_error_naming_bdi_backbone(
