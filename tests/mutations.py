@@ -70,7 +70,7 @@ BREAKS: tuple[Break, ...] = (
           'return "ng" if score >= threshold else "ok"', 'return "ng" if score > threshold else "ok"',
           ("tests/unit/test_calibration.py", "tests/unit/test_inference.py", "tests/unit/test_decision_boundaries.py")),
     Break("calibration.unbound-accepted", "src/bdi/patchcore/calibration.py",
-          "    if not isinstance(recorded, str) or not recorded:\n        raise",
+          "    if not calib.memory_fingerprint:\n        raise",
           "    if False:\n        raise",
           ("tests/unit/test_calibration.py",)),
     # ------------------------------------------------------------------ bdi.mlops.promotion (the gate)

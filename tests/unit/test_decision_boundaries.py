@@ -19,5 +19,5 @@ def test_a_score_exactly_at_the_threshold_is_ng() -> None:
 def test_ng_percentile_equal_to_the_ok_percentile_counts_as_overlap() -> None:
     # p_ok (99th of OK) == p_ng (5th of NG) == 12: the overlap branch (1.02·p_ok), not the midpoint (12)
     choice = choose_threshold([12, 12, 12], [12, 12], score_percentile=99)
-    assert choice.p99_ok == choice.p5_ng == 12.0
+    assert choice.ok_score_at_percentile == choice.ng_score_at_percentile == 12.0
     assert choice.threshold == pytest.approx(12 * 1.02)
