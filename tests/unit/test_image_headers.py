@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 import time
-import zlib
 
 import cv2
 import numpy as np
@@ -15,10 +14,12 @@ import pytest
 from bdi.errors import ImageDecodeError, UploadLimitError
 from bdi.patchcore.image_headers import ACCEPTED_FORMATS, read_header
 from bdi.patchcore.imaging import decode_image, decode_mask
+from tests.helpers.bombs import png_bomb, radiance_bomb
 
 LIMIT = 40_000_000  # the default BDI_MAX_IMAGE_PIXELS
 ENCODINGS = {"png": (".png", []), "jpeg": (".jpg", []), "bmp": (".bmp", []),
-             "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]), "webp-lossless": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])}
+             "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+             "webp-lossless": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])}
 
 
 def _encoded(kind: str, *, width: int = 64, height: int = 48) -> bytes:
@@ -46,18 +47,6 @@ def _declaring(kind: str, *, width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _png_bomb(*, side: int) -> bytes:
-    """The issue's bomb: a PNG declaring ``side × side`` with an ancillary chunk whose CRC is wrong (PIL
-    refuses its header) and a valid start of zero rows."""
-    def chunk(kind: bytes, body: bytes, *, crc: int | None = None) -> bytes:
-        value = zlib.crc32(kind + body) if crc is None else crc
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", value)
-
-    rows = zlib.compress(b"\x00" * (side * 3 + 1) * 64)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-            + chunk(b"tEXt", b"Comment\x00bomb", crc=0) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("kind", sorted(ENCODINGS))
 def test_each_accepted_format_reads_its_size_from_the_header(kind: str) -> None:
     header = read_header(_encoded(kind, width=64, height=48))
@@ -77,7 +66,7 @@ def test_a_header_over_the_pixel_limit_is_refused_before_decoding(kind: str) -> 
 
 
 def test_the_png_bomb_with_a_bad_crc_chunk_is_refused_at_once() -> None:
-    bomb = _png_bomb(side=20000)
+    bomb = png_bomb(width=20000, height=20000)  # decodes to 1.2 GB
     started = time.perf_counter()
     with pytest.raises(UploadLimitError, match="20000x20000"):
         decode_image(bomb, max_pixels=LIMIT, name="bomb.png")
@@ -85,7 +74,7 @@ def test_the_png_bomb_with_a_bad_crc_chunk_is_refused_at_once() -> None:
 
 
 @pytest.mark.parametrize("data", [
-    b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 10000 +X 10000\n" + b"\x02\x02\x27\x10" * 16,
+    radiance_bomb(width=10000, height=10000)[:4096],
     b"II*\x00" + b"\x00" * 64,  # TIFF
     b"P6\n10000 10000\n255\n" + b"\x00" * 64,  # PNM
 ], ids=["radiance-hdr", "tiff", "pnm"])
