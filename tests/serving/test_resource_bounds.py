@@ -44,8 +44,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
 
 
 def _workers(server: UvicornServer) -> dict[int, tuple[int, int]]:
-    """``{pid: (rss, hwm)}`` of the worker processes (the group without uvicorn's parent)."""
-    return {pid: mem for pid, mem in server.memory().items() if pid != server.pid}
+    """``{pid: (rss, hwm)}`` of uvicorn's worker processes: the children of uvicorn's parent that
+    multiprocessing spawned (the group's other processes are the parent, its resource tracker and the
+    workers' own short-lived children)."""
+    workers = {}
+    for pid, mem in server.memory().items():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server.pid and b"spawn_main" in cmdline:
+            workers[pid] = mem
+    assert len(workers) == server.workers, workers
+    return workers
 
 
 def _measured(server: UvicornServer) -> dict[int, tuple[int, int]]:
