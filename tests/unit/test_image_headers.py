@@ -4,13 +4,17 @@ and any other format is refused before OpenCV sees it."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
 
+from bdi.config import Settings
 from bdi.errors import ImageDecodeError, UploadLimitError
 from bdi.patchcore.image_headers import ACCEPTED_FORMATS, read_header
 from bdi.patchcore.imaging import decode_image, decode_mask
@@ -96,3 +100,16 @@ def test_a_format_opencv_decodes_but_the_contract_does_not_list_is_refused() -> 
                                   b"RIFF\x00\x00\x00\x00WEBPVP8 "], ids=["empty", "png", "jpeg", "bmp", "webp"])
 def test_cut_off_or_zero_sized_headers_read_as_undecodable(data: bytes) -> None:
     assert read_header(data) is None
+
+
+def test_opencv_env_sets_the_limit_opencv_itself_enforces() -> None:
+    """``Settings.opencv_env`` names the variable OpenCV reads when ``cv2`` is imported: a process started with
+    it cannot decode an image over the limit even past BDI's own check."""
+    env = {**os.environ, **Settings(max_image_pixels=100).opencv_env()}
+    probe = ("import cv2, numpy as np\n"
+             "ok, buf = cv2.imencode('.png', np.zeros((20, 20, 3), np.uint8))\n"
+             "try:\n    print(cv2.imdecode(buf, cv2.IMREAD_COLOR) is None)\n"
+             "except cv2.error:\n    print('refused')\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.strip() in ("refused", "True")
