@@ -5,6 +5,10 @@ Host and port default to ``BDI_BACKEND_HOST``/``BDI_BACKEND_PORT`` (legacy ``BRA
 (docs/contract.md "Other environment variables").
 ``--workers`` defaults to ``WEB_CONCURRENCY`` (as uvicorn's own CLI) and is exported to the workers
 as ``WEB_CONCURRENCY``, so each one takes its share of the CPU cores (``Settings.intra_op_threads``).
+Each worker holds at most ``BDI_LIMIT_CONCURRENCY`` connections and requests (then 503) and closes an idle
+keep-alive connection after ``BDI_TIMEOUT_KEEP_ALIVE_S`` (``ServingSettings``). OpenCV's own pixel limit
+(``OPENCV_IO_MAX_IMAGE_PIXELS``, read once when ``cv2`` is imported) is set to ``BDI_MAX_IMAGE_PIXELS`` for the
+workers before any of them imports it (``Settings.opencv_env``).
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ def parse_args(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv, settings=Settings(), serving_settings=ServingSettings())
+    settings, serving_settings = Settings(), ServingSettings()
+    args = parse_args(argv, settings=settings, serving_settings=serving_settings)
     os.environ["WEB_CONCURRENCY"] = os.environ["BDI_WORKERS"] = str(max(1, args.workers))  # each worker's Settings
+    os.environ.update(settings.opencv_env())  # before the app (and cv2) is imported, here or in a worker
     uvicorn.run(APP_PATH, host=args.host, port=args.port, workers=max(1, args.workers),
-                log_level=args.log_level)
+                log_level=args.log_level, limit_concurrency=serving_settings.limit_concurrency,
+                timeout_keep_alive=serving_settings.timeout_keep_alive_s)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Pure ASGI middleware: request ids + the ``http`` log line, CORS configured at startup, and the
-total request-body cap."""
+total request-body cap with its read timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -111,17 +112,28 @@ class RequestTooLargeError(Exception):
     """Raised from ``receive`` once a body grows past the cap (the app must not go on reading)."""
 
 
+class RequestBodyTimeoutError(Exception):
+    """Raised from ``receive`` when the next part of the body does not come in time."""
+
+
 def too_large_message(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes (BDI_MAX_REQUEST_BYTES)"
 
 
+def body_timeout_message(timeout_s: float) -> str:
+    return f"request body not received: nothing came for {timeout_s:g} s (BDI_BODY_READ_TIMEOUT_S)"
+
+
 class RequestSizeLimitMiddleware:
-    """A total body cap for every route (``Settings.max_request_bytes``), before the bytes land.
+    """A total body cap (``Settings.max_request_bytes``) and a body-read timeout
+    (``ServingSettings.body_read_timeout_s``) for every route, before the bytes land.
 
     A declared ``Content-Length`` over the cap is answered 413 before one body byte is read. A body
     that grows past it while streaming (chunked, or a ``Content-Length`` that lies) stops at the cap:
     ``receive`` raises, whatever the app then answers is dropped, and the client gets the 413. So
-    Starlette never spools more than the cap to disk or memory. The body is JSON shape B.
+    Starlette never spools more than the cap to disk or memory. A client that stops sending its body
+    (headers, then nothing) is answered 408 the same way once no part of it came for the timeout, and the
+    connection is closed. Both bodies are JSON shape B.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -132,31 +144,41 @@ class RequestSizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         settings: Settings = scope["app"].state.settings
+        serving_settings: ServingSettings = scope["app"].state.serving_settings
         limit = settings.max_request_bytes
+        timeout_s = serving_settings.body_read_timeout_s
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            await _send_too_large(send, limit)
+            await _send_refusal(send, status=413, detail=too_large_message(limit))
             return
         received = 0
-        exceeded = False
+        body_done = False
+        refusal: tuple[int, str] | None = None  # (status, detail) that replaces the app's answer
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
-                raise RequestTooLargeError(too_large_message(limit))
-            message = await receive()
+            nonlocal received, body_done, refusal
+            if refusal is not None:
+                raise RequestTooLargeError(refusal[1]) if refusal[0] == 413 else RequestBodyTimeoutError(refusal[1])
+            if body_done:  # after the body only a disconnect can come: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except TimeoutError:
+                refusal = (408, body_timeout_message(timeout_s))
+                raise RequestBodyTimeoutError(refusal[1]) from None
             if message["type"] == "http.request":
                 if received + len(message.get("body", b"")) > limit:  # this message is not handed on
-                    exceeded = True
-                    raise RequestTooLargeError(too_large_message(limit))
+                    refusal = (413, too_large_message(limit))
+                    raise RequestTooLargeError(refusal[1])
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded and not started:
-                return  # the app's answer to the aborted read is replaced by the 413 below
+            if refusal is not None and not started:
+                return  # the app's answer to the aborted read is replaced by the refusal below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -164,16 +186,19 @@ class RequestSizeLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded or started:
+            if refusal is None or started:
                 raise
-        if exceeded and not started:
-            slog("http.request_too_large", accepted_bytes=received, limit_bytes=limit)
-            await _send_too_large(send, limit)
+        if refusal is not None and not started:
+            if refusal[0] == 413:
+                slog("http.request_too_large", accepted_bytes=received, limit_bytes=limit)
+            else:
+                slog("http.request_body_timeout", accepted_bytes=received, timeout_s=timeout_s)
+            await _send_refusal(send, status=refusal[0], detail=refusal[1])
 
 
-async def _send_too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": too_large_message(limit)}).encode("utf-8")
-    await send({"type": "http.response.start", "status": 413,
+async def _send_refusal(send: Send, *, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,4 @@
-"""Settings of the HTTP server only (CORS, host and port), apart from the library's ``bdi.config.Settings``.
+"""Settings of the HTTP server only (CORS, address, connection limits), apart from ``bdi.config.Settings``.
 
 Read like ``Settings``: init kwargs > ``BDI_*`` env (legacy ``BRAKEDISC_*``), exactly as spelt > the
 YAML file named by ``BDI_CONFIG`` > defaults. Built once per app in the lifespan, never at import.
@@ -11,15 +11,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bdi.settings_sources import SERVING_CONFIG_KEYS, env_aliases, read_config_file
 
 
 class ServingSettings(BaseSettings):
-    """What only the server reads: the CORS origins (docs/contract.md "CORS") and the address
-    ``python -m serving`` binds (docs/contract.md "Other environment variables")."""
+    """What only the server reads: the CORS origins (docs/contract.md "CORS"), the address
+    ``python -m serving`` binds (docs/contract.md "Other environment variables") and how long and how many
+    connections a worker holds (docs/reliability.md)."""
 
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
@@ -27,6 +28,12 @@ class ServingSettings(BaseSettings):
     cors_origins: str = Field("*", validation_alias=env_aliases("CORS_ORIGINS"))
     backend_host: str = Field("127.0.0.1", validation_alias=env_aliases("BACKEND_HOST", "HOST"))
     backend_port: int = Field(8000, validation_alias=env_aliases("BACKEND_PORT", "PORT"))
+    # connections + requests in progress per worker; past it uvicorn answers 503 (python -m serving)
+    limit_concurrency: int = Field(256, validation_alias=env_aliases("LIMIT_CONCURRENCY"))
+    # an idle keep-alive connection is closed after this many seconds (python -m serving)
+    timeout_keep_alive_s: int = Field(5, validation_alias=env_aliases("TIMEOUT_KEEP_ALIVE_S"))
+    # the longest wait for the next part of a request body; then 408 (serving.middleware)
+    body_read_timeout_s: float = Field(30.0, validation_alias=env_aliases("BODY_READ_TIMEOUT_S"))
 
     @field_validator("backend_port", mode="before")
     @classmethod
@@ -37,6 +44,13 @@ class ServingSettings(BaseSettings):
         except ValueError:
             return 8000
         return port if 0 < port < 65536 else 8000
+
+    @field_validator("limit_concurrency", "timeout_keep_alive_s", "body_read_timeout_s")
+    @classmethod
+    def _positive(cls, value: float, info: ValidationInfo) -> float:
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0")
+        return value
 
     def base_url(self) -> str:
         """``http://<host>:<port>``: where the demo's curl lines reach the server."""

@@ -29,6 +29,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
+OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decoder limit (Settings.opencv_env)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,12 @@ class Settings(BaseSettings):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number >= 0")
         return self
+
+    def opencv_env(self) -> dict[str, str]:
+        """OpenCV's own decoder limit set to ``max_image_pixels``: OpenCV reads it once, when ``cv2`` is
+        imported, so a launcher puts it in the environment of processes that have not imported ``cv2`` yet
+        (``python -m serving``)."""
+        return {OPENCV_MAX_PIXELS_ENV: str(self.max_image_pixels)}
 
     @classmethod
     def settings_customise_sources(

@@ -5,8 +5,11 @@ that tests/deploy/test_plant_sync.py runs."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -118,3 +121,28 @@ def test_deploy_page_shows_the_commands_the_plant_test_runs() -> None:
                      "--skip-gate", "docker build --target cpu", "docker compose -f deploy/compose.yaml up",
                      "readinessProbe", "bdi sync --watch"):
         assert fragment in section, fragment
+
+
+def test_nginx_bounds_slow_and_greedy_clients() -> None:
+    """Issue 30: a body that stalls, headers that never end, too many connections or requests per address."""
+    conf = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    for directive in ("client_header_timeout", "client_body_timeout", "limit_conn_zone", "limit_req_zone",
+                      "limit_conn bdi_conn", "limit_req zone=bdi_req"):
+        assert re.search(rf"^\s*{re.escape(directive)}\b", conf, re.MULTILINE), directive
+
+
+def test_nginx_accepts_the_config(tmp_path: Path) -> None:
+    """``nginx -t`` on the config as compose mounts it (inside ``http``), the replicas' names resolved to
+    loopback as the compose network would resolve them."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    site = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    (tmp_path / "default.conf").write_text(re.sub(r"\bbdi-[ab]:8000", "127.0.0.1:8000", site), encoding="utf-8")
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  include {tmp_path}/default.conf;\n}}\n", encoding="utf-8")
+    out = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "test is successful" in out.stderr

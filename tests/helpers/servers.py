@@ -189,10 +189,11 @@ class UvicornServer:
     """
 
     def __init__(self, *, cwd: Path, env: Mapping[str, str], workers: int = 1, name: str = "uvicorn",
-                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, launcher: str = "uvicorn") -> None:
         self.cwd = cwd
         self.env = dict(env)
         self.workers = workers
+        self.launcher = launcher  # "uvicorn": uvicorn's CLI; "serving": ``python -m serving`` (its uvicorn options)
         self.name = name
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
@@ -212,9 +213,14 @@ class UvicornServer:
     def start(self) -> UvicornServer:
         self.cwd.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:  # the child keeps its own copy of the handle
+            if self.launcher == "serving":
+                argv = ["-m", "serving", "--workers", str(self.workers),
+                        "--host", "127.0.0.1", "--port", str(self.port)]
+            else:
+                argv = ["-m", "uvicorn", "serving.app:app", "--workers", str(self.workers),
+                        "--host", "127.0.0.1", "--port", str(self.port), "--timeout-graceful-shutdown", "10"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "serving.app:app", "--workers", str(self.workers),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--timeout-graceful-shutdown", "10"],
+                [sys.executable, *argv],
                 cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return self
@@ -263,6 +269,30 @@ class UvicornServer:
             if name is None or event.get("event") == name:
                 out.append(event)
         return out
+
+    def memory(self) -> dict[int, tuple[int, int]]:
+        """``{pid: (VmRSS, VmHWM)}`` in bytes of every live process of the server's group (parent and workers)."""
+        out: dict[int, tuple[int, int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.pid:  # the process group, after "(comm) state ppid"
+                    continue
+                status = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            rss, hwm = (int(status[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM"))
+            out[int(stat.parent.name)] = (rss, hwm)
+        return out
+
+    def reset_peak_memory(self) -> None:
+        """Reset every group process's VmHWM to its current RSS (``clear_refs`` 5), so that :meth:`memory` then
+        gives the peak since now."""
+        for pid in self.memory():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                continue  # gone meanwhile
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""

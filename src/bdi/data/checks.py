@@ -52,7 +52,7 @@ def check_sample(path: Path, *, mask_path: Path | None, mm_per_px: object, limit
         raise InvalidInputError(f"bad mm_per_px: {mm_per_px!r} ({exc})") from exc
     if mask_path is not None:
         try:
-            mask = decode_mask(mask_path.read_bytes(), name=str(mask_path))
+            mask = decode_mask(mask_path.read_bytes(), max_pixels=limits.max_pixels, name=str(mask_path))
         except OSError as exc:
             raise InvalidInputError(f"mask unreadable: {mask_path}: {exc.strerror or exc}") from exc
         except BDIError as exc:

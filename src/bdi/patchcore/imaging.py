@@ -8,7 +8,6 @@ in 0..255 (docs/contract.md "ROI mask").
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bdi.errors import ImageDecodeError, InvalidInputError, InvalidScaleError, UploadLimitError
+from bdi.patchcore.image_headers import ImageHeader, read_header
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -30,24 +30,15 @@ _DECODE_PREFIX = "No se pudo decodificar la imagen"
 # --------------------------------------------------------------------------------------------- decoding
 
 
-def _header_size(data: bytes, *, max_pixels: int, name: str) -> tuple[int, int] | None:
-    """``(width, height)`` from the image header, without decoding pixels.
-
-    ``None`` when PIL cannot read the header (an unknown or broken format): OpenCV then decides, and
-    the pixel limit is checked after decoding instead.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError as exc:
-        # PIL refuses to open it at all: it is far over PIL's own (generous) limit.
-        label = f" {name}" if name else ""
-        raise UploadLimitError(
-            f"Image{label} is over the limit of {max_pixels} pixels per image (BDI_MAX_IMAGE_PIXELS)"
-        ) from exc
-    except Exception:  # noqa: BLE001 - any PIL parse failure only means "size unknown here"
-        return None
-    return int(width), int(height)
+def _checked_header(data: bytes, *, max_pixels: int | None, name: str, what: str) -> ImageHeader:
+    """The header of ``data`` (:func:`bdi.patchcore.image_headers.read_header`), refused before any pixel is
+    decoded: :class:`ImageDecodeError` when it is empty, not an accepted format or its header is invalid,
+    :class:`UploadLimitError` when it declares more than ``max_pixels`` pixels."""
+    header = read_header(data) if data else None
+    if header is None:
+        raise ImageDecodeError(what)
+    _check_pixels(width=header.width, height=header.height, max_pixels=max_pixels, name=name)
+    return header
 
 
 def _check_pixels(*, width: int, height: int, max_pixels: int | None, name: str) -> None:
@@ -62,24 +53,20 @@ def _check_pixels(*, width: int, height: int, max_pixels: int | None, name: str)
 def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") -> np.ndarray:
     """Decode encoded image bytes to a 3-channel BGR ``uint8`` array ``(H, W, 3)``.
 
-    Decoding follows the reference backend (OpenCV ``IMREAD_COLOR``): grayscale is expanded to BGR,
-    an alpha channel is dropped and 16-bit samples are scaled to 8 bits.
+    Only the formats of :data:`bdi.patchcore.image_headers.ACCEPTED_FORMATS` (PNG, JPEG, BMP, WebP) are
+    decoded, and ``max_pixels`` is checked on their header before OpenCV allocates anything. Decoding
+    follows the reference backend (OpenCV ``IMREAD_COLOR``): grayscale is expanded to BGR, an alpha
+    channel is dropped and 16-bit samples are scaled to 8 bits.
 
     Raises:
-        ImageDecodeError: empty or undecodable bytes.
-        UploadLimitError: the image has more than ``max_pixels`` pixels (checked on the header first
-            when the format allows it, and always after decoding).
+        ImageDecodeError: empty bytes, another format, or bytes that do not decode.
+        UploadLimitError: the header declares more than ``max_pixels`` pixels.
     """
-    if not data:
-        raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}")
-    if max_pixels is not None:
-        size = _header_size(data, max_pixels=max_pixels, name=name)
-        if size is not None:
-            _check_pixels(width=size[0], height=size[1], max_pixels=max_pixels, name=name)
+    _checked_header(data, max_pixels=max_pixels, name=name, what=f"{_DECODE_PREFIX}: {name}")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image: np.ndarray | None = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error as exc:
+    except cv2.error as exc:  # also OpenCV's own limit, OPENCV_IO_MAX_IMAGE_PIXELS
         raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}") from exc
     if image is None or image.size == 0:
         raise ImageDecodeError(f"{_DECODE_PREFIX}: {name}")
@@ -95,8 +82,10 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, name: str = "") 
     return np.ascontiguousarray(image)
 
 
-def decode_mask(data: bytes, *, name: str = "") -> np.ndarray:
-    """Decode a ground-truth mask to grayscale ``uint8`` ``(H, W)``; :class:`ImageDecodeError` when it cannot be."""
+def decode_mask(data: bytes, *, max_pixels: int | None = None, name: str = "") -> np.ndarray:
+    """Decode a ground-truth mask to grayscale ``uint8`` ``(H, W)``, in the formats and within the pixel
+    limit of :func:`decode_image`; :class:`ImageDecodeError` when it cannot be."""
+    _checked_header(data, max_pixels=max_pixels, name=name, what=f"mask {name} cannot be decoded")
     try:
         mask: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     except cv2.error as exc:
@@ -107,7 +96,10 @@ def decode_mask(data: bytes, *, name: str = "") -> np.ndarray:
 
 
 def channel_count(data: bytes) -> int | None:
-    """How many channels the encoded image stores (1 gray, 3 colour, 4 with alpha); None when undecodable."""
+    """How many channels the encoded image stores (1 gray, 3 colour, 4 with alpha); None when undecodable or not
+    an accepted format. Decodes the whole image: call it on bytes :func:`decode_image` accepted."""
+    if read_header(data) is None:
+        return None
     try:
         raw: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:

@@ -1,9 +1,10 @@
 """Scoring stored samples one label at a time: what ``/infer_dataset`` reports and ``/calibrate_dataset``
-calibrates on."""
+calibrates on, streamed so that a request holds a bounded batch of decoded images, never all of them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,6 +14,16 @@ from bdi.patchcore.model import PatchCoreModel, ProgressFn
 from bdi.service.context import ServiceContext
 from bdi.service.results import SampleScore
 from bdi.storage.datasets import Sample
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One valid sample of the batch being scored: its position in the request, crop, ROI mask and scale."""
+
+    position: int
+    crop: np.ndarray  # BGR uint8 (H, W, 3)
+    mask: np.ndarray  # uint8 (H, W)
+    mm_per_px: float
 
 
 def score_samples(
@@ -25,35 +36,80 @@ def score_samples(
     include_heatmap: bool,
     progress: ProgressFn | None,
 ) -> list[SampleScore]:
-    """Score every stored sample of one label; a sample that fails gets ``error`` set, the rest go on.
+    """Score every stored sample of one label, in order; a sample that fails gets ``error`` set, the rest go on.
 
-    Samples are validated first (scale, image, shape), then the valid ones are extracted in batches.
+    Streamed: each sample is validated and decoded (scale, image within ``BDI_MAX_IMAGE_PIXELS``, shape) into a
+    batch that is scored and released as soon as it holds the extractor's ``batch_size`` samples or
+    ``BDI_MAX_IMAGE_PIXELS`` decoded pixels. So a request holds less than two images at the pixel limit
+    (plus one crop's maps while it is scored), whatever the number of samples.
+    ``progress(f"score_{label}", done, len(samples))`` after each batch.
     """
-    threshold = model.threshold
-    items: list[SampleScore | None] = [None] * len(samples)
-    valid: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (position, crop, mask, mm_per_px)
+    slots: list[SampleScore | None] = [None] * len(samples)
+    batch: list[_Decoded] = []
+    batch_pixels = 0
+    max_batch = ctx.settings.model.features.batch_size
+    max_pixels = ctx.limits.max_image_pixels
     for i, sample in enumerate(samples):
-        mm = sample.meta.get("mm_per_px", default_mm_per_px)
-        try:
-            if mm is None:
-                raise InvalidInputError("no mm_per_px in the sample meta and no default_mm_per_px")
-            mm = validate_mm_per_px(mm)
-            crop = ctx.decode(sample.path.read_bytes(), name=sample.path.name)
-            mask = build_roi_mask(parse_shape(sample.meta.get("shape_json")),
-                                  width=crop.shape[1], height=crop.shape[0])
-            valid.append((i, crop, mask, mm))
-        except (BDIError, OSError) as exc:
-            items[i] = SampleScore(
-                label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
-                score=None, regions=[], error=str(exc), threshold=threshold,
-            )
-    results = model.score([v[1] for v in valid], [v[2] for v in valid], mm_per_px=[v[3] for v in valid],
-                          progress=progress, progress_stage=f"score_{label}")
-    for (i, _, _, mm), result in zip(valid, results, strict=True):
-        items[i] = SampleScore(
-            label=label, filename=samples[i].path.name, mm_per_px=mm, score=result.score,
-            regions=result.regions, error=None,
-            heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
-            threshold=threshold,
+        decoded = _decode_sample(ctx, sample, position=i, label=label, default_mm_per_px=default_mm_per_px,
+                                 threshold=model.threshold)
+        if isinstance(decoded, SampleScore):
+            slots[i] = decoded
+            continue
+        batch.append(decoded)
+        batch_pixels += decoded.crop.shape[0] * decoded.crop.shape[1]
+        del decoded  # the batch alone holds the crop: it is released with the batch
+        if len(batch) >= max_batch or batch_pixels >= max_pixels:
+            _score_batch(model, batch, slots=slots, samples=samples, label=label, include_heatmap=include_heatmap)
+            batch, batch_pixels = [], 0
+            if progress:
+                progress(f"score_{label}", i + 1, len(samples))
+    if batch:
+        _score_batch(model, batch, slots=slots, samples=samples, label=label, include_heatmap=include_heatmap)
+    if progress:
+        progress(f"score_{label}", len(samples), len(samples))
+    return [item for item in slots if item is not None]
+
+
+def _decode_sample(
+    ctx: ServiceContext,
+    sample: Sample,
+    *,
+    position: int,
+    label: str,
+    default_mm_per_px: float | None,
+    threshold: float | None,
+) -> _Decoded | SampleScore:
+    """The sample ready to score, or its error item (bad scale, image or shape; unreadable file)."""
+    mm = sample.meta.get("mm_per_px", default_mm_per_px)
+    try:
+        if mm is None:
+            raise InvalidInputError("no mm_per_px in the sample meta and no default_mm_per_px")
+        mm = validate_mm_per_px(mm)
+        crop = ctx.decode(sample.path.read_bytes(), name=sample.path.name)
+        mask = build_roi_mask(parse_shape(sample.meta.get("shape_json")), width=crop.shape[1], height=crop.shape[0])
+    except (BDIError, OSError) as exc:
+        return SampleScore(
+            label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
+            score=None, regions=[], error=str(exc), threshold=threshold,
         )
-    return [item for item in items if item is not None]
+    return _Decoded(position=position, crop=crop, mask=mask, mm_per_px=mm)
+
+
+def _score_batch(
+    model: PatchCoreModel,
+    batch: Sequence[_Decoded],
+    *,
+    slots: list[SampleScore | None],
+    samples: Sequence[Sample],
+    label: str,
+    include_heatmap: bool,
+) -> None:
+    """Score one batch into ``slots`` (each result is reduced to its item, heatmap PNG included, at once)."""
+    results = model.score([d.crop for d in batch], [d.mask for d in batch], mm_per_px=[d.mm_per_px for d in batch])
+    for decoded, result in zip(batch, results, strict=True):
+        slots[decoded.position] = SampleScore(
+            label=label, filename=samples[decoded.position].path.name, mm_per_px=decoded.mm_per_px,
+            score=result.score, regions=result.regions, error=None,
+            heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
+            threshold=model.threshold,
+        )
