@@ -7,17 +7,13 @@ before anything is stored, calibrations record the memory they belong to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bdi.config import ScoringConfig, Settings
+from bdi.config import Settings
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.features import FeatureExtractor, cuda_available
-from bdi.patchcore.inference import InferenceResult
-from bdi.patchcore.model import PatchCoreModel, ProgressFn
 from bdi.refs import ModelRef
 from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads, current_status
 from bdi.service.calibrating import CalibrateHook, Calibrating
@@ -26,18 +22,13 @@ from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.limits import UploadLimits
 from bdi.service.results import (
-    FitResult,
     InferOutcome,
-    ManualCalibration,
-    ModelManifest,
-    ModelState,
-    SampleScore,
 )
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
 from bdi.storage.alerts import AlertsReader
-from bdi.storage.datasets import LABELS, DatasetStore
+from bdi.storage.datasets import DatasetStore
 from bdi.storage.fsio import remove_orphan_temp_files
 from bdi.storage.store import ModelStore
 
@@ -91,6 +82,18 @@ class InspectionService:
         self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
         # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
         self.on_infer = on_infer
+        # The entry points serving, pipelines and benchmarks call are the use cases' own methods (one signature
+        # each); only infer (the shadow hook) and detection_warnings add to them.
+        self.fit_ok = self.fitting.fit_ok  # /fit_ok
+        self.fit_images = self.fitting.fit_images  # decoded crops: the pipeline's fit_ok stage
+        self.calibrate_from_scores = self.calibrating.from_scores  # /calibrate_ng
+        self.calibrate_dataset = self.calibrating.from_dataset  # /calibrate_dataset
+        self.calibrate_manual = self.calibrating.manual  # /calibrate_manual
+        self.infer_dataset = self.inferring.infer_dataset  # /infer_dataset
+        self.score_images = self.inferring.score_images  # scores with no threshold: calibration, evaluation
+        self.model = ctx.model  # a stored model scoring with this service's extractor
+        self.state = self.status.state  # /state
+        self.manifest = self.status.manifest  # /manifest
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
@@ -119,49 +122,6 @@ class InspectionService:
             "calibration_warnings": self._alerts.read(),
         }
 
-    def fit_ok(
-        self,
-        *,
-        ref: ModelRef,
-        mm_per_px: float,
-        images: Sequence[tuple[str, bytes]] = (),
-        use_dataset: bool = False,
-        memory_fit: bool = False,
-        progress: ProgressFn | None = None,
-    ) -> FitResult:
-        """/fit_ok: :meth:`Fitting.fit_ok`."""
-        return self.fitting.fit_ok(ref=ref, mm_per_px=mm_per_px, images=images, use_dataset=use_dataset,
-                                   memory_fit=memory_fit, progress=progress)
-
-    def fit_images(
-        self,
-        *,
-        ref: ModelRef,
-        mm_per_px: float,
-        images: Iterable[np.ndarray],
-        n_images: int | None = None,
-        memory_fit: bool = False,
-        coreset_rate: float | None = None,
-        progress: ProgressFn | None = None,
-    ) -> FitResult:
-        """Fit decoded crops (the fit_ok stage): :meth:`Fitting.fit_images`."""
-        return self.fitting.fit_images(ref=ref, mm_per_px=mm_per_px, images=images, n_images=n_images,
-                                       memory_fit=memory_fit, coreset_rate=coreset_rate, progress=progress)
-
-    def calibrate_from_scores(
-        self,
-        *,
-        ref: ModelRef,
-        ok_scores: Iterable[Any],
-        ng_scores: Iterable[Any] | None,
-        mm_per_px: float | None = None,
-        score_percentile: float | None = None,
-        area_mm2_thr: float | None = None,
-    ) -> Calibration:
-        """/calibrate_ng: :meth:`Calibrating.from_scores`."""
-        return self.calibrating.from_scores(ref=ref, ok_scores=ok_scores, ng_scores=ng_scores, mm_per_px=mm_per_px,
-                                            score_percentile=score_percentile, area_mm2_thr=area_mm2_thr)
-
     def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:
         """Warnings when the new calibration ``calib`` of ``ref`` detects no NG sample (its threshold is above
         every NG score it knows), logged and shown by ``/health`` until the next calibration
@@ -169,25 +129,6 @@ class InspectionService:
         check = check_detection(self._ctx, ref, calib)
         record_detection(self._ctx, ref, calib, check)
         return check.warnings
-
-    def calibrate_dataset(
-        self,
-        *,
-        ref: ModelRef,
-        score_percentile: float | None = None,
-        area_mm2_thr: float | None = None,
-        default_mm_per_px: float | None = None,
-        require_ng: bool = True,
-        progress: ProgressFn | None = None,
-    ) -> Calibration:
-        """/calibrate_dataset: :meth:`Calibrating.from_dataset`."""
-        return self.calibrating.from_dataset(ref=ref, score_percentile=score_percentile, area_mm2_thr=area_mm2_thr,
-                                             default_mm_per_px=default_mm_per_px, require_ng=require_ng,
-                                             progress=progress)
-
-    def calibrate_manual(self, *, ref: ModelRef, threshold: float) -> ManualCalibration:
-        """/calibrate_manual: :meth:`Calibrating.manual`."""
-        return self.calibrating.manual(ref=ref, threshold=threshold)
 
     def infer(
         self,
@@ -204,49 +145,3 @@ class InspectionService:
         if self.on_infer is not None:
             self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
         return outcome
-
-    def infer_dataset(
-        self,
-        *,
-        ref: ModelRef,
-        labels: Sequence[str] = LABELS,
-        include_heatmap: bool = False,
-        default_mm_per_px: float | None = None,
-        progress: ProgressFn | None = None,
-    ) -> list[SampleScore]:
-        """/infer_dataset: :meth:`Inferring.infer_dataset`."""
-        return self.inferring.infer_dataset(ref=ref, labels=labels, include_heatmap=include_heatmap,
-                                            default_mm_per_px=default_mm_per_px, progress=progress)
-
-    def score_images(
-        self,
-        *,
-        ref: ModelRef,
-        images: Sequence[np.ndarray],
-        masks: Sequence[np.ndarray | None] | None = None,
-        scoring: ScoringConfig | None = None,
-        progress: ProgressFn | None = None,
-    ) -> list[InferenceResult]:
-        """Scores with no threshold (calibration/evaluation): :meth:`Inferring.score_images`."""
-        return self.inferring.score_images(ref=ref, images=images, masks=masks, scoring=scoring, progress=progress)
-
-    def model(
-        self,
-        ref: ModelRef,
-        *,
-        endpoint: str = "score",
-        calibrated: bool = True,
-        require_index: bool = False,
-        scoring: ScoringConfig | None = None,
-    ) -> PatchCoreModel:
-        """The stored model ``ref`` scoring with this service's extractor (:meth:`ServiceContext.model`)."""
-        return self._ctx.model(ref, endpoint=endpoint, calibrated=calibrated, require_index=require_index,
-                               scoring=scoring)
-
-    def state(self, ref: ModelRef) -> ModelState:
-        """/state: :meth:`ModelStatus.state`."""
-        return self.status.state(ref)
-
-    def manifest(self, ref: ModelRef) -> ModelManifest:
-        """/manifest: :meth:`ModelStatus.manifest`."""
-        return self.status.manifest(ref)
