@@ -54,6 +54,27 @@ def test_gate_refuses_an_auroc_below_the_holders() -> None:
     assert _failed(report) == {"image_auroc"}
 
 
+def test_gate_refuses_an_auroc_a_hair_below_the_holders() -> None:
+    # 0.001 below: a gate with any tolerance for a drop (promotion.auroc-may-drop) lets it through
+    report = evaluate_gate(GATE, candidate={"image_auroc": 0.899, "false_reject_rate": 0.0},
+                           holder={"image_auroc": 0.9}, probe=GOOD_PROBE)
+    assert _failed(report) == {"image_auroc"}
+
+
+def test_gate_passes_a_value_exactly_at_each_limit() -> None:
+    # the limits are inclusive (promotion.limit-boundary, promotion.latency-boundary); 2**-10 and the other
+    # figures are exact in binary, so each value equals its limit bit for bit
+    eps = 2.0**-10
+    at_limits = ServingProbe(scores=[0.5, 0.75], latencies_ms=[100.0, 100.0], expected=[0.5, 0.75 + eps])
+    assert at_limits.max_abs_diff == eps and at_limits.adjusted_latency_ms == 100.0
+    gate = PromotionGate(max_false_reject_rate=0.05, max_infer_latency_ms=100.0, parity_eps=eps)
+    report = evaluate_gate(gate, candidate={"image_auroc": 0.9, "false_reject_rate": 0.05},
+                           holder={"image_auroc": 0.9}, probe=at_limits)
+    assert report.passed, report
+    assert [(c.name, c.value, c.limit) for c in report.checks[1:]] == [
+        ("false_reject_rate", 0.05, 0.05), ("infer_latency_ms", 100.0, 100.0), ("export_parity", eps, eps)]
+
+
 def test_gate_refuses_a_false_reject_rate_over_the_limit() -> None:
     report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.2}, holder=None,
                            probe=GOOD_PROBE)
@@ -159,6 +180,26 @@ def test_cli_promote_skip_gate_moves_the_alias_back(
     code = main(["promote", first.name, "1", "--skip-gate", "--project-root", str(project_root)])
     assert code == 0 and f"{first.name}@champion -> v1 (was v2)" in capsys.readouterr().out
     assert str(_client(project_root).get_model_version_by_alias(first.name, "champion").version) == "1"
+
+
+def test_cli_promote_with_the_gate_refuses_a_worse_version_exits_1_and_keeps_the_alias(
+    project_root: Path, golden_export: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bdi.cli import main
+
+    tracking = _tracking("cligate", project_root)
+    first = register(tracking, model_dir=golden_export, ref=REF, auroc=0.9)
+    register(tracking, model_dir=golden_export, ref=REF, auroc=0.8, move_alias=False)
+    code = main(["promote", first.name, "2", "--max-infer-latency-ms", "60000",
+                 "--project-root", str(project_root)])  # no --skip-gate: the gate runs
+    out, err = capsys.readouterr()
+    assert code == 1, (out, err)  # documented in docs/registry.md "Promotion gate"
+    assert "FAIL image_auroc: image_auroc 0.8 vs holder 0.9" in out
+    assert f"{first.name} v2 did not pass the gate: @champion stays on v1" in err
+    client = _client(project_root)
+    assert str(client.get_model_version_by_alias(first.name, "champion").version) == "1"
+    assert client.get_model_version(first.name, "2").tags["gate.passed"] == "false"
+
 
 
 # ----------------------------------------------------------------------------------------- latency under load

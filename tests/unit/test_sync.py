@@ -3,9 +3,13 @@ an unreachable registry and whole-version reads, on a real MLflow (SQLite) with 
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -275,13 +279,27 @@ def test_reader_of_a_model_that_does_not_exist_takes_no_lock_and_creates_nothing
     assert not (tmp_path / "models").exists()
 
 
-def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
+def _wait_until(condition: Callable[[], bool], *, deadline_s: float, proc: subprocess.Popen[bytes]) -> bool:
+    """Poll ``condition`` until it holds or the deadline passes; stop early when ``proc`` has exited."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return condition()
+        time.sleep(0.2)
+    return condition()
+
+
+def _served_version(served: Path) -> int | None:
+    lineage = read_lineage(ModelStore(served), REF)
+    return lineage.registered_version if lineage is not None else None
+
+
+def test_bdi_sync_watch_follows_a_promotion_made_while_it_runs_until_sigterm(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    import signal
-    import subprocess
-    import sys
-
+    # a watcher that syncs once and exits serves v1 forever: the promotion below must reach the models dir
     from tests.helpers.servers import clean_env
 
     tracking = _tracking("watch", project_root)
@@ -293,15 +311,19 @@ def test_bdi_sync_watch_runs_the_follower_as_a_sidecar_until_sigterm(
         env=clean_env(BDI_GUI_LOG_DIR=str(tmp_path / "logs")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            status = read_status(served)
-            if status and status.get("models"):
-                break
-            time.sleep(0.2)
+        assert _wait_until(lambda: _served_version(served) == 1, deadline_s=120, proc=proc)
+        status = read_status(served)
         assert status and [(m["name"], m["version"]) for m in status["models"]] == [(registered.name, 1)]
         assert _fingerprint(served) == _fingerprint(exports[0])
+
+        register(tracking, model_dir=exports[1], ref=REF, move_alias=False)
+        _client(tracking).set_registered_model_alias(registered.name, "champion", "2")
+        promoted = _wait_until(lambda: _served_version(served) == 2, deadline_s=60, proc=proc)
+        assert promoted, f"still serving v{_served_version(served)}; watcher exit code {proc.poll()}"
+        assert _fingerprint(served) == _fingerprint(exports[1])
+        status = read_status(served)
+        assert status and [(m["name"], m["version"]) for m in status["models"]] == [(registered.name, 2)]
+        assert proc.poll() is None, "the watcher must keep running until SIGTERM"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from bdi.mlops.api_runs import ApiRunLogger
 from bdi.mlops.outages import TrackingStatus, bounded_mlflow_http, check_tracking_server, reap_orphaned_runs
@@ -175,9 +177,11 @@ def test_api_run_logger_in_background_logs_after_flush(
 def test_each_mlflow_call_times_out_against_a_server_that_accepts_and_stalls(tmp_path: Path) -> None:
     with stalling_server() as uri, bounded_mlflow_http(1):
         started = time.monotonic()
-        with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises, it must raise soon
+        with pytest.raises(MlflowException, match="Read timed out") as raised:
             check_tracking_server(TrackingConfig(tracking_uri=uri).resolve(tmp_path))
         assert time.monotonic() - started < 5  # MLflow's own default: 120 s and 7 retries
+    # MLflow wraps the HTTP client's error: requests' ConnectionError (max retries: 0) over urllib3's read timeout
+    assert isinstance(raised.value.__context__, requests.exceptions.ConnectionError), repr(raised.value.__context__)
 
 
 def test_bounded_mlflow_http_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
