@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from pipelines.config import model_config
 from pipelines.manifest import PipelineDataError, read_manifest
+from pipelines.sources import ingested_folder, rel_path
 from pipelines.stage import (
     StageContext,
     dataset_identity,
@@ -98,6 +99,13 @@ def calibration_run_id(ctx: StageContext) -> str | None:
     runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.stage = 'calibrate' and tags.config_hash = '{config_hash}'")
     return str(runs[0].info.run_id) if runs else None
+
+
+def ingested_source(ctx: StageContext) -> str:
+    """The folder the ingest stage read, relative to the project root: its report's ``source`` (for the default
+    ``dataset=auto``, the server's samples under ``dataset.source`` or the discs generated into
+    ``dataset.synthetic.folder``), ``dataset.source`` when there is no report."""
+    return rel_path(ingested_folder(ctx.cfg, root=ctx.project_root), ctx.project_root)
 
 
 def promotion_gate(cfg: Any) -> Any:
@@ -178,10 +186,11 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     tracking = ctx.tracking()
     base_tags = {k: v for k, v in run_tags(ctx).items() if k not in ("stage", "source", "overrides")}
     dataset = dataset_identity(ctx, split=None)
+    read = ingested_source(ctx)
     lineage_tags = {
         "git_commit": base_tags.get("dvc_commit"),
-        "data_hash": dvc_data_hash(ctx.project_root, source=cfg.dataset.source),
-        "data_source": cfg.dataset.source,
+        "data_hash": dvc_data_hash(ctx.project_root, source=read),
+        "data_source": read,
         "dataset_digest": dataset.digest if dataset is not None else None,
         "calibration_run_id": calibration_run_id(ctx),
     }

@@ -21,13 +21,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from bdi.data.synthetic import write_mvtec_dataset
-from tests.helpers.servers import UvicornServer, server_env
+from tests.helpers.browser import chromium_or_skip, save_screenshot
+from tests.helpers.servers import MlflowServer, UvicornServer, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +39,7 @@ STAGES = ("ingest", "fit_ok", "calibrate", "evaluate", "register")
 DVC_TIMEOUT_S = 420
 MM_PER_PX = 0.2
 GATE = {"max_false_reject_rate": "1.0", "max_infer_latency_ms": "5000.0"}
+CALIBRATIONS = ("calib-ng10", "calib-ng50-slowgate")  # the two experiments compared
 
 
 @dataclass
@@ -236,6 +239,28 @@ def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_
     assert lineage["data_hash"] and lineage["threshold_source"] == "calibration_run"
 
 
+def test_a_refused_first_version_says_there_is_no_champion_yet_why_and_what_to_change(
+        project: Project, tmp_path: Path) -> None:
+    """The register stage by hand on the project's models, into a registry of its own (so v1, no champion) with a
+    latency budget no model meets: its last line is the verdict; the version is registered, the alias is not set."""
+    from mlflow import MlflowClient
+
+    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registration = tmp_path / "registration.json"
+    out = project.run(sys.executable, "-m", "pipelines.register", f"tracking.tracking_uri={registry}",
+                      f"paths.registration={registration}", "promotion.max_infer_latency_ms=0.001")
+    last = out.stdout.strip().splitlines()[-1]
+    record = json.loads(registration.read_text(encoding="utf-8"))["models"][0]
+    assert record["version"] == 1 and record["alias_moved"] is False
+    assert last == f"register: synthetic/disc/ring: {record['verdict']}"
+    assert last.startswith(f"register: synthetic/disc/ring: REFUSED: no champion yet: {record['name']} v1 "
+                           "refused because infer_latency_ms: "), last
+    assert "limit 0.001" in last and "Change a lighter model" in last and "promotion.max_infer_latency_ms" in last
+    assert "vNone" not in last and "stays on" not in last
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    assert client.get_registered_model(record["name"]).aliases == {}
+
+
 def test_second_repro_reruns_only_ingest(project: Project) -> None:
     """ingest is always_changed (dvc.yaml); the same files give the same manifest, so nothing after it runs."""
     out = project.dvc("repro").stdout
@@ -256,13 +281,39 @@ def test_exp_run_with_a_hydra_override_reruns_fit_and_downstream_only(project: P
     assert registration["models"][0]["version"] == 2
 
 
-def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project) -> None:
+@dataclass(frozen=True)
+class CalibrationPair:
+    """Two calibration experiments run once (``dvc exp run -n``): what each printed and its parent run by name."""
+
+    accepted: str  # stdout of `dvc exp run -n calib-ng10`
+    refused: str  # stdout of the experiment that the gate refuses
+    experiment_id: str
+    parents: dict[str, Any]  # run name -> mlflow Run
+
+
+@pytest.fixture(scope="module")
+def calibration_pair(project: Project) -> CalibrationPair:
+    """``calibration.ng_percentile`` 10 vs 50 (the second also with a latency budget no model meets, so its
+    promotion is refused), compared by ``MlflowClient`` and in the MLflow UI from the same two runs."""
     from mlflow import MlflowClient
 
-    accepted = project.dvc("exp", "run", "-n", "calib-ng10", "-S", "calibration.ng_percentile=10").stdout
-    refused = project.dvc("exp", "run", "-n", "calib-ng50-slowgate", "-S", "calibration.ng_percentile=50",
+    accepted = project.dvc("exp", "run", "-n", CALIBRATIONS[0], "-S", "calibration.ng_percentile=10").stdout
+    refused = project.dvc("exp", "run", "-n", CALIBRATIONS[1], "-S", "calibration.ng_percentile=50",
                           "-S", "promotion.max_infer_latency_ms=0.001").stdout
-    assert _ran(accepted) == {"calibrate", "evaluate", "register"}, accepted
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    experiment = client.get_experiment_by_name("bdi")
+    parents = {r.info.run_name: r for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.pipeline = 'true' and attributes.run_name LIKE 'calib-%'")}
+    return CalibrationPair(accepted=accepted, refused=refused, experiment_id=experiment.experiment_id,
+                           parents=parents)
+
+
+def test_two_calibration_experiments_compare_as_two_parent_runs(
+        project: Project, calibration_pair: CalibrationPair) -> None:
+    from mlflow import MlflowClient
+
+    accepted, refused = calibration_pair.accepted, calibration_pair.refused
+    assert _ran(accepted) - {"ingest"} == {"calibrate", "evaluate", "register"}, accepted  # ingest: always_changed
     assert "register: synthetic/disc/ring: promoted: champion -> " in accepted
     assert "register: synthetic/disc/ring: REFUSED: " in refused and "champion stays on v" in refused
     assert "the model itself is too slow" in refused and "promotion.max_infer_latency_ms" in refused
@@ -272,9 +323,8 @@ def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project
 
     client = MlflowClient(tracking_uri=project.tracking_uri)
     experiment = client.get_experiment_by_name("bdi")
-    parents = {r.info.run_name: r for r in client.search_runs(
-        [experiment.experiment_id], filter_string="tags.pipeline = 'true' and attributes.run_name LIKE 'calib-%'")}
-    assert set(parents) == {"calib-ng10", "calib-ng50-slowgate"}
+    parents = calibration_pair.parents
+    assert set(parents) == set(CALIBRATIONS)
     a, b = parents["calib-ng10"], parents["calib-ng50-slowgate"]
     for parent in (a, b):
         assert parent.info.status == "FINISHED"
@@ -283,7 +333,8 @@ def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project
                 "promotion/promoted", "registered_version"} <= set(parent.data.metrics)
         children = client.search_runs([experiment.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        assert sorted(c.data.tags["stage"] for c in children) == ["calibrate", "evaluate", "register"]
+        stages = sorted(c.data.tags["stage"] for c in children)
+        assert [s for s in stages if s != "ingest"] == ["calibrate", "evaluate", "register"]  # ingest: always_changed
         assert parent.data.params["model.scoring.score_percentile"] not in ("None", "")
         name = parent.info.run_name
         assert parent.data.tags["dvc_exp_name"] == name and parent.data.tags["dataset_digest"]
@@ -303,3 +354,58 @@ def test_two_calibration_experiments_compare_as_two_parent_runs(project: Project
     assert linked["eval/image_auroc"].dataset_name == "synthetic-eval" and linked["eval/image_auroc"].dataset_digest
     exp_commit = project.run("git", "rev-parse", version.tags["dvc_exp_ref"]).stdout.strip()
     assert len(exp_commit) == 40 and exp_commit != version.tags["git_commit"]  # the experiment's, not its base
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Session-scoped so a missing browser skips before the module's DVC project is built."""
+    return chromium_or_skip()
+
+
+def compare_url(base_url: str, *, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """The MLflow UI's compare page (its route ``/compare-runs?runs=[…]&experiments=[…]``, JSON lists)."""
+    return f"{base_url}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps(experiment_ids)}"
+
+
+COMPARED = ("calib/threshold", "calib/false_reject_rate", "calib/escape_rate", "calib/image_auroc",
+            "eval/image_auroc", "eval/false_reject_rate", "eval/escape_rate")
+UI_TIMEOUT_MS = 120_000
+
+
+def show_compare_page(page: Any, *, base_url: str, run_ids: list[str], experiment_id: str,
+                      timeout_ms: float = UI_TIMEOUT_MS) -> str:
+    """Open the compare page of ``run_ids``, wait until its tables show both runs, the comparison metrics and the
+    changed param, and lay it out as README's screenshot (no assistant panel, sidebar or plots; params: differences
+    only; MLflow's metrics table is a box of its own that shows its first rows); returns the page's text."""
+    page.goto(compare_url(base_url, run_ids=run_ids, experiment_ids=[experiment_id]))
+    for name in CALIBRATIONS:  # the run details table has loaded both runs
+        page.get_by_text(name, exact=True).first.wait_for(timeout=timeout_ms)
+    for label in COMPARED:
+        page.get_by_text(label, exact=True).first.wait_for(timeout=timeout_ms)
+    page.get_by_role("button", name="Close").click()  # the assistant panel
+    page.get_by_role("button", name="Toggle sidebar").click()
+    page.get_by_text("Visualizations", exact=True).click()  # collapsed
+    page.get_by_role("switch", name="Parameters - Show diff only").click()
+    page.get_by_text("calibration.ng_percentile", exact=True).first.wait_for(timeout=timeout_ms)
+    return str(page.inner_text("body"))
+
+
+def test_mlflow_ui_compare_page_shows_both_calibrations_side_by_side(
+        chromium: str, project: Project, calibration_pair: CalibrationPair, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    parents = [calibration_pair.parents[name] for name in CALIBRATIONS]
+    server = MlflowServer(backend_uri=project.tracking_uri, artifacts=tmp_path / "artifacts", scratch=tmp_path)
+    with server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 760, "height": 1240})
+            text = show_compare_page(page, base_url=server.uri, run_ids=[p.info.run_id for p in parents],
+                                     experiment_id=calibration_pair.experiment_id)
+            shots = save_screenshot(page, dest_dir=tmp_path, name="mlflow_compare.png")
+        finally:
+            browser.close()
+    assert "calibration.ng_percentile\t10.0\t50.0" in text, text[:4000]  # the changed param, side by side
+    for parent in parents:  # the thresholds themselves, as the UI rounds them
+        assert f"{parent.data.metrics['calib/threshold']:.3g}" in text.split("calib/threshold", 1)[1], text[:4000]
+    assert all(shot.stat().st_size > 10_000 for shot in shots)

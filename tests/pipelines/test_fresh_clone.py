@@ -106,6 +106,7 @@ def test_dvc_repro_on_a_fresh_clone_trains_and_registers_on_the_default_dataset(
     version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(record["name"],
                                                                                  str(record["version"]))
     assert int(version.version) == record["version"] == 1
+    assert version.tags["data_source"] == "data/synthetic"  # what ingest read, not dataset.source (models)
 
     again = _run(root, env, str(VENV_BIN / "dvc"), "repro")  # the same discs, reused: nothing after ingest runs
     assert _ran(again.stdout) == {"ingest"}, again.stdout

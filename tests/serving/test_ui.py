@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from bdi.backbones import PRETRAINED_CNN
 from bdi.data.synthetic import write_mvtec_dataset
+from tests.helpers.browser import chromium_or_skip
 from tests.helpers.servers import REPO, UvicornServer, server_env
 
 MM = 0.2
@@ -35,25 +35,6 @@ TABLET = {"width": 768, "height": 1024}
 ARTEFACTS = Path(os.environ.get("BDI_TEST_ARTEFACTS", REPO / "test-artefacts")) / "ui"
 TIMEOUT_MS = 60_000
 CNN_ENV = {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official", "BDI_INPUT_SIZE": "128"}
-
-
-def _browser_missing() -> str | None:
-    if shutil.which("chromium") is None:
-        return "no chromium on PATH (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright; the test extra has it)"
-    return None
-
-
-def _require_browser() -> None:
-    missing = _browser_missing()
-    if missing is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser tests cannot run in CI: {missing}")
-    pytest.skip(missing)
 
 
 @dataclass(frozen=True)
@@ -129,11 +110,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    _require_browser()
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+        launched = pw.chromium.launch(executable_path=chromium, headless=True,
                                       args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         yield launched
         launched.close()
