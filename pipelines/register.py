@@ -29,19 +29,16 @@ import hydra
 from omegaconf import DictConfig
 
 from pipelines.config import model_config
+from pipelines.execution import dataset_identity, dvc_data_hash, run_tags, stage_run
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.sources import ingested_folder, rel_path
 from pipelines.stage import (
     StageContext,
-    dataset_identity,
-    dvc_data_hash,
     execute_stage,
     recipe_mm_per_px,
     resolve_path,
     rows_for,
     run_cli,
-    run_tags,
-    stage_run,
     targets,
     write_json,
 )
