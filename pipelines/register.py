@@ -200,7 +200,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     scoring = model_config(cfg).scoring
     for target in targets(cfg):
         values = model_metrics(metrics, target.key)
-        calib = store.load_calibration(target.ref, defaults=scoring)
+        calib = store.calibrations.load(target.ref, defaults=scoring)
         threshold = calib.threshold if calib is not None else None
         with tempfile.TemporaryDirectory(prefix="bdi-register-") as tmp:
             export_model_dir(store=store, ref=target.ref, dest=Path(tmp))
