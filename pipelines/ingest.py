@@ -37,16 +37,15 @@ from bdi.data.splits import SplitItem
 from bdi.data.splits import assign_splits as assign_splits_rule
 from bdi.errors import BDIError
 from pipelines.config import PipelineConfig, PipelineConfigError
+from pipelines.execution import log_dataset, stage_run
 from pipelines.manifest import SPLITS, ManifestRow, PipelineDataError, write_manifest
 from pipelines.sources import check_source, missing_folder_error, rel_path, resolve_source
 from pipelines.stage import (
     StageContext,
     Target,
     execute_stage,
-    log_dataset,
     resolve_path,
     run_cli,
-    stage_run,
     targets,
     write_json,
 )

@@ -29,19 +29,16 @@ import hydra
 from omegaconf import DictConfig
 
 from pipelines.config import model_config
+from pipelines.execution import dataset_identity, dvc_data_hash, run_tags, stage_run
 from pipelines.manifest import PipelineDataError, read_manifest
 from pipelines.sources import ingested_folder, rel_path
 from pipelines.stage import (
     StageContext,
-    dataset_identity,
-    dvc_data_hash,
     execute_stage,
     recipe_mm_per_px,
     resolve_path,
     rows_for,
     run_cli,
-    run_tags,
-    stage_run,
     targets,
     write_json,
 )
@@ -203,7 +200,7 @@ def run_register(ctx: StageContext, *, run_id: str) -> list[dict[str, Any]]:
     scoring = model_config(cfg).scoring
     for target in targets(cfg):
         values = model_metrics(metrics, target.key)
-        calib = store.load_calibration(target.ref, defaults=scoring)
+        calib = store.calibrations.load(target.ref, defaults=scoring)
         threshold = calib.threshold if calib is not None else None
         with tempfile.TemporaryDirectory(prefix="bdi-register-") as tmp:
             export_model_dir(store=store, ref=target.ref, dest=Path(tmp))

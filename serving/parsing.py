@@ -1,7 +1,7 @@
 """Parsing of request parts the framework cannot type for us: required JSON keys and uploads.
 
 JSON bodies of /calibrate_ng, /infer_dataset and /calibrate_dataset are plain objects (a non-object
-is a 422 from FastAPI), validated by the models of :mod:`serving.schemas`; a missing ``role_id`` is
+is a 422 from FastAPI), validated by the models of :mod:`serving.requests`; a missing ``role_id`` is
 400 A ``'role_id'`` like the reference (contract C8), not a 422. Failures raise ``InvalidInputError``
 so the one error table decides the status and shape. Upload limits are :class:`bdi.service.UploadLimits`'s
 (one message per limit, shared with the library).

@@ -10,14 +10,8 @@ from fastapi import APIRouter, Body
 from bdi.logging import slog
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
-from serving.schemas import (
-    CalibrateDatasetRequest,
-    CalibrateDatasetResponse,
-    CalibrateManualRequest,
-    CalibrateManualResponse,
-    CalibrateNgRequest,
-    CalibrateNgResponse,
-)
+from serving.requests import CalibrateDatasetRequest, CalibrateManualRequest, CalibrateNgRequest
+from serving.schemas import CalibrateDatasetResponse, CalibrateManualResponse, CalibrateNgResponse
 
 router = APIRouter(tags=["calibration"])
 

@@ -12,7 +12,8 @@ from bdi.service import LABELS
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_upload
-from serving.schemas import InferDatasetItem, InferDatasetRequest, InferDatasetResponse, InferResponse
+from serving.requests import InferDatasetRequest
+from serving.schemas import InferDatasetItem, InferDatasetResponse, InferResponse
 
 router = APIRouter(tags=["inference"])
 

@@ -219,7 +219,7 @@ def test_sync_and_server_answer_with_registered_threshold(project: Project, tmp_
     ref = ModelRef.create(recipe_id="synthetic", role_id="disc", roi_id="ring", model_key=None)
     store = ModelStore(models)
     assert store.load_memory(ref) is not None
-    calib = store.calibration_document(ref)
+    calib = store.calibrations.document(ref)
     registered = json.loads(project.path("registration").read_text(encoding="utf-8"))["models"][0]
     assert calib is not None and calib["threshold"] == pytest.approx(registered["threshold"])
 

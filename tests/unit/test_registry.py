@@ -120,7 +120,7 @@ def test_sync_writes_the_exact_store_files_and_is_idempotent(
     loaded = ModelStore(served).load_model(REF)
     assert loaded is not None and loaded.index is not None
     assert loaded.memory.fingerprint == synced.fingerprint
-    assert ModelStore(served).calibration_document(REF) == ModelStore(model_dir).calibration_document(REF)
+    assert ModelStore(served).calibrations.document(REF) == ModelStore(model_dir).calibrations.document(REF)
     assert sync_registered(tracking=tracking, models_dir=served) == []
     assert not [p for p in served.iterdir() if p.name.startswith(".sync-")]
 

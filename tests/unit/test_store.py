@@ -124,7 +124,7 @@ def test_saved_npz_has_the_contract_keys_and_no_pickle(store: ModelStore) -> Non
 def test_writes_leave_no_temp_files(store: ModelStore) -> None:
     for seed in range(3):
         _save(store, _ref(), _memory(seed))
-        store.save_calibration(_ref(), _calib(float(seed)))
+        store.calibrations.save(_ref(), _calib(float(seed)))
     directory = store.paths(_ref()).memory.parent
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         [f"{BASE}.npz", f"{BASE}_calib.json"] + ([f"{BASE}_index.faiss"] if FAISS_AVAILABLE else [])
@@ -134,8 +134,8 @@ def test_writes_leave_no_temp_files(store: ModelStore) -> None:
 def test_load_returns_none_when_nothing_is_fitted(store: ModelStore) -> None:
     assert store.load_model(_ref()) is None
     assert store.load_memory(_ref()) is None
-    assert store.load_calibration(_ref(), defaults=SCORING) is None
-    assert store.calibration_document(_ref()) is None
+    assert store.calibrations.load(_ref(), defaults=SCORING) is None
+    assert store.calibrations.document(_ref()) is None
 
 
 @needs_faiss
@@ -223,8 +223,8 @@ def test_legacy_flat_layout_is_read(store: ModelStore) -> None:
     shutil.rmtree(store.root / "recipes")
     assert store.resolve(_ref(), "memory").path == store.root / "Inspection_inspection-1.npz"
     assert store.load_memory(_ref()) is not None
-    assert store.calibration_document(_ref()) == {"threshold": 1.5}
-    calib = store.load_calibration(_ref(), defaults=SCORING)
+    assert store.calibrations.document(_ref()) == {"threshold": 1.5}
+    calib = store.calibrations.load(_ref(), defaults=SCORING)
     assert calib is not None and calib.threshold == 1.5
 
 
@@ -282,22 +282,22 @@ def test_an_unchanged_model_is_served_from_the_cache(store: ModelStore) -> None:
 
 def test_calibration_round_trips_typed_and_a_rewrite_is_seen(store: ModelStore) -> None:
     calib = _calib(1.0, memory_fingerprint="abc")
-    path = store.save_calibration(_ref(), calib)
+    path = store.calibrations.save(_ref(), calib)
     assert path == store.paths(_ref()).calib
     assert path.read_text() == json.dumps(calib.to_dict(), indent=2)
-    assert store.load_calibration(_ref(), defaults=SCORING) == calib
-    store.save_calibration(_ref(), _calib(2.0))
-    assert store.load_calibration(_ref(), defaults=SCORING) == _calib(2.0)
+    assert store.calibrations.load(_ref(), defaults=SCORING) == calib
+    store.calibrations.save(_ref(), _calib(2.0))
+    assert store.calibrations.load(_ref(), defaults=SCORING) == _calib(2.0)
 
 
 def test_calibration_document_is_the_stored_object_and_a_copy(store: ModelStore) -> None:
     path = store.paths(_ref()).calib
     path.parent.mkdir(parents=True)
     path.write_text('{"threshold": 1.0, "legacy_key": [1]}')
-    first = store.calibration_document(_ref())
+    first = store.calibrations.document(_ref())
     assert first == {"threshold": 1.0, "legacy_key": [1]}
     first["legacy_key"].append(2)  # callers get a copy
-    assert store.calibration_document(_ref()) == {"threshold": 1.0, "legacy_key": [1]}
+    assert store.calibrations.document(_ref()) == {"threshold": 1.0, "legacy_key": [1]}
 
 
 def test_an_old_calibration_without_percentile_or_area_reads_with_the_resolved_scoring(store: ModelStore) -> None:
@@ -305,7 +305,7 @@ def test_an_old_calibration_without_percentile_or_area_reads_with_the_resolved_s
     path.parent.mkdir(parents=True)
     path.write_text('{"threshold": 2, "memory_fingerprint": "m"}')
     defaults = ModelConfig(scoring=ScoringConfig(score_percentile=97, area_mm2_thr=3.0)).scoring
-    calib = store.load_calibration(_ref(), defaults=defaults)
+    calib = store.calibrations.load(_ref(), defaults=defaults)
     assert calib is not None
     assert (calib.threshold, calib.score_percentile, calib.area_mm2_thr) == (2.0, 97, 3.0)
 
@@ -315,8 +315,8 @@ def test_a_calibration_without_a_threshold_loads_as_calibration_missing(store: M
     path.parent.mkdir(parents=True)
     path.write_text('{"score_percentile": 99}')
     with pytest.raises(CalibrationMissingError, match="threshold missing"):
-        store.load_calibration(_ref(), defaults=SCORING)
-    assert store.calibration_document(_ref()) == {"score_percentile": 99}
+        store.calibrations.load(_ref(), defaults=SCORING)
+    assert store.calibrations.document(_ref()) == {"score_percentile": 99}
 
 
 def test_copy_calibration_writes_the_document_as_stored_or_removes_the_target(store: ModelStore,
@@ -325,20 +325,20 @@ def test_copy_calibration_writes_the_document_as_stored_or_removes_the_target(st
     path = store.paths(_ref()).calib
     path.parent.mkdir(parents=True)
     path.write_text('{"threshold": 1.5,"legacy_key": "kept"}')
-    written = store.copy_calibration(_ref(), target=target)
+    written = store.calibrations.copy(_ref(), target=target.calibrations)
     assert written == target.paths(_ref()).calib
     assert written.read_text() == json.dumps({"threshold": 1.5, "legacy_key": "kept"}, indent=2)
     path.unlink()
-    assert store.copy_calibration(_ref(), target=target) is None
+    assert store.calibrations.copy(_ref(), target=target.calibrations) is None
     assert not target.paths(_ref()).calib.exists()
 
 
 def test_corrupt_calibration_reads_as_missing_and_is_logged(store: ModelStore, log_file: Path) -> None:
-    path = store.save_calibration(_ref(), _calib(1.0))
+    path = store.calibrations.save(_ref(), _calib(1.0))
     path.write_text("{not json")
-    assert store.load_calibration(_ref(), defaults=SCORING) is None
+    assert store.calibrations.load(_ref(), defaults=SCORING) is None
     path.write_text("[1, 2]")
-    assert store.calibration_document(_ref()) is None
+    assert store.calibrations.document(_ref()) is None
     assert len(_events(log_file, "storage.calib_corrupt")) == 2
 
 
@@ -356,7 +356,7 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
     fingerprints = {m.fingerprint for m in memories}
     writer_store, reader_store = ModelStore(root), ModelStore(root)
     _save(writer_store, _ref(), memories[0])
-    writer_store.save_calibration(_ref(), _calib(1.0, memory_fingerprint=memories[0].fingerprint))
+    writer_store.calibrations.save(_ref(), _calib(1.0, memory_fingerprint=memories[0].fingerprint))
     done = threading.Event()
     errors: list[BaseException] = []
 
@@ -365,7 +365,7 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
             for i in range(1, 80):
                 memory = memories[i % len(memories)]
                 _save(writer_store, _ref(), memory)
-                writer_store.save_calibration(_ref(), _calib(float(i), memory_fingerprint=memory.fingerprint))
+                writer_store.calibrations.save(_ref(), _calib(float(i), memory_fingerprint=memory.fingerprint))
         except BaseException as exc:  # surfaced by the main thread
             errors.append(exc)
         finally:
@@ -380,7 +380,7 @@ def test_concurrent_refits_never_give_a_torn_read(tmp_path: Path) -> None:
             assert loaded is not None and loaded.index is not None
             assert loaded.memory.fingerprint in fingerprints
             _assert_consistent(loaded.memory, loaded.index)
-            calib = reader_store.load_calibration(_ref(), defaults=SCORING)
+            calib = reader_store.calibrations.load(_ref(), defaults=SCORING)
             assert calib is not None and calib.memory_fingerprint in fingerprints
             reads += 1
     finally:
@@ -477,7 +477,7 @@ def test_concurrent_equal_first_writes_all_succeed(store: ModelStore) -> None:
 
 def test_list_models_decodes_ids_and_raw_model_keys(store: ModelStore) -> None:
     _save(store, _ref(model_key="a b"), _memory(0))
-    store.save_calibration(_ref(model_key="a b"), _calib(1.0))
+    store.calibrations.save(_ref(model_key="a b"), _calib(1.0))
     other = ModelRef.create(recipe_id="r1", role_id="Master", roi_id="Pattern", model_key=None)
     store.save_model(other, _memory(1), None)
     models = {m.ref: m for m in store.list_models()}

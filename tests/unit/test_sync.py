@@ -118,7 +118,7 @@ def test_moving_the_alias_back_restores_the_old_model(
     [restored] = sync_registry(tracking=tracking, models_dir=served.root).changed
     assert restored.version == 1
     assert _fingerprint(served.root) == _fingerprint(exports[0])
-    assert served.calibration_document(REF) == ModelStore(exports[0]).calibration_document(REF)
+    assert served.calibrations.document(REF) == ModelStore(exports[0]).calibrations.document(REF)
     lineage = read_lineage(served, REF)
     assert lineage is not None and lineage.registered_version == 1
 
@@ -231,7 +231,7 @@ def test_infer_waits_for_a_sync_in_progress_and_sees_the_whole_new_version(
 ) -> None:
     served = _served_service(tmp_path / "served", tiny_extractor)
     materialise_model(source=ModelStore(exports[0]), ref=REF, target=served.store)
-    new_threshold = ModelStore(exports[1]).calibration_document(REF)["threshold"]  # type: ignore[index]
+    new_threshold = ModelStore(exports[1]).calibrations.document(REF)["threshold"]  # type: ignore[index]
     outcome: dict[str, object] = {}
 
     def infer() -> None:

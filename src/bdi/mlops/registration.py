@@ -94,7 +94,7 @@ def export_model_dir(*, store: ModelStore, ref: ModelRef, dest: Path) -> Artifac
     else:
         paths.index.unlink(missing_ok=True)
     atomic_write_bytes(paths.memory, model.memory_path.read_bytes())
-    store.copy_calibration(ref, target=target)  # as stored: the registered file is the served one
+    store.calibrations.copy(ref, target=target.calibrations)  # as stored: the registered file is the served one
     return paths
 
 

@@ -263,7 +263,7 @@ def _sync_version(client: MlflowClient, *, uri: str, target: ModelStore, name: s
         memory = source.load_memory(ref)
         if memory is None:
             raise StorageError(f"{name} version {version} has no memory file")
-        calib = source.calibration_document(ref) or {}  # the file copied as it is (materialise_model)
+        calib = source.calibrations.document(ref) or {}  # the file copied as it is (materialise_model)
         lineage = Lineage(
             source=SOURCE_REGISTRY, memory_fingerprint=memory.fingerprint, managed=True, registered_model=name,
             registered_version=version, registered_alias=alias, mlflow_run_id=mv.run_id or None,

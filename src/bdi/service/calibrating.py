@@ -108,7 +108,7 @@ class Calibrating:
         if memory is None:
             raise NotFittedError("/calibrate_manual")
         try:
-            previous = ctx.store.load_calibration(ref, defaults=ctx.settings.model.scoring)
+            previous = ctx.store.calibrations.load(ref, defaults=ctx.settings.model.scoring)
         except CalibrationMissingError:  # an empty or threshold-less file: nothing to restore
             previous = None
         percentile, area = (
@@ -130,6 +130,6 @@ class Calibrating:
         return percentile, area
 
     def _save(self, ref: ModelRef, calib: Calibration) -> None:
-        self._ctx.store.save_calibration(ref, calib)
+        self._ctx.store.calibrations.save(ref, calib)
         if self._on_calibrate is not None:
             self._on_calibrate(ref, calib)

@@ -36,13 +36,13 @@ class ModelStatus:
         ctx = self._ctx
         with model_lock.reading(ctx.store, ref):
             memory = ctx.memory_or_none(ref)
-            document = ctx.store.calibration_document(ref)
+            document = ctx.store.calibrations.document(ref)
             sidecar = read_lineage(ctx.store, ref)
         return memory, document, lineage_view(memory=memory, calib=self._calibration(document), lineage=sidecar)
 
     def _calibration(self, document: dict[str, Any] | None) -> Calibration | None:
-        """The typed calibration of a stored document (as :meth:`ModelStore.load_calibration` reads it); None
-        when there is none or it has no threshold."""
+        """The typed calibration of a stored document (as :meth:`bdi.storage.calibrations.CalibrationFiles.load`
+        reads it); None when there is none or it has no threshold."""
         if document is None:
             return None
         try:

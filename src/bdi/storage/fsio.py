@@ -155,6 +155,11 @@ def atomic_write_json(path: Path, obj: Any, *, indent: int = 2) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# How often a reader resolves and reads a file again when it was replaced or removed in between (ModelStore's
+# memories and indexes, CalibrationFiles' documents).
+TORN_READ_RETRIES = 5
+
+
 def read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
     """The bytes of ``path`` and the identity of the very file read (fstat on the open descriptor)."""
     try:

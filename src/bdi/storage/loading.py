@@ -50,4 +50,4 @@ def load_patchcore(
         # no index file (or no faiss): search an in-memory index built from the rows
         index = build_index(loaded.memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
     model = PatchCoreModel(extractor=extractor, memory=loaded.memory, index=index, scoring=scoring)
-    return model.calibrated(store.load_calibration(ref, defaults=scoring)) if calibrated else model
+    return model.calibrated(store.calibrations.load(ref, defaults=scoring)) if calibrated else model

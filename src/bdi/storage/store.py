@@ -1,5 +1,6 @@
 """ModelStore: refs → paths, artefact writes, fallback reads, and the per-recipe mm_per_px lock (kept by
-:mod:`bdi.storage.recipes`); a memory's npz codec is :mod:`bdi.storage.npz`.
+:mod:`bdi.storage.recipes`); a memory's npz codec is :mod:`bdi.storage.npz`, the calibration files are
+:mod:`bdi.storage.calibrations`' (``ModelStore.calibrations``).
 
 Layout (docs/contract.md "Files"), under ``root``::
 
@@ -21,9 +22,7 @@ re-read.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -32,10 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bdi.config import ScoringConfig
 from bdi.errors import BDIError, FitInProgressError, InvalidInputError, StorageError
 from bdi.logging import slog
-from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.imaging import validate_mm_per_px
 from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
 from bdi.patchcore.memory import Memory
@@ -50,14 +47,14 @@ from bdi.refs import (
 )
 from bdi.storage import recipes
 from bdi.storage.cache import LRUCache
-from bdi.storage.fsio import FileIdentity, atomic_write_bytes, atomic_write_json, exclusive_lock, read_with_identity
+from bdi.storage.calibrations import CalibrationFiles
+from bdi.storage.fsio import TORN_READ_RETRIES, FileIdentity, atomic_write_bytes, exclusive_lock, read_with_identity
 from bdi.storage.npz import decode_memory_npz, encode_memory_npz, read_model_key
 
 ArtifactKind = Literal["memory", "index", "calib"]
 
 _SUFFIX: dict[str, str] = {"memory": ".npz", "index": "_index.faiss", "calib": "_calib.json"}
 _LEGACY_DIR_NAME: dict[str, str] = {"memory": "memory.npz", "index": "index.faiss", "calib": "calib.json"}
-_TORN_RETRIES = 5
 
 # ----------------------------------------------------------------------------------------- results
 
@@ -117,7 +114,7 @@ class ModelStore:
         self._gpu_device = faiss_gpu_device
         self._memories: LRUCache[FileIdentity, tuple[Memory, dict[str, Any]]] = LRUCache(cache_max_entries)
         self._models: LRUCache[tuple[FileIdentity, FileIdentity | None], LoadedModel] = LRUCache(cache_max_entries)
-        self._calibs: LRUCache[FileIdentity, dict[str, Any]] = LRUCache(cache_max_entries)
+        self.calibrations = CalibrationFiles(self, cache_max_entries=cache_max_entries)
 
     # -------------------------------------------------------------- layout
     @property
@@ -236,7 +233,7 @@ class ModelStore:
 
     def load_memory(self, ref: ModelRef) -> Memory | None:
         """The memory resolved with fallbacks, or None; a corrupt file raises :class:`StorageError`."""
-        for _ in range(_TORN_RETRIES):
+        for _ in range(TORN_READ_RETRIES):
             res = self.resolve(ref, "memory")
             if res.path is None:
                 return None
@@ -252,7 +249,7 @@ class ModelStore:
         (or an npz saved without one) it is None and the caller decides what that means.
         """
         torn: tuple[Path, Path, Memory, FileIdentity, FileIdentity | None] | None = None
-        for attempt in range(_TORN_RETRIES):
+        for attempt in range(TORN_READ_RETRIES):
             mem_res = self.resolve(ref, "memory")
             if mem_res.path is None:
                 return None
@@ -326,71 +323,6 @@ class ModelStore:
         """The index on the configured GPU when possible, else unchanged
         (docs/contract.md "Nearest-neighbour index")."""
         return index if self._gpu_device is None else index.to_gpu(self._gpu_device)
-
-    # -------------------------------------------------------------- calibration
-    def save_calibration(self, ref: ModelRef, calib: Calibration) -> Path:
-        """Atomically write the calibration JSON (:meth:`Calibration.to_dict`, indent 2) to the current layout."""
-        return self._write_calibration_document(ref, calib.to_dict())
-
-    def load_calibration(self, ref: ModelRef, *, defaults: ScoringConfig) -> Calibration | None:
-        """The calibration resolved with fallbacks, or None (absent, corrupt or not a JSON object).
-
-        ``defaults`` is the resolved scoring config: an old file without a percentile or area reads with its
-        (:meth:`Calibration.from_dict`). Whether it applies to a memory is :func:`usable_calibration`'s call.
-
-        Raises:
-            CalibrationMissingError: the stored object is empty or has no numeric threshold.
-        """
-        document = self.calibration_document(ref)
-        return None if document is None else Calibration.from_dict(document, defaults=defaults)
-
-    def calibration_document(self, ref: ModelRef) -> dict[str, Any] | None:
-        """The calibration JSON object exactly as stored (a copy; old files' missing keys stay missing), or None:
-        what ``/manifest`` returns and the registry copy carries.
-
-        A corrupt or non-object file also gives None (logged as ``storage.calib_corrupt``): the
-        service then reports ``calibration_missing`` and a new calibration overwrites it.
-        """
-        for _ in range(_TORN_RETRIES):
-            res = self.resolve(ref, "calib")
-            if res.path is None:
-                return None
-            cached = self._calibs.get(res.identity) if res.identity is not None else None
-            if cached is not None:
-                return copy.deepcopy(cached)
-            read = read_with_identity(res.path)
-            if read is None:
-                continue
-            data, ident = read
-            try:
-                value = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                slog("storage.calib_corrupt", path=str(res.path), error=str(exc))
-                return None
-            if not isinstance(value, dict):
-                slog("storage.calib_corrupt", path=str(res.path), error="not a JSON object")
-                return None
-            self._calibs.put(ident, value)
-            return copy.deepcopy(value)
-        return None
-
-    def copy_calibration(self, ref: ModelRef, *, target: ModelStore) -> Path | None:
-        """Write this store's calibration of ``ref``, as stored, to ``target``'s current layout (indent 2);
-        without one here, remove ``target``'s. Returns the path written, or None."""
-        document = self.calibration_document(ref)
-        if document is None:
-            path = target.paths(ref).calib
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                raise StorageError(f"cannot remove the calibration {path}: {exc}") from exc
-            return None
-        return target._write_calibration_document(ref, document)
-
-    def _write_calibration_document(self, ref: ModelRef, document: Mapping[str, Any]) -> Path:
-        path = self.paths(ref).calib
-        atomic_write_json(path, dict(document), indent=2)
-        return path
 
     # -------------------------------------------------------------- recipe lock
     def lock_mm_per_px(self, recipe_id: str, mm_per_px: float) -> None:
