@@ -3,7 +3,7 @@ decide ok/ng with its calibrated threshold."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,12 +22,16 @@ from bdi.storage import model_lock
 from bdi.storage.datasets import LABELS, parse_label
 from bdi.storage.lineage import lineage_view, read_lineage
 
+InferHook = Callable[..., None]
+
 
 class Inferring:
     """Score one crop, a model's stored samples, or decoded crops without a threshold."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, *, on_infer: InferHook | None = None) -> None:
         self._ctx = ctx
+        # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
+        self.on_infer = on_infer
 
     def infer(
         self,
@@ -38,7 +42,7 @@ class Inferring:
         shape: str | Mapping[str, Any] | None = None,
         include_heatmap: bool | None = None,
     ) -> InferOutcome:
-        """/infer: score one crop and decide ok/ng with the calibrated threshold."""
+        """/infer: score one crop and decide ok/ng with the calibrated threshold, then call ``on_infer``."""
         ctx = self._ctx
         timer = StageTimer()
         mm_per_px = validate_mm_per_px(mm_per_px)
@@ -64,9 +68,11 @@ class Inferring:
         ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # docs/design.md "Failed requests leave nothing behind"
         slog("infer.response", score=result.score, threshold=threshold, decision=decision,
              timings_ms=result.timings_ms, model_key=ref.model_key)
-        return InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
-                            lineage=lineage_view(memory=model.memory, calib=model.calibration,
-                                                 lineage=lineage))
+        outcome = InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
+                               lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage))
+        if self.on_infer is not None:
+            self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
+        return outcome
 
     def infer_dataset(
         self,

@@ -7,7 +7,6 @@ before anything is stored, calibrations record the memory they belong to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,8 @@ from bdi.runtime.select import RuntimeStatus, attach_runtime, configure_threads,
 from bdi.service.calibrating import CalibrateHook, Calibrating
 from bdi.service.context import ServiceContext
 from bdi.service.fitting import FitHook, Fitting
-from bdi.service.inferring import Inferring
+from bdi.service.inferring import InferHook, Inferring
 from bdi.service.limits import UploadLimits
-from bdi.service.results import (
-    InferOutcome,
-)
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
@@ -31,8 +27,6 @@ from bdi.storage.alerts import AlertsReader
 from bdi.storage.datasets import DatasetStore
 from bdi.storage.fsio import remove_orphan_temp_files
 from bdi.storage.store import ModelStore
-
-InferHook = Callable[..., None]
 
 
 def remove_orphan_files(settings: Settings) -> list[Path]:
@@ -75,20 +69,19 @@ class InspectionService:
         ctx = ServiceContext(settings=settings, extractor=extractor, store=self.store, datasets=self.datasets)
         self.fitting = Fitting(ctx, on_fit=on_fit)
         self.calibrating = Calibrating(ctx, on_calibrate=on_calibrate)
-        self.inferring = Inferring(ctx)
+        self.inferring = Inferring(ctx, on_infer=on_infer)
         self.samples = Samples(ctx)
         self.status = ModelStatus(ctx)
         self._ctx = ctx
         self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
-        # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
-        self.on_infer = on_infer
         # The entry points serving, pipelines and benchmarks call are the use cases' own methods (one signature
-        # each); only infer (the shadow hook) and detection_warnings add to them.
+        # each); only detection_warnings adds to them.
         self.fit_ok = self.fitting.fit_ok  # /fit_ok
         self.fit_images = self.fitting.fit_images  # decoded crops: the pipeline's fit_ok stage
         self.calibrate_from_scores = self.calibrating.from_scores  # /calibrate_ng
         self.calibrate_dataset = self.calibrating.from_dataset  # /calibrate_dataset
         self.calibrate_manual = self.calibrating.manual  # /calibrate_manual
+        self.infer = self.inferring.infer  # /infer (then the on_infer hook)
         self.infer_dataset = self.inferring.infer_dataset  # /infer_dataset
         self.score_images = self.inferring.score_images  # scores with no threshold: calibration, evaluation
         self.model = ctx.model  # a stored model scoring with this service's extractor
@@ -130,18 +123,11 @@ class InspectionService:
         record_detection(self._ctx, ref, calib, check)
         return check.warnings
 
-    def infer(
-        self,
-        *,
-        ref: ModelRef,
-        mm_per_px: float,
-        image: bytes,
-        shape: str | Mapping[str, Any] | None = None,
-        include_heatmap: bool | None = None,
-    ) -> InferOutcome:
-        """/infer: :meth:`Inferring.infer`, then the ``on_infer`` hook (shadow mode) with the outcome."""
-        outcome = self.inferring.infer(ref=ref, mm_per_px=mm_per_px, image=image, shape=shape,
-                                       include_heatmap=include_heatmap)
-        if self.on_infer is not None:
-            self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
-        return outcome
+    @property
+    def on_infer(self) -> InferHook | None:
+        """Called after each successful infer (shadow mode): :attr:`Inferring.on_infer`."""
+        return self.inferring.on_infer
+
+    @on_infer.setter
+    def on_infer(self, hook: InferHook | None) -> None:
+        self.inferring.on_infer = hook
