@@ -386,7 +386,8 @@ def show_compare_page(page: Any, *, base_url: str, run_ids: list[str], experimen
     page.get_by_role("button", name="Toggle sidebar").click()
     page.get_by_text("Visualizations", exact=True).click()  # collapsed
     page.get_by_role("switch", name="Parameters - Show diff only").click()
-    page.get_by_text("calibration.ng_percentile", exact=True).first.wait_for(timeout=timeout_ms)
+    # the params table's row; the collapsed Visualizations section keeps a hidden selector of the same text
+    page.get_by_text("calibration.ng_percentile", exact=True).filter(visible=True).first.wait_for(timeout=timeout_ms)
     return str(page.inner_text("body"))
 
 
