@@ -11,6 +11,7 @@ Screenshots go to ``test-artefacts/ui/`` (``BDI_TEST_ARTEFACTS`` moves the folde
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,10 +73,14 @@ def api_fit_and_calibrate(url: str, *, roi_id: str) -> None:
     assert calib.status_code == 200, calib.text
 
 
-def api_infer(url: str, image: Path, *, roi_id: str = ROI_INSPECT) -> httpx.Response:
-    return httpx.post(f"{url}/infer", data={"role_id": ROLE, "roi_id": roi_id, "mm_per_px": MM,
-                                            "include_heatmap": "true"},
-                      files={"image": (image.name, image.read_bytes(), "image/png")}, timeout=120)
+def api_infer(
+    url: str, image: Path, *, roi_id: str = ROI_INSPECT, shape: dict[str, Any] | None = None
+) -> httpx.Response:
+    data = {"role_id": ROLE, "roi_id": roi_id, "mm_per_px": MM, "include_heatmap": "true"}
+    if shape is not None:
+        data["shape"] = json.dumps(shape)
+    return httpx.post(f"{url}/infer", data=data, files={"image": (image.name, image.read_bytes(), "image/png")},
+                      timeout=120)
 
 
 def api_scores(url: str, *, roi_id: str) -> tuple[list[float], list[float], float]:
@@ -204,6 +209,62 @@ def test_page_inspects_a_defect_with_heatmap_region_outlines_and_the_apis_decisi
     page.fill("#opacity", "0.8")
     page.dispatch_event("#opacity", "input")
     assert page.eval_on_selector("#view-heatmap", "el => el.style.opacity") == "0.8"
+
+
+def shape_fields(page: Any) -> dict[str, float]:
+    """The ROI mask's numbers as the page's labelled fields show them."""
+    values: dict[str, float] = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#shape-fields input')]"
+        ".map((el) => [el.id.slice(6), Number(el.value)]))")
+    return values
+
+
+def drag_handle(page: Any, name: str, *, dx: float, dy: float) -> None:
+    """Drag the mask's handle ``name`` with the mouse by (dx, dy) image pixels."""
+    handle = page.locator(f"#view-overlay [data-handle='{name}']")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    scale = page.locator("#view-overlay").bounding_box()["width"] / page.evaluate(
+        "document.getElementById('view-image').naturalWidth")
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx * scale, y + dy * scale, steps=6)
+    page.mouse.up()
+
+
+def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_roi(page: Any, demo: Demo) -> None:
+    open_page(page, demo, roi_id=ROI_INSPECT)
+    page.set_input_files("#image-file", str(demo.ng_image))
+    page.wait_for_selector("#viewer", state="visible")
+    page.select_option("#shape-kind", "annulus")
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 64, "r_inner": 32}  # the 128 px disc's default
+    diagonal = 2**-0.5  # the radii's handles sit on the diagonals: r up-right, r_inner down-right of the centre
+    drag_handle(page, "r_inner", dx=16 * diagonal, dy=16 * diagonal)  # 16 px outwards
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 64, "r_inner": 48}
+    drag_handle(page, "r", dx=-8 * diagonal, dy=8 * diagonal)  # 8 px inwards
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 56, "r_inner": 48}
+    drag_handle(page, "move", dx=-10, dy=5)
+    assert shape_fields(page) == {"cx": 54, "cy": 69, "r": 56, "r_inner": 48}
+    page.focus("#view-overlay [data-handle='r']")  # and with the keyboard
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.focus("#view-overlay [data-handle='r_inner']")
+    page.keyboard.press("Shift+ArrowLeft")
+    edited = {"kind": "annulus", "cx": 54, "cy": 69, "r": 58, "r_inner": 38}
+    assert shape_fields(page) == {k: v for k, v in edited.items() if k != "kind"}
+    radii = page.eval_on_selector_all("#view-overlay circle.mask",
+                                      "els => els.map((el) => Number(el.getAttribute('r')))")
+    assert radii == [58, 38]  # the mask drawn over the image is the edited one
+    page.evaluate("""() => { const send = window.fetch; window.sentShapes = [];  // what leaves the page
+        window.fetch = (url, init) => { if (init && init.body instanceof FormData) window.sentShapes.push(
+            init.body.get('shape')); return send(url, init); }; }""")
+    page.click("#infer-run")
+    page.wait_for_function("document.getElementById('score').textContent !== ''")
+    assert [json.loads(sent) for sent in page.evaluate("window.sentShapes")] == [edited]
+    api = api_infer(demo.url, demo.ng_image, shape=edited).json()
+    assert page.text_content("#score") == f"{api['score']:.4f}"
+    assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
 
 
 def test_a_broken_route_is_caught(page: Any, demo: Demo) -> None:
