@@ -24,6 +24,7 @@ import pytest
 from bdi.backbones import PRETRAINED_CNN
 from bdi.data.synthetic import write_mvtec_dataset
 from tests.helpers.browser import chromium_or_skip
+from tests.helpers.proxy import NginxProxy
 from tests.helpers.servers import REPO, UvicornServer, server_env
 
 MM = 0.2
@@ -35,6 +36,8 @@ ROI_UPLOAD = "inspection-4"  # empty: the page uploads and deletes
 TABLET = {"width": 768, "height": 1024}
 ARTEFACTS = Path(os.environ.get("BDI_TEST_ARTEFACTS", REPO / "test-artefacts")) / "ui"
 TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.slow  # a real server (and browser) per module
 CNN_ENV = {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official", "BDI_INPUT_SIZE": "128"}
 
 
@@ -265,6 +268,40 @@ def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_
     api = api_infer(demo.url, demo.ng_image, shape=edited).json()
     assert page.text_content("#score") == f"{api['score']:.4f}"
     assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
+
+
+def test_page_works_behind_nginx_under_a_path_prefix(page: Any, demo: Demo, tmp_path: Path) -> None:
+    """A real nginx passes /bdi/ to the server (default CORS settings): the page at /bdi/ui inspects a defect
+    and every request it makes goes through the prefix (its URLs are relative to itself, never ``/infer``)."""
+    expected = api_infer(demo.url, demo.ng_image).json()
+    with NginxProxy(prefix_dir=tmp_path / "nginx", upstream=demo.url, path_prefix="bdi") as proxy:
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(f"{proxy.base_url}/ui")  # the server's relative redirect keeps the prefix: /bdi/ui/
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.url == f"{proxy.base_url}/ui/"
+        page.fill("#roi", ROI_INSPECT)
+        page.dispatch_event("#roi", "change")
+        page.wait_for_function("document.getElementById('target-state').textContent.includes('model')")
+        page.set_input_files("#image-file", str(demo.ng_image))
+        page.click("#infer-run")
+        page.wait_for_function("document.getElementById('decision').textContent !== ''"
+                               " || document.getElementById('infer-error').textContent !== ''")
+        assert page.text_content("#infer-error") == ""
+        assert page.text_content("#decision") == expected["decision"]
+        page.wait_for_selector("#view-heatmap[data-drawn='1']", state="attached")
+        assert page.locator("#view-overlay .region-outline").count() == len(expected["regions"])
+        assert "forward" in page.locator("#timings tbody td:first-child").all_text_contents()  # the header passed
+        page.click("#tab-samples")  # the thumbnails' URLs too
+        page.wait_for_function("document.querySelectorAll('#thumbs-ok .thumb img').length > 0")
+        page.wait_for_function("[...document.querySelectorAll('.thumb img')]"
+                               ".every((i) => i.complete && i.naturalWidth)")
+        http = [url for url in requested if url.startswith("http")]
+        assert http and all(url.startswith(f"{proxy.base_url}/") for url in http), http
+        paths = proxy.requested_paths()
+    for route in ("/bdi/ui/app.js", "/bdi/health", "/bdi/manifest", "/bdi/infer", "/bdi/datasets/list",
+                  "/bdi/datasets/file"):
+        assert any(path.split("?")[0] == route for path in paths), (route, paths)
 
 
 def test_a_broken_route_is_caught(page: Any, demo: Demo) -> None:
