@@ -87,6 +87,7 @@ class InspectionService:
         self.model = ctx.model  # a stored model scoring with this service's extractor
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
+        self.progress = self.status.progress  # /progress (additive): the running fit's or calibration's
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
