@@ -487,46 +487,81 @@ async function deleteSample(label, filename) {
   if (ok) await loadSamples();
 }
 
-/** A job that runs long: the progress bar shows, and the seconds it has taken tick in `outputId`. */
-async function timedJob(outputId, job) {
+const STAGE_NAMES = { encode: "images embedded", coreset: "coreset centres chosen", score_ok: "OK samples scored",
+                      score_ng: "NG samples scored" };
+const PROGRESS_POLL_MS = 250;
+
+/** A job that runs long: the seconds it has taken tick in `outputId`, and the bar `barId` shows the server's
+ *  progress of the current stage (done/total, from ../progress, polled from whichever worker answers); then
+ *  `outputId` shows `describe(result)`, or nothing when the job failed (its error is shown by `guarded`). */
+async function timedJob(outputId, barId, jobName, job, describe) {
   const started = performance.now();
-  const out = $(outputId);
-  const tick = setInterval(() => { out.textContent = `running… ${((performance.now() - started) / 1000).toFixed(0)} s`; }, 500);
+  const out = $(outputId), bar = $(barId);
+  const query = target();
+  let stage = "", polling = false, finished = false;
+  bar.removeAttribute("value");  // indeterminate until the server reports this job
+  bar.removeAttribute("aria-valuetext");
+  const show = () => {
+    if (finished) return;  // a poll answered late: the job's result stays
+    out.textContent = `running… ${((performance.now() - started) / 1000).toFixed(0)} s${stage ? " · " + stage : ""}`;
+  };
+  const poll = async () => {
+    if (polling) return;
+    polling = true;
+    try {
+      const { body } = await call("progress", { query });
+      if (body.job === jobName && body.state === "running" && body.total > 0) {
+        bar.max = body.total;
+        bar.value = body.done;
+        stage = `${STAGE_NAMES[body.stage] || body.stage} ${body.done}/${body.total}`;
+        bar.setAttribute("aria-valuetext", stage);
+        show();
+      }
+    } catch (_) {
+      // progress is a hint only: the job's own answer or error is what the page reports
+    } finally {
+      polling = false;
+    }
+  };
+  const tick = setInterval(() => { show(); poll(); }, PROGRESS_POLL_MS);
   out.textContent = "running…";
+  poll();
+  let result;
   try {
-    const result = await job();
-    if (result === undefined) out.textContent = "";
-    return result;
+    result = await job();
   } finally {
     clearInterval(tick);
+    finished = true;
   }
+  out.textContent = result === undefined ? "" : describe(result);
+  return result;
 }
 
 async function runFit() {
-  await timedJob("fit-result", () => guarded("fit-error", async () => {
+  await timedJob("fit-result", "fit-progress", "fit", () => guarded("fit-error", async () => {
     rememberTarget();
     const t = target();
     const form = new FormData();
     form.append("role_id", t.role_id); form.append("roi_id", t.roi_id); form.append("recipe_id", t.recipe_id);
     form.append("mm_per_px", String(mmPerPx())); form.append("use_dataset", "true");
     const { body } = await call("fit_ok", { method: "POST", form });
-    $("fit-result").textContent = `fitted: ${body.n_embeddings} patches → coreset ${body.coreset_size} ` +
-      `(rate ${fmt(body.coreset_rate_applied, 3)}), token grid ${body.token_shape.join("×")}`;
     await refreshTarget();
     return body;
-  }, { busy: ["fit-run", "calibrate-run"], progress: "fit-progress" }));
+  }, { busy: ["fit-run", "calibrate-run"], progress: "fit-progress" }),
+  (body) => `fitted: ${body.n_embeddings} patches → coreset ${body.coreset_size} ` +
+    `(rate ${fmt(body.coreset_rate_applied, 3)}), token grid ${body.token_shape.join("×")}`);
 }
 
 async function runCalibrate() {
-  await timedJob("calibrate-result", () => guarded("calibrate-error", async () => {
+  await timedJob("calibrate-result", "calibrate-progress", "calibrate", () => guarded("calibrate-error", async () => {
     rememberTarget();
     const { body } = await call("calibrate_dataset", { method: "POST",
       json: { ...target(), default_mm_per_px: mmPerPx() } });
-    $("calibrate-result").textContent = `threshold ${fmt(body.threshold)} from ${body.n_ok} OK / ${body.n_ng} NG ` +
-      `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)`;
     await refreshTarget();
     return body;
-  }, { busy: ["fit-run", "calibrate-run"], progress: "calibrate-progress" }));
+  }, { busy: ["fit-run", "calibrate-run"], progress: "calibrate-progress" }),
+  (body) => `threshold ${fmt(body.threshold)} from ${body.n_ok} OK / ${body.n_ng} NG ` +
+    `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)`);
 }
 
 function wireDrop(zoneId, onFiles) {

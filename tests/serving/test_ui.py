@@ -34,6 +34,7 @@ ROI_THRESHOLD = "inspection-2"  # the same, for the tests that change the thresh
 ROI_PAGE_FIT = "inspection-3"  # samples only: the page fits and calibrates it
 ROI_UPLOAD = "inspection-4"  # empty: the page uploads and deletes
 TABLET = {"width": 768, "height": 1024}
+PAGE_FIT_EXTRA = 38  # more OK discs for ROI_PAGE_FIT: its fit lasts a few of the page's progress polls
 ARTEFACTS = Path(os.environ.get("BDI_TEST_ARTEFACTS", REPO / "test-artefacts")) / "ui"
 TIMEOUT_MS = 60_000
 
@@ -47,6 +48,7 @@ class Demo:
     ng_image: Path  # a defective test disc the model has not seen
     ok_images: list[Path]
     ng_images: list[Path]
+    page_fit_ok: int  # the OK samples of ROI_PAGE_FIT: enough that the page sees its fit's progress
 
     @property
     def url(self) -> str:
@@ -107,13 +109,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     data = write_mvtec_dataset(root / "discs", n_train=10, n_test_good=4, n_test_per_defect=2, size=128)
     ok_images = sorted((data / "train" / "good").glob("*.png"))
     ng_images = sorted(p for d in (data / "test").iterdir() if d.name != "good" for p in d.glob("*.png"))
+    more = write_mvtec_dataset(root / "more", n_train=PAGE_FIT_EXTRA, n_test_good=1, n_test_per_defect=1, seed=1)
+    page_fit_ok = ok_images + sorted((more / "train" / "good").glob("*.png"))
     with UvicornServer(cwd=root / "server", env=cnn_env(root / "server")) as server:
         for roi_id in (ROI_INSPECT, ROI_THRESHOLD, ROI_PAGE_FIT):
-            api_upload(server.base_url, roi_id=roi_id, label="ok", paths=ok_images)
+            api_upload(server.base_url, roi_id=roi_id, label="ok", paths=page_fit_ok if roi_id == ROI_PAGE_FIT
+                       else ok_images)
             api_upload(server.base_url, roi_id=roi_id, label="ng", paths=ng_images[1:])
         for roi_id in (ROI_INSPECT, ROI_THRESHOLD):
             api_fit_and_calibrate(server.base_url, roi_id=roi_id)
-        yield Demo(server=server, ng_image=ng_images[0], ok_images=ok_images, ng_images=ng_images)
+        yield Demo(server=server, ng_image=ng_images[0], ok_images=ok_images, ng_images=ng_images,
+                   page_fit_ok=len(page_fit_ok))
 
 
 @pytest.fixture(scope="module")
@@ -351,21 +357,36 @@ def test_page_uploads_by_file_input_and_drop_and_deletes_a_sample(page: Any, dem
 def test_page_fits_and_calibrates_from_the_stored_samples_with_progress(page: Any, demo: Demo) -> None:
     open_page(page, demo, roi_id=ROI_PAGE_FIT)
     page.click("#tab-samples")
+    determinate: dict[str, list[Any]] = {}
     for job, done in (("fit", "fitted"), ("calibrate", "threshold")):
-        page.evaluate("""(id) => { window.sawProgress = false; const el = document.getElementById(id);
-            new MutationObserver(() => { if (!el.hidden) window.sawProgress = true; })
-              .observe(el, {attributes: true}); }""", f"{job}-progress")
+        page.evaluate("""([id, out]) => { window.sawProgress = false; window.bar = [];
+            const el = document.getElementById(id);
+            new MutationObserver(() => {
+              if (el.hidden) return;
+              window.sawProgress = true;  // the server's done/total of a stage, and the text beside the bar
+              if (el.hasAttribute('value')) window.bar.push([el.value, el.max, el.getAttribute('aria-valuetext'),
+                                                            document.getElementById(out).textContent]);
+            }).observe(el, {attributes: true}); }""", [f"{job}-progress", f"{job}-result"])
         page.click(f"#{job}-run")
         page.wait_for_function(f"document.getElementById('{job}-result').textContent.startsWith('{done}')"
                                f" || document.getElementById('{job}-error').textContent !== ''",
                                timeout=300_000)
         assert page.text_content(f"#{job}-error") == ""
         assert page.evaluate("window.sawProgress") is True
+        determinate[job] = page.evaluate("window.bar")
         page.wait_for_selector(f"#{job}-progress", state="hidden")  # and it goes when the job ends
+    assert determinate["fit"], "the fit's bar never showed the server's progress"
+    stages = {"fit": ("images embedded", "coreset centres chosen"), "calibrate": ("OK samples", "NG samples")}
+    for job, seen in determinate.items():  # a calibration may end before a poll: its bar is checked when seen
+        for value, maximum, text, beside in seen:
+            assert 0 <= value <= maximum and maximum > 0
+            assert text.startswith(stages[job]) and text.endswith(f" {value:g}/{maximum:g}"), text
+            assert beside.startswith("running… ") and beside.endswith(text)
     body = manifest(demo.url, roi_id=ROI_PAGE_FIT)
     assert body["memory"] is True
     shown = page.text_content("#calibrate-result") or ""
-    assert shown.startswith(f"threshold {body['calib']['threshold']:.4f} from 10 OK / {len(demo.ng_images) - 1} NG")
+    assert shown.startswith(f"threshold {body['calib']['threshold']:.4f} from {demo.page_fit_ok} OK / "
+                            f"{len(demo.ng_images) - 1} NG")
     assert page.text_content("#fit-result").startswith("fitted: ")  # type: ignore[union-attr]
     assert page.text_content("#target-state") == "model ✓ · calibrated ✓"
 
