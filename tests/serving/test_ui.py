@@ -274,6 +274,12 @@ def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_
     api = api_infer(demo.url, demo.ng_image, shape=edited).json()
     assert page.text_content("#score") == f"{api['score']:.4f}"
     assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
+    page.select_option("#shape-kind", "rect")  # a rect's corners resize it
+    assert shape_fields(page) == {"x": 0, "y": 0, "w": 128, "h": 128}
+    drag_handle(page, "se", dx=-28, dy=-18)
+    drag_handle(page, "nw", dx=10, dy=20)
+    assert shape_fields(page) == {"x": 10, "y": 20, "w": 90, "h": 90}
+    assert page.get_attribute("#view-overlay rect.mask", "width") == "90"
 
 
 def test_page_works_behind_nginx_under_a_path_prefix(page: Any, demo: Demo, tmp_path: Path) -> None:
