@@ -41,3 +41,13 @@ def test_a_failed_job_says_so_and_a_job_refused_before_its_work_leaves_the_last_
     refused = store.tracker(REF, "fit")  # e.g. waited on another fit's lock, never encoded anything
     refused.finish(error=RuntimeError("fit in progress"))
     assert store.read(REF) == failed
+
+
+def test_a_file_that_is_not_a_progress_document_reads_as_none(tmp_path: Path) -> None:
+    store = ProgressStore(tmp_path)
+    path = store.path(REF)
+    path.parent.mkdir(parents=True)
+    foreign_job = '{"job": "delete", "state": "done", "done": 1, "total": 1, "stages": {}}'
+    for text in ("{", "[]", '{"job": "fit"}', foreign_job):
+        path.write_text(text, encoding="utf-8")
+        assert store.read(REF) is None, text

@@ -22,6 +22,8 @@ from bdi.storage.fsio import atomic_write_json, read_with_identity, utc_now_iso
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total), as bdi.patchcore.model's
 PROGRESS_DIR = ".progress"
+JOBS = ("fit", "calibrate")
+STATES = ("running", "done", "failed")
 MIN_INTERVAL_S = 0.2  # between two writes of the same stage (a stage's first and last counts are always written)
 
 
@@ -49,7 +51,7 @@ class ProgressStore:
             value = json.loads(read[0].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
-        return value if isinstance(value, dict) else None
+        return value if _well_formed(value) else None  # a hand-edited or foreign file reads as "no progress"
 
 
 class ProgressTracker:
@@ -94,3 +96,10 @@ class ProgressTracker:
             atomic_write_json(self.path, self._doc, indent=0)
         except StorageError as exc:
             slog("progress.write_failed", path=str(self.path), error=str(exc))
+
+
+def _well_formed(value: Any) -> bool:
+    """Whether ``value`` is a progress document as :class:`ProgressTracker` writes it."""
+    return (isinstance(value, dict) and value.get("job") in JOBS and value.get("state") in STATES
+            and isinstance(value.get("done"), int) and isinstance(value.get("total"), int)
+            and isinstance(value.get("stages"), dict))
