@@ -71,11 +71,13 @@ def remove_stale_folders(base: Path, *, keep: Path) -> list[Path]:
 
 def use_folder(base: Path) -> Path:
     """Make this launch's folder (every worker may call it at once), point prometheus-client at it and switch it
-    to multiprocess mode even when it was imported before (its value class is looked up per metric)."""
+    to multiprocess mode even when it was imported before (its value class is looked up per metric). Instruments
+    built afterwards write there (an app built in the same process with another base gets its own files)."""
     folder = launch_folder(base)
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ[ENV_NAME] = str(folder)
-    if not getattr(values.ValueClass, "_multiprocess", False):
+    if os.environ.get(ENV_NAME) != str(folder) or not getattr(values.ValueClass, "_multiprocess", False):
+        os.environ[ENV_NAME] = str(folder)
+        # a fresh value class: the files it opens (once per process) are this folder's
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     remove_stale_folders(base, keep=folder)
     return folder
