@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.metrics.exposition import drift_families
+from serving.metrics.exposition import drift_families, registry_sync_families
 from tests.helpers.prometheus import families, sample_value
 from tests.helpers.synthetic import disc_png
 from tests.serving.conftest import ROI, ROLE, infer
@@ -91,11 +91,12 @@ def test_registry_sync_state_is_exported_when_not_following(client: TestClient) 
 
 
 def test_alert_rules_use_only_exported_metric_names(calibrated: TestClient) -> None:
-    """Every ``bdi_*`` series deploy/prometheus/alerts.yml reads is one this server exports (the drift gauges:
-    drift_families' names, the ones the drift monitor is wired with)."""
+    """Every ``bdi_*`` series deploy/prometheus/alerts.yml reads is one this server exports (plus the registry
+    families of a following server that synced once, and drift_families' names, the drift monitor's)."""
     assert infer(calibrated, disc_png(seed=5)).status_code == 200
+    synced = registry_sync_families({"following": True, "interval_s": 30, "reachable": True, "stale_s": 1.0})
     exported = set()
-    for family in [*families(scrape(calibrated)).values(), *drift_families([])]:
+    for family in [*families(scrape(calibrated)).values(), *synced, *drift_families([])]:
         exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_count",
                      f"{family.name}_sum"}
     used = set(re.findall(r"\bbdi_[a-z0-9_]+", ALERTS.read_text(encoding="utf-8")))
