@@ -78,10 +78,12 @@ def scrape(server: UvicornServer) -> str:
     return response.text
 
 
-def test_request_counts_add_up_across_two_workers(server: UvicornServer) -> None:
+def assert_health_counts_add_up(server: UvicornServer) -> None:
+    """/health calls until both workers answered some; then every scrape, whichever worker answers it, counts
+    exactly the calls sent."""
     before = sample_value(scrape(server), "bdi_http_requests_total", HEALTH_200)
     sent, pids = 0, set()
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + 2 * TIMEOUT_S
     while len(pids) < 2 or sent < 16:
         assert time.monotonic() < deadline, f"only workers {pids} answered"
         for response in burst(server, "GET", "/health"):
@@ -89,10 +91,26 @@ def test_request_counts_add_up_across_two_workers(server: UvicornServer) -> None
             pids.add(served_by(server, response.headers["x-request-id"]))
             sent += 1
     # every scrape, whichever worker answers it, sums both workers' counts
-    scrapes = burst(server, "GET", "/metrics")
-    scrape_pids = {served_by(server, r.headers["x-request-id"]) for r in scrapes}
-    totals = {sample_value(r.text, "bdi_http_requests_total", HEALTH_200) for r in scrapes}
-    assert totals == {before + sent}, (totals, before, sent, scrape_pids)
+    totals: set[float] = set()
+    scrape_pids: set[int] = set()
+    while len(scrape_pids) < 2:
+        assert time.monotonic() < deadline, f"only workers {scrape_pids} answered /metrics"
+        scrapes = burst(server, "GET", "/metrics")
+        scrape_pids |= {served_by(server, r.headers["x-request-id"]) for r in scrapes}
+        totals |= {sample_value(r.text, "bdi_http_requests_total", HEALTH_200) for r in scrapes}
+    assert totals == {before + sent}, (totals, before, sent)
+
+
+def test_request_counts_add_up_across_two_workers(server: UvicornServer) -> None:
+    assert_health_counts_add_up(server)
+
+
+def test_python_m_serving_launches_share_one_folder_too(tmp_path: Path) -> None:
+    """The Dockerfile's command, ``python -m serving --workers 2``: its workers' folder is named after it."""
+    env = server_env(tmp_path, BDI_METRICS_DIR=str(tmp_path / "metrics"))
+    with UvicornServer(cwd=tmp_path, env=env, workers=2, launcher="serving") as started:
+        assert_health_counts_add_up(started)
+        assert [p.name.split("-")[0] for p in (tmp_path / "metrics").iterdir()] == [str(started.pid)]
 
 
 def test_a_dead_launchs_folder_is_removed_and_not_summed(server: UvicornServer) -> None:
