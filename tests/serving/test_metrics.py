@@ -102,3 +102,17 @@ def test_alert_rules_use_only_exported_metric_names(calibrated: TestClient) -> N
     used = set(re.findall(r"\bbdi_[a-z0-9_]+", ALERTS.read_text(encoding="utf-8")))
     assert used, "alerts.yml names no bdi_ series"
     assert used <= exported, sorted(used - exported)
+
+
+def test_drift_families_added_to_the_scrape_collectors_are_exported(client: TestClient) -> None:
+    """The drift monitor's wiring: ``app.state.scrape_collectors.add(lambda: drift_families(rows))``."""
+    rows = [{"recipe_id": "default", "role_id": ROLE, "roi_id": ROI, "status": "alarm",
+             "statistics": {"ks": 0.41, "mean_shift": 2.5}},
+            {"recipe_id": "default", "role_id": ROLE, "roi_id": "inspection-2", "status": "ok", "statistics": {}}]
+    app = client.app
+    app.state.scrape_collectors.add(lambda: drift_families(rows))  # type: ignore[attr-defined]
+    text = scrape(client)
+    model = {"recipe_id": "default", "role_id": ROLE}
+    assert sample_value(text, "bdi_drift_status", {**model, "roi_id": ROI}) == 2
+    assert sample_value(text, "bdi_drift_status", {**model, "roi_id": "inspection-2"}) == 0
+    assert sample_value(text, "bdi_drift_statistic", {**model, "roi_id": ROI, "statistic": "ks"}) == 0.41
