@@ -5,15 +5,19 @@ Two real workers adding up: tests/serving/test_metrics_workers.py."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from serving.app import create_app
 from serving.metrics.exposition import drift_families, registry_sync_families
+from serving.settings import ServingSettings
 from tests.helpers.prometheus import families, sample_value
 from tests.helpers.synthetic import disc_png
-from tests.serving.conftest import ROI, ROLE, infer
+from tests.helpers.tiny import tiny_settings
+from tests.serving.conftest import ROI, ROLE, fit_from_dataset, infer, upload
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 
@@ -25,13 +29,27 @@ def scrape(client: TestClient) -> str:
     return response.text
 
 
-def test_metrics_text_parses_and_follows_the_naming_conventions(calibrated: TestClient) -> None:
-    assert infer(calibrated, disc_png(seed=3)).status_code == 200
-    found = families(scrape(calibrated))
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[TestClient]:
+    """The app as a server builds it (its own service, with the store's cache hook), fitted, calibrated from the
+    dataset and asked one /infer: every family has values."""
+    settings = tiny_settings(tmp_path / "models", log_dir=tmp_path / "logs")
+    app = create_app(settings=settings, serving_settings=ServingSettings(metrics_dir=tmp_path / "metrics"))
+    with TestClient(app) as client:
+        upload(client, "ok", seeds=range(10))
+        assert fit_from_dataset(client).status_code == 200
+        upload(client, "ng", seeds=[100], defect="scratch")
+        assert client.post("/calibrate_dataset", json={"role_id": ROLE, "roi_id": ROI}).status_code == 200
+        assert infer(client, disc_png(seed=3)).status_code == 200
+        yield client
+
+
+def test_metrics_text_parses_and_follows_the_naming_conventions(served: TestClient) -> None:
+    found = families(scrape(served))
     assert {"bdi_http_requests", "bdi_http_request_duration_seconds", "bdi_infer_stage_duration_seconds",
             "bdi_inspection_decisions", "bdi_inspection_score", "bdi_inspection_defect_area_square_meters",
             "bdi_fit_duration_seconds", "bdi_calibration_duration_seconds", "bdi_registry_sync_following",
-            "bdi_build_info"} <= set(found)
+            "bdi_model_loads", "bdi_model_cache_lookups", "bdi_build_info"} <= set(found)
     for name, family in found.items():
         assert name.startswith("bdi_"), name
         if family.type == "counter":
@@ -90,13 +108,12 @@ def test_registry_sync_state_is_exported_when_not_following(client: TestClient) 
     assert "bdi_registry_sync_staleness_seconds" not in families(text)  # never synced: no value, not 0
 
 
-def test_alert_rules_use_only_exported_metric_names(calibrated: TestClient) -> None:
+def test_alert_rules_use_only_exported_metric_names(served: TestClient) -> None:
     """Every ``bdi_*`` series deploy/prometheus/alerts.yml reads is one this server exports (plus the registry
     families of a following server that synced once, and drift_families' names, the drift monitor's)."""
-    assert infer(calibrated, disc_png(seed=5)).status_code == 200
     synced = registry_sync_families({"following": True, "interval_s": 30, "reachable": True, "stale_s": 1.0})
     exported = set()
-    for family in [*families(scrape(calibrated)).values(), *synced, *drift_families([])]:
+    for family in [*families(scrape(served)).values(), *synced, *drift_families([])]:
         exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_count",
                      f"{family.name}_sum"}
     used = set(re.findall(r"\bbdi_[a-z0-9_]+", ALERTS.read_text(encoding="utf-8")))
