@@ -358,6 +358,14 @@ def test_page_uploads_by_file_input_and_drop_and_deletes_a_sample(page: Any, dem
     page.wait_for_function("document.querySelectorAll('#thumbs-ok .thumb').length === 1")
     listing = httpx.get(f"{demo.url}/datasets/list", params={"role_id": ROLE, "roi_id": ROI_UPLOAD}).json()
     assert name not in listing["classes"]["ok"]["files"] and listing["classes"]["ok"]["count"] == 1
+    api = httpx.post(f"{demo.url}/fit_ok", data={"role_id": ROLE, "roi_id": ROI_UPLOAD, "mm_per_px": MM,
+                                                  "use_dataset": "true"}, timeout=60)
+    assert api.status_code == 400  # one OK sample is too few: the page shows the server's words under Fit
+    page.click("#fit-run")
+    page.wait_for_function("document.getElementById('fit-error').textContent !== ''")
+    assert page.text_content("#fit-error") == f"HTTP 400: {api.json()['error']}"
+    assert page.text_content("#fit-result") == "" and page.text_content("#calibrate-error") == ""
+    assert page.is_hidden("#fit-progress") and page.is_enabled("#fit-run")
 
 
 def test_page_fits_and_calibrates_from_the_stored_samples_with_progress(page: Any, demo: Demo) -> None:
