@@ -276,6 +276,7 @@ def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_
     assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
     page.select_option("#shape-kind", "rect")  # a rect's corners resize it
     assert shape_fields(page) == {"x": 0, "y": 0, "w": 128, "h": 128}
+    assert page.evaluate("document.documentElement.scrollWidth") <= TABLET["width"]  # corner handles stay inside
     drag_handle(page, "se", dx=-28, dy=-18)
     drag_handle(page, "nw", dx=10, dy=20)
     assert shape_fields(page) == {"x": 10, "y": 20, "w": 90, "h": 90}
