@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -26,7 +26,10 @@ from bdi.settings_sources import ContractEnvSource, YamlSource, env_aliases, opt
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
+RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]
+# copies of each good image that a fit adds to the memory (bdi.patchcore.augment): none, the flips (H, V, both), the
+# 90° rotations (about the image centre: an annulus ROI centred on the image turns about the disc centre) or all 8
+Augmentation = Literal["none", "flips", "rot90", "dihedral"]  # what runs the feature net (bdi.runtime.select)
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
 OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decoder limit (Settings.opencv_env)
@@ -90,8 +93,12 @@ class MemoryConfig:
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
+    # fit on each good image and its flips / 90° rotations (bdi.patchcore.augment); stored in the memory's metadata
+    augment: Augmentation = "none"
 
     def __post_init__(self) -> None:
+        if self.augment not in get_args(Augmentation):
+            raise ValueError(f"augment must be one of {get_args(Augmentation)}, got {self.augment!r}")
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
         if self.projection_dim is not None and self.projection_dim < 0:
@@ -116,8 +123,13 @@ class ScoringConfig:
     blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
     # cut padding tokens before upsampling (docs/design.md "Heatmap aligned with the crop")
     remove_letterbox: bool = True
+    # 0: the image score is the percentile above; k >= 1: the mean of the k largest patch scores (the blurred map
+    # at the patch centres inside the mask). A fit stores it with the memory and scoring uses the stored one.
+    score_top_k: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.score_top_k, bool) or not isinstance(self.score_top_k, int) or self.score_top_k < 0:
+            raise ValueError(f"score_top_k must be a whole number >= 0, got {self.score_top_k!r}")
         if self.score_percentile is not None and (isinstance(self.score_percentile, bool)
                                                   or not isinstance(self.score_percentile, int)
                                                   or not 0 <= self.score_percentile <= 100):

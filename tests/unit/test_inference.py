@@ -6,7 +6,17 @@ import pytest
 from bdi.config import ScoringConfig
 from bdi.errors import TokenGridMismatchError
 from bdi.patchcore.imaging import build_roi_mask, letterbox_geometry
-from bdi.patchcore.inference import distance_map, find_regions, gaussian_blur, heatmap_u8, masked_score, score_crop
+from bdi.patchcore.inference import (
+    distance_map,
+    find_regions,
+    gaussian_blur,
+    heatmap_u8,
+    masked_score,
+    patch_centres,
+    patch_distances,
+    score_crop,
+    top_k_mean,
+)
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import l2_normalize
 
@@ -92,3 +102,38 @@ def test_score_crop_distances_lie_in_zero_two_and_match_memory_exactly() -> None
     assert result.score == pytest.approx(0.0, abs=1e-3)
     assert result.regions == []
     assert {"search", "map", "blur", "score", "regions"} <= set(result.timings_ms)
+
+
+def test_top_k_mean_is_the_mean_of_the_k_largest_values() -> None:
+    values = np.array([0.1, 0.9, 0.3, 0.7, 0.5], dtype=np.float32)
+    assert top_k_mean(values, 2) == pytest.approx((0.9 + 0.7) / 2)
+    assert top_k_mean(values, 1) == pytest.approx(0.9)
+    assert top_k_mean(values, 10) == pytest.approx(values.mean())  # fewer values than k: all of them
+    assert top_k_mean(np.array([], dtype=np.float32), 3) == 0.0
+
+
+def test_score_crop_with_top_k_scores_the_mean_of_the_k_largest_patch_scores_inside_the_mask() -> None:
+    # one pixel per patch (a 4x4 crop on a 4x4 grid) and no blur: the patch scores are the 1-NN distances
+    rng = np.random.default_rng(0)
+    memory = l2_normalize(rng.standard_normal((4, 8)).astype(np.float32))
+    queries = l2_normalize(rng.standard_normal((16, 8)).astype(np.float32))
+    distances = patch_distances(KnnIndex.build(memory), queries)
+    mask = np.full((4, 4), 255, np.uint8)
+    mask[:, 0] = 0  # the first column of patches is outside the ROI
+    inside = distances.reshape(4, 4)[:, 1:].ravel()
+    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, score_top_k=3)
+    result = score_crop(
+        embeddings=queries, grid=(4, 4), letterbox=letterbox_geometry(src_w=4, src_h=4, size=4),
+        index=KnnIndex.build(memory), memory_grid=(4, 4), mask=mask, cfg=cfg, threshold=None, mm_per_px=1.0,
+    )
+    assert result.score == pytest.approx(float(np.sort(inside)[-3:].mean()), rel=1e-6)
+    assert result.score < float(inside.max())  # not the maximum, which k = 0 (the percentile rule) gives
+
+
+def test_patch_centres_leave_out_letterbox_padding() -> None:
+    # a 112x56 crop on a 56 px canvas with a 4x4 grid: rows 0 and 3 are padding, rows 1 and 2 fall on the crop
+    geometry = letterbox_geometry(src_w=112, src_h=56, size=56)
+    ys, xs = patch_centres(grid=(4, 4), letterbox=geometry, remove_letterbox=True)
+    assert len(ys) == len(xs) == 2 * 4
+    assert set(ys.tolist()) == {14, 42}  # canvas rows 21 and 35 minus the 14 px pad, times 2
+    assert set(xs.tolist()) == {14, 42, 70, 98}

@@ -39,7 +39,8 @@ class InferenceResult:
     """What scoring one crop produced.
 
     Attributes:
-        score: percentile of ``anomaly_map`` inside the mask (0.0 for an empty mask).
+        score: percentile of ``anomaly_map`` inside the mask, or with ``score_top_k`` the mean of the k largest
+            patch scores (0.0 for an empty mask).
         anomaly_map: (H, W) float32 blurred patch distances in crop pixels, in [0, 2].
         mask: (H, W) uint8 ROI mask (0..255, anti-aliased edges count as inside).
         regions: sorted by area_px descending; empty when no threshold was given.
@@ -115,6 +116,42 @@ def masked_score(anomaly_map: np.ndarray, mask: np.ndarray, percentile: float) -
     if valid.size == 0:
         return 0.0
     return float(np.percentile(valid, percentile))
+
+
+def top_k_mean(values: np.ndarray, k: int) -> float:
+    """The mean of the ``k`` largest values (all of them when fewer); 0.0 for none. (N,) → float."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        return 0.0
+    k = min(k, flat.size)
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
+def patch_centres(
+    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop pixel (row, col) of each patch centre that falls on the crop (padding patches left out), as
+    :func:`distance_map` places the token grid: (n,) int arrays each."""
+    rows, cols = (np.arange(n, dtype=np.float64) + 0.5 for n in grid)
+    if remove_letterbox:
+        ys = (rows * letterbox.size / grid[0] - letterbox.pad_top) * letterbox.src_h / letterbox.new_h
+        xs = (cols * letterbox.size / grid[1] - letterbox.pad_left) * letterbox.src_w / letterbox.new_w
+    else:
+        ys, xs = rows * letterbox.src_h / grid[0], cols * letterbox.src_w / grid[1]
+    ys, xs = ys[(ys >= 0) & (ys < letterbox.src_h)], xs[(xs >= 0) & (xs < letterbox.src_w)]
+    yy, xx = np.meshgrid(np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64), indexing="ij")
+    return yy.ravel(), xx.ravel()
+
+
+def top_k_score(
+    anomaly_map: np.ndarray, mask: np.ndarray, *, k: int, grid: tuple[int, int], letterbox: Letterbox,
+    remove_letterbox: bool,
+) -> float:
+    """The image score as the mean of the ``k`` largest patch scores: the (blurred) map at the patch centres that
+    lie inside the mask (``ScoringConfig.score_top_k``); 0.0 when none does."""
+    ys, xs = patch_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox)
+    inside = mask[ys, xs] > 0
+    return top_k_mean(anomaly_map[ys[inside], xs[inside]], k)
 
 
 def heatmap_u8(anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -200,7 +237,11 @@ def score_crop(
     with timer.stage("blur"):
         anomaly_map = gaussian_blur(upsampled, cfg.blur_sigma)
     with timer.stage("score"):
-        score = masked_score(anomaly_map, mask, cfg.score_percentile)
+        if cfg.score_top_k > 0:
+            score = top_k_score(anomaly_map, mask, k=cfg.score_top_k, grid=grid, letterbox=letterbox,
+                                remove_letterbox=cfg.remove_letterbox)
+        else:
+            score = masked_score(anomaly_map, mask, cfg.score_percentile)
     regions: list[Region] = []
     if threshold is not None:
         with timer.stage("regions"):

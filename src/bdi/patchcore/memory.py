@@ -12,14 +12,14 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from bdi.config import MemoryConfig
+from bdi.config import MemoryConfig, ScoringConfig
 from bdi.errors import InvalidInputError, ModelMismatchError
 from bdi.patchcore.coreset import GreedyPlan, coreset_size, greedy_k_center, greedy_select
 from bdi.patchcore.knn import KnnIndex
@@ -136,6 +136,7 @@ def _memory(
             "seed": cfg.seed,
             "projection_dim": cfg.projection_dim,
             "knn_index": cfg.knn_index,
+            "augment": cfg.augment,
         },
     }
     metadata.update(extra_metadata or {})
@@ -262,6 +263,20 @@ class MemoryBuilder:
             bank = self._read_rows(selected)
         return _memory(bank, token_shape=token_shape, cfg=self._cfg, n_rows=self._n_rows, n_images=n_images,
                        extra_metadata=extra_metadata, normalize=self._normalize)
+
+
+def fitted_scoring_metadata(scoring: ScoringConfig) -> dict[str, Any]:
+    """The scoring settings a fit stores with its memory (``metadata["scoring"]``), so that every scorer of the
+    memory (/infer, calibration, evaluation, the pyfunc) uses the fit's: the image score's top-k."""
+    return {"score_top_k": int(scoring.score_top_k)}
+
+
+def fitted_scoring(memory: Memory, base: ScoringConfig) -> ScoringConfig:
+    """``base`` with the scoring settings stored with ``memory`` at fit; a memory without them (fitted before
+    they existed) scores as it was fitted: ``score_top_k`` 0, the percentile rule."""
+    stored = memory.metadata.get("scoring")
+    top_k = stored.get("score_top_k", 0) if isinstance(stored, Mapping) else 0
+    return replace(base, score_top_k=int(top_k))
 
 
 def build_index(memory: Memory, cfg: MemoryConfig, *, use_faiss: bool = True) -> KnnIndex:

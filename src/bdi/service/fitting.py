@@ -11,10 +11,11 @@ import numpy as np
 
 from bdi.config import MemoryConfig
 from bdi.errors import InsufficientSamplesError, InvalidInputError, StorageError, TokenGridMismatchError
+from bdi.patchcore.augment import augmented, copies
 from bdi.patchcore.imaging import validate_mm_per_px
 from bdi.patchcore.inference import StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
-from bdi.patchcore.memory import Memory, MemoryBuilder, build_index
+from bdi.patchcore.memory import Memory, MemoryBuilder, build_index, fitted_scoring_metadata
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
@@ -111,14 +112,16 @@ class Fitting:
         images, n_images = _counted(images, n_images)
         memory_cfg = self._memory_config(memory_fit=memory_fit, coreset_rate=coreset_rate)
         extractor = ctx.extractor
-        n_rows = n_images * extractor.grid[0] * extractor.grid[1]
+        n_encoded = n_images * copies(memory_cfg.augment)  # each image and its flips / rotations (augment)
+        n_rows = n_encoded * extractor.grid[0] * extractor.grid[1]
         timer = StageTimer()
         with ctx.store.fit_lock(ref, timeout_s=ctx.settings.fit_lock_timeout_s), MemoryBuilder(
             n_rows=n_rows, dim=extractor.embed_dim, cfg=memory_cfg, device=extractor.device,
             normalize=extractor.spec.l2_normalize,
         ) as builder:
             with timer.stage("encode"):
-                self._encode(images, n_images=n_images, into=builder, timer=timer, progress=progress)
+                self._encode(augmented(images, memory_cfg.augment), n_images=n_encoded, into=builder, timer=timer,
+                             progress=progress)
             with timer.stage("coreset"):
                 memory = self._subsample(builder, n_images=n_images, progress=progress)
             with timer.stage("index"):
@@ -180,6 +183,7 @@ class Fitting:
             token_shape=extractor.grid,
             n_images=n_images,
             extra_metadata={"features": extractor.describe(), "signature": extractor.signature(),
+                            "scoring": fitted_scoring_metadata(self._ctx.settings.model.scoring),
                             "created_at_utc": utc_now_iso()},
             on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
         )

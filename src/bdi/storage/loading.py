@@ -9,7 +9,7 @@ from bdi.errors import NotFittedError
 from bdi.logging import slog
 from bdi.patchcore.features import FeatureExtractor
 from bdi.patchcore.knn import FAISS_AVAILABLE
-from bdi.patchcore.memory import build_index, check_features_match
+from bdi.patchcore.memory import build_index, check_features_match, fitted_scoring
 from bdi.patchcore.model import PatchCoreModel
 from bdi.refs import ModelRef
 from bdi.storage.store import ModelStore
@@ -49,5 +49,7 @@ def load_patchcore(
             raise NotFittedError(endpoint, detail="index file missing")
         # no index file (or no faiss): search an in-memory index built from the rows
         index = build_index(loaded.memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
+    # the image score's rule the memory was fitted with (top-k), whatever this process's settings say
+    scoring = fitted_scoring(loaded.memory, scoring)
     model = PatchCoreModel(extractor=extractor, memory=loaded.memory, index=index, scoring=scoring)
     return model.calibrated(store.calibrations.load(ref, defaults=scoring)) if calibrated else model
