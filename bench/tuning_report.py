@@ -5,8 +5,9 @@
 of one execution logs the same resolved config; a configuration run twice counts once, its latest runs). A row
 shows what the execution changed against the baseline (the earliest execution, i.e. the first ``dvc repro``;
 ``--baseline-run`` names another calibrate run), the selection metrics of the calibrate stage
-(``calib_image_auroc``, ``calib_pixel_auroc``: the calib split), the evaluate stage's image and pixel AUROC (the
-eval split: reported, never used to choose) and the fit time (features + coreset) of the fit_ok stage.
+(``calib/image_auroc``, ``calib/pixel_auroc``: the calib split), the evaluate stage's image and pixel AUROC
+(``eval/…``, the eval split: reported, never used to choose) and the fit time (features + coreset,
+``fit/timings_ms.…``) of the fit_ok stage. Runs logged before the stage figures were prefixed read too.
 
 The winner, in bold, has the best calib image AUROC, ties broken by calib pixel AUROC.
 """
@@ -51,16 +52,23 @@ def _or_low(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else -math.inf
 
 
-def metric(metrics: Mapping[str, float], name: str) -> float | None:
-    """``name`` as logged for one model, else the mean over models (``<recipe>/<role>/<roi>/name``)."""
-    if name in metrics:
-        return float(metrics[name])
-    values = [v for k, v in metrics.items() if k.endswith(f"/{name}")]
-    return statistics.fmean(values) if values else None
+def metric(metrics: Mapping[str, float], name: str, *, prefix: str = "", legacy: str | None = None) -> float | None:
+    """``prefix + name`` as the stage logs it for one model (``calib/image_auroc``), else the mean over its models
+    (``calib/<recipe>/<role>/<roi>/image_auroc``), else ``legacy``, the name runs logged before the stage figures
+    were prefixed (``calib_image_auroc``, ``image_auroc``)."""
+    if prefix + name in metrics:
+        return float(metrics[prefix + name])
+    values = [v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(f"/{name}")]
+    if values:
+        return statistics.fmean(values)
+    if legacy is not None and legacy != prefix + name:
+        return metric(metrics, legacy)
+    return None
 
 
 def _fit_s(metrics: Mapping[str, float]) -> float | None:
-    encode, coreset = (metric(metrics, f"timings_ms.{stage}") for stage in ("encode", "coreset"))
+    encode, coreset = (metric(metrics, f"timings_ms.{stage}", prefix="fit/", legacy=f"timings_ms.{stage}")
+                       for stage in ("encode", "coreset"))
     return None if encode is None or coreset is None else (encode + coreset) / 1000.0
 
 
@@ -86,9 +94,10 @@ def read_executions(client: Any, *, experiment: str) -> list[Execution]:
         executions.append(Execution(
             config_hash=config_hash, started_ms=calib.info.start_time, calibrate_run_id=calib.info.run_id,
             params=dict(calib.data.params),
-            calib_image_auroc=metric(calib.data.metrics, "calib_image_auroc"),
-            calib_pixel_auroc=metric(calib.data.metrics, "calib_pixel_auroc"),
-            eval_image_auroc=metric(evaluated, "image_auroc"), eval_pixel_auroc=metric(evaluated, "pixel_auroc"),
+            calib_image_auroc=metric(calib.data.metrics, "image_auroc", prefix="calib/", legacy="calib_image_auroc"),
+            calib_pixel_auroc=metric(calib.data.metrics, "pixel_auroc", prefix="calib/", legacy="calib_pixel_auroc"),
+            eval_image_auroc=metric(evaluated, "image_auroc", prefix="eval/", legacy="image_auroc"),
+            eval_pixel_auroc=metric(evaluated, "pixel_auroc", prefix="eval/", legacy="pixel_auroc"),
             fit_s=_fit_s(fitted),
         ))
     return sorted(executions, key=lambda e: e.started_ms)
