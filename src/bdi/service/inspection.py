@@ -87,6 +87,7 @@ class InspectionService:
         self.model = ctx.model  # a stored model scoring with this service's extractor
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
+        self.snapshot = self.status.snapshot  # the audit trail's before and after
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
