@@ -287,6 +287,16 @@ class HealthResponse(BaseModel):
     runtime_parity: dict[str, Any] | None
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
+    auth: Literal["off", "required", "writes"] | None = None  # BDI_AUTH (issue 28, docs/security.md)
+
+
+class AuditPageResponse(BaseModel):
+    """GET /audit: one page of audit records (``bdi.security.audit``), oldest first."""
+
+    records: list[dict[str, Any]]
+    next_after_seq: int | None
+    request_id: str
+    recipe_id: str
 
 
 class UploadResponse(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, state, ui
+from serving.routes import audit, calibration, datasets, fit, health, inference, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -14,4 +14,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     datasets.router,
     state.router,
     ui.router,
+    audit.router,
 )

@@ -8,33 +8,36 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from bdi.logging import slog
+from serving.audit import AuditDep
+from serving.auth import scoped
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.requests import CalibrateDatasetRequest, CalibrateManualRequest, CalibrateNgRequest
 from serving.schemas import CalibrateDatasetResponse, CalibrateManualResponse, CalibrateNgResponse
 
-router = APIRouter(tags=["calibration"])
+router = APIRouter(tags=["calibration"], dependencies=[scoped("train")])
 
 JsonBody = Annotated[dict[str, Any], Body()]
 
 
 @router.post("/calibrate_ng", dependencies=[error_style("model")], openapi_extra=CalibrateNgRequest.openapi(),
              response_model=CalibrateNgResponse, response_model_exclude_unset=True)
-def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateNgResponse:
+def calibrate_ng(ctx: RequestCtx, service: ServiceDep, audit: AuditDep, body: JsonBody) -> CalibrateNgResponse:
     """Threshold from OK/NG scores the client computed; NaN/inf scores are dropped."""
     req = CalibrateNgRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
     slog("calibrate_ng.request", model_key=ref.model_key, ok_count=len(req.ok_scores or ()),
          ng_count=len(req.ng_scores or ()), mm_per_px=req.mm_per_px, area_mm2_thr=req.area_mm2_thr,
          score_percentile=req.score_percentile)
-    calib = service.calibrate_from_scores(
-        ref=ref,
-        ok_scores=req.ok_scores or [],
-        ng_scores=req.ng_scores,
-        mm_per_px=req.mm_per_px,
-        score_percentile=req.score_percentile,
-        area_mm2_thr=req.area_mm2_thr,
-    )
+    with audit.change("calibrate", ref, source="scores"):
+        calib = service.calibrate_from_scores(
+            ref=ref,
+            ok_scores=req.ok_scores or [],
+            ng_scores=req.ng_scores,
+            mm_per_px=req.mm_per_px,
+            score_percentile=req.score_percentile,
+            area_mm2_thr=req.area_mm2_thr,
+        )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold)
     warnings = service.detection_warnings(ref=ref, calib=calib)
     response = CalibrateNgResponse.of(calib, ids=ctx.ids(), warnings=warnings)
@@ -46,17 +49,20 @@ def calibrate_ng(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> Calibr
 @router.post("/calibrate_dataset", dependencies=[error_style("batch")],
              openapi_extra=CalibrateDatasetRequest.openapi(), response_model=CalibrateDatasetResponse,
              response_model_exclude_unset=True)
-def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateDatasetResponse:
+def calibrate_dataset(
+    ctx: RequestCtx, service: ServiceDep, audit: AuditDep, body: JsonBody
+) -> CalibrateDatasetResponse:
     """Score every stored OK/NG sample with the fitted memory and write a new calibration."""
     req = CalibrateDatasetRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
-    calib = service.calibrate_dataset(
-        ref=ref,
-        score_percentile=req.score_percentile,
-        area_mm2_thr=req.area_mm2_thr,
-        default_mm_per_px=req.default_mm_per_px,
-        require_ng=True if req.require_ng is None else req.require_ng,
-    )
+    with audit.change("calibrate", ref, source="dataset"):
+        calib = service.calibrate_dataset(
+            ref=ref,
+            score_percentile=req.score_percentile,
+            area_mm2_thr=req.area_mm2_thr,
+            default_mm_per_px=req.default_mm_per_px,
+            require_ng=True if req.require_ng is None else req.require_ng,
+        )
     slog("calibrate.saved", model_key=ref.model_key, threshold=calib.threshold, n_ok=calib.n_ok, n_ng=calib.n_ng)
     warnings = service.detection_warnings(ref=ref, calib=calib)
     return CalibrateDatasetResponse.of(calib, ids=ctx.ids(), warnings=warnings)
@@ -64,12 +70,13 @@ def calibrate_dataset(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> C
 
 @router.post("/calibrate_manual", dependencies=[error_style("model")], openapi_extra=CalibrateManualRequest.openapi(),
              response_model=CalibrateManualResponse)
-def calibrate_manual(ctx: RequestCtx, service: ServiceDep, body: JsonBody) -> CalibrateManualResponse:
+def calibrate_manual(ctx: RequestCtx, service: ServiceDep, audit: AuditDep, body: JsonBody) -> CalibrateManualResponse:
     """Store an operator's threshold as the calibration (``source: manual``), bound to the fitted memory;
     the answer names the threshold it replaced, so a client can restore it the same way."""
     req = CalibrateManualRequest.parse(body)
     ref = ctx.model_ref(role_id=req.role_id, roi_id=req.roi_id, model_key=req.model_key_str)
-    manual = service.calibrate_manual(ref=ref, threshold=req.threshold)
+    with audit.change("calibrate", ref, source="manual"):
+        manual = service.calibrate_manual(ref=ref, threshold=req.threshold)
     slog("calibrate.saved", model_key=ref.model_key, threshold=manual.calibration.threshold, source="manual",
          previous_threshold=manual.previous_threshold)
     return CalibrateManualResponse.of(manual, ids=ctx.ids())
