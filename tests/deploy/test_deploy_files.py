@@ -134,8 +134,9 @@ def test_nginx_bounds_slow_and_greedy_clients() -> None:
 
 def _self_signed(cert: Path, key: Path) -> None:
     """A throw-away certificate where compose mounts BDI_TLS_CERT / BDI_TLS_KEY."""
-    out = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=bdi",
-                          "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60, check=False)
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=bdi",
+            "-keyout", str(key), "-out", str(cert)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
 
 

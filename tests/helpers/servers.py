@@ -233,7 +233,8 @@ class UvicornServer:
         assert self.proc is not None, "not started"
         timeout = self.startup_timeout_s if timeout_s is None else timeout_s
         try:
-            _wait_http(f"{self.base_url}{self.ready_path}", proc=self.proc, log=self.log, timeout_s=timeout, what=self.name)
+            _wait_http(f"{self.base_url}{self.ready_path}", proc=self.proc, log=self.log, timeout_s=timeout,
+                       what=self.name)
         except AssertionError:
             if retries <= 0 or "address already in use" not in self.log.read_text(errors="replace"):
                 raise
