@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from bdi.errors import BDIError
+from bdi.errors import BDIError, StorageError
+from bdi.logging import slog
 from bdi.refs import DatasetRef, ModelRef
 from bdi.security.audit import AuditEvent, AuditLog
 from bdi.security.keys import Principal
@@ -35,7 +36,8 @@ class Auditor:
     def change(self, action: str, ref: ModelRef | DatasetRef, **detail: Any) -> Iterator[dict[str, Any]]:
         """Record ``action`` on ``ref`` once the block ends, with its outcome (``ok`` or the error's class
         name, then re-raised). A model's snapshot is read before and after; a dataset change has none (it does
-        not change what serves). The block may add to the yielded ``detail``."""
+        not change what serves). The block may add to the yielded ``detail``. A record that cannot be written
+        fails a successful change (500); after a failed one the change's own error is the answer."""
         model = ref if isinstance(ref, ModelRef) else None
         before = self._snapshot(model)
         extra = dict(detail)
@@ -50,11 +52,17 @@ class Auditor:
             roi = {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id}
             if model is not None:
                 roi["model_key"] = model.model_key
-            self._log.append(AuditEvent(
+            event = AuditEvent(
                 action=action, outcome=outcome, key_id=self._principal.key_id, key_label=self._principal.label,
                 client=self._client, request_id=self._request_id, route=self._route, roi=roi,
                 before=before, after=after, detail=extra,
-            ))
+            )
+            try:
+                self._log.append(event)
+            except StorageError as exc:
+                slog("audit.append_failed", level="error", action=action, outcome=outcome, error=str(exc))
+                if outcome == "ok":
+                    raise  # a change the trail cannot record is not reported as a success (500 A, logged)
 
 
     def _snapshot(self, model: ModelRef | None) -> dict[str, Any] | None:
