@@ -207,3 +207,18 @@ def test_upload_without_key_is_refused_before_body_is_read(tmp_path: Path) -> No
         assert not [p for p in (tmp_path / "models").rglob("*") if p.is_file() and ".security" not in p.parts]
 
 
+
+
+def _events(tmp_path: Path, name: str) -> list[dict[str, object]]:
+    log = tmp_path / "logs" / "backend_diagnostics.jsonl"
+    return [e for e in map(json.loads, log.read_text().splitlines()) if e.get("event") == name]
+
+
+def test_auth_off_beyond_loopback_warns_loudly_at_start_up(client_factory: ClientFactory, tmp_path: Path) -> None:
+    client_factory(backend_host="127.0.0.1")
+    assert _events(tmp_path, "security.auth_off") == []
+    client_factory(backend_host="0.0.0.0")
+    [warning] = _events(tmp_path, "security.auth_off")
+    assert "ACCESS CONTROL IS OFF" in str(warning["message"]) and "BDI_AUTH=required" in str(warning["message"])
+    client_factory(backend_host="0.0.0.0", auth="required")
+    assert len(_events(tmp_path, "security.auth_off")) == 1
