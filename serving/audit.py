@@ -52,18 +52,35 @@ class Auditor:
             roi = {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id}
             if model is not None:
                 roi["model_key"] = model.model_key
-            event = AuditEvent(
+            self._append(AuditEvent(
                 action=action, outcome=outcome, key_id=self._principal.key_id, key_label=self._principal.label,
                 client=self._client, request_id=self._request_id, route=self._route, roi=roi,
                 before=before, after=after, detail=extra,
-            )
-            try:
-                self._log.append(event)
-            except StorageError as exc:
-                slog("audit.append_failed", level="error", action=action, outcome=outcome, error=str(exc))
-                if outcome == "ok":
-                    raise  # a change the trail cannot record is not reported as a success (500 A, logged)
+            ))
 
+
+    @contextmanager
+    def event(self, action: str, **detail: Any) -> Iterator[dict[str, Any]]:
+        """Record an action that touches no model (key management) once the block ends, with its outcome."""
+        extra = dict(detail)
+        outcome = "ok"
+        try:
+            yield extra
+        except Exception as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            self._append(AuditEvent(action=action, outcome=outcome, key_id=self._principal.key_id,
+                                    key_label=self._principal.label, client=self._client,
+                                    request_id=self._request_id, route=self._route, detail=extra))
+
+    def _append(self, event: AuditEvent) -> None:
+        try:
+            self._log.append(event)
+        except StorageError as exc:
+            slog("audit.append_failed", level="error", action=event.action, outcome=event.outcome, error=str(exc))
+            if event.outcome == "ok":
+                raise  # a change the trail cannot record is not reported as a success (500 A, logged)
 
     def _snapshot(self, model: ModelRef | None) -> dict[str, Any] | None:
         if model is None:

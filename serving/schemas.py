@@ -299,6 +299,40 @@ class AuditPageResponse(BaseModel):
     recipe_id: str
 
 
+class KeyInfo(BaseModel):
+    """One API key as shown: never its token or hash (``bdi.security.keys.ApiKey.public``)."""
+
+    id: str
+    label: str
+    scopes: list[str]
+    created_utc: str
+    expires_utc: str | None = None
+    revoked_utc: str | None = None
+
+
+class KeyListResponse(BaseModel):
+    """GET /keys."""
+
+    keys: list[KeyInfo]
+    request_id: str
+    recipe_id: str
+
+
+class KeyCreatedResponse(KeyInfo):
+    """POST /keys: the new key and its token, shown this once."""
+
+    token: str
+    request_id: str
+    recipe_id: str
+
+
+class KeyRevokedResponse(KeyInfo):
+    """DELETE /keys/{key_id}: the key as revoked."""
+
+    request_id: str
+    recipe_id: str
+
+
 class UploadResponse(BaseModel):
     """POST /datasets/{ok,ng}/upload: the stored file names."""
 

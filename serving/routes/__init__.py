@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import audit, calibration, datasets, fit, health, inference, state, ui
+from serving.routes import audit, calibration, datasets, fit, health, inference, keys, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -15,4 +15,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     state.router,
     ui.router,
     audit.router,
+    keys.router,
 )

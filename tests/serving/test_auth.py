@@ -31,7 +31,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("DELETE", "/datasets/file"): "samples", ("DELETE", "/datasets/clear"): "samples",
     ("POST", "/fit_ok"): "train", ("POST", "/calibrate_ng"): "train", ("POST", "/calibrate_dataset"): "train",
     ("POST", "/calibrate_manual"): "train",
-    ("GET", "/audit"): "admin",
+    ("GET", "/audit"): "admin", ("GET", "/keys"): "admin", ("POST", "/keys"): "admin",
+    ("DELETE", "/keys/{key_id}"): "admin",
     ("GET", "/ui"): "public", ("GET", "/ui/"): "public", ("GET", "/ui/{name}"): "public",
 }
 
@@ -53,7 +54,7 @@ def _keys(root: Path) -> dict[str, str]:
 
 def _call(client: TestClient, route: BaseRoute, headers: dict[str, str]) -> int:
     method = sorted(getattr(route, "methods", {"GET"}))[0]
-    path = getattr(route, "path", "/").replace("{name}", "index.html")
+    path = getattr(route, "path", "/").replace("{name}", "index.html").replace("{key_id}", "00000000")
     return client.request(method, path, headers=headers, follow_redirects=False).status_code
 
 
@@ -222,3 +223,28 @@ def test_auth_off_beyond_loopback_warns_loudly_at_start_up(client_factory: Clien
     assert "ACCESS CONTROL IS OFF" in str(warning["message"]) and "BDI_AUTH=required" in str(warning["message"])
     client_factory(backend_host="0.0.0.0", auth="required")
     assert len(_events(tmp_path, "security.auth_off")) == 1
+
+
+def test_an_admin_key_manages_keys_over_http_and_each_change_is_audited(
+    client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    client = client_factory(auth="required")
+    root = tmp_path / "models" / ".security"
+    admin = KeyStore(root).create(label="it", scopes=("admin",))
+    auth = {"Authorization": f"Bearer {admin.token}"}
+    created = client.post("/keys", json={"label": "line-4-gui", "scopes": ["inspect", "samples"]}, headers=auth)
+    assert created.status_code == 200, created.text
+    token, key_id = created.json()["token"], created.json()["id"]
+    assert client.get("/health", headers={"X-API-Key": token}).status_code == 200
+    listed = client.get("/keys", headers=auth).json()["keys"]
+    assert {k["label"] for k in listed} == {"it", "line-4-gui"} and token not in json.dumps(listed)
+    assert client.delete(f"/keys/{key_id}", headers=auth).json()["revoked_utc"]
+    assert client.get("/health", headers={"X-API-Key": token}).status_code == 401
+    assert client.delete("/keys/nope", headers=auth).status_code == 404
+    bad = client.post("/keys", json={"label": "x", "scopes": ["root"]}, headers=auth)
+    assert bad.status_code == 400 and "root" in bad.json()["detail"]
+    records = list(AuditLog(root).records())
+    assert [(r["action"], r["outcome"]) for r in records] == [
+        ("keys.create", "ok"), ("keys.revoke", "ok"), ("keys.revoke", "NotFoundError"),
+        ("keys.create", "InvalidInputError")]
+    assert records[0]["key_label"] == "it" and token not in json.dumps(records)
