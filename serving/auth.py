@@ -25,6 +25,7 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bdi.errors import BDIError
 from bdi.logging import slog
 from bdi.security.keys import KeyStore, Principal
 from serving.settings import ServingSettings
@@ -174,8 +175,16 @@ class AuthMiddleware:
             await _refuse(send, AuthRefusedError(429, f"too many failed API key attempts from {client}; "
                                                       f"retry in {wait_s} s", {"Retry-After": str(wait_s)}))
             return
-        decision = decide(mode=settings.auth, scope=route_scope_, headers=Headers(scope=scope),
-                          keys=app.state.key_store)
+        try:
+            decision = decide(mode=settings.auth, scope=route_scope_, headers=Headers(scope=scope),
+                              keys=app.state.key_store)
+        except BDIError as exc:  # an unreadable key file: nobody can be checked, and the answer stays JSON
+            slog("auth.key_store_error", error=str(exc))
+            request_id = str(state.get("request_id", ""))
+            await _send_json(send, 500, {"error": "Internal Server Error (the API key file cannot be read; details "
+                                                  f"are in the server log under request_id {request_id})",
+                                         "request_id": request_id, "recipe_id": "default"}, {})
+            return
         if isinstance(decision, AuthRefusedError):
             if decision.status == 401:
                 self._limiter.record(client)
@@ -202,8 +211,12 @@ def client_address(scope: Scope) -> str:
 
 
 async def _refuse(send: Send, refusal: AuthRefusedError) -> None:
-    body = json.dumps({"detail": refusal.detail}).encode("utf-8")
+    await _send_json(send, refusal.status, {"detail": refusal.detail}, refusal.headers)
+
+
+async def _send_json(send: Send, status: int, content: dict[str, Any], extra: dict[str, str]) -> None:
+    body = json.dumps(content).encode("utf-8")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers.items()]
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

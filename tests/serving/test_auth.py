@@ -248,3 +248,13 @@ def test_an_admin_key_manages_keys_over_http_and_each_change_is_audited(
         ("keys.create", "ok"), ("keys.revoke", "ok"), ("keys.revoke", "NotFoundError"),
         ("keys.create", "InvalidInputError")]
     assert records[0]["key_label"] == "it" and token not in json.dumps(records)
+
+
+def test_an_unreadable_key_file_is_a_json_500_not_a_crash(client_factory: ClientFactory, tmp_path: Path) -> None:
+    client = client_factory(auth="required")
+    root = tmp_path / "models" / ".security"
+    root.mkdir(parents=True)
+    (root / "keys.json").write_text("{not json", encoding="utf-8")
+    response = client.get("/health", headers={"X-API-Key": "bdi_abc_def"})
+    assert response.status_code == 500 and "key file" in response.json()["error"]
+    assert response.json()["request_id"] == response.headers["x-request-id"]

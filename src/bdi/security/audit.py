@@ -63,8 +63,8 @@ class AuditLog:
 
     def append(self, event: AuditEvent) -> dict[str, Any]:
         """Append one record (time, seq and chain added) durably; returns it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open the audit trail {self.path}: {exc}") from exc

@@ -173,9 +173,12 @@ class KeyStore:
         return self.keys()
 
     def _write(self, keys: dict[str, ApiKey]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {"keys": [asdict(k) for k in keys.values()]})
-        self.path.chmod(0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"keys": [asdict(k) for k in keys.values()]})
+            self.path.chmod(0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot write the key file {self.path}: {exc}") from exc
 
     def _locked(self) -> Any:
         return exclusive_lock(
