@@ -60,6 +60,7 @@ def fuzzed_app(tmp_path_factory: pytest.TempPathFactory, tiny_extractor: Feature
                                             "use_dataset": "true"}).status_code == 200
         assert client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI,
                                                   "ok_scores": [10.0]}).status_code == 200
+        assert client.post("/keys", json={"label": "fuzz", "scopes": ["inspect"]}).status_code == 200
         yield app
 
 
@@ -89,8 +90,11 @@ MM_PER_PX = 0.2
 
 def _well_formed(case: Any, stored: dict[str, list[str]]) -> Any:
     """``case`` with what must be valid for real work made valid: ids, ``mm_per_px``, a PNG wherever a file
-    goes, a stored file's name; the other generated fields (flags, percentiles, thresholds...) stay fuzzed."""
+    goes, a stored file's name, a stored key's id and a known scope; the other generated fields (flags,
+    percentiles, thresholds...) stay fuzzed."""
     method = case.operation.method.upper()
+    if case.operation.path == "/keys/{key_id}":
+        case.path_parameters = {"key_id": stored["keys"][0]}
     if isinstance(case.query, dict) and case.query:
         case.query.update(role_id=ROLE, roi_id=ROI)
         case.query.pop("model_key", None)
@@ -114,10 +118,12 @@ def _well_formed(case: Any, stored: dict[str, list[str]]) -> Any:
             body["images"] = [PNG]
         if case.operation.path == "/fit_ok" and body.get("images") is None:
             body["use_dataset"] = True
-        if "ok_scores" in body:
+        if "ok_scores" in body or case.operation.path == "/calibrate_ng":  # at least one OK score is required
             body.update(ok_scores=[10.0, 11.0], ng_scores=[30.0])
         if "labels" in body:
             body["labels"] = ["ok"]
+        if case.operation.path == "/keys":
+            body.update(label="fuzz", scopes=["inspect"])
     return case
 
 
@@ -167,7 +173,9 @@ def test_well_formed_generated_requests_get_a_2xx_from_every_route(fuzzed_app: A
     statuses: dict[str, list[int]] = {}
     with TestClient(fuzzed_app) as client:
         listed = client.get("/datasets/list", params={"role_id": ROLE, "roi_id": ROI}).json()
+        keys = [key["id"] for key in client.get("/keys").json()["keys"]]
     stored = {label: list(listed["classes"][label]["files"]) for label in ("ok", "ng")}
+    stored["keys"] = keys
     for result in schema.get_all_operations():
         _fuzz_well_formed(result.ok(), stored, statuses)
     assert len(statuses) >= 15
