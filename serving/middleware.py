@@ -84,7 +84,7 @@ def build_cors(app: ASGIApp, cors_origins: str, *, auth_on: bool = False) -> COR
     """CORS per docs/contract.md "CORS": credentials only when the origin list is not ``*``; never ``*``
     while auth is on (docs/security.md)."""
     origins = cors_origin_list(cors_origins, auth_on=auth_on)
-    if auth_on and "*" in [o.strip() for o in cors_origins.split(",")] + ([] if cors_origins.strip() else ["*"]):
+    if auth_on and "*" in cors_origin_list(cors_origins, auth_on=False):
         slog("security.cors_wildcard_dropped", level="warning", origins=origins,
              message="BDI_CORS_ORIGINS '*' is ignored while BDI_AUTH is on: list the origins that may call")
     wildcard = origins == ["*"]
