@@ -172,9 +172,11 @@ def _watch(
     if interval <= 0:
         raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
     configure_logging(log_dir)
+    settings = Settings()
+    security_root = settings.model_copy(update={"models_dir": models_dir}).security_root()  # --models-dir's own
     follower = RegistryFollower(tracking=tracking, models_dir=models_dir, interval_s=interval,
-                                exports_root=Settings().exports_dir(), shadow_alias=shadow_alias,
-                                audit=AuditLog(_security_root()))
+                                exports_root=settings.exports_dir(), shadow_alias=shadow_alias,
+                                audit=AuditLog(security_root))
     signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
     _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
     try:

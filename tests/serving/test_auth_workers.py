@@ -111,3 +111,31 @@ def test_writes_from_both_workers_land_in_one_verifiable_trail(server: UvicornSe
     assert set(sent) <= set(uploads)
     assert {uploads[r]["client"] for r in sent} == {f"10.0.3.{i}" for i in range(32)}  # the trusted proxy's X-F-F
     assert bdi(server, "audit", "verify").startswith(str(audit.path))
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "swap"])
+def test_bdi_audit_verify_names_the_record_after_the_servers_trail_is_tampered_with(
+    server: UvicornServer, tmp_path: Path, tamper: str
+) -> None:
+    _, token = new_key(server, "--scope", "samples", "--label", f"tamper-{tamper}")
+    for i in range(3):
+        response = httpx.post(f"{server.base_url}/datasets/ng/upload", timeout=60,
+                              data={"role_id": ROLE, "roi_id": ROI},
+                              files=[("images", (f"t{i}.png", disc_png(seed=50 + i), "image/png"))],
+                              headers={"X-API-Key": token})
+        assert response.status_code == 200, response.text
+    lines = (Path(server.env["BDI_MODELS_DIR"]) / ".security" / "audit.jsonl").read_text().splitlines(keepends=True)
+    target = len(lines) - 2  # the second-to-last record (0-based line index)
+    if tamper == "edit":
+        lines[target] = lines[target].replace('"outcome":"ok"', '"outcome":"ok "')
+    elif tamper == "delete":
+        del lines[target]
+    else:
+        lines[target], lines[target + 1] = lines[target + 1], lines[target]
+    (tmp_path / "audit.jsonl").write_text("".join(lines))
+    out = subprocess.run([sys.executable, "-m", "bdi.cli", "audit", "verify"],
+                         env={**server.env, "BDI_SECURITY_DIR": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 1, out.stdout
+    named = f"line {target + 1} (seq "
+    assert named in out.stderr and "FAILED" in out.stderr, out.stderr

@@ -113,6 +113,7 @@ def sync_once(
     models dir keeps what it has and the status keeps the last success.
     """
     started = time.time()
+    report: SyncReport | None = None
     status: dict[str, Any] = dict(previous or {})
     status.update({"alias": alias, "interval_s": interval_s, "pid": os.getpid(),
                    "last_attempt_unix": started, "last_attempt_utc": _iso(started)})
@@ -131,11 +132,6 @@ def sync_once(
         kept = [m for m in status.get("models") or [] if isinstance(m, dict) and m.get("name") in failed]
         status.update({"error": None, "last_success_unix": done, "last_success_utc": _iso(done),
                        "models": kept + _held_entries(report), "failed": [str(f) for f in report.failed]})
-        if audit is not None and report.changed:
-            try:
-                audit_changes(audit, report, previous)
-            except StorageError as exc:  # the models were swapped: say loudly that the record is missing
-                slog("registry.audit_failed", level="error", error=str(exc))
         if report.changed or report.released:
             slog("registry.sync", alias=alias, changed=[f"{m.name}@{m.version}" for m in report.changed],
                  released=list(report.released))
@@ -143,6 +139,11 @@ def sync_once(
         atomic_write_json(status_path(models_dir), status, indent=2)
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk must not stop the loop
         slog("registry.status_write_failed", error=str(exc))
+    if audit is not None and report is not None and report.changed:  # after the status: /health sees the swap first
+        try:
+            audit_changes(audit, report, previous)
+        except StorageError as exc:  # the models were swapped: say loudly that the record is missing
+            slog("registry.audit_failed", level="error", error=str(exc))
     return status
 
 
