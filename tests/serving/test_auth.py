@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute
@@ -16,6 +18,8 @@ from bdi.security.keys import SCOPES, KeyStore
 from serving.app import create_app
 from serving.auth import route_scope
 from serving.routes import ROUTERS
+from tests.helpers.servers import UvicornServer, server_env
+from tests.helpers.synthetic import disc_png
 
 from .conftest import ROI, ROLE, ClientFactory, upload
 
@@ -195,17 +199,35 @@ def _raw_upload_headers_only(port: int, content_length: int) -> bytes:
         return sock.recv(65536)
 
 
-@pytest.mark.slow
-def test_upload_without_key_is_refused_before_body_is_read(tmp_path: Path) -> None:
-    from tests.helpers.servers import UvicornServer, server_env
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
+    """``python -m serving`` with BDI_AUTH=writes (/health stays open for the helper's readiness probe) and no
+    trusted proxy (the default)."""
+    tmp = tmp_path_factory.mktemp("auth-server")
+    with UvicornServer(cwd=tmp, env=server_env(tmp, BDI_AUTH="writes"), launcher="serving") as started:
+        yield started
 
-    env = server_env(tmp_path, BDI_AUTH="writes")  # /health stays open for the helper's readiness probe
-    with UvicornServer(cwd=tmp_path, env=env) as server:
-        answer = _raw_upload_headers_only(server.port, 10_000_000)  # no body byte is sent: only a refusal
-        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # can answer without waiting for it
-        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
-        assert "API key" in body["detail"]
-        assert not [p for p in (tmp_path / "models").rglob("*") if p.is_file() and ".security" not in p.parts]
+
+@pytest.mark.slow
+def test_upload_without_key_is_refused_before_body_is_read(server: UvicornServer) -> None:
+    answer = _raw_upload_headers_only(server.port, 10_000_000)  # no body byte is sent: only a refusal
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # can answer without waiting for it
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert "API key" in body["detail"]
+    models = Path(server.env["BDI_MODELS_DIR"])
+    assert not [p for p in models.rglob("*") if p.is_file() and ".security" not in p.parts]
+
+
+@pytest.mark.slow
+def test_a_forwarded_address_from_an_untrusted_peer_is_not_believed(server: UvicornServer) -> None:
+    root = Path(server.env["BDI_MODELS_DIR"]) / ".security"
+    token = KeyStore(root).create(label="gui", scopes=("samples",)).token
+    response = httpx.post(f"{server.base_url}/datasets/ok/upload", data={"role_id": ROLE, "roi_id": ROI},
+                          files=[("images", ("a.png", disc_png(seed=1), "image/png"))],
+                          headers={"X-API-Key": token, "X-Forwarded-For": "10.9.9.9"}, timeout=60)
+    assert response.status_code == 200, response.text
+    [record] = [r for r in AuditLog(root).records() if r["action"] == "samples.upload"]
+    assert record["client"] == "127.0.0.1" and record["key_label"] == "gui"
 
 
 
