@@ -39,7 +39,7 @@ FAILURE_WINDOW_S = 60.0
 class AuthRefusedError(Exception):
     """A request the key check refuses (raised by the route dependency; the middleware answers directly)."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -58,7 +58,7 @@ def scoped(scope: RouteScope) -> Any:
             if isinstance(decision, AuthRefusedError):
                 raise decision
             request.state.principal = decision
-        elif not allows(settings.auth, scope, principal):
+        elif not allows(settings.auth, scope=scope, principal=principal):
             raise AuthRefusedError(403, _forbidden(scope))
 
     setattr(require_scope, SCOPE_ATTR, scope)
@@ -75,7 +75,7 @@ def route_scope(route: BaseRoute) -> RouteScope | None:
     return None
 
 
-def allows(mode: AuthMode, scope: RouteScope, principal: Principal) -> bool:
+def allows(mode: AuthMode, *, scope: RouteScope, principal: Principal) -> bool:
     if mode == "off" or scope == "public" or (mode == "writes" and scope == "inspect"):
         return True
     return scope in principal.scopes
@@ -106,8 +106,8 @@ def decide(*, mode: AuthMode, scope: RouteScope, headers: Headers, keys: KeyStor
         return Principal.anonymous()
     principal = keys.authenticate(token) if token else None
     if principal is None:
-        return AuthRefusedError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-    if not allows(mode, scope, principal):
+        return AuthRefusedError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+    if not allows(mode, scope=scope, principal=principal):
         return AuthRefusedError(403, _forbidden(scope))
     return principal
 
@@ -173,7 +173,7 @@ class AuthMiddleware:
         if wait_s:
             slog("auth.rate_limited", client=client, retry_after_s=wait_s)
             await _refuse(send, AuthRefusedError(429, f"too many failed API key attempts from {client}; "
-                                                      f"retry in {wait_s} s", {"Retry-After": str(wait_s)}))
+                                                      f"retry in {wait_s} s", headers={"Retry-After": str(wait_s)}))
             return
         try:
             decision = decide(mode=settings.auth, scope=route_scope_, headers=Headers(scope=scope),
@@ -181,9 +181,10 @@ class AuthMiddleware:
         except BDIError as exc:  # an unreadable key file: nobody can be checked, and the answer stays JSON
             slog("auth.key_store_error", error=str(exc))
             request_id = str(state.get("request_id", ""))
-            await _send_json(send, 500, {"error": "Internal Server Error (the API key file cannot be read; details "
-                                                  f"are in the server log under request_id {request_id})",
-                                         "request_id": request_id, "recipe_id": "default"}, {})
+            message = ("Internal Server Error (the API key file cannot be read; details are in the server log "
+                       f"under request_id {request_id})")
+            await _send_json(send, status=500,
+                             content={"error": message, "request_id": request_id, "recipe_id": "default"})
             return
         if isinstance(decision, AuthRefusedError):
             if decision.status == 401:
@@ -211,12 +212,12 @@ def client_address(scope: Scope) -> str:
 
 
 async def _refuse(send: Send, refusal: AuthRefusedError) -> None:
-    await _send_json(send, refusal.status, {"detail": refusal.detail}, refusal.headers)
+    await _send_json(send, status=refusal.status, content={"detail": refusal.detail}, extra=refusal.headers)
 
 
-async def _send_json(send: Send, status: int, content: dict[str, Any], extra: dict[str, str]) -> None:
+async def _send_json(send: Send, *, status: int, content: dict[str, Any], extra: dict[str, str] | None = None) -> None:
     body = json.dumps(content).encode("utf-8")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

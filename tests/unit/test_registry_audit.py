@@ -25,7 +25,7 @@ def test_a_swapped_model_is_audited_with_its_version_and_fingerprint_before_and_
     previous = {"models": [{"recipe_id": "default", "role_id": "Inspection", "roi_id": "inspection-1",
                             "model_key": "inspection-1", "memory_fingerprint": "old-fp", "version": 1}]}
     log = AuditLog(tmp_path / "security")
-    audit_changes(log, SyncReport(alias="champion", held=(swapped, unchanged)), previous)
+    audit_changes(log, SyncReport(alias="champion", held=(swapped, unchanged)), previous=previous)
     [record] = log.records()
     assert record["key_id"] == "registry" and record["action"] == "registry.sync"
     assert record["before"] == {"memory_fingerprint": "old-fp", "version": 1}

@@ -86,7 +86,7 @@ def _threshold(calib_path: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def audit_changes(audit: AuditLog, report: SyncReport, previous: Mapping[str, Any] | None) -> None:
+def audit_changes(audit: AuditLog, report: SyncReport, *, previous: Mapping[str, Any] | None) -> None:
     """One audit record (key ``registry``) per model the sync swapped: the version and fingerprint before and after."""
     held_before = {(m.get("recipe_id"), m.get("role_id"), m.get("roi_id"), m.get("model_key")): m
                    for m in (previous or {}).get("models") or [] if isinstance(m, dict)}
@@ -141,7 +141,7 @@ def sync_once(
         slog("registry.status_write_failed", error=str(exc))
     if audit is not None and report is not None and report.changed:  # after the status: /health sees the swap first
         try:
-            audit_changes(audit, report, previous)
+            audit_changes(audit, report, previous=previous)
         except StorageError as exc:  # the models were swapped: say loudly that the record is missing
             slog("registry.audit_failed", level="error", error=str(exc))
     return status
