@@ -1,22 +1,31 @@
 """Key management over HTTP (additive, ``admin`` scope): GET /keys, POST /keys (the token is in this answer
-only), DELETE /keys/{key_id}; each change in the audit trail, as ``bdi keys`` does (docs/security.md)."""
+only), DELETE /keys/{key_id}; each change in the audit trail, as ``bdi keys`` does (docs/security.md). Refused
+(403) while ``BDI_AUTH`` is off."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
 
 from bdi.security.keys import KeyStore, parse_scopes
 from serving.audit import AuditDep
-from serving.auth import scoped
+from serving.auth import AuthRefusedError, scoped
 from serving.deps import RequestCtx
 from serving.errors import error_style
 from serving.requests import KeyCreateRequest
 from serving.schemas import KeyCreatedResponse, KeyListResponse, KeyRevokedResponse
 
-router = APIRouter(tags=["keys"], dependencies=[error_style("resource"), scoped("admin")])
+
+async def _refused_while_auth_is_off(request: Request) -> None:
+    # with auth off anyone could mint a key today that opens the server once auth is turned on
+    if request.app.state.serving_settings.auth == "off":
+        raise AuthRefusedError(403, "key management over HTTP needs BDI_AUTH on; use `bdi keys` on the server")
+
+
+router = APIRouter(tags=["keys"], dependencies=[error_style("resource"), scoped("admin"),
+                                                Depends(_refused_while_auth_is_off)])
 
 
 def _store(request: Request) -> KeyStore:

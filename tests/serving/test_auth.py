@@ -280,3 +280,10 @@ def test_an_unreadable_key_file_is_a_json_500_not_a_crash(client_factory: Client
     response = client.get("/health", headers={"X-API-Key": "bdi_abc_def"})
     assert response.status_code == 500 and "key file" in response.json()["error"]
     assert response.json()["request_id"] == response.headers["x-request-id"]
+
+
+def test_key_management_over_http_is_refused_while_auth_is_off(client: TestClient, models_dir: Path) -> None:
+    response = client.post("/keys", json={"label": "sneaky", "scopes": ["admin"]})
+    assert response.status_code == 403 and "BDI_AUTH" in response.json()["detail"]
+    assert client.get("/keys").status_code == 403
+    assert not (models_dir / ".security" / "keys.json").exists()
