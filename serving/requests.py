@@ -1,5 +1,5 @@
-"""Typed JSON request bodies of /calibrate_ng, /infer_dataset, /calibrate_dataset and /calibrate_manual, with their
-ranges.
+"""Typed JSON request bodies of /calibrate_ng, /infer_dataset, /calibrate_dataset and /calibrate_manual (and the
+additive POST /keys), with their ranges.
 
 Each model states what a key may hold (every number has its range), documents the body in the
 OpenAPI schema (:meth:`JsonBody.openapi`) and validates it (:meth:`JsonBody.parse`). A value out of
@@ -123,3 +123,26 @@ class CalibrateManualRequest(JsonBody):
     """POST /calibrate_manual (additive, docs/contract.md "Additive routes"): a threshold an operator chose."""
 
     threshold: Annotated[float, _NoBool, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class KeyCreateRequest(BaseModel):
+    """POST /keys: who uses the key, its scopes, and optionally how many days it lives (no ROI: not a JsonBody)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    label: str = Field(min_length=1, max_length=200)
+    scopes: list[str] = Field(min_length=1)
+    expires_days: float | None = Field(None, gt=0, le=36500)
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> KeyCreateRequest:
+        """Validate ``body``; the first problem becomes an :class:`InvalidInputError` (400 B) naming the key."""
+        try:
+            return cls.model_validate(dict(body))
+        except ValidationError as exc:
+            raise InvalidInputError(describe_validation_error(exc)) from exc
+
+    @classmethod
+    def openapi(cls) -> dict[str, Any]:
+        return {"requestBody": {"required": True,
+                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}

@@ -312,6 +312,50 @@ class HealthResponse(BaseModel):
     runtime_parity: dict[str, Any] | None
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
+    auth: Literal["off", "required", "writes"] | None = None  # BDI_AUTH (issue 28, docs/security.md)
+
+
+class AuditPageResponse(BaseModel):
+    """GET /audit: one page of audit records (``bdi.security.audit``), oldest first."""
+
+    records: list[dict[str, Any]]
+    next_after_seq: int | None
+    request_id: str
+    recipe_id: str
+
+
+class KeyInfo(BaseModel):
+    """One API key as shown: never its token or hash (``bdi.security.keys.ApiKey.public``)."""
+
+    id: str
+    label: str
+    scopes: list[str]
+    created_utc: str
+    expires_utc: str | None = None
+    revoked_utc: str | None = None
+
+
+class KeyListResponse(BaseModel):
+    """GET /keys."""
+
+    keys: list[KeyInfo]
+    request_id: str
+    recipe_id: str
+
+
+class KeyCreatedResponse(KeyInfo):
+    """POST /keys: the new key and its token, shown this once."""
+
+    token: str
+    request_id: str
+    recipe_id: str
+
+
+class KeyRevokedResponse(KeyInfo):
+    """DELETE /keys/{key_id}: the key as revoked."""
+
+    request_id: str
+    recipe_id: str
 
 
 class UploadResponse(BaseModel):

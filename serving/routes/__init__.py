@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, metrics, state, ui
+from serving.routes import audit, calibration, datasets, fit, health, inference, keys, metrics, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -15,4 +15,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     state.router,
     ui.router,
     metrics.router,
+    audit.router,
+    keys.router,
 )

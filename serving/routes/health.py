@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from bdi import __version__
+from serving.auth import scoped
 from serving.deps import RegistryStatusDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.schemas import HealthResponse
 
-router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
+router = APIRouter(tags=["health"], dependencies=[error_style("resource"), scoped("inspect")])
 
 
 @router.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
@@ -49,4 +50,5 @@ async def health(
     for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity",
                 "runtime_choice", "calibration_warnings"):
         body[key] = info[key]
+    body["auth"] = request.app.state.serving_settings.auth
     return body

@@ -1,6 +1,7 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
 through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
-parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock) and ``bdi demo-data``.
+parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock), ``bdi keys
+create|list|revoke`` and ``bdi audit verify`` (docs/security.md) and ``bdi demo-data``.
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -90,6 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     unlock.add_argument("recipe_id", metavar="RECIPE", help="the recipe id (as in the recipe_id field)")
     unlock.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR (Settings)")
 
+    keys = commands.add_parser(
+        "keys", help="API keys of the server (docs/security.md)",
+        description="API keys in the server's security folder (BDI_SECURITY_DIR, default <BDI_MODELS_DIR>/.security): "
+                    "run with the server's settings, changes act on the running server at its next request.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="create a key; its token is printed once, alone on the last line")
+    create.add_argument("--scope", action="append", required=True,
+                        help="inspect, samples, train or admin; repeat (or comma-separate) for several")
+    create.add_argument("--label", required=True, help="who or what uses it, e.g. line-3-gui")
+    create.add_argument("--expires-days", type=float, default=None, help="expire after this many days (default never)")
+    key_commands.add_parser("list", help="list keys (id, label, scopes, created, expiry, revoked); never the tokens")
+    revoke = key_commands.add_parser("revoke", help="revoke a key (every worker refuses it at its next request)")
+    revoke.add_argument("key_id", metavar="ID")
+
+    audit = commands.add_parser("audit", help="the audit trail (docs/security.md)",
+                                description="The audit trail in the server's security folder.")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    audit_commands.add_parser("verify", help="check the hash chain; exit 1 naming each edited, removed or moved record")
+
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
         description="Write seeded synthetic disc images: train/good, test/good, test/<defect>, ground_truth.",
@@ -146,13 +166,17 @@ def _watch(
     from bdi.config import Settings
     from bdi.logging import configure_logging
     from bdi.mlops.follower import RegistryFollower
+    from bdi.security.audit import AuditLog
 
     interval = args.interval if args.interval is not None else interval_s
     if interval <= 0:
         raise argparse.ArgumentTypeError("--interval must be > 0 with --watch")
     configure_logging(log_dir)
+    settings = Settings()
+    security_root = settings.model_copy(update={"models_dir": models_dir}).security_root()  # --models-dir's own
     follower = RegistryFollower(tracking=tracking, models_dir=models_dir, interval_s=interval,
-                                exports_root=Settings().exports_dir(), shadow_alias=shadow_alias)
+                                exports_root=settings.exports_dir(), shadow_alias=shadow_alias,
+                                audit=AuditLog(security_root))
     signal.signal(signal.SIGTERM, lambda *_: follower.stop(timeout_s=0))
     _emit(f"following the registry into {models_dir} every {interval:g} s (status: {models_dir}/.registry_sync.json)")
     try:
@@ -223,6 +247,67 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _security_root() -> Path:
+    from bdi.config import Settings
+
+    root: Path = Settings().security_root()
+    return root
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``bdi keys create|list|revoke``: on the server's key file; creation and revocation are audited."""
+    import getpass
+    import json
+    import socket
+    from datetime import timedelta
+
+    from bdi.security.audit import AuditEvent, AuditLog
+    from bdi.security.keys import KeyStore, parse_scopes
+
+    root = _security_root()
+    store = KeyStore(root)
+    if args.keys_command == "list":
+        for key in store.keys().values():
+            _emit(json.dumps(key.public(), sort_keys=True))
+        return 0
+    client = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    if args.keys_command == "create":
+        if args.expires_days is not None and args.expires_days <= 0:
+            raise argparse.ArgumentTypeError("--expires-days must be > 0")
+        expires = timedelta(days=args.expires_days) if args.expires_days is not None else None
+        created = store.create(label=args.label, scopes=parse_scopes(args.scope), expires_in=expires)
+        AuditLog(root).append(AuditEvent(action="keys.create", outcome="ok", key_id="cli", key_label="bdi keys",
+                                         client=client, detail=created.key.public()))
+        _emit(f"created key {created.key.id} ({created.key.label}; scopes {', '.join(created.key.scopes)}; "
+              f"expires {created.key.expires_utc or 'never'}) in {store.path}")
+        _emit("the token below is shown once; the server keeps only its salted hash:")
+        _emit(created.token)
+        return 0
+    revoked = store.revoke(args.key_id)
+    AuditLog(root).append(AuditEvent(action="keys.revoke", outcome="ok", key_id="cli", key_label="bdi keys",
+                                     client=client, detail=revoked.public()))
+    _emit(f"revoked key {revoked.id} ({revoked.label}) at {revoked.revoked_utc}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """``bdi audit verify``: exit 0 when the chain holds (crash artefacts are reported, not failures)."""
+    from bdi.security.audit import AuditLog, verify
+
+    log = AuditLog(_security_root())
+    report = verify(log.path)
+    for finding in report.artefacts:
+        _emit(f"line {finding.line}: crash artefact: {finding.message}")
+    for finding in report.problems:
+        seq = f" (seq {finding.seq})" if finding.seq is not None else ""
+        _emit(f"line {finding.line}{seq}: {finding.kind}: {finding.message}", err=True)
+    if not report.ok:
+        _emit(f"{log.path}: FAILED: {len(report.problems)} problem(s) in {report.records} record(s)", err=True)
+        return 1
+    _emit(f"{log.path}: OK: {report.records} record(s), head {report.head}")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from bdi.data.synthetic import write_mvtec_dataset
 
@@ -241,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"sync": _sync, "promote": _promote, "export": _export, "recipe": _recipe,
-                "demo-data": _demo_data}
+                "keys": _keys, "audit": _audit, "demo-data": _demo_data}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

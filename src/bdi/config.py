@@ -29,6 +29,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
+SECURITY_DIRNAME = ".security"
 OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decoder limit (Settings.opencv_env)
 
 
@@ -221,6 +222,9 @@ class Settings(BaseSettings):
     # shadow mode: also sync this alias's holders and score them on live requests, logged only ("" = off)
     registry_shadow_alias: str = Field("", validation_alias=env_aliases("REGISTRY_SHADOW_ALIAS"))
 
+    # where the API keys and the audit trail live (docs/security.md); None = <models_dir>/.security
+    security_dir: Path | None = Field(None, validation_alias=env_aliases("SECURITY_DIR"))
+
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("train_dataset_only", "require_cuda", "dataset_clear_fallback", "registry_sync_on_start",
@@ -229,7 +233,7 @@ class Settings(BaseSettings):
     def _parse_flag(cls, value: object) -> bool:
         return truthy(value)
 
-    @field_validator("threads", mode="before")
+    @field_validator("threads", "security_dir", mode="before")
     @classmethod
     def _parse_optional(cls, value: object) -> object:
         return optional(value)
@@ -274,6 +278,11 @@ class Settings(BaseSettings):
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // self.workers)
+
+    def security_root(self) -> Path:
+        """The folder of the key file and the audit trail: ``security_dir``, else ``<models_dir>/.security``
+        (with the server's state, so ``bdi keys`` with the server's settings acts on the running server)."""
+        return self.security_dir if self.security_dir is not None else self.models_dir / SECURITY_DIRNAME
 
     def exports_dir(self) -> Path:
         """The machine's cache of exported feature nets (``bdi.runtime.export``): ``<weights_cache_dir>/exports``."""

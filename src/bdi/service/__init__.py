@@ -19,6 +19,7 @@ from bdi.service.results import (
     InferOutcome,
     ManualCalibration,
     ModelManifest,
+    ModelSnapshot,
     ModelState,
     SampleScore,
 )
@@ -28,7 +29,8 @@ from bdi.storage.datasets import LABELS
 
 # The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
 __all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
-           "InferOutcome", "Inferring", "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
+           "InferOutcome", "Inferring", "InspectionService", "ManualCalibration", "ModelManifest",
+           "ModelSnapshot", "ModelState",
            "ModelStatus", "Region",
            "SampleScore", "Samples",
            "ServiceContext", "UploadLimits", "remove_orphan_files"]

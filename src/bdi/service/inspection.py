@@ -93,6 +93,7 @@ class InspectionService:
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
         self.progress = self.status.progress  # /progress (additive): the running fit's or calibration's
+        self.snapshot = self.status.snapshot  # the audit trail's before and after
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:

@@ -61,6 +61,14 @@ class ModelState:
 
 
 @dataclass(frozen=True)
+class ModelSnapshot:
+    """What serves one model now: its memory's fingerprint and its threshold (None when absent)."""
+
+    memory_fingerprint: str | None
+    threshold: float | None
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """``/manifest``: memory presence, the calibration object as stored (old files' missing keys stay missing),
     the sample folders' listing and the lineage view."""
