@@ -14,6 +14,7 @@ from bdi.service import (
     Calibration,
     FitResult,
     InferOutcome,
+    InspectionPage,
     ManualCalibration,
     ModelManifest,
     ModelState,
@@ -335,3 +336,20 @@ class ClearResponse(BaseModel):
     resolved_recipe_id: str | None = None
     request_id: str
     recipe_id: str
+
+
+class InspectionsResponse(BaseModel):
+    """GET /inspections: one page of the inspection record, newest first (docs/monitoring.md); ``next_cursor`` is
+    passed back as ``cursor`` for the next page (None: the last page)."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    count: int
+    next_cursor: str | None
+    items: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, page: InspectionPage, *, ids: Mapping[str, str]) -> InspectionsResponse:
+        return cls(**ids, count=len(page.records), next_cursor=page.next_cursor,
+                   items=[record.to_dict() for record in page.records])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, state, ui
+from serving.routes import calibration, datasets, fit, health, inference, monitoring, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -13,5 +13,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     inference.router,
     datasets.router,
     state.router,
+    monitoring.router,
     ui.router,
 )

@@ -1,6 +1,7 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
 through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
-parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock) and ``bdi demo-data``.
+parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock), ``bdi demo-data`` and
+``bdi inspections export`` (the inspection record as CSV or Parquet, docs/monitoring.md).
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -89,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     unlock.add_argument("recipe_id", metavar="RECIPE", help="the recipe id (as in the recipe_id field)")
     unlock.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR (Settings)")
+
+    inspections = commands.add_parser("inspections", help="the inspection record (docs/monitoring.md)",
+                                      description="the inspection record (docs/monitoring.md)")
+    inspections_commands = inspections.add_subparsers(dest="inspections_command", required=True, metavar="ACTION")
+    export_records = inspections_commands.add_parser(
+        "export", help="write the record (newest first) as CSV or Parquet",
+        description="write the inspection record (newest first, filtered) as one CSV or Parquet table")
+    export_records.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    export_records.add_argument("--out", type=Path, required=True, help="the file to write")
+    export_records.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR")
+    for name in ("recipe-id", "role-id", "roi-id", "decision", "since"):
+        export_records.add_argument(f"--{name}", default=None, help="only records with this value"
+                                    if name != "since" else "only records at or after this ISO time")
 
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
@@ -237,11 +251,26 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspections(args: argparse.Namespace) -> int:
+    """``bdi inspections export``: the record of the server's models dir as one table."""
+    from bdi.config import Settings
+    from bdi.monitoring.export import export_records
+    from bdi.monitoring.record import InspectionQuery, inspections_dir, read_records
+
+    models_dir = args.models_dir if args.models_dir is not None else Settings().models_dir
+    query = InspectionQuery(recipe_id=args.recipe_id, role_id=args.role_id, roi_id=args.roi_id,
+                            decision=args.decision, since=args.since)
+    records = read_records(inspections_dir(models_dir), query)
+    export_records(records, args.out, fmt=args.format)
+    _emit(f"wrote {len(records)} inspection records to {args.out} ({args.format})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"sync": _sync, "promote": _promote, "export": _export, "recipe": _recipe,
-                "demo-data": _demo_data}
+                "demo-data": _demo_data, "inspections": _inspections}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

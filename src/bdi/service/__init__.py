@@ -6,6 +6,7 @@
 checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :mod:`.results`.
 """
 
+from bdi.monitoring.record import InspectionPage, InspectionQuery, InspectionRecord
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.inference import Region
 from bdi.service.calibrating import CALIBRATE_NG_DEFAULT_MM_PER_PX, Calibrating
@@ -28,7 +29,8 @@ from bdi.storage.datasets import LABELS
 
 # The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
 __all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
-           "InferOutcome", "Inferring", "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
+           "InferOutcome", "Inferring", "InspectionPage", "InspectionQuery", "InspectionRecord",
+           "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
            "ModelStatus", "Region",
            "SampleScore", "Samples",
            "ServiceContext", "UploadLimits", "remove_orphan_files"]

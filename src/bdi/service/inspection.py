@@ -20,6 +20,8 @@ from bdi.service.context import ServiceContext
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import InferHook, Inferring
 from bdi.service.limits import UploadLimits
+from bdi.service.monitoring import Monitoring
+from bdi.service.recording import inspection_log
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
@@ -69,8 +71,10 @@ class InspectionService:
         ctx = ServiceContext(settings=settings, extractor=extractor, store=self.store, datasets=self.datasets)
         self.fitting = Fitting(ctx, on_fit=on_fit)
         self.calibrating = Calibrating(ctx, on_calibrate=on_calibrate)
-        self.inferring = Inferring(ctx, on_infer=on_infer)
+        self.inspection_log = inspection_log(settings)  # this process's segment of the inspection record
+        self.inferring = Inferring(ctx, on_infer=on_infer, record=self.inspection_log)
         self.samples = Samples(ctx)
+        self.monitoring = Monitoring(ctx)
         self.status = ModelStatus(ctx)
         self._ctx = ctx
         self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
@@ -87,6 +91,7 @@ class InspectionService:
         self.model = ctx.model  # a stored model scoring with this service's extractor
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
+        self.inspections = self.monitoring.inspections  # GET /inspections
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
