@@ -19,6 +19,7 @@ from bdi.service import (
     ModelManifest,
     ModelState,
     Region,
+    RoiDrift,
     SampleScore,
 )
 
@@ -288,6 +289,7 @@ class HealthResponse(BaseModel):
     runtime_parity: dict[str, Any] | None
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
+    warnings: list[dict[str, Any]] | None = None  # models whose drift is in alarm (docs/monitoring.md)
 
 
 class UploadResponse(BaseModel):
@@ -353,3 +355,16 @@ class InspectionsResponse(BaseModel):
     def of(cls, page: InspectionPage, *, ids: Mapping[str, str]) -> InspectionsResponse:
         return cls(**ids, count=len(page.records), next_cursor=page.next_cursor,
                    items=[record.to_dict() for record in page.records])
+
+
+class MonitorResponse(BaseModel):
+    """GET /monitor: the drift of every recorded model (docs/monitoring.md "Drift")."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    rois: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, drifts: Sequence[RoiDrift], *, ids: Mapping[str, str]) -> MonitorResponse:
+        return cls(**ids, rois=[drift.to_dict() for drift in drifts])

@@ -6,6 +6,7 @@
 checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :mod:`.results`.
 """
 
+from bdi.monitoring.drift import RoiDrift
 from bdi.monitoring.record import InspectionPage, InspectionQuery, InspectionRecord
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.inference import Region
@@ -31,6 +32,6 @@ from bdi.storage.datasets import LABELS
 __all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
            "InferOutcome", "Inferring", "InspectionPage", "InspectionQuery", "InspectionRecord",
            "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
-           "ModelStatus", "Region",
+           "ModelStatus", "Region", "RoiDrift",
            "SampleScore", "Samples",
            "ServiceContext", "UploadLimits", "remove_orphan_files"]

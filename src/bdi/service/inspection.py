@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bdi.config import Settings
+from bdi.monitoring.drift_state import DriftStateReader
+from bdi.monitoring.record import inspections_dir
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.features import FeatureExtractor, cuda_available
 from bdi.refs import ModelRef
@@ -78,6 +80,7 @@ class InspectionService:
         self.status = ModelStatus(ctx)
         self._ctx = ctx
         self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
+        self._drift_alarms = DriftStateReader(inspections_dir(settings.models_dir))  # /health's drift warnings
         # The entry points serving, pipelines and benchmarks call are the use cases' own methods (one signature
         # each); only detection_warnings adds to them.
         self.fit_ok = self.fitting.fit_ok  # /fit_ok
@@ -92,6 +95,7 @@ class InspectionService:
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
         self.inspections = self.monitoring.inspections  # GET /inspections
+        self.monitor = self.monitoring.drift  # GET /monitor; the drift gauges of /metrics
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
@@ -118,6 +122,7 @@ class InspectionService:
             "pretrained": weights.pretrained,
             **self.runtime.health(),
             "calibration_warnings": self._alerts.read(),
+            "warnings": self._drift_alarms.alarms(),
         }
 
     def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ never fails the request."""
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ def build_record(
         image_sha256=sha256 or hashlib.sha256(image).hexdigest(), image_bytes=len(image),
         width=int(crop.shape[1]), height=int(crop.shape[0]),
         brightness=stats.brightness, contrast=stats.contrast, sharpness=stats.sharpness,
-        image_file=image_file, timings_ms=dict(result.timings_ms),
+        image_file=image_file, pid=os.getpid(), timings_ms=dict(result.timings_ms),
     )
 
 
