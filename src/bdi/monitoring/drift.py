@@ -11,8 +11,8 @@ one of the five tests of a ROI warns on an unchanged stream well under 1 % per e
 tested against the calibrated false-reject rate (one-sided :func:`scipy.stats.binomtest`: warn at p < 0.1 %, alarm
 at p < 0.01 %).
 
-The cause names the series that moved: ``lighting`` (brightness or contrast), ``focus`` (sharpness; the larger
-PSI wins when both moved) or ``score`` (only the scores or the NG rate moved: the parts themselves, or the model).
+The cause names the series that moved: ``lighting`` (brightness or contrast), ``focus`` (sharpness; when both
+moved, the one whose mean moved most in units of its reference's standard deviation) or ``score`` (only the scores or the NG rate moved: the parts themselves, or the model).
 A model without a stored reference (calibrated before references existed) is ``no_reference``; one with fewer
 than the minimum live records ``insufficient_data``.
 """
@@ -41,6 +41,7 @@ PSI_BINS = 10
 PSI_EPSILON = 1e-4  # the share given to an empty bin, so the log stays finite
 WASSERSTEIN_MIN_REFERENCE = 50
 CAUSE_LIGHTING, CAUSE_FOCUS, CAUSE_SCORE = "lighting", "focus", "score"
+IMAGE_CAUSES = {"brightness": CAUSE_LIGHTING, "contrast": CAUSE_LIGHTING, "sharpness": CAUSE_FOCUS}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SeriesDrift:
     n_live: int
     reference_mean: float
     live_mean: float
+    effect: float  # (live mean - reference mean) / reference standard deviation
     ks_statistic: float
     ks_pvalue: float
     psi: float
@@ -149,8 +151,10 @@ def series_drift(name: str, reference: Sequence[float], live: Sequence[float]) -
     pvalue = float(test.pvalue)
     psi_value = psi(ref, now)
     wasser = float(wasserstein_distance(ref, now)) if ref.size >= WASSERSTEIN_MIN_REFERENCE else None
+    spread = float(ref.std())
+    effect = (float(now.mean()) - float(ref.mean())) / spread if spread > 0 else 0.0
     return SeriesDrift(name=name, status=_status(psi_value, pvalue), n_reference=int(ref.size), n_live=int(now.size),
-                       reference_mean=float(ref.mean()), live_mean=float(now.mean()),
+                       reference_mean=float(ref.mean()), live_mean=float(now.mean()), effect=effect,
                        ks_statistic=float(test.statistic), ks_pvalue=pvalue, psi=psi_value, wasserstein=wasser)
 
 
@@ -168,11 +172,10 @@ def ng_rate_drift(decisions: Sequence[str], *, calibrated: float | None, n_refer
 
 
 def _cause(series: Mapping[str, SeriesDrift], ng: NgRateDrift | None) -> str | None:
-    moved = {name: s.psi for name, s in series.items() if s.status != OK}
-    lighting = max((moved[n] for n in ("brightness", "contrast") if n in moved), default=None)
-    focus = moved.get("sharpness")
-    if lighting is not None or focus is not None:
-        return CAUSE_FOCUS if focus is not None and (lighting is None or focus >= lighting) else CAUSE_LIGHTING
+    moved = {name: abs(s.effect) for name, s in series.items() if s.status != OK}
+    image_moved = {name: effect for name, effect in moved.items() if name in IMAGE_CAUSES}
+    if image_moved:  # the image series that moved most, in units of its reference spread (PSI saturates)
+        return IMAGE_CAUSES[max(image_moved, key=lambda name: image_moved[name])]
     if SCORE in moved or (ng is not None and ng.status != OK):
         return CAUSE_SCORE
     return None
