@@ -1,7 +1,8 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
 through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
 parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock), ``bdi demo-data`` and
-``bdi inspections export`` (the inspection record as CSV or Parquet, docs/monitoring.md).
+``bdi inspections export`` (the inspection record as CSV or Parquet) and ``bdi monitor report`` (drift per ROI
+logged on each model's MLflow run; docs/monitoring.md).
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -103,6 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("recipe-id", "role-id", "roi-id", "decision", "since"):
         export_records.add_argument(f"--{name}", default=None, help="only records with this value"
                                     if name != "since" else "only records at or after this ISO time")
+
+    monitor = commands.add_parser("monitor", help="drift per ROI (docs/monitoring.md)",
+                                  description="drift per ROI (docs/monitoring.md)")
+    monitor_commands = monitor.add_subparsers(dest="monitor_command", required=True, metavar="ACTION")
+    report = monitor_commands.add_parser(
+        "report", help="evaluate every recorded model's drift and log it on its MLflow run",
+        description="evaluate every recorded model's drift and log it on the model's MLflow run")
+    report.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR")
+    report.add_argument("--tracking-uri", default=None,
+                        help="default: BDI_MLFLOW_TRACKING_URI (empty: embedded SQLite)")
+    report.add_argument("--project-root", type=Path, default=Path("."), help="where the embedded SQLite default lives")
 
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
@@ -266,11 +278,37 @@ def _inspections(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    """``bdi monitor report``: every recorded model's drift, one line each, logged on its MLflow run."""
+    from dataclasses import replace
+
+    from bdi.config import Settings
+    from bdi.mlops.monitor_report import report_drift
+    from bdi.mlops.tracking import TrackingConfig
+    from bdi.service.monitoring import evaluate_all
+    from bdi.storage.store import ModelStore
+
+    settings = Settings()
+    if args.models_dir is not None:
+        settings = settings.model_copy(update={"models_dir": args.models_dir})
+    config = TrackingConfig.from_settings(settings)
+    if args.tracking_uri is not None:
+        config = replace(config, tracking_uri=args.tracking_uri)
+    store = ModelStore(settings.models_dir)
+    drifts = evaluate_all(settings, store)
+    reported = {r.key: r for r in report_drift(config.resolve(args.project_root), store, drifts)}
+    for drift in drifts:
+        where = reported.get(drift.key)
+        _emit(f"{drift.key}: {drift.status}" + (f" ({drift.cause})" if drift.cause else "")
+              + f", {drift.n_live} live records" + (f", run {where.run_id}" if where else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"sync": _sync, "promote": _promote, "export": _export, "recipe": _recipe,
-                "demo-data": _demo_data, "inspections": _inspections}
+                "demo-data": _demo_data, "inspections": _inspections, "monitor": _monitor}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

@@ -22,7 +22,7 @@ def _reference(rng: np.random.Generator, n: int = 300) -> dict[str, list[float]]
 
 
 def _live(rng: np.random.Generator, n: int, *, brightness: float = 0.0, sharpness: float = 1.0,
-          score: float = 0.0) -> list[InspectionRecord]:
+          score: float = 0.0, gain: float = 1.0) -> list[InspectionRecord]:
     out = []
     for i in range(n):
         s = float(rng.normal(5.0 + score, 0.5))
@@ -31,8 +31,8 @@ def _live(rng: np.random.Generator, n: int, *, brightness: float = 0.0, sharpnes
             registered_model=None, registered_version=None, registered_alias=None, score=s, threshold=6.5,
             decision="ng" if s >= 6.5 else "ok", mm_per_px=0.2, n_regions=0, largest_region_mm2=None,
             image_sha256="0" * 64, image_bytes=1, width=1, height=1,
-            brightness=float(rng.normal(120.0 + brightness, 4.0)), contrast=float(rng.normal(40.0, 2.0)),
-            sharpness=float(rng.normal(300.0, 20.0)) * sharpness))
+            brightness=float(rng.normal(120.0 + brightness, 4.0)), contrast=float(rng.normal(40.0, 2.0)) * gain,
+            sharpness=float(rng.normal(300.0, 20.0)) * sharpness * gain**2))
     return out
 
 
@@ -55,6 +55,8 @@ def test_a_brighter_window_is_a_lighting_alarm_and_a_blurred_one_a_focus_alarm()
     assert (lighting.status, lighting.cause) == (ALARM, "lighting")  # type: ignore[attr-defined]
     focus = _evaluate(_live(rng, 200, sharpness=0.5), reference)
     assert (focus.status, focus.cause) == (ALARM, "focus")  # type: ignore[attr-defined]
+    gain = _evaluate(_live(rng, 200, gain=1.3), reference)  # more light: contrast x1.3, Laplacian variance x1.69
+    assert (gain.status, gain.cause) == (ALARM, "lighting")  # type: ignore[attr-defined]
     scores = _evaluate(_live(rng, 200, score=1.5), reference)
     assert (scores.status, scores.cause) == (ALARM, "score")  # type: ignore[attr-defined]
     assert scores.ng_rate.status == ALARM and scores.ng_rate.live > 0.3  # type: ignore[attr-defined]

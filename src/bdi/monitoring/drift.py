@@ -11,8 +11,10 @@ one of the five tests of a ROI warns on an unchanged stream well under 1 % per e
 tested against the calibrated false-reject rate (one-sided :func:`scipy.stats.binomtest`: warn at p < 0.1 %, alarm
 at p < 0.01 %).
 
-The cause names the series that moved: ``lighting`` (brightness or contrast), ``focus`` (sharpness; when both
-moved, the one whose mean moved most in units of its reference's standard deviation) or ``score`` (only the scores or the NG rate moved: the parts themselves, or the model).
+The cause names the series that moved: ``lighting`` (brightness or contrast) or ``focus`` (sharpness), whichever
+mean moved most as a log ratio, the sharpness counted beyond what the contrast change explains (a gain change
+scales the Laplacian's variance with the contrast squared); or ``score`` when only the scores or the NG rate moved
+(the parts themselves, or the model).
 A model without a stored reference (calibrated before references existed) is ``no_reference``; one with fewer
 than the minimum live records ``insufficient_data``.
 """
@@ -171,11 +173,27 @@ def ng_rate_drift(decisions: Sequence[str], *, calibrated: float | None, n_refer
                        n_live=len(decisions), pvalue=pvalue)
 
 
+def _log_ratio(series: SeriesDrift | None) -> float:
+    """|log(live mean / reference mean)|: how far a positive series moved, whatever its unit (0 when not)."""
+    if series is None or series.reference_mean <= 0 or series.live_mean <= 0:
+        return 0.0
+    return abs(math.log(series.live_mean / series.reference_mean))
+
+
 def _cause(series: Mapping[str, SeriesDrift], ng: NgRateDrift | None) -> str | None:
-    moved = {name: abs(s.effect) for name, s in series.items() if s.status != OK}
-    image_moved = {name: effect for name, effect in moved.items() if name in IMAGE_CAUSES}
-    if image_moved:  # the image series that moved most, in units of its reference spread (PSI saturates)
-        return IMAGE_CAUSES[max(image_moved, key=lambda name: image_moved[name])]
+    """lighting, focus or score (the module docstring). A gain change scales the contrast by k and the Laplacian's
+    variance by k², so focus is the sharpness change beyond what the contrast change explains."""
+    moved = {name: s for name, s in series.items() if s.status != OK}
+    if any(name in moved for name in IMAGE_CAUSES):
+        contrast = series.get("contrast")
+        sharp = series.get("sharpness")
+        lighting = max(_log_ratio(moved.get("brightness")), _log_ratio(moved.get("contrast")))
+        focus = 0.0
+        if "sharpness" in moved and sharp is not None and sharp.reference_mean > 0 and sharp.live_mean > 0:
+            gain = (math.log(contrast.live_mean / contrast.reference_mean)
+                    if contrast is not None and contrast.reference_mean > 0 and contrast.live_mean > 0 else 0.0)
+            focus = abs(math.log(sharp.live_mean / sharp.reference_mean) - 2.0 * gain)
+        return CAUSE_FOCUS if focus > lighting else CAUSE_LIGHTING
     if SCORE in moved or (ng is not None and ng.status != OK):
         return CAUSE_SCORE
     return None

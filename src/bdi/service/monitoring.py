@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from bdi.config import Settings
 from bdi.errors import BDIError
 from bdi.logging import slog
 from bdi.monitoring.drift import RoiDrift, evaluate_roi
@@ -19,6 +20,7 @@ from bdi.monitoring.record import (
 )
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.storage.store import ModelStore
 
 
 class Monitoring:
@@ -32,27 +34,32 @@ class Monitoring:
         return query_records(inspections_dir(self._ctx.settings.models_dir), query)
 
     def drift(self, *, persist: bool = True) -> list[RoiDrift]:
-        """The drift of every model that has records, by recipe/role/roi/model_key: its calibration's reference
-        against its last ``drift_window`` records scored by the calibrated memory. ``persist``: record the statuses
-        (their ``since``, the ``/health`` warnings) in the drift state file."""
-        settings = self._ctx.settings
-        root = inspections_dir(settings.models_dir)
-        groups: dict[tuple[str, str, str, str], list[InspectionRecord]] = defaultdict(list)
-        for record in read_records(root):  # newest first
-            groups[(record.recipe_id, record.role_id, record.roi_id, record.model_key)].append(record)
-        drifts: list[RoiDrift] = []
-        for (recipe_id, role_id, roi_id, model_key), records in sorted(groups.items()):
-            ids = {"recipe_id": recipe_id, "role_id": role_id, "roi_id": roi_id, "model_key": model_key}
-            try:
-                ref = ModelRef(**ids)
-                calib = self._ctx.store.calibrations.load(ref, defaults=settings.model.scoring)
-            except BDIError as exc:  # ids no longer valid, an unreadable or empty calibration: nothing to compare to
-                slog("monitor.no_calibration", error=str(exc), model_key=model_key)
-                calib = None
-            fingerprint = calib.memory_fingerprint if calib is not None else None
-            live = [r for r in records if r.memory_fingerprint == fingerprint][: settings.drift_window]
-            drifts.append(evaluate_roi(
-                ids=ids, memory_fingerprint=fingerprint, reference=calib.reference if calib is not None else None,
-                calibrated_ng_rate=calib.false_reject_rate if calib is not None else None, live=live,
-                min_count=settings.drift_min_count))
-        return persist_statuses(root, drifts) if persist and drifts else drifts
+        """:func:`evaluate_all` over this service's settings and store."""
+        return evaluate_all(self._ctx.settings, self._ctx.store, persist=persist)
+
+
+def evaluate_all(settings: Settings, store: ModelStore, *, persist: bool = True) -> list[RoiDrift]:
+    """The drift of every model that has records, by recipe/role/roi/model_key: its calibration's reference against
+    its last ``drift_window`` records scored by the calibrated memory. ``persist``: record the statuses (their
+    ``since``, the ``/health`` warnings) in the drift state file. Needs no feature extractor: the CLI and a metrics
+    collector call it with a bare :class:`ModelStore`."""
+    root = inspections_dir(settings.models_dir)
+    groups: dict[tuple[str, str, str, str], list[InspectionRecord]] = defaultdict(list)
+    for record in read_records(root):  # newest first
+        groups[(record.recipe_id, record.role_id, record.roi_id, record.model_key)].append(record)
+    drifts: list[RoiDrift] = []
+    for (recipe_id, role_id, roi_id, model_key), records in sorted(groups.items()):
+        ids = {"recipe_id": recipe_id, "role_id": role_id, "roi_id": roi_id, "model_key": model_key}
+        try:
+            ref = ModelRef(**ids)
+            calib = store.calibrations.load(ref, defaults=settings.model.scoring)
+        except BDIError as exc:  # ids no longer valid, an unreadable or empty calibration: nothing to compare to
+            slog("monitor.no_calibration", error=str(exc), model_key=model_key)
+            calib = None
+        fingerprint = calib.memory_fingerprint if calib is not None else None
+        live = [r for r in records if r.memory_fingerprint == fingerprint][: settings.drift_window]
+        drifts.append(evaluate_roi(
+            ids=ids, memory_fingerprint=fingerprint, reference=calib.reference if calib is not None else None,
+            calibrated_ng_rate=calib.false_reject_rate if calib is not None else None, live=live,
+            min_count=settings.drift_min_count))
+    return persist_statuses(root, drifts) if persist and drifts else drifts
