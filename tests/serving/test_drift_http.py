@@ -98,19 +98,25 @@ def _plot(history: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = [STEP * (i + 1) for i in range(len(history))]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for name in ("score", "brightness", "sharpness"):
-        ax.plot(x, [h["series"].get(name, {}).get("psi", np.nan) if h["series"] else np.nan for h in history],
-                marker="o", label=f"PSI {name}")
-    ax.axhline(0.1, color="orange", linestyle="--", linewidth=1, label="warn (0.1)")
-    ax.axhline(0.25, color="red", linestyle="--", linewidth=1, label="alarm (0.25)")
-    for start, label in ((60, "brighter"), (120, "blurred")):
-        ax.axvline(start, color="gray", linewidth=1)
-        ax.text(start + 2, ax.get_ylim()[1] * 0.9, label, fontsize=8)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xlabel("crops inspected")
-    ax.set_ylabel(f"PSI over the last {WINDOW}")
-    ax.legend(fontsize=7, loc="upper left")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    for name in ("score", "brightness", "contrast", "sharpness"):
+        psi = [h["series"][name]["psi"] if name in h["series"] else np.nan for h in history]
+        ks = [-np.log10(max(h["series"][name]["ks_pvalue"], 1e-300)) if name in h["series"] else np.nan
+              for h in history]
+        top.plot(x, psi, marker="o", markersize=3, label=name)
+        bottom.plot(x, ks, marker="o", markersize=3, label=name)
+    for ax, (warn, alarm) in ((top, (0.1, 0.25)), (bottom, (3.0, 4.0))):
+        ax.axhline(warn, color="orange", linestyle="--", linewidth=1)
+        ax.axhline(alarm, color="red", linestyle="--", linewidth=1)
+        for start, label in ((0, "OK"), (60, "brighter (+40)"), (120, "blurred (sigma 2)")):
+            ax.axvline(start, color="gray", linewidth=0.8)
+            ax.text(start + 1, 0.92, label, fontsize=8, transform=ax.get_xaxis_transform())
+        ax.set_yscale("log")
+    top.set_ylabel(f"PSI, last {WINDOW} crops")
+    bottom.set_ylabel("-log10 KS p-value")
+    bottom.set_xlabel("crops inspected (status: warn = both orange lines crossed, alarm = both red)")
+    top.legend(fontsize=7, loc="lower right")
+    top.set_xlim(0, x[-1] + 5)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -119,6 +119,10 @@ class RoiDrift:
             out["ng_rate_live"] = self.ng_rate.live
             out["ng_rate_calibrated"] = self.ng_rate.calibrated
             out["ng_rate_pvalue"] = self.ng_rate.pvalue
+        for name in ("false_reject_rate", "escape_rate", "recall"):
+            value = (self.feedback or {}).get(name)
+            if isinstance(value, (int, float)):
+                out[f"feedback_{name}"] = float(value)
         return out
 
     def to_dict(self) -> dict[str, object]:

@@ -81,6 +81,7 @@ class InspectionRecord:
     contrast: float
     sharpness: float
     image_file: str | None = None
+    shape_json: str | None = None  # the ROI shape the request masked the crop with (JSON text), if any
     pid: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     v: int = RECORD_VERSION

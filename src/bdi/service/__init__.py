@@ -7,11 +7,14 @@ checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :
 """
 
 from bdi.monitoring.drift import RoiDrift
+from bdi.monitoring.feedback import Feedback
+from bdi.monitoring.feedback import Region as FeedbackRegion
 from bdi.monitoring.record import InspectionPage, InspectionQuery, InspectionRecord
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.inference import Region
 from bdi.service.calibrating import CALIBRATE_NG_DEFAULT_MM_PER_PX, Calibrating
 from bdi.service.context import ServiceContext
+from bdi.service.feedback import FeedbackRequest
 from bdi.service.fitting import Fitting
 from bdi.service.inferring import Inferring
 from bdi.service.inspection import InspectionService, remove_orphan_files
@@ -29,7 +32,8 @@ from bdi.service.status import ModelStatus
 from bdi.storage.datasets import LABELS
 
 # The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
-__all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "FitResult", "Fitting",
+__all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "Feedback", "FeedbackRegion",
+           "FeedbackRequest", "FitResult", "Fitting",
            "InferOutcome", "Inferring", "InspectionPage", "InspectionQuery", "InspectionRecord",
            "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
            "ModelStatus", "Region", "RoiDrift",

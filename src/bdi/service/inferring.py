@@ -76,7 +76,8 @@ class Inferring:
         outcome = InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
                                lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage))
         if self._record is not None:
-            record_inference(self._record, ref=ref, image=image, crop=crop, mm_per_px=mm_per_px, outcome=outcome)
+            record_inference(self._record, ref=ref, image=image, crop=crop, mm_per_px=mm_per_px, outcome=outcome,
+                             shape=shape)
         if self.on_infer is not None:
             self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
         return outcome

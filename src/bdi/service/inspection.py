@@ -96,6 +96,7 @@ class InspectionService:
         self.manifest = self.status.manifest  # /manifest
         self.inspections = self.monitoring.inspections  # GET /inspections
         self.monitor = self.monitoring.drift  # GET /monitor; the drift gauges of /metrics
+        self.feedback = self.monitoring.feedback  # POST /feedback
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:

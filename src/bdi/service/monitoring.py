@@ -1,15 +1,18 @@
-"""Monitoring (docs/monitoring.md): reading the inspection record (``GET /inspections``) and the drift of every
-recorded model against its calibration's reference (``GET /monitor``, the ``/health`` warnings, gauges)."""
+"""Monitoring (docs/monitoring.md): reading the inspection record (``GET /inspections``), the drift of every
+recorded model against its calibration's reference with its feedback rates (``GET /monitor``, the ``/health``
+warnings, gauges), and operator feedback (``POST /feedback``)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from bdi.config import Settings
 from bdi.errors import BDIError
 from bdi.logging import slog
 from bdi.monitoring.drift import RoiDrift, evaluate_roi
 from bdi.monitoring.drift_state import persist_statuses
+from bdi.monitoring.feedback import Feedback, feedback_rates, read_feedback
 from bdi.monitoring.record import (
     InspectionPage,
     InspectionQuery,
@@ -20,6 +23,7 @@ from bdi.monitoring.record import (
 )
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.service.feedback import FeedbackRequest, give_feedback
 from bdi.storage.store import ModelStore
 
 
@@ -32,6 +36,10 @@ class Monitoring:
     def inspections(self, query: InspectionQuery) -> InspectionPage:
         """``GET /inspections``: the records matching ``query``, newest first, one page after its cursor."""
         return query_records(inspections_dir(self._ctx.settings.models_dir), query)
+
+    def feedback(self, req: FeedbackRequest) -> Feedback:
+        """``POST /feedback``: :func:`bdi.service.feedback.give_feedback`."""
+        return give_feedback(self._ctx, req)
 
     def drift(self, *, persist: bool = True) -> list[RoiDrift]:
         """:func:`evaluate_all` over this service's settings and store."""
@@ -47,6 +55,9 @@ def evaluate_all(settings: Settings, store: ModelStore, *, persist: bool = True)
     groups: dict[tuple[str, str, str, str], list[InspectionRecord]] = defaultdict(list)
     for record in read_records(root):  # newest first
         groups[(record.recipe_id, record.role_id, record.roi_id, record.model_key)].append(record)
+    verdicts: dict[tuple[str, str, str, str], list[Feedback]] = defaultdict(list)
+    for item in read_feedback(root):
+        verdicts[(item.recipe_id, item.role_id, item.roi_id, item.model_key)].append(item)
     drifts: list[RoiDrift] = []
     for (recipe_id, role_id, roi_id, model_key), records in sorted(groups.items()):
         ids = {"recipe_id": recipe_id, "role_id": role_id, "roi_id": roi_id, "model_key": model_key}
@@ -58,8 +69,10 @@ def evaluate_all(settings: Settings, store: ModelStore, *, persist: bool = True)
             calib = None
         fingerprint = calib.memory_fingerprint if calib is not None else None
         live = [r for r in records if r.memory_fingerprint == fingerprint][: settings.drift_window]
-        drifts.append(evaluate_roi(
+        drift = evaluate_roi(
             ids=ids, memory_fingerprint=fingerprint, reference=calib.reference if calib is not None else None,
             calibrated_ng_rate=calib.false_reject_rate if calib is not None else None, live=live,
-            min_count=settings.drift_min_count))
+            min_count=settings.drift_min_count)
+        given = verdicts.get((recipe_id, role_id, roi_id, model_key))
+        drifts.append(replace(drift, feedback=feedback_rates(given, records)) if given else drift)
     return persist_statuses(root, drifts) if persist and drifts else drifts

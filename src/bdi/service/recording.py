@@ -5,7 +5,9 @@ never fails the request."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,7 @@ def image_suffix(image: bytes) -> str:
 
 def build_record(
     *, ref: ModelRef, image: bytes, crop: np.ndarray, mm_per_px: float, outcome: InferOutcome,
-    image_file: str | None = None, sha256: str | None = None,
+    image_file: str | None = None, sha256: str | None = None, shape: str | Mapping[str, Any] | None = None,
 ) -> InspectionRecord:
     """The record of one answered ``/infer``: ``crop`` is the decoded image (statistics), ``image`` its bytes."""
     lineage: dict[str, Any] = outcome.lineage or {}
@@ -63,12 +65,19 @@ def build_record(
         image_sha256=sha256 or hashlib.sha256(image).hexdigest(), image_bytes=len(image),
         width=int(crop.shape[1]), height=int(crop.shape[0]),
         brightness=stats.brightness, contrast=stats.contrast, sharpness=stats.sharpness,
-        image_file=image_file, pid=os.getpid(), timings_ms=dict(result.timings_ms),
+        image_file=image_file, shape_json=_shape_text(shape), pid=os.getpid(), timings_ms=dict(result.timings_ms),
     )
 
 
+def _shape_text(shape: str | Mapping[str, Any] | None) -> str | None:
+    if shape is None or (isinstance(shape, str) and not shape.strip()):
+        return None
+    return shape if isinstance(shape, str) else json.dumps(dict(shape), separators=(",", ":"))
+
+
 def record_inference(
-    log: InspectionLog, *, ref: ModelRef, image: bytes, crop: np.ndarray, mm_per_px: float, outcome: InferOutcome
+    log: InspectionLog, *, ref: ModelRef, image: bytes, crop: np.ndarray, mm_per_px: float, outcome: InferOutcome,
+    shape: str | Mapping[str, Any] | None = None,
 ) -> InspectionRecord | None:
     """Append the record of one answered ``/infer`` (and keep the image when the settings say so); the record, or
     None when writing failed (logged as ``inspections.record_failed``: the answer stands)."""
@@ -76,7 +85,7 @@ def record_inference(
         sha256 = hashlib.sha256(image).hexdigest()
         image_file = log.store_image(image, sha256=sha256, suffix=image_suffix(image))
         record = build_record(ref=ref, image=image, crop=crop, mm_per_px=mm_per_px, outcome=outcome,
-                              image_file=image_file, sha256=sha256)
+                              image_file=image_file, sha256=sha256, shape=shape)
         log.append(record)
     except Exception as exc:  # noqa: BLE001 - diagnostics must never fail the request they describe
         slog("inspections.record_failed", error=f"{type(exc).__name__}: {exc}", model_key=ref.model_key)
