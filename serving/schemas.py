@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from bdi.service import (
     Calibration,
+    Feedback,
     FitResult,
     InferOutcome,
     InspectionPage,
@@ -368,3 +369,16 @@ class MonitorResponse(BaseModel):
     @classmethod
     def of(cls, drifts: Sequence[RoiDrift], *, ids: Mapping[str, str]) -> MonitorResponse:
         return cls(**ids, rois=[drift.to_dict() for drift in drifts])
+
+
+class FeedbackResponse(BaseModel):
+    """POST /feedback: the stored verdict, the sample it became (``label``/``sample``) and the ids."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    feedback: dict[str, Any]
+
+    @classmethod
+    def of(cls, feedback: Feedback, *, ids: Mapping[str, str]) -> FeedbackResponse:
+        return cls(**ids, feedback=feedback.to_dict())

@@ -1,16 +1,20 @@
-"""GET /inspections (the inspection record, filtered and paged) and GET /monitor (drift per ROI): docs/monitoring.md;
-additive routes."""
+"""GET /inspections (the inspection record, filtered and paged), GET /monitor (drift per ROI) and POST /feedback
+(an operator's verdict becomes a sample): docs/monitoring.md; additive routes."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import base64
+import binascii
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 
-from bdi.service import InspectionQuery
+from bdi.errors import InvalidInputError
+from bdi.service import FeedbackRegion, FeedbackRequest, InspectionQuery
 from serving.deps import RECIPE_HEADER, RequestCtx, ServiceDep
 from serving.errors import error_style
-from serving.schemas import InspectionsResponse, MonitorResponse
+from serving.requests import FeedbackBody
+from serving.schemas import FeedbackResponse, InspectionsResponse, MonitorResponse
 
 router = APIRouter(tags=["monitoring"], dependencies=[error_style("resource")])
 
@@ -50,3 +54,24 @@ def monitor(ctx: RequestCtx, service: ServiceDep, recipe_id: Annotated[str | Non
               if (recipe_id is None or d.recipe_id == ctx.recipe_id)
               and (role_id is None or d.role_id == role_id) and (roi_id is None or d.roi_id == roi_id)]
     return MonitorResponse.of(drifts, ids=ctx.ids())
+
+
+@router.post("/feedback", openapi_extra=FeedbackBody.openapi(), response_model=FeedbackResponse)
+def feedback(ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any], Body()]) -> FeedbackResponse:
+    """An operator's verdict on a recorded inspection: a false reject becomes an OK sample of its ROI, a confirmed
+    or missed defect an NG sample (provenance in the sidecar). 404 when no inspection has that request id."""
+    req = FeedbackBody.parse(body)
+    region = None
+    if req.region is not None:
+        region = FeedbackRegion(bbox=tuple(req.region.bbox) if req.region.bbox else None,  # type: ignore[arg-type]
+                                polygon=tuple((p[0], p[1]) for p in req.region.polygon) if req.region.polygon
+                                else None)
+    image = None
+    if req.image_base64:
+        try:
+            image = base64.b64decode(req.image_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidInputError("image_base64 is not valid base64") from exc
+    stored = service.feedback(FeedbackRequest(recipe_id=ctx.recipe_id, request_id=req.request_id, verdict=req.verdict,
+                                              region=region, operator=req.operator, comment=req.comment, image=image))
+    return FeedbackResponse.of(stored, ids=ctx.ids())
