@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request
 
 from bdi.errors import InvalidInputError
-from bdi.service import FeedbackRegion, FeedbackRequest, InspectionQuery
+from bdi.service import CorrectedRegion, FeedbackRequest, InspectionQuery
 from serving.deps import RECIPE_HEADER, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.requests import FeedbackBody
@@ -63,9 +63,9 @@ def feedback(ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any
     req = FeedbackBody.parse(body)
     region = None
     if req.region is not None:
-        region = FeedbackRegion(bbox=tuple(req.region.bbox) if req.region.bbox else None,  # type: ignore[arg-type]
-                                polygon=tuple((p[0], p[1]) for p in req.region.polygon) if req.region.polygon
-                                else None)
+        box, polygon = req.region.bbox, req.region.polygon
+        region = CorrectedRegion(bbox=(box[0], box[1], box[2], box[3]) if box else None,
+                                 polygon=tuple((p[0], p[1]) for p in polygon) if polygon else None)
     image = None
     if req.image_base64:
         try:

@@ -27,7 +27,7 @@ AREA_BUCKETS_MM2: tuple[float, ...] = (1.0, 5.0, 20.0)  # recall buckets: <1, 1-
 
 
 @dataclass(frozen=True)
-class Region:
+class CorrectedRegion:
     """A corrected defect region in crop pixels: ``bbox`` ``[x, y, w, h]`` or ``polygon`` ``[[x, y], ...]``."""
 
     bbox: tuple[float, float, float, float] | None = None
@@ -103,7 +103,7 @@ def check_verdict(verdict: str, record: InspectionRecord) -> str:
     return VERDICT_LABEL[verdict]
 
 
-def defect_area_mm2(record: InspectionRecord, region: Region | None) -> float | None:
+def defect_area_mm2(record: InspectionRecord, region: CorrectedRegion | None) -> float | None:
     """The defect's area for the recall buckets: the operator's region (px² × mm_per_px²), else the record's."""
     if region is not None:
         return region.area_px() * record.mm_per_px**2

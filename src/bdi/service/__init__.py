@@ -7,8 +7,7 @@ checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :
 """
 
 from bdi.monitoring.drift import RoiDrift
-from bdi.monitoring.feedback import Feedback
-from bdi.monitoring.feedback import Region as FeedbackRegion
+from bdi.monitoring.feedback import CorrectedRegion, Feedback
 from bdi.monitoring.record import InspectionPage, InspectionQuery, InspectionRecord
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.inference import Region
@@ -32,7 +31,7 @@ from bdi.service.status import ModelStatus
 from bdi.storage.datasets import LABELS
 
 # The HTTP layer shapes its responses from these types and imports them from here, never from the layers below.
-__all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "Feedback", "FeedbackRegion",
+__all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibration", "CorrectedRegion", "Feedback",
            "FeedbackRequest", "FitResult", "Fitting",
            "InferOutcome", "Inferring", "InspectionPage", "InspectionQuery", "InspectionRecord",
            "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bdi.errors import InvalidInputError, NotFoundError
 from bdi.logging import slog
-from bdi.monitoring.feedback import Feedback, Region, append_feedback, check_verdict, defect_area_mm2
+from bdi.monitoring.feedback import CorrectedRegion, Feedback, append_feedback, check_verdict, defect_area_mm2
 from bdi.monitoring.record import InspectionQuery, InspectionRecord, inspections_dir, read_records
 from bdi.patchcore.imaging import parse_shape
 from bdi.refs import DatasetRef
@@ -34,7 +34,7 @@ class FeedbackRequest:
     recipe_id: str
     request_id: str
     verdict: str
-    region: Region | None = None
+    region: CorrectedRegion | None = None
     operator: str | None = None
     comment: str | None = None
     image: bytes | None = None  # the inspected image, when the record kept none
