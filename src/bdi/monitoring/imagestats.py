@@ -1,9 +1,12 @@
 """Cheap statistics of one crop, recorded with each inspection and stored as the calibration's reference:
 mean brightness, contrast (standard deviation) and sharpness (variance of the Laplacian), all of a grayscale copy
-downscaled to at most :data:`STATS_MAX_SIDE` px so that they cost well under a millisecond per crop."""
+that keeps every k-th pixel of every k-th row, k the smallest whole step that brings the long side to at most
+:data:`STATS_MAX_SIDE` px: about 0.2 ms for a 448 px crop, where an area resize to 128 px costs 0.6 ms. Keeping
+pixels (no averaging) also keeps the fine detail the sharpness measures; a defocused crop has none to keep."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -27,14 +30,11 @@ class ImageStats:
 
 
 def gray_thumbnail(image: np.ndarray, *, max_side: int = STATS_MAX_SIDE) -> np.ndarray:
-    """``image`` (BGR/BGRA uint8 (H, W, C) or gray (H, W)) as gray uint8 whose long side is at most ``max_side``."""
-    gray = image if image.ndim == 2 else cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
-    height, width = gray.shape[:2]
-    scale = max_side / max(height, width)
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(gray)
+    """``image`` (BGR/BGRA uint8 (H, W, C) or gray (H, W)) subsampled by a whole step to a long side of at most
+    ``max_side``, as gray uint8."""
+    step = max(1, math.ceil(max(image.shape[:2]) / max_side))
+    small = np.ascontiguousarray(image[::step, ::step])
+    return small if small.ndim == 2 else cv2.cvtColor(small[..., :3], cv2.COLOR_BGR2GRAY)
 
 
 def image_stats(image: np.ndarray) -> ImageStats:

@@ -4,12 +4,14 @@ threshold from scores, or one an operator chose, stored with the memory it belon
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError, NotFittedError
-from bdi.monitoring.imagestats import STAT_NAMES
+from bdi.monitoring.imagestats import STAT_NAMES, image_stats
 from bdi.patchcore.calibration import (
     SCORE_SERIES,
     Calibration,
@@ -50,8 +52,10 @@ class Calibrating:
         mm_per_px: float | None = None,
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
+        ok_images: Sequence[np.ndarray] | None = None,
     ) -> Calibration:
-        """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        """/calibrate_ng: threshold from client scores; returns the stored calibration. ``ok_images`` (the decoded
+        OK crops the scores came from: the pipeline's calibrate stage) add their statistics to the drift reference."""
         ctx = self._ctx
         ensure_api_writable(ctx.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
@@ -64,7 +68,11 @@ class Calibrating:
             created_at_utc=utc_now_iso(), statistics=True,
             mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
         )
-        calib = replace(calib, reference={SCORE_SERIES: reference_series(finite_scores(ok_scores, name="ok_scores"))})
+        reference = {SCORE_SERIES: reference_series(finite_scores(ok_scores, name="ok_scores"))}
+        if ok_images:
+            stats = [image_stats(image) for image in ok_images]
+            reference.update({name: reference_series(getattr(s, name) for s in stats) for name in STAT_NAMES})
+        calib = replace(calib, reference=reference)
         self._save(ref, calib)
         return calib
 
