@@ -144,7 +144,13 @@ class FeedbackBody(BaseModel):
     request_id: Annotated[str, Field(min_length=1)]
     verdict: Literal["false_reject", "confirmed_defect", "missed_defect"]
     recipe_id: LooseString = None
-    region: FeedbackRegionBody | None = None
+    # validated as FeedbackRegionBody by parse; typed loosely here so the OpenAPI schema inlines it (no $defs)
+    region: Annotated[dict[str, Any] | None, WithJsonSchema({
+        "anyOf": [{"type": "object", "properties": {
+            "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+            "polygon": {"type": "array", "minItems": 3,
+                        "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}}},
+            "additionalProperties": False}, {"type": "null"}]})] = None
     operator: Annotated[str, Field(max_length=200)] | None = None
     comment: Annotated[str, Field(max_length=2000)] | None = None
     image_base64: str | None = None
@@ -152,9 +158,15 @@ class FeedbackBody(BaseModel):
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> FeedbackBody:
         try:
-            return cls.model_validate(dict(body))
+            parsed = cls.model_validate(dict(body))
+            if parsed.region is not None:
+                FeedbackRegionBody.model_validate(parsed.region)
         except ValidationError as exc:
             raise InvalidInputError(describe_validation_error(exc)) from exc
+        return parsed
+
+    def region_body(self) -> FeedbackRegionBody | None:
+        return FeedbackRegionBody.model_validate(self.region) if self.region is not None else None
 
     @classmethod
     def openapi(cls) -> dict[str, Any]:

@@ -62,8 +62,9 @@ def feedback(ctx: RequestCtx, service: ServiceDep, body: Annotated[dict[str, Any
     or missed defect an NG sample (provenance in the sidecar). 404 when no inspection has that request id."""
     req = FeedbackBody.parse(body)
     region = None
-    if req.region is not None:
-        box, polygon = req.region.bbox, req.region.polygon
+    region_body = req.region_body()
+    if region_body is not None:
+        box, polygon = region_body.bbox, region_body.polygon
         region = CorrectedRegion(bbox=(box[0], box[1], box[2], box[3]) if box else None,
                                  polygon=tuple((p[0], p[1]) for p in polygon) if polygon else None)
     image = None

@@ -38,15 +38,20 @@ def test_false_rejects_become_the_ok_samples_the_next_fit_uses(tmp_path: Path) -
             assert answer["decision"] == "ng"
             rejected.append(answer["request_id"])
 
+        samples = {}
         for rid in rejected[:3]:
             given = client.post("/feedback", json={"request_id": rid, "verdict": "false_reject",
                                                    "operator": "op-7", "comment": "good part"})
             assert given.status_code == 200, given.text
             assert given.json()["feedback"]["label"] == "ok"
+            samples[rid] = given.json()["feedback"]["sample"]
         defect = client.post("/feedback", json={"request_id": rejected[3], "verdict": "confirmed_defect",
                                                 "region": {"bbox": [10, 10, 20, 10]}})
         assert defect.status_code == 200 and defect.json()["feedback"]["area_mm2"] == pytest.approx(200 * MM**2)
 
+        again = client.post("/feedback", json={"request_id": rejected[0], "verdict": "false_reject"})
+        assert again.status_code == 200  # a double click: the first verdict's sample, no second one
+        assert again.json()["feedback"]["sample"] == samples[rejected[0]]
         contradicting = client.post("/feedback", json={"request_id": rejected[0], "verdict": "missed_defect"})
         assert contradicting.status_code == 400 and "decided 'ng'" in contradicting.text
         assert client.post("/feedback", json={"request_id": "nope", "verdict": "false_reject"}).status_code == 404

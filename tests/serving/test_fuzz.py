@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 
 MAX_EXAMPLES = 12
 ROLE, ROI = "Inspection", "inspection-1"
+INSPECTED: dict[str, str] = {}  # the fixture's recorded /infer: its request id and a verdict that fits it
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -60,6 +61,10 @@ def fuzzed_app(tmp_path_factory: pytest.TempPathFactory, tiny_extractor: Feature
                                             "use_dataset": "true"}).status_code == 200
         assert client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI,
                                                   "ok_scores": [10.0]}).status_code == 200
+        inspected = client.post("/infer", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": "0.2"},
+                                files={"image": ("crop.png", disc_png(seed=50), "image/png")}).json()
+        INSPECTED.update(request_id=inspected["request_id"],  # what /feedback gives a verdict on
+                         verdict="false_reject" if inspected["decision"] == "ng" else "missed_defect")
         yield app
 
 
@@ -118,6 +123,9 @@ def _well_formed(case: Any, stored: dict[str, list[str]]) -> Any:
             body.update(ok_scores=[10.0, 11.0], ng_scores=[30.0])
         if "labels" in body:
             body["labels"] = ["ok"]
+        if case.operation.path == "/feedback":
+            body.pop("image_base64", None)
+            body.update(INSPECTED)
     return case
 
 

@@ -13,9 +13,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from bdi.errors import InvalidInputError, NotFoundError
+from bdi.errors import BDIError, InvalidInputError, NotFoundError
 from bdi.logging import slog
-from bdi.monitoring.feedback import CorrectedRegion, Feedback, append_feedback, check_verdict, defect_area_mm2
+from bdi.monitoring.feedback import (
+    CorrectedRegion,
+    Feedback,
+    append_feedback,
+    check_verdict,
+    defect_area_mm2,
+    read_feedback,
+)
 from bdi.monitoring.record import InspectionQuery, InspectionRecord, inspections_dir, read_records
 from bdi.patchcore.imaging import parse_shape
 from bdi.refs import DatasetRef
@@ -63,11 +70,26 @@ def _inspected_image(ctx: ServiceContext, record: InspectionRecord, sent: bytes 
     return sent
 
 
+def _sample_exists(ctx: ServiceContext, dataset: DatasetRef, label: str, name: str) -> bool:
+    try:
+        return ctx.datasets.file_path(dataset, label, name).is_file()
+    except BDIError:
+        return False
+
+
 def give_feedback(ctx: ServiceContext, req: FeedbackRequest) -> Feedback:
     """Check the verdict against the recorded decision, store the image as an OK or NG sample of the ROI with its
-    provenance, and append the verdict to the feedback log; the stored verdict."""
+    provenance, and append the verdict to the feedback log; the stored verdict. The same verdict on the same
+    inspection again returns the first one (its sample still stored) and stores nothing."""
     record = find_inspection(ctx, recipe_id=req.recipe_id, request_id=req.request_id)
     label = check_verdict(req.verdict, record)
+    root = inspections_dir(ctx.settings.models_dir)
+    dataset = DatasetRef(recipe_id=record.recipe_id, role_id=record.role_id, roi_id=record.roi_id)
+    for earlier in reversed(read_feedback(root)):  # the same verdict again (a double click): one sample, not two
+        if earlier.inspection_id == record.id and earlier.verdict == req.verdict and earlier.sample is not None \
+                and _sample_exists(ctx, dataset, earlier.label, earlier.sample):
+            slog("feedback.repeated", verdict=req.verdict, sample=earlier.sample, inspection_id=record.id)
+            return earlier
     image = _inspected_image(ctx, record, req.image)
     ctx.decode(image, name="image")  # the sample must be usable by a fit
     ts = utc_now_iso()
@@ -83,7 +105,6 @@ def give_feedback(ctx: ServiceContext, req: FeedbackRequest) -> Feedback:
     if record.shape_json:
         parse_shape(record.shape_json)
         meta["shape_json"] = record.shape_json
-    dataset = DatasetRef(recipe_id=record.recipe_id, role_id=record.role_id, roi_id=record.roi_id)
     (name,) = ctx.datasets.save(dataset, label, [UploadItem(
         data=image, client_filename=f"feedback-{record.id}{image_suffix(image)}", meta=meta)])
     feedback = Feedback(
@@ -93,7 +114,7 @@ def give_feedback(ctx: ServiceContext, req: FeedbackRequest) -> Feedback:
         sample=name, label=label, operator=req.operator, comment=req.comment,
         region=req.region.to_dict() if req.region is not None else None,
     )
-    append_feedback(inspections_dir(ctx.settings.models_dir), feedback)
+    append_feedback(root, feedback)
     slog("feedback.stored", verdict=req.verdict, label=label, sample=name, inspection_id=record.id,
          model_key=record.model_key, meta=json.dumps(provenance, default=str)[:500])
     return feedback
