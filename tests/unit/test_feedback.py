@@ -38,6 +38,8 @@ def test_region_areas_and_verdicts_against_the_decision() -> None:
     assert CorrectedRegion(polygon=((0, 0), (4, 0), (4, 4), (0, 4))).area_px() == 16
     with pytest.raises(InvalidInputError):
         CorrectedRegion(bbox=(0, 0, 4, 5), polygon=((0, 0), (1, 0), (1, 1)))
+    with pytest.raises(InvalidInputError, match="finite"):  # its area would overflow the feedback log's JSON
+        CorrectedRegion(bbox=(0, 0, 1e300, 1e300))
     assert check_verdict("false_reject", RECORD) == "ok"
     assert check_verdict("confirmed_defect", RECORD) == "ng"
     with pytest.raises(InvalidInputError, match="decided 'ng'"):

@@ -10,6 +10,7 @@ defective: an NG sample). Each is one JSON line in ``<models dir>/_inspections/f
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,7 @@ FEEDBACK_FILE = "feedback.jsonl"
 FALSE_REJECT, CONFIRMED_DEFECT, MISSED_DEFECT = "false_reject", "confirmed_defect", "missed_defect"
 VERDICT_LABEL = {FALSE_REJECT: "ok", CONFIRMED_DEFECT: "ng", MISSED_DEFECT: "ng"}  # the sample each one becomes
 VERDICT_DECISION = {FALSE_REJECT: "ng", CONFIRMED_DEFECT: "ng", MISSED_DEFECT: "ok"}  # what the model must have said
+MAX_COORDINATE_PX = 1e6  # a corrected region's coordinates (px): beyond any crop, and its area stays finite
 AREA_BUCKETS_MM2: tuple[float, ...] = (1.0, 5.0, 20.0)  # recall buckets: <1, 1-5, 5-20, >=20 mm²
 
 
@@ -40,6 +42,9 @@ class CorrectedRegion:
             raise InvalidInputError("region.bbox must be [x, y, w, h] with w, h > 0")
         if self.polygon is not None and len(self.polygon) < 3:
             raise InvalidInputError("region.polygon needs at least 3 points")
+        values = [*(self.bbox or ()), *(v for point in self.polygon or () for v in point)]
+        if not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE_PX for v in values):
+            raise InvalidInputError(f"region coordinates must be finite pixel positions within ±{MAX_COORDINATE_PX:g}")
 
     def area_px(self) -> float:
         """The region's area in px² (the shoelace formula for a polygon)."""
