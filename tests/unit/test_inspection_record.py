@@ -132,3 +132,16 @@ def test_image_stats_name_brightness_contrast_and_blur() -> None:
     blurred = image_stats(cv2.GaussianBlur(image, (0, 0), 3))
     assert brighter.brightness > base.brightness + 30 and brighter.contrast < base.contrast
     assert blurred.sharpness < base.sharpness / 10
+
+
+def test_the_settings_turn_recording_off_and_bound_retention(tmp_path: Path) -> None:
+    from bdi.config import Settings
+    from bdi.service.recording import inspection_log
+
+    assert inspection_log(Settings(models_dir=tmp_path, inspections_record=False)) is None
+    log = inspection_log(Settings(models_dir=tmp_path, inspections_store_images=True, inspections_image_max_bytes=10))
+    assert log is not None and log.root == tmp_path / "_inspections"
+    assert log.store_image(b"x" * 11, sha256="ab" * 32, suffix=".png") is None  # over the cap: not kept
+    assert log.store_image(b"x" * 10, sha256="ab" * 32, suffix=".png") == f"images/ab/{'ab' * 32}.png"
+    with pytest.raises(ValueError, match="retention"):
+        Settings(models_dir=tmp_path, inspections_retention_days=0.5, inspections_segment_max_age_s=86400)
