@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bdi.monitoring.drift import ALARM, INSUFFICIENT, NO_REFERENCE, OK, evaluate_roi, psi
-from bdi.monitoring.drift_state import DriftStateReader, persist_statuses
+from bdi.monitoring.drift_state import STATE_FILE, DriftStateReader, persist_statuses
 from bdi.monitoring.record import InspectionRecord
 
 IDS = {"recipe_id": "default", "role_id": "Inspection", "roi_id": "roi-1", "model_key": "roi-1"}
@@ -81,7 +81,9 @@ def test_since_holds_while_the_status_holds_and_health_sees_alarms(tmp_path: Pat
                       live=_live(rng, 100), min_count=30)
     reader = DriftStateReader(tmp_path)
     (first,) = persist_statuses(tmp_path, [ok], now="2026-01-01T00:00:00.000000Z")
+    written = (tmp_path / STATE_FILE).stat().st_ino
     (again,) = persist_statuses(tmp_path, [ok], now="2026-01-02T00:00:00.000000Z")
+    assert (tmp_path / STATE_FILE).stat().st_ino == written  # unchanged status: the file is not rewritten
     assert first.since == again.since == "2026-01-01T00:00:00.000000Z"
     assert reader.alarms() == []
     alarm = replace(ok, status=ALARM, cause="lighting")

@@ -60,9 +60,9 @@ def persist_statuses(root: Path, drifts: Sequence[RoiDrift], *, now: str | None 
             since = str(previous["since"]) if same and isinstance(previous, dict) and previous.get("since") else stamp
             state[drift.key] = {"recipe_id": drift.recipe_id, "role_id": drift.role_id, "roi_id": drift.roi_id,
                                 "model_key": drift.model_key, "memory_fingerprint": drift.memory_fingerprint,
-                                "status": drift.status, "cause": drift.cause, "since": since, "evaluated_at": stamp}
+                                "status": drift.status, "cause": drift.cause, "since": since}
             out.append(replace(drift, since=since))
-        if state != _read(path):
+        if state != _read(path):  # written only when a status (or cause) changed: /health re-reads it then
             try:
                 atomic_write_json(path, state, indent=2)
             except OSError as exc:
