@@ -141,8 +141,7 @@ def execute(ctx: StageContext) -> list[CalibrationOutcome]:
         summary = selection_metrics(outcomes)
         if len(outcomes) > 1:  # the means over the models, for the comparison row
             row.update({f"{CALIB_PREFIX}{k.removeprefix('calib_')}": v for k, v in summary.items() if k != "models"})
-        run.log_metrics(row)
-        run.parent.log_metrics(row)
+        run.log_comparison(row)
         if len(outcomes) == 1:
             rule = threshold_rule(ctx, outcomes[0])
             run.log_params(rule)

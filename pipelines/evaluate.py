@@ -164,8 +164,7 @@ def execute(ctx: StageContext) -> EvaluationOutputs:
     with stage_run_with_progress(ctx, run_evaluate) as (run, outputs):
         files = write_outputs(outputs, ctx=ctx)
         summary = {f"{EVAL_PREFIX}{k}": v for k, v in outputs.metrics.items() if k != "models"}
-        run.log_metrics(summary)
-        run.parent.log_metrics(summary)
+        run.log_comparison(summary)
         for model in outputs.models:
             prefix = f"{EVAL_PREFIX}{model.key}/"
             run.log_metrics({f"{prefix}{k}": v for k, v in model.metrics.items() if k != "per_class"})

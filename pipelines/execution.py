@@ -208,6 +208,11 @@ def dvc_data_hash(root: Path, *, source: str) -> str | None:
     return None
 
 
+# The figures of the parent run's comparison row, the rest staying on the stage's child run. MLflow's compare page
+# shows a run's metrics sorted by name in a box six rows high: these six fit it, the promotion figures follow.
+COMPARISON_METRICS = ("calib/threshold", "calib/false_reject_rate", "calib/escape_rate",
+                      "eval/image_auroc", "eval/false_reject_rate", "eval/escape_rate")
+
 PARENT_KEPT_TAGS = ("dataset", "recipe_id", "config_source", "dvc_commit", "dvc_exp_name", "dvc_exp_baseline_rev",
                     "dvc_exp_ref", "dvc_params_hash", "config_hash", "overrides")
 
@@ -215,7 +220,7 @@ PARENT_KEPT_TAGS = ("dataset", "recipe_id", "config_source", "dvc_commit", "dvc_
 @dataclass
 class StageRun:
     """A stage's MLflow run (``run``, a child) and the execution's parent run (``parent``), which carries the
-    comparison row: resolved params, ``calib/…``, ``eval/…``, ``promotion/…`` figures and the version."""
+    comparison row: resolved params, the ``COMPARISON_METRICS``, the ``promotion/…`` figures and the version."""
 
     run: Any
     parent: Any
@@ -223,6 +228,11 @@ class StageRun:
     @property
     def run_id(self) -> str:
         return str(self.run.run_id)
+
+    def log_comparison(self, metrics: dict[str, Any]) -> None:
+        """Log ``metrics`` on the child run and the ``COMPARISON_METRICS`` among them on the parent run."""
+        self.run.log_metrics(metrics)
+        self.parent.log_metrics({k: v for k, v in metrics.items() if k in COMPARISON_METRICS})
 
     def __getattr__(self, name: str) -> Any:  # log_metrics, log_dict … go to the child run
         return getattr(self.run, name)

@@ -81,7 +81,6 @@ def execute(ctx: StageContext) -> list[FitOutcome]:
                        f"{prefix}coreset_size": result.coreset_size,
                        f"{prefix}coreset_rate_applied": result.coreset_rate_applied}
             run.log_metrics({**figures, **{f"{prefix}timings_ms.{k}": v for k, v in result.timings_ms.items()}})
-            run.parent.log_metrics(figures)
         run.set_tags({"memory_fingerprints": ",".join(o.result.fingerprint for o in outcomes)})
         run.log_artifact(Path(ctx.path(ctx.cfg.paths.fit_dir)) / SUMMARY_FILE, "fit")
     return outcomes

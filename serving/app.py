@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -26,6 +27,10 @@ from bdi.mlops.shadow import ShadowScorer, shadow_models_dir
 from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.service import InspectionService, remove_orphan_files
 from serving.errors import ERROR_RESPONSES, install_error_handlers
+from serving.metrics.exposition import ScrapeCollectors, registry_sync_families
+from serving.metrics.families import Metrics
+from serving.metrics.folder import use_folder, worker_exits
+from serving.metrics.http import HttpMetricsMiddleware
 from serving.middleware import RequestContextMiddleware, RequestSizeLimitMiddleware, SettingsCORSMiddleware
 from serving.routes import ROUTERS
 from serving.settings import ServingSettings
@@ -49,11 +54,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or (service.settings if service is not None else Settings())
+        resolved_serving = serving_settings or ServingSettings()
         log_file = configure_logging(resolved.log_dir)
         orphans = remove_orphan_files(resolved)
         if orphans:
             slog("startup.orphan_temp_files_removed", count=len(orphans), paths=[str(p) for p in orphans[:20]])
         async with AsyncExitStack() as stack:
+            metrics = _start_metrics(app, stack, resolved_serving)
             if resolved.mlflow_tracking_uri or resolved.registry_sync_on_start:
                 await asyncio.to_thread(preload_mlflow)  # before any MLflow thread starts (bdi.mlops.follower)
             tracking = TrackingConfig.from_settings(resolved).resolve(Path.cwd())
@@ -66,7 +73,9 @@ def create_app(
                 resolved.models_dir, following=follower is not None, alias=tracking.alias,
                 interval_s=resolved.registry_sync_interval_s,
             )
-            hooks = {"on_fit": run_logger.on_fit, "on_calibrate": run_logger.on_calibrate} if run_logger else {}
+            hooks: dict[str, Any] = {"on_cache_event": metrics.on_cache_event}
+            if run_logger is not None:
+                hooks.update(on_fit=run_logger.on_fit, on_calibrate=run_logger.on_calibrate)
             svc = service or InspectionService.from_settings(resolved, **hooks)
             shadow = _shadow_scorer(svc, resolved)
             if shadow is not None:
@@ -78,7 +87,7 @@ def create_app(
                     "set BDI_REQUIRE_CUDA=0 for CPU-only serving"
                 )
             app.state.settings = resolved
-            app.state.serving_settings = serving_settings or ServingSettings()
+            app.state.serving_settings = resolved_serving
             app.state.service = svc
             app.state.tracking_status = status
             slog(
@@ -107,10 +116,23 @@ def create_app(
     app.add_middleware(RequestSizeLimitMiddleware)
     app.add_middleware(SettingsCORSMiddleware)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: counts every answer, 413s and CORS preflights too
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router, responses=ERROR_RESPONSES)
     return app
+
+
+def _start_metrics(app: FastAPI, stack: AsyncExitStack, serving_settings: ServingSettings) -> Metrics:
+    """This worker's instruments in the launch's multiprocess folder (``BDI_METRICS_DIR``, docs/metrics.md), and
+    the families ``GET /metrics`` reads at scrape time (the registry sync state, read by the route's worker)."""
+    folder = use_folder(serving_settings.metrics_base())
+    stack.callback(worker_exits, folder)
+    metrics = Metrics()
+    scraped = ScrapeCollectors()
+    scraped.add(lambda: registry_sync_families(app.state.registry_status.health()))
+    app.state.metrics, app.state.metrics_folder, app.state.scrape_collectors = metrics, folder, scraped
+    return metrics
 
 
 async def _start_tracking(

@@ -13,6 +13,7 @@ from bdi.logging import bind_context
 from bdi.mlops.follower import SyncStatusReader
 from bdi.refs import DatasetRef, ModelRef, pick_recipe_id
 from bdi.service import InspectionService
+from serving.metrics.families import Metrics
 
 RECIPE_HEADER = "X-Recipe-Id"
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -33,9 +34,15 @@ async def get_registry_status(request: Request) -> SyncStatusReader:
     return reader
 
 
+async def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[InspectionService, Depends(get_service)]
 RegistryStatusDep = Annotated[SyncStatusReader, Depends(get_registry_status)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 @dataclass(frozen=True)

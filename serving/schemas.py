@@ -269,6 +269,31 @@ class ManifestResponse(BaseModel):
                    request_id=ids["request_id"], lineage=manifest.lineage)
 
 
+class ProgressResponse(BaseModel):
+    """GET /progress (additive): how far the last API fit or calibration of one model got (docs/contract.md)."""
+
+    recipe_id: str
+    role_id: str
+    roi_id: str
+    model_key: str
+    job: Literal["fit", "calibrate"] | None
+    state: Literal["idle", "running", "done", "failed"]
+    stage: str | None
+    done: int
+    total: int
+    stages: dict[str, list[int]]  # every stage seen: [done, total]
+    started_at_utc: str | None
+    updated_at_utc: str | None
+    error: str | None
+    request_id: str
+
+    @classmethod
+    def of(cls, progress: Mapping[str, Any], *, ref_ids: Mapping[str, str], ids: Mapping[str, str]) -> ProgressResponse:
+        fields = {name: progress.get(name) for name in ("job", "state", "stage", "done", "total", "stages",
+                                                          "started_at_utc", "updated_at_utc", "error")}
+        return cls(**ref_ids, **fields, request_id=ids["request_id"])
+
+
 class HealthResponse(BaseModel):
     """GET /health; ``reason`` only when CUDA is not available."""
 

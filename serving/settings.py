@@ -7,6 +7,7 @@ YAML file named by ``BDI_CONFIG`` > defaults. Built once per app in the lifespan
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ class ServingSettings(BaseSettings):
     timeout_keep_alive_s: int = Field(5, validation_alias=env_aliases("TIMEOUT_KEEP_ALIVE_S"))
     # the longest wait for the next part of a request body; then 408 (serving.middleware)
     body_read_timeout_s: float = Field(30.0, validation_alias=env_aliases("BODY_READ_TIMEOUT_S"))
+    # where each launch keeps its workers' Prometheus values, in a folder of its own (docs/metrics.md);
+    # None: bdi-metrics in the system temp folder (metrics_base)
+    metrics_dir: Path | None = Field(None, validation_alias=env_aliases("METRICS_DIR"))
 
     @field_validator("backend_port", mode="before")
     @classmethod
@@ -51,6 +55,10 @@ class ServingSettings(BaseSettings):
         if not value > 0:
             raise ValueError(f"{info.field_name} must be > 0")
         return value
+
+    def metrics_base(self) -> Path:
+        """``BDI_METRICS_DIR``, else ``bdi-metrics`` in the system temp folder."""
+        return self.metrics_dir if self.metrics_dir is not None else Path(tempfile.gettempdir()) / "bdi-metrics"
 
     def base_url(self) -> str:
         """``http://<host>:<port>``: where the demo's curl lines reach the server."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, monitoring, state, ui
+from serving.routes import calibration, datasets, fit, health, inference, metrics, monitoring, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -15,4 +15,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     state.router,
     monitoring.router,
     ui.router,
+    metrics.router,
 )

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from bdi.logging import slog
-from serving.deps import RequestCtx, ServiceDep
+from serving.deps import MetricsDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
 from serving.schemas import FitResponse
@@ -20,6 +20,7 @@ router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
 def fit_ok(
     ctx: RequestCtx,
     service: ServiceDep,
+    metrics: MetricsDep,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
     mm_per_px: Annotated[float, Form()],
@@ -36,6 +37,8 @@ def fit_ok(
          mm_per_px=mm_per_px, model_key_raw=model_key, model_key=ref.model_key)
     result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,
                             memory_fit=memory_fit)
+    metrics.observe_fit(result=result, source="dataset" if use_dataset else "images",
+                        seconds=time.perf_counter() - started)
     slog("fit_ok.response", n_embeddings=result.n_embeddings, coreset_size=result.coreset_size,
          token_shape=list(result.token_shape), n_images=result.n_images, model_key=ref.model_key,
          memory_path_written=str(result.memory_path),

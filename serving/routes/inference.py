@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, File, Form, Response, UploadFile
 
 from bdi.logging import slog
 from bdi.service import LABELS
-from serving.deps import RequestCtx, ServiceDep
+from serving.deps import MetricsDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_upload
 from serving.requests import InferDatasetRequest
@@ -22,6 +22,7 @@ router = APIRouter(tags=["inference"])
 def infer(
     ctx: RequestCtx,
     service: ServiceDep,
+    metrics: MetricsDep,
     response: Response,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
@@ -32,7 +33,8 @@ def infer(
     model_key: Annotated[str | None, Form()] = None,
 ) -> InferResponse:
     """Score one ROI crop; ``shape`` (JSON text) masks it; the heatmap defaults to NG results only. The stage
-    timings go in a standard ``Server-Timing`` header (additive; the body stays the contract's)."""
+    timings go in a standard ``Server-Timing`` header (additive; the body stays the contract's) and, with the
+    decision, score and defect area, into the metrics (docs/metrics.md)."""
     ref = ctx.model_ref(role_id=role_id, roi_id=roi_id, model_key=model_key)
     _, data = read_upload(image, limits=service.limits)
     slog("infer.request", image_bytes_len=len(data), mm_per_px=mm_per_px, shape_present=bool(shape),
@@ -40,6 +42,8 @@ def infer(
     outcome = service.infer(ref=ref, mm_per_px=mm_per_px, image=data, shape=shape,
                             include_heatmap=include_heatmap)
     response.headers["Server-Timing"] = server_timing(outcome.result.timings_ms)
+    metrics.observe_infer(ids={"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id},
+                          outcome=outcome)
     return InferResponse.of(outcome, ids=ctx.ids())
 
 

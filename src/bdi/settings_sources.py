@@ -138,7 +138,7 @@ class ContractEnvSource(EnvSettingsSource):
 
 # keys of the BDI_CONFIG file that the HTTP server reads from it (serving.settings.ServingSettings), not Settings
 SERVING_CONFIG_KEYS = frozenset({"cors_origins", "backend_host", "backend_port", "limit_concurrency",
-                                 "timeout_keep_alive_s", "body_read_timeout_s"})
+                                 "timeout_keep_alive_s", "body_read_timeout_s", "metrics_dir"})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

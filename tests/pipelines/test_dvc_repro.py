@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from bdi.data.synthetic import write_mvtec_dataset
+from pipelines.execution import COMPARISON_METRICS
 from tests.helpers.browser import chromium_or_skip, save_screenshot
 from tests.helpers.servers import MlflowServer, UvicornServer, server_env
 
@@ -328,9 +329,7 @@ def test_two_calibration_experiments_compare_as_two_parent_runs(
     a, b = parents["calib-ng10"], parents["calib-ng50-slowgate"]
     for parent in (a, b):
         assert parent.info.status == "FINISHED"
-        assert {"calib/threshold", "calib/false_reject_rate", "calib/escape_rate", "calib/image_auroc",
-                "calib/ng_score_at_percentile", "eval/image_auroc", "eval/false_reject_rate", "eval/escape_rate",
-                "promotion/promoted", "registered_version"} <= set(parent.data.metrics)
+        assert set(parent.data.metrics) == {*COMPARED, "promotion/promoted", "promotion/refused", "registered_version"}
         children = client.search_runs([experiment.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         stages = sorted(c.data.tags["stage"] for c in children)
@@ -367,8 +366,7 @@ def compare_url(base_url: str, *, run_ids: list[str], experiment_ids: list[str])
     return f"{base_url}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps(experiment_ids)}"
 
 
-COMPARED = ("calib/threshold", "calib/false_reject_rate", "calib/escape_rate", "calib/image_auroc",
-            "eval/image_auroc", "eval/false_reject_rate", "eval/escape_rate")
+COMPARED = COMPARISON_METRICS  # the parent run's comparison row: all of it in the compare page's metrics box
 UI_TIMEOUT_MS = 120_000
 
 
@@ -404,9 +402,14 @@ def test_mlflow_ui_compare_page_shows_both_calibrations_side_by_side(
             text = show_compare_page(page, base_url=server.uri, run_ids=[p.info.run_id for p in parents],
                                      experiment_id=calibration_pair.experiment_id)
             shots = save_screenshot(page, dest_dir=tmp_path, name="mlflow_compare.png")
+            viewport_height = page.viewport_size["height"]
+            shown = {label: page.get_by_text(label, exact=True).filter(visible=True).first.bounding_box()
+                     for label in COMPARED}
         finally:
             browser.close()
     assert "calibration.ng_percentile\t10.0\t50.0" in text, text[:4000]  # the changed param, side by side
     for parent in parents:  # the thresholds themselves, as the UI rounds them
         assert f"{parent.data.metrics['calib/threshold']:.3g}" in text.split("calib/threshold", 1)[1], text[:4000]
     assert all(shot.stat().st_size > 10_000 for shot in shots)
+    off_screen = [label for label, box in shown.items() if box is None or box["y"] + box["height"] > viewport_height]
+    assert not off_screen, f"not in the screenshot: {off_screen}"  # the whole comparison row, on one screen

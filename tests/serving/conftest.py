@@ -34,6 +34,7 @@ def client_factory(tmp_path: Path, tiny_extractor: FeatureExtractor) -> Iterator
 
     def make(*, raise_server_exceptions: bool = True, **overrides: Any) -> TestClient:
         overrides.setdefault("log_dir", tmp_path / "logs")
+        overrides.setdefault("metrics_dir", tmp_path / "metrics")  # this test's Prometheus values only
         serving = {k: overrides.pop(k) for k in list(overrides) if k in ServingSettings.model_fields}
         settings = tiny_settings(overrides.pop("models_dir", tmp_path / "models"), **overrides)
         service = InspectionService(settings=settings, extractor=tiny_extractor)

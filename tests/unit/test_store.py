@@ -520,3 +520,19 @@ def test_legacy_model_key_folder_is_not_read_by_another_key(store: ModelStore) -
     _save(store, _ref(model_key="a_b"), _memory(1))  # a_b's own folder is also "a b"'s legacy name
     assert store.load_model(_ref(model_key="a b")) is None
     assert store.load_model(_ref(model_key="a_b")).fingerprint == _memory(1).fingerprint  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------------ cache events (metrics)
+
+
+def test_cache_events_report_a_load_then_hits_and_a_reload_after_a_refit(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    store = ModelStore(tmp_path / "models", on_cache_event=lambda cache, event: events.append((cache, event)))
+    _save(store, _ref(), _memory(0))
+    store.load_model(_ref())
+    store.load_model(_ref())
+    model_events = [event for cache, event in events if cache == "model"]
+    assert model_events == ["miss", "put", "hit"]
+    _save(store, _ref(), _memory(1))  # a refit: new file identities, so the next read loads again
+    store.load_model(_ref())
+    assert [event for cache, event in events if cache == "model"][3:] == ["miss", "put"]

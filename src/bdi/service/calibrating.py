@@ -93,15 +93,22 @@ class Calibrating:
         model = ctx.model(ref, endpoint="/calibrate_dataset", calibrated=False,
                           scoring=replace(ctx.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area))
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
-        ok_stats: dict[str, list[float]] = {name: [] for name in STAT_NAMES}
-        for label, samples in ctx.capped_samples(ref, LABELS).items():
-            for item in score_samples(ctx, model, label=label, samples=samples, default_mm_per_px=default_mm_per_px,
-                                      include_heatmap=False, progress=progress):
-                if item.score is not None:
-                    scores[label].append(item.score)
-                    if label == "ok" and item.image_stats is not None:
-                        for name in STAT_NAMES:
-                            ok_stats[name].append(item.image_stats[name])
+        ok_stats: dict[str, list[float]] = {name: [] for name in STAT_NAMES}  # the drift reference's
+        tracker = ctx.progress.tracker(ref, "calibrate", forward=progress)  # what GET /progress reads
+        try:
+            for label, samples in ctx.capped_samples(ref, LABELS).items():
+                for item in score_samples(ctx, model, label=label, samples=samples,
+                                          default_mm_per_px=default_mm_per_px, include_heatmap=False,
+                                          progress=tracker):
+                    if item.score is not None:
+                        scores[label].append(item.score)
+                        if label == "ok" and item.image_stats is not None:
+                            for name in STAT_NAMES:
+                                ok_stats[name].append(item.image_stats[name])
+        except BaseException as exc:
+            tracker.finish(error=exc)
+            raise
+        tracker.finish()
         if not scores["ok"]:
             raise InsufficientSamplesError("No valid OK samples for calibration.")
         if require_ng and not scores["ng"]:

@@ -28,6 +28,7 @@ from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
 from bdi.storage.alerts import AlertsReader
+from bdi.storage.cache import StoreCacheHook
 from bdi.storage.datasets import DatasetStore
 from bdi.storage.fsio import remove_orphan_temp_files
 from bdi.storage.store import ModelStore
@@ -59,7 +60,10 @@ class InspectionService:
         on_calibrate: CalibrateHook | None = None,
         runtime: RuntimeStatus | None = None,
         on_infer: InferHook | None = None,
+        on_cache_event: StoreCacheHook | None = None,
     ) -> None:
+        """``on_cache_event(cache, event)``: told of the store's cache hits, misses and loads (serving's metrics;
+        only with the store built here)."""
         self.settings = settings
         self.extractor = extractor
         # what runs the feature net (from_settings attaches BDI_RUNTIME; a given extractor keeps its own)
@@ -68,6 +72,7 @@ class InspectionService:
             settings.models_dir,
             cache_max_entries=settings.cache_max_entries,
             faiss_gpu_device=settings.model.memory.gpu_device if settings.model.memory.prefer_gpu else None,
+            on_cache_event=on_cache_event,
         )
         self.datasets = datasets or DatasetStore(settings.models_dir)
         ctx = ServiceContext(settings=settings, extractor=extractor, store=self.store, datasets=self.datasets)
@@ -94,6 +99,7 @@ class InspectionService:
         self.model = ctx.model  # a stored model scoring with this service's extractor
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
+        self.progress = self.status.progress  # /progress (additive): the running fit's or calibration's
         self.inspections = self.monitoring.inspections  # GET /inspections
         self.monitor = self.monitoring.drift  # GET /monitor; the drift gauges of /metrics
         self.feedback = self.monitoring.feedback  # POST /feedback

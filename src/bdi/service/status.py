@@ -30,6 +30,15 @@ class ModelStatus:
         return ModelManifest(ref=ref, memory=memory is not None, calib=calib,
                              datasets=self._ctx.datasets.listing(ref.dataset_ref()), lineage=lineage)
 
+    def progress(self, ref: ModelRef) -> dict[str, Any]:
+        """How far the last fit or calibration of ``ref`` from the API got (``bdi.storage.progress``):
+        ``state`` running/done/failed, or ``idle`` with ``job`` None when none has run on this models dir."""
+        doc = self._ctx.progress.read(ref)
+        if doc is None:
+            return {"job": None, "state": "idle", "stage": None, "done": 0, "total": 0, "stages": {},
+                    "started_at_utc": None, "updated_at_utc": None, "error": None}
+        return doc
+
     def _snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
         """Memory, the calibration document as stored and the lineage view of one model, read together
         (``bdi.storage.model_lock``)."""

@@ -16,7 +16,7 @@ from bdi.errors import StorageError
 from bdi.logging import slog
 from bdi.patchcore.calibration import Calibration
 from bdi.refs import ModelRef
-from bdi.storage.cache import LRUCache
+from bdi.storage.cache import CacheEventHook, LRUCache
 from bdi.storage.fsio import TORN_READ_RETRIES, FileIdentity, atomic_write_json, read_with_identity
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 class CalibrationFiles:
     """The calibrations of one store (``ModelStore.calibrations``): its paths and read order are the store's."""
 
-    def __init__(self, store: ModelStore, *, cache_max_entries: int) -> None:
+    def __init__(self, store: ModelStore, *, cache_max_entries: int, on_event: CacheEventHook | None = None) -> None:
         self._store = store
-        self._cache: LRUCache[FileIdentity, dict[str, Any]] = LRUCache(cache_max_entries)
+        self._cache: LRUCache[FileIdentity, dict[str, Any]] = LRUCache(cache_max_entries, on_event=on_event)
 
     def save(self, ref: ModelRef, calib: Calibration) -> Path:
         """Atomically write the calibration JSON (:meth:`Calibration.to_dict`, indent 2) to the current layout."""

@@ -46,7 +46,7 @@ from bdi.refs import (
     recipe_dir_candidates,
 )
 from bdi.storage import recipes
-from bdi.storage.cache import LRUCache
+from bdi.storage.cache import LRUCache, StoreCacheHook, named_hook
 from bdi.storage.calibrations import CalibrationFiles
 from bdi.storage.fsio import TORN_READ_RETRIES, FileIdentity, atomic_write_bytes, exclusive_lock, read_with_identity
 from bdi.storage.npz import decode_memory_npz, encode_memory_npz, read_model_key
@@ -107,14 +107,22 @@ class StoredModel:
 class ModelStore:
     """Model artefacts and recipe meta under one root directory (``BDI_MODELS_DIR``)."""
 
-    def __init__(self, root: Path, *, cache_max_entries: int = 32, faiss_gpu_device: int | None = None) -> None:
+    def __init__(
+        self, root: Path, *, cache_max_entries: int = 32, faiss_gpu_device: int | None = None,
+        on_cache_event: StoreCacheHook | None = None,
+    ) -> None:
         """``faiss_gpu_device``: move loaded faiss indexes to that GPU when faiss-gpu sees it (the cached
-        model then holds the GPU copy); None keeps them on the CPU."""
+        model then holds the GPU copy); None keeps them on the CPU. ``on_cache_event(cache, event)`` is told
+        of each lookup and put of the ``memory``, ``model`` and ``calibration`` caches (a ``model`` put is a
+        model read from disk)."""
         self.root = Path(root)
         self._gpu_device = faiss_gpu_device
-        self._memories: LRUCache[FileIdentity, tuple[Memory, dict[str, Any]]] = LRUCache(cache_max_entries)
-        self._models: LRUCache[tuple[FileIdentity, FileIdentity | None], LoadedModel] = LRUCache(cache_max_entries)
-        self.calibrations = CalibrationFiles(self, cache_max_entries=cache_max_entries)
+        self._memories: LRUCache[FileIdentity, tuple[Memory, dict[str, Any]]] = LRUCache(
+            cache_max_entries, on_event=named_hook(on_cache_event, "memory"))
+        self._models: LRUCache[tuple[FileIdentity, FileIdentity | None], LoadedModel] = LRUCache(
+            cache_max_entries, on_event=named_hook(on_cache_event, "model"))
+        self.calibrations = CalibrationFiles(self, cache_max_entries=cache_max_entries,
+                                             on_event=named_hook(on_cache_event, "calibration"))
 
     # -------------------------------------------------------------- layout
     @property
