@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bdi.monitoring.drift import ALARM, INSUFFICIENT, NO_REFERENCE, OK, evaluate_roi, psi
+from bdi.monitoring.drift import ALARM, INSUFFICIENT, NO_REFERENCE, OK, evaluate_roi, metrics_rows, psi
 from bdi.monitoring.drift_state import STATE_FILE, DriftStateReader, persist_statuses
 from bdi.monitoring.record import InspectionRecord
 
@@ -91,3 +91,15 @@ def test_since_holds_while_the_status_holds_and_health_sees_alarms(tmp_path: Pat
     assert raised.since == "2026-01-03T00:00:00.000000Z"
     (warning,) = reader.alarms()
     assert warning["cause"] == "lighting" and warning["roi_id"] == "roi-1"
+
+
+def test_metrics_rows_feed_the_drift_gauges_of_evaluated_models_only() -> None:
+    from serving.metrics.exposition import drift_families
+
+    rng = np.random.default_rng(5)
+    alarm = _evaluate(_live(rng, 200, brightness=15.0), _reference(rng))
+    unevaluated = _evaluate(_live(rng, 200), None)
+    status, statistic = drift_families(metrics_rows([alarm, unevaluated]))  # type: ignore[list-item]
+    assert [(s.labels["roi_id"], s.value) for s in status.samples] == [("roi-1", 2.0)]
+    values = {s.labels["statistic"]: s.value for s in statistic.samples}
+    assert values["brightness_psi"] > 0.25 and "ng_rate_live" in values

@@ -125,6 +125,15 @@ class RoiDrift:
                 out[f"feedback_{name}"] = float(value)
         return out
 
+    def metrics_row(self) -> dict[str, object] | None:
+        """``{"recipe_id", "role_id", "roi_id", "status", "statistics"}`` for ``serving.metrics.exposition.
+        drift_families`` (gauges ``bdi_drift_status`` and ``bdi_drift_statistic``); None when not evaluated
+        (no_reference, insufficient_data), so no gauge claims a status nobody computed."""
+        if self.level is None:
+            return None
+        return {"recipe_id": self.recipe_id, "role_id": self.role_id, "roi_id": self.roi_id, "status": self.status,
+                "statistics": self.statistics()}
+
     def to_dict(self) -> dict[str, object]:
         body = asdict(self)
         body["level"] = self.level
@@ -232,3 +241,9 @@ def evaluate_roi(
     status = next(name for name, level in STATUS_LEVEL.items() if level == worst)
     return RoiDrift(**base, status=status, cause=_cause(series, ng) if worst else None,  # type: ignore[arg-type]
                     series=series, ng_rate=ng)
+
+
+def metrics_rows(drifts: Sequence[RoiDrift]) -> list[dict[str, object]]:
+    """The gauge rows of the evaluated drifts (:meth:`RoiDrift.metrics_row`): what ``drift_families`` takes, e.g.
+    ``scrape_collectors.add(lambda: drift_families(metrics_rows(service.monitor())))``."""
+    return [row for row in (drift.metrics_row() for drift in drifts) if row is not None]

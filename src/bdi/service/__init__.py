@@ -6,7 +6,7 @@
 checked by :class:`UploadLimits` (:mod:`.limits`) and results are the types of :mod:`.results`.
 """
 
-from bdi.monitoring.drift import RoiDrift
+from bdi.monitoring.drift import RoiDrift, metrics_rows
 from bdi.monitoring.feedback import CorrectedRegion, Feedback
 from bdi.monitoring.record import InspectionPage, InspectionQuery, InspectionRecord
 from bdi.patchcore.calibration import Calibration
@@ -37,4 +37,4 @@ __all__ = ["CALIBRATE_NG_DEFAULT_MM_PER_PX", "LABELS", "Calibrating", "Calibrati
            "InspectionService", "ManualCalibration", "ModelManifest", "ModelState",
            "ModelStatus", "Region", "RoiDrift",
            "SampleScore", "Samples",
-           "ServiceContext", "UploadLimits", "remove_orphan_files"]
+           "ServiceContext", "UploadLimits", "metrics_rows", "remove_orphan_files"]
