@@ -73,7 +73,7 @@ def run_calibrate(
         scoring = service.settings.model.scoring
         for target in targets(cfg):
             rows = rows_for(manifest, target, "calib")
-            _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
+            images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                           scoring=scoring, progress=progress)
             ok = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ok"]
             ng = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ng"]
@@ -83,6 +83,7 @@ def run_calibrate(
             calib = service.calibrate_from_scores(
                 ref=target.ref, ok_scores=ok, ng_scores=ng or None, mm_per_px=recipe_mm_per_px(manifest, target),
                 score_percentile=scoring.score_percentile, area_mm2_thr=scoring.area_mm2_thr,
+                ok_images=[image for image, row in zip(images, rows, strict=True) if row.label == "ok"],
             )
             scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]

@@ -28,10 +28,10 @@ from bdi.mlops.shadow import ShadowScorer, shadow_models_dir
 from bdi.mlops.tracking import TrackingConfig, TrackingTarget
 from bdi.security.audit import AuditLog
 from bdi.security.keys import KeyStore
-from bdi.service import InspectionService, remove_orphan_files
+from bdi.service import InspectionService, metrics_rows, remove_orphan_files
 from serving.auth import AuthMiddleware
 from serving.errors import ERROR_RESPONSES, install_error_handlers
-from serving.metrics.exposition import ScrapeCollectors, registry_sync_families
+from serving.metrics.exposition import ScrapeCollectors, drift_families, registry_sync_families
 from serving.metrics.families import Metrics
 from serving.metrics.folder import use_folder, worker_exits
 from serving.metrics.http import HttpMetricsMiddleware
@@ -135,12 +135,15 @@ def create_app(
 
 def _start_metrics(app: FastAPI, stack: AsyncExitStack, serving_settings: ServingSettings) -> Metrics:
     """This worker's instruments in the launch's multiprocess folder (``BDI_METRICS_DIR``, docs/metrics.md), and
-    the families ``GET /metrics`` reads at scrape time (the registry sync state, read by the route's worker)."""
+    the families ``GET /metrics`` reads at scrape time (the registry sync state and drift per ROI, read by the
+    route's worker)."""
     folder = use_folder(serving_settings.metrics_base())
     stack.callback(worker_exits, folder)
     metrics = Metrics()
     scraped = ScrapeCollectors()
     scraped.add(lambda: registry_sync_families(app.state.registry_status.health()))
+    # drift per ROI, evaluated at scrape time from the shared record and state files (docs/monitoring.md)
+    scraped.add(lambda: drift_families(metrics_rows(app.state.service.monitor())))
     app.state.metrics, app.state.metrics_folder, app.state.scrape_collectors = metrics, folder, scraped
     return metrics
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
@@ -141,6 +141,55 @@ class KeyCreateRequest(BaseModel):
             return cls.model_validate(dict(body))
         except ValidationError as exc:
             raise InvalidInputError(describe_validation_error(exc)) from exc
+
+    @classmethod
+    def openapi(cls) -> dict[str, Any]:
+        return {"requestBody": {"required": True,
+                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}
+
+
+class FeedbackRegionBody(BaseModel):
+    """A corrected defect region in crop pixels: ``bbox`` ``[x, y, w, h]`` or ``polygon`` ``[[x, y], …]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bbox: Annotated[list[float], Field(min_length=4, max_length=4)] | None = None
+    polygon: Annotated[list[Annotated[list[float], Field(min_length=2, max_length=2)]], Field(min_length=3)] | None \
+        = None
+
+
+class FeedbackBody(BaseModel):
+    """POST /feedback (additive, docs/monitoring.md "Operator feedback"): an operator's verdict on the inspection
+    answered with ``request_id``; ``image_base64`` is the inspected image when the record kept none."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: Annotated[str, Field(min_length=1)]
+    verdict: Literal["false_reject", "confirmed_defect", "missed_defect"]
+    recipe_id: LooseString = None
+    # validated as FeedbackRegionBody by parse; typed loosely here so the OpenAPI schema inlines it (no $defs)
+    region: Annotated[dict[str, Any] | None, WithJsonSchema({
+        "anyOf": [{"type": "object", "properties": {
+            "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+            "polygon": {"type": "array", "minItems": 3,
+                        "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}}},
+            "additionalProperties": False}, {"type": "null"}]})] = None
+    operator: Annotated[str, Field(max_length=200)] | None = None
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+    image_base64: str | None = None
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> FeedbackBody:
+        try:
+            parsed = cls.model_validate(dict(body))
+            if parsed.region is not None:
+                FeedbackRegionBody.model_validate(parsed.region)
+        except ValidationError as exc:
+            raise InvalidInputError(describe_validation_error(exc)) from exc
+        return parsed
+
+    def region_body(self) -> FeedbackRegionBody | None:
+        return FeedbackRegionBody.model_validate(self.region) if self.region is not None else None
 
     @classmethod
     def openapi(cls) -> dict[str, Any]:

@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict
 
 from bdi.service import (
     Calibration,
+    Feedback,
     FitResult,
     InferOutcome,
+    InspectionPage,
     ManualCalibration,
     ModelManifest,
     ModelState,
     Region,
+    RoiDrift,
     SampleScore,
 )
 
@@ -313,6 +316,7 @@ class HealthResponse(BaseModel):
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
     auth: Literal["off", "required", "writes"] | None = None  # BDI_AUTH (issue 28, docs/security.md)
+    warnings: list[dict[str, Any]] | None = None  # models whose drift is in alarm (docs/monitoring.md)
 
 
 class AuditPageResponse(BaseModel):
@@ -404,3 +408,46 @@ class ClearResponse(BaseModel):
     resolved_recipe_id: str | None = None
     request_id: str
     recipe_id: str
+
+
+class InspectionsResponse(BaseModel):
+    """GET /inspections: one page of the inspection record, newest first (docs/monitoring.md); ``next_cursor`` is
+    passed back as ``cursor`` for the next page (None: the last page)."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    count: int
+    next_cursor: str | None
+    items: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, page: InspectionPage, *, ids: Mapping[str, str]) -> InspectionsResponse:
+        return cls(**ids, count=len(page.records), next_cursor=page.next_cursor,
+                   items=[record.to_dict() for record in page.records])
+
+
+class MonitorResponse(BaseModel):
+    """GET /monitor: the drift of every recorded model (docs/monitoring.md "Drift")."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    rois: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, drifts: Sequence[RoiDrift], *, ids: Mapping[str, str]) -> MonitorResponse:
+        return cls(**ids, rois=[drift.to_dict() for drift in drifts])
+
+
+class FeedbackResponse(BaseModel):
+    """POST /feedback: the stored verdict, the sample it became (``label``/``sample``) and the ids."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    feedback: dict[str, Any]
+
+    @classmethod
+    def of(cls, feedback: Feedback, *, ids: Mapping[str, str]) -> FeedbackResponse:
+        return cls(**ids, feedback=feedback.to_dict())

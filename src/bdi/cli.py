@@ -1,7 +1,9 @@
 """The ``bdi`` command: ``bdi sync [--watch]`` (registry → BDI_MODELS_DIR), ``bdi promote`` (move the alias
 through the promotion gate, or back for a rollback), ``bdi export`` (the feature net → ONNX / OpenVINO,
 parity-checked), ``bdi recipe unlock-scale RECIPE`` (reset a recipe's mm_per_px lock), ``bdi keys
-create|list|revoke`` and ``bdi audit verify`` (docs/security.md) and ``bdi demo-data``.
+create|list|revoke`` and ``bdi audit verify`` (docs/security.md), ``bdi demo-data``, ``bdi inspections export``
+(the inspection record as CSV or Parquet) and ``bdi monitor report`` (drift per ROI logged on each model's MLflow
+run; docs/monitoring.md).
 
 Defaults come from :class:`bdi.config.Settings` (``BDI_*`` env, ``BDI_CONFIG`` YAML) and
 :class:`bdi.mlops.tracking.TrackingConfig`; flags override them. A :class:`bdi.errors.BDIError` ends the
@@ -109,6 +111,30 @@ def _parser() -> argparse.ArgumentParser:
                                 description="The audit trail in the server's security folder.")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     audit_commands.add_parser("verify", help="check the hash chain; exit 1 naming each edited, removed or moved record")
+
+    inspections = commands.add_parser("inspections", help="the inspection record (docs/monitoring.md)",
+                                      description="the inspection record (docs/monitoring.md)")
+    inspections_commands = inspections.add_subparsers(dest="inspections_command", required=True, metavar="ACTION")
+    export_records = inspections_commands.add_parser(
+        "export", help="write the record (newest first) as CSV or Parquet",
+        description="write the inspection record (newest first, filtered) as one CSV or Parquet table")
+    export_records.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    export_records.add_argument("--out", type=Path, required=True, help="the file to write")
+    export_records.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR")
+    for name in ("recipe-id", "role-id", "roi-id", "decision", "since"):
+        export_records.add_argument(f"--{name}", default=None, help="only records with this value"
+                                    if name != "since" else "only records at or after this ISO time")
+
+    monitor = commands.add_parser("monitor", help="drift per ROI (docs/monitoring.md)",
+                                  description="drift per ROI (docs/monitoring.md)")
+    monitor_commands = monitor.add_subparsers(dest="monitor_command", required=True, metavar="ACTION")
+    report = monitor_commands.add_parser(
+        "report", help="evaluate every recorded model's drift and log it on its MLflow run",
+        description="evaluate every recorded model's drift and log it on the model's MLflow run")
+    report.add_argument("--models-dir", type=Path, default=None, help="default: BDI_MODELS_DIR")
+    report.add_argument("--tracking-uri", default=None,
+                        help="default: BDI_MLFLOW_TRACKING_URI (empty: embedded SQLite)")
+    report.add_argument("--project-root", type=Path, default=Path("."), help="where the embedded SQLite default lives")
 
     demo = commands.add_parser(
         "demo-data", help="write a synthetic brake-disc dataset in MVTec layout",
@@ -322,11 +348,53 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspections(args: argparse.Namespace) -> int:
+    """``bdi inspections export``: the record of the server's models dir as one table."""
+    from bdi.config import Settings
+    from bdi.monitoring.export import export_records
+    from bdi.monitoring.record import InspectionQuery, inspections_dir, read_records
+
+    models_dir = args.models_dir if args.models_dir is not None else Settings().models_dir
+    query = InspectionQuery(recipe_id=args.recipe_id, role_id=args.role_id, roi_id=args.roi_id,
+                            decision=args.decision, since=args.since)
+    records = read_records(inspections_dir(models_dir), query)
+    export_records(records, args.out, fmt=args.format)
+    _emit(f"wrote {len(records)} inspection records to {args.out} ({args.format})")
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """``bdi monitor report``: every recorded model's drift, one line each, logged on its MLflow run."""
+    from dataclasses import replace
+
+    from bdi.config import Settings
+    from bdi.mlops.monitor_report import report_drift
+    from bdi.mlops.tracking import TrackingConfig
+    from bdi.service.monitoring import evaluate_all
+    from bdi.storage.store import ModelStore
+
+    settings = Settings()
+    if args.models_dir is not None:
+        settings = settings.model_copy(update={"models_dir": args.models_dir})
+    config = TrackingConfig.from_settings(settings)
+    if args.tracking_uri is not None:
+        config = replace(config, tracking_uri=args.tracking_uri)
+    store = ModelStore(settings.models_dir)
+    drifts = evaluate_all(settings, store)
+    reported = {r.key: r for r in report_drift(config.resolve(args.project_root), store, drifts)}
+    for drift in drifts:
+        where = reported.get(drift.key)
+        _emit(f"{drift.key}: {drift.status}" + (f" ({drift.cause})" if drift.cause else "")
+              + f", {drift.n_live} live records" + (f", run {where.run_id}" if where else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bdi`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"sync": _sync, "promote": _promote, "export": _export, "recipe": _recipe,
-                "keys": _keys, "audit": _audit, "demo-data": _demo_data}
+                "keys": _keys, "audit": _audit, "demo-data": _demo_data, "inspections": _inspections,
+                "monitor": _monitor}
     try:
         return handlers[args.command](args)
     except BDIError as exc:

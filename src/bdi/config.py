@@ -224,11 +224,22 @@ class Settings(BaseSettings):
 
     # where the API keys and the audit trail live (docs/security.md); None = <models_dir>/.security
     security_dir: Path | None = Field(None, validation_alias=env_aliases("SECURITY_DIR"))
+    # monitoring (docs/monitoring.md): the inspection record of every /infer, drift per ROI
+    inspections_record: bool = Field(True, validation_alias=env_aliases("INSPECTIONS_RECORD"))
+    inspections_store_images: bool = Field(False, validation_alias=env_aliases("INSPECTIONS_STORE_IMAGES"))
+    inspections_image_max_bytes: int = Field(
+        4 * 1024 * 1024, validation_alias=env_aliases("INSPECTIONS_IMAGE_MAX_BYTES"))
+    inspections_segment_max_bytes: int = Field(
+        16 * 1024 * 1024, validation_alias=env_aliases("INSPECTIONS_SEGMENT_MAX_BYTES"))
+    inspections_segment_max_age_s: float = Field(86400.0, validation_alias=env_aliases("INSPECTIONS_SEGMENT_MAX_AGE_S"))
+    inspections_retention_days: float = Field(30.0, validation_alias=env_aliases("INSPECTIONS_RETENTION_DAYS"))
+    drift_window: int = Field(200, validation_alias=env_aliases("DRIFT_WINDOW"))
+    drift_min_count: int = Field(30, validation_alias=env_aliases("DRIFT_MIN_COUNT"))
 
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("train_dataset_only", "require_cuda", "dataset_clear_fallback", "registry_sync_on_start",
-                     mode="before")
+                     "inspections_record", "inspections_store_images", mode="before")
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return truthy(value)
@@ -245,12 +256,20 @@ class Settings(BaseSettings):
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1 (BDI_THREADS), or empty for the CPU cores divided among workers")
         for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries",
-                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers"):
+                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers",
+                     "inspections_image_max_bytes", "inspections_segment_max_bytes", "drift_window", "drift_min_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("fit_lock_timeout_s", "orphan_tmp_age_s", "mlflow_timeout_s", "mlflow_shutdown_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number >= 0")
+        if not self.inspections_segment_max_age_s > 0 or not math.isfinite(self.inspections_segment_max_age_s):
+            raise ValueError("inspections_segment_max_age_s must be a finite number > 0")
+        if not self.inspections_retention_days * 86400.0 > self.inspections_segment_max_age_s:
+            raise ValueError("inspections_retention_days must be longer than inspections_segment_max_age_s "
+                             "(a segment still written to is never expired)")
+        if self.drift_min_count > self.drift_window:
+            raise ValueError("drift_min_count must be <= drift_window")
         return self
 
     def opencv_env(self) -> dict[str, str]:

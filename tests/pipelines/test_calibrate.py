@@ -60,6 +60,15 @@ def test_calibrate_reports_pixel_auroc_where_the_rows_have_masks(project: Calibr
     assert value is not None and 0.0 <= value <= 1.0
 
 
+def test_the_calibration_stores_the_ok_rows_as_the_drift_reference(project: CalibratedProject) -> None:
+    [outcome] = project.outcomes
+    reference = outcome.calib.reference
+    assert reference is not None and set(reference) == {"score", "brightness", "contrast", "sharpness"}
+    ok_scores = sorted(s["score"] for s in outcome.scores if s["label"] == "ok")
+    assert list(reference["score"]) == pytest.approx(ok_scores, rel=1e-6)
+    assert len(reference["sharpness"]) == len(ok_scores) and min(reference["sharpness"]) > 0
+
+
 def test_calibrate_writes_the_selection_metrics_file(project: CalibratedProject) -> None:
     [outcome] = project.outcomes
     metrics = project.metrics_file()

@@ -9,6 +9,7 @@ at least one 2xx each.
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 
 MAX_EXAMPLES = 12
 ROLE, ROI = "Inspection", "inspection-1"
+INSPECTED: dict[str, str] = {}  # the fixture's recorded /infer: its request id and a verdict that fits it
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -60,6 +62,11 @@ def fuzzed_app(tmp_path_factory: pytest.TempPathFactory, tiny_extractor: Feature
                                             "use_dataset": "true"}).status_code == 200
         assert client.post("/calibrate_ng", json={"role_id": ROLE, "roi_id": ROI,
                                                   "ok_scores": [10.0]}).status_code == 200
+        inspected = client.post("/infer", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": "0.2"},
+                                files={"image": ("crop.png", disc_png(seed=50), "image/png")}).json()
+        INSPECTED.update(request_id=inspected["request_id"],  # what /feedback gives a verdict on
+                         verdict="false_reject" if inspected["decision"] == "ng" else "missed_defect",
+                         image_base64=base64.b64encode(disc_png(seed=50)).decode())  # the record keeps no image
         yield app
 
 
@@ -123,6 +130,8 @@ def _well_formed(case: Any, stored: dict[str, list[str]]) -> Any:
             body["labels"] = ["ok"]
         if case.operation.path == "/keys":
             body.update(label="fuzz", scopes=["inspect"])
+        if case.operation.path == "/feedback":
+            body.update(INSPECTED)
     return case
 
 

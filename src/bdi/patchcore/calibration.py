@@ -132,6 +132,31 @@ def _model_ref(data: Mapping[str, Any]) -> ModelRef | None:
         return None
 
 
+SCORE_SERIES = "score"  # the reference series of the OK scores
+REFERENCE_MAX_VALUES = 2000  # per series: a calibration file stays small (a sample of the OK values beyond it)
+
+
+def reference_series(values: Iterable[float], *, max_values: int = REFERENCE_MAX_VALUES) -> tuple[float, ...]:
+    """The finite ``values`` as a reference series: at most ``max_values`` of them (evenly spaced in sorted order
+    beyond that, which keeps the distribution), rounded to 7 significant digits."""
+    finite = np.sort(np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64))
+    if finite.size > max_values:
+        finite = finite[np.linspace(0, finite.size - 1, max_values).round().astype(int)]
+    return tuple(float(f"{v:.7g}") for v in finite)
+
+
+def _reference(value: Any) -> dict[str, tuple[float, ...]] | None:
+    """The ``reference`` object of a calib JSON (name → list of numbers); None when absent or not that shape."""
+    if not isinstance(value, Mapping):
+        return None
+    out: dict[str, tuple[float, ...]] = {}
+    for name, series in value.items():
+        if isinstance(name, str) and isinstance(series, list):
+            numbers = [_number(v) for v in series]
+            out[name] = tuple(v for v in numbers if v is not None)
+    return out or None
+
+
 STATISTICS_KEYS = ("ok_mean", "ng_mean", "p99_ok", "p5_ng")  # their JSON keys (docs/contract.md "POST /calibrate_ng")
 
 
@@ -188,6 +213,9 @@ class Calibration:
     statistics: ScoreStatistics | None = None
     ids: ModelRef | None = None  # the model a /calibrate_dataset calibration belongs to (stored with it)
     source: str | None = None  # how the threshold was set when not by the threshold rule: "manual" (/calibrate_manual)
+    # what the calibration saw of OK samples, the drift reference (docs/monitoring.md "Drift"): series name →
+    # values: "score" (the OK scores) and, when calibrated from stored images, "brightness", "contrast", "sharpness"
+    reference: Mapping[str, tuple[float, ...]] | None = None
 
     @classmethod
     def from_choice(
@@ -242,6 +270,7 @@ class Calibration:
             statistics=ScoreStatistics.from_dict(data),
             ids=_model_ref(data),
             source=_text(data.get("source")),
+            reference=_reference(data.get("reference")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +288,8 @@ class Calibration:
                     escape_rate=self.escape_rate)
         if self.source is not None:
             body["source"] = self.source
+        if self.reference is not None:
+            body["reference"] = {name: list(series) for name, series in self.reference.items()}
         return body
 
     def metrics(self) -> dict[str, float | None]:

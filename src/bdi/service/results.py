@@ -48,6 +48,7 @@ class SampleScore:
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
+    image_stats: dict[str, float] | None = None  # bdi.monitoring.imagestats of the crop (the drift reference)
 
 
 @dataclass(frozen=True)
