@@ -81,6 +81,7 @@ def test_a_lighting_change_and_a_focus_loss_are_alarms_named_for_their_cause(tmp
         assert all(_roi(client)["since"] == since for _ in range(4))  # persisted: every worker says the same
         (warning,) = client.get("/health").json()["warnings"]
         assert (warning["roi_id"], warning["cause"], warning["since"]) == (ROI, "lighting", since)
+        assert _drift_status_gauge(client) == 2.0  # /metrics: what deploy/prometheus/alerts.yml alarms on
 
         stream("blurred", [_shifted(5000 + i, blur=2.0) for i in range(60)])
         focus = _roi(client)
@@ -89,6 +90,15 @@ def test_a_lighting_change_and_a_focus_loss_are_alarms_named_for_their_cause(tmp
 
     if os.environ.get("BDI_WRITE_DOCS_IMG") == "1":
         _plot(history, REPO / "docs" / "img" / "drift_stream.png")
+
+
+def _drift_status_gauge(client: httpx.Client) -> float:
+    """The ROI's ``bdi_drift_status`` sample in the Prometheus text of ``GET /metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    (value,) = [s.value for s in families["bdi_drift_status"].samples if s.labels["roi_id"] == ROI]
+    return float(value)
 
 
 def _plot(history: list[dict[str, Any]], out: Path) -> None:
