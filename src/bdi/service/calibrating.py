@@ -9,7 +9,14 @@ from dataclasses import replace
 from typing import Any
 
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError, NotFittedError
-from bdi.patchcore.calibration import Calibration, choose_threshold, resolved_percentile
+from bdi.patchcore.calibration import (
+    Band,
+    Calibration,
+    ThresholdChoice,
+    choose_band,
+    choose_threshold,
+    resolved_percentile,
+)
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
@@ -42,17 +49,22 @@ class Calibrating:
         mm_per_px: float | None = None,
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
+        band: bool = False,
     ) -> Calibration:
-        """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        """/calibrate_ng: threshold from client scores; returns the stored calibration. ``band``: also set the
+        OK / review / NG band from the NG scores when there are some and ``calibration.band`` is on (the
+        pipeline's calibrate stage; the legacy ``/calibrate_ng`` keeps the single threshold)."""
         ctx = self._ctx
         ensure_api_writable(ctx.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
-        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile, cfg=ctx.settings.calibration)
+        ok, ng = list(ok_scores), list(ng_scores or [])
+        choice = choose_threshold(ok, ng, score_percentile=percentile, cfg=ctx.settings.calibration)
         memory = ctx.memory_or_none(ref)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=memory.fingerprint if memory is not None else None,
             created_at_utc=utc_now_iso(), statistics=True,
             mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
+            band=self._band(choice, ok, ng) if band else None,
         )
         self._save(ref, calib)
         return calib
@@ -87,7 +99,7 @@ class Calibrating:
                                   cfg=ctx.settings.calibration)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=model.memory.fingerprint, created_at_utc=utc_now_iso(),
-            ids=ref,
+            ids=ref, band=self._band(choice, scores["ok"], scores["ng"]),
         )
         self._save(ref, calib)
         return calib
@@ -128,6 +140,11 @@ class Calibrating:
         percentile = int(resolved_percentile(scoring) if score_percentile is None else score_percentile)
         area = float(scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
+
+    def _band(self, choice: ThresholdChoice, ok: list[Any], ng: list[Any]) -> Band | None:
+        """The band of the settings' budgets when ``calibration.band`` is on and NG scores were given, else None."""
+        cfg = self._ctx.settings.calibration
+        return choose_band(ok, ng, threshold=choice.threshold, cfg=cfg) if cfg.band else None
 
     def _save(self, ref: ModelRef, calib: Calibration) -> None:
         self._ctx.store.calibrations.save(ref, calib)
