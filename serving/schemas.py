@@ -319,6 +319,7 @@ class HealthResponse(BaseModel):
     runtime_fallback: str | None
     runtime_parity: dict[str, Any] | None
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
+    runtime_precision_choice: str | None = None  # why that precision (BDI_PRECISION=auto: native bf16, parity)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
 
 

@@ -49,7 +49,9 @@ class FeatureConfig:
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
-    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU; bf16/fp16 run only if they pass parity
+    # auto: fp16 on CUDA, bf16 on a CPU with native bf16 (avx512_bf16 / amx_bf16), else fp32; bf16/fp16 run only if
+    # they pass the parity check (fp32 otherwise)
+    precision: Precision = "auto"
     batch_size: int = 8
 
     def __post_init__(self) -> None:
