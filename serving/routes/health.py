@@ -50,7 +50,7 @@ async def health(
     status = getattr(request.app.state, "tracking_status", None)
     body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
     for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity",
-                "runtime_choice", "calibration_warnings", "warnings"):
+                "runtime_choice", "runtime_precision_choice", "calibration_warnings", "warnings"):
         body[key] = info[key]
     body["auth"] = request.app.state.serving_settings.auth
     return body

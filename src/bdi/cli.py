@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--max-false-reject-rate", type=float, default=None, help="default 0.05")
     promote.add_argument("--max-infer-latency-ms", type=float, default=None, help="default 1000")
     promote.add_argument("--parity-eps", type=float, default=None, help="default 0.001")
+    promote.add_argument("--max-review-rate", type=float, default=None,
+                         help="share of evaluation parts the band sends to review (default: no check)")
     promote.add_argument("--primary-metric", default="image_auroc")
     promote.add_argument("--tracking-uri", default=None,
                          help="default: BDI_MLFLOW_TRACKING_URI, or the embedded <project-root>/mlflow.db")
@@ -216,7 +218,8 @@ def _promote(args: argparse.Namespace) -> int:
     from bdi.mlops.promotion import PromotionGate, promote_version
 
     settings, tracking = _tracking(args)
-    limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps")
+    limits = {name: getattr(args, name) for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps",
+                                                     "max_review_rate")
               if getattr(args, name) is not None}  # flags not given keep the gate's defaults
     gate = None if args.skip_gate else PromotionGate(primary_metric=args.primary_metric, **limits)
     overrides = {"weights_cache_dir": str(settings.weights_cache_dir)}  # the pyfunc reads no BDI_* env

@@ -26,6 +26,7 @@ from bdi.settings_sources import ContractEnvSource, YamlSource, env_aliases, opt
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+ReviewDecision = Literal["ng", "ok"]  # the legacy decision of a score sent to review (CalibrationConfig)
 RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
@@ -49,7 +50,9 @@ class FeatureConfig:
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
-    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU; bf16/fp16 run only if they pass parity
+    # auto: fp16 on CUDA, bf16 on a CPU with native bf16 (avx512_bf16 / amx_bf16), else fp32; bf16/fp16 run only if
+    # they pass the parity check (fp32 otherwise)
+    precision: Precision = "auto"
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -142,6 +145,20 @@ class CalibrationConfig:
 
     ng_percentile: float = 5.0  # percentile of the NG scores
     overlap_factor: float = 1.02  # threshold = factor * p_ok when the NG and OK percentiles overlap
+    # the OK / review / NG band (docs/design.md "Two thresholds: OK, review, NG"): set wherever NG samples were
+    # calibrated on (/calibrate_dataset, the pipeline's calibrate stage); OK-only keeps the single threshold
+    band: bool = True
+    escape_budget: float = 0.0  # share of NG calibration scores allowed below threshold_low (passed unseen)
+    false_reject_budget: float = 0.05  # share of OK calibration scores allowed at or above threshold_high
+    review_decision: ReviewDecision = "ng"  # the legacy ``decision`` of a score in the band (fail-safe: ng)
+
+    def __post_init__(self) -> None:
+        for name in ("escape_budget", "false_reject_budget"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.review_decision not in ("ng", "ok"):
+            raise ValueError(f"review_decision must be 'ng' or 'ok', got {self.review_decision!r}")
 
 
 @dataclass(frozen=True)

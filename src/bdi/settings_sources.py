@@ -79,6 +79,10 @@ FLAT_NAMES: dict[str, FlatName] = {
     "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), truthy),
     "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
     "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
+    "CALIBRATION_BAND": FlatName(("calibration", "band"), truthy),
+    "CALIBRATION_ESCAPE_BUDGET": FlatName(("calibration", "escape_budget")),
+    "CALIBRATION_FALSE_REJECT_BUDGET": FlatName(("calibration", "false_reject_budget")),
+    "REVIEW_DECISION": FlatName(("calibration", "review_decision")),
 }
 
 

@@ -80,6 +80,9 @@ class InspectionRecord:
     brightness: float
     contrast: float
     sharpness: float
+    review: bool = False  # the score fell in the calibration's OK / review / NG band (``decision``: review_decision)
+    threshold_low: float | None = None  # the band's thresholds; None without a band
+    threshold_high: float | None = None
     image_file: str | None = None
     shape_json: str | None = None  # the ROI shape the request masked the crop with (JSON text), if any
     pid: int = 0

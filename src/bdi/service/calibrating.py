@@ -4,7 +4,7 @@ threshold from scores, or one an operator chose, stored with the memory it belon
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +14,10 @@ from bdi.errors import CalibrationMissingError, InsufficientSamplesError, Invali
 from bdi.monitoring.imagestats import STAT_NAMES, image_stats
 from bdi.patchcore.calibration import (
     SCORE_SERIES,
+    Band,
     Calibration,
+    ThresholdChoice,
+    choose_band,
     choose_threshold,
     finite_scores,
     reference_series,
@@ -53,22 +56,25 @@ class Calibrating:
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
         ok_images: Sequence[np.ndarray] | None = None,
+        band: bool = False,
     ) -> Calibration:
         """/calibrate_ng: threshold from client scores; returns the stored calibration. ``ok_images`` (the decoded
-        OK crops the scores came from: the pipeline's calibrate stage) add their statistics to the drift reference."""
+        OK crops the scores came from: the pipeline's calibrate stage) add their statistics to the drift reference.
+        ``band``: also set the OK / review / NG band from the NG scores when there are some and ``calibration.band``
+        is on (the pipeline's calibrate stage; the legacy ``/calibrate_ng`` keeps the single threshold)."""
         ctx = self._ctx
         ensure_api_writable(ctx.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
-        if isinstance(ok_scores, Iterator):
-            ok_scores = list(ok_scores)  # read twice: the threshold rule, then the drift reference
-        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile, cfg=ctx.settings.calibration)
+        ok, ng = list(ok_scores), list(ng_scores or [])  # read twice: the threshold rule, then the drift reference
+        choice = choose_threshold(ok, ng, score_percentile=percentile, cfg=ctx.settings.calibration)
         memory = ctx.memory_or_none(ref)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=memory.fingerprint if memory is not None else None,
             created_at_utc=utc_now_iso(), statistics=True,
             mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
+            band=self._band(choice, ok, ng) if band else None,
         )
-        reference = {SCORE_SERIES: reference_series(finite_scores(ok_scores, name="ok_scores"))}
+        reference = {SCORE_SERIES: reference_series(finite_scores(ok, name="ok_scores"))}
         if ok_images:
             stats = [image_stats(image) for image in ok_images]
             reference.update({name: reference_series(getattr(s, name) for s in stats) for name in STAT_NAMES})
@@ -117,7 +123,7 @@ class Calibrating:
                                   cfg=ctx.settings.calibration)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=model.memory.fingerprint, created_at_utc=utc_now_iso(),
-            ids=ref,
+            ids=ref, band=self._band(choice, scores["ok"], scores["ng"]),
         )
         reference = {SCORE_SERIES: reference_series(scores["ok"]),
                      **{name: reference_series(values) for name, values in ok_stats.items() if values}}
@@ -164,6 +170,11 @@ class Calibrating:
         percentile = int(resolved_percentile(scoring) if score_percentile is None else score_percentile)
         area = float(scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
+
+    def _band(self, choice: ThresholdChoice, ok: list[Any], ng: list[Any]) -> Band | None:
+        """The band of the settings' budgets when ``calibration.band`` is on and NG scores were given, else None."""
+        cfg = self._ctx.settings.calibration
+        return choose_band(ok, ng, threshold=choice.threshold, cfg=cfg) if cfg.band else None
 
     def _save(self, ref: ModelRef, calib: Calibration) -> None:
         self._ctx.store.calibrations.save(ref, calib)

@@ -63,7 +63,8 @@ class Inferring:
         with timer.stage("mask"):
             mask = build_roi_mask(roi_shape, width=crop.shape[1], height=crop.shape[0])
         (result,) = model.score([crop], [mask], mm_per_px=[mm_per_px], timer=timer)
-        decision = model.decide(result.score)
+        verdict = model.calibration.judge(result.score, review_decision=ctx.settings.calibration.review_decision)
+        decision = verdict.decision
         want_heatmap = include_heatmap if include_heatmap is not None else decision == "ng"
         heatmap_png = None
         if want_heatmap:
@@ -71,10 +72,12 @@ class Inferring:
                 heatmap_png = encode_png_gray(result.heatmap_u8())
         result = replace(result, timings_ms=dict(timer.timings_ms))
         ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # docs/design.md "Failed requests leave nothing behind"
-        slog("infer.response", score=result.score, threshold=threshold, decision=decision,
+        slog("infer.response", score=result.score, threshold=threshold, decision=decision, review=verdict.review,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         outcome = InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
-                               lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage))
+                               lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage),
+                               review=verdict.review, threshold_low=verdict.threshold_low,
+                               threshold_high=verdict.threshold_high)
         if self._record is not None:
             record_inference(self._record, ref=ref, image=image, crop=crop, mm_per_px=mm_per_px, outcome=outcome,
                              shape=shape)

@@ -129,9 +129,18 @@ class InspectionService:
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
             **self.runtime.health(),
+            "runtime_precision_choice": self.precision_choice(),
             "calibration_warnings": self._alerts.read(),
             "warnings": self._drift_alarms.alarms(),
         }
+
+    def precision_choice(self) -> str:
+        """Why the feature net runs at its precision: the extractor's rule (``BDI_PRECISION=auto`` reads the device
+        and the CPU's native bf16), then whether the reduced precision passed the parity check."""
+        asked, running = self.extractor.precision, self.runtime.health()["runtime_precision"]
+        if asked == running:
+            return self.extractor.precision_reason + ("" if asked == "fp32" else f"; {asked} passed parity")
+        return f"{self.extractor.precision_reason}; {asked} not used (parity or speed): {running} runs"
 
     def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:
         """Warnings when the new calibration ``calib`` of ``ref`` detects no NG sample (its threshold is above

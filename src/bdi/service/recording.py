@@ -61,6 +61,7 @@ def build_record(
         registered_version=int(version) if isinstance(version, int) else None,
         registered_alias=lineage.get("registered_alias"),
         score=float(result.score), threshold=float(outcome.threshold), decision=outcome.decision,
+        review=outcome.review, threshold_low=outcome.threshold_low, threshold_high=outcome.threshold_high,
         mm_per_px=float(mm_per_px), n_regions=len(areas), largest_region_mm2=max(areas) if areas else None,
         image_sha256=sha256 or hashlib.sha256(image).hexdigest(), image_bytes=len(image),
         width=int(crop.shape[1]), height=int(crop.shape[0]),

@@ -34,6 +34,9 @@ class InferOutcome:
     decision: str
     heatmap_png: bytes | None
     lineage: dict[str, Any] | None = None  # bdi.storage.lineage.lineage_view of the model that answered
+    review: bool = False  # the score is in the calibration's OK / review / NG band (decision: review_decision)
+    threshold_low: float | None = None  # the band's thresholds; None without a band
+    threshold_high: float | None = None
 
 
 @dataclass(frozen=True)
