@@ -183,11 +183,11 @@ def _holes(layout: DiscLayout, radius: np.ndarray, angle: np.ndarray) -> np.ndar
     img = np.zeros((layout.size, layout.size), dtype=np.uint8)
     for bx, by in layout.bolt_centres():
         cv2.circle(img, (int(round(bx)), int(round(by))), int(round(layout.r_bolt)), 255, thickness=-1)
-    slot_half_width_rad = np.pi / layout.n_slots * 0.45
-    delta = np.angle(np.exp(1j * (angle[..., None] - layout.slot_angles()[None, None, :])))
+    pitch = 2 * np.pi / layout.n_slots
+    offset = np.mod(angle - layout.slot_angles()[0] + pitch / 2, pitch) - pitch / 2  # to the nearest slot's axis
     in_band = (radius >= layout.r_vent_inner + 0.015 * layout.r_outer) & (
         radius <= layout.r_vent_outer - 0.015 * layout.r_outer)
-    slots = in_band & (np.abs(delta).min(axis=-1) < slot_half_width_rad)
+    slots = in_band & (np.abs(offset) < 0.45 * pitch / 2)
     return holes | (img > 0) | slots
 
 
@@ -218,10 +218,9 @@ def _lighting(scene: DiscScene, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     return (gain + strength * spot).astype(np.float32)
 
 
-def _roi_band(layout: DiscLayout, roi: str) -> np.ndarray:
+def _roi_band(layout: DiscLayout, roi: str, radius: np.ndarray) -> np.ndarray:
     """(H, W) bool: the ROI's annulus shrunk by 2 px on each side, where its defects may lie."""
     r_inner, r = layout.roi_radii(roi)
-    _, _, radius, _ = _polar(layout)
     return (radius >= r_inner + 2.0) & (radius <= r - 2.0)
 
 
@@ -291,7 +290,7 @@ def draw_disc(scene: DiscScene, defect: DefectSpec | None = None) -> HardDisc:
     albedo = _albedo(scene, radius)
     mask = np.zeros((layout.size, layout.size), dtype=np.uint8)
     if defect is not None:
-        touched = (_defect_stroke(defect, layout.size) > 0) & ~holes & _roi_band(layout, defect.roi)
+        touched = (_defect_stroke(defect, layout.size) > 0) & ~holes & _roi_band(layout, defect.roi, radius)
         if defect.kind == "chip":
             holes = holes | touched
         else:
