@@ -26,6 +26,7 @@ import numpy as np
 ROIS = ("ring", "vents", "hub")
 HARD_DEFECT_KINDS = ("pit", "scratch", "crack", "chip")
 HOLE_LEVEL = 22.0  # grey level seen through the bore, bolt holes and slots, and around the disc
+EDGE_INSET_PX = 2.5  # a defect "on" an ROI's own edge is centred this far inside it
 MIN_DEFECT_AREA_PX = 4  # a drawn defect smaller than this inside its ROI is drawn again elsewhere
 
 
@@ -237,7 +238,9 @@ def _anchor(layout: DiscLayout, roi: str, rng: np.random.Generator) -> tuple[flo
         rr = rng.uniform(r_inner + 0.02 * layout.r_outer, r_outer - 0.02 * layout.r_outer)
         return layout.cx + rr * float(np.cos(a)), layout.cy + rr * float(np.sin(a)), "edge"
     a = rng.uniform(0, 2 * np.pi)
-    rr = float(rng.choice([r_inner, r_outer])) if where == "edge" else rng.uniform(r_inner, r_outer)
+    # an ROI's own edge: just inside the band where defects may lie (_roi_band)
+    rr = float(rng.choice([r_inner + EDGE_INSET_PX, r_outer - EDGE_INSET_PX])) if where == "edge" \
+        else rng.uniform(r_inner, r_outer)
     return layout.cx + rr * float(np.cos(a)), layout.cy + rr * float(np.sin(a)), str(where)
 
 
@@ -250,8 +253,8 @@ def random_defect(scene: DiscScene, *, kind: str, roi: str, rng: np.random.Gener
     while kind == "chip" and where != "edge":
         x, y, where = _anchor(layout, roi, rng)
     unit = layout.size / 256.0
-    sizes = {"pit": (2.0, 3.5), "scratch": (8.0, 16.0), "crack": (3.0, 5.0), "chip": (2.5, 4.0)}
-    contrasts = {"pit": (-45.0, -25.0), "scratch": (22.0, 40.0), "crack": (-45.0, -28.0), "chip": (0.0, 0.0)}
+    sizes = {"pit": (3.0, 5.0), "scratch": (14.0, 28.0), "crack": (6.0, 10.0), "chip": (3.5, 6.0)}
+    contrasts = {"pit": (-75.0, -45.0), "scratch": (40.0, 65.0), "crack": (-75.0, -45.0), "chip": (0.0, 0.0)}
     return DefectSpec(kind=kind, roi=roi, x=float(x), y=float(y), size_px=float(rng.uniform(*sizes[kind]) * unit),
                       angle_rad=float(rng.uniform(0, 2 * np.pi)), contrast=float(rng.uniform(*contrasts[kind])),
                       path_seed=int(rng.integers(0, 2**31 - 1)))
@@ -266,7 +269,7 @@ def _defect_stroke(spec: DefectSpec, size: int) -> np.ndarray:
     elif spec.kind == "scratch":
         dx, dy = np.cos(spec.angle_rad) * spec.size_px / 2, np.sin(spec.angle_rad) * spec.size_px / 2
         cv2.line(stroke, (int(round(spec.x - dx)), int(round(spec.y - dy))),
-                 (int(round(spec.x + dx)), int(round(spec.y + dy))), 255, thickness=1)
+                 (int(round(spec.x + dx)), int(round(spec.y + dy))), 255, thickness=max(1, round(size / 128)))
     else:  # crack: a short random walk that keeps its heading
         walk = np.random.default_rng(spec.path_seed)
         points, heading = [np.array([spec.x, spec.y])], spec.angle_rad
