@@ -139,7 +139,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{params['threads']} thread(s). Seeds {', '.join(map(str, params['seeds']))}; per seed "
         f"{params['n_train']} good training discs of {params['size']} px, and per ROI {params['n_test']} good "
         f"and {params['n_test']} defective held-out discs ({', '.join(HARD_DEFECT_KINDS)} in turn). "
-        f"Model: `{params['backbone']}` ({params['weights']} weights), model overrides {params['model_overrides'] or 'none'}.",
+        f"Model: `{params['backbone']}` ({params['weights']} weights), "
+        f"model overrides {params['model_overrides'] or 'none'}.",
         "",
         "| ROI | image AUROC (mean ± sd, worst seed) | pixel AUROC in the ROI (mean ± sd, worst seed) |",
         "|---|---|---|",
@@ -170,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one seed, 4 small training discs, 2 per class")
     parser.add_argument("--seeds", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    parser.add_argument("--size", type=int, default=None, help="disc image side in px")
+    parser.add_argument("--n-train", type=int, default=None, help="good training discs per seed")
+    parser.add_argument("--n-test", type=int, default=None, help="held-out good and defective discs per ROI")
     parser.add_argument("--backbone", default=PRETRAINED_CNN)
     parser.add_argument("--weights", default="official")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -179,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stem", default=None, help="output file stem (default discs, or discs-quick)")
     args = parser.parse_args(argv)
     preset = dict(QUICK if args.quick else FULL)
-    if args.seeds is not None:
-        preset["seeds"] = args.seeds
+    for key in ("seeds", "size", "n_train", "n_test"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
     overrides = parse_overrides(args.overrides)
     hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(("BDI_", "BRAKEDISC_"))}
     start = time.perf_counter()

@@ -26,8 +26,13 @@ import numpy as np
 ROIS = ("ring", "vents", "hub")
 HARD_DEFECT_KINDS = ("pit", "scratch", "crack", "chip")
 HOLE_LEVEL = 22.0  # grey level seen through the bore, bolt holes and slots, and around the disc
-EDGE_INSET_PX = 2.5  # a defect "on" an ROI's own edge is centred this far inside it
+# defects stay this far inside their ROI's annulus (px at 256 px; scaled with the image, at least 1.5 px) so that
+# the GUI's anti-aliased ROI mask of rounded centre and radii always holds them; a defect "on" an ROI's own edge
+# is centred EDGE_INSET_PX inside it
+ROI_INSET_PX = 2.0
+EDGE_INSET_PX = 2.5
 MIN_DEFECT_AREA_PX = 4  # a drawn defect smaller than this inside its ROI is drawn again elsewhere
+MIN_SIZE_PX = 128  # below this the vent band is too narrow to hold a defect
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,8 @@ def _holes(layout: DiscLayout, radius: np.ndarray, angle: np.ndarray) -> np.ndar
     in_band = (radius >= layout.r_vent_inner + 0.015 * layout.r_outer) & (
         radius <= layout.r_vent_outer - 0.015 * layout.r_outer)
     slots = in_band & (np.abs(offset) < 0.45 * pitch / 2)
-    return holes | (img > 0) | slots
+    out: np.ndarray = holes | (img > 0) | slots
+    return out
 
 
 def _albedo(scene: DiscScene, radius: np.ndarray) -> np.ndarray:
@@ -216,13 +222,19 @@ def _lighting(scene: DiscScene, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     gain = 1.0 + scene.light_gradient * along / (2 * layout.r_outer)
     hx, hy, strength = scene.highlight
     spot = np.exp(-((xx - hx) ** 2 + (yy - hy) ** 2) / (2 * (0.35 * layout.r_outer) ** 2))
-    return (gain + strength * spot).astype(np.float32)
+    out: np.ndarray = (gain + strength * spot).astype(np.float32)
+    return out
+
+
+def _inset_px(layout: DiscLayout, px_at_256: float) -> float:
+    return max(1.5, px_at_256 * layout.size / 256.0)
 
 
 def _roi_band(layout: DiscLayout, roi: str, radius: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the ROI's annulus shrunk by 2 px on each side, where its defects may lie."""
+    """(H, W) bool: the ROI's annulus shrunk on each side (ROI_INSET_PX), where its defects may lie."""
     r_inner, r = layout.roi_radii(roi)
-    return (radius >= r_inner + 2.0) & (radius <= r - 2.0)
+    inset = _inset_px(layout, ROI_INSET_PX)
+    return (radius >= r_inner + inset) & (radius <= r - inset)
 
 
 def _anchor(layout: DiscLayout, roi: str, rng: np.random.Generator) -> tuple[float, float, str]:
@@ -239,7 +251,8 @@ def _anchor(layout: DiscLayout, roi: str, rng: np.random.Generator) -> tuple[flo
         return layout.cx + rr * float(np.cos(a)), layout.cy + rr * float(np.sin(a)), "edge"
     a = rng.uniform(0, 2 * np.pi)
     # an ROI's own edge: just inside the band where defects may lie (_roi_band)
-    rr = float(rng.choice([r_inner + EDGE_INSET_PX, r_outer - EDGE_INSET_PX])) if where == "edge" \
+    inset = _inset_px(layout, EDGE_INSET_PX)
+    rr = float(rng.choice([r_inner + inset, r_outer - inset])) if where == "edge" \
         else rng.uniform(r_inner, r_outer)
     return layout.cx + rr * float(np.cos(a)), layout.cy + rr * float(np.sin(a)), str(where)
 
@@ -285,7 +298,7 @@ def draw_disc(scene: DiscScene, defect: DefectSpec | None = None) -> HardDisc:
 
     A defect changes the surface before the light falls on it: a pit, scratch or crack adds its ``contrast`` to
     the metal it covers, a chip turns the metal it covers into a hole. Only metal inside the defect's ROI (shrunk
-    by 2 px) is touched, and the mask is exactly the pixels that changed.
+    by ROI_INSET_PX) is touched, and the mask is exactly the pixels that changed.
     """
     layout = scene.layout
     xx, yy, radius, angle = _polar(layout)
@@ -297,7 +310,7 @@ def draw_disc(scene: DiscScene, defect: DefectSpec | None = None) -> HardDisc:
         if defect.kind == "chip":
             holes = holes | touched
         else:
-            albedo = albedo + defect.contrast * touched
+            albedo[touched] += np.float32(defect.contrast)  # stays float32: the clean render's rounding
         mask[touched] = 255
     noise = np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise_sigma, size=albedo.shape)
     lit = albedo * _lighting(scene, xx, yy) + noise
@@ -315,6 +328,8 @@ def make_hard_disc(
     """One hard disc; with ``defect`` (a kind of HARD_DEFECT_KINDS) it carries that defect inside ``roi``."""
     if roi not in ROIS:
         raise ValueError(f"unknown ROI {roi!r}; choose from {ROIS}")
+    if size < MIN_SIZE_PX:
+        raise ValueError(f"size must be at least {MIN_SIZE_PX} px, got {size}")
     scene = random_scene(size=size, rng=rng)
     if defect is None:
         return draw_disc(scene)
