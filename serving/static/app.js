@@ -22,10 +22,32 @@ function errorText(status, body, raw) {
   return `HTTP ${status}: ${message}`;
 }
 
-async function call(path, { method = "GET", query = null, json = undefined, form = null } = {}) {
+// Access control (docs/security.md): when the server answers 401 the page asks for an API key once and keeps it
+// for this browser tab only (sessionStorage), sending it as `Authorization: Bearer`.
+const KEY_STORAGE = "bdi.apiKey";
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+function askForKey(status) {
+  const entered = window.prompt(status === 401 ? "This server requires an API key (bdi keys create):" : "API key:");
+  if (!entered || !entered.trim()) return false;
+  sessionStorage.setItem(KEY_STORAGE, entered.trim());
+  return true;
+}
+/** An <img> whose bytes need the key: fetched with it, shown from a blob URL. */
+async function setAuthedSrc(img, url) {
+  if (!sessionStorage.getItem(KEY_STORAGE)) { img.src = url; return; }
+  const response = await fetch(url, { headers: authHeaders() });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+}
+
+async function call(path, options = {}, retried = false) {
+  const { method = "GET", query = null, json = undefined, form = null } = options;
   let url = "../" + path;
   if (query) url += "?" + new URLSearchParams(query).toString();
-  const init = { method, headers: { Accept: "application/json" } };
+  const sentKey = sessionStorage.getItem(KEY_STORAGE);
+  const init = { method, headers: { Accept: "application/json", ...authHeaders() } };
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(json);
@@ -37,6 +59,12 @@ async function call(path, { method = "GET", query = null, json = undefined, form
     response = await fetch(url, init);
   } catch (err) {
     throw new ApiError(`network error: ${err.message}`);
+  }
+  if (response.status === 401 && !retried) {
+    const current = sessionStorage.getItem(KEY_STORAGE);
+    if (current && current !== sentKey) return call(path, options, true);  // entered meanwhile for another call
+    sessionStorage.removeItem(KEY_STORAGE);
+    if (askForKey(401)) return call(path, options, true);
   }
   const raw = await response.text();
   let body = null;
@@ -271,6 +299,11 @@ async function runInfer() {
 
 // ------------------------------------------------------------------------------------------ ROI mask
 const SHAPE_FIELDS = { rect: ["x", "y", "w", "h"], circle: ["cx", "cy", "r"], annulus: ["cx", "cy", "r", "r_inner"] };
+// the handles of each kind: drag one (or focus it and press the arrow keys) to edit the mask
+const HANDLE_LABELS = { move: "Move the ROI mask", nw: "Resize the ROI mask: top-left corner",
+  ne: "Resize the ROI mask: top-right corner", sw: "Resize the ROI mask: bottom-left corner",
+  se: "Resize the ROI mask: bottom-right corner", r: "Resize the ROI mask: outer radius",
+  r_inner: "Resize the ROI mask: inner radius" };
 
 function renderShapeFields() {
   const kind = $("shape-kind").value;
@@ -297,8 +330,12 @@ function defaultShape(kind, w, h) {
   return { cx: w / 2, cy: h / 2, r, r_inner: r / 2 };
 }
 
+/** Fill the mask's number fields from `values` (its `kind` is the select's, never written here). */
 function setShape(values) {
-  for (const [k, v] of Object.entries(values)) { const el = $("shape-" + k); if (el) el.value = String(Math.round(v)); }
+  for (const [k, v] of Object.entries(values)) {
+    const el = k === "kind" ? null : $("shape-" + k);
+    if (el) el.value = String(Math.round(v));
+  }
 }
 
 function currentShape() {
@@ -309,15 +346,61 @@ function currentShape() {
   return shape;
 }
 
+/** Where each handle of `s` sits, in image pixels. */
+function handlePoints(s) {
+  if (s.kind === "rect") {
+    return { move: [s.x + s.w / 2, s.y + s.h / 2], nw: [s.x, s.y], ne: [s.x + s.w, s.y],
+             sw: [s.x, s.y + s.h], se: [s.x + s.w, s.y + s.h] };
+  }
+  // on the diagonals (up-right, down-right): inside the image for the default mask, never on each other
+  const d = Math.SQRT1_2;
+  const points = { move: [s.cx, s.cy], r: [s.cx + s.r * d, s.cy - s.r * d] };
+  if (s.kind === "annulus") points.r_inner = [s.cx + s.r_inner * d, s.cy + s.r_inner * d];
+  return points;
+}
+
+/** `s0` edited by moving handle `name` by (dx, dy), or to point `p` (radii), in image pixels. */
+function editedShape(s0, name, dx, dy, p) {
+  const s = { ...s0 };
+  if (name === "move") {
+    if (s.kind === "rect") { s.x += dx; s.y += dy; } else { s.cx += dx; s.cy += dy; }
+    return s;
+  }
+  if (s.kind === "rect") {
+    if (name.includes("w")) { s.x += dx; s.w -= dx; } else { s.w += dx; }
+    if (name.includes("n")) { s.y += dy; s.h -= dy; } else { s.h += dy; }
+    if (s.w < 0) { s.x += s.w; s.w = -s.w; }
+    if (s.h < 0) { s.y += s.h; s.h = -s.h; }
+    return s;
+  }
+  const radius = p ? Math.hypot(p.x - s.cx, p.y - s.cy) : null;
+  if (name === "r") {
+    s.r = Math.max(1, radius !== null ? radius : s.r + dx - dy);
+    if (s.kind === "annulus") s.r_inner = Math.min(s.r_inner, s.r - 1);
+  } else if (name === "r_inner") {
+    s.r_inner = Math.min(s.r - 1, Math.max(0, radius !== null ? radius : s.r_inner + dx + dy));
+  }
+  return s;
+}
+
 function drawShape() {
   const overlay = $("view-overlay");
-  overlay.querySelectorAll(".mask").forEach((el) => el.remove());
+  const focused = document.activeElement && document.activeElement.classList &&
+    document.activeElement.classList.contains("handle") ? document.activeElement.dataset.handle : null;
+  overlay.querySelectorAll(".mask, .handle").forEach((el) => el.remove());
   const s = currentShape();
   if (!s) return;
   if (s.kind === "rect") svg("rect", { x: s.x, y: s.y, width: s.w, height: s.h, class: "mask" }, overlay);
   else {
     svg("circle", { cx: s.cx, cy: s.cy, r: Math.max(0, s.r), class: "mask" }, overlay);
     if (s.kind === "annulus") svg("circle", { cx: s.cx, cy: s.cy, r: Math.max(0, s.r_inner), class: "mask" }, overlay);
+  }
+  const img = $("view-image");
+  const size = Math.max(2, Math.min(img.naturalWidth || 100, img.naturalHeight || 100) / 28);
+  for (const [name, [x, y]] of Object.entries(handlePoints(s))) {
+    const handle = svg("circle", { cx: x, cy: y, r: size, class: "handle handle-" + name, tabindex: "0",
+                                   role: "button", "aria-label": HANDLE_LABELS[name], "data-handle": name }, overlay);
+    if (name === focused) handle.focus();
   }
 }
 
@@ -328,19 +411,25 @@ function imagePoint(event) {
   return pt.matrixTransform(overlay.getScreenCTM().inverse());
 }
 
+/** Drag on the image: on a handle it edits the mask, elsewhere it draws a new one. */
 function wireMaskDrawing() {
   const overlay = $("view-overlay");
-  let start = null;
+  let start = null, handle = null, original = null;
   overlay.addEventListener("pointerdown", (e) => {
     if (!$("shape-kind").value) return;
     start = imagePoint(e);
+    handle = e.target.dataset ? e.target.dataset.handle || null : null;
+    original = currentShape();
     overlay.setPointerCapture(e.pointerId);
+    e.preventDefault();
   });
   overlay.addEventListener("pointermove", (e) => {
     if (!start) return;
     const p = imagePoint(e);
     const kind = $("shape-kind").value;
-    if (kind === "rect") {
+    if (handle) {
+      setShape(editedShape(original, handle, p.x - start.x, p.y - start.y, p));
+    } else if (kind === "rect") {
       setShape({ x: Math.min(start.x, p.x), y: Math.min(start.y, p.y), w: Math.abs(p.x - start.x), h: Math.abs(p.y - start.y) });
     } else {
       const r = Math.hypot(p.x - start.x, p.y - start.y);
@@ -348,9 +437,20 @@ function wireMaskDrawing() {
     }
     drawShape();
   });
-  const end = () => { start = null; };
+  const end = () => { start = null; handle = null; };
   overlay.addEventListener("pointerup", end);
   overlay.addEventListener("pointercancel", end);
+  // the keyboard: a focused handle moves by 1 px per arrow key (10 with Shift); radii grow with → and ↑
+  overlay.addEventListener("keydown", (e) => {
+    const name = e.target.dataset ? e.target.dataset.handle : null;
+    const steps = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
+    if (!name || !steps) return;
+    e.preventDefault();
+    const k = e.shiftKey ? 10 : 1;
+    const [dx, dy] = name === "r_inner" ? [steps[0] - steps[1], 0] : steps;  // ↑ grows the inner radius too
+    setShape(editedShape(currentShape(), name, dx * k, dy * k, null));
+    drawShape();
+  });
 }
 
 // ------------------------------------------------------------------------------------------ samples
@@ -374,7 +474,7 @@ async function loadSamples() {
         fig.className = "thumb";
         fig.dataset.filename = name;
         const img = document.createElement("img");
-        img.loading = "lazy"; img.alt = `${label} sample ${name}`; img.src = fileUrl(label, name);
+        img.loading = "lazy"; img.alt = `${label} sample ${name}`; setAuthedSrc(img, fileUrl(label, name));
         const cap = document.createElement("figcaption");
         cap.textContent = name;
         const del = document.createElement("button");
@@ -415,46 +515,81 @@ async function deleteSample(label, filename) {
   if (ok) await loadSamples();
 }
 
-/** A job that runs long: the progress bar shows, and the seconds it has taken tick in `outputId`. */
-async function timedJob(outputId, job) {
+const STAGE_NAMES = { encode: "images embedded", coreset: "coreset centres chosen", score_ok: "OK samples scored",
+                      score_ng: "NG samples scored" };
+const PROGRESS_POLL_MS = 250;
+
+/** A job that runs long: the seconds it has taken tick in `outputId`, and the bar `barId` shows the server's
+ *  progress of the current stage (done/total, from ../progress, polled from whichever worker answers); then
+ *  `outputId` shows `describe(result)`, or nothing when the job failed (its error is shown by `guarded`). */
+async function timedJob(outputId, barId, jobName, job, describe) {
   const started = performance.now();
-  const out = $(outputId);
-  const tick = setInterval(() => { out.textContent = `running… ${((performance.now() - started) / 1000).toFixed(0)} s`; }, 500);
+  const out = $(outputId), bar = $(barId);
+  const query = target();
+  let stage = "", polling = false, finished = false;
+  bar.removeAttribute("value");  // indeterminate until the server reports this job
+  bar.removeAttribute("aria-valuetext");
+  const show = () => {
+    if (finished) return;  // a poll answered late: the job's result stays
+    out.textContent = `running… ${((performance.now() - started) / 1000).toFixed(0)} s${stage ? " · " + stage : ""}`;
+  };
+  const poll = async () => {
+    if (polling) return;
+    polling = true;
+    try {
+      const { body } = await call("progress", { query });
+      if (body.job === jobName && body.state === "running" && body.total > 0) {
+        bar.max = body.total;
+        bar.value = body.done;
+        stage = `${STAGE_NAMES[body.stage] || body.stage} ${body.done}/${body.total}`;
+        bar.setAttribute("aria-valuetext", stage);
+        show();
+      }
+    } catch (_) {
+      // progress is a hint only: the job's own answer or error is what the page reports
+    } finally {
+      polling = false;
+    }
+  };
+  const tick = setInterval(() => { show(); poll(); }, PROGRESS_POLL_MS);
   out.textContent = "running…";
+  poll();
+  let result;
   try {
-    const result = await job();
-    if (result === undefined) out.textContent = "";
-    return result;
+    result = await job();
   } finally {
     clearInterval(tick);
+    finished = true;
   }
+  out.textContent = result === undefined ? "" : describe(result);
+  return result;
 }
 
 async function runFit() {
-  await timedJob("fit-result", () => guarded("fit-error", async () => {
+  await timedJob("fit-result", "fit-progress", "fit", () => guarded("fit-error", async () => {
     rememberTarget();
     const t = target();
     const form = new FormData();
     form.append("role_id", t.role_id); form.append("roi_id", t.roi_id); form.append("recipe_id", t.recipe_id);
     form.append("mm_per_px", String(mmPerPx())); form.append("use_dataset", "true");
     const { body } = await call("fit_ok", { method: "POST", form });
-    $("fit-result").textContent = `fitted: ${body.n_embeddings} patches → coreset ${body.coreset_size} ` +
-      `(rate ${fmt(body.coreset_rate_applied, 3)}), token grid ${body.token_shape.join("×")}`;
     await refreshTarget();
     return body;
-  }, { busy: ["fit-run", "calibrate-run"], progress: "fit-progress" }));
+  }, { busy: ["fit-run", "calibrate-run"], progress: "fit-progress" }),
+  (body) => `fitted: ${body.n_embeddings} patches → coreset ${body.coreset_size} ` +
+    `(rate ${fmt(body.coreset_rate_applied, 3)}), token grid ${body.token_shape.join("×")}`);
 }
 
 async function runCalibrate() {
-  await timedJob("calibrate-result", () => guarded("calibrate-error", async () => {
+  await timedJob("calibrate-result", "calibrate-progress", "calibrate", () => guarded("calibrate-error", async () => {
     rememberTarget();
     const { body } = await call("calibrate_dataset", { method: "POST",
       json: { ...target(), default_mm_per_px: mmPerPx() } });
-    $("calibrate-result").textContent = `threshold ${fmt(body.threshold)} from ${body.n_ok} OK / ${body.n_ng} NG ` +
-      `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)`;
     await refreshTarget();
     return body;
-  }, { busy: ["fit-run", "calibrate-run"], progress: "calibrate-progress" }));
+  }, { busy: ["fit-run", "calibrate-run"], progress: "calibrate-progress" }),
+  (body) => `threshold ${fmt(body.threshold)} from ${body.n_ok} OK / ${body.n_ng} NG ` +
+    `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)`);
 }
 
 function wireDrop(zoneId, onFiles) {

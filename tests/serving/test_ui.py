@@ -11,6 +11,7 @@ Screenshots go to ``test-artefacts/ui/`` (``BDI_TEST_ARTEFACTS`` moves the folde
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import pytest
 from bdi.backbones import PRETRAINED_CNN
 from bdi.data.synthetic import write_mvtec_dataset
 from tests.helpers.browser import chromium_or_skip
+from tests.helpers.proxy import NginxProxy
 from tests.helpers.servers import REPO, UvicornServer, server_env
 
 MM = 0.2
@@ -32,8 +34,11 @@ ROI_THRESHOLD = "inspection-2"  # the same, for the tests that change the thresh
 ROI_PAGE_FIT = "inspection-3"  # samples only: the page fits and calibrates it
 ROI_UPLOAD = "inspection-4"  # empty: the page uploads and deletes
 TABLET = {"width": 768, "height": 1024}
+PAGE_FIT_EXTRA = 38  # more OK discs for ROI_PAGE_FIT: its fit lasts a few of the page's progress polls
 ARTEFACTS = Path(os.environ.get("BDI_TEST_ARTEFACTS", REPO / "test-artefacts")) / "ui"
 TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.slow  # a real server (and browser) per module
 CNN_ENV = {"BDI_BACKBONE": PRETRAINED_CNN, "BDI_WEIGHTS": "official", "BDI_INPUT_SIZE": "128"}
 
 
@@ -43,6 +48,7 @@ class Demo:
     ng_image: Path  # a defective test disc the model has not seen
     ok_images: list[Path]
     ng_images: list[Path]
+    page_fit_ok: int  # the OK samples of ROI_PAGE_FIT: enough that the page sees its fit's progress
 
     @property
     def url(self) -> str:
@@ -72,10 +78,14 @@ def api_fit_and_calibrate(url: str, *, roi_id: str) -> None:
     assert calib.status_code == 200, calib.text
 
 
-def api_infer(url: str, image: Path, *, roi_id: str = ROI_INSPECT) -> httpx.Response:
-    return httpx.post(f"{url}/infer", data={"role_id": ROLE, "roi_id": roi_id, "mm_per_px": MM,
-                                            "include_heatmap": "true"},
-                      files={"image": (image.name, image.read_bytes(), "image/png")}, timeout=120)
+def api_infer(
+    url: str, image: Path, *, roi_id: str = ROI_INSPECT, shape: dict[str, Any] | None = None
+) -> httpx.Response:
+    data = {"role_id": ROLE, "roi_id": roi_id, "mm_per_px": MM, "include_heatmap": "true"}
+    if shape is not None:
+        data["shape"] = json.dumps(shape)
+    return httpx.post(f"{url}/infer", data=data, files={"image": (image.name, image.read_bytes(), "image/png")},
+                      timeout=120)
 
 
 def api_scores(url: str, *, roi_id: str) -> tuple[list[float], list[float], float]:
@@ -99,13 +109,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     data = write_mvtec_dataset(root / "discs", n_train=10, n_test_good=4, n_test_per_defect=2, size=128)
     ok_images = sorted((data / "train" / "good").glob("*.png"))
     ng_images = sorted(p for d in (data / "test").iterdir() if d.name != "good" for p in d.glob("*.png"))
+    more = write_mvtec_dataset(root / "more", n_train=PAGE_FIT_EXTRA, n_test_good=1, n_test_per_defect=1, seed=1)
+    page_fit_ok = ok_images + sorted((more / "train" / "good").glob("*.png"))
     with UvicornServer(cwd=root / "server", env=cnn_env(root / "server")) as server:
         for roi_id in (ROI_INSPECT, ROI_THRESHOLD, ROI_PAGE_FIT):
-            api_upload(server.base_url, roi_id=roi_id, label="ok", paths=ok_images)
+            api_upload(server.base_url, roi_id=roi_id, label="ok", paths=page_fit_ok if roi_id == ROI_PAGE_FIT
+                       else ok_images)
             api_upload(server.base_url, roi_id=roi_id, label="ng", paths=ng_images[1:])
         for roi_id in (ROI_INSPECT, ROI_THRESHOLD):
             api_fit_and_calibrate(server.base_url, roi_id=roi_id)
-        yield Demo(server=server, ng_image=ng_images[0], ok_images=ok_images, ng_images=ng_images)
+        yield Demo(server=server, ng_image=ng_images[0], ok_images=ok_images, ng_images=ng_images,
+                   page_fit_ok=len(page_fit_ok))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +220,103 @@ def test_page_inspects_a_defect_with_heatmap_region_outlines_and_the_apis_decisi
     assert page.eval_on_selector("#view-heatmap", "el => el.style.opacity") == "0.8"
 
 
+def shape_fields(page: Any) -> dict[str, float]:
+    """The ROI mask's numbers as the page's labelled fields show them."""
+    values: dict[str, float] = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#shape-fields input')]"
+        ".map((el) => [el.id.slice(6), Number(el.value)]))")
+    return values
+
+
+def drag_handle(page: Any, name: str, *, dx: float, dy: float) -> None:
+    """Drag the mask's handle ``name`` with the mouse by (dx, dy) image pixels."""
+    handle = page.locator(f"#view-overlay [data-handle='{name}']")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    scale = page.locator("#view-overlay").bounding_box()["width"] / page.evaluate(
+        "document.getElementById('view-image').naturalWidth")
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx * scale, y + dy * scale, steps=6)
+    page.mouse.up()
+
+
+def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_roi(page: Any, demo: Demo) -> None:
+    open_page(page, demo, roi_id=ROI_INSPECT)
+    page.set_input_files("#image-file", str(demo.ng_image))
+    page.wait_for_selector("#viewer", state="visible")
+    page.select_option("#shape-kind", "annulus")
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 64, "r_inner": 32}  # the 128 px disc's default
+    diagonal = 2**-0.5  # the radii's handles sit on the diagonals: r up-right, r_inner down-right of the centre
+    drag_handle(page, "r_inner", dx=16 * diagonal, dy=16 * diagonal)  # 16 px outwards
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 64, "r_inner": 48}
+    drag_handle(page, "r", dx=-8 * diagonal, dy=8 * diagonal)  # 8 px inwards
+    assert shape_fields(page) == {"cx": 64, "cy": 64, "r": 56, "r_inner": 48}
+    drag_handle(page, "move", dx=-10, dy=5)
+    assert shape_fields(page) == {"cx": 54, "cy": 69, "r": 56, "r_inner": 48}
+    page.focus("#view-overlay [data-handle='r']")  # and with the keyboard
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.focus("#view-overlay [data-handle='r_inner']")
+    page.keyboard.press("Shift+ArrowLeft")
+    edited = {"kind": "annulus", "cx": 54, "cy": 69, "r": 58, "r_inner": 38}
+    assert shape_fields(page) == {k: v for k, v in edited.items() if k != "kind"}
+    radii = page.eval_on_selector_all("#view-overlay circle.mask",
+                                      "els => els.map((el) => Number(el.getAttribute('r')))")
+    assert radii == [58, 38]  # the mask drawn over the image is the edited one
+    page.evaluate("""() => { const send = window.fetch; window.sentShapes = [];  // what leaves the page
+        window.fetch = (url, init) => { if (init && init.body instanceof FormData) window.sentShapes.push(
+            init.body.get('shape')); return send(url, init); }; }""")
+    page.click("#infer-run")
+    page.wait_for_function("document.getElementById('score').textContent !== ''")
+    assert [json.loads(sent) for sent in page.evaluate("window.sentShapes")] == [edited]
+    api = api_infer(demo.url, demo.ng_image, shape=edited).json()
+    assert page.text_content("#score") == f"{api['score']:.4f}"
+    assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
+    page.select_option("#shape-kind", "rect")  # a rect's corners resize it
+    assert shape_fields(page) == {"x": 0, "y": 0, "w": 128, "h": 128}
+    assert page.evaluate("document.documentElement.scrollWidth") <= TABLET["width"]  # corner handles stay inside
+    drag_handle(page, "se", dx=-28, dy=-18)
+    drag_handle(page, "nw", dx=10, dy=20)
+    assert shape_fields(page) == {"x": 10, "y": 20, "w": 90, "h": 90}
+    assert page.get_attribute("#view-overlay rect.mask", "width") == "90"
+
+
+def test_page_works_behind_nginx_under_a_path_prefix(page: Any, demo: Demo, tmp_path: Path) -> None:
+    """A real nginx passes /bdi/ to the server (default CORS settings): the page at /bdi/ui inspects a defect
+    and every request it makes goes through the prefix (its URLs are relative to itself, never ``/infer``)."""
+    expected = api_infer(demo.url, demo.ng_image).json()
+    with NginxProxy(prefix_dir=tmp_path / "nginx", upstream=demo.url, path_prefix="bdi") as proxy:
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(f"{proxy.base_url}/ui")  # the server's relative redirect keeps the prefix: /bdi/ui/
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.url == f"{proxy.base_url}/ui/"
+        page.fill("#roi", ROI_INSPECT)
+        page.dispatch_event("#roi", "change")
+        page.wait_for_function("document.getElementById('target-state').textContent.includes('model')")
+        page.set_input_files("#image-file", str(demo.ng_image))
+        page.click("#infer-run")
+        page.wait_for_function("document.getElementById('decision').textContent !== ''"
+                               " || document.getElementById('infer-error').textContent !== ''")
+        assert page.text_content("#infer-error") == ""
+        assert page.text_content("#decision") == expected["decision"]
+        page.wait_for_selector("#view-heatmap[data-drawn='1']", state="attached")
+        assert page.locator("#view-overlay .region-outline").count() == len(expected["regions"])
+        assert "forward" in page.locator("#timings tbody td:first-child").all_text_contents()  # the header passed
+        page.click("#tab-samples")  # the thumbnails' URLs too
+        page.wait_for_function("document.querySelectorAll('#thumbs-ok .thumb img').length > 0")
+        page.wait_for_function("[...document.querySelectorAll('.thumb img')]"
+                               ".every((i) => i.complete && i.naturalWidth)")
+        http = [url for url in requested if url.startswith("http")]
+        assert http and all(url.startswith(f"{proxy.base_url}/") for url in http), http
+        paths = proxy.requested_paths()
+    for route in ("/bdi/ui/app.js", "/bdi/health", "/bdi/manifest", "/bdi/infer", "/bdi/datasets/list",
+                  "/bdi/datasets/file"):
+        assert any(path.split("?")[0] == route for path in paths), (route, paths)
+
+
 def test_a_broken_route_is_caught(page: Any, demo: Demo) -> None:
     """If /infer moved (a renamed route), the inspection check fails: the page shows the 404, no decision."""
     open_page(page, demo, roi_id=ROI_INSPECT)
@@ -248,26 +359,49 @@ def test_page_uploads_by_file_input_and_drop_and_deletes_a_sample(page: Any, dem
     page.wait_for_function("document.querySelectorAll('#thumbs-ok .thumb').length === 1")
     listing = httpx.get(f"{demo.url}/datasets/list", params={"role_id": ROLE, "roi_id": ROI_UPLOAD}).json()
     assert name not in listing["classes"]["ok"]["files"] and listing["classes"]["ok"]["count"] == 1
+    api = httpx.post(f"{demo.url}/fit_ok", data={"role_id": ROLE, "roi_id": ROI_UPLOAD, "mm_per_px": MM,
+                                                  "use_dataset": "true"}, timeout=60)
+    assert api.status_code == 400  # one OK sample is too few: the page shows the server's words under Fit
+    page.click("#fit-run")
+    page.wait_for_function("document.getElementById('fit-error').textContent !== ''")
+    assert page.text_content("#fit-error") == f"HTTP 400: {api.json()['error']}"
+    assert page.text_content("#fit-result") == "" and page.text_content("#calibrate-error") == ""
+    assert page.is_hidden("#fit-progress") and page.is_enabled("#fit-run")
 
 
 def test_page_fits_and_calibrates_from_the_stored_samples_with_progress(page: Any, demo: Demo) -> None:
     open_page(page, demo, roi_id=ROI_PAGE_FIT)
     page.click("#tab-samples")
+    determinate: dict[str, list[Any]] = {}
     for job, done in (("fit", "fitted"), ("calibrate", "threshold")):
-        page.evaluate("""(id) => { window.sawProgress = false; const el = document.getElementById(id);
-            new MutationObserver(() => { if (!el.hidden) window.sawProgress = true; })
-              .observe(el, {attributes: true}); }""", f"{job}-progress")
+        page.evaluate("""([id, out]) => { window.sawProgress = false; window.bar = [];
+            const el = document.getElementById(id);
+            new MutationObserver(() => {
+              if (el.hidden) return;
+              window.sawProgress = true;  // the server's done/total of a stage, and the text beside the bar
+              if (el.hasAttribute('value')) window.bar.push([el.value, el.max, el.getAttribute('aria-valuetext'),
+                                                            document.getElementById(out).textContent]);
+            }).observe(el, {attributes: true}); }""", [f"{job}-progress", f"{job}-result"])
         page.click(f"#{job}-run")
         page.wait_for_function(f"document.getElementById('{job}-result').textContent.startsWith('{done}')"
                                f" || document.getElementById('{job}-error').textContent !== ''",
                                timeout=300_000)
         assert page.text_content(f"#{job}-error") == ""
         assert page.evaluate("window.sawProgress") is True
+        determinate[job] = page.evaluate("window.bar")
         page.wait_for_selector(f"#{job}-progress", state="hidden")  # and it goes when the job ends
+    assert determinate["fit"], "the fit's bar never showed the server's progress"
+    stages = {"fit": ("images embedded", "coreset centres chosen"), "calibrate": ("OK samples", "NG samples")}
+    for job, seen in determinate.items():  # a calibration may end before a poll: its bar is checked when seen
+        for value, maximum, text, beside in seen:
+            assert 0 <= value <= maximum and maximum > 0
+            assert text.startswith(stages[job]) and text.endswith(f" {value:g}/{maximum:g}"), text
+            assert beside.startswith("running… ") and beside.endswith(text)
     body = manifest(demo.url, roi_id=ROI_PAGE_FIT)
     assert body["memory"] is True
     shown = page.text_content("#calibrate-result") or ""
-    assert shown.startswith(f"threshold {body['calib']['threshold']:.4f} from 10 OK / {len(demo.ng_images) - 1} NG")
+    assert shown.startswith(f"threshold {body['calib']['threshold']:.4f} from {demo.page_fit_ok} OK / "
+                            f"{len(demo.ng_images) - 1} NG")
     assert page.text_content("#fit-result").startswith("fitted: ")  # type: ignore[union-attr]
     assert page.text_content("#target-state") == "model ✓ · calibrated ✓"
 

@@ -19,6 +19,7 @@ from bdi.refs import ModelRef
 from bdi.service.limits import UploadLimits
 from bdi.storage.datasets import DatasetStore, Sample
 from bdi.storage.loading import load_patchcore
+from bdi.storage.progress import ProgressStore
 from bdi.storage.store import ModelStore
 
 
@@ -34,6 +35,11 @@ class ServiceContext:
     @property
     def limits(self) -> UploadLimits:
         return UploadLimits.of(self.settings)
+
+    @property
+    def progress(self) -> ProgressStore:
+        """The running fits' and calibrations' progress files, beside the models (``GET /progress``)."""
+        return ProgressStore(self.store.root)
 
     def decode(self, data: bytes, *, name: str) -> np.ndarray:
         """The BGR image of ``data`` (uint8 (H, W, 3)), within the size and pixel limits."""

@@ -72,8 +72,14 @@ class Fitting:
                 yield ctx.decode(data, name=name)
 
         # decoded lazily, batch by batch, inside the fit: never all images at once
-        result = self.fit_images(ref=ref, mm_per_px=mm_per_px, images=decode(named), n_images=n_images,
-                                 memory_fit=memory_fit, progress=progress)
+        tracker = ctx.progress.tracker(ref, "fit", forward=progress)  # what GET /progress reads, from any worker
+        try:
+            result = self.fit_images(ref=ref, mm_per_px=mm_per_px, images=decode(named), n_images=n_images,
+                                     memory_fit=memory_fit, progress=tracker)
+        except BaseException as exc:
+            tracker.finish(error=exc)
+            raise
+        tracker.finish()
         write_lineage(ctx.store, ref, api_lineage(
             memory_fingerprint=result.fingerprint, data_hash=hashes_digest(image_sha256s),
             data_source="api:ok_dataset" if use_dataset else "api:upload",
