@@ -48,6 +48,7 @@ REF = ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id="disc", mo
 MM_PER_PX = 0.2  # any valid scale: it changes region areas only, never scores
 FULL = {"seeds": (0, 1, 2), "size": 256, "n_train": 30, "n_test": 20}
 QUICK = {"seeds": (0,), "size": 128, "n_train": 4, "n_test": 2}
+RUNTIME_FACTS = ("runtime", "runtime_precision", "runtime_fallback")  # what ran the feature net (service.health())
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{params['n_train']} good training discs of {params['size']} px, and per ROI {params['n_test']} good "
         f"and {params['n_test']} defective held-out discs ({', '.join(HARD_DEFECT_KINDS)} in turn). "
         f"Model: `{params['backbone']}` ({params['weights']} weights), "
-        f"model overrides {params['model_overrides'] or 'none'}.",
+        f"model overrides {params['model_overrides'] or 'none'}; feature net on "
+        f"{params['runtime'].get('runtime')} {params['runtime'].get('runtime_precision')}.",
         "",
         "| ROI | image AUROC (mean ± sd, worst seed) | pixel AUROC in the ROI (mean ± sd, worst seed) |",
         "|---|---|---|",
@@ -190,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(("BDI_", "BRAKEDISC_"))}
     start = time.perf_counter()
     per_seed: dict[int, dict[str, RoiMetrics]] = {}
+    runtime: dict[str, Any] = {}
     try:
         for seed in preset["seeds"]:
             split = draw_split(seed=seed, size=preset["size"], n_train=preset["n_train"], n_test=preset["n_test"])
@@ -197,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 service = build_service(work=Path(work), backbone=args.backbone, weights=args.weights,
                                         model_overrides=overrides, threads=args.threads)
                 per_seed[seed] = measure_seed(split, service)
+                runtime = {k: v for k, v in service.runtime.health().items() if k in RUNTIME_FACTS}
             print(f"seed {seed}: " + ", ".join(f"{roi} {m.image_auroc:.3f}/{m.pixel_auroc:.3f}"
                                                for roi, m in per_seed[seed].items()), flush=True)
     finally:
@@ -207,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "ignored_env": sorted(hidden),
         "params": {**preset, "seeds": list(preset["seeds"]), "backbone": args.backbone, "weights": args.weights,
-                   "model_overrides": overrides, "threads": args.threads},
+                   "model_overrides": overrides, "threads": args.threads, "runtime": runtime},
         "rois": {roi: {"image_auroc": summarise([per_seed[s][roi].image_auroc for s in per_seed]),
                        "pixel_auroc": summarise([per_seed[s][roi].pixel_auroc for s in per_seed])}
                  for roi in ROIS},

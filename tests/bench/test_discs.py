@@ -32,6 +32,7 @@ def test_a_two_image_run_reports_every_roi_and_writes_its_results(
     assert discs.main(argv) == 0
     results = json.loads((tmp_path / "discs-quick.json").read_text(encoding="utf-8"))
     assert results["params"]["n_train"] == 2 and results["params"]["seeds"] == [0]
+    assert results["params"]["runtime"]["runtime"] == "torch"
     assert set(results["rois"]) == set(ROIS)
     for roi in ROIS:
         for metric in ("image_auroc", "pixel_auroc"):
