@@ -94,10 +94,15 @@ class MemoryConfig:
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
+    # each training image also enters the memory rotated about its centre by 360°·k/n, k = 1..n-1 (1 = no copies):
+    # for round parts whose angle varies from image to image (docs/quality.md "Discs"); n× the fit's cost
+    fit_rotations: int = 1
 
     def __post_init__(self) -> None:
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
+        if isinstance(self.fit_rotations, bool) or not isinstance(self.fit_rotations, int) or self.fit_rotations < 1:
+            raise ValueError(f"fit_rotations must be a whole number >= 1, got {self.fit_rotations!r}")
         if self.projection_dim is not None and self.projection_dim < 0:
             raise ValueError("projection_dim must be >= 0")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from bdi.config import MemoryConfig
 from bdi.errors import InsufficientSamplesError, InvalidInputError, StorageError, TokenGridMismatchError
-from bdi.patchcore.imaging import validate_mm_per_px
+from bdi.patchcore.imaging import rotated_copies, validate_mm_per_px
 from bdi.patchcore.inference import StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, MemoryBuilder, build_index
@@ -111,14 +111,15 @@ class Fitting:
         images, n_images = _counted(images, n_images)
         memory_cfg = self._memory_config(memory_fit=memory_fit, coreset_rate=coreset_rate)
         extractor = ctx.extractor
-        n_rows = n_images * extractor.grid[0] * extractor.grid[1]
+        images, n_encoded = _with_rotations(images, n_images, memory_cfg.fit_rotations)
+        n_rows = n_encoded * extractor.grid[0] * extractor.grid[1]
         timer = StageTimer()
         with ctx.store.fit_lock(ref, timeout_s=ctx.settings.fit_lock_timeout_s), MemoryBuilder(
             n_rows=n_rows, dim=extractor.embed_dim, cfg=memory_cfg, device=extractor.device,
             normalize=extractor.spec.l2_normalize,
         ) as builder:
             with timer.stage("encode"):
-                self._encode(images, n_images=n_images, into=builder, timer=timer, progress=progress)
+                self._encode(images, n_images=n_encoded, into=builder, timer=timer, progress=progress)
             with timer.stage("coreset"):
                 memory = self._subsample(builder, n_images=n_images, progress=progress)
             with timer.stage("index"):
@@ -196,6 +197,13 @@ class Fitting:
             )
         self._ctx.limits.check_dataset_size(len(samples))
         return [s.path for s in samples]
+
+
+def _with_rotations(images: Iterable[np.ndarray], n_images: int, n: int) -> tuple[Iterable[np.ndarray], int]:
+    """The images, each followed by its ``n - 1`` rotated copies (``MemoryConfig.fit_rotations``), and how many."""
+    if n == 1:
+        return images, n_images
+    return (copy for image in images for copy in rotated_copies(image, n)), n_images * n
 
 
 def _counted(images: Iterable[np.ndarray], n_images: int | None) -> tuple[Iterable[np.ndarray], int]:
