@@ -42,9 +42,10 @@ WORKDIR /home/bdi
 # sha256-checked) or set BDI_WEIGHTS to a file path; BDI_WEIGHTS=random for a smoke test.
 VOLUME ["/data", "/weights"]
 EXPOSE 8000
-# start period: loading the backbone and the first registry sync happen before /health answers
+# start period: loading the backbone and the first registry sync happen before /health answers; with
+# BDI_AUTH=required /health answers 401 without a key, which still says the server is up
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request as r, urllib.error as e\ntry: r.urlopen('http://127.0.0.1:8000/health', timeout=4)\nexcept e.HTTPError as x: raise SystemExit(x.code != 401)"]
 CMD ["python", "-m", "serving", "--workers", "2"]
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -80,5 +81,5 @@ WORKDIR /home/bdi
 VOLUME ["/data", "/weights"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request as r, urllib.error as e\ntry: r.urlopen('http://127.0.0.1:8000/health', timeout=4)\nexcept e.HTTPError as x: raise SystemExit(x.code != 401)"]
 CMD ["python", "-m", "serving", "--workers", "2"]

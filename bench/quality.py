@@ -53,8 +53,10 @@ from bdi.backbones import BACKBONES, DINOV2_VITS14, PRETRAINED_CNN
 from bdi.config import FeatureConfig, Settings
 from bdi.data.metrics import AUPRO_FPR_LIMIT, evaluate_scores
 from bdi.data.splits import CALIB_FRACTION
+from bdi.patchcore.calibration import resolved_percentile
 from bdi.patchcore.weights import resolve_weights
 from bench.quality_data import BenchDataset, load_mvtec, synthetic_dataset
+from bench.quality_folds import N_BOOT, N_BOOT_PIXEL, FoldResamples, Half, calibrate, compare, fold_report
 from bench.quality_report import write_results
 from bench.quality_rows import (
     AnomalibDetector,
@@ -69,7 +71,7 @@ MAGNETIC_TILE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 RESULTS = ROOT / "bench" / "results"
 CNN_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.family == "cnn")
 VIT = DINOV2_VITS14
-ROWS = ("bdi-effnet", "bdi-dinov2-random", "anomalib", "pixel-knn")
+ROWS = ("bdi-effnet", "bdi-effnet-fp32", "bdi-dinov2-random", "anomalib", "pixel-knn")
 DATASETS = ("magnetic_tile", "synthetic")
 ANOMALIB_CORESET_RATIO = 0.1
 PIXEL_CELL = 8  # px: the raw-pixel baseline's cell on the letterboxed image
@@ -138,6 +140,9 @@ def build_row(name: str, work: Path, *, cnn: str = PRETRAINED_CNN) -> Detector:
     """A fresh, unfitted detector for the row ``name``; ``cnn`` is the pretrained CNN of the CNN rows."""
     if name == "bdi-effnet":
         return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet)", backbone=cnn, weights="official", work=work)
+    if name == "bdi-effnet-fp32":
+        return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet), fp32", backbone=cnn, weights="official",
+                           work=work, precision="fp32")
     if name == "bdi-dinov2-random":
         return BdiDetector(name=name, label="BDI DINOv2 ViT-S/14 (random init)", backbone=VIT, weights="random",
                            work=work)
@@ -175,8 +180,27 @@ def p50_ms(call: Callable[[bytes], object], payloads: Sequence[bytes], *, repeat
     return {"p50": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
 
 
-def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int, warmup: int) -> dict[str, Any]:
-    """Fit, calibrate on the calib half, evaluate on the eval half, time single-image inference."""
+def _half(samples: Sequence[Any], scored: Sequence[Any]) -> Half:
+    return Half(labels=np.asarray([s.label for s in samples]), scores=np.asarray([r.score for r in scored]),
+                maps=[r.anomaly_map for r in scored], masks=[s.mask for s in samples])
+
+
+def measure_folds(detector: Detector, data: BenchDataset, calib: Sequence[Any], scored: Sequence[Any], *,
+                  n_boot: int, n_boot_pixel: int) -> tuple[dict[str, Any], FoldResamples]:
+    """Both folds from the two halves' scores (fit once): fold 1 calibrates on the calib half and reports on the
+    eval half, fold 2 the other way round (``bench.quality_folds``)."""
+    settings: Settings = detector.settings  # type: ignore[attr-defined]  # every row carries its settings
+    percentile = resolved_percentile(settings.model.scoring)
+    a, b = _half(data.calib, calib), _half(data.eval, scored)
+    folds = [(b, calibrate(a, score_percentile=percentile, cfg=settings.calibration)),
+             (a, calibrate(b, score_percentile=percentile, cfg=settings.calibration))]
+    return fold_report(folds, n_boot=n_boot, n_boot_pixel=n_boot_pixel)
+
+
+def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int, warmup: int,
+                n_boot: int = N_BOOT, n_boot_pixel: int = N_BOOT_PIXEL) -> dict[str, Any]:
+    """Fit, calibrate on the calib half, evaluate on the eval half, time single-image inference; then both folds
+    with their intervals (``folds``; the resamples under ``_resamples``, dropped before writing)."""
     start = time.perf_counter()
     fit = detector.fit([s.image for s in data.train])
     fit_wall = time.perf_counter() - start
@@ -191,7 +215,10 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
         masks=[s.mask for s in data.eval], fpr_limit=AUPRO_FPR_LIMIT,
     )
     latency = p50_ms(detector.infer_once, [s.data for s in data.eval], repeats=latency_repeats, warmup=warmup)
+    folds, resamples = measure_folds(detector, data, calib, scored, n_boot=n_boot, n_boot_pixel=n_boot_pixel)
     return {
+        "folds": folds,
+        "_resamples": resamples,
         "fit": {**asdict(fit), "total_s": fit.total_s, "wall_s": fit_wall},
         "threshold": threshold,
         "calib": {"n_ok": len(ok), "n_ng": len(ng)},
@@ -204,7 +231,8 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
 
 
 def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_repeats: int, warmup: int,
-             cnn: str = PRETRAINED_CNN) -> list[dict[str, Any]]:
+             cnn: str = PRETRAINED_CNN, n_boot: int = N_BOOT, n_boot_pixel: int = N_BOOT_PIXEL
+             ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for name in rows:
         print(f"[{data.name}] {name} ...", flush=True)
@@ -214,7 +242,8 @@ def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_rep
             torch.manual_seed(0)
             detector = build_row(name, work / data.name, cnn=cnn)
             entry.update(label=detector.label, config=detector.describe())
-            entry.update(measure_row(detector, data, latency_repeats=latency_repeats, warmup=warmup), status="ok")
+            entry.update(measure_row(detector, data, latency_repeats=latency_repeats, warmup=warmup, n_boot=n_boot,
+                                     n_boot_pixel=n_boot_pixel), status="ok")
         except RowSkipped as exc:
             entry.update(status="skipped", reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - one broken row must not hide the others; reported, exit 1
@@ -225,7 +254,24 @@ def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_rep
         print(f"[{data.name}] {name}: {entry['status']} in {entry['row_wall_s']:.1f} s  image AUROC "
               f"{summary.get('image_auroc')}  pixel AUROC {summary.get('pixel_auroc')}", flush=True)
         out.append(entry)
+    add_comparisons(out)
+    for entry in out:
+        entry.pop("_resamples", None)
     return out
+
+
+def add_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Each measured row's paired difference with the BDI row (fold means; ``comparison_vs_bdi``): better / worse
+    only where the interval says so."""
+    by = {r["name"]: r for r in rows if r["status"] == "ok" and "_resamples" in r}
+    ours = by.get("bdi-effnet")
+    if ours is None:
+        return
+    for name, row in by.items():
+        if name != "bdi-effnet":
+            ours["comparisons"] = {**ours.get("comparisons", {}),
+                                   name: compare((ours["folds"], ours["_resamples"]),
+                                                 (row["folds"], row["_resamples"]))}
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -289,6 +335,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-repeats", type=int, default=None, help="single-image /infer calls timed")
     parser.add_argument("--swap-halves", action="store_true",
                         help="threshold from the eval half, figures on the calib half (not held out: see above)")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help=f"bootstrap resamples of the image figures (default {N_BOOT}; --quick 100)")
+    parser.add_argument("--bootstrap-pixel", type=int, default=None,
+                        help=f"bootstrap resamples of pixel AUROC / AUPRO (default {N_BOOT_PIXEL}; --quick 0: none)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -320,11 +370,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.swap_halves:
                 data = data.swapped()
             print(f"[{data.name}] {data.counts()}", flush=True)
-            rows = run_rows(data, args.rows, work, cnn=args.cnn, latency_repeats=repeats, warmup=warmup)
+            rows = run_rows(data, args.rows, work, cnn=args.cnn, latency_repeats=repeats, warmup=warmup,
+                            n_boot=args.bootstrap if args.bootstrap is not None else (100 if args.quick else N_BOOT),
+                            n_boot_pixel=(args.bootstrap_pixel if args.bootstrap_pixel is not None
+                                          else (0 if args.quick else N_BOOT_PIXEL)))
             source = (os.path.relpath(data.source, ROOT) if Path(data.source).is_absolute() else data.source)
             datasets.append({"name": data.name, "source": source, "counts": data.counts(), "rows": rows,
                              "targets": targets(rows)})
     notes += [
+        "Both folds (issue 29): every row is fitted once on train/good and scores both test halves; fold 1 "
+        "calibrates on the calib half and reports on the eval half, fold 2 the other way round; 'mean' is their "
+        "mean. Intervals: 95 % percentile bootstrap over images, OK and NG resampled apart (seeded); a row is "
+        "'better' than another only where the paired bootstrap interval of the difference excludes 0. The "
+        "registry defaults (input size, blocks, blur, percentile) were tuned once on the pipeline's calib half, "
+        "so fold 2's reporting half is the half they were chosen on: fold 1 is the held-out figure.",
+        "Operating points: false reject / escape at the threshold calibrated on the other half (the contract "
+        "rule); 'FRR @ 0 % / 5 % escapes' is the lowest false-reject rate of any threshold letting at most that "
+        "share of the reporting half's NG images through; band: the OK / review / NG band calibrated on the "
+        "other half (escape budget 0, false-reject budget 0.05, the library defaults).",
         "Every row fits on train/good, takes its threshold from the calib half with BDI's calibration rule "
         "(bdi.patchcore.calibration.choose_threshold, library defaults) and is measured on the eval half; "
         "the false-reject "

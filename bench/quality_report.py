@@ -50,6 +50,50 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+FOLD_COLUMNS = (
+    ("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"),
+    ("false reject", "false_reject_rate"), ("escape", "escape_rate"),
+    ("FRR @ 0 % escapes", "frr_at_escape_0"), ("FRR @ 5 % escapes", "frr_at_escape_5"),
+    ("band: escape", "band_escape_rate"), ("band: false reject", "band_false_reject_rate"),
+    ("band: to review", "review_rate"),
+)
+
+
+def fmt_ci(entry: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``value [lo, hi]`` (the 95 % interval), ``value`` without one, ``–`` without a value."""
+    if not entry or entry.get("value") is None:
+        return "–"
+    ci = entry.get("ci")
+    text = fmt(entry["value"], digits)
+    return f"{text} [{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else text
+
+
+def fold_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Both folds and their mean, each figure with its 95 % interval; then the paired comparisons."""
+    done = [r for r in rows if r["status"] == "ok" and r.get("folds")]
+    if not done:
+        return []
+    table = []
+    for r in done:
+        folds = r["folds"]
+        for label, values in (("fold 1", folds["folds"][0]), ("fold 2", folds["folds"][1]), ("mean", folds["mean"])):
+            table.append([r["label"] if label == "fold 1" else "", label,
+                          *(fmt_ci(values.get(key)) for _, key in FOLD_COLUMNS)])
+    lines = ["Both folds (fold 1: calibrate on the calib half, report on the eval half; fold 2: swapped) and their "
+             "mean, with 95 % bootstrap intervals:", ""]
+    lines += _table(["row", "fold", *(c[0] for c in FOLD_COLUMNS)], table)
+    lines.append("")
+    for r in done:
+        for other, diffs in r.get("comparisons", {}).items():
+            lines += [f"{r['label']} minus {other} (fold means, paired bootstrap; 'better' only where the 95 % "
+                      "interval of the difference excludes 0):", ""]
+            lines += _table(["figure", "difference [95 % interval]", "verdict for BDI"],
+                            [[name, fmt_ci({"value": diffs[key]["diff"], "ci": diffs[key]["ci"]}),
+                              diffs[key]["verdict"]] for name, key in FOLD_COLUMNS if key in diffs])
+            lines.append("")
+    return lines
+
+
 def _counts_text(counts: Mapping[str, Mapping[str, int]]) -> str:
     parts = []
     for split, per_class in counts.items():
@@ -86,6 +130,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             if r["status"] != "ok":
                 lines.append(f"\n*{r['label']}*: {r['status']}: {r.get('reason', '')}")
         lines.append("")
+        lines += fold_lines(rows)
         classes = sorted({c for r in done for c in r.get("per_class", {})})
         if classes:
             lines += ["Image AUROC per defect class (that class vs good, eval half):", ""]

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from bdi.config import CalibrationConfig, RuntimeName, ScoringConfig, Settings
+from bdi.config import CalibrationConfig, Precision, RuntimeName, ScoringConfig, Settings
 from bdi.patchcore.calibration import choose_threshold, resolved_percentile
 from bdi.patchcore.coreset import coreset_size, greedy_k_center
 from bdi.patchcore.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, letterbox
@@ -90,10 +90,11 @@ class BdiDetector:
     """BDI through ``InspectionService``: ``fit_images``, ``score_images``, ``calibrate_from_scores``, ``infer``."""
 
     def __init__(self, *, name: str, label: str, backbone: str, weights: str, work: Path,
-                 runtime: RuntimeName = "auto") -> None:
+                 runtime: RuntimeName = "auto", precision: Precision = "auto") -> None:
         self.name = name
         self.label = label
-        self.settings = Settings(model={"features": {"backbone": backbone, "weights": weights, "device": "cpu"}},
+        self.settings = Settings(model={"features": {"backbone": backbone, "weights": weights, "device": "cpu",
+                                                     "precision": precision}},
                                  models_dir=work / name, runtime=runtime)
         self.service = InspectionService.from_settings(self.settings)
         self._threshold_set = False
@@ -118,6 +119,9 @@ class BdiDetector:
             "knn": f"faiss {memory.knn_index}, 1-NN on "
                    + ("L2-normalised features" if self.service.extractor.spec.l2_normalize else "raw features"),
             "scoring": asdict(scoring),
+            "runtime": self.service.runtime.health()["runtime"],
+            "precision": self.service.runtime.health()["runtime_precision"],
+            "precision_choice": self.service.precision_choice(),
         }
 
     def fit(self, images: Sequence[np.ndarray]) -> FitTimes:

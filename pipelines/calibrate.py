@@ -9,7 +9,10 @@ It also reports the selection metrics of tuning on the calib split, image and pi
 have masks), with the evaluate stage's code (``evaluate_rows``), to ``paths.calib_metrics`` (a DVC metrics file,
 ``calib_image_auroc`` / ``calib_pixel_auroc``; top level = mean over models) and to MLflow. In MLflow every figure
 of this stage is ``calib/<name>`` (``calib/threshold``, ``calib/false_reject_rate``, ``calib/image_auroc`` …), on the
-stage's run and on the execution's parent run, beside evaluate's ``eval/<name>``; calib.json's ``p99_ok`` / ``p5_ng``
+stage's run and on the execution's parent run, beside evaluate's ``eval/<name>``; with NG images (and
+``calibration.band``) the OK / review / NG band is set too and logged as ``calib/threshold_low``,
+``calib/threshold_high``, ``calib/review_rate``, ``calib/band_escape_rate``, ``calib/band_false_reject_rate``;
+calib.json's ``p99_ok`` / ``p5_ng``
 are logged as ``ok_score_at_percentile`` / ``ng_score_at_percentile``, the percentiles as the params
 ``threshold.ok_percentile`` / ``threshold.ng_percentile``. Tuning compares these, never the eval split's figures.
 """
@@ -73,7 +76,7 @@ def run_calibrate(
         scoring = service.settings.model.scoring
         for target in targets(cfg):
             rows = rows_for(manifest, target, "calib")
-            _images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
+            images, results = score_rows(service, target=target, rows=rows, root=ctx.project_root,
                                           scoring=scoring, progress=progress)
             ok = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ok"]
             ng = [res.score for res, row in zip(results, rows, strict=True) if row.label == "ng"]
@@ -82,7 +85,8 @@ def run_calibrate(
                                         "test/good images (or OK server samples)")
             calib = service.calibrate_from_scores(
                 ref=target.ref, ok_scores=ok, ng_scores=ng or None, mm_per_px=recipe_mm_per_px(manifest, target),
-                score_percentile=scoring.score_percentile, area_mm2_thr=scoring.area_mm2_thr,
+                score_percentile=scoring.score_percentile, area_mm2_thr=scoring.area_mm2_thr, band=True,
+                ok_images=[image for image, row in zip(images, rows, strict=True) if row.label == "ok"],
             )
             scores = [{"file": row.file, "label": row.label, "defect_class": row.defect_class,
                        "score": float(res.score)} for res, row in zip(results, rows, strict=True)]
@@ -91,6 +95,11 @@ def run_calibrate(
             outcomes.append(CalibrationOutcome(key=target.key, calib=calib, scores=scores, selection=selection))
             log.info("calibrate %s: threshold %.6g from %d OK / %d NG", target.key, calib.threshold,
                      len(ok), len(ng))
+            if calib.band is not None:
+                log.info("calibrate %s: band [%.6g, %.6g) review %.3g escape %.3g false reject %.3g%s", target.key,
+                         calib.band.threshold_low, calib.band.threshold_high, calib.band.review_rate or 0.0,
+                         calib.band.escape_rate or 0.0, calib.band.false_reject_rate or 0.0,
+                         " (collapsed)" if calib.band.collapsed else "")
     return outcomes
 
 
@@ -115,9 +124,14 @@ def threshold_rule(ctx: StageContext, outcome: CalibrationOutcome) -> dict[str, 
     """The threshold rule as params: the percentiles it applied and the rule in words (docs/contract.md)."""
     cal = ctx.cfg.calibration
     ok_p, ng_p = outcome.calib.score_percentile, cal.ng_percentile
-    return {"threshold.ok_percentile": ok_p, "threshold.ng_percentile": ng_p,
+    rule = {"threshold.ok_percentile": ok_p, "threshold.ng_percentile": ng_p,
             "threshold.rule": f"p{ok_p:g} of OK scores; with NG scores: {cal.overlap_factor:g} x p{ok_p:g}(OK) when "
                               f"p{ng_p:g}(NG) <= it, else their midpoint"}
+    band = outcome.calib.band
+    if band is not None:
+        rule.update({"band.escape_budget": band.escape_budget, "band.false_reject_budget": band.false_reject_budget,
+                     "band.review_decision": cal.review_decision})
+    return rule
 
 
 def calibration_metrics(outcome: CalibrationOutcome) -> dict[str, float | None]:

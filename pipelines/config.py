@@ -166,6 +166,7 @@ class PromotionSchema:
     max_false_reject_rate: float | None = PromotionGate.max_false_reject_rate  # at the calibrated threshold
     max_infer_latency_ms: float | None = PromotionGate.max_infer_latency_ms  # median /infer, golden images
     parity_eps: float | None = PromotionGate.parity_eps  # max |served score - pipeline score|
+    max_review_rate: float | None = PromotionGate.max_review_rate  # share of eval parts the band sends to review
     golden_images: int = 4  # eval images per model logged with the version for the parity check
 
 
@@ -262,7 +263,7 @@ def check_values(cfg: PipelineConfig) -> None:
             raise PipelineConfigError(f"dataset.splits.{name} must be in (0, 1), got {value}")
     if not 0.0 < cfg.evaluation.aupro_fpr_limit <= 1.0:
         raise PipelineConfigError("evaluation.aupro_fpr_limit must be in (0, 1]")
-    for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps"):
+    for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps", "max_review_rate"):
         value = getattr(cfg.promotion, name)
         if value is not None and value < 0:
             raise PipelineConfigError(f"promotion.{name} must be >= 0 or null, got {value}")

@@ -2,7 +2,9 @@
 
 Per model (``<recipe>/<role>/<roi>``), from ``bdi.data.metrics``: image AUROC, pixel AUROC and AUPRO
 (where masks exist), F1 / precision / recall, false-reject rate (OK) and escape rate (NG) at the
-calibrated threshold, and per defect class AUROC (class vs good) and recall. Outputs (all paths from
+calibrated threshold, at the calibration's OK / review / NG band (when it has one) the share of parts sent to
+review and the escape and false-reject rates of the parts it decides (``review_rate``, ``band_escape_rate``,
+``band_false_reject_rate``), and per defect class AUROC (class vs good) and recall. Outputs (all paths from
 ``paths.*``): ``metrics`` (JSON; top level = mean over models), ``scores`` (CSV per image), ``roc`` and
 ``score_hist`` (CSV plot data for DVC) and ``images_dir`` (ROC, histogram with the threshold, and a
 heatmap gallery of the worst cases: NG with the lowest scores, OK with the highest, as PNGs). In MLflow the
@@ -40,7 +42,23 @@ log = logging.getLogger("pipelines.evaluate")
 STAGE = "evaluate"
 EVAL_PREFIX = "eval/"  # MLflow names of this stage's figures (the eval split); calibrate's are ``calib/``
 SUMMARY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "false_reject_rate",
-                "escape_rate")
+                "escape_rate", "review_rate", "band_escape_rate", "band_false_reject_rate")
+
+
+def band_metrics(calib: Any, *, ok_scores: list[float], ng_scores: list[float]) -> dict[str, float | None]:
+    """Where the calibration's OK / review / NG band sends the split: ``review_rate`` (share of parts sent to
+    review; 0.0 without a band: the single threshold decides every part), and with a band its thresholds and the
+    escape and false-reject rates of the parts it decides (``band_escape_rate``: NG below ``threshold_low``,
+    ``band_false_reject_rate``: OK at or above ``threshold_high``)."""
+    from bdi.patchcore.calibration import band_rates
+
+    band = calib.band
+    if band is None:
+        return {"review_rate": 0.0}
+    rates = band_rates(np.asarray(ok_scores), np.asarray(ng_scores), low=band.threshold_low, high=band.threshold_high)
+    return {"review_rate": rates.review_rate, "band_escape_rate": rates.escape_rate,
+            "band_false_reject_rate": rates.false_reject_rate, "threshold_low": band.threshold_low,
+            "threshold_high": band.threshold_high}
 
 
 @dataclass
@@ -108,11 +126,14 @@ def run_evaluate(
         maps = [r.anomaly_map for r in results]
         ok_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         ng_scores = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+        verdicts = [model.calibration.judge(s, review_decision=service.settings.calibration.review_decision)
+                    for s in scores]
         evaluation = ModelEvaluation(
-            key=target.key, slug=target.slug, metrics=report.to_dict(),
+            key=target.key, slug=target.slug,
+            metrics={**report.to_dict(), **band_metrics(model.calibration, ok_scores=ok_scores, ng_scores=ng_scores)},
             scores=[{"model": target.key, "file": row.file, "label": row.label,
-                     "defect_class": row.defect_class, "score": s,
-                     "decision": decide(s, threshold)} for row, s in zip(rows, scores, strict=True)],
+                     "defect_class": row.defect_class, "score": s, "decision": v.decision, "review": v.review}
+                    for row, s, v in zip(rows, scores, verdicts, strict=True)],
             roc=[{"model": target.key, **p} for p in report.roc],
             histogram=[{"model": target.key, **h}
                        for h in score_histogram(ok_scores, ng_scores, n_bins=cfg.evaluation.histogram_bins)],
@@ -147,7 +168,7 @@ def write_outputs(outputs: EvaluationOutputs, *, ctx: StageContext) -> dict[str,
     out = {"metrics": write_json(ctx.path(paths.metrics), outputs.metrics)}
     tables = {
         "scores": (paths.scores, [r for m in outputs.models for r in m.scores],
-                   ["model", "file", "label", "defect_class", "score", "decision"]),
+                   ["model", "file", "label", "defect_class", "score", "decision", "review"]),
         "roc": (paths.roc, [r for m in outputs.models for r in m.roc], ["model", "fpr", "tpr", "threshold"]),
         "score_hist": (paths.score_hist, [r for m in outputs.models for r in m.histogram],
                        ["model", "bin_lo", "bin_hi", "bin_center", "ok", "ng"]),

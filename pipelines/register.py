@@ -111,7 +111,8 @@ def promotion_gate(cfg: Any) -> Any:
 
     p = cfg.promotion
     return PromotionGate(primary_metric=cfg.evaluation.primary_metric, max_false_reject_rate=p.max_false_reject_rate,
-                         max_infer_latency_ms=p.max_infer_latency_ms, parity_eps=p.parity_eps)
+                         max_infer_latency_ms=p.max_infer_latency_ms, parity_eps=p.parity_eps,
+                         max_review_rate=p.max_review_rate)
 
 
 def _memory_signature(store: Any, ref: Any) -> dict[str, Any]:
@@ -262,6 +263,8 @@ def link_model_metrics(ctx: StageContext, *, run_id: str, name: str, version: in
 CHANGE_HINTS = {
     "false_reject_rate": "the calibration (calibration.*, model.scoring.score_percentile) or the model so fewer OK "
                          "images score over the threshold, or the limit promotion.max_false_reject_rate",
+    "review_rate": "the band's budgets (calibration.escape_budget, calibration.false_reject_budget) or the model so "
+                   "fewer parts fall between its thresholds, or the limit promotion.max_review_rate",
     "infer_latency_ms": "a lighter model (model.features.backbone / input_size), or the budget "
                         "promotion.max_infer_latency_ms, or promote on the line's hardware (`bdi promote`)",
     "export_parity": "nothing in the config: the served scores differ from the pipeline's; re-run register, and "

@@ -8,7 +8,8 @@ as ``WEB_CONCURRENCY``, so each one takes its share of the CPU cores (``Settings
 Each worker holds at most ``BDI_LIMIT_CONCURRENCY`` connections and requests (then 503) and closes an idle
 keep-alive connection after ``BDI_TIMEOUT_KEEP_ALIVE_S`` (``ServingSettings``). OpenCV's own pixel limit
 (``OPENCV_IO_MAX_IMAGE_PIXELS``, read once when ``cv2`` is imported) is set to ``BDI_MAX_IMAGE_PIXELS`` for the
-workers before any of them imports it (``Settings.opencv_env``).
+workers before any of them imports it (``Settings.opencv_env``). X-Forwarded-For/-Proto are trusted only
+from ``BDI_TRUSTED_PROXIES`` (none by default).
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv, settings=settings, serving_settings=serving_settings)
     os.environ["WEB_CONCURRENCY"] = os.environ["BDI_WORKERS"] = str(max(1, args.workers))  # each worker's Settings
     os.environ.update(settings.opencv_env())  # before the app (and cv2) is imported, here or in a worker
+    os.environ["BDI_BACKEND_HOST"] = args.host  # the workers' start-up warning sees the address bound
+    trusted = serving_settings.trusted_proxies.strip()
     uvicorn.run(APP_PATH, host=args.host, port=args.port, workers=max(1, args.workers),
                 log_level=args.log_level, limit_concurrency=serving_settings.limit_concurrency,
-                timeout_keep_alive=serving_settings.timeout_keep_alive_s)
+                timeout_keep_alive=serving_settings.timeout_keep_alive_s,
+                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
 
 
 if __name__ == "__main__":

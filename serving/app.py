@@ -7,6 +7,7 @@ process builds its ``Settings`` and its one ``InspectionService`` in the lifespa
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -25,9 +26,12 @@ from bdi.mlops.follower import RegistryFollower, SyncStatusReader, preload_mlflo
 from bdi.mlops.outages import TrackingStatus, bounded_mlflow_http, check_tracking_server, reap_orphaned_runs
 from bdi.mlops.shadow import ShadowScorer, shadow_models_dir
 from bdi.mlops.tracking import TrackingConfig, TrackingTarget
-from bdi.service import InspectionService, remove_orphan_files
+from bdi.security.audit import AuditLog
+from bdi.security.keys import KeyStore
+from bdi.service import InspectionService, metrics_rows, remove_orphan_files
+from serving.auth import AuthMiddleware
 from serving.errors import ERROR_RESPONSES, install_error_handlers
-from serving.metrics.exposition import ScrapeCollectors, registry_sync_families
+from serving.metrics.exposition import ScrapeCollectors, drift_families, registry_sync_families
 from serving.metrics.families import Metrics
 from serving.metrics.folder import use_folder, worker_exits
 from serving.metrics.http import HttpMetricsMiddleware
@@ -66,7 +70,7 @@ def create_app(
             tracking = TrackingConfig.from_settings(resolved).resolve(Path.cwd())
             status, run_logger = await _start_tracking(stack, resolved, tracking=tracking,
                                                        log_api_runs=service is None)
-            follower = await _follow_registry(tracking, resolved)
+            follower = await _follow_registry(tracking, resolved, audit=AuditLog(resolved.security_root()))
             if follower is not None:
                 stack.callback(follower.stop)
             app.state.registry_status = SyncStatusReader(
@@ -88,6 +92,9 @@ def create_app(
                 )
             app.state.settings = resolved
             app.state.serving_settings = resolved_serving
+            app.state.key_store = KeyStore(resolved.security_root())
+            app.state.audit_log = AuditLog(resolved.security_root())
+            _warn_about_access(resolved_serving, app.state.key_store)
             app.state.service = svc
             app.state.tracking_status = status
             slog(
@@ -112,8 +119,11 @@ def create_app(
     app = FastAPI(title="BDI inspection backend", version=__version__, lifespan=lifespan,
                   default_response_class=JSONResponse)
     # Added inner → outer: the request-id layer wraps CORS, so preflights carry X-Request-Id too;
+    # the key check comes before the body cap, so an unauthenticated upload is refused before its bytes;
     # the body cap is innermost, so a 413 carries both.
     app.add_middleware(RequestSizeLimitMiddleware)
+    # inside CORS: a refusal carries CORS headers and a preflight needs no key
+    app.add_middleware(AuthMiddleware, routes=[route for router in ROUTERS for route in router.routes])
     app.add_middleware(SettingsCORSMiddleware)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(HttpMetricsMiddleware)  # outermost: counts every answer, 413s and CORS preflights too
@@ -125,12 +135,15 @@ def create_app(
 
 def _start_metrics(app: FastAPI, stack: AsyncExitStack, serving_settings: ServingSettings) -> Metrics:
     """This worker's instruments in the launch's multiprocess folder (``BDI_METRICS_DIR``, docs/metrics.md), and
-    the families ``GET /metrics`` reads at scrape time (the registry sync state, read by the route's worker)."""
+    the families ``GET /metrics`` reads at scrape time (the registry sync state and drift per ROI, read by the
+    route's worker)."""
     folder = use_folder(serving_settings.metrics_base())
     stack.callback(worker_exits, folder)
     metrics = Metrics()
     scraped = ScrapeCollectors()
     scraped.add(lambda: registry_sync_families(app.state.registry_status.health()))
+    # drift per ROI, evaluated at scrape time from the shared record and state files (docs/monitoring.md)
+    scraped.add(lambda: drift_families(metrics_rows(app.state.service.monitor())))
     app.state.metrics, app.state.metrics_folder, app.state.scrape_collectors = metrics, folder, scraped
     return metrics
 
@@ -173,7 +186,9 @@ def _registry_startup(tracking: TrackingTarget, settings: Settings, status: Trac
         status.set("unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-async def _follow_registry(tracking: TrackingTarget, settings: Settings) -> RegistryFollower | None:
+async def _follow_registry(
+    tracking: TrackingTarget, settings: Settings, *, audit: AuditLog
+) -> RegistryFollower | None:
     """With ``BDI_REGISTRY_SYNC_ON_START=1``: sync the registry's alias holders into the models dir now
     (waiting a bounded time, off the event loop) and then every ``BDI_REGISTRY_SYNC_INTERVAL_S`` in a
     background thread. A registry that cannot be reached is reported by /health, never fatal."""
@@ -181,10 +196,22 @@ async def _follow_registry(tracking: TrackingTarget, settings: Settings) -> Regi
         return None
     follower = RegistryFollower(tracking=tracking, models_dir=settings.models_dir,
                                 interval_s=settings.registry_sync_interval_s, exports_root=settings.exports_dir(),
-                                shadow_alias=settings.registry_shadow_alias)
+                                shadow_alias=settings.registry_shadow_alias, audit=audit)
     await asyncio.to_thread(follower.start, wait_first_s=FIRST_SYNC_WAIT_S)
     return follower
 
+
+
+def _warn_about_access(serving: ServingSettings, keys: KeyStore) -> None:
+    """Start-up warnings a plant's IT must see: auth off on an address beyond loopback, auth on without keys."""
+    if serving.auth == "off" and serving.listens_beyond_loopback():
+        message = (f"ACCESS CONTROL IS OFF and the server listens on {serving.backend_host}: anyone who reaches "
+                   "the port can upload, refit and recalibrate. Set BDI_AUTH=required (docs/security.md)")
+        logging.getLogger("uvicorn.error").warning(message)
+        slog("security.auth_off", level="warning", host=serving.backend_host, message=message)
+    elif serving.auth != "off" and not keys.keys():
+        slog("security.no_keys", level="warning", auth=serving.auth, key_file=str(keys.path),
+             message="auth is on and no API key exists yet: create one with `bdi keys create`")
 
 
 def _shadow_scorer(service: InspectionService, settings: Settings) -> ShadowScorer | None:

@@ -45,6 +45,7 @@ from bdi.errors import (
 )
 from bdi.logging import slog
 from bdi.refs import DEFAULT_RECIPE
+from serving.auth import AuthRefusedError
 
 ErrorStyle = Literal["model", "batch", "resource"]
 Shape = Literal["A", "B", "C"]
@@ -190,16 +191,27 @@ class ErrorBody(RootModel[ErrorShapeA | ErrorShapeB | ErrorShapeC]):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Bad input (shape A, B or C by endpoint family)"},
+    401: {"model": ErrorBody, "description": "BDI_AUTH on and no valid API key (shape B, docs/security.md)"},
+    403: {"model": ErrorBody, "description": "The API key lacks the route's scope (shape B)"},
     404: {"model": ErrorBody, "description": "Dataset file or sidecar not found (shape B)"},
     409: {"model": ErrorBody, "description": "mm_per_px lock mismatch (C), a fit of the model in progress (A) or "
                                             "a clear that would reach another recipe's samples (B)"},
     413: {"model": ErrorBody, "description": "Request body over BDI_MAX_REQUEST_BYTES (shape B)"},
+    429: {"model": ErrorBody, "description": "Too many failed API key attempts from this address (shape B)"},
     500: {"model": ErrorBody, "description": "Unexpected failure: a stable message and the request id (shape A)"},
 }
 """The error statuses every route documents in the OpenAPI schema (``include_router(responses=...)``)."""
 
 
+async def handle_auth_refused(request: Request, exc: Exception) -> JSONResponse:
+    """A key check refused in a route's scope dependency (``serving.auth``): 401/403 shape B."""
+    if not isinstance(exc, AuthRefusedError):
+        return await handle_unexpected_error(request, exc)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers or None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers (FastAPI "Handling Errors": one handler per exception class)."""
+    app.add_exception_handler(AuthRefusedError, handle_auth_refused)
     app.add_exception_handler(BDIError, handle_bdi_error)
     app.add_exception_handler(Exception, handle_unexpected_error)

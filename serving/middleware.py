@@ -73,9 +73,20 @@ class RequestContextMiddleware:
                 )
 
 
-def build_cors(app: ASGIApp, cors_origins: str) -> CORSMiddleware:
-    """CORS per docs/contract.md "CORS": credentials only when the origin list is not ``*``."""
+def cors_origin_list(cors_origins: str, *, auth_on: bool) -> list[str]:
+    """The allowed origins: the list as given, ``*`` when empty; with auth on ``*`` is dropped (no origin
+    but the listed ones, none when only ``*`` was given: the server's own page is same-origin)."""
     origins = [o.strip() for o in cors_origins.split(",") if o.strip()] or ["*"]
+    return [o for o in origins if o != "*"] if auth_on else origins
+
+
+def build_cors(app: ASGIApp, cors_origins: str, *, auth_on: bool = False) -> CORSMiddleware:
+    """CORS per docs/contract.md "CORS": credentials only when the origin list is not ``*``; never ``*``
+    while auth is on (docs/security.md)."""
+    origins = cors_origin_list(cors_origins, auth_on=auth_on)
+    if auth_on and "*" in cors_origin_list(cors_origins, auth_on=False):
+        slog("security.cors_wildcard_dropped", level="warning", origins=origins,
+             message="BDI_CORS_ORIGINS '*' is ignored while BDI_AUTH is on: list the origins that may call")
     wildcard = origins == ["*"]
     return CORSMiddleware(
         app,
@@ -104,7 +115,7 @@ class SettingsCORSMiddleware:
             return
         if self._cors is None:
             serving_settings: ServingSettings = scope["app"].state.serving_settings
-            self._cors = build_cors(self.app, serving_settings.cors_origins)
+            self._cors = build_cors(self.app, serving_settings.cors_origins, auth_on=serving_settings.auth != "off")
         await self._cors(scope, receive, send)
 
 

@@ -1,5 +1,5 @@
-"""Typed JSON request bodies of /calibrate_ng, /infer_dataset, /calibrate_dataset and /calibrate_manual, with their
-ranges.
+"""Typed JSON request bodies of /calibrate_ng, /infer_dataset, /calibrate_dataset and /calibrate_manual (and the
+additive POST /keys), with their ranges.
 
 Each model states what a key may hold (every number has its range), documents the body in the
 OpenAPI schema (:meth:`JsonBody.openapi`) and validates it (:meth:`JsonBody.parse`). A value out of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, WithJsonSchema
 
@@ -123,3 +123,75 @@ class CalibrateManualRequest(JsonBody):
     """POST /calibrate_manual (additive, docs/contract.md "Additive routes"): a threshold an operator chose."""
 
     threshold: Annotated[float, _NoBool, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class KeyCreateRequest(BaseModel):
+    """POST /keys: who uses the key, its scopes, and optionally how many days it lives (no ROI: not a JsonBody)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    label: str = Field(min_length=1, max_length=200)
+    scopes: list[str] = Field(min_length=1)
+    expires_days: float | None = Field(None, gt=0, le=36500)
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> KeyCreateRequest:
+        """Validate ``body``; the first problem becomes an :class:`InvalidInputError` (400 B) naming the key."""
+        try:
+            return cls.model_validate(dict(body))
+        except ValidationError as exc:
+            raise InvalidInputError(describe_validation_error(exc)) from exc
+
+    @classmethod
+    def openapi(cls) -> dict[str, Any]:
+        return {"requestBody": {"required": True,
+                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}
+
+
+class FeedbackRegionBody(BaseModel):
+    """A corrected defect region in crop pixels: ``bbox`` ``[x, y, w, h]`` or ``polygon`` ``[[x, y], …]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bbox: Annotated[list[float], Field(min_length=4, max_length=4)] | None = None
+    polygon: Annotated[list[Annotated[list[float], Field(min_length=2, max_length=2)]], Field(min_length=3)] | None \
+        = None
+
+
+class FeedbackBody(BaseModel):
+    """POST /feedback (additive, docs/monitoring.md "Operator feedback"): an operator's verdict on the inspection
+    answered with ``request_id``; ``image_base64`` is the inspected image when the record kept none."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: Annotated[str, Field(min_length=1)]
+    verdict: Literal["false_reject", "confirmed_defect", "missed_defect"]
+    recipe_id: LooseString = None
+    # validated as FeedbackRegionBody by parse; typed loosely here so the OpenAPI schema inlines it (no $defs)
+    region: Annotated[dict[str, Any] | None, WithJsonSchema({
+        "anyOf": [{"type": "object", "properties": {
+            "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+            "polygon": {"type": "array", "minItems": 3,
+                        "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}}},
+            "additionalProperties": False}, {"type": "null"}]})] = None
+    operator: Annotated[str, Field(max_length=200)] | None = None
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+    image_base64: str | None = None
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> FeedbackBody:
+        try:
+            parsed = cls.model_validate(dict(body))
+            if parsed.region is not None:
+                FeedbackRegionBody.model_validate(parsed.region)
+        except ValidationError as exc:
+            raise InvalidInputError(describe_validation_error(exc)) from exc
+        return parsed
+
+    def region_body(self) -> FeedbackRegionBody | None:
+        return FeedbackRegionBody.model_validate(self.region) if self.region is not None else None
+
+    @classmethod
+    def openapi(cls) -> dict[str, Any]:
+        return {"requestBody": {"required": True,
+                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}

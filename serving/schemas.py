@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict
 
 from bdi.service import (
     Calibration,
+    Feedback,
     FitResult,
     InferOutcome,
+    InspectionPage,
     ManualCalibration,
     ModelManifest,
     ModelState,
     Region,
+    RoiDrift,
     SampleScore,
 )
 
@@ -96,13 +99,19 @@ class InferResponse(BaseModel):
     request_id: str
     recipe_id: str
     decision: Literal["ok", "ng"]
+    # additive (docs/design.md "Two thresholds: OK, review, NG"): the score is in the calibration's band (then
+    # ``decision`` is BDI_REVIEW_DECISION's side, ng by default); the band's thresholds, null without a band
+    review: bool = False
+    threshold_low: float | None = None
+    threshold_high: float | None = None
 
     @classmethod
     def of(cls, outcome: InferOutcome, *, ids: Mapping[str, str]) -> InferResponse:
         return cls(score=outcome.result.score, threshold=outcome.threshold, token_shape=outcome.result.token_shape,
                    heatmap_png_base64=png_base64(outcome.heatmap_png),
                    regions=[InferRegion.of(r) for r in outcome.result.regions], lineage=outcome.lineage, **ids,
-                   decision=outcome.decision)
+                   decision=outcome.decision, review=outcome.review, threshold_low=outcome.threshold_low,
+                   threshold_high=outcome.threshold_high)
 
 
 class InferDatasetItem(BaseModel):
@@ -140,6 +149,11 @@ class InferDatasetResponse(BaseModel):
     items: list[InferDatasetItem]
 
 
+def band_fields(calib: Calibration) -> dict[str, Any]:
+    """The band's response fields of ``calib`` (empty without a band, so they stay unset)."""
+    return calib.band.to_dict() if calib.band is not None else {}
+
+
 class CalibrateNgResponse(BaseModel):
     """POST /calibrate_ng: the stored calibration's contract keys and the ids."""
 
@@ -156,6 +170,16 @@ class CalibrateNgResponse(BaseModel):
     # additive, only when the threshold detects no NG sample
     # (docs/design.md "Calibrations that detect nothing are flagged")
     warnings: list[str] | None = None
+    # additive, only when the calibration has an OK / review / NG band (``Band.to_dict``'s keys,
+    # docs/contract.md "The OK / review / NG band")
+    threshold_low: float | None = None
+    threshold_high: float | None = None
+    band_escape_budget: float | None = None
+    band_false_reject_budget: float | None = None
+    band_collapsed: bool | None = None
+    band_escape_rate: float | None = None
+    band_false_reject_rate: float | None = None
+    review_rate: float | None = None
 
     @classmethod
     def of(cls, calib: Calibration, *, ids: Mapping[str, str], warnings: Sequence[str] = ()) -> CalibrateNgResponse:
@@ -165,7 +189,8 @@ class CalibrateNgResponse(BaseModel):
         extra: dict[str, Any] = {"warnings": list(warnings)} if warnings else {}
         return cls(threshold=calib.threshold, ok_mean=stats.ok_mean, ng_mean=stats.ng_mean,
                    p99_ok=stats.ok_score_at_percentile, p5_ng=stats.ng_score_at_percentile, mm_per_px=calib.mm_per_px,
-                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids, **extra)
+                   area_mm2_thr=calib.area_mm2_thr, score_percentile=calib.score_percentile, **ids, **extra,
+                   **band_fields(calib))
 
 
 class CalibrateDatasetResponse(BaseModel):
@@ -183,6 +208,16 @@ class CalibrateDatasetResponse(BaseModel):
     roi_id: str
     model_key: str
     warnings: list[str] | None = None  # additive, as in CalibrateNgResponse
+    # additive, only when the calibration has an OK / review / NG band (``Band.to_dict``'s keys,
+    # docs/contract.md "The OK / review / NG band")
+    threshold_low: float | None = None
+    threshold_high: float | None = None
+    band_escape_budget: float | None = None
+    band_false_reject_budget: float | None = None
+    band_collapsed: bool | None = None
+    band_escape_rate: float | None = None
+    band_false_reject_rate: float | None = None
+    review_rate: float | None = None
 
     @classmethod
     def of(cls, calib: Calibration, *, ids: Mapping[str, str], warnings: Sequence[str] = ()
@@ -193,7 +228,8 @@ class CalibrateDatasetResponse(BaseModel):
         extra: dict[str, Any] = {"warnings": list(warnings)} if warnings else {}
         return cls(status="ok", threshold=calib.threshold, score_percentile=calib.score_percentile,
                    area_mm2_thr=calib.area_mm2_thr, n_ok=calib.n_ok, n_ng=calib.n_ng, **ids,
-                   role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key, **extra)
+                   role_id=calib.ids.role_id, roi_id=calib.ids.roi_id, model_key=calib.ids.model_key, **extra,
+                   **band_fields(calib))
 
 
 class CalibrateManualResponse(BaseModel):
@@ -311,7 +347,53 @@ class HealthResponse(BaseModel):
     runtime_fallback: str | None
     runtime_parity: dict[str, Any] | None
     runtime_choice: dict[str, Any] | None = None  # where the runtime was chosen and recorded (issue 30 item 4)
+    runtime_precision_choice: str | None = None  # why that precision (BDI_PRECISION=auto: native bf16, parity)
     calibration_warnings: list[dict[str, Any]] | None = None  # calibrations whose threshold detects no NG sample
+    auth: Literal["off", "required", "writes"] | None = None  # BDI_AUTH (issue 28, docs/security.md)
+    warnings: list[dict[str, Any]] | None = None  # models whose drift is in alarm (docs/monitoring.md)
+
+
+class AuditPageResponse(BaseModel):
+    """GET /audit: one page of audit records (``bdi.security.audit``), oldest first."""
+
+    records: list[dict[str, Any]]
+    next_after_seq: int | None
+    request_id: str
+    recipe_id: str
+
+
+class KeyInfo(BaseModel):
+    """One API key as shown: never its token or hash (``bdi.security.keys.ApiKey.public``)."""
+
+    id: str
+    label: str
+    scopes: list[str]
+    created_utc: str
+    expires_utc: str | None = None
+    revoked_utc: str | None = None
+
+
+class KeyListResponse(BaseModel):
+    """GET /keys."""
+
+    keys: list[KeyInfo]
+    request_id: str
+    recipe_id: str
+
+
+class KeyCreatedResponse(KeyInfo):
+    """POST /keys: the new key and its token, shown this once."""
+
+    token: str
+    request_id: str
+    recipe_id: str
+
+
+class KeyRevokedResponse(KeyInfo):
+    """DELETE /keys/{key_id}: the key as revoked."""
+
+    request_id: str
+    recipe_id: str
 
 
 class UploadResponse(BaseModel):
@@ -360,3 +442,46 @@ class ClearResponse(BaseModel):
     resolved_recipe_id: str | None = None
     request_id: str
     recipe_id: str
+
+
+class InspectionsResponse(BaseModel):
+    """GET /inspections: one page of the inspection record, newest first (docs/monitoring.md); ``next_cursor`` is
+    passed back as ``cursor`` for the next page (None: the last page)."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    count: int
+    next_cursor: str | None
+    items: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, page: InspectionPage, *, ids: Mapping[str, str]) -> InspectionsResponse:
+        return cls(**ids, count=len(page.records), next_cursor=page.next_cursor,
+                   items=[record.to_dict() for record in page.records])
+
+
+class MonitorResponse(BaseModel):
+    """GET /monitor: the drift of every recorded model (docs/monitoring.md "Drift")."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    rois: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, drifts: Sequence[RoiDrift], *, ids: Mapping[str, str]) -> MonitorResponse:
+        return cls(**ids, rois=[drift.to_dict() for drift in drifts])
+
+
+class FeedbackResponse(BaseModel):
+    """POST /feedback: the stored verdict, the sample it became (``label``/``sample``) and the ids."""
+
+    status: Literal["ok"] = "ok"
+    request_id: str
+    recipe_id: str
+    feedback: dict[str, Any]
+
+    @classmethod
+    def of(cls, feedback: Feedback, *, ids: Mapping[str, str]) -> FeedbackResponse:
+        return cls(**ids, feedback=feedback.to_dict())

@@ -6,11 +6,12 @@ YAML file named by ``BDI_CONFIG`` > defaults. Built once per app in the lifespan
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -25,8 +26,14 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
-    # comma-separated; "*" = any origin, without credentials (serving.middleware.build_cors)
+    # comma-separated; "*" = any origin, without credentials; never "*" while auth is on (serving.middleware.build_cors)
     cors_origins: str = Field("*", validation_alias=env_aliases("CORS_ORIGINS"))
+    # off | required | writes (inspect open, the rest needs a key): serving.auth, docs/security.md
+    auth: Literal["off", "required", "writes"] = Field("off", validation_alias=env_aliases("AUTH"))
+    # failed key attempts per client address and minute, per worker, before 429 (serving.auth.FailureLimiter)
+    auth_max_failures: int = Field(20, validation_alias=env_aliases("AUTH_MAX_FAILURES"))
+    # comma-separated addresses whose X-Forwarded-For/-Proto uvicorn trusts ("" = none; python -m serving)
+    trusted_proxies: str = Field("", validation_alias=env_aliases("TRUSTED_PROXIES"))
     backend_host: str = Field("127.0.0.1", validation_alias=env_aliases("BACKEND_HOST", "HOST"))
     backend_port: int = Field(8000, validation_alias=env_aliases("BACKEND_PORT", "PORT"))
     # connections + requests in progress per worker; past it uvicorn answers 503 (python -m serving)
@@ -49,7 +56,12 @@ class ServingSettings(BaseSettings):
             return 8000
         return port if 0 < port < 65536 else 8000
 
-    @field_validator("limit_concurrency", "timeout_keep_alive_s", "body_read_timeout_s")
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _parse_auth(cls, value: object) -> object:
+        return str(value).strip().lower() if isinstance(value, str) else value
+
+    @field_validator("limit_concurrency", "timeout_keep_alive_s", "body_read_timeout_s", "auth_max_failures")
     @classmethod
     def _positive(cls, value: float, info: ValidationInfo) -> float:
         if not value > 0:
@@ -59,6 +71,16 @@ class ServingSettings(BaseSettings):
     def metrics_base(self) -> Path:
         """``BDI_METRICS_DIR``, else ``bdi-metrics`` in the system temp folder."""
         return self.metrics_dir if self.metrics_dir is not None else Path(tempfile.gettempdir()) / "bdi-metrics"
+
+    def listens_beyond_loopback(self) -> bool:
+        """Whether ``backend_host`` is reachable from other machines (anything but a loopback address)."""
+        host = self.backend_host.strip("[]")
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True  # a host name: assume it resolves beyond this machine
 
     def base_url(self) -> str:
         """``http://<host>:<port>``: where the demo's curl lines reach the server."""

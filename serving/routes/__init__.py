@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.routes import calibration, datasets, fit, health, inference, metrics, state, ui
+from serving.routes import audit, calibration, datasets, fit, health, inference, keys, metrics, monitoring, state, ui
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -13,6 +13,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     inference.router,
     datasets.router,
     state.router,
+    monitoring.router,
     ui.router,
     metrics.router,
+    audit.router,
+    keys.router,
 )

@@ -10,6 +10,8 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from bdi.logging import slog
+from serving.audit import AuditDep
+from serving.auth import scoped
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
@@ -28,6 +30,7 @@ def _add_upload_route(label: str) -> None:
     def upload(
         ctx: RequestCtx,
         service: ServiceDep,
+        audit: AuditDep,
         role_id: Annotated[str, Form()],
         roi_id: Annotated[str, Form()],
         images: Annotated[list[UploadFile], File()],
@@ -36,20 +39,22 @@ def _add_upload_route(label: str) -> None:
         ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
         slog("datasets.upload.request", label=label, n_files=len(images), n_metas=len(metas or ()))
         files = read_uploads(images, limits=service.limits)
-        saved = service.samples.upload(ref=ref, label=label, files=files, metas=metas)
+        with audit.change("samples.upload", ref, label=label) as detail:
+            saved = service.samples.upload(ref=ref, label=label, files=files, metas=metas)
+            detail["saved"] = saved
         slog("datasets.upload.response", label=label, saved=saved)
         return {"status": "ok", "saved": saved, **ctx.ids()}
 
     upload.__name__ = upload.__qualname__ = f"upload_{label}"
     upload.__doc__ = f"Store {label.upper()} samples; ``metas[i]`` (JSON object text) is image i's sidecar meta."
-    router.post(f"/{label}/upload", response_model=UploadResponse)(upload)
+    router.post(f"/{label}/upload", response_model=UploadResponse, dependencies=[scoped("samples")])(upload)
 
 
 for _label in ("ok", "ng"):
     _add_upload_route(_label)
 
 
-@router.get("/list", response_model=DatasetListResponse)
+@router.get("/list", response_model=DatasetListResponse, dependencies=[scoped("inspect")])
 def list_samples(ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ) -> dict[str, Any]:
     """Stored images per class (a class key only when its folder exists) and sidecar presence."""
     listing = service.samples.listing(ctx.dataset_ref(role_id=role_id, roi_id=roi_id))
@@ -62,7 +67,7 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "
                      "application/octet-stream")
 
 
-@router.get("/file", response_class=Response,
+@router.get("/file", response_class=Response, dependencies=[scoped("inspect")],
             responses={200: {"description": "The stored image bytes",
                              "content": {media: {} for media in IMAGE_MEDIA_TYPES}}})
 def download_sample(
@@ -78,7 +83,7 @@ def download_sample(
     return Response(content=data, media_type=media_type, headers={"Content-Disposition": disposition})
 
 
-@router.get("/meta", response_model=SampleMetaResponse)
+@router.get("/meta", response_model=SampleMetaResponse, dependencies=[scoped("inspect")])
 def sample_meta(
     ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
@@ -88,25 +93,30 @@ def sample_meta(
     return {**ctx.ids(), **meta}
 
 
-@router.delete("/file", response_model=DeleteResponse)
+@router.delete("/file", response_model=DeleteResponse, dependencies=[scoped("samples")])
 def delete_sample(
-    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
+    ctx: RequestCtx, service: ServiceDep, audit: AuditDep, role_id: IdQ, roi_id: IdQ, label: LabelQ, filename: FilenameQ
 ) -> dict[str, Any]:
     """Delete one image and its sidecar; ``deleted`` says whether the image existed."""
-    deleted = service.samples.delete(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label,
-                                    filename=filename)
+    ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
+    with audit.change("samples.delete", ref, label=label, filename=filename) as detail:
+        deleted = service.samples.delete(ref=ref, label=label, filename=filename)
+        detail["deleted"] = deleted
     slog("datasets.delete", label=label, filename=filename, deleted=deleted)
     return {"deleted": deleted, "filename": filename, **ctx.ids()}
 
 
-@router.delete("/clear", response_model=ClearResponse)
+@router.delete("/clear", response_model=ClearResponse, dependencies=[scoped("samples")])
 def clear_samples(
-    ctx: RequestCtx, service: ServiceDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
+    ctx: RequestCtx, service: ServiceDep, audit: AuditDep, role_id: IdQ, roi_id: IdQ, label: LabelQ
 ) -> dict[str, Any]:
     """Delete every file of one class (images and sidecars); ``cleared`` counts them all and
     ``resolved_recipe_id`` names the recipe whose folder it was (additive; docs/design.md "Deletes stay in their
     recipe")."""
-    result = service.samples.clear(ref=ctx.dataset_ref(role_id=role_id, roi_id=roi_id), label=label)
+    ref = ctx.dataset_ref(role_id=role_id, roi_id=roi_id)
+    with audit.change("samples.clear", ref, label=label) as detail:
+        result = service.samples.clear(ref=ref, label=label)
+        detail["cleared"] = result.cleared
     slog("datasets.clear", label=label, cleared=result.cleared, resolved_recipe_id=result.resolved_recipe_id)
     return {"cleared": result.cleared, "label": label, "resolved_recipe_id": result.resolved_recipe_id,
             **ctx.ids()}

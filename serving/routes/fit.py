@@ -8,18 +8,21 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from bdi.logging import slog
+from serving.audit import AuditDep
+from serving.auth import scoped
 from serving.deps import MetricsDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_uploads
 from serving.schemas import FitResponse
 
-router = APIRouter(tags=["fit"], dependencies=[error_style("model")])
+router = APIRouter(tags=["fit"], dependencies=[error_style("model"), scoped("train")])
 
 
 @router.post("/fit_ok", response_model=FitResponse)
 def fit_ok(
     ctx: RequestCtx,
     service: ServiceDep,
+    audit: AuditDep,
     metrics: MetricsDep,
     role_id: Annotated[str, Form()],
     roi_id: Annotated[str, Form()],
@@ -35,8 +38,9 @@ def fit_ok(
     files = [] if use_dataset else read_uploads(images, limits=service.limits)
     slog("fit_ok.request", n_files=len(images or ()), memory_fit=memory_fit, use_dataset=use_dataset,
          mm_per_px=mm_per_px, model_key_raw=model_key, model_key=ref.model_key)
-    result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,
-                            memory_fit=memory_fit)
+    with audit.change("fit", ref, use_dataset=use_dataset, n_images=len(files)):
+        result = service.fit_ok(ref=ref, mm_per_px=mm_per_px, images=files, use_dataset=use_dataset,
+                                memory_fit=memory_fit)
     metrics.observe_fit(result=result, source="dataset" if use_dataset else "images",
                         seconds=time.perf_counter() - started)
     slog("fit_ok.response", n_embeddings=result.n_embeddings, coreset_size=result.coreset_size,

@@ -1,5 +1,6 @@
 """GET /health (docs/contract.md "GET /health"): O(1), polled by the GUI every 2 s; its only disk accesses are
-stats of the registry sync status file and of the calibration alerts file (each re-read only when it changed)."""
+stats of the registry sync status file, the calibration alerts file and the drift state file (each re-read only
+when it changed)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from bdi import __version__
+from serving.auth import scoped
 from serving.deps import RegistryStatusDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.schemas import HealthResponse
 
-router = APIRouter(tags=["health"], dependencies=[error_style("resource")])
+router = APIRouter(tags=["health"], dependencies=[error_style("resource"), scoped("inspect")])
 
 
 @router.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
@@ -25,10 +27,11 @@ async def health(
     (``bdi.mlops.follower.SyncStatusReader``).
 
     ``calibration_warnings`` lists the stored calibrations whose threshold detects no NG sample
-    (``bdi.storage.alerts``); ``runtime_choice`` where the runtime was chosen for every worker.
+    (``bdi.storage.alerts``); ``warnings`` the models whose drift is in alarm (docs/monitoring.md, as last
+    evaluated); ``runtime_choice`` where the runtime was chosen for every worker.
 
     ``async``: it touches no network and must answer even when every worker thread is busy fitting; its
-    only disk accesses are stats of two small files (each re-read when it changed).
+    only disk accesses are stats of three small files (each re-read when it changed).
     """
     info = service.health()
     device = str(info["device"]).split(":", 1)[0]  # "cuda:0" → "cuda" (the GUI shows it verbatim)
@@ -47,6 +50,7 @@ async def health(
     status = getattr(request.app.state, "tracking_status", None)
     body["registry"] = {**registry.health(), "state": status.state if status is not None else "disabled"}
     for key in ("runtime", "runtime_precision", "runtime_requested", "runtime_fallback", "runtime_parity",
-                "runtime_choice", "calibration_warnings"):
+                "runtime_choice", "runtime_precision_choice", "calibration_warnings", "warnings"):
         body[key] = info[key]
+    body["auth"] = request.app.state.serving_settings.auth
     return body

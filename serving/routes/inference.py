@@ -9,13 +9,14 @@ from fastapi import APIRouter, Body, File, Form, Response, UploadFile
 
 from bdi.logging import slog
 from bdi.service import LABELS
+from serving.auth import scoped
 from serving.deps import MetricsDep, RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.parsing import read_upload
 from serving.requests import InferDatasetRequest
 from serving.schemas import InferDatasetItem, InferDatasetResponse, InferResponse
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[scoped("inspect")])
 
 
 @router.post("/infer", dependencies=[error_style("model")], response_model=InferResponse)

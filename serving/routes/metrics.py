@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from serving.auth import scoped
 from serving.errors import error_style
 from serving.metrics.exposition import CONTENT_TYPE, ScrapeCollectors, render
 
-router = APIRouter(tags=["metrics"], dependencies=[error_style("resource")])
+router = APIRouter(tags=["metrics"], dependencies=[error_style("resource"), scoped("inspect")])
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})

@@ -9,11 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from bdi.logging import slog
+from serving.auth import scoped
 from serving.deps import RequestCtx, ServiceDep
 from serving.errors import error_style
 from serving.schemas import ManifestResponse, ProgressResponse, StateResponse
 
-router = APIRouter(tags=["state"], dependencies=[error_style("resource")])
+router = APIRouter(tags=["state"], dependencies=[error_style("resource"), scoped("inspect")])
 
 IdQ = Annotated[str, Query()]
 ModelKeyQ = Annotated[str | None, Query()]

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
 from bdi.errors import NotFoundError
+from serving.auth import scoped
 from serving.errors import error_style
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -20,7 +21,7 @@ MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 INDEX = "index.html"
 
-router = APIRouter(tags=["ui"], include_in_schema=False, dependencies=[error_style("resource")])
+router = APIRouter(tags=["ui"], include_in_schema=False, dependencies=[error_style("resource"), scoped("public")])
 
 
 def page_files() -> dict[str, Path]:

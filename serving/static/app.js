@@ -22,10 +22,32 @@ function errorText(status, body, raw) {
   return `HTTP ${status}: ${message}`;
 }
 
-async function call(path, { method = "GET", query = null, json = undefined, form = null } = {}) {
+// Access control (docs/security.md): when the server answers 401 the page asks for an API key once and keeps it
+// for this browser tab only (sessionStorage), sending it as `Authorization: Bearer`.
+const KEY_STORAGE = "bdi.apiKey";
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+function askForKey(status) {
+  const entered = window.prompt(status === 401 ? "This server requires an API key (bdi keys create):" : "API key:");
+  if (!entered || !entered.trim()) return false;
+  sessionStorage.setItem(KEY_STORAGE, entered.trim());
+  return true;
+}
+/** An <img> whose bytes need the key: fetched with it, shown from a blob URL. */
+async function setAuthedSrc(img, url) {
+  if (!sessionStorage.getItem(KEY_STORAGE)) { img.src = url; return; }
+  const response = await fetch(url, { headers: authHeaders() });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+}
+
+async function call(path, options = {}, retried = false) {
+  const { method = "GET", query = null, json = undefined, form = null } = options;
   let url = "../" + path;
   if (query) url += "?" + new URLSearchParams(query).toString();
-  const init = { method, headers: { Accept: "application/json" } };
+  const sentKey = sessionStorage.getItem(KEY_STORAGE);
+  const init = { method, headers: { Accept: "application/json", ...authHeaders() } };
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(json);
@@ -37,6 +59,12 @@ async function call(path, { method = "GET", query = null, json = undefined, form
     response = await fetch(url, init);
   } catch (err) {
     throw new ApiError(`network error: ${err.message}`);
+  }
+  if (response.status === 401 && !retried) {
+    const current = sessionStorage.getItem(KEY_STORAGE);
+    if (current && current !== sentKey) return call(path, options, true);  // entered meanwhile for another call
+    sessionStorage.removeItem(KEY_STORAGE);
+    if (askForKey(401)) return call(path, options, true);
   }
   const raw = await response.text();
   let body = null;
@@ -446,7 +474,7 @@ async function loadSamples() {
         fig.className = "thumb";
         fig.dataset.filename = name;
         const img = document.createElement("img");
-        img.loading = "lazy"; img.alt = `${label} sample ${name}`; img.src = fileUrl(label, name);
+        img.loading = "lazy"; img.alt = `${label} sample ${name}`; setAuthedSrc(img, fileUrl(label, name));
         const cap = document.createElement("figcaption");
         cap.textContent = name;
         const del = document.createElement("button");

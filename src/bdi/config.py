@@ -26,12 +26,14 @@ from bdi.settings_sources import ContractEnvSource, YamlSource, env_aliases, opt
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]
+ReviewDecision = Literal["ng", "ok"]  # the legacy decision of a score sent to review (CalibrationConfig)
+RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs the feature net (bdi.runtime.select)
 # copies of each good image that a fit adds to the memory (bdi.patchcore.augment): none, the flips (H, V, both), the
 # 90° rotations (about the image centre: an annulus ROI centred on the image turns about the disc centre) or all 8
-Augmentation = Literal["none", "flips", "rot90", "dihedral"]  # what runs the feature net (bdi.runtime.select)
+Augmentation = Literal["none", "flips", "rot90", "dihedral"]
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
+SECURITY_DIRNAME = ".security"
 OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decoder limit (Settings.opencv_env)
 
 
@@ -51,7 +53,9 @@ class FeatureConfig:
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
-    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU; bf16/fp16 run only if they pass parity
+    # auto: fp16 on CUDA, bf16 on a CPU with native bf16 (avx512_bf16 / amx_bf16), else fp32; bf16/fp16 run only if
+    # they pass the parity check (fp32 otherwise)
+    precision: Precision = "auto"
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -93,7 +97,12 @@ class MemoryConfig:
     knn_index: str = "Flat"  # a faiss index_factory string: "Flat", "IVF256,Flat", "HNSW32"
     prefer_gpu: bool = True  # move the faiss index to a GPU when faiss-gpu and CUDA are present
     gpu_device: int = 0
-    # fit on each good image and its flips / 90° rotations (bdi.patchcore.augment); stored in the memory's metadata
+    # each training image also enters the memory rotated about its centre by 360°·k/n, k = 1..n-1 (1 = no copies):
+    # for round parts whose angle varies from image to image (docs/quality.md "Discs"); n× the fit's cost
+    fit_rotations: int = 1
+    # each good image (and each of its fit_rotations copies) also enters the memory flipped and/or turned by quarter
+    # turns, exactly (bdi.patchcore.augment; `rot90` is fit_rotations=4 without interpolation, and it swaps a
+    # non-square crop's width and height); stored in the memory's metadata
     augment: Augmentation = "none"
 
     def __post_init__(self) -> None:
@@ -101,6 +110,8 @@ class MemoryConfig:
             raise ValueError(f"augment must be one of {get_args(Augmentation)}, got {self.augment!r}")
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
+        if isinstance(self.fit_rotations, bool) or not isinstance(self.fit_rotations, int) or self.fit_rotations < 1:
+            raise ValueError(f"fit_rotations must be a whole number >= 1, got {self.fit_rotations!r}")
         if self.projection_dim is not None and self.projection_dim < 0:
             raise ValueError("projection_dim must be >= 0")
 
@@ -153,6 +164,20 @@ class CalibrationConfig:
 
     ng_percentile: float = 5.0  # percentile of the NG scores
     overlap_factor: float = 1.02  # threshold = factor * p_ok when the NG and OK percentiles overlap
+    # the OK / review / NG band (docs/design.md "Two thresholds: OK, review, NG"): set wherever NG samples were
+    # calibrated on (/calibrate_dataset, the pipeline's calibrate stage); OK-only keeps the single threshold
+    band: bool = True
+    escape_budget: float = 0.0  # share of NG calibration scores allowed below threshold_low (passed unseen)
+    false_reject_budget: float = 0.05  # share of OK calibration scores allowed at or above threshold_high
+    review_decision: ReviewDecision = "ng"  # the legacy ``decision`` of a score in the band (fail-safe: ng)
+
+    def __post_init__(self) -> None:
+        for name in ("escape_budget", "false_reject_budget"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.review_decision not in ("ng", "ok"):
+            raise ValueError(f"review_decision must be 'ng' or 'ok', got {self.review_decision!r}")
 
 
 @dataclass(frozen=True)
@@ -233,15 +258,29 @@ class Settings(BaseSettings):
     # shadow mode: also sync this alias's holders and score them on live requests, logged only ("" = off)
     registry_shadow_alias: str = Field("", validation_alias=env_aliases("REGISTRY_SHADOW_ALIAS"))
 
+    # where the API keys and the audit trail live (docs/security.md); None = <models_dir>/.security
+    security_dir: Path | None = Field(None, validation_alias=env_aliases("SECURITY_DIR"))
+    # monitoring (docs/monitoring.md): the inspection record of every /infer, drift per ROI
+    inspections_record: bool = Field(True, validation_alias=env_aliases("INSPECTIONS_RECORD"))
+    inspections_store_images: bool = Field(False, validation_alias=env_aliases("INSPECTIONS_STORE_IMAGES"))
+    inspections_image_max_bytes: int = Field(
+        4 * 1024 * 1024, validation_alias=env_aliases("INSPECTIONS_IMAGE_MAX_BYTES"))
+    inspections_segment_max_bytes: int = Field(
+        16 * 1024 * 1024, validation_alias=env_aliases("INSPECTIONS_SEGMENT_MAX_BYTES"))
+    inspections_segment_max_age_s: float = Field(86400.0, validation_alias=env_aliases("INSPECTIONS_SEGMENT_MAX_AGE_S"))
+    inspections_retention_days: float = Field(30.0, validation_alias=env_aliases("INSPECTIONS_RETENTION_DAYS"))
+    drift_window: int = Field(200, validation_alias=env_aliases("DRIFT_WINDOW"))
+    drift_min_count: int = Field(30, validation_alias=env_aliases("DRIFT_MIN_COUNT"))
+
     config_file: str | None = Field(None, validation_alias=AliasChoices("BDI_CONFIG"))
 
     @field_validator("train_dataset_only", "require_cuda", "dataset_clear_fallback", "registry_sync_on_start",
-                     mode="before")
+                     "inspections_record", "inspections_store_images", mode="before")
     @classmethod
     def _parse_flag(cls, value: object) -> bool:
         return truthy(value)
 
-    @field_validator("threads", mode="before")
+    @field_validator("threads", "security_dir", mode="before")
     @classmethod
     def _parse_optional(cls, value: object) -> object:
         return optional(value)
@@ -253,12 +292,20 @@ class Settings(BaseSettings):
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1 (BDI_THREADS), or empty for the CPU cores divided among workers")
         for name in ("max_upload_bytes", "max_image_pixels", "max_files_per_request", "cache_max_entries",
-                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers"):
+                     "max_request_bytes", "max_dataset_images", "mlflow_queue_size", "workers",
+                     "inspections_image_max_bytes", "inspections_segment_max_bytes", "drift_window", "drift_min_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("fit_lock_timeout_s", "orphan_tmp_age_s", "mlflow_timeout_s", "mlflow_shutdown_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number >= 0")
+        if not self.inspections_segment_max_age_s > 0 or not math.isfinite(self.inspections_segment_max_age_s):
+            raise ValueError("inspections_segment_max_age_s must be a finite number > 0")
+        if not self.inspections_retention_days * 86400.0 > self.inspections_segment_max_age_s:
+            raise ValueError("inspections_retention_days must be longer than inspections_segment_max_age_s "
+                             "(a segment still written to is never expired)")
+        if self.drift_min_count > self.drift_window:
+            raise ValueError("drift_min_count must be <= drift_window")
         return self
 
     def opencv_env(self) -> dict[str, str]:
@@ -286,6 +333,11 @@ class Settings(BaseSettings):
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // self.workers)
+
+    def security_root(self) -> Path:
+        """The folder of the key file and the audit trail: ``security_dir``, else ``<models_dir>/.security``
+        (with the server's state, so ``bdi keys`` with the server's settings acts on the running server)."""
+        return self.security_dir if self.security_dir is not None else self.models_dir / SECURITY_DIRNAME
 
     def exports_dir(self) -> Path:
         """The machine's cache of exported feature nets (``bdi.runtime.export``): ``<weights_cache_dir>/exports``."""

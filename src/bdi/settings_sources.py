@@ -79,6 +79,10 @@ FLAT_NAMES: dict[str, FlatName] = {
     "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), truthy),
     "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
     "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
+    "CALIBRATION_BAND": FlatName(("calibration", "band"), truthy),
+    "CALIBRATION_ESCAPE_BUDGET": FlatName(("calibration", "escape_budget")),
+    "CALIBRATION_FALSE_REJECT_BUDGET": FlatName(("calibration", "false_reject_budget")),
+    "REVIEW_DECISION": FlatName(("calibration", "review_decision")),
 }
 
 
@@ -138,7 +142,8 @@ class ContractEnvSource(EnvSettingsSource):
 
 # keys of the BDI_CONFIG file that the HTTP server reads from it (serving.settings.ServingSettings), not Settings
 SERVING_CONFIG_KEYS = frozenset({"cors_origins", "backend_host", "backend_port", "limit_concurrency",
-                                 "timeout_keep_alive_s", "body_read_timeout_s", "metrics_dir"})
+                                 "timeout_keep_alive_s", "body_read_timeout_s", "metrics_dir", "auth",
+                                 "auth_max_failures", "trusted_proxies"})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -57,6 +57,11 @@ def test_quick_run_measures_bdi_and_the_pixel_baseline_and_skips_anomalib_when_n
     assert "| row | image AUROC | pixel AUROC | AUPRO | false reject | escape |" in markdown
     assert f"BDI {PRETRAINED_CNN} (ImageNet)" in markdown and "anomalib is not installed" in markdown
     assert "BDI_INPUT_SIZE" in markdown  # reported as ignored
+    folds = rows["bdi-effnet"]["folds"]  # issue 29: both folds, their mean, intervals, the paired comparison
+    assert len(folds["folds"]) == 2 and folds["mean"]["image_auroc"]["ci"] is not None
+    assert {"frr_at_escape_0", "frr_at_escape_5", "review_rate"} <= set(folds["mean"])
+    assert set(rows["bdi-effnet"]["comparisons"]) == {"pixel-knn"}
+    assert "Both folds" in markdown and "| band: to review |" in markdown
     assert "wrote" in capsys.readouterr().out
 
 

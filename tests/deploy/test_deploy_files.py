@@ -132,6 +132,30 @@ def test_nginx_bounds_slow_and_greedy_clients() -> None:
         assert re.search(rf"^\s*{re.escape(directive)}\b", conf, re.MULTILINE), directive
 
 
+def _self_signed(cert: Path, key: Path) -> None:
+    """A throw-away certificate where compose mounts BDI_TLS_CERT / BDI_TLS_KEY."""
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=bdi",
+            "-keyout", str(key), "-out", str(cert)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def test_nginx_terminates_tls_and_forwards_the_client_address_to_trusted_servers() -> None:
+    """Issue 28: TLS at the edge; the servers believe X-Forwarded-For from nginx's address only."""
+    conf = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    for directive in ("listen 443 ssl", "ssl_certificate /etc/nginx/tls/bdi.crt",
+                      "ssl_certificate_key /etc/nginx/tls/bdi.key", "proxy_set_header X-Forwarded-For $remote_addr",
+                      "proxy_set_header X-Forwarded-Proto $scheme"):
+        assert re.search(rf"^\s*{re.escape(directive)}\b", conf, re.MULTILINE), directive
+    compose = _compose()
+    nginx = compose["services"]["nginx"]
+    assert any(v.endswith(":/etc/nginx/tls/bdi.crt:ro") and "BDI_TLS_CERT" in v for v in nginx["volumes"])
+    proxy_ip = nginx["networks"]["default"]["ipv4_address"]
+    for name in ("bdi-a", "bdi-b"):
+        env = compose["services"][name]["environment"]
+        assert env["BDI_TRUSTED_PROXIES"] == proxy_ip and env["BDI_SECURITY_DIR"] == "/security"
+
+
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     """``nginx -t`` on the config as compose mounts it (inside ``http``), the replicas' names resolved to
     loopback as the compose network would resolve them."""
@@ -142,7 +166,9 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
             pytest.fail(f"{reason}; CI=true: .ci/run installs it", pytrace=False)
         pytest.skip(reason)
     site = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
-    (tmp_path / "default.conf").write_text(re.sub(r"\bbdi-[ab]:8000", "127.0.0.1:8000", site), encoding="utf-8")
+    site = re.sub(r"\bbdi-[ab]:8000", "127.0.0.1:8000", site).replace("/etc/nginx/tls/", f"{tmp_path}/")
+    _self_signed(tmp_path / "bdi.crt", tmp_path / "bdi.key")
+    (tmp_path / "default.conf").write_text(site, encoding="utf-8")
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
         f"http {{\n  access_log off;\n  include {tmp_path}/default.conf;\n}}\n", encoding="utf-8")

@@ -189,12 +189,14 @@ class UvicornServer:
     """
 
     def __init__(self, *, cwd: Path, env: Mapping[str, str], workers: int = 1, name: str = "uvicorn",
-                 startup_timeout_s: float = STARTUP_TIMEOUT_S, launcher: str = "uvicorn") -> None:
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, launcher: str = "uvicorn",
+                 ready_path: str = "/health") -> None:
         self.cwd = cwd
         self.env = dict(env)
         self.workers = workers
         self.launcher = launcher  # "uvicorn": uvicorn's CLI; "serving": ``python -m serving`` (its uvicorn options)
         self.name = name
+        self.ready_path = ready_path  # answers 200 once started ("/ui/" when BDI_AUTH=required closes /health)
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
         self.log = cwd / f"{name}.out"  # stdout + stderr
@@ -231,7 +233,8 @@ class UvicornServer:
         assert self.proc is not None, "not started"
         timeout = self.startup_timeout_s if timeout_s is None else timeout_s
         try:
-            _wait_http(f"{self.base_url}/health", proc=self.proc, log=self.log, timeout_s=timeout, what=self.name)
+            _wait_http(f"{self.base_url}{self.ready_path}", proc=self.proc, log=self.log, timeout_s=timeout,
+                       what=self.name)
         except AssertionError:
             if retries <= 0 or "address already in use" not in self.log.read_text(errors="replace"):
                 raise

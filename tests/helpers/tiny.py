@@ -10,8 +10,10 @@ from typing import Any
 
 from bdi.config import FeatureConfig, Settings
 
+# precision fp32: the tiny model's scores are the tests' exact references on any CPU (BDI_PRECISION=auto would pick
+# bf16 on a CPU with native bf16; tests/unit/test_precision_auto.py tests that choice on its own)
 TINY_FEATURES: dict[str, Any] = {"weights": "random", "input_size": 112, "blocks": (1, 2, 3), "depth": 4,
-                                  "device": "cpu"}
+                                  "device": "cpu", "precision": "fp32"}
 
 # Everything a test server / service / CLI process needs to run this model fast on 2 CPU cores.
 TINY_ENV: dict[str, str] = {
@@ -20,6 +22,7 @@ TINY_ENV: dict[str, str] = {
     "BDI_FEATURE_BLOCKS": ",".join(str(b) for b in TINY_FEATURES["blocks"]),
     "BDI_BACKBONE_DEPTH": str(TINY_FEATURES["depth"]),
     "BDI_DEVICE": str(TINY_FEATURES["device"]),
+    "BDI_PRECISION": str(TINY_FEATURES["precision"]),
 }
 
 

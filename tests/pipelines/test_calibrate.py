@@ -60,6 +60,15 @@ def test_calibrate_reports_pixel_auroc_where_the_rows_have_masks(project: Calibr
     assert value is not None and 0.0 <= value <= 1.0
 
 
+def test_the_calibration_stores_the_ok_rows_as_the_drift_reference(project: CalibratedProject) -> None:
+    [outcome] = project.outcomes
+    reference = outcome.calib.reference
+    assert reference is not None and set(reference) == {"score", "brightness", "contrast", "sharpness"}
+    ok_scores = sorted(s["score"] for s in outcome.scores if s["label"] == "ok")
+    assert list(reference["score"]) == pytest.approx(ok_scores, rel=1e-6)
+    assert len(reference["sharpness"]) == len(ok_scores) and min(reference["sharpness"]) > 0
+
+
 def test_calibrate_writes_the_selection_metrics_file(project: CalibratedProject) -> None:
     [outcome] = project.outcomes
     metrics = project.metrics_file()
@@ -103,3 +112,45 @@ def test_stage_runs_nest_under_one_parent_run_with_the_comparison_row(project: C
     assert params["model.scoring.score_percentile"] == str(outcome.calib.score_percentile) != "None"
     assert params["threshold.ok_percentile"] == str(outcome.calib.score_percentile)
     assert params["threshold.ng_percentile"] == "5.0" and "threshold.rule" in params
+
+
+def test_calibrate_sets_the_band_from_the_ng_images_and_logs_it(project: CalibratedProject) -> None:
+    from mlflow import MlflowClient
+
+    [outcome] = project.outcomes
+    band = outcome.calib.band
+    assert band is not None, "the calib split has NG images: the band is on by default"
+    ok = [s["score"] for s in outcome.scores if s["label"] == "ok"]
+    ng = [s["score"] for s in outcome.scores if s["label"] == "ng"]
+    assert band.threshold_low <= band.threshold_high
+    assert sum(s < band.threshold_low for s in ng) == 0  # escape budget 0
+    assert sum(s >= band.threshold_high for s in ok) <= 0.05 * len(ok)  # false-reject budget 5 %
+    in_band = sum(band.threshold_low <= s < band.threshold_high for s in ok + ng)
+    assert band.review_rate == pytest.approx(in_band / len(ok + ng))
+    stored = json.loads(next((project.root / "artifacts" / "model").rglob("*_calib.json")).read_text())
+    assert (stored["threshold_low"], stored["threshold_high"]) == (band.threshold_low, band.threshold_high)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bdi")
+    # the band's figures are on the calibrate stage's run (the parent keeps the six-row comparison row)
+    [run] = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'calibrate'")
+    metrics = run.data.metrics
+    assert metrics["calib/threshold_low"] == pytest.approx(band.threshold_low)
+    assert metrics["calib/threshold_high"] == pytest.approx(band.threshold_high)
+    assert metrics["calib/review_rate"] == pytest.approx(band.review_rate)
+    assert metrics["calib/band_escape_rate"] == 0.0 and "calib/band_false_reject_rate" in metrics
+    [parent] = client.search_runs([experiment.experiment_id], filter_string="tags.pipeline = 'true'")
+    assert parent.data.params["band.escape_budget"] == "0.0"  # the band's budgets: params of the comparison row
+
+
+def test_evaluate_reports_where_the_band_sends_the_eval_split() -> None:
+    from bdi.patchcore.calibration import Band, Calibration
+    from pipelines.evaluate import band_metrics
+
+    band = Band(threshold_low=2.0, threshold_high=3.0, escape_budget=0.0, false_reject_budget=0.05, collapsed=False)
+    calib = Calibration(threshold=2.5, score_percentile=100, area_mm2_thr=1.0, memory_fingerprint="f", band=band)
+    values = band_metrics(calib, ok_scores=[1.0, 2.5, 3.5], ng_scores=[1.5, 2.2, 4.0, 5.0])
+    assert values["review_rate"] == pytest.approx(2 / 7)  # OK 2.5, NG 2.2
+    assert values["band_escape_rate"] == pytest.approx(1 / 4)  # NG 1.5
+    assert values["band_false_reject_rate"] == pytest.approx(1 / 3)  # OK 3.5
+    single = Calibration(threshold=2.5, score_percentile=100, area_mm2_thr=1.0, memory_fingerprint="f")
+    assert band_metrics(single, ok_scores=[1.0], ng_scores=[5.0]) == {"review_rate": 0.0}

@@ -178,6 +178,45 @@ def test_server_source_reads_dataset_store_samples(tmp_path: Path) -> None:
 
 
 
+def test_server_source_reads_the_samples_operator_feedback_made(tmp_path: Path) -> None:
+    """Issue 27: a false reject and a missed defect, given as feedback on recorded inspections, are OK and NG samples
+    that the ``server`` ingest reads like any upload, with the inspection's scale."""
+    import hashlib
+    from dataclasses import replace
+
+    from bdi.config import Settings
+    from bdi.monitoring.record import InspectionLog, RecordPolicy, inspections_dir
+    from bdi.service.context import ServiceContext
+    from bdi.service.feedback import FeedbackRequest, give_feedback
+    from bdi.storage.datasets import DatasetStore
+    from bdi.storage.store import ModelStore
+    from tests.unit.test_inspection_record import _record
+
+    models = tmp_path / "models"
+    settings = Settings(models_dir=models)
+    ctx = ServiceContext(settings=settings, extractor=None, store=ModelStore(models),  # type: ignore[arg-type]
+                         datasets=DatasetStore(models))
+    log = InspectionLog(inspections_dir(models), RecordPolicy(store_images=True))
+    for i, decision in enumerate(["ng"] * 5 + ["ok"] * 2):
+        image = disc_png(seed=i, size=64, defect=None if decision == "ng" else "pit")
+        sha = hashlib.sha256(image).hexdigest()
+        log.append(replace(_record(i, roi="ring", decision=decision), role_id="disc", model_key="ring",
+                           mm_per_px=0.25, image_sha256=sha,
+                           image_file=log.store_image(image, sha256=sha, suffix=".png")))
+    log.close()
+    for i in range(7):
+        give_feedback(ctx, FeedbackRequest(recipe_id="default", request_id=f"req-{i}",
+                                           verdict="false_reject" if i < 5 else "missed_defect"))
+    cfg = validate(to_plain(compose_config([
+        "dataset=server", f"dataset.source={models}", "tracking.enabled=false",
+        "dataset.rois=[{role: disc, roi: ring}]",
+    ])))
+    result = run_ingest(cfg, root=tmp_path)
+    assert result.rejected == []
+    assert Counter(r.label for r in result.rows) == {"ok": 5, "ng": 2}
+    assert {r.mm_per_px for r in result.rows} == {0.25}
+
+
 SMALL_SYNTHETIC = ["dataset.synthetic.n_train=4", "dataset.synthetic.n_test_good=2",
                    "dataset.synthetic.n_test_per_defect=2", "dataset.synthetic.size=64"]
 

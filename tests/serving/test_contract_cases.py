@@ -627,7 +627,8 @@ def test_c10_non_numeric_score_is_400_shape_a(client: TestClient) -> None:
 # ---------------------------------------------------------------------------------------------- I
 
 INFER_KEYS = {"score", "threshold", "token_shape", "heatmap_png_base64", "regions", "request_id", "recipe_id",
-              "decision", "lineage"}  # lineage: additive (issue 17), the GUI ignores unknown fields
+              "decision", "lineage",  # lineage: additive (issue 17), the GUI ignores unknown fields
+              "review", "threshold_low", "threshold_high"}  # the OK / review / NG band: additive (issue 29)
 HIGH_THRESHOLD = [10.0]  # distances are ≤ 2, so every crop is "ok"
 LOW_THRESHOLD = [1e-6]  # every crop is "ng" and most of the mask is a region
 
@@ -644,6 +645,7 @@ def test_i1_ok_crop(fitted: TestClient) -> None:
     assert set(body) == INFER_KEYS
     assert isinstance(body["score"], float) and 0.0 <= body["score"] <= 2.0
     assert body["threshold"] == 10.0 and body["decision"] == "ok"
+    assert body["review"] is False and body["threshold_low"] is None and body["threshold_high"] is None  # no band
     assert body["token_shape"] == [8, 8]
     assert body["heatmap_png_base64"] is None
     assert isinstance(body["regions"], list)
@@ -872,7 +874,10 @@ def test_cd1_calibrate_dataset(calibrated: TestClient, models_dir: Path) -> None
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"status", "threshold", "score_percentile", "area_mm2_thr", "n_ok", "n_ng", "request_id",
-                         "recipe_id", "role_id", "roi_id", "model_key"}
+                         "recipe_id", "role_id", "roi_id", "model_key",
+                         # additive (issue 29): NG samples were calibrated on, so the OK / review / NG band is set
+                         "threshold_low", "threshold_high", "band_escape_budget", "band_false_reject_budget",
+                         "band_collapsed", "band_escape_rate", "band_false_reject_rate", "review_rate"}
     assert body["status"] == "ok" and isinstance(body["threshold"], float) and body["threshold"] > 0
     assert body["score_percentile"] == 99 and body["area_mm2_thr"] == 1.0
     assert body["n_ok"] == 10 and body["n_ng"] == 1 and body["model_key"] == ROI

@@ -89,6 +89,21 @@ def test_health_lists_the_synced_versions_and_how_stale_the_registry_view_is(
     assert [(m["name"], m["version"], m["model_key"]) for m in registry["synced"]] == [(registered[0], 1, ROI)]
 
 
+def test_the_start_up_sync_is_in_the_audit_trail_as_the_registry(
+    following: TestClient, registered: tuple[str, TrackingTarget, Path], tmp_path: Path
+) -> None:
+    from bdi.security.audit import AuditLog, verify
+
+    log = AuditLog(tmp_path / "served" / ".security")
+    [record] = [r for r in log.records() if r["action"] == "registry.sync"]
+    memory = ModelStore(registered[2]).load_memory(REF)
+    assert memory is not None
+    assert record["key_id"] == "registry" and record["roi"]["roi_id"] == ROI
+    assert record["before"]["memory_fingerprint"] is None
+    assert record["after"]["memory_fingerprint"] == memory.fingerprint and record["after"]["version"] == 1
+    assert verify(log.path).ok
+
+
 def test_fit_ok_on_a_registry_model_is_a_409_naming_the_registered_version(
     following: TestClient, registered: tuple[str, TrackingTarget, Path], good_discs: list[np.ndarray]
 ) -> None:

@@ -25,7 +25,7 @@ def _service(path: Path, extractor: FeatureExtractor, **model: object) -> Inspec
     settings = tiny_settings(path / "models")
     settings = settings.model_copy(update={"model": replace(
         settings.model,
-        memory=replace(settings.model.memory, **{k: v for k, v in model.items() if k == "augment"}),
+        memory=replace(settings.model.memory, **{k: v for k, v in model.items() if k in ("augment", "fit_rotations")}),
         scoring=replace(settings.model.scoring, **{k: v for k, v in model.items() if k == "score_top_k"}),
     )})
     return InspectionService(settings=settings, extractor=extractor)
@@ -44,6 +44,15 @@ def test_flips_fit_four_copies_of_each_good_image_and_store_the_mode(
     again = _service(tmp_path / "again", tiny_extractor, augment="flips").fit_images(
         ref=REF, mm_per_px=0.2, images=good_discs[:2])
     assert again.fingerprint == flipped.fingerprint  # the same images give the same memory
+
+
+def test_flips_apply_to_each_of_fit_rotations_copies(
+    tmp_path: Path, tiny_extractor: FeatureExtractor, good_discs: list[np.ndarray]
+) -> None:
+    plain = _service(tmp_path / "plain", tiny_extractor).fit_images(ref=REF, mm_per_px=0.2, images=good_discs[:1])
+    both = _service(tmp_path / "both", tiny_extractor, augment="flips", fit_rotations=3).fit_images(
+        ref=REF, mm_per_px=0.2, images=good_discs[:1])
+    assert both.n_embeddings == 3 * 4 * plain.n_embeddings and both.n_images == 1
 
 
 def test_the_fit_top_k_scores_the_memory_whatever_the_scorer_settings(

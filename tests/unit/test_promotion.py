@@ -81,6 +81,20 @@ def test_gate_refuses_a_false_reject_rate_over_the_limit() -> None:
     assert _failed(report) == {"false_reject_rate"}
 
 
+def test_gate_can_require_a_maximum_review_rate() -> None:
+    gate = replace(GATE, max_review_rate=0.2)
+    within = {"image_auroc": 0.9, "false_reject_rate": 0.0, "review_rate": 0.2}
+    report = evaluate_gate(gate, candidate=within, holder=None, probe=GOOD_PROBE)
+    assert report.passed and ("review_rate", 0.2, 0.2) in [(c.name, c.value, c.limit) for c in report.checks]
+    over = {**within, "review_rate": 0.25}
+    assert _failed(evaluate_gate(gate, candidate=over, holder=None, probe=GOOD_PROBE)) == {"review_rate"}
+    no_figure = {"image_auroc": 0.9, "false_reject_rate": 0.0}
+    assert _failed(evaluate_gate(gate, candidate=no_figure, holder=None, probe=GOOD_PROBE)) == {"review_rate"}
+    # off by default: no check, whatever the review rate
+    assert "review_rate" not in [c.name for c in evaluate_gate(GATE, candidate=over, holder=None,
+                                                              probe=GOOD_PROBE).checks]
+
+
 def test_gate_refuses_a_latency_over_the_budget() -> None:
     slow = replace(GOOD_PROBE, latencies_ms=[150.0, 160.0])
     report = evaluate_gate(GATE, candidate={"image_auroc": 0.9, "false_reject_rate": 0.0}, holder=None, probe=slow)

@@ -26,10 +26,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from bdi.errors import StorageError
 from bdi.logging import slog
 from bdi.mlops.registry_sync import SyncReport, sync_registry
 from bdi.mlops.shadow import shadow_models_dir
 from bdi.mlops.tracking import TrackingTarget
+from bdi.security.audit import AuditEvent, AuditLog
 from bdi.storage.fsio import FileIdentity, atomic_write_json
 
 STATUS_FILE = ".registry_sync.json"
@@ -76,9 +78,34 @@ def _held_entries(report: SyncReport) -> list[dict[str, Any]]:
              "memory_fingerprint": m.fingerprint} for m in report.held]
 
 
+def _threshold(calib_path: Path) -> float | None:
+    try:
+        value = json.loads(calib_path.read_text(encoding="utf-8")).get("threshold")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def audit_changes(audit: AuditLog, report: SyncReport, *, previous: Mapping[str, Any] | None) -> None:
+    """One audit record (key ``registry``) per model the sync swapped: the version and fingerprint before and after."""
+    held_before = {(m.get("recipe_id"), m.get("role_id"), m.get("roi_id"), m.get("model_key")): m
+                   for m in (previous or {}).get("models") or [] if isinstance(m, dict)}
+    for m in report.changed:
+        ref = m.ref
+        before = held_before.get((ref.recipe_id, ref.role_id, ref.roi_id, ref.model_key), {})
+        audit.append(AuditEvent(
+            action="registry.sync", outcome="ok", key_id="registry", key_label=f"registry @{m.alias}",
+            client=None, route=None,
+            roi={"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id, "model_key": ref.model_key},
+            before={"memory_fingerprint": before.get("memory_fingerprint"), "version": before.get("version")},
+            after={"memory_fingerprint": m.fingerprint, "threshold": _threshold(m.paths.calib), "version": m.version},
+            detail={"name": m.name, "written": list(m.written)},
+        ))
+
+
 def sync_once(
     *, tracking: TrackingTarget, models_dir: Path, alias: str, interval_s: float,
-    previous: Mapping[str, Any] | None = None, exports_root: Path | None = None,
+    previous: Mapping[str, Any] | None = None, exports_root: Path | None = None, audit: AuditLog | None = None,
 ) -> dict[str, Any]:
     """One sync attempt, recorded in the status file; returns the status written.
 
@@ -86,6 +113,7 @@ def sync_once(
     models dir keeps what it has and the status keeps the last success.
     """
     started = time.time()
+    report: SyncReport | None = None
     status: dict[str, Any] = dict(previous or {})
     status.update({"alias": alias, "interval_s": interval_s, "pid": os.getpid(),
                    "last_attempt_unix": started, "last_attempt_utc": _iso(started)})
@@ -111,6 +139,11 @@ def sync_once(
         atomic_write_json(status_path(models_dir), status, indent=2)
     except Exception as exc:  # noqa: BLE001 - a read-only or full disk must not stop the loop
         slog("registry.status_write_failed", error=str(exc))
+    if audit is not None and report is not None and report.changed:  # after the status: /health sees the swap first
+        try:
+            audit_changes(audit, report, previous=previous)
+        except StorageError as exc:  # the models were swapped: say loudly that the record is missing
+            slog("registry.audit_failed", level="error", error=str(exc))
     return status
 
 
@@ -120,8 +153,11 @@ class RegistryFollower:
     def __init__(
         self, *, tracking: TrackingTarget, models_dir: Path, interval_s: float,
         alias: str | None = None, exports_root: Path | None = None, shadow_alias: str = "",
+        audit: AuditLog | None = None,
     ) -> None:
-        """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.mlops.shadow``)."""
+        """``shadow_alias``: also sync that alias's holders into ``shadow/<alias>`` (``bdi.mlops.shadow``);
+        ``audit``: record every model swapped into ``models_dir`` (key ``registry``, docs/security.md)."""
+        self.audit = audit
         self.tracking = tracking
         self.exports_root = exports_root  # where synced versions' feature-net exports are copied
         self.models_dir = Path(models_dir)
@@ -169,7 +205,7 @@ class RegistryFollower:
                     self._status = sync_once(tracking=self.tracking,
                                              models_dir=self.models_dir, alias=self.alias,
                                              interval_s=self.interval_s, previous=self._status,
-                                             exports_root=self.exports_root)
+                                             exports_root=self.exports_root, audit=self.audit)
                     if self.shadow_alias:
                         self._shadow_status = sync_once(
                             tracking=self.tracking,

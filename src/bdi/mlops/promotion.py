@@ -5,6 +5,8 @@ promote`` flags) checks, for one registered version against the current alias ho
 
 * ``primary_metric``: the candidate's primary metric (``image_auroc``) is not below the holder's;
 * ``false_reject_rate``: its false-reject rate at the calibrated threshold is within a limit;
+* ``review_rate``: the share of its evaluation parts its OK / review / NG band sends to human review is within a
+  limit (off by default; 0 for a calibration without a band);
 * ``infer_latency``: the median ``/infer`` latency over the golden images is within a budget, with the load of
   the machine divided out (:func:`machine_load_factor`, measured in the same process before every call) and
   repeated up to ``LATENCY_ROUNDS`` times before refusing (:func:`probe_until_within`), so a loaded machine does
@@ -50,9 +52,10 @@ class PromotionGate:
     max_false_reject_rate: float | None = 0.05
     max_infer_latency_ms: float | None = 1000.0
     parity_eps: float | None = 1e-3
+    max_review_rate: float | None = None  # share of evaluation parts sent to review by the band (None: no check)
 
     def __post_init__(self) -> None:
-        for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps"):
+        for name in ("max_false_reject_rate", "max_infer_latency_ms", "parity_eps", "max_review_rate"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise InvalidInputError(f"promotion gate {name} must be >= 0 or null, got {value}")
@@ -271,6 +274,10 @@ def evaluate_gate(
                                 f"{metric} {value:.6g} vs holder {held:.6g} (must not be below)"))
     checks.append(_limit_check("false_reject_rate", candidate.get("false_reject_rate"), gate.max_false_reject_rate,
                                missing="the candidate records no false_reject_rate"))
+    if gate.max_review_rate is not None:
+        checks.append(_limit_check("review_rate", candidate.get("review_rate"), gate.max_review_rate,
+                                   missing="the candidate records no review_rate",
+                                   what="share of evaluation parts sent to review"))
     no_golden = "no golden images were logged with this version"
     checks.append(_latency_check(probe, gate.max_infer_latency_ms, missing=no_golden))
     checks.append(_limit_check("export_parity", probe.max_abs_diff, gate.parity_eps, missing=no_golden,

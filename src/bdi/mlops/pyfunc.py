@@ -41,7 +41,8 @@ def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
                             overrides: Mapping[str, Any]) -> FeatureConfig:
     """The feature config recorded in ``metadata["features"]`` (the memory's), with the load-time
     ``overrides`` ``weights`` (a local file for pretrained weights), ``device``, ``precision`` and
-    ``batch_size`` applied; empty override values keep the recorded value or the default."""
+    ``batch_size`` applied; empty override values keep the recorded value or the default. Without a
+    ``precision`` override, a memory fitted in fp32 is served in fp32, any other with ``auto``."""
     from bdi.config import FeatureConfig
 
     features = metadata.get("features")
@@ -62,7 +63,9 @@ def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
             depth=int(features["depth"]) if features.get("depth") is not None else None,
             seed=int(weights.get("seed") or 0),
             device=given.get("device", "auto"),
-            precision=given.get("precision", "auto"),
+            # a memory fitted in fp32 is served in fp32 (its pipeline's scores, which the promotion gate's parity
+            # check compares with); one fitted in a reduced precision lets BDI_PRECISION=auto decide here
+            precision=given.get("precision", "fp32" if features.get("precision") == "fp32" else "auto"),
             batch_size=int(given.get("batch_size", FeatureConfig.batch_size)),
         ).resolved()
     except (KeyError, TypeError, ValueError) as exc:

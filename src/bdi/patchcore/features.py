@@ -63,12 +63,44 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _resolve_precision(name: str, device: torch.device) -> str:
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of a bf16 matmul in hardware
+
+
+def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
+    """The CPU feature flags of ``path`` (``/proc/cpuinfo``'s first ``flags`` line); empty where unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16_flags(flags: Iterable[str]) -> tuple[str, ...]:
+    """The flags of ``flags`` that say the CPU computes bf16 natively (empty: it does not)."""
+    have = set(flags)
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in have)
+
+
+def resolve_precision(name: str, device: torch.device, *, cpu_flags_seen: Iterable[str] | None = None
+                      ) -> tuple[str, str]:
+    """The precision ``name`` runs at on ``device`` and why: ``auto`` is fp16 on CUDA, bf16 on a CPU with native
+    bf16 (``cpu_flags_seen``, default this machine's :func:`cpu_flags`), else fp32. A reduced precision still runs
+    only if it passes the parity check where the runtime is attached (``bdi.runtime.select``: fp32 otherwise)."""
     if name == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16", "auto: fp16 on CUDA"
+        native = native_bf16_flags(cpu_flags() if cpu_flags_seen is None else cpu_flags_seen)
+        if native:
+            return "bf16", f"auto: bf16, this CPU computes bf16 natively ({', '.join(native)})"
+        return "fp32", "auto: fp32, this CPU has no native bf16"
     if name == "fp16" and device.type != "cuda":
         raise DeviceError("precision 'fp16' needs CUDA; use 'fp32' or 'bf16' on the CPU (BDI_PRECISION)")
-    return name
+    return name, f"BDI_PRECISION={name}"
 
 
 @dataclass(frozen=True)
@@ -96,12 +128,14 @@ class FeatureExtractor:
     ``cfg`` may leave blocks, input size and neighbourhood unset: the backbone's defaults fill them.
     """
 
-    def __init__(self, cfg: FeatureConfig, *, cache_dir: Path) -> None:
+    def __init__(self, cfg: FeatureConfig, *, cache_dir: Path, cpu_flags_seen: Iterable[str] | None = None) -> None:
         cfg = cfg.resolved()
         self._cfg = cfg
         self._spec = backbone_spec(cfg.backbone)
         self._device = _resolve_device(cfg.device)
-        self._precision = _resolve_precision(cfg.precision, self._device)
+        # cpu_flags_seen: the CPU flags ``auto`` decides on (None: this machine's /proc/cpuinfo)
+        self._precision, self._precision_reason = resolve_precision(cfg.precision, self._device,
+                                                                    cpu_flags_seen=cpu_flags_seen)
         self._weights = resolve_weights(cfg, cache_dir=cache_dir)
         self._net = build_feature_net(cfg, weights=self._weights).to(self._device)
         assert cfg.input_size is not None
@@ -143,6 +177,11 @@ class FeatureExtractor:
     def precision(self) -> str:
         """The effective precision: ``fp32``, ``fp16`` (CUDA autocast) or ``bf16`` (autocast)."""
         return self._precision
+
+    @property
+    def precision_reason(self) -> str:
+        """Why :attr:`precision` was chosen (``BDI_PRECISION=auto``: the device and the CPU's native bf16)."""
+        return self._precision_reason
 
     @property
     def grid(self) -> tuple[int, int]:

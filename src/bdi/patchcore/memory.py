@@ -136,6 +136,7 @@ def _memory(
             "seed": cfg.seed,
             "projection_dim": cfg.projection_dim,
             "knn_index": cfg.knn_index,
+            "fit_rotations": cfg.fit_rotations,
             "augment": cfg.augment,
         },
     }

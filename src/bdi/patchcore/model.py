@@ -14,7 +14,7 @@ import numpy as np
 
 from bdi.config import ScoringConfig
 from bdi.errors import NotFittedError
-from bdi.patchcore.calibration import Calibration, decide, usable_calibration
+from bdi.patchcore.calibration import Calibration, usable_calibration
 from bdi.patchcore.features import FeatureExtractor
 from bdi.patchcore.imaging import build_roi_mask
 from bdi.patchcore.inference import InferenceResult, StageTimer, score_crop
@@ -48,11 +48,12 @@ class PatchCoreModel:
         calibration = usable_calibration(calib, memory_fingerprint=self.memory.fingerprint)
         return replace(self, calibration=calibration, scoring=calibration.scoring(self.scoring))
 
-    def decide(self, score: float) -> str:
-        """``"ng"`` at or above the calibrated threshold, else ``"ok"``."""
+    def decide(self, score: float, *, review_decision: str = "ng") -> str:
+        """``"ng"`` at or above the calibrated threshold, else ``"ok"``; with a band, its lane (a score sent to
+        review is decided ``review_decision``, fail-safe ``"ng"``)."""
         if self.calibration is None:
             raise NotFittedError(detail="an uncalibrated model cannot decide")
-        return decide(score, self.calibration.threshold)
+        return self.calibration.judge(score, review_decision=review_decision).decision
 
     def score(
         self,

@@ -4,12 +4,25 @@ threshold from scores, or one an operator chose, stored with the memory it belon
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from bdi.errors import CalibrationMissingError, InsufficientSamplesError, InvalidInputError, NotFittedError
-from bdi.patchcore.calibration import Calibration, choose_threshold, resolved_percentile
+from bdi.monitoring.imagestats import STAT_NAMES, image_stats
+from bdi.patchcore.calibration import (
+    SCORE_SERIES,
+    Band,
+    Calibration,
+    ThresholdChoice,
+    choose_band,
+    choose_threshold,
+    finite_scores,
+    reference_series,
+    resolved_percentile,
+)
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
@@ -42,18 +55,30 @@ class Calibrating:
         mm_per_px: float | None = None,
         score_percentile: float | None = None,
         area_mm2_thr: float | None = None,
+        ok_images: Sequence[np.ndarray] | None = None,
+        band: bool = False,
     ) -> Calibration:
-        """/calibrate_ng: threshold from client scores; returns the stored calibration."""
+        """/calibrate_ng: threshold from client scores; returns the stored calibration. ``ok_images`` (the decoded
+        OK crops the scores came from: the pipeline's calibrate stage) add their statistics to the drift reference.
+        ``band``: also set the OK / review / NG band from the NG scores when there are some and ``calibration.band``
+        is on (the pipeline's calibrate stage; the legacy ``/calibrate_ng`` keeps the single threshold)."""
         ctx = self._ctx
         ensure_api_writable(ctx.store, ref)
         percentile, area = self._percentile_and_area(score_percentile, area_mm2_thr)
-        choice = choose_threshold(ok_scores, ng_scores, score_percentile=percentile, cfg=ctx.settings.calibration)
+        ok, ng = list(ok_scores), list(ng_scores or [])  # read twice: the threshold rule, then the drift reference
+        choice = choose_threshold(ok, ng, score_percentile=percentile, cfg=ctx.settings.calibration)
         memory = ctx.memory_or_none(ref)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=memory.fingerprint if memory is not None else None,
             created_at_utc=utc_now_iso(), statistics=True,
             mm_per_px=float(CALIBRATE_NG_DEFAULT_MM_PER_PX if mm_per_px is None else mm_per_px),
+            band=self._band(choice, ok, ng) if band else None,
         )
+        reference = {SCORE_SERIES: reference_series(finite_scores(ok, name="ok_scores"))}
+        if ok_images:
+            stats = [image_stats(image) for image in ok_images]
+            reference.update({name: reference_series(getattr(s, name) for s in stats) for name in STAT_NAMES})
+        calib = replace(calib, reference=reference)
         self._save(ref, calib)
         return calib
 
@@ -74,6 +99,7 @@ class Calibrating:
         model = ctx.model(ref, endpoint="/calibrate_dataset", calibrated=False,
                           scoring=replace(ctx.settings.model.scoring, score_percentile=percentile, area_mm2_thr=area))
         scores: dict[str, list[float]] = {"ok": [], "ng": []}
+        ok_stats: dict[str, list[float]] = {name: [] for name in STAT_NAMES}  # the drift reference's
         tracker = ctx.progress.tracker(ref, "calibrate", forward=progress)  # what GET /progress reads
         try:
             for label, samples in ctx.capped_samples(ref, LABELS).items():
@@ -82,6 +108,9 @@ class Calibrating:
                                           progress=tracker):
                     if item.score is not None:
                         scores[label].append(item.score)
+                        if label == "ok" and item.image_stats is not None:
+                            for name in STAT_NAMES:
+                                ok_stats[name].append(item.image_stats[name])
         except BaseException as exc:
             tracker.finish(error=exc)
             raise
@@ -94,8 +123,11 @@ class Calibrating:
                                   cfg=ctx.settings.calibration)
         calib = Calibration.from_choice(
             choice, area_mm2_thr=area, memory_fingerprint=model.memory.fingerprint, created_at_utc=utc_now_iso(),
-            ids=ref,
+            ids=ref, band=self._band(choice, scores["ok"], scores["ng"]),
         )
+        reference = {SCORE_SERIES: reference_series(scores["ok"]),
+                     **{name: reference_series(values) for name, values in ok_stats.items() if values}}
+        calib = replace(calib, reference=reference)
         self._save(ref, calib)
         return calib
 
@@ -124,6 +156,9 @@ class Calibrating:
         calib = Calibration(
             threshold=float(threshold), score_percentile=percentile, area_mm2_thr=area,
             memory_fingerprint=memory.fingerprint, created_at_utc=utc_now_iso(), ids=ref, source=MANUAL_SOURCE,
+            # the OK samples the previous calibration saw stay the drift reference while the memory is the same
+            reference=previous.reference if previous is not None
+            and previous.memory_fingerprint == memory.fingerprint else None,
         )
         self._save(ref, calib)
         return ManualCalibration(calibration=calib,
@@ -135,6 +170,11 @@ class Calibrating:
         percentile = int(resolved_percentile(scoring) if score_percentile is None else score_percentile)
         area = float(scoring.area_mm2_thr if area_mm2_thr is None else area_mm2_thr)
         return percentile, area
+
+    def _band(self, choice: ThresholdChoice, ok: list[Any], ng: list[Any]) -> Band | None:
+        """The band of the settings' budgets when ``calibration.band`` is on and NG scores were given, else None."""
+        cfg = self._ctx.settings.calibration
+        return choose_band(ok, ng, threshold=choice.threshold, cfg=cfg) if cfg.band else None
 
     def _save(self, ref: ModelRef, calib: Calibration) -> None:
         self._ctx.store.calibrations.save(ref, calib)

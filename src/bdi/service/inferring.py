@@ -11,11 +11,13 @@ import numpy as np
 
 from bdi.config import ScoringConfig
 from bdi.logging import slog
+from bdi.monitoring.record import InspectionLog
 from bdi.patchcore.imaging import build_roi_mask, encode_png_gray, parse_shape, validate_mm_per_px
 from bdi.patchcore.inference import InferenceResult, StageTimer
 from bdi.patchcore.model import ProgressFn
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
+from bdi.service.recording import record_inference
 from bdi.service.results import InferOutcome, SampleScore
 from bdi.service.scoring import score_samples
 from bdi.storage import model_lock
@@ -28,8 +30,10 @@ InferHook = Callable[..., None]
 class Inferring:
     """Score one crop, a model's stored samples, or decoded crops without a threshold."""
 
-    def __init__(self, ctx: ServiceContext, *, on_infer: InferHook | None = None) -> None:
+    def __init__(self, ctx: ServiceContext, *, on_infer: InferHook | None = None,
+                 record: InspectionLog | None = None) -> None:
         self._ctx = ctx
+        self._record = record  # this process's inspection record writer (None: recording is off)
         # called after each successful infer as on_infer(ref, image=, shape=, mm_per_px=, outcome=) (shadow mode)
         self.on_infer = on_infer
 
@@ -42,7 +46,8 @@ class Inferring:
         shape: str | Mapping[str, Any] | None = None,
         include_heatmap: bool | None = None,
     ) -> InferOutcome:
-        """/infer: score one crop and decide ok/ng with the calibrated threshold, then call ``on_infer``."""
+        """/infer: score one crop and decide ok/ng with the calibrated threshold, record the decision (bdi.monitoring),
+        then call ``on_infer``."""
         ctx = self._ctx
         timer = StageTimer()
         mm_per_px = validate_mm_per_px(mm_per_px)
@@ -58,7 +63,8 @@ class Inferring:
         with timer.stage("mask"):
             mask = build_roi_mask(roi_shape, width=crop.shape[1], height=crop.shape[0])
         (result,) = model.score([crop], [mask], mm_per_px=[mm_per_px], timer=timer)
-        decision = model.decide(result.score)
+        verdict = model.calibration.judge(result.score, review_decision=ctx.settings.calibration.review_decision)
+        decision = verdict.decision
         want_heatmap = include_heatmap if include_heatmap is not None else decision == "ng"
         heatmap_png = None
         if want_heatmap:
@@ -66,10 +72,15 @@ class Inferring:
                 heatmap_png = encode_png_gray(result.heatmap_u8())
         result = replace(result, timings_ms=dict(timer.timings_ms))
         ctx.store.lock_mm_per_px(ref.recipe_id, mm_per_px)  # docs/design.md "Failed requests leave nothing behind"
-        slog("infer.response", score=result.score, threshold=threshold, decision=decision,
+        slog("infer.response", score=result.score, threshold=threshold, decision=decision, review=verdict.review,
              timings_ms=result.timings_ms, model_key=ref.model_key)
         outcome = InferOutcome(result=result, threshold=threshold, decision=decision, heatmap_png=heatmap_png,
-                               lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage))
+                               lineage=lineage_view(memory=model.memory, calib=model.calibration, lineage=lineage),
+                               review=verdict.review, threshold_low=verdict.threshold_low,
+                               threshold_high=verdict.threshold_high)
+        if self._record is not None:
+            record_inference(self._record, ref=ref, image=image, crop=crop, mm_per_px=mm_per_px, outcome=outcome,
+                             shape=shape)
         if self.on_infer is not None:
             self.on_infer(ref, image=image, shape=shape, mm_per_px=mm_per_px, outcome=outcome)
         return outcome

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bdi.config import Settings
+from bdi.monitoring.drift_state import DriftStateReader
+from bdi.monitoring.record import inspections_dir
 from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.features import FeatureExtractor, cuda_available
 from bdi.refs import ModelRef
@@ -20,6 +22,8 @@ from bdi.service.context import ServiceContext
 from bdi.service.fitting import FitHook, Fitting
 from bdi.service.inferring import InferHook, Inferring
 from bdi.service.limits import UploadLimits
+from bdi.service.monitoring import Monitoring
+from bdi.service.recording import inspection_log
 from bdi.service.samples import Samples
 from bdi.service.status import ModelStatus
 from bdi.service.threshold_check import check_detection, record_detection
@@ -74,11 +78,14 @@ class InspectionService:
         ctx = ServiceContext(settings=settings, extractor=extractor, store=self.store, datasets=self.datasets)
         self.fitting = Fitting(ctx, on_fit=on_fit)
         self.calibrating = Calibrating(ctx, on_calibrate=on_calibrate)
-        self.inferring = Inferring(ctx, on_infer=on_infer)
+        self.inspection_log = inspection_log(settings)  # this process's segment of the inspection record
+        self.inferring = Inferring(ctx, on_infer=on_infer, record=self.inspection_log)
         self.samples = Samples(ctx)
+        self.monitoring = Monitoring(ctx)
         self.status = ModelStatus(ctx)
         self._ctx = ctx
         self._alerts = AlertsReader(settings.models_dir)  # /health's calibration alerts, re-read when changed
+        self._drift_alarms = DriftStateReader(inspections_dir(settings.models_dir))  # /health's drift warnings
         # The entry points serving, pipelines and benchmarks call are the use cases' own methods (one signature
         # each); only detection_warnings adds to them.
         self.fit_ok = self.fitting.fit_ok  # /fit_ok
@@ -93,6 +100,10 @@ class InspectionService:
         self.state = self.status.state  # /state
         self.manifest = self.status.manifest  # /manifest
         self.progress = self.status.progress  # /progress (additive): the running fit's or calibration's
+        self.snapshot = self.status.snapshot  # the audit trail's before and after
+        self.inspections = self.monitoring.inspections  # GET /inspections
+        self.monitor = self.monitoring.drift  # GET /monitor; the drift gauges of /metrics
+        self.feedback = self.monitoring.feedback  # POST /feedback
 
     @classmethod
     def from_settings(cls, settings: Settings, **hooks: Any) -> InspectionService:
@@ -118,8 +129,18 @@ class InspectionService:
             "weights": weights.to_dict(),
             "pretrained": weights.pretrained,
             **self.runtime.health(),
+            "runtime_precision_choice": self.precision_choice(),
             "calibration_warnings": self._alerts.read(),
+            "warnings": self._drift_alarms.alarms(),
         }
+
+    def precision_choice(self) -> str:
+        """Why the feature net runs at its precision: the extractor's rule (``BDI_PRECISION=auto`` reads the device
+        and the CPU's native bf16), then whether the reduced precision passed the parity check."""
+        asked, running = self.extractor.precision, self.runtime.health()["runtime_precision"]
+        if asked == running:
+            return self.extractor.precision_reason + ("" if asked == "fp32" else f"; {asked} passed parity")
+        return f"{self.extractor.precision_reason}; {asked} not used (parity or speed): {running} runs"
 
     def detection_warnings(self, *, ref: ModelRef, calib: Calibration) -> tuple[str, ...]:
         """Warnings when the new calibration ``calib`` of ``ref`` detects no NG sample (its threshold is above

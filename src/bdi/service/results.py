@@ -34,6 +34,9 @@ class InferOutcome:
     decision: str
     heatmap_png: bytes | None
     lineage: dict[str, Any] | None = None  # bdi.storage.lineage.lineage_view of the model that answered
+    review: bool = False  # the score is in the calibration's OK / review / NG band (decision: review_decision)
+    threshold_low: float | None = None  # the band's thresholds; None without a band
+    threshold_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class SampleScore:
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
+    image_stats: dict[str, float] | None = None  # bdi.monitoring.imagestats of the crop (the drift reference)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ class ModelState:
     memory_fitted: bool
     calib_present: bool  # a calibration object is stored (usable or not)
     lineage: dict[str, Any] | None  # bdi.storage.lineage.lineage_view; None without a memory
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What serves one model now: its memory's fingerprint and its threshold (None when absent)."""
+
+    memory_fingerprint: str | None
+    threshold: float | None
 
 
 @dataclass(frozen=True)

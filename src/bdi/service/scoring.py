@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bdi.errors import BDIError, InvalidInputError
+from bdi.monitoring.imagestats import image_stats
 from bdi.patchcore.imaging import build_roi_mask, encode_png_gray, parse_shape, validate_mm_per_px
 from bdi.patchcore.model import PatchCoreModel, ProgressFn
 from bdi.service.context import ServiceContext
@@ -111,5 +112,5 @@ def _score_batch(
             label=label, filename=samples[decoded.position].path.name, mm_per_px=decoded.mm_per_px,
             score=result.score, regions=result.regions, error=None,
             heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
-            threshold=model.threshold,
+            threshold=model.threshold, image_stats=image_stats(decoded.crop).to_dict(),
         )

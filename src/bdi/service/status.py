@@ -9,7 +9,7 @@ from bdi.patchcore.calibration import Calibration
 from bdi.patchcore.memory import Memory
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
-from bdi.service.results import ModelManifest, ModelState
+from bdi.service.results import ModelManifest, ModelSnapshot, ModelState
 from bdi.storage import model_lock
 from bdi.storage.lineage import lineage_view, read_lineage
 
@@ -38,6 +38,16 @@ class ModelStatus:
             return {"job": None, "state": "idle", "stage": None, "done": 0, "total": 0, "stages": {},
                     "started_at_utc": None, "updated_at_utc": None, "error": None}
         return doc
+
+    def snapshot(self, ref: ModelRef) -> ModelSnapshot:
+        """The served memory's fingerprint and the stored threshold (the audit trail's before and after)."""
+        ctx = self._ctx
+        with model_lock.reading(ctx.store, ref):
+            memory = ctx.memory_or_none(ref)
+            document = ctx.store.calibrations.document(ref)
+        threshold = document.get("threshold") if document is not None else None
+        return ModelSnapshot(memory_fingerprint=memory.fingerprint if memory is not None else None,
+                             threshold=float(threshold) if isinstance(threshold, (int, float)) else None)
 
     def _snapshot(self, ref: ModelRef) -> tuple[Memory | None, dict[str, Any] | None, dict[str, Any] | None]:
         """Memory, the calibration document as stored and the lineage view of one model, read together
