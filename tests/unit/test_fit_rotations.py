@@ -11,7 +11,7 @@ import pytest
 from bdi.backbones import EFFICIENTNET_LITE0
 from bdi.config import MemoryConfig, Settings
 from bdi.data.disc_scenes import make_hard_disc
-from bdi.patchcore.imaging import rotated_copies
+from bdi.patchcore.augment import rotated_copies
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 

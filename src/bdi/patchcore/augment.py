@@ -1,4 +1,5 @@
-"""Memory augmentation at fit: each good image and its flips / 90° rotations (``MemoryConfig.augment``).
+"""Memory augmentation at fit, its one home: each good image, its rotations about the centre by 360°·k/n
+(``MemoryConfig.fit_rotations``) and their flips / 90° rotations (``MemoryConfig.augment``).
 
 As AnomalyDINO does with few references, the memory then holds the patches of the dihedral copies of every
 good image, so a texture or a disc seen at another orientation is not scored as anomalous. The copies turn about
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+import cv2
 import numpy as np
 
 from bdi.config import Augmentation
@@ -47,14 +49,35 @@ TRANSFORMS: dict[str, tuple[Transform, ...]] = {
 }
 
 
-def copies(mode: Augmentation) -> int:
-    """How many images the fit encodes per good image (1 for ``"none"``)."""
-    return len(TRANSFORMS[mode])
+def copies(mode: Augmentation, rotations: int = 1) -> int:
+    """How many images the fit encodes per good image (1 for ``"none"`` and one rotation)."""
+    return len(TRANSFORMS[mode]) * rotations
 
 
-def augmented(images: Iterable[np.ndarray], mode: Augmentation) -> Iterator[np.ndarray]:
-    """Each ``(H, W, C)`` image followed by its copies (:data:`TRANSFORMS`), lazily, image by image."""
+def augmented(images: Iterable[np.ndarray], mode: Augmentation, rotations: int = 1) -> Iterator[np.ndarray]:
+    """Each ``(H, W, C)`` image, its ``rotations - 1`` rotated copies (:func:`rotated_copies`) and each one's
+    :data:`TRANSFORMS` copies, lazily, image by image."""
     transforms = TRANSFORMS[mode]
     for image in images:
-        for transform in transforms:
-            yield transform(image)
+        for turned in (rotated_copies(image, rotations) if rotations > 1 else (image,)):
+            for transform in transforms:
+                yield transform(turned)
+
+
+def rotated_copies(image: np.ndarray, n: int) -> list[np.ndarray]:
+    """``image`` and its ``n - 1`` rotations about its centre by 360°·k/n, each the same shape and dtype.
+
+    Pixels that a rotation brings in from outside the image are mirrored in (``BORDER_REFLECT_101``), so no
+    artificial black corner appears; bilinear interpolation. ``n = 1`` gives ``[image]``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    h, w = image.shape[:2]
+    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    copies = [image]
+    for k in range(1, n):
+        matrix = cv2.getRotationMatrix2D(centre, 360.0 * k / n, 1.0)
+        copies.append(cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REFLECT_101))
+    return copies
+

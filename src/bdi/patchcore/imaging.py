@@ -237,24 +237,6 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     return canvas, box
 
 
-def rotated_copies(image: np.ndarray, n: int) -> list[np.ndarray]:
-    """``image`` and its ``n - 1`` rotations about its centre by 360°·k/n, each the same shape and dtype.
-
-    Pixels that a rotation brings in from outside the image are mirrored in (``BORDER_REFLECT_101``), so no
-    artificial black corner appears; bilinear interpolation. ``n = 1`` gives ``[image]``.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    h, w = image.shape[:2]
-    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
-    copies = [image]
-    for k in range(1, n):
-        matrix = cv2.getRotationMatrix2D(centre, 360.0 * k / n, 1.0)
-        copies.append(cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_REFLECT_101))
-    return copies
-
-
 def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
     """ImageNet-normalise RGB uint8 (H, W, 3) or (B, H, W, 3) to float32 (3, H, W) or (B, 3, H, W).
 

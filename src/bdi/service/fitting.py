@@ -12,7 +12,7 @@ import numpy as np
 from bdi.config import MemoryConfig
 from bdi.errors import InsufficientSamplesError, InvalidInputError, StorageError, TokenGridMismatchError
 from bdi.patchcore.augment import augmented, copies
-from bdi.patchcore.imaging import rotated_copies, validate_mm_per_px
+from bdi.patchcore.imaging import validate_mm_per_px
 from bdi.patchcore.inference import StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, MemoryBuilder, build_index, fitted_scoring_metadata
@@ -112,8 +112,7 @@ class Fitting:
         images, n_images = _counted(images, n_images)
         memory_cfg = self._memory_config(memory_fit=memory_fit, coreset_rate=coreset_rate)
         extractor = ctx.extractor
-        images, n_encoded = _with_rotations(images, n_images, memory_cfg.fit_rotations)
-        n_encoded *= copies(memory_cfg.augment)  # each image (and rotation) and its flips / quarter turns
+        n_encoded = n_images * copies(memory_cfg.augment, memory_cfg.fit_rotations)  # each image and its copies
         n_rows = n_encoded * extractor.grid[0] * extractor.grid[1]
         timer = StageTimer()
         with ctx.store.fit_lock(ref, timeout_s=ctx.settings.fit_lock_timeout_s), MemoryBuilder(
@@ -121,8 +120,8 @@ class Fitting:
             normalize=extractor.spec.l2_normalize,
         ) as builder:
             with timer.stage("encode"):
-                self._encode(augmented(images, memory_cfg.augment), n_images=n_encoded, into=builder, timer=timer,
-                             progress=progress)
+                encoded = augmented(images, memory_cfg.augment, memory_cfg.fit_rotations)
+                self._encode(encoded, n_images=n_encoded, into=builder, timer=timer, progress=progress)
             with timer.stage("coreset"):
                 memory = self._subsample(builder, n_images=n_images, progress=progress)
             with timer.stage("index"):
@@ -201,13 +200,6 @@ class Fitting:
             )
         self._ctx.limits.check_dataset_size(len(samples))
         return [s.path for s in samples]
-
-
-def _with_rotations(images: Iterable[np.ndarray], n_images: int, n: int) -> tuple[Iterable[np.ndarray], int]:
-    """The images, each followed by its ``n - 1`` rotated copies (``MemoryConfig.fit_rotations``), and how many."""
-    if n == 1:
-        return images, n_images
-    return (copy for image in images for copy in rotated_copies(image, n)), n_images * n
 
 
 def _counted(images: Iterable[np.ndarray], n_images: int | None) -> tuple[Iterable[np.ndarray], int]:
