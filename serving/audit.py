@@ -4,7 +4,7 @@ model's memory fingerprint and threshold before and after (``bdi.security.audit`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -39,29 +39,25 @@ class Auditor:
         not change what serves). The block may add to the yielded ``detail``. A record that cannot be written
         fails a successful change (500); after a failed one the change's own error is the answer."""
         model = ref if isinstance(ref, ModelRef) else None
+        roi = {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id}
+        if model is not None:
+            roi["model_key"] = model.model_key
         before = self._snapshot(model)
-        extra = dict(detail)
-        outcome = "ok"
-        try:
+        with self._recorded(action, detail, lambda: {"roi": roi, "before": before,
+                                                      "after": self._snapshot(model)}) as extra:
             yield extra
-        except Exception as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            after = self._snapshot(model)
-            roi = {"recipe_id": ref.recipe_id, "role_id": ref.role_id, "roi_id": ref.roi_id}
-            if model is not None:
-                roi["model_key"] = model.model_key
-            self._append(AuditEvent(
-                action=action, outcome=outcome, key_id=self._principal.key_id, key_label=self._principal.label,
-                client=self._client, request_id=self._request_id, route=self._route, roi=roi,
-                before=before, after=after, detail=extra,
-            ))
-
 
     @contextmanager
     def event(self, action: str, **detail: Any) -> Iterator[dict[str, Any]]:
         """Record an action that touches no model (key management) once the block ends, with its outcome."""
+        with self._recorded(action, detail) as extra:
+            yield extra
+
+    @contextmanager
+    def _recorded(self, action: str, detail: dict[str, Any],
+                  fields: Callable[[], dict[str, Any]] = dict) -> Iterator[dict[str, Any]]:
+        """Append the record of the block once it ends: its outcome, ``detail`` as the block left it, and the
+        ``fields`` read then (a model's snapshot after the change)."""
         extra = dict(detail)
         outcome = "ok"
         try:
@@ -72,7 +68,7 @@ class Auditor:
         finally:
             self._append(AuditEvent(action=action, outcome=outcome, key_id=self._principal.key_id,
                                     key_label=self._principal.label, client=self._client,
-                                    request_id=self._request_id, route=self._route, detail=extra))
+                                    request_id=self._request_id, route=self._route, detail=extra, **fields()))
 
     def _append(self, event: AuditEvent) -> None:
         try:

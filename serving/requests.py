@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from bdi.errors import InvalidInputError
 from serving.parsing import required_str
 
-T = TypeVar("T", bound="JsonBody")
+T = TypeVar("T", bound="JsonModel")
 
 
 def _plain_number(value: object) -> object:
@@ -50,16 +50,12 @@ Scores = list[Annotated[float, Strict()]]
 LooseString = Annotated[Any, WithJsonSchema({"type": "string"})]
 
 
-class JsonBody(BaseModel):
-    """Base: unknown keys ignored; ``role_id`` and ``roi_id`` required (checked first)."""
+class JsonModel(BaseModel):
+    """Base of every JSON request body: unknown keys ignored, ``required_keys`` checked first, the first problem
+    an :class:`InvalidInputError` (400) naming the key, and the model as the route's documented body."""
 
     model_config = ConfigDict(extra="ignore")
-    required_keys: ClassVar[tuple[str, ...]] = ("role_id", "roi_id")
-
-    role_id: str
-    roi_id: str
-    recipe_id: LooseString = None
-    model_key: LooseString = None
+    required_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def parse(cls: type[T], body: Mapping[str, Any]) -> T:
@@ -76,6 +72,17 @@ class JsonBody(BaseModel):
         """``openapi_extra`` for the route: this model as the documented request body."""
         return {"requestBody": {"required": True,
                                 "content": {"application/json": {"schema": cls.model_json_schema()}}}}
+
+
+class JsonBody(JsonModel):
+    """Base of a model's request: ``role_id`` and ``roi_id`` required (checked first)."""
+
+    required_keys: ClassVar[tuple[str, ...]] = ("role_id", "roi_id")
+
+    role_id: str
+    roi_id: str
+    recipe_id: LooseString = None
+    model_key: LooseString = None
 
     @property
     def model_key_str(self) -> str | None:
@@ -125,27 +132,12 @@ class CalibrateManualRequest(JsonBody):
     threshold: Annotated[float, _NoBool, Field(gt=0.0, allow_inf_nan=False)]
 
 
-class KeyCreateRequest(BaseModel):
+class KeyCreateRequest(JsonModel):
     """POST /keys: who uses the key, its scopes, and optionally how many days it lives (no ROI: not a JsonBody)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     label: str = Field(min_length=1, max_length=200)
     scopes: list[str] = Field(min_length=1)
     expires_days: float | None = Field(None, gt=0, le=36500)
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any]) -> KeyCreateRequest:
-        """Validate ``body``; the first problem becomes an :class:`InvalidInputError` (400 B) naming the key."""
-        try:
-            return cls.model_validate(dict(body))
-        except ValidationError as exc:
-            raise InvalidInputError(describe_validation_error(exc)) from exc
-
-    @classmethod
-    def openapi(cls) -> dict[str, Any]:
-        return {"requestBody": {"required": True,
-                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}
 
 
 class FeedbackRegionBody(BaseModel):
@@ -158,11 +150,9 @@ class FeedbackRegionBody(BaseModel):
         = None
 
 
-class FeedbackBody(BaseModel):
+class FeedbackBody(JsonModel):
     """POST /feedback (additive, docs/monitoring.md "Operator feedback"): an operator's verdict on the inspection
     answered with ``request_id``; ``image_base64`` is the inspected image when the record kept none."""
-
-    model_config = ConfigDict(extra="ignore")
 
     request_id: Annotated[str, Field(min_length=1)]
     verdict: Literal["false_reject", "confirmed_defect", "missed_defect"]
@@ -180,18 +170,12 @@ class FeedbackBody(BaseModel):
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> FeedbackBody:
+        parsed = super().parse(body)
         try:
-            parsed = cls.model_validate(dict(body))
-            if parsed.region is not None:
-                FeedbackRegionBody.model_validate(parsed.region)
+            parsed.region_body()
         except ValidationError as exc:
             raise InvalidInputError(describe_validation_error(exc)) from exc
         return parsed
 
     def region_body(self) -> FeedbackRegionBody | None:
         return FeedbackRegionBody.model_validate(self.region) if self.region is not None else None
-
-    @classmethod
-    def openapi(cls) -> dict[str, Any]:
-        return {"requestBody": {"required": True,
-                                "content": {"application/json": {"schema": cls.model_json_schema()}}}}

@@ -7,7 +7,6 @@ per call, re-read only when it changed: :class:`DriftStateReader`) and warns for
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from bdi.errors import StorageError
-from bdi.logging import slog
 from bdi.monitoring.drift import ALARM, RoiDrift
-from bdi.storage.fsio import FileIdentity, atomic_write_json, exclusive_lock, read_with_identity, utc_now_iso
+from bdi.storage.fsio import (
+    FileIdentity,
+    atomic_write_json,
+    exclusive_lock,
+    read_json_state,
+    utc_now_iso,
+)
 
 STATE_FILE = "drift_state.json"
 STATE_LOCK_FILE = "drift_state.lock"
@@ -25,15 +29,7 @@ LOCK_TIMEOUT_S = 30.0
 
 
 def _read(path: Path) -> dict[str, Any]:
-    read = read_with_identity(path)
-    if read is None:
-        return {}
-    try:
-        value = json.loads(read[0].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        slog("drift_state.corrupt", path=str(path), error=str(exc))
-        return {}
-    return value if isinstance(value, dict) else {}
+    return read_json_state(path, corrupt_event="drift_state.corrupt")
 
 
 def persist_statuses(root: Path, drifts: Sequence[RoiDrift], *, now: str | None = None) -> list[RoiDrift]:

@@ -8,15 +8,13 @@ on the models dir sees the same alerts.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bdi.errors import StorageError
-from bdi.logging import slog
-from bdi.storage.fsio import FileIdentity, atomic_write_json, exclusive_lock, read_with_identity
+from bdi.storage.fsio import FileIdentity, atomic_write_json, exclusive_lock, read_json_state
 
 ALERTS_FILE = ".calibration_alerts.json"
 ALERTS_LOCK_FILE = ".calibration_alerts.lock"
@@ -24,15 +22,7 @@ LOCK_TIMEOUT_S = 30.0
 
 
 def _read(path: Path) -> dict[str, Any]:
-    read = read_with_identity(path)
-    if read is None:
-        return {}
-    try:
-        value = json.loads(read[0].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        slog("calibration_alerts.corrupt", path=str(path), error=str(exc))
-        return {}
-    return value if isinstance(value, dict) else {}
+    return read_json_state(path, corrupt_event="calibration_alerts.corrupt")
 
 
 def record_alert(root: Path, *, key: str, alert: Mapping[str, Any] | None) -> None:

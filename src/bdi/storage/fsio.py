@@ -21,6 +21,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from bdi.errors import InvalidInputError, StorageError
+from bdi.logging import slog
 
 _TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.tmp")
 
@@ -173,6 +174,20 @@ def read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc}") from exc
     return data, ident
+
+
+def read_json_state(path: Path, *, corrupt_event: str) -> dict[str, Any]:
+    """The JSON object of a state file that is rebuilt, never trusted (alerts, drift state): ``{}`` when the
+    file is absent, and also when it is corrupt or not an object (logged as ``corrupt_event``)."""
+    read = read_with_identity(path)
+    if read is None:
+        return {}
+    try:
+        value = json.loads(read[0].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        slog(corrupt_event, path=str(path), error=str(exc))
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def utc_now_iso() -> str:
