@@ -138,7 +138,15 @@ def test_infers_on_both_workers_add_up_with_model_loads_and_cache_hits(server: U
         sample_value(before, "bdi_inspection_decisions_total", model) == 4
     assert sample_value(after, "bdi_infer_stage_duration_seconds_count", {"stage": "forward"}) - \
         sample_value(before, "bdi_infer_stage_duration_seconds_count", {"stage": "forward"}) == 4
-    # each worker reads the model from disk once; 4 infers on 2 workers: at least one is served from the cache
-    assert 1 <= sample_value(after, "bdi_model_loads_total") <= 2 + sample_value(before, "bdi_model_loads_total")
-    assert sample_value(after, "bdi_model_cache_lookups_total", {"cache": "model", "result": "hit"}) >= 1
+    # concurrent first infers may each miss the cache and load: at most one load per infer
+    assert 1 <= sample_value(after, "bdi_model_loads_total") - sample_value(before, "bdi_model_loads_total") <= 4
+    # one at a time, a worker loads the model at most once more (if the burst missed it): 4 infers, ≥ 2 hits
+    hit = {"cache": "model", "result": "hit"}
+    with httpx.Client(base_url=server.base_url, timeout=TIMEOUT_S) as client:
+        for _ in range(4):
+            assert client.post("/infer", data={"role_id": ROLE, "roi_id": ROI, "mm_per_px": "0.2"},
+                               files={"image": ("crop.png", disc_png(seed=50), "image/png")}).status_code == 200
+    lookups = "bdi_model_cache_lookups_total"
+    hits = sample_value(scrape(server), lookups, hit) - sample_value(after, lookups, hit)
+    assert hits >= 2, hits
     assert json.loads(answers[0].text)["decision"] in ("ok", "ng")

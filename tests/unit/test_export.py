@@ -145,8 +145,10 @@ def test_parity_fails_on_an_export_whose_numbers_differ(
 
 
 def test_pretrained_cnn_exports_and_passes_parity_at_a_small_input_size(tmp_path: Path) -> None:
+    # fp32: BDI_PRECISION=auto picks bf16 on a CPU with native bf16, and this CNN's OpenVINO bf16 features at 64 px
+    # miss even the reduced precision's tolerance (rel err 2e-2 > 1e-2): its runtime is then refused, not failed
     cnn = FeatureExtractor(FeatureConfig(backbone="efficientnet_lite0", weights="official", input_size=64,
-                                         device="cpu"), cache_dir=tmp_path / "cache")
+                                         device="cpu", precision="fp32"), cache_dir=tmp_path / "cache")
     export, reports = export_checked(cnn, root=tmp_path / "exports", threads=1)
     assert set(reports) == set(RUNTIMES)
     for report in reports.values():
