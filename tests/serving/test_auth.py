@@ -4,6 +4,7 @@ opens exactly its routes, refusals come before the body and in shape B, and writ
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,7 +198,20 @@ def _raw_upload_headers_only(port: int, content_length: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall((f"POST /datasets/ok/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                       f"boundary=b\r\nContent-Length: {content_length}\r\n\r\n").encode())
-        return sock.recv(65536)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _content_length(answer):
+            chunk = sock.recv(65536)  # the head and the body may come in separate packets
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _content_length(answer: bytes) -> int:
+    """The Content-Length of a response whose head ``answer`` holds (0 when it has none)."""
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    match = re.search(r"^content-length:\s*(\d+)", head, re.MULTILINE)
+    return int(match.group(1)) if match else 0
 
 
 @pytest.fixture(scope="module")
