@@ -250,7 +250,12 @@ function showModel(lineage) {
     ["alias", l.registered_alias], ["model source", l.source], ["threshold source", l.threshold_source],
     ["calibrated at", l.calibrated_at_utc],
   ].filter(([, v]) => v !== null && v !== undefined && v !== "");
-  const dl = $("model-info");
+  fillDefinitions("model-info", rows);
+}
+
+/** Replace the `<dl id=…>`'s entries with one term/value pair per `[name, value]` row. */
+function fillDefinitions(id, rows) {
+  const dl = $(id);
   dl.replaceChildren();
   rows.forEach(([k, v]) => {
     const dt = document.createElement("dt"); dt.textContent = k;
@@ -747,13 +752,7 @@ async function loadModels() {
       ["weights", h.model], ["runtime", h.runtime], ["registry", reg.state],
       ["following alias", reg.following ? reg.alias : "not following"], ["last sync", reg.last_sync_utc],
       ["sync error", reg.error]].filter(([, v]) => v !== null && v !== undefined);
-    const dl = $("server-info");
-    dl.replaceChildren();
-    info.forEach(([k, v]) => {
-      const dt = document.createElement("dt"); dt.textContent = k;
-      const dd = document.createElement("dd"); dd.textContent = String(v);
-      dl.append(dt, dd);
-    });
+    fillDefinitions("server-info", info);
     const synced = reg.synced || [];
     const tbody = $("models").tBodies[0];
     tbody.replaceChildren();
