@@ -403,9 +403,9 @@ def test_mlflow_ui_compare_page_shows_both_calibrations_side_by_side(
                                      experiment_id=calibration_pair.experiment_id)
             shots = save_screenshot(page, dest_dir=tmp_path, name="mlflow_compare.png")
             viewport_height = page.viewport_size["height"]
-            # every visible element of each label (MLflow may render a plot's axis picker of that text elsewhere)
-            shown = {label: [page_box for match in page.get_by_text(label, exact=True).filter(visible=True).all()
-                             if (page_box := match.bounding_box()) is not None]
+            # the metrics table's row names are links to each metric's page; every visible one of each name
+            shown = {label: [page_box for match in page.get_by_role("link", name=label, exact=True).all()
+                             if match.is_visible() and (page_box := match.bounding_box()) is not None]
                      for label in COMPARED}
         finally:
             browser.close()
