@@ -403,10 +403,13 @@ def test_mlflow_ui_compare_page_shows_both_calibrations_side_by_side(
                                      experiment_id=calibration_pair.experiment_id)
             shots = save_screenshot(page, dest_dir=tmp_path, name="mlflow_compare.png")
             viewport_height = page.viewport_size["height"]
-            # the metrics table's row names are links to each metric's page; every visible one of each name
-            shown = {label: [page_box for match in page.get_by_role("link", name=label, exact=True).all()
-                             if match.is_visible() and (page_box := match.bounding_box()) is not None]
-                     for label in COMPARED}
+            # the metrics table's row names are links to each metric's page: the viewport boxes of every rendered
+            # one of each name, read in one snapshot (the virtualized table re-renders; a locator may go stale)
+            shown = page.evaluate(
+                """labels => Object.fromEntries(labels.map(label => [label, [...document.querySelectorAll("a")]
+                    .filter(a => a.textContent.trim() === label && a.getClientRects().length > 0)
+                    .map(a => { const r = a.getBoundingClientRect(); return {y: r.top, height: r.height}; })]))""",
+                list(COMPARED))
         finally:
             browser.close()
     assert "calibration.ng_percentile\t10.0\t50.0" in text, text[:4000]  # the changed param, side by side
