@@ -126,13 +126,19 @@ class InferDatasetItem(BaseModel):
     n_regions: int
     error: str | None
     heatmap_png_base64: str | None = None
+    # additive, as on InferResponse: the score is in the calibration's band (false without a band or a score);
+    # the band's thresholds, null without a band
+    review: bool = False
+    threshold_low: float | None = None
+    threshold_high: float | None = None
 
     @classmethod
     def of(cls, item: SampleScore, *, include_heatmap: bool) -> InferDatasetItem:
         heatmap = {"heatmap_png_base64": png_base64(item.heatmap_png)} if include_heatmap else {}
         return cls(label=item.label, filename=item.filename, mm_per_px=item.mm_per_px, score=item.score,
                    threshold=item.threshold, regions=[RegionBody.of(r) for r in item.regions],
-                   n_regions=len(item.regions), error=item.error, **heatmap)
+                   n_regions=len(item.regions), error=item.error, **heatmap, review=item.review,
+                   threshold_low=item.threshold_low, threshold_high=item.threshold_high)
 
 
 class InferDatasetResponse(BaseModel):

@@ -1,5 +1,6 @@
 """The OK / review / NG band over HTTP (docs/contract.md "The OK / review / NG band", issue 29): additive fields on
-/calibrate_dataset, /calibrate_ng and /infer; the legacy ``decision`` of a review score is a setting (ng by default)."""
+/calibrate_dataset, /calibrate_ng, /infer and /infer_dataset's items; the legacy ``decision`` of a review score is a
+setting (ng by default)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,38 @@ def test_the_decision_of_a_review_score_is_a_setting(client_factory: ClientFacto
     _force_band(models_dir, low=1e-6, high=100.0)
     body = infer(client, disc_png(seed=3)).json()
     assert body["review"] is True and body["decision"] == "ok"
+
+
+def _infer_dataset_items(client: TestClient) -> list[dict[str, object]]:
+    response = client.post("/infer_dataset", json={"role_id": ROLE, "roi_id": ROI})
+    assert response.status_code == 200, response.text
+    items: list[dict[str, object]] = response.json()["items"]
+    return items
+
+
+def test_infer_dataset_items_report_the_band_by_the_rule_infer_uses(client: TestClient, models_dir: Path) -> None:
+    _calibrated_with_band(client)
+    upload(client, "ok", seeds=[7], with_meta=False)  # no scale anywhere: an error item, no score
+    scores = sorted(score for item in _infer_dataset_items(client) if isinstance(score := item["score"], float))
+    low, high = scores[len(scores) // 3], scores[2 * len(scores) // 3]  # a band with scores below, in and above it
+    _force_band(models_dir, low=low, high=high)
+    items = _infer_dataset_items(client)
+    scored = [item for item in items if item["score"] is not None]
+    for item in scored:
+        score = item["score"]
+        assert isinstance(score, float)
+        assert (item["threshold_low"], item["threshold_high"]) == (low, high)
+        assert item["review"] is (low <= score < high)
+    assert {item["review"] for item in scored} == {True, False}
+    [failed] = [item for item in items if item["error"] is not None]
+    assert failed["review"] is False and (failed["threshold_low"], failed["threshold_high"]) == (low, high)
+
+
+def test_infer_dataset_items_without_a_band_are_never_review(client: TestClient) -> None:
+    upload(client, "ok", seeds=range(10))
+    assert fit_from_dataset(client).status_code == 200
+    body = client.post("/calibrate_dataset", json={"role_id": ROLE, "roi_id": ROI, "require_ng": False}).json()
+    assert not BAND_KEYS & set(body)
+    items = _infer_dataset_items(client)
+    assert items and all(item["review"] is False for item in items)
+    assert all(item["threshold_low"] is None and item["threshold_high"] is None for item in items)

@@ -923,7 +923,8 @@ def test_id1_infer_dataset_items(calibrated: TestClient) -> None:
     assert body["n_total"] == 11 and body["n_errors"] == 0
     for item in body["items"]:
         assert set(item) == {"label", "filename", "mm_per_px", "score", "threshold", "regions", "n_regions",
-                             "error"}
+                             "error",
+                             "review", "threshold_low", "threshold_high"}  # the OK / review / NG band: additive
         assert item["error"] is None and item["mm_per_px"] == MM
         assert item["n_regions"] == len(item["regions"])
         assert all("x" not in region for region in item["regions"])  # raw regions

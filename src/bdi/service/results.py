@@ -51,6 +51,9 @@ class SampleScore:
     error: str | None
     heatmap_png: bytes | None = None
     threshold: float | None = None  # the calibrated threshold the item was judged with (infer_dataset)
+    review: bool = False  # the score is in the calibration's OK / review / NG band (as InferOutcome.review)
+    threshold_low: float | None = None  # the band's thresholds; None without a band
+    threshold_high: float | None = None
     image_stats: dict[str, float] | None = None  # bdi.monitoring.imagestats of the crop (the drift reference)
 
 

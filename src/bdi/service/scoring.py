@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def score_samples(
     max_pixels = ctx.limits.max_image_pixels
     for i, sample in enumerate(samples):
         decoded = _decode_sample(ctx, sample, position=i, label=label, default_mm_per_px=default_mm_per_px,
-                                 threshold=model.threshold)
+                                 model=model)
         if isinstance(decoded, SampleScore):
             slots[i] = decoded
             continue
@@ -78,7 +79,7 @@ def _decode_sample(
     position: int,
     label: str,
     default_mm_per_px: float | None,
-    threshold: float | None,
+    model: PatchCoreModel,
 ) -> _Decoded | SampleScore:
     """The sample ready to score, or its error item (bad scale, image or shape; unreadable file)."""
     mm = sample.meta.get("mm_per_px", default_mm_per_px)
@@ -91,7 +92,7 @@ def _decode_sample(
     except (BDIError, OSError) as exc:
         return SampleScore(
             label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
-            score=None, regions=[], error=str(exc), threshold=threshold,
+            score=None, regions=[], error=str(exc), threshold=model.threshold, **_judged(model, None),
         )
     return _Decoded(position=position, crop=crop, mask=mask, mm_per_px=mm)
 
@@ -112,5 +113,19 @@ def _score_batch(
             label=label, filename=samples[decoded.position].path.name, mm_per_px=decoded.mm_per_px,
             score=result.score, regions=result.regions, error=None,
             heatmap_png=encode_png_gray(result.heatmap_u8()) if include_heatmap else None,
-            threshold=model.threshold, image_stats=image_stats(decoded.crop).to_dict(),
+            threshold=model.threshold, image_stats=image_stats(decoded.crop).to_dict(), **_judged(model, result.score),
         )
+
+
+def _judged(model: PatchCoreModel, score: float | None) -> dict[str, Any]:
+    """An item's ``review`` and band thresholds, by /infer's rule (:meth:`Calibration.judge`; the decision it also
+    gives is no item field). An item without a score is never review but keeps the band, as it keeps ``threshold``;
+    an uncalibrated model (what calibration scores with) has neither."""
+    calib = model.calibration
+    if calib is None:
+        return {}
+    if score is None:
+        band = calib.band
+        return {} if band is None else {"threshold_low": band.threshold_low, "threshold_high": band.threshold_high}
+    verdict = calib.judge(score)
+    return {"review": verdict.review, "threshold_low": verdict.threshold_low, "threshold_high": verdict.threshold_high}
