@@ -253,6 +253,10 @@ function showModel(lineage) {
   fillDefinitions("model-info", rows);
 }
 
+/** Whether `body` (an /infer answer or a calibration) carries the OK / review / NG band's two thresholds. */
+const hasBand = (body) => typeof body.threshold_low === "number" && typeof body.threshold_high === "number";
+const bandText = (body) => `${fmt(body.threshold_low)} – ${fmt(body.threshold_high)}`;
+
 /** Replace the `<dl id=…>`'s entries with one term/value pair per `[name, value]` row. */
 function fillDefinitions(id, rows) {
   const dl = $(id);
@@ -280,14 +284,26 @@ async function runInfer() {
     form.append("image", state.image, state.image.name || "image.png");
     const { body, headers } = await call("infer", { method: "POST", form });
     $("result").hidden = false;
-    $("decision").textContent = body.decision;
-    $("decision").className = "decision-" + body.decision;
+    // the OK / review / NG band (docs/design.md): a review score shows REVIEW, its legacy decision beside it
+    const verdict = body.review ? "review" : body.decision;
+    $("decision").textContent = verdict;
+    $("decision").className = "decision-" + verdict;
+    $("decision-note").textContent = body.review ? `(decision ${body.decision} until reviewed)` : "";
     $("score").textContent = fmt(body.score);
     $("threshold").textContent = fmt(body.threshold);
-    const top = Math.max(body.score, body.threshold) * 1.25 || 1;
+    const band = hasBand(body);
+    $("band").hidden = !band;
+    $("threshold-low").textContent = fmt(body.threshold_low);
+    $("threshold-high").textContent = fmt(body.threshold_high);
+    const top = Math.max(body.score, body.threshold, band ? body.threshold_high : 0) * 1.25 || 1;
     $("score-fill").style.width = `${(100 * body.score) / top}%`;
-    $("score-fill").className = "fill " + body.decision;
+    $("score-fill").className = "fill " + verdict;
     $("threshold-mark").style.left = `${(100 * body.threshold) / top}%`;
+    $("band-zone").hidden = !band;
+    if (band) {
+      $("band-zone").style.left = `${(100 * body.threshold_low) / top}%`;
+      $("band-zone").style.width = `${(100 * (body.threshold_high - body.threshold_low)) / top}%`;
+    }
     drawHeatmap(body.heatmap_png_base64);
     drawRegions(body.regions || []);
     drawShape();
@@ -594,7 +610,8 @@ async function runCalibrate() {
     return body;
   }, { busy: ["fit-run", "calibrate-run"], progress: "calibrate-progress" }),
   (body) => `threshold ${fmt(body.threshold)} from ${body.n_ok} OK / ${body.n_ng} NG ` +
-    `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)`);
+    `(score percentile ${body.score_percentile}, regions ≥ ${body.area_mm2_thr} mm²)` +
+    (hasBand(body) ? `, review band ${bandText(body)}` : ""));
 }
 
 function wireDrop(zoneId, onFiles) {
@@ -770,13 +787,14 @@ async function loadModels() {
           [body.memory ? "fitted" : "⚠ no model", !body.memory],
           [body.calib ? (l.threshold_source || "present") : "⚠ no calibration", !body.calib || l.threshold_source === "stale"],
           [body.calib ? fmt(body.calib.threshold) : "–", false],
+          [body.calib && hasBand(body.calib) ? bandText(body.calib) : "–", false],
           [l.registered_version || (held && held.version) || "–", false],
           [l.registered_alias || (held && held.alias) || "–", false],
           [l.source ? `${l.source}${l.registry_managed ? " (managed)" : ""}` : "–", false],
         ];
         cells.forEach(([text, warn]) => { const c = row.insertCell(); c.textContent = String(text); if (warn) c.className = "warn"; });
       } catch (err) {
-        const c = row.insertCell(); c.colSpan = 6; c.className = "error"; c.textContent = err.message;
+        const c = row.insertCell(); c.colSpan = 7; c.className = "error"; c.textContent = err.message;
       }
     }
   }, { busy: ["models-refresh"] });

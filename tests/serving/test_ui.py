@@ -33,6 +33,7 @@ ROI_INSPECT = "inspection-1"  # fitted and calibrated through the API by the fix
 ROI_THRESHOLD = "inspection-2"  # the same, for the tests that change the threshold
 ROI_PAGE_FIT = "inspection-3"  # samples only: the page fits and calibrates it
 ROI_UPLOAD = "inspection-4"  # empty: the page uploads and deletes
+ROI_BAND = "inspection-5"  # fitted and calibrated by its test, which then sets its OK / review / NG band
 TABLET = {"width": 768, "height": 1024}
 PAGE_FIT_EXTRA = 38  # more OK discs for ROI_PAGE_FIT: its fit lasts a few of the page's progress polls
 ARTEFACTS = Path(os.environ.get("BDI_TEST_ARTEFACTS", REPO / "test-artefacts")) / "ui"
@@ -156,6 +157,11 @@ def open_page(page: Any, demo: Demo, *, roi_id: str) -> None:
     page.dispatch_event("#roi", "change")
 
 
+def verdict(infer_body: dict[str, Any]) -> str:
+    """What the page shows for an /infer answer: ``review`` for a score in the band, else the decision."""
+    return "review" if infer_body["review"] else str(infer_body["decision"])
+
+
 def inspect_and_check(page: Any, demo: Demo, image: Path) -> dict[str, Any]:
     """Inspect ``image`` from the page and check what it shows against the API's answer for the same image."""
     api = api_infer(demo.url, image)
@@ -166,7 +172,7 @@ def inspect_and_check(page: Any, demo: Demo, image: Path) -> dict[str, Any]:
     page.wait_for_function("document.getElementById('decision').textContent !== ''"
                            " || document.getElementById('infer-error').textContent !== ''")
     assert page.text_content("#infer-error") == ""
-    assert page.text_content("#decision") == expected["decision"]
+    assert page.text_content("#decision") == verdict(expected)
     page.wait_for_selector("#view-heatmap[data-drawn='1']", state="attached")
     assert page.locator("#view-overlay .region-outline").count() == len(expected["regions"])
     return expected
@@ -301,7 +307,7 @@ def test_page_works_behind_nginx_under_a_path_prefix(page: Any, demo: Demo, tmp_
         page.wait_for_function("document.getElementById('decision').textContent !== ''"
                                " || document.getElementById('infer-error').textContent !== ''")
         assert page.text_content("#infer-error") == ""
-        assert page.text_content("#decision") == expected["decision"]
+        assert page.text_content("#decision") == verdict(expected)
         page.wait_for_selector("#view-heatmap[data-drawn='1']", state="attached")
         assert page.locator("#view-overlay .region-outline").count() == len(expected["regions"])
         assert "forward" in page.locator("#timings tbody td:first-child").all_text_contents()  # the header passed
@@ -463,6 +469,49 @@ def test_applying_a_threshold_stores_a_manual_calibration_and_restore_brings_bac
     assert page.is_disabled("#threshold-restore")
 
 
+def set_band(demo: Demo, *, roi_id: str, low: float, high: float) -> None:
+    """Rewrite the stored calibration's band (its contract threshold kept), as a later calibration could."""
+    [path] = Path(demo.server.env["BDI_MODELS_DIR"]).glob(f"recipes/default/{roi_id}/*_calib.json")
+    stored = json.loads(path.read_text())
+    stored.update(threshold_low=low, threshold_high=high, band_collapsed=False)
+    path.write_text(json.dumps(stored))
+
+
+def test_page_shows_a_score_in_the_band_as_review_with_both_thresholds(page: Any, demo: Demo) -> None:
+    api_upload(demo.url, roi_id=ROI_BAND, label="ok", paths=demo.ok_images)
+    api_upload(demo.url, roi_id=ROI_BAND, label="ng", paths=demo.ng_images[1:])
+    api_fit_and_calibrate(demo.url, roi_id=ROI_BAND)
+    score = api_infer(demo.url, demo.ng_image, roi_id=ROI_BAND).json()["score"]
+    low, high = score / 2, score * 2
+    set_band(demo, roi_id=ROI_BAND, low=low, high=high)
+    expected = api_infer(demo.url, demo.ng_image, roi_id=ROI_BAND).json()
+    assert expected["review"] is True and expected["decision"] == "ng"
+    open_page(page, demo, roi_id=ROI_BAND)
+    page.set_input_files("#image-file", str(demo.ng_image))
+    page.click("#infer-run")
+    page.wait_for_function("document.getElementById('decision').textContent !== ''")
+    assert page.inner_text("#decision") == "REVIEW"
+    assert page.eval_on_selector("#decision", "el => getComputedStyle(el).color") == "rgb(178, 106, 0)"  # --warn
+    assert "decision ng" in (page.text_content("#decision-note") or "")
+    assert page.is_visible("#band") and page.is_visible("#band-zone")
+    assert (page.text_content("#threshold-low"), page.text_content("#threshold-high")) == (f"{low:.4f}", f"{high:.4f}")
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "review_verdict.png"), full_page=True)
+    page.click("#tab-models")
+    page.wait_for_selector(f"#models tbody tr[data-roi='{ROI_BAND}'] td:nth-child(7)")
+    cells = page.locator(f"#models tbody tr[data-roi='{ROI_BAND}'] td").all_text_contents()
+    assert cells[5] == f"{expected['threshold']:.4f}" and cells[6] == f"{low:.4f} – {high:.4f}"
+    # a threshold set by hand replaces the band: the page shows the plain decision again, no band
+    manual = httpx.post(f"{demo.url}/calibrate_manual", json={"role_id": ROLE, "roi_id": ROI_BAND, "threshold": high},
+                        timeout=60)
+    assert manual.status_code == 200, manual.text
+    page.click("#tab-inspect")
+    page.click("#infer-run")
+    page.wait_for_function("document.getElementById('decision').textContent === 'ok'")
+    assert page.text_content("#decision-note") == ""
+    assert page.is_hidden("#band") and page.is_hidden("#band-zone")
+
+
 def test_models_tab_shows_each_roi_with_lineage_and_marks_one_without_a_model(page: Any, demo: Demo) -> None:
     open_page(page, demo, roi_id=ROI_INSPECT)
     open_page(page, demo, roi_id="never-fitted")  # the current ROI, and one the page remembers:
@@ -471,7 +520,7 @@ def test_models_tab_shows_each_roi_with_lineage_and_marks_one_without_a_model(pa
     page.click("#tab-models")
     page.wait_for_selector("#models tbody tr[data-roi='never-fitted'] td.warn")
     fitted = page.locator("#models tbody tr[data-roi='inspection-1'] td").all_text_contents()
-    assert fitted[3] == "fitted" and fitted[4] == "api" and fitted[8] == "api"
+    assert fitted[3] == "fitted" and fitted[4] == "api" and fitted[9] == "api"
     missing = page.locator("#models tbody tr[data-roi='never-fitted'] td").all_text_contents()
     assert missing[3] == "⚠ no model" and missing[4] == "⚠ no calibration"
     assert "registry" in (page.text_content("#server-info") or "")
