@@ -1,12 +1,19 @@
-"""Detector experiments measured on the calibration half only: `python -m bench.experiments` (issue 29 "Make the
-detector better": try, measure on the calibration halves only, keep what wins).
+"""Detector experiments with the choice made per fold on its own calibration half: ``python -m bench.experiments``
+(issue 29 "Make the detector better": try, measure on the calibration halves only, keep what wins).
 
-Each variant is BDI's default row (``bench.quality_rows.BdiDetector``, the pretrained CNN) changed in one way, fitted
-on train/good and scored on the pipeline's calib half (never the eval half): image AUROC, pixel AUROC and AUPRO with
-95 % stratified bootstrap intervals, and the paired difference with the default (``bench.quality_folds``).
-Variants: ``default``; ``augment`` (memory augmentation: each good image also flipped left-right, up-down and
-turned 180°, so the memory holds 4× the patches; 90° turns change a non-square tile's shape and are left out).
-Writes ``bench/results/experiments.{md,json}``.
+Each variant is BDI's default (``Settings`` with the pretrained CNN, ``bdi.backbones.PRETRAINED_CNN``) changed by a
+few settings (``VARIANTS``: feature blocks, input size, neighbourhood, memory augmentation, coreset rate). Each is
+fitted once on train/good and scores both test halves. The choice follows the two folds of ``bench.quality``:
+
+* fold 1 chooses on the pipeline's calib half and reports on the eval half, fold 2 the other way round;
+* a fold's choice is the variant with the best image AUROC on its calibration half (the primary metric of the
+  tuning rounds, docs/quality.md "Tuning"), ties broken by pixel AUROC; the reporting half plays no part in it;
+* the reported figures of the chosen variant are ``bench.quality_folds``' (threshold and band calibrated on the
+  calibration half), beside the default's on the same half, with the paired bootstrap difference.
+
+A variant wins only if both folds choose it; the registry default changes only then. Every variant's figures on
+both halves are listed, so what did not help is on record with its figures. Writes
+``bench/results/experiments.{md,json}``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,88 +33,200 @@ from typing import Any
 import numpy as np
 
 from bdi.backbones import PRETRAINED_CNN
-from bench.quality_data import load_mvtec
-from bench.quality_folds import Half, Operating, compare, fold_report
-from bench.quality_rows import BdiDetector
+from bdi.config import Settings
+from bdi.data.metrics import image_auroc
+from bdi.patchcore.calibration import resolved_percentile
+from bdi.service import InspectionService
+from bench.quality_data import BenchDataset, Sample, load_mvtec
+from bench.quality_folds import Half, calibrate, compare, fold_report, pixel_figures
+from bench.quality_rows import MM_PER_PX, REF
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+DEFAULT = "default"
+FIGURES = ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "escape_rate", "band_escape_rate",
+           "band_false_reject_rate", "review_rate")
 
-
-def flips(images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each image, flipped left-right, flipped up-down and turned 180°."""
-    out: list[np.ndarray] = []
-    for image in images:
-        out += [image, np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(image[::-1]),
-                np.ascontiguousarray(image[::-1, ::-1])]
-    return out
-
-
-VARIANTS: dict[str, Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]] = {
-    "default": lambda images: list(images),
-    "augment": flips,
+# name -> the model settings it changes from the library's defaults (Settings(model=...))
+VARIANTS: dict[str, dict[str, Any]] = {
+    DEFAULT: {},
+    "input384": {"features": {"input_size": 384}},
+    "input512": {"features": {"input_size": 512}},
+    "neighbourhood1": {"features": {"neighbourhood": 1}},
+    "blocks124": {"features": {"blocks": [1, 2, 4]}},
+    "blocks234": {"features": {"blocks": [2, 3, 4]}},
+    "blocks4": {"features": {"blocks": [4]}},
+    "blocks4-input384": {"features": {"blocks": [4], "input_size": 384}},
+    "blocks4-input512": {"features": {"blocks": [4], "input_size": 512}},
+    "flips": {"memory": {"augment": "flips"}},
+    "coreset025": {"memory": {"coreset_rate": 0.25}},
 }
+
+
+def variant_settings(overrides: Mapping[str, Any], work: Path) -> Settings:
+    """The library's defaults with the pretrained CNN, on the CPU, changed by ``overrides``."""
+    model: dict[str, Any] = {key: dict(value) for key, value in overrides.items()}
+    model["features"] = {"backbone": PRETRAINED_CNN, "weights": "official", "device": "cpu",
+                         **model.get("features", {})}
+    return Settings(model=model, models_dir=work)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One variant fitted once and scored on both halves."""
+
+    settings: Settings
+    calib: Half
+    eval: Half
+    fit_s: float
+    memory_size: int
+
+
+def _half(service: InspectionService, samples: Sequence[Sample]) -> Half:
+    results = service.score_images(ref=REF, images=[s.image for s in samples])
+    return Half(labels=np.asarray([s.label for s in samples]), scores=np.asarray([r.score for r in results]),
+                maps=[r.anomaly_map for r in results], masks=[s.mask for s in samples])
+
+
+def run_variant(data: BenchDataset, overrides: Mapping[str, Any], work: Path) -> Scored:
+    settings = variant_settings(overrides, work)
+    service = InspectionService.from_settings(settings)
+    started = time.perf_counter()
+    fit = service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=[s.image for s in data.train])
+    fit_s = time.perf_counter() - started
+    return Scored(settings=settings, calib=_half(service, data.calib), eval=_half(service, data.eval), fit_s=fit_s,
+                  memory_size=fit.coreset_size)
+
+
+def selection_key(half: Half) -> tuple[float, float]:
+    """What a fold's choice maximises on its calibration half: image AUROC, then pixel AUROC."""
+    pixel = pixel_figures(half, np.arange(half.labels.size))["pixel_auroc"]
+    return image_auroc(half.labels, half.scores), pixel if pixel is not None else 0.0
+
+
+def choose_per_fold(keys: Mapping[str, Mapping[str, tuple[float, float]]]) -> tuple[str, str]:
+    """Fold 1's choice (best on the calib half) and fold 2's (best on the eval half); the first listed wins a tie."""
+    names = list(keys)
+    return max(names, key=lambda n: keys[n]["calib"]), max(names, key=lambda n: keys[n]["eval"])
+
+
+def folds_of(scored: Scored) -> list[tuple[Half, Any]]:
+    """``bench.quality``'s folds: report on eval with the calib half's operating point, then swapped."""
+    percentile = resolved_percentile(scored.settings.model.scoring)
+    cfg = scored.settings.calibration
+    return [(scored.eval, calibrate(scored.calib, score_percentile=percentile, cfg=cfg)),
+            (scored.calib, calibrate(scored.eval, score_percentile=percentile, cfg=cfg))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout folder")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of the variants (default: all); 'default' is always run")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--bootstrap-pixel", type=int, default=20)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    names = [DEFAULT] + [n for n in args.variants.split(",") if n and n != DEFAULT]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     command = "python -m bench.experiments" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None
                                                                                       else sys.argv[1:]))
+    started = time.perf_counter()
     data = load_mvtec(args.data.name, args.data)
-    half_labels = np.asarray([s.label for s in data.calib])
-    results: dict[str, Any] = {"command": command,
-                               "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                               "variants": {}}
-    reports: dict[str, Any] = {}
+    scored: dict[str, Scored] = {}
     with tempfile.TemporaryDirectory(prefix="bdi-experiments-") as tmp:
-        for name in args.variants.split(","):
-            detector = BdiDetector(name=name, label=name, backbone=PRETRAINED_CNN, weights="official",
-                                   work=Path(tmp))
-            started = time.perf_counter()
-            fit = detector.fit(VARIANTS[name]([s.image for s in data.train]))
-            fit_s = time.perf_counter() - started
-            scored = detector.score([s.image for s in data.calib])
-            half = Half(labels=half_labels, scores=np.asarray([r.score for r in scored]),
-                        maps=[r.anomaly_map for r in scored], masks=[s.mask for s in data.calib])
-            op = Operating(threshold=float("inf"), band_low=None, band_high=None)  # threshold-free figures only
-            reports[name] = fold_report([(half, op)], n_boot=args.bootstrap, n_boot_pixel=args.bootstrap_pixel)
-            figures = reports[name][0]["mean"]
-            results["variants"][name] = {"fit_s": fit_s, "memory_size": fit.memory_size,
-                                         **{k: figures[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
-            print(name, results["variants"][name], flush=True)
-    for name in reports:
-        if name != "default" and "default" in reports:
-            diffs = compare(reports[name], reports["default"])
-            results["variants"][name]["vs_default"] = {k: diffs[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
-    lines = ["# Detector experiments on the calibration half", "",
-             f"`{command}` ({results['created_utc']}); figures on the pipeline's calib half only, 95 % bootstrap "
-             "intervals; 'vs default' is the paired difference.", "",
-             "| variant | image AUROC | pixel AUROC | AUPRO | fit s | memory | vs default (image / pixel / AUPRO) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, v in results["variants"].items():
-        def cell(k: str, v: dict[str, Any] = v) -> str:
-            e = v[k]
-            ci = e["ci"]
-            return "–" if e["value"] is None else (f"{e['value']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci
-                                                   else f"{e['value']:.3f}")
-        vs = v.get("vs_default")
-        versus = " / ".join(f"{vs[k]['diff']:+.3f} ({vs[k]['verdict']})" for k in ("image_auroc", "pixel_auroc",
-                                                                                     "aupro")) if vs else ""
-        lines.append(f"| {name} | {cell('image_auroc')} | {cell('pixel_auroc')} | {cell('aupro')} | "
-                     f"{v['fit_s']:.0f} | {v['memory_size']} | {versus} |")
+        for name in names:
+            scored[name] = run_variant(data, VARIANTS[name], Path(tmp) / name)
+            print(name, "calib", selection_key(scored[name].calib), "eval", selection_key(scored[name].eval),
+                  flush=True)
+    keys = {name: {"calib": selection_key(s.calib), "eval": selection_key(s.eval)} for name, s in scored.items()}
+    # fold 1 chooses on the calib half (reports on eval); fold 2 chooses on the eval half (reports on calib)
+    chosen = choose_per_fold(keys)
+    reports = {name: fold_report(folds_of(s), n_boot=args.bootstrap, n_boot_pixel=args.bootstrap_pixel)
+               for name, s in scored.items() if name in {DEFAULT, *chosen}}
+    results: dict[str, Any] = {
+        "command": command,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "variants": {name: {"settings": VARIANTS[name], "fit_s": round(s.fit_s, 1), "memory_size": s.memory_size,
+                            "calib": dict(zip(("image_auroc", "pixel_auroc"), keys[name]["calib"], strict=True)),
+                            "eval": dict(zip(("image_auroc", "pixel_auroc"), keys[name]["eval"], strict=True))}
+                     for name, s in scored.items()},
+        "chosen": {"fold 1 (choose on calib, report on eval)": chosen[0],
+                   "fold 2 (choose on eval, report on calib)": chosen[1]},
+        "winner": chosen[0] if chosen[0] == chosen[1] else None,
+        "reports": {},
+    }
+    for fold, name in enumerate(chosen):
+        report = reports[name][0]["folds"][fold]
+        default = reports[DEFAULT][0]["folds"][fold]
+        entry: dict[str, Any] = {"variant": name, "figures": {k: report[k] for k in FIGURES},
+                                 "default": {k: default[k] for k in FIGURES}}
+        if name != DEFAULT:
+            diffs = compare(_one_fold(reports[name], fold), _one_fold(reports[DEFAULT], fold))
+            entry["vs_default"] = {k: diffs[k] for k in FIGURES}
+        results["reports"][f"fold {fold + 1}"] = entry
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "experiments.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    markdown = render(results)
+    (args.out_dir / "experiments.md").write_text(markdown, encoding="utf-8")
     (args.out_dir / "experiments.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n",
                                                    encoding="utf-8")
-    print("\n".join(lines))
+    print(markdown)
     return 0
+
+
+def _one_fold(report: tuple[dict[str, Any], Any], fold: int) -> tuple[dict[str, Any], Any]:
+    """A two-fold report narrowed to one fold, for a paired comparison of that fold alone."""
+    figures, resamples = report
+    pick = type(resamples)(image={k: [[s[fold]] for s in v] for k, v in resamples.image.items()},
+                           pixel={k: [[s[fold]] for s in v] for k, v in resamples.pixel.items()})
+    return {"mean": figures["folds"][fold]}, pick
+
+
+def _cell(entry: Mapping[str, Any]) -> str:
+    value, ci = entry["value"], entry["ci"]
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
+
+
+def render(results: Mapping[str, Any]) -> str:
+    lines = ["# Detector experiments, chosen per fold on its calibration half", "",
+             f"`{results['command']}` ({results['created_utc']}, {results['wall_s']:.0f} s wall). Fit on "
+             "train/good; each variant scores both halves. Fold 1 chooses on the calib half and reports on the eval "
+             "half, fold 2 the other way round; the choice is the best image AUROC on the fold's calibration half "
+             "(ties: pixel AUROC).", "",
+             "Every variant, threshold-free figures on each half (a fold only ever sees its calibration half's "
+             "column when it chooses):", "",
+             "| variant | settings changed | calib: image AUROC | calib: pixel AUROC | eval: image AUROC | "
+             "eval: pixel AUROC | fit s | memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        changed = ", ".join(f"`model.{group}.{k}={val}`" for group, d in v["settings"].items()
+                            for k, val in d.items()) or "(library defaults)"
+        lines.append(f"| {name} | {changed} | {v['calib']['image_auroc']:.3f} | {v['calib']['pixel_auroc']:.3f} | "
+                     f"{v['eval']['image_auroc']:.3f} | {v['eval']['pixel_auroc']:.3f} | {v['fit_s']:.0f} | "
+                     f"{v['memory_size']} |")
+    lines += ["", "Chosen: " + "; ".join(f"{fold}: **{name}**" for fold, name in results["chosen"].items()) + ". "
+              + (f"Both folds chose **{results['winner']}**." if results["winner"]
+                 else "The folds chose differently: no variant wins, the default stays."), "",
+              "The chosen variant on its fold's reporting half (threshold and band calibrated on the other half), "
+              "beside the default on the same half; 95 % bootstrap intervals, paired difference:", "",
+              "| fold | variant | " + " | ".join(FIGURES) + " |",
+              "|---|---|" + "---|" * len(FIGURES)]
+    for fold, entry in results["reports"].items():
+        lines.append(f"| {fold} | {entry['variant']} | "
+                     + " | ".join(_cell(entry["figures"][k]) for k in FIGURES) + " |")
+        if entry["variant"] != DEFAULT:
+            lines.append(f"| {fold} | default | " + " | ".join(_cell(entry["default"][k]) for k in FIGURES) + " |")
+            vs = entry["vs_default"]
+            lines.append(f"| {fold} | difference | " + " | ".join(
+                "–" if vs[k]["diff"] is None else f"{vs[k]['diff']:+.3f} ({vs[k]['verdict']})" for k in FIGURES)
+                + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,17 +1,31 @@
-"""bench.experiments' memory augmentation: each good image and its three flips/turns, same shape, nothing else."""
+"""bench.experiments: every variant is a valid setting, and each fold chooses on its own calibration half only."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from bench.experiments import VARIANTS, flips
+import pytest
+
+from bench.experiments import DEFAULT, VARIANTS, choose_per_fold, variant_settings
 
 
-def test_flips_give_each_image_its_mirror_images_and_half_turn() -> None:
-    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # non-square: a 90° turn would change the shape
-    out = flips([image])
-    assert len(out) == 4 and all(o.shape == image.shape for o in out)
-    assert np.array_equal(out[0], image)
-    assert np.array_equal(out[1], image[:, ::-1]) and np.array_equal(out[2], image[::-1])
-    assert np.array_equal(out[3], np.rot90(image, 2))
-    assert len(VARIANTS["default"]([image, image])) == 2
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_is_a_valid_library_setting(name: str, tmp_path: Path) -> None:
+    settings = variant_settings(VARIANTS[name], tmp_path)
+    for group, changed in VARIANTS[name].items():
+        for key, value in changed.items():
+            got = getattr(getattr(settings.model, group), key)
+            assert (list(got) if isinstance(got, tuple) else got) == value
+
+
+def test_a_fold_chooses_on_its_calibration_half_and_never_on_the_half_it_reports() -> None:
+    keys = {DEFAULT: {"calib": (0.90, 0.7), "eval": (0.90, 0.7)},
+            "good-on-calib": {"calib": (0.99, 0.7), "eval": (0.80, 0.7)},
+            "good-on-eval": {"calib": (0.80, 0.7), "eval": (0.95, 0.7)}}
+    assert choose_per_fold(keys) == ("good-on-calib", "good-on-eval")
+
+
+def test_pixel_auroc_breaks_an_image_auroc_tie_and_the_default_wins_a_full_tie() -> None:
+    keys = {DEFAULT: {"calib": (0.9, 0.7), "eval": (0.9, 0.7)},
+            "sharper": {"calib": (0.9, 0.8), "eval": (0.9, 0.7)}}
+    assert choose_per_fold(keys) == ("sharper", DEFAULT)
