@@ -101,7 +101,8 @@ def run_variant(data: BenchDataset, overrides: Mapping[str, Any], work: Path) ->
 def selection_key(half: Half) -> tuple[float, float]:
     """What a fold's choice maximises on its calibration half: image AUROC, then pixel AUROC."""
     pixel = pixel_figures(half, np.arange(half.labels.size))["pixel_auroc"]
-    return image_auroc(half.labels, half.scores), pixel if pixel is not None else 0.0
+    image = image_auroc(half.labels, half.scores)
+    return image if image is not None else 0.0, pixel if pixel is not None else 0.0
 
 
 def choose_per_fold(keys: Mapping[str, Mapping[str, tuple[float, float]]]) -> tuple[str, str]:
