@@ -11,7 +11,9 @@ fitted once on train/good and scores both test halves. The choice follows the tw
 * the reported figures of the chosen variant are ``bench.quality_folds``' (threshold and band calibrated on the
   calibration half), beside the default's on the same half, with the paired bootstrap difference.
 
-A variant wins only if both folds choose it; the registry default changes only then. Every variant's figures on
+A variant replaces the default only if both folds choose it, its image AUROC is better than the default's on at
+least one fold's reporting half where the paired interval says so, and no figure is worse where it says so
+(``verdict``); otherwise the default stays. Every variant's figures on
 both halves are listed, so what did not help is on record with its figures. Writes
 ``bench/results/experiments.{md,json}``.
 """
@@ -111,6 +113,23 @@ def choose_per_fold(keys: Mapping[str, Mapping[str, tuple[float, float]]]) -> tu
     return max(names, key=lambda n: keys[n]["calib"]), max(names, key=lambda n: keys[n]["eval"])
 
 
+def verdict(chosen: Sequence[str], vs_default: Sequence[Mapping[str, Any] | None]) -> tuple[str | None, str]:
+    """The variant that replaces the default (None: the default stays) and why, from each fold's choice and its
+    paired differences with the default on that fold's reporting half."""
+    if chosen[0] != chosen[1]:
+        return None, "the folds chose differently"
+    if chosen[0] == DEFAULT:
+        return None, "both folds chose the default"
+    diffs = [d or {} for d in vs_default]
+    worse = sorted({k for d in diffs for k, v in d.items() if v["verdict"] == "worse"})
+    if worse:
+        return None, f"both folds chose {chosen[0]}, but it is worse where the intervals say so: {', '.join(worse)}"
+    if not any(d.get("image_auroc", {}).get("verdict") == "better" for d in diffs):
+        return None, (f"both folds chose {chosen[0]}, but its image AUROC is not better than the default's where "
+                      "the intervals say so on either fold")
+    return chosen[0], f"both folds chose {chosen[0]} and its image AUROC is better where the intervals say so"
+
+
 def folds_of(scored: Scored) -> list[tuple[Half, Any]]:
     """``bench.quality``'s folds: report on eval with the calib half's operating point, then swapped."""
     percentile = resolved_percentile(scored.settings.model.scoring)
@@ -158,7 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      for name, s in scored.items()},
         "chosen": {"fold 1 (choose on calib, report on eval)": chosen[0],
                    "fold 2 (choose on eval, report on calib)": chosen[1]},
-        "winner": chosen[0] if chosen[0] == chosen[1] else None,
         "reports": {},
     }
     for fold, name in enumerate(chosen):
@@ -170,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             diffs = compare(_one_fold(reports[name], fold), _one_fold(reports[DEFAULT], fold))
             entry["vs_default"] = {k: diffs[k] for k in FIGURES}
         results["reports"][f"fold {fold + 1}"] = entry
+    results["winner"], results["verdict"] = verdict(chosen, [e.get("vs_default") for e in results["reports"].values()])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render(results)
     (args.out_dir / "experiments.md").write_text(markdown, encoding="utf-8")
@@ -212,8 +231,8 @@ def render(results: Mapping[str, Any]) -> str:
                      f"{v['eval']['image_auroc']:.3f} | {v['eval']['pixel_auroc']:.3f} | {v['fit_s']:.0f} | "
                      f"{v['memory_size']} |")
     lines += ["", "Chosen: " + "; ".join(f"{fold}: **{name}**" for fold, name in results["chosen"].items()) + ". "
-              + (f"Both folds chose **{results['winner']}**." if results["winner"]
-                 else "The folds chose differently: no variant wins, the default stays."), "",
+              + (f"**{results['winner']} replaces the default**: " if results["winner"]
+                 else "**The default stays**: ") + results["verdict"] + ".", "",
               "The chosen variant on its fold's reporting half (threshold and band calibrated on the other half), "
               "beside the default on the same half; 95 % bootstrap intervals, paired difference:", "",
               "| fold | variant | " + " | ".join(FIGURES) + " |",
