@@ -13,6 +13,11 @@ and image score, is the library's):
 * ``reweighted:b``: PatchCore's re-weighting applied per patch, ``(1 - softmax weight) · distance`` over the nearest
   row and its b neighbours in the memory.
 
+For the library's rule it also says where each map peaks (the image score is the blurred map's maximum): inside
+the defect's mask, or on the crop's outermost pixel row or column; and it prints pixel AUROC per defect class
+(that class's images with the good ones) and the share of the class's pixels inside its masks: which class the
+pooled pixel AUROC rests on.
+
 ``--ensemble`` also fits ``efficientnet_lite0`` and averages the two models' image scores, each divided by its median
 over the half (score averaging of the pip-installed CNNs). Figures on the calib half only; nothing is written.
 """
@@ -35,7 +40,7 @@ from bdi.data.metrics import aupro, image_auroc, pixel_auroc
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import l2_normalize
 from bdi.service import InspectionService
-from bench.quality_data import load_mvtec
+from bench.quality_data import Sample, load_mvtec
 from bench.quality_rows import MM_PER_PX, REF
 
 DistanceRule = Callable[[KnnIndex, np.ndarray, np.ndarray], np.ndarray]
@@ -87,6 +92,30 @@ def distances_by(rule: str, neighbours: MemoryNeighbours) -> Callable[..., np.nd
     return patched
 
 
+def pixel_auroc_per_class(samples: Sequence[Sample], maps: Sequence[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per defect class: pixel AUROC over its images and the good ones, and the share of its pixels in its masks."""
+    out: dict[str, tuple[float, float]] = {}
+    for name in sorted({s.defect_class for s in samples} - {"good"}):
+        idx = [i for i, s in enumerate(samples) if s.defect_class in (name, "good")]
+        auroc = pixel_auroc([maps[i] for i in idx], [samples[i].mask for i in idx])
+        shares = [float(np.mean(s.mask)) for s in samples if s.defect_class == name and s.mask is not None]
+        out[name] = (float("nan") if auroc is None else auroc, float(np.mean(shares)) if shares else float("nan"))
+    return out
+
+
+def peak_places(samples: Sequence[Sample], maps: Sequence[np.ndarray]) -> dict[str, int]:
+    """How many maps peak inside the defect's mask, and how many on the crop's outermost rows or columns."""
+    out = {"ok": 0, "ng": 0, "ng_in_mask": 0, "ok_on_border": 0, "ng_on_border": 0}
+    for sample, anomaly_map in zip(samples, maps, strict=True):
+        y, x = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+        on_border = min(y, x, anomaly_map.shape[0] - 1 - y, anomaly_map.shape[1] - 1 - x) == 0
+        kind = "ng" if sample.label else "ok"
+        out[kind] += 1
+        out[f"{kind}_on_border"] += int(on_border)
+        out["ng_in_mask"] += int(bool(sample.label and sample.mask is not None and sample.mask[y, x]))
+    return out
+
+
 def fitted(backbone: str, train: Sequence[np.ndarray], work: Path) -> InspectionService:
     settings = Settings(model={"features": {"backbone": backbone, "weights": "official", "device": "cpu"}},
                         models_dir=work / backbone)
@@ -108,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     neighbours = MemoryNeighbours()
     original = inference.patch_distances
     rows: list[dict[str, Any]] = []
+    per_class: dict[str, tuple[float, float]] = {}
+    peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bdi-scoring-probe-") as tmp:
         service = fitted(PRETRAINED_CNN, [s.image for s in data.train], Path(tmp))
         scores: dict[str, np.ndarray] = {}
@@ -120,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append({"probe": rule, "image_auroc": image_auroc(labels, scores[rule]),
                              "pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks)})
                 print(json.dumps(rows[-1]), flush=True)
+                if rule == "nearest":
+                    per_class = pixel_auroc_per_class(data.calib, maps)
+                    peaks = peak_places(data.calib, maps)
         finally:
             inference.patch_distances = original
         if args.ensemble:
@@ -130,6 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, s in ((EFFICIENTNET_LITE0, lite0), (f"{PRETRAINED_CNN} + {EFFICIENTNET_LITE0}", averaged)):
                 rows.append({"probe": name, "image_auroc": image_auroc(labels, s)})
                 print(json.dumps(rows[-1]), flush=True)
+    if peaks:
+        print(f"map peaks (nearest rule): inside the defect mask for {peaks['ng_in_mask']} of {peaks['ng']} NG "
+              f"images; on the crop's border for {peaks['ok_on_border']} of {peaks['ok']} OK and "
+              f"{peaks['ng_on_border']} of {peaks['ng']} NG images")
+    if per_class:
+        print("| defect class (calib half) | pixel AUROC (with the good images) | mask share |\n|---|---|---|")
+        for name, (auroc, share) in per_class.items():
+            print(f"| {name} | {auroc:.3f} | {share:.3f} |")
     print("| probe (calib half) | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['probe']} | {row['image_auroc']:.3f} | " + " | ".join(

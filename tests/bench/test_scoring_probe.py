@@ -40,3 +40,20 @@ def test_reweighting_only_ever_lowers_a_distance() -> None:
     index, queries = _index()
     got = distances_by("reweighted:4", MemoryNeighbours())(index, queries)
     assert np.all(got <= patch_distances(index, queries) + 1e-6) and np.all(got > 0)
+
+
+def test_peak_places_counts_peaks_inside_the_mask_and_on_the_border() -> None:
+    from bench.quality_data import Sample
+    from bench.scoring_probe import peak_places
+
+    def sample(label: int, mask: np.ndarray | None) -> Sample:
+        return Sample(name="x", data=b"", image=np.zeros((8, 8, 3), np.uint8), label=label,
+                      defect_class="crack" if label else "good", mask=mask)
+
+    mask = np.zeros((8, 8), bool)
+    mask[3:5, 3:5] = True
+    inside, border = np.zeros((8, 8)), np.zeros((8, 8))
+    inside[4, 4] = 1.0
+    border[0, 5] = 1.0
+    got = peak_places([sample(1, mask), sample(1, mask), sample(0, None)], [inside, border, border])
+    assert got == {"ok": 1, "ng": 2, "ng_in_mask": 1, "ok_on_border": 1, "ng_on_border": 1}
