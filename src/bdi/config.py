@@ -134,9 +134,6 @@ class ScoringConfig:
     blur_sigma: float | None = None  # Gaussian blur of the upsampled distance map, in px; None = the backbone's
     # cut padding tokens before upsampling (docs/design.md "Heatmap aligned with the crop")
     remove_letterbox: bool = True
-    # blur the map inside the ROI mask only (a normalised convolution): distances outside the ROI (a hub's edge, a
-    # bore) do not bleed into it; outside the mask the map is blurred as usual. No effect on a full-crop mask.
-    blur_inside_roi: bool = False
     # 0: the image score is the percentile above; k >= 1: the mean of the k largest patch scores (the blurred map
     # at the patch centres inside the mask). A fit stores it with the memory and scoring uses the stored one.
     score_top_k: int = 0

@@ -77,7 +77,6 @@ FLAT_NAMES: dict[str, FlatName] = {
     "AREA_MM2_THR": FlatName(("model", "scoring", "area_mm2_thr")),
     "BLUR_SIGMA": FlatName(("model", "scoring", "blur_sigma"), optional),
     "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), truthy),
-    "BLUR_INSIDE_ROI": FlatName(("model", "scoring", "blur_inside_roi"), truthy),
     "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
     "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
     "CALIBRATION_BAND": FlatName(("calibration", "band"), truthy),

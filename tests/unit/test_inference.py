@@ -14,7 +14,6 @@ from bdi.patchcore.inference import (
     masked_score,
     patch_centres,
     patch_distances,
-    roi_blur,
     score_crop,
     top_k_mean,
 )
@@ -138,37 +137,3 @@ def test_patch_centres_leave_out_letterbox_padding() -> None:
     assert len(ys) == len(xs) == 2 * 4
     assert set(ys.tolist()) == {14, 42}  # canvas rows 21 and 35 minus the 14 px pad, times 2
     assert set(xs.tolist()) == {14, 42, 70, 98}
-
-
-def _hot_outside_ring() -> tuple[np.ndarray, np.ndarray]:
-    """A 41x41 map that is 1 inside an annulus ROI and 10 everywhere else (a bright hub edge next to the ROI)."""
-    mask = build_roi_mask({"kind": "annulus", "cx": 20, "cy": 20, "r": 18, "r_inner": 10}, width=41, height=41)
-    values = np.where(mask > 0, 1.0, 10.0).astype(np.float32)
-    return values, mask
-
-
-def test_roi_blur_keeps_values_outside_the_roi_from_bleeding_into_it() -> None:
-    values, mask = _hot_outside_ring()
-    inside = mask > 0
-    assert gaussian_blur(values, 3.0)[inside].max() > 3.0  # the plain blur carries the outside's 10 into the ROI
-    np.testing.assert_allclose(roi_blur(values, mask, 3.0)[inside], 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(roi_blur(values, mask, 3.0)[~inside], gaussian_blur(values, 3.0)[~inside])
-
-
-def test_roi_blur_on_a_full_mask_is_the_plain_blur() -> None:
-    values = np.random.default_rng(0).random((20, 30)).astype(np.float32)
-    np.testing.assert_array_equal(roi_blur(values, np.full((20, 30), 255, np.uint8), 2.0), gaussian_blur(values, 2.0))
-
-
-def test_score_crop_blurs_inside_the_roi_only_when_asked() -> None:
-    # one patch per pixel of a 41x41 crop; the patches outside the annulus are far from the memory
-    values, mask = _hot_outside_ring()
-    memory = l2_normalize(np.eye(2, 8, dtype=np.float32))
-    near, far = memory[0], l2_normalize(np.eye(1, 8, 7, dtype=np.float32))[0]
-    queries = np.where((mask > 0).reshape(-1, 1), near, far).astype(np.float32)
-    common = dict(embeddings=queries, grid=(41, 41), letterbox=letterbox_geometry(src_w=41, src_h=41, size=41),
-                  index=KnnIndex.build(memory), memory_grid=(41, 41), mask=mask, threshold=None, mm_per_px=1.0)
-    plain = score_crop(cfg=ScoringConfig(score_percentile=100, blur_sigma=3.0), **common)  # type: ignore[arg-type]
-    inside = score_crop(cfg=ScoringConfig(score_percentile=100, blur_sigma=3.0, blur_inside_roi=True),
-                        **common)  # type: ignore[arg-type]
-    assert plain.score > 0.5 and inside.score == pytest.approx(0.0, abs=1e-5)

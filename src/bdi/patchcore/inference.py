@@ -110,20 +110,6 @@ def gaussian_blur(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(anomaly_map, (ksize, ksize), sigmaX=sigma, sigmaY=sigma)
 
 
-def roi_blur(anomaly_map: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
-    """``gaussian_blur`` inside the ROI as a normalised convolution, ``G(map · m) / G(m)`` for the mask m, so that
-    values outside the ROI neither bleed in nor dilute it; outside the mask the ordinary blur. A full or empty mask
-    gives exactly ``gaussian_blur``."""
-    blurred = gaussian_blur(anomaly_map, sigma)
-    inside = mask > 0
-    if sigma <= 0 or inside.all() or not inside.any():
-        return blurred
-    weight = inside.astype(np.float32)
-    num = gaussian_blur(anomaly_map * weight, sigma)
-    den = gaussian_blur(weight, sigma)
-    return np.where(inside, num / np.maximum(den, np.float32(1e-6)), blurred).astype(np.float32)
-
-
 def masked_score(anomaly_map: np.ndarray, mask: np.ndarray, percentile: float) -> float:
     """Linear-interpolated percentile of the map where mask > 0; 0.0 for an empty mask."""
     valid = anomaly_map[mask > 0]
@@ -249,8 +235,7 @@ def score_crop(
     with timer.stage("map"):
         upsampled = distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox)
     with timer.stage("blur"):
-        anomaly_map = (roi_blur(upsampled, mask, cfg.blur_sigma) if cfg.blur_inside_roi
-                       else gaussian_blur(upsampled, cfg.blur_sigma))
+        anomaly_map = gaussian_blur(upsampled, cfg.blur_sigma)
     with timer.stage("score"):
         if cfg.score_top_k > 0:
             score = top_k_score(anomaly_map, mask, k=cfg.score_top_k, grid=grid, letterbox=letterbox,
