@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from filelock import FileLock, Timeout
 
@@ -176,15 +176,29 @@ def read_with_identity(path: Path) -> tuple[bytes, FileIdentity] | None:
     return data, ident
 
 
+ABSENT: Final = object()  # what read_json gives for a missing file (JSON itself can be null)
+
+
+def read_json(path: Path) -> Any:
+    """The decoded JSON of ``path``, :data:`ABSENT` when there is no such file.
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON (``UnicodeDecodeError`` / ``json.JSONDecodeError``); each caller
+            decides whether that is an error or a file to rebuild.
+        StorageError: the file exists but cannot be read.
+    """
+    read = read_with_identity(path)
+    if read is None:
+        return ABSENT
+    return json.loads(read[0].decode("utf-8"))
+
+
 def read_json_state(path: Path, *, corrupt_event: str) -> dict[str, Any]:
     """The JSON object of a state file that is rebuilt, never trusted (alerts, drift state): ``{}`` when the
     file is absent, and also when it is corrupt or not an object (logged as ``corrupt_event``)."""
-    read = read_with_identity(path)
-    if read is None:
-        return {}
     try:
-        value = json.loads(read[0].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = read_json(path)
+    except ValueError as exc:
         slog(corrupt_event, path=str(path), error=str(exc))
         return {}
     return value if isinstance(value, dict) else {}

@@ -18,7 +18,7 @@ from typing import Any
 from bdi.errors import StorageError
 from bdi.logging import slog
 from bdi.refs import ModelRef
-from bdi.storage.fsio import atomic_write_json, read_with_identity, utc_now_iso
+from bdi.storage.fsio import atomic_write_json, read_json, utc_now_iso
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total), as bdi.patchcore.model's
 PROGRESS_DIR = ".progress"
@@ -44,14 +44,11 @@ class ProgressStore:
 
     def read(self, ref: ModelRef) -> dict[str, Any] | None:
         """The last progress written for ``ref``; None when there is none or it is unreadable."""
-        read = read_with_identity(self.path(ref))
-        if read is None:
-            return None
         try:
-            value = json.loads(read[0].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = read_json(self.path(ref))
+        except ValueError:
             return None
-        return value if _well_formed(value) else None  # a hand-edited or foreign file reads as "no progress"
+        return value if _well_formed(value) else None  # absent, hand-edited or foreign: "no progress"
 
 
 class ProgressTracker:

@@ -8,13 +8,12 @@ locks only once it succeeded: docs/design.md "Failed requests leave nothing behi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from bdi.errors import InvalidScaleError, ScaleMismatchError, StorageError
 from bdi.patchcore.imaging import validate_mm_per_px
-from bdi.storage.fsio import atomic_write_json, exclusive_lock, read_with_identity, utc_now_iso
+from bdi.storage.fsio import ABSENT, atomic_write_json, exclusive_lock, read_json, utc_now_iso
 
 RECIPE_META_FILE = "recipe_meta.json"
 RECIPE_LOCK_FILE = ".recipe_meta.lock"
@@ -24,13 +23,12 @@ LOCK_TIMEOUT_S = 30.0
 def read_recipe_meta(recipe_dir: Path) -> dict[str, Any]:
     """The recipe meta ({} when absent); a corrupt file raises :class:`StorageError`."""
     path = recipe_dir / RECIPE_META_FILE
-    read = read_with_identity(path)
-    if read is None:
-        return {}
     try:
-        value = json.loads(read[0].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = read_json(path)
+    except ValueError as exc:
         raise StorageError(f"corrupt recipe meta {path}: {exc}") from exc
+    if value is ABSENT:
+        return {}
     if not isinstance(value, dict):
         raise StorageError(f"corrupt recipe meta {path}: not a JSON object")
     return value
