@@ -40,7 +40,7 @@ from bdi.data.metrics import image_auroc
 from bdi.patchcore.calibration import resolved_percentile
 from bdi.service import InspectionService
 from bench.quality_data import BenchDataset, Sample, load_mvtec
-from bench.quality_folds import Half, calibrate, compare, fold_report, pixel_figures
+from bench.quality_folds import FoldResamples, Half, calibrate, compare, fold_report, pixel_figures
 from bench.quality_rows import MM_PER_PX, REF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     data = load_mvtec(args.data.name, args.data)
     scored: dict[str, Scored] = {}
+    keys: dict[str, dict[str, tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bdi-experiments-") as tmp:
         for name in names:
             scored[name] = run_variant(data, VARIANTS[name], Path(tmp) / name)
-            print(name, "calib", selection_key(scored[name].calib), "eval", selection_key(scored[name].eval),
-                  flush=True)
-    keys = {name: {"calib": selection_key(s.calib), "eval": selection_key(s.eval)} for name, s in scored.items()}
+            keys[name] = {"calib": selection_key(scored[name].calib), "eval": selection_key(scored[name].eval)}
+            print(name, keys[name], flush=True)
     # fold 1 chooses on the calib half (reports on eval); fold 2 chooses on the eval half (reports on calib)
     chosen = choose_per_fold(keys)
     reports = {name: fold_report(folds_of(s), n_boot=args.bootstrap, n_boot_pixel=args.bootstrap_pixel)
@@ -198,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _one_fold(report: tuple[dict[str, Any], Any], fold: int) -> tuple[dict[str, Any], Any]:
+def _one_fold(report: tuple[dict[str, Any], FoldResamples], fold: int) -> tuple[dict[str, Any], FoldResamples]:
     """A two-fold report narrowed to one fold, for a paired comparison of that fold alone."""
     figures, resamples = report
-    pick = type(resamples)(image={k: [[s[fold]] for s in v] for k, v in resamples.image.items()},
-                           pixel={k: [[s[fold]] for s in v] for k, v in resamples.pixel.items()})
+    pick = FoldResamples(image={k: [[s[fold]] for s in v] for k, v in resamples.image.items()},
+                         pixel={k: [[s[fold]] for s in v] for k, v in resamples.pixel.items()})
     return {"mean": figures["folds"][fold]}, pick
 
 
