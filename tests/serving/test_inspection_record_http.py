@@ -35,6 +35,18 @@ def _segment_lines(models_dir: Path) -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _pids_that_recorded(models_dir: Path, request_ids: set[str]) -> set[int]:
+    pids = set()
+    for line in _segment_lines(models_dir):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if record["request_id"] in request_ids:
+            pids.add(record["pid"])
+    return pids
+
+
 def test_every_answered_infer_survives_sigkill_and_reads_back_filtered_and_paged(tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     env = server_env(tmp_path, models_dir)
@@ -58,7 +70,10 @@ def test_every_answered_infer_survives_sigkill_and_reads_back_filtered_and_paged
                 assert calib.status_code == 200, calib.text
 
         def stream(worker: int) -> None:
-            with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            # a new connection per request: a kept-alive one stays on the worker that accepted it, and the kernel
+            # may hand all three to the same worker
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            with httpx.Client(base_url=server.base_url, timeout=60, limits=fresh) as client:
                 i = 0
                 while not stop.is_set():
                     roi = ROIS[(worker + i) % 2]
@@ -74,8 +89,11 @@ def test_every_answered_infer_survives_sigkill_and_reads_back_filtered_and_paged
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 180
-        while len(answered) < 25 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # until both workers have answered and recorded part of the stream (dict.copy is atomic under the GIL)
+        while len(answered) < 25 or len(_pids_that_recorded(models_dir, set(answered.copy()))) < 2:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         os.killpg(server.pid, signal.SIGKILL)  # mid-stream: requests are in flight on both workers
         assert server.proc is not None
         server.proc.wait(timeout=30)
