@@ -1,12 +1,20 @@
 """Disc benchmark, one command: ``python -m bench.discs`` (issue 29, "Discs, not only tiles").
 
 For each seed it draws hard synthetic discs (``bdi.data.disc_scenes``: hub with bore and bolt holes, vent slots,
-machined friction ring, lighting gradients, pose jitter, small defects next to holes and edges), fits BDI through
-``bdi.service.InspectionService`` on the good training discs (the whole image, as ``/fit_ok`` does), and then,
-per ROI (``ring``, ``vents``, ``hub``), scores held-out good discs and discs with a defect in that ROI with the
-ROI's own ``shape`` (the annulus the GUI would send, about each disc's centre). It reports image AUROC and pixel
-AUROC (over the pixels inside the ROI) per ROI as mean ± sample standard deviation over the seeds, with the worst
-seed, and writes ``bench/results/discs.{json,md}`` (``discs-quick.*`` with ``--quick``).
+machined friction ring, lighting gradients, pose jitter, small defects next to holes and edges) and measures BDI
+through ``bdi.service.InspectionService`` per ROI (``ring``, ``vents``, ``hub``): held-out good discs and discs with a
+defect in that ROI, scored with the ROI's own ``shape`` (the annulus the GUI would send, about each disc's centre).
+Two protocols (``--protocol``):
+
+* ``crop`` (default): what the GUI does. ``/infer`` takes "the canonical ROI crop" (docs/contract.md) and each ROI
+  has its own model, so per ROI a model is fitted on the good training discs' crops of that ROI
+  (``HardDisc.roi_crop``: the annulus's bounding square) and scores the test discs' crops of it;
+* ``whole``: one model fitted on the whole good discs scores the whole test discs with each ROI's mask (the
+  protocol of the first disc figures; a hub or vent defect is then seen at the whole disc's scale).
+
+It reports image AUROC and pixel AUROC (over the pixels inside the ROI) per ROI as mean ± sample standard deviation
+over the seeds, with the worst seed, and writes ``bench/results/discs.{json,md}`` (``discs-quick.*`` with
+``--quick``; ``--stem`` names other runs).
 
 The detector is the library's default model with the pretrained CNN (``bdi.backbones.PRETRAINED_CNN``, its
 official ImageNet weights) on torch; ``--set`` changes any ``model.*`` field for a before/after comparison, e.g.
@@ -36,7 +44,7 @@ import numpy as np
 
 from bdi.backbones import PRETRAINED_CNN
 from bdi.config import Settings
-from bdi.data.disc_scenes import HARD_DEFECT_KINDS, ROIS, HardDisc, make_hard_disc
+from bdi.data.disc_scenes import HARD_DEFECT_KINDS, ROIS, HardDisc, RoiCrop, make_hard_disc
 from bdi.data.metrics import image_auroc, pixel_auroc
 from bdi.patchcore.imaging import build_roi_mask
 from bdi.refs import ModelRef
@@ -80,22 +88,27 @@ def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
     return DiscSplit(seed=seed, train=train, good=good, defective=defective)
 
 
-def roi_masks(discs: Sequence[HardDisc], roi: str) -> list[np.ndarray]:
-    """The ROI mask of each disc, built from the ``shape`` the GUI would send (``build_roi_mask``)."""
-    return [build_roi_mask(d.roi_shape(roi), width=d.image.shape[1], height=d.image.shape[0]) for d in discs]
+PROTOCOLS = ("crop", "whole")
 
 
-def measure_roi(service: InspectionService, *, good: Sequence[HardDisc], defective: Sequence[HardDisc],
-                roi: str) -> RoiMetrics:
+def roi_view(disc: HardDisc, roi: str, protocol: str) -> RoiCrop:
+    """What the detector sees of ``disc`` for ``roi``: its ROI crop, or the whole image with the ROI's shape."""
+    if protocol == "crop":
+        return disc.roi_crop(roi)
+    return RoiCrop(image=disc.image, mask=disc.mask, shape=disc.roi_shape(roi), origin=(0, 0))
+
+
+def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[HardDisc],
+                defective: Sequence[HardDisc], roi: str, protocol: str) -> RoiMetrics:
     """Score good and defective discs inside ``roi``: image AUROC, and pixel AUROC over the ROI's pixels."""
-    discs = [*good, *defective]
-    masks = roi_masks(discs, roi)
-    results = service.score_images(ref=REF, images=[d.image for d in discs], masks=masks)
+    views = [roi_view(d, roi, protocol) for d in [*good, *defective]]
+    masks = [build_roi_mask(v.shape, width=v.image.shape[1], height=v.image.shape[0]) for v in views]
+    results = service.score_images(ref=ref, images=[v.image for v in views], masks=masks)
     scores = [float(r.score) for r in results]
     labels = [0] * len(good) + [1] * len(defective)
     inside = [m > 0 for m in masks]
     maps = [r.anomaly_map[keep][None, :] for r, keep in zip(results, inside, strict=True)]
-    truths = [(d.mask > 0)[keep][None, :] for d, keep in zip(discs, inside, strict=True)]
+    truths = [(v.mask > 0)[keep][None, :] for v, keep in zip(views, inside, strict=True)]
     return RoiMetrics(image_auroc=image_auroc(labels, scores), pixel_auroc=pixel_auroc(maps, truths),
                       good_scores=scores[: len(good)], defect_scores=scores[len(good):])
 
@@ -109,11 +122,22 @@ def build_service(*, work: Path, backbone: str, weights: str, model_overrides: d
     return InspectionService.from_settings(settings)
 
 
-def measure_seed(split: DiscSplit, service: InspectionService) -> dict[str, RoiMetrics]:
-    """Fit on the split's good training discs (whole images), then measure every ROI."""
-    service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=[d.image for d in split.train])
-    return {roi: measure_roi(service, good=split.good[roi], defective=split.defective[roi], roi=roi)
-            for roi in ROIS}
+def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str = "crop") -> dict[str, RoiMetrics]:
+    """Fit on the split's good training discs (per ROI on its crops, or once on the whole images), then measure
+    every ROI."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if protocol == "whole":
+        service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=[d.image for d in split.train])
+    metrics = {}
+    for roi in ROIS:
+        ref = REF if protocol == "whole" else ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi,
+                                                              model_key=None)
+        if protocol == "crop":
+            service.fit_images(ref=ref, mm_per_px=MM_PER_PX, images=[d.roi_crop(roi).image for d in split.train])
+        metrics[roi] = measure_roi(service, ref=ref, good=split.good[roi], defective=split.defective[roi], roi=roi,
+                                   protocol=protocol)
+    return metrics
 
 
 def summarise(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -140,6 +164,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{params['threads']} thread(s). Seeds {', '.join(map(str, params['seeds']))}; per seed "
         f"{params['n_train']} good training discs of {params['size']} px, and per ROI {params['n_test']} good "
         f"and {params['n_test']} defective held-out discs ({', '.join(HARD_DEFECT_KINDS)} in turn). "
+        f"Protocol `{params.get('protocol', 'whole')}` ("
+        + ("a model per ROI, fitted on and scoring the ROI's crops" if params.get("protocol") == "crop"
+           else "one model on the whole discs, each ROI by its mask") + "). "
         f"Model: `{params['backbone']}` ({params['weights']} weights), "
         f"model overrides {params['model_overrides'] or 'none'}; feature net on "
         f"{params['runtime'].get('runtime')} {params['runtime'].get('runtime_precision')}.",
@@ -180,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", default="official")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a model.* setting, e.g. scoring.blur_sigma=8 (repeatable)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="crop",
+                        help="crop: a model per ROI on its crops, as the GUI sends them (default); whole: one model "
+                             "on the whole discs, each ROI by its mask")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="output file stem (default discs, or discs-quick)")
@@ -199,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bdi-discs-") as work:
                 service = build_service(work=Path(work), backbone=args.backbone, weights=args.weights,
                                         model_overrides=overrides, threads=args.threads)
-                per_seed[seed] = measure_seed(split, service)
+                per_seed[seed] = measure_seed(split, service, protocol=args.protocol)
                 runtime = {k: v for k, v in service.runtime.health().items() if k in RUNTIME_FACTS}
             print(f"seed {seed}: " + ", ".join(f"{roi} {m.image_auroc:.3f}/{m.pixel_auroc:.3f}"
                                                for roi, m in per_seed[seed].items()), flush=True)
@@ -211,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "ignored_env": sorted(hidden),
         "params": {**preset, "seeds": list(preset["seeds"]), "backbone": args.backbone, "weights": args.weights,
-                   "model_overrides": overrides, "threads": args.threads, "runtime": runtime},
+                   "model_overrides": overrides, "threads": args.threads, "runtime": runtime,
+                   "protocol": args.protocol},
         "rois": {roi: {"image_auroc": summarise([per_seed[s][roi].image_auroc for s in per_seed]),
                        "pixel_auroc": summarise([per_seed[s][roi].pixel_auroc for s in per_seed])}
                  for roi in ROIS},

@@ -55,3 +55,27 @@ def test_model_overrides_reach_the_fitted_model(tmp_path: Path, monkeypatch: pyt
     rows, cols = fit.token_shape
     assert fit.n_images == 1 and fit.n_embeddings == 3 * rows * cols  # the disc and 2 rotated copies
     assert service.settings.model.scoring.blur_sigma == 2
+
+
+def test_the_crop_protocol_fits_a_model_per_roi_on_that_rois_crops(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    discs = _discs(monkeypatch)
+    service = discs.build_service(work=tmp_path, backbone=DINOV2_VITS14, weights="random", threads=1,
+                                  model_overrides={"features": {"input_size": 56, "depth": 2, "blocks": [1]}})
+    split = discs.draw_split(seed=0, size=128, n_train=2, n_test=1)
+    fitted: list[tuple[str, tuple[int, ...]]] = []
+    fit_images = service.fit_images
+
+    def recording_fit(**kwargs):  # type: ignore[no-untyped-def]
+        fitted.append((kwargs["ref"].roi_id, tuple(kwargs["images"][0].shape)))
+        return fit_images(**kwargs)
+
+    monkeypatch.setattr(service, "fit_images", recording_fit)
+    metrics = discs.measure_seed(split, service, protocol="crop")
+    assert [roi for roi, _ in fitted] == list(ROIS)
+    crops = {roi: split.train[0].roi_crop(roi).image.shape for roi in ROIS}
+    assert dict(fitted) == crops and crops["hub"][0] < crops["ring"][0] < 128
+    assert set(metrics) == set(ROIS)
+    fitted.clear()
+    discs.measure_seed(split, service, protocol="whole")
+    assert fitted == [(discs.REF.roi_id, (128, 128, 3))]  # one model on the whole discs

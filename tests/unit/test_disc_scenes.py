@@ -69,3 +69,21 @@ def test_roi_shapes_are_annuli_about_the_discs_centre() -> None:
 def test_an_unknown_roi_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown ROI"):
         make_hard_disc(size=SIZE, defect="pit", roi="caliper", rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("roi", ROIS)
+def test_an_roi_crop_holds_the_whole_roi_with_its_shape_in_crop_coordinates(roi: str) -> None:
+    disc = make_hard_disc(size=SIZE, defect="pit", roi=roi, rng=np.random.default_rng(5))
+    crop = disc.roi_crop(roi)
+    x0, y0 = crop.origin
+    height, width = crop.image.shape[:2]
+    assert np.array_equal(crop.image, disc.image[y0:y0 + height, x0:x0 + width])
+    whole = _roi_mask(disc.roi_shape(roi))
+    inside = build_roi_mask(crop.shape, width=width, height=height) > 0
+    # the crop's own mask is the whole image's ROI mask cut to the window, and nothing of the ROI lies outside it
+    assert np.array_equal(inside, whole[y0:y0 + height, x0:x0 + width])
+    assert int(inside.sum()) == int(whole.sum())
+    assert int((crop.mask > 0).sum()) == int((disc.mask > 0).sum()) > 0
+    # a tight window: the hub and the vents are cut well inside the disc image
+    if roi != "ring":
+        assert width < SIZE * 0.75 and height < SIZE * 0.75

@@ -33,6 +33,7 @@ ROI_INSET_PX = 2.0
 EDGE_INSET_PX = 2.5
 MIN_DEFECT_AREA_PX = 4  # a drawn defect smaller than this inside its ROI is drawn again elsewhere
 MIN_SIZE_PX = 128  # below this the vent band is too narrow to hold a defect
+ROI_CROP_MARGIN_PX = 2  # context kept around an ROI's bounding square in its crop
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,32 @@ class HardDisc:
 
     def roi_shape(self, roi: str) -> dict[str, float | str]:
         return self.scene.layout.roi_shape(roi)
+
+    def roi_crop(self, roi: str) -> RoiCrop:
+        """The canonical ROI crop the GUI sends to ``/infer`` (docs/contract.md): the annulus's bounding square
+        about the disc's centre, ROI_CROP_MARGIN_PX wider on each side and clipped to the image, with the ROI's
+        ``shape`` in the crop's pixel coordinates and the defect mask cut to the same window."""
+        layout = self.scene.layout
+        r_inner, r = layout.roi_radii(roi)
+        height, width = self.image.shape[:2]
+        x0 = max(0, int(np.floor(layout.cx - r - ROI_CROP_MARGIN_PX)))
+        y0 = max(0, int(np.floor(layout.cy - r - ROI_CROP_MARGIN_PX)))
+        x1 = min(width, int(np.ceil(layout.cx + r + ROI_CROP_MARGIN_PX)))
+        y1 = min(height, int(np.ceil(layout.cy + r + ROI_CROP_MARGIN_PX)))
+        shape: dict[str, float | str] = {"kind": "annulus", "cx": layout.cx - x0, "cy": layout.cy - y0, "r": r,
+                                         "r_inner": r_inner}
+        return RoiCrop(image=self.image[y0:y1, x0:x1], mask=self.mask[y0:y1, x0:x1], shape=shape, origin=(x0, y0))
+
+
+@dataclass(frozen=True)
+class RoiCrop:
+    """One ROI's crop of a disc: the image and defect mask in that window, the ROI ``shape`` in its coordinates and
+    the window's top-left corner (x, y) in the disc image."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    shape: dict[str, float | str]
+    origin: tuple[int, int]
 
 
 def random_scene(*, size: int, rng: np.random.Generator) -> DiscScene:
