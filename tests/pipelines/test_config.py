@@ -134,3 +134,11 @@ def test_cli_typo_exits_non_zero_with_hint(tmp_path: Path) -> None:
     assert "Could not override 'model.memory.coreset_rat'" in out.stderr
     assert "Did you mean 'model.memory.coreset_rate'" in out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_the_disc_model_group_sets_the_disc_rois_measured_settings() -> None:
+    cfg = validate(to_plain(compose_config(["model=efficientnet_lite2_discs"])))
+    model = model_config(cfg)
+    assert model.features.backbone == "efficientnet_lite2" and model.features.input_size == 448
+    assert model.memory.fit_rotations == 4
+    assert model.scoring.blur_sigma == pytest.approx(4.0)
