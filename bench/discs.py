@@ -10,7 +10,10 @@ Two protocols (``--protocol``):
   has its own model, so per ROI a model is fitted on the good training discs' crops of that ROI
   (``HardDisc.roi_crop``: the annulus's bounding square) and scores the test discs' crops of it;
 * ``whole``: one model fitted on the whole good discs scores the whole test discs with each ROI's mask (the
-  protocol of the first disc figures; a hub or vent defect is then seen at the whole disc's scale).
+  protocol of the first disc figures; a hub or vent defect is then seen at the whole disc's scale);
+* ``polar`` (a probe: the library has no such setting yet): as ``crop``, but each ROI's annulus is unwrapped into a
+  strip (radius down, angle across, ``unwrap_annulus``) folded into rows until it is about square, so a narrow band
+  fills the network's input and a turn of the disc becomes a shift along the strip.
 
 It reports image AUROC and pixel AUROC (over the pixels inside the ROI) per ROI as mean ± sample standard deviation
 over the seeds, with the worst seed, and writes ``bench/results/discs.{json,md}`` (``discs-quick.*`` with
@@ -40,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from bdi.backbones import PRETRAINED_CNN
@@ -88,13 +92,53 @@ def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
     return DiscSplit(seed=seed, train=train, good=good, defective=defective)
 
 
-PROTOCOLS = ("crop", "whole")
+PROTOCOLS = ("crop", "whole", "polar")
+POLAR_UPSAMPLE = 2.5  # strip px per disc px, radially and along the annulus's middle circle
+POLAR_MARGIN_PX = 2.0  # the polar warp reaches this far beyond the outer radius (then cut to the annulus)
+
+
+def polar_band(image: np.ndarray, *, cx: float, cy: float, r_inner: float, r: float,
+               upsample: float = POLAR_UPSAMPLE, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """The annulus about (cx, cy) unwrapped into a band, radius down and angle across, ``upsample`` band px per image
+    px; its angular samples are a multiple of the rows :func:`fold_rows` will cut it into, so no angle is lost."""
+    r_max = r + POLAR_MARGIN_PX
+    n_radial = int(round(r_max * upsample))
+    top, bottom = int(r_inner / r_max * n_radial), int(np.ceil(r / r_max * n_radial))
+    n_angles = np.pi * (r_inner + r) * upsample
+    rows = _rows(n_angles, bottom - top)
+    polar = cv2.warpPolar(image, (n_radial, rows * int(np.ceil(n_angles / rows))), (cx, cy), r_max,
+                          interpolation + cv2.WARP_POLAR_LINEAR)
+    return np.ascontiguousarray(np.swapaxes(polar[:, top:bottom], 0, 1))
+
+
+def _rows(length: float, height: int) -> int:
+    return max(1, int(round(np.sqrt(length / height))))  # a band of length × height folds about square
+
+
+def fold_rows(band: np.ndarray) -> np.ndarray:
+    """``band`` cut along its length into equal rows stacked top to bottom, until about square."""
+    rows = _rows(band.shape[1], band.shape[0])
+    width = band.shape[1] // rows
+    return np.ascontiguousarray(np.concatenate([band[:, i * width:(i + 1) * width] for i in range(rows)], axis=0))
+
+
+def unwrap_annulus(image: np.ndarray, **annulus: Any) -> np.ndarray:
+    """The annulus's :func:`polar_band` folded into rows (:func:`fold_rows`)."""
+    return fold_rows(polar_band(image, **annulus))
 
 
 def roi_view(disc: HardDisc, roi: str, protocol: str) -> RoiCrop:
-    """What the detector sees of ``disc`` for ``roi``: its ROI crop, or the whole image with the ROI's shape."""
+    """What the detector sees of ``disc`` for ``roi``: its ROI crop, its annulus unwrapped into a strip (the whole
+    strip is the ROI), or the whole image with the ROI's shape."""
     if protocol == "crop":
         return disc.roi_crop(roi)
+    if protocol == "polar":
+        layout = disc.scene.layout
+        r_inner, r = layout.roi_radii(roi)
+        ring = {"cx": layout.cx, "cy": layout.cy, "r_inner": r_inner, "r": r}
+        return RoiCrop(image=unwrap_annulus(disc.image, **ring),
+                       mask=unwrap_annulus(disc.mask, **ring, interpolation=cv2.INTER_NEAREST),
+                       shape={"kind": "rect"}, origin=(0, 0))
     return RoiCrop(image=disc.image, mask=disc.mask, shape=disc.roi_shape(roi), origin=(0, 0))
 
 
@@ -123,8 +167,8 @@ def build_service(*, work: Path, backbone: str, weights: str, model_overrides: d
 
 
 def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str = "crop") -> dict[str, RoiMetrics]:
-    """Fit on the split's good training discs (per ROI on its crops, or once on the whole images), then measure
-    every ROI."""
+    """Fit on the split's good training discs (per ROI on its crops or strips, or once on the whole images), then
+    measure every ROI."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
     if protocol == "whole":
@@ -133,8 +177,9 @@ def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str 
     for roi in ROIS:
         ref = REF if protocol == "whole" else ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi,
                                                               model_key=None)
-        if protocol == "crop":
-            service.fit_images(ref=ref, mm_per_px=MM_PER_PX, images=[d.roi_crop(roi).image for d in split.train])
+        if protocol != "whole":
+            service.fit_images(ref=ref, mm_per_px=MM_PER_PX,
+                               images=[roi_view(d, roi, protocol).image for d in split.train])
         metrics[roi] = measure_roi(service, ref=ref, good=split.good[roi], defective=split.defective[roi], roi=roi,
                                    protocol=protocol)
     return metrics
@@ -165,8 +210,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{params['n_train']} good training discs of {params['size']} px, and per ROI {params['n_test']} good "
         f"and {params['n_test']} defective held-out discs ({', '.join(HARD_DEFECT_KINDS)} in turn). "
         f"Protocol `{params.get('protocol', 'whole')}` ("
-        + ("a model per ROI, fitted on and scoring the ROI's crops" if params.get("protocol") == "crop"
-           else "one model on the whole discs, each ROI by its mask") + "). "
+        + {"crop": "a model per ROI, fitted on and scoring the ROI's crops",
+           "polar": "a model per ROI, fitted on and scoring the ROI's annulus unwrapped into a strip"}.get(
+               params.get("protocol", "whole"), "one model on the whole discs, each ROI by its mask") + "). "
         f"Model: `{params['backbone']}` ({params['weights']} weights), "
         f"model overrides {params['model_overrides'] or 'none'}; feature net on "
         f"{params['runtime'].get('runtime')} {params['runtime'].get('runtime_precision')}.",
@@ -209,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a model.* setting, e.g. scoring.blur_sigma=8 (repeatable)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="crop",
                         help="crop: a model per ROI on its crops, as the GUI sends them (default); whole: one model "
-                             "on the whole discs, each ROI by its mask")
+                             "on the whole discs, each ROI by its mask; polar: a model per ROI on its annulus "
+                             "unwrapped into a strip (a probe)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="output file stem (default discs, or discs-quick)")
