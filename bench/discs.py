@@ -92,15 +92,20 @@ def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
     return DiscSplit(seed=seed, train=train, good=good, defective=defective)
 
 
-PROTOCOLS = ("crop", "whole", "polar")
+PROTOCOLS = {  # --protocol: what each one fits and scores (the --help text and the results' line)
+    "crop": "a model per ROI, fitted on and scoring the ROI's crops, as the GUI sends them",
+    "whole": "one model on the whole discs, each ROI by its mask",
+    "polar": "a model per ROI, fitted on and scoring the ROI's annulus unwrapped into a strip (a probe)",
+}
 POLAR_UPSAMPLE = 2.5  # strip px per disc px, radially and along the annulus's middle circle
 POLAR_MARGIN_PX = 2.0  # the polar warp reaches this far beyond the outer radius (then cut to the annulus)
 
 
 def polar_band(image: np.ndarray, *, cx: float, cy: float, r_inner: float, r: float,
-               upsample: float = POLAR_UPSAMPLE, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+               upsample: float = POLAR_UPSAMPLE, interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, int]:
     """The annulus about (cx, cy) unwrapped into a band, radius down and angle across, ``upsample`` band px per image
-    px; its angular samples are a multiple of the rows :func:`fold_rows` will cut it into, so no angle is lost."""
+    px, and the number of rows that folds it about square; its angular samples are a multiple of those rows, so
+    :func:`fold_rows` loses no angle."""
     r_max = r + POLAR_MARGIN_PX
     n_radial = int(round(r_max * upsample))
     top, bottom = int(r_inner / r_max * n_radial), int(np.ceil(r / r_max * n_radial))
@@ -108,23 +113,22 @@ def polar_band(image: np.ndarray, *, cx: float, cy: float, r_inner: float, r: fl
     rows = _rows(n_angles, bottom - top)
     polar = cv2.warpPolar(image, (n_radial, rows * int(np.ceil(n_angles / rows))), (cx, cy), r_max,
                           interpolation + cv2.WARP_POLAR_LINEAR)
-    return np.ascontiguousarray(np.swapaxes(polar[:, top:bottom], 0, 1))
+    return np.ascontiguousarray(np.swapaxes(polar[:, top:bottom], 0, 1)), rows
 
 
 def _rows(length: float, height: int) -> int:
     return max(1, int(round(np.sqrt(length / height))))  # a band of length × height folds about square
 
 
-def fold_rows(band: np.ndarray) -> np.ndarray:
-    """``band`` cut along its length into equal rows stacked top to bottom, until about square."""
-    rows = _rows(band.shape[1], band.shape[0])
+def fold_rows(band: np.ndarray, rows: int) -> np.ndarray:
+    """``band`` cut along its length into ``rows`` equal rows stacked top to bottom."""
     width = band.shape[1] // rows
     return np.ascontiguousarray(np.concatenate([band[:, i * width:(i + 1) * width] for i in range(rows)], axis=0))
 
 
 def unwrap_annulus(image: np.ndarray, **annulus: Any) -> np.ndarray:
     """The annulus's :func:`polar_band` folded into rows (:func:`fold_rows`)."""
-    return fold_rows(polar_band(image, **annulus))
+    return fold_rows(*polar_band(image, **annulus))
 
 
 def roi_view(disc: HardDisc, roi: str, protocol: str) -> RoiCrop:
@@ -170,14 +174,14 @@ def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str 
     """Fit on the split's good training discs (per ROI on its crops or strips, or once on the whole images), then
     measure every ROI."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {tuple(PROTOCOLS)}")
     if protocol == "whole":
         service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=[d.image for d in split.train])
     metrics = {}
     for roi in ROIS:
-        ref = REF if protocol == "whole" else ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi,
-                                                              model_key=None)
+        ref = REF
         if protocol != "whole":
+            ref = ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi, model_key=None)
             service.fit_images(ref=ref, mm_per_px=MM_PER_PX,
                                images=[roi_view(d, roi, protocol).image for d in split.train])
         metrics[roi] = measure_roi(service, ref=ref, good=split.good[roi], defective=split.defective[roi], roi=roi,
@@ -202,6 +206,7 @@ def _cell(summary: dict[str, float | None]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     params = results["params"]
+    protocol = params.get("protocol", "whole")  # results written before --protocol existed were all "whole"
     lines = [
         "# Disc benchmark",
         "",
@@ -209,10 +214,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{params['threads']} thread(s). Seeds {', '.join(map(str, params['seeds']))}; per seed "
         f"{params['n_train']} good training discs of {params['size']} px, and per ROI {params['n_test']} good "
         f"and {params['n_test']} defective held-out discs ({', '.join(HARD_DEFECT_KINDS)} in turn). "
-        f"Protocol `{params.get('protocol', 'whole')}` ("
-        + {"crop": "a model per ROI, fitted on and scoring the ROI's crops",
-           "polar": "a model per ROI, fitted on and scoring the ROI's annulus unwrapped into a strip"}.get(
-               params.get("protocol", "whole"), "one model on the whole discs, each ROI by its mask") + "). "
+        f"Protocol `{protocol}` ({PROTOCOLS[protocol]}). "
         f"Model: `{params['backbone']}` ({params['weights']} weights), "
         f"model overrides {params['model_overrides'] or 'none'}; feature net on "
         f"{params['runtime'].get('runtime')} {params['runtime'].get('runtime_precision')}.",
@@ -253,10 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", default="official")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a model.* setting, e.g. scoring.blur_sigma=8 (repeatable)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="crop",
-                        help="crop: a model per ROI on its crops, as the GUI sends them (default); whole: one model "
-                             "on the whole discs, each ROI by its mask; polar: a model per ROI on its annulus "
-                             "unwrapped into a strip (a probe)")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="crop",
+                        help="; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items()) + " (default crop)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="output file stem (default discs, or discs-quick)")
