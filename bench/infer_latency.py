@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MAGNETIC_TILE = ROOT.parent / "shared" / "data" / "magnetic_tile"
@@ -47,8 +49,6 @@ def _images(folder: Path) -> list[Path]:
 
 
 def worker(data: Path, backbone: str) -> None:
-    import numpy as np
-
     import bdi
     from bdi.config import Settings
     from bdi.patchcore.imaging import decode_image
@@ -129,15 +129,10 @@ def baseline_src(commit: str, into: Path) -> Path:
     return into / "src"
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summarise(now: dict[str, Any], then: dict[str, Any], round_ratios: list[float]) -> dict[str, Any]:
     """p50 / p95 per version and the ratio of the p50s (this tree / baseline), with the per-round ratios."""
     def figures(runs: dict[str, Any]) -> dict[str, Any]:
-        return {"p50": statistics.median(runs["ms"]), "p95": _percentile(runs["ms"], 0.95), "n": len(runs["ms"])}
+        return {"p50": statistics.median(runs["ms"]), "p95": float(np.percentile(runs["ms"], 95)), "n": len(runs["ms"])}
 
     return {"this_tree": figures(now), "baseline": figures(then),
             "ratio_p50": statistics.median(now["ms"]) / statistics.median(then["ms"]),
