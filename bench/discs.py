@@ -10,10 +10,11 @@ Two protocols (``--protocol``):
   has its own model, so per ROI a model is fitted on the good training discs' crops of that ROI
   (``HardDisc.roi_crop``: the annulus's bounding square) and scores the test discs' crops of it;
 * ``whole``: one model fitted on the whole good discs scores the whole test discs with each ROI's mask (the
-  protocol of the first disc figures; a hub or vent defect is then seen at the whole disc's scale);
-* ``polar`` (a probe: the library has no such setting yet): as ``crop``, but each ROI's annulus is unwrapped into a
-  strip (radius down, angle across, ``unwrap_annulus``) folded into rows until it is about square, so a narrow band
-  fills the network's input and a turn of the disc becomes a shift along the strip.
+  protocol of the first disc figures; a hub or vent defect is then seen at the whole disc's scale).
+
+The fit and the scoring get each crop's ROI shape, as ``/fit_ok`` from the dataset and ``/infer`` do, so
+``--set memory.unwrap=annulus`` measures the library's polar view (``bdi.patchcore.polar``: the ring's and the vents'
+annuli unwrapped into strips, the hub's small-bore annulus kept a crop).
 
 It reports image AUROC and pixel AUROC (over the pixels inside the ROI) per ROI as mean ± sample standard deviation
 over the seeds, with the worst seed, and writes ``bench/results/discs.{json,md}`` (``discs-quick.*`` with
@@ -43,7 +44,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from bdi.backbones import PRETRAINED_CNN
@@ -95,54 +95,11 @@ def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
 PROTOCOLS = {  # --protocol: what each one fits and scores (the --help text and the results' line)
     "crop": "a model per ROI, fitted on and scoring the ROI's crops, as the GUI sends them",
     "whole": "one model on the whole discs, each ROI by its mask",
-    "polar": "a model per ROI, fitted on and scoring the ROI's annulus unwrapped into a strip (a probe)",
 }
-POLAR_UPSAMPLE = 2.5  # strip px per disc px, radially and along the annulus's middle circle
-POLAR_MARGIN_PX = 2.0  # the polar warp reaches this far beyond the outer radius (then cut to the annulus)
-
-
-def polar_band(image: np.ndarray, *, cx: float, cy: float, r_inner: float, r: float,
-               upsample: float = POLAR_UPSAMPLE, interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, int]:
-    """The annulus about (cx, cy) unwrapped into a band, radius down and angle across, ``upsample`` band px per image
-    px, and the number of rows that folds it about square; its angular samples are a multiple of those rows, so
-    :func:`fold_rows` loses no angle."""
-    r_max = r + POLAR_MARGIN_PX
-    n_radial = int(round(r_max * upsample))
-    top, bottom = int(r_inner / r_max * n_radial), int(np.ceil(r / r_max * n_radial))
-    n_angles = np.pi * (r_inner + r) * upsample
-    rows = _rows(n_angles, bottom - top)
-    polar = cv2.warpPolar(image, (n_radial, rows * int(np.ceil(n_angles / rows))), (cx, cy), r_max,
-                          interpolation + cv2.WARP_POLAR_LINEAR)
-    return np.ascontiguousarray(np.swapaxes(polar[:, top:bottom], 0, 1)), rows
-
-
-def _rows(length: float, height: int) -> int:
-    return max(1, int(round(np.sqrt(length / height))))  # a band of length × height folds about square
-
-
-def fold_rows(band: np.ndarray, rows: int) -> np.ndarray:
-    """``band`` cut along its length into ``rows`` equal rows stacked top to bottom."""
-    width = band.shape[1] // rows
-    return np.ascontiguousarray(np.concatenate([band[:, i * width:(i + 1) * width] for i in range(rows)], axis=0))
-
-
-def unwrap_annulus(image: np.ndarray, **annulus: Any) -> np.ndarray:
-    """The annulus's :func:`polar_band` folded into rows (:func:`fold_rows`)."""
-    return fold_rows(*polar_band(image, **annulus))
-
-
 def roi_view(disc: HardDisc, roi: str, protocol: str) -> RoiCrop:
-    """What the detector sees of ``disc`` for ``roi``: its ROI crop, its annulus unwrapped into a strip (the whole
-    strip is the ROI), or the whole image with the ROI's shape."""
+    """What the detector is sent of ``disc`` for ``roi``: its ROI crop, or the whole image, with the ROI's shape."""
     if protocol == "crop":
         return disc.roi_crop(roi)
-    if protocol == "polar":
-        layout = disc.scene.layout
-        r_inner, r = layout.roi_radii(roi)
-        ring = {"cx": layout.cx, "cy": layout.cy, "r_inner": r_inner, "r": r}
-        return RoiCrop(image=unwrap_annulus(disc.image, **ring),
-                       mask=unwrap_annulus(disc.mask, **ring, interpolation=cv2.INTER_NEAREST),
-                       shape={"kind": "rect"}, origin=(0, 0))
     return RoiCrop(image=disc.image, mask=disc.mask, shape=disc.roi_shape(roi), origin=(0, 0))
 
 
@@ -151,7 +108,8 @@ def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[Har
     """Score good and defective discs inside ``roi``: image AUROC, and pixel AUROC over the ROI's pixels."""
     views = [roi_view(d, roi, protocol) for d in [*good, *defective]]
     masks = [build_roi_mask(v.shape, width=v.image.shape[1], height=v.image.shape[0]) for v in views]
-    results = service.score_images(ref=ref, images=[v.image for v in views], masks=masks)
+    results = service.score_images(ref=ref, images=[v.image for v in views], masks=masks,
+                                   shapes=[v.shape for v in views])
     scores = [float(r.score) for r in results]
     labels = [0] * len(good) + [1] * len(defective)
     inside = [m > 0 for m in masks]
@@ -171,8 +129,8 @@ def build_service(*, work: Path, backbone: str, weights: str, model_overrides: d
 
 
 def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str = "crop") -> dict[str, RoiMetrics]:
-    """Fit on the split's good training discs (per ROI on its crops or strips, or once on the whole images), then
-    measure every ROI."""
+    """Fit on the split's good training discs (per ROI on its crops, or once on the whole images), then measure
+    every ROI."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {tuple(PROTOCOLS)}")
     if protocol == "whole":
@@ -182,8 +140,9 @@ def measure_seed(split: DiscSplit, service: InspectionService, *, protocol: str 
         ref = REF
         if protocol != "whole":
             ref = ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi, model_key=None)
-            service.fit_images(ref=ref, mm_per_px=MM_PER_PX,
-                               images=[roi_view(d, roi, protocol).image for d in split.train])
+            crops = [roi_view(d, roi, protocol) for d in split.train]
+            service.fit_images(ref=ref, mm_per_px=MM_PER_PX, images=[c.image for c in crops],
+                               shapes=[c.shape for c in crops])
         metrics[roi] = measure_roi(service, ref=ref, good=split.good[roi], defective=split.defective[roi], roi=roi,
                                    protocol=protocol)
     return metrics

@@ -23,6 +23,7 @@ from pipelines.stage import (
     execute_stage,
     load_image,
     recipe_mm_per_px,
+    roi_shape,
     rows_for,
     run_cli,
     stage_run_with_progress,
@@ -63,7 +64,7 @@ def run_fit_ok(ctx: StageContext, *, progress: Any | None = None) -> list[FitOut
                 raise PipelineDataError(f"no train images for {target.key} in the manifest")
             images = [load_image(ctx.project_root, row) for row in rows]
             result = service.fit_images(ref=target.ref, mm_per_px=recipe_mm_per_px(manifest, target), images=images,
-                                        progress=progress)
+                                        shapes=[roi_shape(row) for row in rows], progress=progress)
             outcomes.append(FitOutcome(key=target.key, result=result))
             log.info("fit %s: %d images, %d patches -> coreset %d", target.key, result.n_images,
                      result.n_embeddings, result.coreset_size)

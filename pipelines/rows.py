@@ -99,11 +99,18 @@ def load_image(root: Path, row: ManifestRow) -> np.ndarray:
     return decode_image(data, name=row.file)
 
 
-def roi_mask(row: ManifestRow, *, width: int, height: int) -> np.ndarray:
-    """The row's ROI mask (``bdi.patchcore.imaging.build_roi_mask`` of its shape JSON; full image when empty)."""
-    from bdi.patchcore.imaging import build_roi_mask, parse_shape
+def roi_shape(row: ManifestRow) -> dict[str, Any] | None:
+    """The row's ROI shape (its shape JSON parsed; None for the full image)."""
+    from bdi.patchcore.imaging import parse_shape
 
-    return build_roi_mask(parse_shape(row.roi_shape or None), width=width, height=height)
+    return parse_shape(row.roi_shape or None)
+
+
+def roi_mask(row: ManifestRow, *, width: int, height: int) -> np.ndarray:
+    """The row's ROI mask (``bdi.patchcore.imaging.build_roi_mask`` of its shape; full image when empty)."""
+    from bdi.patchcore.imaging import build_roi_mask
+
+    return build_roi_mask(roi_shape(row), width=width, height=height)
 
 
 def load_mask(root: Path, row: ManifestRow, *, threshold: int) -> np.ndarray | None:
@@ -153,7 +160,7 @@ def score_rows(
     if not images:
         return [], []
     results = service.score_images(ref=target.ref, images=images, masks=masks, scoring=scoring,
-                                   progress=progress)
+                                   shapes=[roi_shape(row) for row in rows], progress=progress)
     return images, list(results)
 
 

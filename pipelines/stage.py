@@ -46,6 +46,7 @@ from pipelines.rows import (
     recipe_mm_per_px,
     resolve_path,
     roi_mask,
+    roi_shape,
     rows_for,
     score_rows,
     targets,
@@ -59,7 +60,7 @@ log = logging.getLogger("pipelines")
 # The data helpers of pipelines.rows, re-exported: the stages import them from here with the plumbing (this
 # module's own names are importable as always).
 __all__ = ["Target", "build_service", "evaluate_rows", "load_image", "load_mask", "recipe_mm_per_px",
-              "resolve_path", "roi_mask", "rows_for", "score_rows", "targets"]
+              "resolve_path", "roi_mask", "roi_shape", "rows_for", "score_rows", "targets"]
 
 StageResultT = TypeVar("StageResultT")
 

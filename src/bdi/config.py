@@ -31,6 +31,9 @@ RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]  # what runs t
 # copies of each good image that a fit adds to the memory (bdi.patchcore.augment): none, the flips (H, V, both), the
 # 90° rotations (about the image centre: an annulus ROI centred on the image turns about the disc centre) or all 8
 Augmentation = Literal["none", "flips", "rot90", "dihedral"]
+# what a model sees of a crop whose ROI is an annulus (bdi.patchcore.polar): the crop, or the annulus unwrapped into a
+# folded strip (when its hole is at least half its radius: a friction ring or a vent band, not a hub with a small bore)
+Unwrap = Literal["none", "annulus"]
 # exported feature nets (bdi.runtime.export): in the weights cache dir and in registered models
 EXPORTS_DIRNAME = "exports"
 SECURITY_DIRNAME = ".security"
@@ -104,10 +107,16 @@ class MemoryConfig:
     # turns, exactly (bdi.patchcore.augment; `rot90` is fit_rotations=4 without interpolation, and it swaps a
     # non-square crop's width and height); stored in the memory's metadata
     augment: Augmentation = "none"
+    # "annulus": a fit whose samples all carry a narrow annulus ROI shape is fitted on the annuli unwrapped into
+    # strips (fit_rotations then turn the strip), and the model scores the crops it is sent that way, warping the map
+    # back onto the crop; stored in the memory's metadata ("view"), which decides at scoring
+    unwrap: Unwrap = "none"
 
     def __post_init__(self) -> None:
         if self.augment not in get_args(Augmentation):
             raise ValueError(f"augment must be one of {get_args(Augmentation)}, got {self.augment!r}")
+        if self.unwrap not in get_args(Unwrap):
+            raise ValueError(f"unwrap must be one of {get_args(Unwrap)}, got {self.unwrap!r}")
         if not (0.0 < self.coreset_rate <= 1.0) or math.isnan(self.coreset_rate):
             raise ValueError(f"coreset_rate must be in (0, 1], got {self.coreset_rate}")
         if isinstance(self.fit_rotations, bool) or not isinstance(self.fit_rotations, int) or self.fit_rotations < 1:

@@ -81,29 +81,19 @@ def test_the_crop_protocol_fits_a_model_per_roi_on_that_rois_crops(tmp_path: Pat
     assert fitted == [(discs.REF.roi_id, (128, 128, 3))]  # one model on the whole discs
 
 
-@pytest.mark.parametrize("roi", ROIS)
-def test_the_polar_strip_holds_the_annulus_and_nothing_else_and_keeps_every_defect(
-    roi: str, monkeypatch: pytest.MonkeyPatch
+def test_the_crop_protocol_sends_each_crops_annulus_so_the_polar_view_is_measurable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     discs = _discs(monkeypatch)
-    import numpy as np
-
-    from bdi.data.disc_scenes import make_hard_disc
-    from bdi.patchcore.imaging import build_roi_mask
-
-    disc = make_hard_disc(size=256, defect="pit", roi=roi, rng=np.random.default_rng(4))
-    view = discs.roi_view(disc, roi, "polar")
-    height, width = view.image.shape[:2]
-    assert 0.5 < height / width < 2.0  # folded into rows until about square
-    inside = build_roi_mask(disc.roi_shape(roi), width=256, height=256)
-    layout = disc.scene.layout
-    r_inner, r = layout.roi_radii(roi)
-    strip_of_roi = discs.unwrap_annulus(inside, cx=layout.cx, cy=layout.cy, r_inner=r_inner, r=r,
-                                        interpolation=discs.cv2.INTER_NEAREST)
-    assert (strip_of_roi > 0).mean() > 0.97  # the strip is the annulus (a pixel row at each edge may fall outside)
-    assert (view.mask > 0).any()  # the defect is in the strip
-    # every angle is kept: the band has at least one sample per strip px along the middle circle, and folding it
-    # into rows drops none of them
-    band, rows = discs.polar_band(disc.image, cx=layout.cx, cy=layout.cy, r_inner=r_inner, r=r)
-    assert band.shape[1] >= np.pi * (r_inner + r) * discs.POLAR_UPSAMPLE
-    assert discs.fold_rows(band, rows).size == band.size == view.image.size
+    service = discs.build_service(work=tmp_path, backbone=DINOV2_VITS14, weights="random", threads=1,
+                                  model_overrides={"features": {"input_size": 56, "depth": 2, "blocks": [1]},
+                                                   "memory": {"unwrap": "annulus"}})
+    split = discs.draw_split(seed=0, size=128, n_train=2, n_test=1)
+    discs.measure_seed(split, service, protocol="crop")
+    views = {}
+    for roi in ROIS:
+        ref = discs.ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi, model_key=None)
+        memory = service.store.load_memory(ref)
+        assert memory is not None
+        views[roi] = memory.metadata["view"]
+    assert views == {"ring": "polar", "vents": "polar", "hub": "crop"}  # the hub's bore is small: a crop

@@ -122,7 +122,7 @@ class ModelDirPredictor:
 
         if "image_path" not in frame.columns and "image_bytes" not in frame.columns:
             raise InvalidInputError("the input needs an 'image_path' or an 'image_bytes' column")
-        images, masks = [], []
+        images, masks, views = [], [], []
         for i, row in enumerate(frame.to_dict("records")):
             data = row.get("image_bytes")
             if not isinstance(data, (bytes, bytearray)):
@@ -138,7 +138,8 @@ class ModelDirPredictor:
             shape = parse_shape(shape) if isinstance(shape, (str, Mapping)) and shape else None
             images.append(crop)
             masks.append(build_roi_mask(shape, width=crop.shape[1], height=crop.shape[0]))
-        scores = [float(r.score) for r in self.model.score(images, masks)]
+            views.append(self.model.view(shape, width=crop.shape[1], height=crop.shape[0]))
+        scores = [float(r.score) for r in self.model.score(images, masks, views=views)]
         return pd.DataFrame({
             "score": scores,
             "threshold": [self.model.threshold] * len(scores),

@@ -4,8 +4,9 @@
 As AnomalyDINO does with few references, the memory then holds the patches of the dihedral copies of every
 good image, so a texture or a disc seen at another orientation is not scored as anomalous. The copies turn about
 the image centre: for an annulus ROI centred on the image (a brake disc crop) that is the disc centre. A rotation
-by 90° swaps width and height; the letterbox (``bdi.patchcore.imaging``) takes any shape. The copies are fixed
-transforms, not random draws: the same images give the same memory.
+by 90° swaps width and height; the letterbox (``bdi.patchcore.imaging``) takes any shape. An image seen through
+a polar view (``bdi.patchcore.polar``) is its unwrapped strip, and a rotation turns the strip (a shift along it, exact).
+The copies are fixed transforms, not random draws: the same images give the same memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 
 from bdi.config import Augmentation
+from bdi.patchcore.polar import PolarView
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -54,12 +56,22 @@ def copies(mode: Augmentation, rotations: int = 1) -> int:
     return len(TRANSFORMS[mode]) * rotations
 
 
-def augmented(images: Iterable[np.ndarray], mode: Augmentation, rotations: int = 1) -> Iterator[np.ndarray]:
+ViewOf = Callable[[int, np.ndarray], PolarView | None]  # (image's position, image) → its polar view, or None
+
+
+def augmented(images: Iterable[np.ndarray], mode: Augmentation, rotations: int = 1,
+              view_of: ViewOf | None = None) -> Iterator[np.ndarray]:
     """Each ``(H, W, C)`` image, its ``rotations - 1`` rotated copies (:func:`rotated_copies`) and each one's
-    :data:`TRANSFORMS` copies, lazily, image by image."""
+    :data:`TRANSFORMS` copies, lazily, image by image. An image that ``view_of`` gives a polar view is seen as its
+    unwrapped strip, turned by 1/``rotations`` of a revolution per copy."""
     transforms = TRANSFORMS[mode]
-    for image in images:
-        for turned in (rotated_copies(image, rotations) if rotations > 1 else (image,)):
+    for i, image in enumerate(images):
+        view = view_of(i, image) if view_of is not None else None
+        if view is not None:
+            turns = [view.unwrap(image, turn=k / rotations) for k in range(rotations)]
+        else:
+            turns = rotated_copies(image, rotations) if rotations > 1 else [image]
+        for turned in turns:
             for transform in transforms:
                 yield transform(turned)
 

@@ -327,6 +327,30 @@ def _draw_disc(mask: np.ndarray, *, center: tuple[int, int], radius: int) -> Non
         raise InvalidInputError(f"shape circle cannot be drawn: center={center}, r={radius}") from exc
 
 
+@dataclass(frozen=True)
+class Annulus:
+    """An ``annulus`` shape's geometry in crop px, unrounded (the mask rounds it to draw)."""
+
+    cx: float
+    cy: float
+    r_inner: float
+    r: float
+
+
+def annulus_of(shape: Mapping[str, Any] | None, *, width: int, height: int) -> Annulus | None:
+    """The geometry of an ``annulus`` shape with build_roi_mask's defaults and checks; None for any other shape."""
+    if not shape or not isinstance(shape, Mapping):
+        return None
+    kind = shape.get("kind")
+    if not isinstance(kind, str) or kind.strip().lower() != "annulus":
+        return None
+    r = _number(shape, "r", min(height, width) / 2)
+    if r < 0:
+        raise InvalidInputError(f"shape.r must be >= 0, got {shape.get('r')!r}")
+    return Annulus(cx=_number(shape, "cx", width / 2), cy=_number(shape, "cy", height / 2),
+                   r_inner=max(0.0, _number(shape, "r_inner", 0)), r=r)
+
+
 def build_roi_mask(shape: Mapping[str, Any] | None, *, width: int, height: int) -> np.ndarray:
     """The ROI mask of docs/contract.md "ROI mask": ``uint8`` ``(height, width)``, 0..255, ``> 0`` means inside.
 

@@ -138,6 +138,7 @@ def _memory(
             "knn_index": cfg.knn_index,
             "fit_rotations": cfg.fit_rotations,
             "augment": cfg.augment,
+            "unwrap": cfg.unwrap,
         },
     }
     metadata.update(extra_metadata or {})

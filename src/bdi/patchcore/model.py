@@ -7,19 +7,21 @@ evaluate stage all score through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from bdi.config import ScoringConfig
-from bdi.errors import NotFittedError
+from bdi.errors import InvalidInputError, NotFittedError
 from bdi.patchcore.calibration import Calibration, usable_calibration
 from bdi.patchcore.features import FeatureExtractor
-from bdi.patchcore.imaging import build_roi_mask
-from bdi.patchcore.inference import InferenceResult, StageTimer, score_crop
+from bdi.patchcore.imaging import Letterbox, build_roi_mask
+from bdi.patchcore.inference import InferenceResult, Region, StageTimer, find_regions, score_crop
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import Memory
+from bdi.patchcore.polar import MIN_INNER_RATIO, PolarView, polar_view
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -48,6 +50,23 @@ class PatchCoreModel:
         calibration = usable_calibration(calib, memory_fingerprint=self.memory.fingerprint)
         return replace(self, calibration=calibration, scoring=calibration.scoring(self.scoring))
 
+    @property
+    def unwrapped(self) -> bool:
+        """Fitted on annuli unwrapped into strips (``bdi.patchcore.polar``): it scores crops the same way."""
+        return self.memory.metadata.get("view") == "polar"
+
+    def view(self, shape: Mapping[str, Any] | None, *, width: int, height: int) -> PolarView | None:
+        """How this model sees a ``width``×``height`` crop with ROI ``shape``: None (the crop itself) unless it was
+        fitted on unwrapped annuli; then the shape must be an annulus that unwraps (InvalidInputError otherwise)."""
+        if not self.unwrapped:
+            return None
+        view = polar_view(shape, width=width, height=height)
+        if view is None:
+            raise InvalidInputError(
+                "this model was fitted on annulus ROIs unwrapped into strips (memory.unwrap=annulus): send the "
+                f"ROI's annulus shape (kind annulus, r_inner >= {MIN_INNER_RATIO:g} r) with the crop")
+        return view
+
     def decide(self, score: float, *, review_decision: str = "ng") -> str:
         """``"ng"`` at or above the calibrated threshold, else ``"ok"``; with a band, its lane (a score sent to
         review is decided ``review_decision``, fail-safe ``"ng"``)."""
@@ -61,6 +80,7 @@ class PatchCoreModel:
         masks: Sequence[np.ndarray | None] | None = None,
         *,
         mm_per_px: Sequence[float] | None = None,
+        views: Sequence[PolarView | None] | None = None,
         progress: ProgressFn | None = None,
         progress_stage: str = "score",
         timer: StageTimer | None = None,
@@ -68,12 +88,18 @@ class PatchCoreModel:
         """Score BGR crops ``(H, W, 3)`` uint8, lazily, in order.
 
         ``masks[i]`` is crop i's ``(H, W)`` uint8 ROI mask (None: the whole crop); ``mm_per_px[i]`` its
-        scale for region areas (default 1.0). ``progress(progress_stage, done, total)`` after each batch.
+        scale for region areas (default 1.0); ``views[i]`` its :meth:`view` (needed by an unwrapped model: the
+        strip is scored and its map warped back onto the crop, where the regions are found).
+        ``progress(progress_stage, done, total)`` after each batch.
         """
         timer = timer or StageTimer()
         given = masks if masks is not None else [None] * len(crops)
         scales = mm_per_px if mm_per_px is not None else [1.0] * len(crops)
-        batches = self.extractor.iter_extract(crops, clock=timer.stage)  # letterbox, normalise, forward
+        seen = views if views is not None else [None] * len(crops)
+        if self.unwrapped and any(view is None for view in seen):
+            raise InvalidInputError("an unwrapped model scores crops through their polar views (PatchCoreModel.view)")
+        inputs = (crop if view is None else view.unwrap(crop) for crop, view in zip(crops, seen, strict=True))
+        batches = self.extractor.iter_extract(inputs, clock=timer.stage)  # letterbox, normalise, forward
         done = 0
         for batch in batches:
             for j in range(len(batch)):
@@ -81,12 +107,42 @@ class PatchCoreModel:
                 mask = given[k]
                 if mask is None:
                     mask = build_roi_mask(None, width=crops[k].shape[1], height=crops[k].shape[0])
-                yield score_crop(
-                    embeddings=batch.embeddings[j], grid=batch.grid, letterbox=batch.letterboxes[j],
-                    index=self.index, memory_grid=self.memory.token_shape, mask=mask, cfg=self.scoring,
-                    threshold=self.threshold, mm_per_px=scales[k], timer=timer,
-                    normalize=self.memory.l2_normalized,
-                )
+                view = seen[k]
+                embedded = {"embeddings": batch.embeddings[j], "grid": batch.grid,
+                            "letterbox": batch.letterboxes[j], "timer": timer}
+                if view is None:
+                    yield self._score(**embedded, mask=mask, mm_per_px=scales[k])
+                else:
+                    yield self._score_unwrapped(**embedded, view=view, mask=mask, mm_per_px=scales[k])
             done += len(batch)
             if progress:
                 progress(progress_stage, done, len(crops))
+
+    def _score(self, *, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox, mask: np.ndarray,
+               mm_per_px: float, timer: StageTimer) -> InferenceResult:
+        return score_crop(
+            embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
+            memory_grid=self.memory.token_shape, mask=mask, cfg=self.scoring, threshold=self.threshold,
+            mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
+        )
+
+    def _score_unwrapped(self, *, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox,
+                         view: PolarView, mask: np.ndarray, mm_per_px: float, timer: StageTimer) -> InferenceResult:
+        """Score the strip inside the crop's ROI unwrapped, then warp its map back onto the crop and find the
+        regions there (areas in crop px, so in mm²)."""
+        with timer.stage("unwrap"):
+            strip_mask = view.unwrap(mask)
+        strip = score_crop(
+            embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
+            memory_grid=self.memory.token_shape, mask=strip_mask, cfg=self.scoring, threshold=None,
+            mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
+        )
+        with timer.stage("unwrap"):
+            anomaly_map = view.wrap_back(strip.anomaly_map)
+        regions: list[Region] = []
+        if self.threshold is not None:
+            with timer.stage("regions"):
+                regions = find_regions(anomaly_map, mask, threshold=self.threshold, mm_per_px=mm_per_px,
+                                       area_mm2_thr=self.scoring.area_mm2_thr)
+        return InferenceResult(score=strip.score, token_shape=strip.token_shape, anomaly_map=anomaly_map, mask=mask,
+                               regions=regions, timings_ms=dict(timer.timings_ms))

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bdi.config import MemoryConfig
 from bdi.errors import InsufficientSamplesError, InvalidInputError, StorageError, TokenGridMismatchError
+from bdi.logging import slog
 from bdi.patchcore.augment import augmented, copies
-from bdi.patchcore.imaging import validate_mm_per_px
+from bdi.patchcore.imaging import parse_shape, validate_mm_per_px
 from bdi.patchcore.inference import StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, MemoryBuilder, build_index, fitted_scoring_metadata
 from bdi.patchcore.model import ProgressFn
+from bdi.patchcore.polar import FitViews
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
 from bdi.service.results import FitResult
+from bdi.storage.datasets import Sample
 from bdi.storage.fsio import utc_now_iso
 from bdi.storage.lineage import api_lineage, ensure_api_writable, hashes_digest, write_lineage
 
@@ -57,10 +61,13 @@ class Fitting:
         # 409 before the samples are read (the /fit_ok order); locked only when the memory is stored
         ctx.store.check_mm_per_px(ref.recipe_id, mm_per_px)
         named: Iterable[tuple[str, bytes]]
+        shapes: list[dict[str, Any] | None] | None = None  # uploads carry no ROI shape
         if use_dataset:
-            paths = self._ok_dataset_paths(ref)
-            n_images = len(paths)
-            named = ((path.name, _read_sample(path)) for path in paths)
+            samples = self._ok_dataset_samples(ref)
+            n_images = len(samples)
+            if ctx.settings.model.memory.unwrap == "annulus":  # only then do the samples' shapes matter to a fit
+                shapes = [parse_shape(s.meta.get("shape_json")) for s in samples]
+            named = ((s.path.name, _read_sample(s.path)) for s in samples)
         else:
             ctx.limits.check_file_count(len(images))
             n_images = len(images)
@@ -76,7 +83,7 @@ class Fitting:
         tracker = ctx.progress.tracker(ref, "fit", forward=progress)  # what GET /progress reads, from any worker
         try:
             result = self.fit_images(ref=ref, mm_per_px=mm_per_px, images=decode(named), n_images=n_images,
-                                     memory_fit=memory_fit, progress=tracker)
+                                     memory_fit=memory_fit, progress=tracker, shapes=shapes)
         except BaseException as exc:
             tracker.finish(error=exc)
             raise
@@ -97,6 +104,7 @@ class Fitting:
         memory_fit: bool = False,
         coreset_rate: float | None = None,
         progress: ProgressFn | None = None,
+        shapes: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> FitResult:
         """Fit ``ref`` on decoded BGR crops: check the recipe's ``mm_per_px`` (ScaleMismatchError when
         another one is locked), then extract, subsample, lock the scale and store (the fit the API and the
@@ -106,12 +114,18 @@ class Fitting:
         encoded ``batch_size`` at a time and only the coreset's inputs are kept (memory.MemoryBuilder).
         The whole fit holds the model's fit lock (``BDI_FIT_LOCK_TIMEOUT_S``): a second fit of the same
         model, from any process, waits for it or gets :class:`FitInProgressError`.
+
+        ``shapes[i]`` is image i's ROI shape (None: the whole crop). With ``memory.unwrap = "annulus"`` and
+        annulus shapes the model is fitted on the annuli unwrapped (``bdi.patchcore.polar``).
         """
         ctx = self._ctx
         ctx.store.check_mm_per_px(ref.recipe_id, mm_per_px)  # fail fast; locked below, once the fit succeeded
         images, n_images = _counted(images, n_images)
         memory_cfg = self._memory_config(memory_fit=memory_fit, coreset_rate=coreset_rate)
         extractor = ctx.extractor
+        if shapes is not None and len(shapes) != n_images:
+            raise InvalidInputError(f"got {len(shapes)} ROI shapes for {n_images} images")
+        views = FitViews(shapes) if memory_cfg.unwrap == "annulus" and shapes is not None else None
         n_encoded = n_images * copies(memory_cfg.augment, memory_cfg.fit_rotations)  # each image and its copies
         n_rows = n_encoded * extractor.grid[0] * extractor.grid[1]
         timer = StageTimer()
@@ -120,10 +134,13 @@ class Fitting:
             normalize=extractor.spec.l2_normalize,
         ) as builder:
             with timer.stage("encode"):
-                encoded = augmented(images, memory_cfg.augment, memory_cfg.fit_rotations)
+                encoded = augmented(images, memory_cfg.augment, memory_cfg.fit_rotations, view_of=views)
                 self._encode(encoded, n_images=n_encoded, into=builder, timer=timer, progress=progress)
+            view = (views.kind if views is not None else None) or "crop"
+            if memory_cfg.unwrap == "annulus":
+                slog("fit.view", view=view, shapes_given=shapes is not None, model_key=ref.model_key)
             with timer.stage("coreset"):
-                memory = self._subsample(builder, n_images=n_images, progress=progress)
+                memory = self._subsample(builder, n_images=n_images, view=view, progress=progress)
             with timer.stage("index"):
                 index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
             with timer.stage("save"):
@@ -176,19 +193,20 @@ class Fitting:
         if done != n_images:
             raise InvalidInputError(f"got {done} images, {n_images} were declared")
 
-    def _subsample(self, builder: MemoryBuilder, *, n_images: int, progress: ProgressFn | None) -> Memory:
-        """The coreset of the encoded patches, with the features it was extracted with in its metadata."""
+    def _subsample(self, builder: MemoryBuilder, *, n_images: int, view: str, progress: ProgressFn | None) -> Memory:
+        """The coreset of the encoded patches, with the features it was extracted with and what it saw of the
+        crops (``view``, bdi.patchcore.polar.VIEWS) in its metadata."""
         extractor = self._ctx.extractor
         return builder.build(
             token_shape=extractor.grid,
             n_images=n_images,
             extra_metadata={"features": extractor.describe(), "signature": extractor.signature(),
-                            "scoring": fitted_scoring_metadata(self._ctx.settings.model.scoring),
+                            "scoring": fitted_scoring_metadata(self._ctx.settings.model.scoring), "view": view,
                             "created_at_utc": utc_now_iso()},
             on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
         )
 
-    def _ok_dataset_paths(self, ref: ModelRef) -> list[Path]:
+    def _ok_dataset_samples(self, ref: ModelRef) -> list[Sample]:
         """The stored OK images to fit on (/fit_ok step 6), checked against the minimum and the cap."""
         samples = self._ctx.datasets.samples(ref.dataset_ref(), "ok")
         if not samples:
@@ -199,7 +217,7 @@ class Fitting:
                 f"Insufficient OK samples: need at least {minimum}, found {len(samples)}"
             )
         self._ctx.limits.check_dataset_size(len(samples))
-        return [s.path for s in samples]
+        return list(samples)
 
 
 def _counted(images: Iterable[np.ndarray], n_images: int | None) -> tuple[Iterable[np.ndarray], int]:

@@ -62,7 +62,8 @@ class Inferring:
         roi_shape = parse_shape(shape)
         with timer.stage("mask"):
             mask = build_roi_mask(roi_shape, width=crop.shape[1], height=crop.shape[0])
-        (result,) = model.score([crop], [mask], mm_per_px=[mm_per_px], timer=timer)
+            view = model.view(roi_shape, width=crop.shape[1], height=crop.shape[0])
+        (result,) = model.score([crop], [mask], mm_per_px=[mm_per_px], views=[view], timer=timer)
         verdict = model.calibration.judge(result.score, review_decision=ctx.settings.calibration.review_decision)
         decision = verdict.decision
         want_heatmap = include_heatmap if include_heatmap is not None else decision == "ng"
@@ -113,8 +114,13 @@ class Inferring:
         masks: Sequence[np.ndarray | None] | None = None,
         scoring: ScoringConfig | None = None,
         progress: ProgressFn | None = None,
+        shapes: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[InferenceResult]:
         """Score decoded crops (batched extraction) with no threshold: for calibration/evaluation.
-        ``scoring`` defaults to the settings'; ``masks[i]`` None means the whole crop."""
+        ``scoring`` defaults to the settings'; ``masks[i]`` None means the whole crop; ``shapes[i]`` is crop i's
+        ROI shape, which a model fitted on unwrapped annuli needs (``PatchCoreModel.view``)."""
         model = self._ctx.model(ref, endpoint="score_images", calibrated=False, scoring=scoring)
-        return list(model.score(images, masks, progress=progress))
+        given = shapes if shapes is not None else [None] * len(images)
+        views = [model.view(shape, width=image.shape[1], height=image.shape[0])
+                 for image, shape in zip(images, given, strict=True)]
+        return list(model.score(images, masks, views=views, progress=progress))

@@ -13,6 +13,7 @@ from bdi.errors import BDIError, InvalidInputError
 from bdi.monitoring.imagestats import image_stats
 from bdi.patchcore.imaging import build_roi_mask, encode_png_gray, parse_shape, validate_mm_per_px
 from bdi.patchcore.model import PatchCoreModel, ProgressFn
+from bdi.patchcore.polar import PolarView
 from bdi.service.context import ServiceContext
 from bdi.service.results import SampleScore
 from bdi.storage.datasets import Sample
@@ -26,6 +27,7 @@ class _Decoded:
     crop: np.ndarray  # BGR uint8 (H, W, 3)
     mask: np.ndarray  # uint8 (H, W)
     mm_per_px: float
+    view: PolarView | None  # how the model sees it (PatchCoreModel.view)
 
 
 def score_samples(
@@ -88,13 +90,15 @@ def _decode_sample(
             raise InvalidInputError("no mm_per_px in the sample meta and no default_mm_per_px")
         mm = validate_mm_per_px(mm)
         crop = ctx.decode(sample.path.read_bytes(), name=sample.path.name)
-        mask = build_roi_mask(parse_shape(sample.meta.get("shape_json")), width=crop.shape[1], height=crop.shape[0])
+        shape = parse_shape(sample.meta.get("shape_json"))
+        mask = build_roi_mask(shape, width=crop.shape[1], height=crop.shape[0])
+        view = model.view(shape, width=crop.shape[1], height=crop.shape[0])
     except (BDIError, OSError) as exc:
         return SampleScore(
             label=label, filename=sample.path.name, mm_per_px=mm if isinstance(mm, float) else None,
             score=None, regions=[], error=str(exc), threshold=model.threshold, **_judged(model, None),
         )
-    return _Decoded(position=position, crop=crop, mask=mask, mm_per_px=mm)
+    return _Decoded(position=position, crop=crop, mask=mask, mm_per_px=mm, view=view)
 
 
 def _score_batch(
@@ -107,7 +111,8 @@ def _score_batch(
     include_heatmap: bool,
 ) -> None:
     """Score one batch into ``slots`` (each result is reduced to its item, heatmap PNG included, at once)."""
-    results = model.score([d.crop for d in batch], [d.mask for d in batch], mm_per_px=[d.mm_per_px for d in batch])
+    results = model.score([d.crop for d in batch], [d.mask for d in batch], mm_per_px=[d.mm_per_px for d in batch],
+                          views=[d.view for d in batch])
     for decoded, result in zip(batch, results, strict=True):
         slots[decoded.position] = SampleScore(
             label=label, filename=samples[decoded.position].path.name, mm_per_px=decoded.mm_per_px,
