@@ -146,6 +146,9 @@ class ScoringConfig:
     # 0: the image score is the percentile above; k >= 1: the mean of the k largest patch scores (the blurred map
     # at the patch centres inside the mask). A fit stores it with the memory and scoring uses the stored one.
     score_top_k: int = 0
+    # draw the map where a CNN's features sit in the input, measured at fit (bdi.patchcore.alignment: about 10 px
+    # below and right of their cells for EfficientNet-Lite); a ViT's tokens are their patches. Stored with the memory.
+    align_features: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.score_top_k, bool) or not isinstance(self.score_top_k, int) or self.score_top_k < 0:

@@ -24,7 +24,9 @@ from torch import nn
 from bdi.backbones import BackboneSpec, backbone_spec
 from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError
+from bdi.patchcore.alignment import measure_map_offset
 from bdi.patchcore.imaging import Letterbox, letterbox, normalize_imagenet
+from bdi.patchcore.inference import NO_OFFSET, Offset
 from bdi.patchcore.nets import VitPatchFeatures, build_feature_net
 from bdi.patchcore.weights import WeightsInfo, resolve_weights
 
@@ -148,6 +150,17 @@ class FeatureExtractor:
         self._embed_dim = int(probe.shape[2])
         self._lock = threading.Lock()
         self._runtime: ForwardRuntime | None = None  # None: the torch net (see use_runtime)
+        self._map_offset: Offset | None = None  # measured on first use (map_offset)
+
+    def map_offset(self) -> Offset:
+        """Where this net's patch features sit from their cells' centres, (down, right) input px
+        (``bdi.patchcore.alignment``): measured once, with the fp32 torch net, so every runtime agrees; (0, 0) for a
+        ViT, whose tokens are their patches."""
+        if self._map_offset is None:
+            self._map_offset = NO_OFFSET if self._spec.family == "vit" else measure_map_offset(
+                lambda images: self.forward_torch(self.prepare(images)[0], precision="fp32"),
+                input_size=self._input_size, grid=self._grid)
+        return self._map_offset
 
     # ------------------------------------------------------------------ properties
 

@@ -23,6 +23,9 @@ from bdi.patchcore.imaging import Letterbox
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import l2_normalize
 
+Offset = tuple[float, float]  # how far (down, right) in network input px a token's features sit from its cell's centre
+NO_OFFSET: Offset = (0.0, 0.0)
+
 
 @dataclass(frozen=True)
 class Region:
@@ -82,19 +85,37 @@ def patch_distances(index: KnnIndex, embeddings: np.ndarray, *, normalize: bool 
     return distances
 
 
+def shift_canvas(canvas: np.ndarray, offset: Offset, *, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """``canvas`` moved ``offset`` (× ``scale``, canvas px per input px down and across) up and to the left:
+    ``out[p] = canvas[p + offset]``, edges repeated (``bdi.patchcore.alignment``)."""
+    down, right = offset[0] * scale[0], offset[1] * scale[1]
+    if not down and not right:
+        return canvas
+    matrix = np.array([[1, 0, right], [0, 1, down]], dtype=np.float32)
+    height, width = canvas.shape[:2]
+    shifted: np.ndarray = cv2.warpAffine(canvas, matrix, (width, height),
+                                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    return shifted
+
+
 def distance_map(
-    distances: np.ndarray, *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool
+    distances: np.ndarray, *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool,
+    offset: Offset = NO_OFFSET,
 ) -> np.ndarray:
     """Token distances (Ht·Wt,) → (H, W) float32 map aligned with the original crop.
 
     With ``remove_letterbox`` the token map is upsampled to the letterbox canvas, the padding is cut
-    away and the content is resized to the crop; otherwise the grid is stretched over the crop.
+    away and the content is resized to the crop; otherwise the grid is stretched over the crop. Either way the
+    map is drawn ``offset`` input px up and to the left, where the features sit (``bdi.patchcore.alignment``).
     """
     token_map = distances.reshape(grid).astype(np.float32)
     size = (letterbox.src_w, letterbox.src_h)
     if not remove_letterbox:
-        return cv2.resize(token_map, size, interpolation=cv2.INTER_LINEAR)
-    canvas = cv2.resize(token_map, (letterbox.size, letterbox.size), interpolation=cv2.INTER_LINEAR)
+        stretched = cv2.resize(token_map, size, interpolation=cv2.INTER_LINEAR)
+        return shift_canvas(stretched, offset, scale=(letterbox.src_h / letterbox.size,
+                                                      letterbox.src_w / letterbox.size))
+    canvas = shift_canvas(cv2.resize(token_map, (letterbox.size, letterbox.size), interpolation=cv2.INTER_LINEAR),
+                          offset)
     content = canvas[
         letterbox.pad_top : letterbox.pad_top + letterbox.new_h,
         letterbox.pad_left : letterbox.pad_left + letterbox.new_w,
@@ -128,16 +149,18 @@ def top_k_mean(values: np.ndarray, k: int) -> float:
 
 
 def patch_centres(
-    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool
+    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, offset: Offset = NO_OFFSET
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop pixel (row, col) of each patch centre that falls on the crop (padding patches left out), as
     :func:`distance_map` places the token grid: (n,) int arrays each."""
     rows, cols = (np.arange(n, dtype=np.float64) + 0.5 for n in grid)
+    down, right = offset
     if remove_letterbox:
-        ys = (rows * letterbox.size / grid[0] - letterbox.pad_top) * letterbox.src_h / letterbox.new_h
-        xs = (cols * letterbox.size / grid[1] - letterbox.pad_left) * letterbox.src_w / letterbox.new_w
+        ys = (rows * letterbox.size / grid[0] - down - letterbox.pad_top) * letterbox.src_h / letterbox.new_h
+        xs = (cols * letterbox.size / grid[1] - right - letterbox.pad_left) * letterbox.src_w / letterbox.new_w
     else:
-        ys, xs = rows * letterbox.src_h / grid[0], cols * letterbox.src_w / grid[1]
+        ys = (rows * letterbox.size / grid[0] - down) * letterbox.src_h / letterbox.size
+        xs = (cols * letterbox.size / grid[1] - right) * letterbox.src_w / letterbox.size
     ys, xs = ys[(ys >= 0) & (ys < letterbox.src_h)], xs[(xs >= 0) & (xs < letterbox.src_w)]
     yy, xx = np.meshgrid(np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64), indexing="ij")
     return yy.ravel(), xx.ravel()
@@ -145,11 +168,11 @@ def patch_centres(
 
 def top_k_score(
     anomaly_map: np.ndarray, mask: np.ndarray, *, k: int, grid: tuple[int, int], letterbox: Letterbox,
-    remove_letterbox: bool,
+    remove_letterbox: bool, offset: Offset = NO_OFFSET,
 ) -> float:
     """The image score as the mean of the ``k`` largest patch scores: the (blurred) map at the patch centres that
     lie inside the mask (``ScoringConfig.score_top_k``); 0.0 when none does."""
-    ys, xs = patch_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox)
+    ys, xs = patch_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox, offset=offset)
     inside = mask[ys, xs] > 0
     return top_k_mean(anomaly_map[ys[inside], xs[inside]], k)
 
@@ -216,6 +239,7 @@ def score_crop(
     mm_per_px: float,
     timer: StageTimer | None = None,
     normalize: bool = True,
+    offset: Offset = NO_OFFSET,
 ) -> InferenceResult:
     """Score one crop's patch embeddings against a memory.
 
@@ -224,6 +248,7 @@ def score_crop(
         grid: (Ht, Wt) of the embeddings; must equal ``memory_grid``.
         mask: (H, W) uint8 ROI mask in crop pixels.
         threshold: the calibrated threshold; regions are computed only when given.
+        offset: where the features sit from their cells' centres (the memory's, ``bdi.patchcore.alignment``).
     """
     timer = timer or StageTimer()
     if cfg.blur_sigma is None or cfg.score_percentile is None:
@@ -233,13 +258,14 @@ def score_crop(
     with timer.stage("search"):  # the 1-NN (kNN) search
         distances = patch_distances(index, embeddings, normalize=normalize)
     with timer.stage("map"):
-        upsampled = distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox)
+        upsampled = distance_map(distances, grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox,
+                                 offset=offset)
     with timer.stage("blur"):
         anomaly_map = gaussian_blur(upsampled, cfg.blur_sigma)
     with timer.stage("score"):
         if cfg.score_top_k > 0:
             score = top_k_score(anomaly_map, mask, k=cfg.score_top_k, grid=grid, letterbox=letterbox,
-                                remove_letterbox=cfg.remove_letterbox)
+                                remove_letterbox=cfg.remove_letterbox, offset=offset)
         else:
             score = masked_score(anomaly_map, mask, cfg.score_percentile)
     regions: list[Region] = []

@@ -267,10 +267,21 @@ class MemoryBuilder:
                        extra_metadata=extra_metadata, normalize=self._normalize)
 
 
-def fitted_scoring_metadata(scoring: ScoringConfig) -> dict[str, Any]:
+def fitted_scoring_metadata(scoring: ScoringConfig, *, map_offset: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """The scoring settings a fit stores with its memory (``metadata["scoring"]``), so that every scorer of the
-    memory (/infer, calibration, evaluation, the pyfunc) uses the fit's: the image score's top-k."""
-    return {"score_top_k": int(scoring.score_top_k)}
+    memory (/infer, calibration, evaluation, the pyfunc) uses the fit's: the image score's top-k, and where the
+    map is drawn (``map_offset``, bdi.patchcore.alignment; measured when ``scoring.align_features``)."""
+    return {"score_top_k": int(scoring.score_top_k), "map_offset_px": [float(v) for v in map_offset]}
+
+
+def fitted_map_offset(memory: Memory) -> tuple[float, float]:
+    """The (down, right) input px the memory's maps are drawn up and to the left (bdi.patchcore.alignment); a memory
+    fitted before it was measured is drawn as it was fitted: (0, 0)."""
+    stored = memory.metadata.get("scoring")
+    value = stored.get("map_offset_px") if isinstance(stored, Mapping) else None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return 0.0, 0.0
+    return float(value[0]), float(value[1])
 
 
 def fitted_scoring(memory: Memory, base: ScoringConfig) -> ScoringConfig:

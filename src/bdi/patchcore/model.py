@@ -20,7 +20,7 @@ from bdi.patchcore.features import FeatureExtractor
 from bdi.patchcore.imaging import Letterbox, build_roi_mask
 from bdi.patchcore.inference import InferenceResult, Region, StageTimer, find_regions, score_crop
 from bdi.patchcore.knn import KnnIndex
-from bdi.patchcore.memory import Memory
+from bdi.patchcore.memory import Memory, fitted_map_offset
 from bdi.patchcore.polar import MIN_INNER_RATIO, PolarView, polar_view
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -124,6 +124,7 @@ class PatchCoreModel:
             embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
             memory_grid=self.memory.token_shape, mask=mask, cfg=self.scoring, threshold=self.threshold,
             mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
+            offset=fitted_map_offset(self.memory),
         )
 
     def _score_unwrapped(self, *, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox,
@@ -136,6 +137,7 @@ class PatchCoreModel:
             embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
             memory_grid=self.memory.token_shape, mask=strip_mask, cfg=self.scoring, threshold=None,
             mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
+            offset=fitted_map_offset(self.memory),
         )
         with timer.stage("unwrap"):
             anomaly_map = view.wrap_back(strip.anomaly_map)

@@ -197,11 +197,13 @@ class Fitting:
         """The coreset of the encoded patches, with the features it was extracted with and what it saw of the
         crops (``view``, bdi.patchcore.polar.VIEWS) in its metadata."""
         extractor = self._ctx.extractor
+        scoring = self._ctx.settings.model.scoring
+        map_offset = extractor.map_offset() if scoring.align_features else (0.0, 0.0)
         return builder.build(
             token_shape=extractor.grid,
             n_images=n_images,
             extra_metadata={"features": extractor.describe(), "signature": extractor.signature(),
-                            "scoring": fitted_scoring_metadata(self._ctx.settings.model.scoring), "view": view,
+                            "scoring": fitted_scoring_metadata(scoring, map_offset=map_offset), "view": view,
                             "created_at_utc": utc_now_iso()},
             on_progress=(lambda d, t: progress("coreset", d, t)) if progress else None,
         )
