@@ -79,6 +79,7 @@ class RoiMetrics:
     pixel_auroc: float | None
     good_scores: list[float]
     defect_scores: list[float]
+    view: str = "crop"  # what the ROI's model saw of its crops (bdi.patchcore.polar.VIEWS)
 
 
 def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
@@ -115,8 +116,10 @@ def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[Har
     inside = [m > 0 for m in masks]
     maps = [r.anomaly_map[keep][None, :] for r, keep in zip(results, inside, strict=True)]
     truths = [(v.mask > 0)[keep][None, :] for v, keep in zip(views, inside, strict=True)]
+    memory = service.store.load_memory(ref)
+    view = str(memory.metadata.get("view", "crop")) if memory is not None else "crop"
     return RoiMetrics(image_auroc=image_auroc(labels, scores), pixel_auroc=pixel_auroc(maps, truths),
-                      good_scores=scores[: len(good)], defect_scores=scores[len(good):])
+                      good_scores=scores[: len(good)], defect_scores=scores[len(good):], view=view)
 
 
 def build_service(*, work: Path, backbone: str, weights: str, model_overrides: dict[str, dict[str, Any]],
@@ -178,12 +181,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"model overrides {params['model_overrides'] or 'none'}; feature net on "
         f"{params['runtime'].get('runtime')} {params['runtime'].get('runtime_precision')}.",
         "",
-        "| ROI | image AUROC (mean ± sd, worst seed) | pixel AUROC in the ROI (mean ± sd, worst seed) |",
-        "|---|---|---|",
+        "| ROI | seen as | image AUROC (mean ± sd, worst seed) | pixel AUROC in the ROI (mean ± sd, worst seed) |",
+        "|---|---|---|---|",
     ]
     for roi in ROIS:
         row = results["rois"][roi]
-        lines.append(f"| {roi} | {_cell(row['image_auroc'])} | {_cell(row['pixel_auroc'])} |")
+        views = sorted({seed[roi].get("view", "crop") for seed in results["per_seed"].values()})
+        lines.append(f"| {roi} | {', '.join(views)} | {_cell(row['image_auroc'])} | {_cell(row['pixel_auroc'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ def test_a_two_image_run_reports_every_roi_and_writes_its_results(
         seed = results["per_seed"]["0"][roi]
         assert len(seed["good_scores"]) == 2 and len(seed["defect_scores"]) == 2
     markdown = (tmp_path / "discs-quick.md").read_text(encoding="utf-8")
-    assert "| hub |" in markdown and "python -m bench.discs --quick" in markdown
+    assert "| hub | crop |" in markdown and "python -m bench.discs --quick" in markdown
 
 
 def test_model_overrides_reach_the_fitted_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +89,7 @@ def test_the_crop_protocol_sends_each_crops_annulus_so_the_polar_view_is_measura
                                   model_overrides={"features": {"input_size": 56, "depth": 2, "blocks": [1]},
                                                    "memory": {"unwrap": "annulus"}})
     split = discs.draw_split(seed=0, size=128, n_train=2, n_test=1)
-    discs.measure_seed(split, service, protocol="crop")
+    metrics = discs.measure_seed(split, service, protocol="crop")
     views = {}
     for roi in ROIS:
         ref = discs.ModelRef.create(recipe_id="discs", role_id="Inspection", roi_id=roi, model_key=None)
@@ -97,3 +97,4 @@ def test_the_crop_protocol_sends_each_crops_annulus_so_the_polar_view_is_measura
         assert memory is not None
         views[roi] = memory.metadata["view"]
     assert views == {"ring": "polar", "vents": "polar", "hub": "crop"}  # the hub's bore is small: a crop
+    assert {roi: m.view for roi, m in metrics.items()} == views  # reported as measured
