@@ -101,6 +101,16 @@ def _nest(flat: Mapping[str, object], *, parse: bool) -> dict[str, Any]:
     return nested
 
 
+def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, section by section (a nested ``model:`` section of the YAML and the flat
+    keys that land in it both count; a flat key wins on the same field)."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def env_aliases(name: str, *legacy: str) -> AliasChoices:
     """Accept ``BDI_<NAME>`` and the legacy ``BRAKEDISC_<NAME>`` spellings (plus the contract's own
     legacy names, e.g. ``HOST``), exactly as spelt: init kwargs use the field name instead."""
@@ -146,8 +156,14 @@ SERVING_CONFIG_KEYS = frozenset({"cors_origins", "backend_host", "backend_port",
                                  "auth_max_failures", "trusted_proxies"})
 
 
+# sections of the BDI_CONFIG YAML kept nested: the algorithm configs (``model: {memory: {augment: flips}}``), which
+# the legacy app.yaml never had, so every field without a flat env name can be set on a server
+NESTED_SECTIONS = ("model", "calibration")
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The YAML file named by ``BDI_CONFIG`` as one flat mapping (sections one level deep flattened)."""
+    """The YAML file named by ``BDI_CONFIG`` as one flat mapping (sections one level deep flattened, but for
+    :data:`NESTED_SECTIONS`, kept as they are)."""
     if not path.is_file():
         raise ValueError(f"config file {path} (BDI_CONFIG) does not exist")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -155,7 +171,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} must hold a mapping")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in NESTED_SECTIONS:
             flat.update(value)
         else:
             flat[key] = value
@@ -186,4 +202,4 @@ class YamlSource(PydanticBaseSettingsSource):
         unknown = sorted(set(flat) - set(fields_) - {k.lower() for k in nested} - SERVING_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown keys in {self._path}: {unknown}")
-        return {**fields_, **_nest(nested, parse=False)}
+        return _merged(fields_, _nest(nested, parse=False))

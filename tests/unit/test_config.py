@@ -29,6 +29,23 @@ def test_env_overrides_yaml_and_yaml_overrides_defaults(tmp_path: Path, monkeypa
     assert settings.model.scoring.score_percentile == 95  # YAML wins over defaults
 
 
+def test_a_nested_model_section_of_the_yaml_sets_fields_that_have_no_env_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "bdi.yaml"
+    config.write_text("model:\n  memory:\n    unwrap: annulus\n    fit_rotations: 4\n    augment: flips\n"
+                      "  scoring:\n    blur_sigma: 2\n    score_top_k: 5\ncalibration:\n  review_decision: ok\n"
+                      "inference:\n  coreset_rate: 0.2\n")
+    monkeypatch.setenv("BDI_CONFIG", str(config))
+    monkeypatch.setenv("BDI_BLUR_SIGMA", "3")
+    model = Settings().model
+    assert (model.memory.unwrap, model.memory.fit_rotations, model.memory.augment) == ("annulus", 4, "flips")
+    assert model.scoring.score_top_k == 5 and model.memory.coreset_rate == 0.2  # beside a legacy section
+    assert model.scoring.blur_sigma == 3.0  # env still wins
+    assert model.features.blocks == (9, 10, 11)  # what the section leaves out keeps its default
+    assert Settings().calibration.review_decision == "ok"
+
+
 def test_legacy_brakedisc_env_names_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAKEDISC_MODELS_DIR", "/tmp/legacy-models")
     monkeypatch.setenv("BRAKEDISC_AREA_MM2_THR", "2.5")
