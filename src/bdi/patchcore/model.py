@@ -107,38 +107,35 @@ class PatchCoreModel:
                 mask = given[k]
                 if mask is None:
                     mask = build_roi_mask(None, width=crops[k].shape[1], height=crops[k].shape[0])
+                embedded = (batch.embeddings[j], batch.grid, batch.letterboxes[j])
                 view = seen[k]
-                embedded = {"embeddings": batch.embeddings[j], "grid": batch.grid,
-                            "letterbox": batch.letterboxes[j], "timer": timer}
                 if view is None:
-                    yield self._score(**embedded, mask=mask, mm_per_px=scales[k])
+                    yield self._score(*embedded, mask=mask, threshold=self.threshold, mm_per_px=scales[k],
+                                      timer=timer)
                 else:
-                    yield self._score_unwrapped(**embedded, view=view, mask=mask, mm_per_px=scales[k])
+                    yield self._score_unwrapped(*embedded, view=view, mask=mask, mm_per_px=scales[k], timer=timer)
             done += len(batch)
             if progress:
                 progress(progress_stage, done, len(crops))
 
-    def _score(self, *, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox, mask: np.ndarray,
-               mm_per_px: float, timer: StageTimer) -> InferenceResult:
+    def _score(self, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox, *, mask: np.ndarray,
+               threshold: float | None, mm_per_px: float, timer: StageTimer) -> InferenceResult:
+        """Score one input's patch embeddings (a crop, or a crop's strip) against the memory."""
         return score_crop(
             embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
-            memory_grid=self.memory.token_shape, mask=mask, cfg=self.scoring, threshold=self.threshold,
+            memory_grid=self.memory.token_shape, mask=mask, cfg=self.scoring, threshold=threshold,
             mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
             offset=fitted_map_offset(self.memory),
         )
 
-    def _score_unwrapped(self, *, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox,
+    def _score_unwrapped(self, embeddings: np.ndarray, grid: tuple[int, int], letterbox: Letterbox, *,
                          view: PolarView, mask: np.ndarray, mm_per_px: float, timer: StageTimer) -> InferenceResult:
         """Score the strip inside the crop's ROI unwrapped, then warp its map back onto the crop and find the
         regions there (areas in crop px, so in mm²)."""
         with timer.stage("unwrap"):
             strip_mask = view.unwrap(mask)
-        strip = score_crop(
-            embeddings=embeddings, grid=grid, letterbox=letterbox, index=self.index,
-            memory_grid=self.memory.token_shape, mask=strip_mask, cfg=self.scoring, threshold=None,
-            mm_per_px=mm_per_px, timer=timer, normalize=self.memory.l2_normalized,
-            offset=fitted_map_offset(self.memory),
-        )
+        strip = self._score(embeddings, grid, letterbox, mask=strip_mask, threshold=None, mm_per_px=mm_per_px,
+                            timer=timer)
         with timer.stage("unwrap"):
             anomaly_map = view.wrap_back(strip.anomaly_map)
         regions: list[Region] = []
