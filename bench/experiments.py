@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "blocks4-input512": {"features": {"blocks": [4], "input_size": 512}},
     "flips": {"memory": {"augment": "flips"}},
     "coreset025": {"memory": {"coreset_rate": 0.25}},
+    "blur4": {"scoring": {"blur_sigma": 4.0}},  # the maps are aligned now (bdi.patchcore.alignment): a narrower blur
+    "blur8": {"scoring": {"blur_sigma": 8.0}},
+    "unaligned": {"scoring": {"align_features": False}},  # the maps as drawn before the alignment
 }
 
 
