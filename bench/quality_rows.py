@@ -128,7 +128,7 @@ class BdiDetector:
         result = self.service.fit_images(ref=REF, mm_per_px=MM_PER_PX, images=images)
         t = result.timings_ms
         return FitTimes(features_s=t.get("encode", 0.0) / 1e3, coreset_s=t.get("coreset", 0.0) / 1e3,
-                        other_s=(t.get("index", 0.0) + t.get("save", 0.0)) / 1e3,
+                        other_s=(t.get("align", 0.0) + t.get("index", 0.0) + t.get("save", 0.0)) / 1e3,
                         n_patches=result.n_embeddings, memory_size=result.coreset_size)
 
     def _scoring(self) -> ScoringConfig | None:

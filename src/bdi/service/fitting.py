@@ -15,7 +15,7 @@ from bdi.errors import InsufficientSamplesError, InvalidInputError, StorageError
 from bdi.logging import slog
 from bdi.patchcore.augment import augmented, copies
 from bdi.patchcore.imaging import parse_shape, validate_mm_per_px
-from bdi.patchcore.inference import StageTimer
+from bdi.patchcore.inference import NO_OFFSET, Offset, StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, MemoryBuilder, build_index, fitted_scoring_metadata
 from bdi.patchcore.model import ProgressFn
@@ -139,8 +139,12 @@ class Fitting:
             view = (views.kind if views is not None else None) or "crop"
             if memory_cfg.unwrap == "annulus":
                 slog("fit.view", view=view, shapes_given=shapes is not None, model_key=ref.model_key)
+            with timer.stage("align"):  # where the net's features sit (bdi.patchcore.alignment): once per process
+                align = ctx.settings.model.scoring.align_features
+                map_offset = extractor.map_offset() if align else NO_OFFSET
             with timer.stage("coreset"):
-                memory = self._subsample(builder, n_images=n_images, view=view, progress=progress)
+                memory = self._subsample(builder, n_images=n_images, view=view, map_offset=map_offset,
+                                         progress=progress)
             with timer.stage("index"):
                 index = build_index(memory, memory_cfg, use_faiss=FAISS_AVAILABLE)
             with timer.stage("save"):
@@ -193,12 +197,12 @@ class Fitting:
         if done != n_images:
             raise InvalidInputError(f"got {done} images, {n_images} were declared")
 
-    def _subsample(self, builder: MemoryBuilder, *, n_images: int, view: str, progress: ProgressFn | None) -> Memory:
-        """The coreset of the encoded patches, with the features it was extracted with and what it saw of the
-        crops (``view``, bdi.patchcore.polar.VIEWS) in its metadata."""
+    def _subsample(self, builder: MemoryBuilder, *, n_images: int, view: str, map_offset: Offset,
+                   progress: ProgressFn | None) -> Memory:
+        """The coreset of the encoded patches, with the features it was extracted with, what it saw of the crops
+        (``view``, bdi.patchcore.polar.VIEWS) and where its maps are drawn (``map_offset``) in its metadata."""
         extractor = self._ctx.extractor
         scoring = self._ctx.settings.model.scoring
-        map_offset = extractor.map_offset() if scoring.align_features else (0.0, 0.0)
         return builder.build(
             token_shape=extractor.grid,
             n_images=n_images,
