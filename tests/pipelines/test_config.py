@@ -139,6 +139,6 @@ def test_cli_typo_exits_non_zero_with_hint(tmp_path: Path) -> None:
 def test_the_disc_model_group_sets_the_disc_rois_measured_settings() -> None:
     cfg = validate(to_plain(compose_config(["model=efficientnet_lite2_discs"])))
     model = model_config(cfg)
-    assert model.features.backbone == "efficientnet_lite2" and model.features.input_size is None  # the registry's
+    assert model.features.backbone == "efficientnet_lite2" and model.features.input_size == 448
     assert model.memory.fit_rotations == 4 and model.memory.unwrap == "annulus"
     assert model.scoring.blur_sigma == pytest.approx(2.0)
