@@ -279,7 +279,8 @@ def test_page_edits_the_roi_mask_with_its_handles_and_infer_receives_the_edited_
     assert [json.loads(sent) for sent in page.evaluate("window.sentShapes")] == [edited]
     api = api_infer(demo.url, demo.ng_image, shape=edited).json()
     assert page.text_content("#score") == f"{api['score']:.4f}"
-    assert api["score"] != api_infer(demo.url, demo.ng_image).json()["score"]  # the mask changed the answer
+    unmasked = api_infer(demo.url, demo.ng_image).json()  # the mask changed the answer: nothing is hot outside it
+    assert api["heatmap_png_base64"] != unmasked["heatmap_png_base64"]
     page.select_option("#shape-kind", "rect")  # a rect's corners resize it
     assert shape_fields(page) == {"x": 0, "y": 0, "w": 128, "h": 128}
     assert page.evaluate("document.documentElement.scrollWidth") <= TABLET["width"]  # corner handles stay inside
