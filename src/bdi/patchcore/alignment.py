@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from bdi.patchcore.inference import Offset, gaussian_blur
+from bdi.patchcore.inference import Offset, gaussian_blur, patch_distances
+from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
 
 SPOT_RADIUS_PX = 3  # a small bright spot, as a pit or a blowhole
 SPOT_LATTICE = 4  # spots on a 4 × 4 lattice over the central half of the input
@@ -42,13 +43,10 @@ def measure_map_offset(extract: Callable[[Sequence[np.ndarray]], np.ndarray], *,
         cv2.circle(spotted, (x, y), SPOT_RADIUS_PX, (255, 255, 255), thickness=-1)
         images.append(spotted)
     features = np.asarray(extract(images), dtype=np.float32)
-    base, spotted_features = features[0], features[1:]
+    texture_memory = KnnIndex.build(features[0], use_faiss=FAISS_AVAILABLE)  # the texture's tokens are the memory
     shifts = []
-    base_sq = (base * base).sum(axis=1)
-    for (y, x), feats in zip(spots, spotted_features, strict=True):
-        # each token's distance to its nearest texture token: the texture is the memory
-        squared = (feats * feats).sum(axis=1)[:, None] - 2.0 * feats @ base.T + base_sq[None, :]
-        change = np.sqrt(np.maximum(squared.min(axis=1), 0.0)).reshape(grid).astype(np.float32)
+    for (y, x), feats in zip(spots, features[1:], strict=True):
+        change = patch_distances(texture_memory, feats, normalize=False).reshape(grid)
         response = gaussian_blur(cv2.resize(change, (input_size, input_size), interpolation=cv2.INTER_LINEAR),
                                  MEASURE_BLUR_SIGMA)
         peak_y, peak_x = np.unravel_index(int(np.argmax(response)), response.shape)
