@@ -51,6 +51,7 @@ from bdi.config import Settings
 from bdi.data.disc_scenes import HARD_DEFECT_KINDS, ROIS, HardDisc, RoiCrop, make_hard_disc
 from bdi.data.metrics import image_auroc, pixel_auroc
 from bdi.patchcore.imaging import build_roi_mask
+from bdi.patchcore.polar import VIEW_CROP
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
 
@@ -79,7 +80,7 @@ class RoiMetrics:
     pixel_auroc: float | None
     good_scores: list[float]
     defect_scores: list[float]
-    view: str = "crop"  # what the ROI's model saw of its crops (bdi.patchcore.polar.VIEWS)
+    view: str = VIEW_CROP  # what the ROI's model saw of its crops (bdi.patchcore.polar)
 
 
 def draw_split(*, seed: int, size: int, n_train: int, n_test: int) -> DiscSplit:
@@ -117,7 +118,7 @@ def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[Har
     maps = [r.anomaly_map[keep][None, :] for r, keep in zip(results, inside, strict=True)]
     truths = [(v.mask > 0)[keep][None, :] for v, keep in zip(views, inside, strict=True)]
     memory = service.store.load_memory(ref)
-    view = str(memory.metadata.get("view", "crop")) if memory is not None else "crop"
+    view = str(memory.metadata.get("view", VIEW_CROP)) if memory is not None else VIEW_CROP
     return RoiMetrics(image_auroc=image_auroc(labels, scores), pixel_auroc=pixel_auroc(maps, truths),
                       good_scores=scores[: len(good)], defect_scores=scores[len(good):], view=view)
 
@@ -186,7 +187,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for roi in ROIS:
         row = results["rois"][roi]
-        views = sorted({seed[roi].get("view", "crop") for seed in results["per_seed"].values()})
+        views = sorted({seed[roi].get("view", VIEW_CROP) for seed in results["per_seed"].values()})
         lines.append(f"| {roi} | {', '.join(views)} | {_cell(row['image_auroc'])} | {_cell(row['pixel_auroc'])} |")
     return "\n".join(lines) + "\n"
 

@@ -21,7 +21,7 @@ from bdi.patchcore.imaging import Letterbox, build_roi_mask
 from bdi.patchcore.inference import InferenceResult, Region, StageTimer, find_regions, score_crop
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import Memory, fitted_map_offset
-from bdi.patchcore.polar import MIN_INNER_RATIO, PolarView, polar_view
+from bdi.patchcore.polar import MIN_INNER_RATIO, VIEW_POLAR, PolarView, polar_view
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -53,7 +53,7 @@ class PatchCoreModel:
     @property
     def unwrapped(self) -> bool:
         """Fitted on annuli unwrapped into strips (``bdi.patchcore.polar``): it scores crops the same way."""
-        return self.memory.metadata.get("view") == "polar"
+        return self.memory.metadata.get("view") == VIEW_POLAR
 
     def view(self, shape: Mapping[str, Any] | None, *, width: int, height: int) -> PolarView | None:
         """How this model sees a ``width``×``height`` crop with ROI ``shape``: None (the crop itself) unless it was

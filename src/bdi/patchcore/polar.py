@@ -131,7 +131,8 @@ def polar_view(shape: Mapping[str, Any] | None, *, width: int, height: int) -> P
     return PolarView(annulus=annulus, crop_height=height, crop_width=width)
 
 
-VIEWS = ("crop", "polar")  # what a model was fitted on (its memory's metadata["view"]): crops, or unwrapped annuli
+# what a model was fitted on (its memory's metadata["view"]): crops, or annuli unwrapped; a memory without it saw crops
+VIEW_CROP, VIEW_POLAR = "crop", "polar"
 
 
 class FitViews:
@@ -144,7 +145,7 @@ class FitViews:
 
     def __call__(self, position: int, image: np.ndarray) -> PolarView | None:
         view = polar_view(self._shapes[position], width=image.shape[1], height=image.shape[0])
-        kind = "crop" if view is None else "polar"
+        kind = VIEW_CROP if view is None else VIEW_POLAR
         if self.kind is None:
             self.kind = kind
         elif kind != self.kind:

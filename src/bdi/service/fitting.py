@@ -19,7 +19,7 @@ from bdi.patchcore.inference import NO_OFFSET, Offset, StageTimer
 from bdi.patchcore.knn import FAISS_AVAILABLE
 from bdi.patchcore.memory import Memory, MemoryBuilder, build_index, fitted_scoring_metadata
 from bdi.patchcore.model import ProgressFn
-from bdi.patchcore.polar import FitViews
+from bdi.patchcore.polar import VIEW_CROP, FitViews
 from bdi.refs import ModelRef
 from bdi.service.context import ServiceContext
 from bdi.service.results import FitResult
@@ -136,7 +136,7 @@ class Fitting:
             with timer.stage("encode"):
                 encoded = augmented(images, memory_cfg.augment, memory_cfg.fit_rotations, view_of=views)
                 self._encode(encoded, n_images=n_encoded, into=builder, timer=timer, progress=progress)
-            view = (views.kind if views is not None else None) or "crop"
+            view = (views.kind if views is not None else None) or VIEW_CROP
             if memory_cfg.unwrap == "annulus":
                 slog("fit.view", view=view, shapes_given=shapes is not None, model_key=ref.model_key)
             with timer.stage("align"):  # where the net's features sit (bdi.patchcore.alignment): once per process
@@ -200,7 +200,8 @@ class Fitting:
     def _subsample(self, builder: MemoryBuilder, *, n_images: int, view: str, map_offset: Offset,
                    progress: ProgressFn | None) -> Memory:
         """The coreset of the encoded patches, with the features it was extracted with, what it saw of the crops
-        (``view``, bdi.patchcore.polar.VIEWS) and where its maps are drawn (``map_offset``) in its metadata."""
+        (``view``: ``bdi.patchcore.polar.VIEW_CROP`` or ``VIEW_POLAR``) and where its maps are drawn
+        (``map_offset``) in its metadata."""
         extractor = self._ctx.extractor
         scoring = self._ctx.settings.model.scoring
         return builder.build(
