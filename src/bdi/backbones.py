@@ -16,6 +16,9 @@ from typing import Literal
 from bdi.errors import WeightsError
 
 Family = Literal["vit", "cnn"]
+# what is done to an image's grey levels before the net: nothing, or its mean and spread set to fixed values
+# (bdi.patchcore.imaging.standardize_intensity)
+Intensity = Literal["raw", "standardize"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class BackboneSpec:
         l2_normalize: whether patch features are L2-normalised before the memory and the search (the DINOv2
             legacy rule, distances in [0, 2]); CNN features keep their magnitude, which carries the anomaly.
         projection_dim: default random-projection width for the greedy coreset (0 = exact distances).
+        intensity: default treatment of each image's grey levels before the net (``standardize``: its mean and
+            standard deviation set to fixed values, so a darker or flatter-lit part is not an anomaly).
         official: the pinned official weights.
     """
 
@@ -71,6 +76,7 @@ class BackboneSpec:
     score_percentile: int
     l2_normalize: bool
     projection_dim: int
+    intensity: Intensity
     official: OfficialWeights
 
 
@@ -95,6 +101,7 @@ _LITE0 = BackboneSpec(
     score_percentile=100,
     l2_normalize=False,
     projection_dim=32,
+    intensity="standardize",  # chosen on the magnetic-tile calibration halves (docs/quality.md "Intensity")
     official=OfficialWeights(
         filename="efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
@@ -119,6 +126,7 @@ BACKBONES: Mapping[str, BackboneSpec] = {
         score_percentile=CONTRACT_SCORE_PERCENTILE,
         l2_normalize=True,
         projection_dim=128,
+        intensity="raw",  # the legacy backend's pre-processing
         official=OfficialWeights(
             filename="dinov2_vits14_pretrain.pth",
             sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",

@@ -21,7 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from bdi.backbones import BACKBONES, DINOV2_VITS14, backbone_spec
+from bdi.backbones import BACKBONES, DINOV2_VITS14, Intensity, backbone_spec
 from bdi.settings_sources import ContractEnvSource, YamlSource, env_aliases, optional, truthy
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -44,7 +44,7 @@ OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decoder lim
 class FeatureConfig:
     """How patch features are extracted. Every field changes scores and goes in the manifest.
 
-    ``input_size``, ``blocks`` and ``neighbourhood`` left at ``None`` take the backbone's defaults
+    ``input_size``, ``blocks``, ``neighbourhood`` and ``intensity`` left at ``None`` take the backbone's defaults
     (``bdi.backbones``); :meth:`resolved` fills them in.
     """
 
@@ -53,6 +53,9 @@ class FeatureConfig:
     input_size: int | None = None  # letterbox square side in px, a multiple of the backbone's size_multiple
     blocks: tuple[int, ...] | None = None  # 0-based indices into timm's model.blocks, concatenated
     neighbourhood: int | None = None  # side of the local feature average (odd; 1 = none)
+    # raw | standardize (each image's grey-level mean and spread set to fixed values before the net); stored with the
+    # memory at fit, and a memory is always scored as it was fitted (bdi.patchcore.memory.fitted_intensity)
+    intensity: Intensity | None = None
     depth: int | None = None  # None = the architecture's depth; smaller only to shrink the ViT for tests
     seed: int = 0  # seed of the random initialisation when weights == "random"
     device: DeviceName = "auto"
@@ -74,6 +77,8 @@ class FeatureConfig:
                 raise ValueError("blocks must name at least one block, as 0-based indices")
             if self.depth is not None and max(self.blocks) >= self.depth:
                 raise ValueError(f"blocks {self.blocks} do not exist in a ViT of depth {self.depth}")
+        if self.intensity is not None and self.intensity not in get_args(Intensity):
+            raise ValueError(f"intensity must be one of {get_args(Intensity)}, got {self.intensity!r}")
         if self.neighbourhood is not None and (self.neighbourhood < 1 or self.neighbourhood % 2 == 0):
             raise ValueError(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
         if self.batch_size < 1:
@@ -87,6 +92,7 @@ class FeatureConfig:
             input_size=spec.input_size if self.input_size is None else self.input_size,
             blocks=spec.blocks if self.blocks is None else tuple(self.blocks),
             neighbourhood=spec.neighbourhood if self.neighbourhood is None else self.neighbourhood,
+            intensity=spec.intensity if self.intensity is None else self.intensity,
         )
 
 

@@ -60,6 +60,7 @@ def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
             input_size=int(features["input_size"]),
             blocks=tuple(int(b) for b in features["blocks"]),
             neighbourhood=features.get("neighbourhood"),
+            intensity=features.get("intensity", "raw"),  # recorded since it existed; before, images were raw
             depth=int(features["depth"]) if features.get("depth") is not None else None,
             seed=int(weights.get("seed") or 0),
             device=given.get("device", "auto"),

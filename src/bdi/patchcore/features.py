@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bdi.backbones import BackboneSpec, backbone_spec
+from bdi.backbones import BackboneSpec, Intensity, backbone_spec
 from bdi.config import FeatureConfig
 from bdi.errors import DeviceError, InvalidInputError
 from bdi.patchcore.alignment import measure_map_offset
-from bdi.patchcore.imaging import Letterbox, letterbox, normalize_imagenet
+from bdi.patchcore.imaging import Letterbox, letterbox, normalize_imagenet, standardize_intensity
 from bdi.patchcore.inference import NO_OFFSET, Offset
 from bdi.patchcore.nets import VitPatchFeatures, build_feature_net
 from bdi.patchcore.weights import WeightsInfo, resolve_weights
@@ -236,6 +236,7 @@ class FeatureExtractor:
             "input_size": self._cfg.input_size,
             "blocks": list(self._cfg.blocks or ()),
             "neighbourhood": self._cfg.neighbourhood,
+            "intensity": self._cfg.intensity,
             "depth": self._depth,
             "stride": self.stride,
             "grid": list(self._grid),
@@ -290,9 +291,14 @@ class FeatureExtractor:
         return np.ascontiguousarray(result, dtype=np.float32)
 
     def prepare(
-        self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock
+        self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock, intensity: Intensity | None = None
     ) -> tuple[np.ndarray, tuple[Letterbox, ...]]:
-        """Letterbox and normalise BGR images: the ``(B, 3, S, S)`` float32 batch the net takes, and the boxes."""
+        """Letterbox and normalise BGR images: the ``(B, 3, S, S)`` float32 batch the net takes, and the boxes.
+
+        ``intensity`` (default: the config's) ``standardize`` sets each canvas's grey levels to a fixed mean and
+        spread (:func:`~bdi.patchcore.imaging.standardize_intensity`, timed as part of ``normalise``); a scorer
+        passes its memory's (``bdi.patchcore.memory.fitted_intensity``)."""
+        standardize = (intensity or self._cfg.intensity) == "standardize"
         boxes: list[Letterbox] = []
         canvases: list[np.ndarray] = []
         with clock("letterbox"):
@@ -301,11 +307,14 @@ class FeatureExtractor:
                 canvases.append(canvas)
                 boxes.append(box)
         with clock("normalise"):
+            if standardize:
+                canvases = [standardize_intensity(canvas, box) for canvas, box in zip(canvases, boxes, strict=True)]
             batch = normalize_imagenet(canvases[0][None] if len(canvases) == 1 else np.stack(canvases))
         return batch, tuple(boxes)
 
-    def _extract_chunk(self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock) -> FeatureBatch:
-        batch, boxes = self.prepare(images, clock=clock)
+    def _extract_chunk(self, images: Sequence[np.ndarray], *, clock: StageClock = _no_clock,
+                       intensity: Intensity | None = None) -> FeatureBatch:
+        batch, boxes = self.prepare(images, clock=clock, intensity=intensity)
         with clock("forward"):
             embeddings = self._forward(batch)
         return FeatureBatch(embeddings=embeddings, grid=self._grid, letterboxes=boxes)
@@ -314,8 +323,9 @@ class FeatureExtractor:
         empty = np.zeros((0, self.num_tokens, self.embed_dim), dtype=np.float32)
         return FeatureBatch(embeddings=empty, grid=self._grid, letterboxes=())
 
-    def extract(self, images: Sequence[np.ndarray]) -> FeatureBatch:
-        """Features of BGR ``uint8`` ``(H, W, 3)`` images (any sizes), batched by ``cfg.batch_size``.
+    def extract(self, images: Sequence[np.ndarray], *, intensity: Intensity | None = None) -> FeatureBatch:
+        """Features of BGR ``uint8`` ``(H, W, 3)`` images (any sizes), batched by ``cfg.batch_size``; ``intensity``
+        as :meth:`prepare`.
 
         Returns:
             ``FeatureBatch`` with embeddings ``(len(images), Ht*Wt, D)`` float32.
@@ -323,7 +333,7 @@ class FeatureExtractor:
         Raises:
             InvalidInputError: an image that is not BGR ``uint8`` ``(H, W, 3)``.
         """
-        parts = list(self.iter_extract(images))
+        parts = list(self.iter_extract(images, intensity=intensity))
         if not parts:
             return self._empty()
         if len(parts) == 1:
@@ -334,10 +344,12 @@ class FeatureExtractor:
             letterboxes=tuple(box for p in parts for box in p.letterboxes),
         )
 
-    def iter_extract(self, images: Iterable[np.ndarray], *, clock: StageClock = _no_clock) -> Iterator[FeatureBatch]:
+    def iter_extract(self, images: Iterable[np.ndarray], *, clock: StageClock = _no_clock,
+                     intensity: Intensity | None = None) -> Iterator[FeatureBatch]:
         """Stream features of many images, one ``FeatureBatch`` per ``cfg.batch_size`` images.
 
-        ``clock(stage)`` times ``letterbox``, ``normalise`` and ``forward`` (``StageTimer().stage``).
+        ``clock(stage)`` times ``letterbox``, ``normalise`` and ``forward`` (``StageTimer().stage``); ``intensity``
+        as :meth:`prepare`.
         """
         if isinstance(images, np.ndarray) and images.ndim != 4:
             raise InvalidInputError(
@@ -347,10 +359,10 @@ class FeatureExtractor:
         for image in images:
             chunk.append(image)
             if len(chunk) == self._cfg.batch_size:
-                yield self._extract_chunk(chunk, clock=clock)
+                yield self._extract_chunk(chunk, clock=clock, intensity=intensity)
                 chunk = []
         if chunk:
-            yield self._extract_chunk(chunk, clock=clock)
+            yield self._extract_chunk(chunk, clock=clock, intensity=intensity)
 
 
 class TorchRunner:

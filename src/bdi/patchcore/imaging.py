@@ -237,8 +237,37 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     return canvas, box
 
 
+# standardize_intensity's targets: a mid-grey mean and the spread of a typical machined surface's shot (the good
+# magnetic tiles' median standard deviation is 30, their 5th-95th percentiles 18-50); 40 was chosen over 25 and 60
+# on the calibration halves (docs/quality.md "Intensity")
+INTENSITY_MEAN = 128.0
+INTENSITY_STD = 40.0
+# the most a dim, flat part's contrast is raised: far enough for the dullest good tile (std 18), not so far that a
+# polished surface's sensor noise becomes texture
+MAX_INTENSITY_GAIN = 2.5
+
+
+def standardize_intensity(canvas: np.ndarray, box: Letterbox) -> np.ndarray:
+    """A letterboxed ``uint8`` canvas as float32 with the content's grey levels shifted and scaled to mean
+    :data:`INTENSITY_MEAN` and standard deviation :data:`INTENSITY_STD`: one affine map for all channels (colours keep
+    their balance), the padding left black. A part shot darker, brighter or at another contrast then looks like the
+    others, and what differs inside it still does: the values are not clipped to 0-255, so a bright defect on a
+    flat, dim part keeps its contrast. The gain is at most :data:`MAX_INTENSITY_GAIN`, so a nearly flat part keeps
+    its low contrast (its noise is not made texture); a flat image becomes flat mid-grey.
+    """
+    out = canvas.astype(np.float32)
+    x0, y0, x1, y1 = box.content_box
+    content = out[y0:y1, x0:x1]  # a view: edited in place
+    mean, std = float(content.mean()), float(content.std())
+    content -= mean
+    content *= min(INTENSITY_STD / std, MAX_INTENSITY_GAIN) if std > 1e-3 else 0.0
+    content += INTENSITY_MEAN
+    return out
+
+
 def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
-    """ImageNet-normalise RGB uint8 (H, W, 3) or (B, H, W, 3) to float32 (3, H, W) or (B, 3, H, W).
+    """ImageNet-normalise RGB uint8 (H, W, 3) or (B, H, W, 3) to float32 (3, H, W) or (B, 3, H, W) (float input in
+    0-255 scale, as :func:`standardize_intensity` gives, is taken as it is).
 
     Same arithmetic as torchvision ``ToTensor`` + ``Normalize``: ``(x / 255 − mean) / std`` in float32,
     element for element (bitwise the same values), in one float buffer: the channels are moved first

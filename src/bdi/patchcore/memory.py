@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bdi.backbones import Intensity
 from bdi.config import MemoryConfig, ScoringConfig
 from bdi.errors import InvalidInputError, ModelMismatchError
 from bdi.patchcore.coreset import GreedyPlan, coreset_size, greedy_k_center, greedy_select
@@ -282,6 +283,14 @@ def fitted_map_offset(memory: Memory) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         return 0.0, 0.0
     return float(value[0]), float(value[1])
+
+
+def fitted_intensity(memory: Memory) -> Intensity:
+    """What the fit did to each image's grey levels (``metadata["features"]["intensity"]``), so that the memory is
+    scored the same way whatever the server's setting; a memory fitted before the setting existed: ``raw``."""
+    features = memory.metadata.get("features")
+    value = features.get("intensity") if isinstance(features, Mapping) else None
+    return "standardize" if value == "standardize" else "raw"
 
 
 def fitted_scoring(memory: Memory, base: ScoringConfig) -> ScoringConfig:

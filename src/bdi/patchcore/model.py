@@ -20,7 +20,7 @@ from bdi.patchcore.features import FeatureExtractor
 from bdi.patchcore.imaging import Letterbox, build_roi_mask
 from bdi.patchcore.inference import InferenceResult, Region, StageTimer, find_regions, score_crop
 from bdi.patchcore.knn import KnnIndex
-from bdi.patchcore.memory import Memory, fitted_map_offset
+from bdi.patchcore.memory import Memory, fitted_intensity, fitted_map_offset
 from bdi.patchcore.polar import MIN_INNER_RATIO, VIEW_POLAR, PolarView, polar_view
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -99,7 +99,8 @@ class PatchCoreModel:
         if self.unwrapped and any(view is None for view in seen):
             raise InvalidInputError("an unwrapped model scores crops through their polar views (PatchCoreModel.view)")
         inputs = (crop if view is None else view.unwrap(crop) for crop, view in zip(crops, seen, strict=True))
-        batches = self.extractor.iter_extract(inputs, clock=timer.stage)  # letterbox, normalise, forward
+        # as the memory was fitted: intensity, letterbox, normalise, forward
+        batches = self.extractor.iter_extract(inputs, clock=timer.stage, intensity=fitted_intensity(self.memory))
         done = 0
         for batch in batches:
             for j in range(len(batch)):
