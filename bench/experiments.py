@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "blur4": {"scoring": {"blur_sigma": 4.0}},  # the maps are aligned now (bdi.patchcore.alignment): a narrower blur
     "blur8": {"scoring": {"blur_sigma": 8.0}},
     "unaligned": {"scoring": {"align_features": False}},  # the maps as drawn before the alignment
+    "raw-intensity": {"features": {"intensity": "raw"}},  # the grey levels as shot, as before the standardization
 }
 
 
