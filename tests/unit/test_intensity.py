@@ -56,7 +56,7 @@ def test_standardizing_keeps_a_bright_spot_on_a_dim_part_above_255_and_caps_the_
     spread = float(canvas[box.pad_top : box.pad_top + box.new_h, box.pad_left : box.pad_left + box.new_w].std())
     assert content.std() == pytest.approx(spread * MAX_INTENSITY_GAIN, rel=1e-3)
     flat = np.full((50, 50, 3), 17, np.uint8)
-    assert np.all(standardize_intensity(*letterbox(flat, SIZE)) [40:120, 40:120] == INTENSITY_MEAN)
+    assert np.all(standardize_intensity(*letterbox(flat, SIZE))[40:120, 40:120] == INTENSITY_MEAN)
 
 
 def test_standardizing_keeps_the_colour_balance() -> None:
@@ -135,7 +135,7 @@ def test_a_memory_is_scored_with_the_intensity_it_was_fitted_with_whatever_the_s
 ) -> None:
     raw_fitted = fitted["raw"]
     memory = raw_fitted.store.load_memory(REF)
-    assert memory is not None and fitted_intensity(memory) == "raw"
+    assert memory is not None and fitted_intensity(memory.metadata) == "raw"
     images = _discs(5, 2)
     expected = [r.score for r in raw_fitted.score_images(ref=REF, images=images)]
     # a server whose setting is standardize, serving the raw memory (as after an upgrade)
@@ -150,7 +150,7 @@ def test_a_memory_is_scored_with_the_intensity_it_was_fitted_with_whatever_the_s
 def test_a_memory_fitted_before_the_setting_existed_is_scored_raw_and_rebuilt_raw(tmp_path: Path) -> None:
     legacy = Memory(embeddings=np.zeros((1, 4), np.float32), token_shape=(1, 1),
                     metadata={"features": {"backbone": EFFICIENTNET_LITE2, "input_size": 320, "blocks": [2, 4]}})
-    assert fitted_intensity(legacy) == "raw"
+    assert fitted_intensity(legacy.metadata) == "raw"
     assert recorded_feature_config(legacy.metadata, model_dir=tmp_path, overrides={}).intensity == "raw"
     standardized = {**legacy.metadata["features"], "intensity": "standardize"}
     rebuilt = recorded_feature_config({"features": standardized}, model_dir=tmp_path, overrides={})

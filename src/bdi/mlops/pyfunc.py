@@ -44,6 +44,7 @@ def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
     ``batch_size`` applied; empty override values keep the recorded value or the default. Without a
     ``precision`` override, a memory fitted in fp32 is served in fp32, any other with ``auto``."""
     from bdi.config import FeatureConfig
+    from bdi.patchcore.memory import fitted_intensity
 
     features = metadata.get("features")
     if not isinstance(features, Mapping):
@@ -60,7 +61,7 @@ def recorded_feature_config(metadata: Mapping[str, Any], *, model_dir: Path,
             input_size=int(features["input_size"]),
             blocks=tuple(int(b) for b in features["blocks"]),
             neighbourhood=features.get("neighbourhood"),
-            intensity=features.get("intensity", "raw"),  # recorded since it existed; before, images were raw
+            intensity=fitted_intensity(metadata),
             depth=int(features["depth"]) if features.get("depth") is not None else None,
             seed=int(weights.get("seed") or 0),
             device=given.get("device", "auto"),

@@ -323,9 +323,8 @@ class FeatureExtractor:
         empty = np.zeros((0, self.num_tokens, self.embed_dim), dtype=np.float32)
         return FeatureBatch(embeddings=empty, grid=self._grid, letterboxes=())
 
-    def extract(self, images: Sequence[np.ndarray], *, intensity: Intensity | None = None) -> FeatureBatch:
-        """Features of BGR ``uint8`` ``(H, W, 3)`` images (any sizes), batched by ``cfg.batch_size``; ``intensity``
-        as :meth:`prepare`.
+    def extract(self, images: Sequence[np.ndarray]) -> FeatureBatch:
+        """Features of BGR ``uint8`` ``(H, W, 3)`` images (any sizes), batched by ``cfg.batch_size``.
 
         Returns:
             ``FeatureBatch`` with embeddings ``(len(images), Ht*Wt, D)`` float32.
@@ -333,7 +332,7 @@ class FeatureExtractor:
         Raises:
             InvalidInputError: an image that is not BGR ``uint8`` ``(H, W, 3)``.
         """
-        parts = list(self.iter_extract(images, intensity=intensity))
+        parts = list(self.iter_extract(images))
         if not parts:
             return self._empty()
         if len(parts) == 1:

@@ -276,7 +276,7 @@ def normalize_imagenet(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim not in (3, 4) or rgb.shape[-1] != 3:
         raise InvalidInputError(f"expected RGB (..., H, W, 3), got {rgb.shape}")
     axes = (2, 0, 1) if rgb.ndim == 3 else (0, 3, 1, 2)
-    x = np.ascontiguousarray(rgb.transpose(axes)).astype(np.float32)
+    x = np.ascontiguousarray(rgb.transpose(axes)).astype(np.float32, copy=False)  # a float input: already copied
     x /= np.float32(255.0)
     x -= _MEAN_CHW
     x /= _STD_CHW

@@ -285,10 +285,11 @@ def fitted_map_offset(memory: Memory) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def fitted_intensity(memory: Memory) -> Intensity:
-    """What the fit did to each image's grey levels (``metadata["features"]["intensity"]``), so that the memory is
-    scored the same way whatever the server's setting; a memory fitted before the setting existed: ``raw``."""
-    features = memory.metadata.get("features")
+def fitted_intensity(metadata: Mapping[str, Any]) -> Intensity:
+    """What the fit did to each image's grey levels, from a memory's ``metadata["features"]["intensity"]``, so that
+    the memory is scored the same way whatever the server's setting (``PatchCoreModel.score``, the pyfunc); a memory
+    fitted before the setting existed: ``raw``."""
+    features = metadata.get("features")
     value = features.get("intensity") if isinstance(features, Mapping) else None
     return "standardize" if value == "standardize" else "raw"
 

@@ -100,7 +100,8 @@ class PatchCoreModel:
             raise InvalidInputError("an unwrapped model scores crops through their polar views (PatchCoreModel.view)")
         inputs = (crop if view is None else view.unwrap(crop) for crop, view in zip(crops, seen, strict=True))
         # as the memory was fitted: intensity, letterbox, normalise, forward
-        batches = self.extractor.iter_extract(inputs, clock=timer.stage, intensity=fitted_intensity(self.memory))
+        intensity = fitted_intensity(self.memory.metadata)
+        batches = self.extractor.iter_extract(inputs, clock=timer.stage, intensity=intensity)
         done = 0
         for batch in batches:
             for j in range(len(batch)):
