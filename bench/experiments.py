@@ -53,8 +53,10 @@ FIGURES = ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "escape_r
 VARIANTS: dict[str, dict[str, Any]] = {
     DEFAULT: {},
     "input384": {"features": {"input_size": 384}},
+    "input352": {"features": {"input_size": 352}},
     "input512": {"features": {"input_size": 512}},
     "neighbourhood1": {"features": {"neighbourhood": 1}},
+    "neighbourhood5": {"features": {"neighbourhood": 5}},
     "blocks124": {"features": {"blocks": [1, 2, 4]}},
     "blocks234": {"features": {"blocks": [2, 3, 4]}},
     "blocks4": {"features": {"blocks": [4]}},
@@ -64,6 +66,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "coreset025": {"memory": {"coreset_rate": 0.25}},
     "blur4": {"scoring": {"blur_sigma": 4.0}},  # the maps are aligned now (bdi.patchcore.alignment): a narrower blur
     "blur8": {"scoring": {"blur_sigma": 8.0}},
+    "blur16": {"scoring": {"blur_sigma": 16.0}},
+    "top5": {"scoring": {"score_top_k": 5}},  # the image score as the mean of the 5 highest patch scores
     "unaligned": {"scoring": {"align_features": False}},  # the maps as drawn before the alignment
     "raw-intensity": {"features": {"intensity": "raw"}},  # the grey levels as shot, as before the standardization
 }

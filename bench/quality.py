@@ -214,6 +214,12 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
         defect_classes=[s.defect_class for s in data.eval], maps=[r.anomaly_map for r in scored],
         masks=[s.mask for s in data.eval], fpr_limit=AUPRO_FPR_LIMIT,
     )
+    # the calib half's per-class figures that need no threshold (image and pixel AUROC, AUPRO): fold 2's side
+    calib_report = evaluate_scores(
+        labels=[s.label for s in data.calib], scores=[r.score for r in calib], threshold=threshold,
+        defect_classes=[s.defect_class for s in data.calib], maps=[r.anomaly_map for r in calib],
+        masks=[s.mask for s in data.calib], fpr_limit=AUPRO_FPR_LIMIT,
+    )
     latency = p50_ms(detector.infer_once, [s.data for s in data.eval], repeats=latency_repeats, warmup=warmup)
     folds, resamples = measure_folds(detector, data, calib, scored, n_boot=n_boot, n_boot_pixel=n_boot_pixel)
     return {
@@ -224,6 +230,7 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
         "calib": {"n_ok": len(ok), "n_ng": len(ng)},
         "metrics": dict(report.overall),
         "per_class": {k: dict(v) for k, v in report.per_class.items()},
+        "per_class_calib": {k: dict(v) for k, v in calib_report.per_class.items()},
         "latency_ms": latency,
         "eval_scores": [{"file": s.name, "defect_class": s.defect_class, "score": r.score}
                         for s, r in zip(data.eval, scored, strict=True)],

@@ -94,6 +94,21 @@ def fold_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def per_class_lines(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> list[str]:
+    """Image AUROC, pixel AUROC and AUPRO per defect class (that class with the good images), each half."""
+    lines = ["Per defect class (that class with the good images; image AUROC / pixel AUROC / AUPRO; eval half = fold "
+             "1's reporting half, calib half = fold 2's):", ""]
+    body = []
+    for r in rows:
+        for half, key in (("eval", "per_class"), ("calib", "per_class_calib")):
+            if key not in r:
+                continue
+            body.append([r["label"], half, *(" / ".join(fmt(_get(r[key], f"{c}.{m}"))
+                                                       for m in ("image_auroc", "pixel_auroc", "aupro"))
+                                             for c in classes)])
+    return [*lines, *_table(["row", "half", *classes], body), ""]
+
+
 def _counts_text(counts: Mapping[str, Mapping[str, int]]) -> str:
     parts = []
     for split, per_class in counts.items():
@@ -133,11 +148,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += fold_lines(rows)
         classes = sorted({c for r in done for c in r.get("per_class", {})})
         if classes:
-            lines += ["Image AUROC per defect class (that class vs good, eval half):", ""]
-            lines += _table(["row", *classes],
-                            [[r["label"], *(fmt(_get(r["per_class"], f"{c}.image_auroc")) for c in classes)]
-                             for r in done])
-            lines.append("")
+            lines += per_class_lines(done, classes)
         lines += ["What each row ran:", ""]
         lines += _table(
             ["row", "backbone / weights", "input", "layers", "coreset", "memory", "threshold"],

@@ -33,7 +33,9 @@ def _assert_measured(row: dict[str, Any]) -> None:
     assert row["fit"]["features_s"] > 0 and row["fit"]["coreset_s"] > 0
     assert 0 < row["fit"]["memory_size"] < row["fit"]["n_patches"]
     assert row["latency_ms"]["p50"] > 0 and row["latency_ms"]["n"] == 2
-    assert set(row["per_class"]) == {"crack", "pit", "scratch"}
+    assert set(row["per_class"]) == set(row["per_class_calib"]) == {"crack", "pit", "scratch"}
+    for half in ("per_class", "per_class_calib"):  # which class the maps find, on each half
+        assert all(0.0 <= row[half][c]["pixel_auroc"] <= 1.0 for c in row[half]), half
     assert row["threshold"] > 0
 
 
@@ -62,6 +64,7 @@ def test_quick_run_measures_bdi_and_the_pixel_baseline_and_skips_anomalib_when_n
     assert {"frr_at_escape_0", "frr_at_escape_5", "review_rate"} <= set(folds["mean"])
     assert set(rows["bdi-effnet"]["comparisons"]) == {"pixel-knn"}
     assert "Both folds" in markdown and "| band: to review |" in markdown
+    assert "| row | half | crack | pit | scratch |" in markdown  # per class, image / pixel AUROC / AUPRO
     assert "wrote" in capsys.readouterr().out
 
 

@@ -200,6 +200,25 @@ def test_evaluate_scores_pixel_metrics_skip_ng_without_mask() -> None:
     assert report.overall["aupro"] == pytest.approx(1.0)
 
 
+def test_evaluate_scores_tells_which_defect_class_the_maps_miss() -> None:
+    """Per class, the class's pixels with the good images': a class found where it is scores 1, one whose maps
+    light up elsewhere scores low, and the pooled figure sits between them."""
+    mask = _square_mask()
+    found = mask.astype(np.float64) / 255.0
+    elsewhere = np.roll(found, 12, axis=(0, 1))  # the same spot, off the defect
+    report = evaluate_scores(
+        labels=[0, 1, 1], scores=[0.1, 0.9, 0.8], threshold=0.5, defect_classes=["good", "pit", "uneven"],
+        maps=[np.zeros((32, 32)), found, elsewhere], masks=[None, mask, mask],
+    )
+    assert report.per_class["pit"]["pixel_auroc"] == pytest.approx(1.0)
+    assert report.per_class["pit"]["aupro"] == pytest.approx(1.0)
+    assert report.per_class["uneven"]["pixel_auroc"] < 0.6
+    assert report.per_class["uneven"]["aupro"] < 0.25
+    overall = report.overall["pixel_auroc"]
+    assert overall is not None and report.per_class["uneven"]["pixel_auroc"] < overall < 1.0
+    assert report.flat_metrics()["uneven.pixel_auroc"] == report.per_class["uneven"]["pixel_auroc"]
+
+
 # ------------------------------------------------------------------ plots
 
 

@@ -264,7 +264,8 @@ class EvaluationReport:
 
     ``overall``: image_auroc, pixel_auroc, aupro, f1, precision, recall, false_reject_rate,
     escape_rate, threshold, n_ok, n_ng. ``per_class``: for every defect class, image_auroc (that class
-    vs good), recall (share of the class called NG at the threshold) and n.
+    vs good), recall (share of the class called NG at the threshold) and n; with maps and masks also pixel_auroc
+    and aupro (that class's pixels with the good images').
     """
 
     overall: dict[str, float | int | None]
@@ -348,6 +349,13 @@ def evaluate_scores(
             "recall": float(np.mean(s[sel] >= threshold)),
             "n": int(sel.sum()),
         }
+        if pix_auroc is not None and maps is not None and masks is not None:
+            # one class's pixels pooled with the good images': which defects the maps find, and which they miss
+            known = [int(i) for i in np.flatnonzero(pair) if masks[int(i)] is not None or y[int(i)] == 0]
+            if any(masks[i] is not None for i in known):
+                per_class[cls]["pixel_auroc"] = pixel_auroc([maps[i] for i in known], [masks[i] for i in known])
+                per_class[cls]["aupro"] = aupro([maps[i] for i in known], [masks[i] for i in known],
+                                                fpr_limit=fpr_limit)
     return EvaluationReport(overall=overall, per_class=per_class, roc=roc_points(y, s))
 
 
