@@ -120,6 +120,11 @@ BREAKS: tuple[Break, ...] = (
           "        intensity = fitted_intensity(self.memory.metadata)\n",
           "        intensity = None\n",
           ("tests/unit/test_intensity.py",)),
+    Break("metrics.per-class-pixel-pooled", "src/bdi/data/metrics.py",
+          "                per_class[cls][\"pixel_auroc\"] = pixel_auroc([maps[i] for i in known], "
+          "[masks[i] for i in known])\n",
+          "                per_class[cls][\"pixel_auroc\"] = pix_auroc\n",
+          ("tests/unit/test_evaluation.py",)),
     # ------------------------------------------------------------------ issue 28: access control and audit trail
     Break("auth.checked-after-the-body", "serving/auth.py",
           "        if route_scope_ is None:  # no route: the router answers 404/405\n",
