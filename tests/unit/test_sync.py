@@ -296,6 +296,11 @@ def _served_version(served: Path) -> int | None:
     return lineage.registered_version if lineage is not None else None
 
 
+def _status_versions(served: Path) -> list[tuple[str, int]] | None:
+    status = read_status(served)
+    return None if status is None else [(m["name"], m["version"]) for m in status["models"]]
+
+
 def test_bdi_sync_watch_follows_a_promotion_made_while_it_runs_until_sigterm(
     project_root: Path, exports: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -312,17 +317,18 @@ def test_bdi_sync_watch_follows_a_promotion_made_while_it_runs_until_sigterm(
     )
     try:
         assert _wait_until(lambda: _served_version(served) == 1, deadline_s=120, proc=proc)
-        status = read_status(served)
-        assert status and [(m["name"], m["version"]) for m in status["models"]] == [(registered.name, 1)]
         assert _fingerprint(served) == _fingerprint(exports[0])
+        # the status file is written when the round ends, just after its models are in place
+        assert _wait_until(lambda: _status_versions(served) == [(registered.name, 1)], deadline_s=30, proc=proc), \
+            read_status(served)
 
         register(tracking, model_dir=exports[1], ref=REF, move_alias=False)
         _client(tracking).set_registered_model_alias(registered.name, "champion", "2")
         promoted = _wait_until(lambda: _served_version(served) == 2, deadline_s=60, proc=proc)
         assert promoted, f"still serving v{_served_version(served)}; watcher exit code {proc.poll()}"
         assert _fingerprint(served) == _fingerprint(exports[1])
-        status = read_status(served)
-        assert status and [(m["name"], m["version"]) for m in status["models"]] == [(registered.name, 2)]
+        assert _wait_until(lambda: _status_versions(served) == [(registered.name, 2)], deadline_s=30, proc=proc), \
+            read_status(served)
         assert proc.poll() is None, "the watcher must keep running until SIGTERM"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
