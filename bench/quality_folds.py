@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from bdi.config import CalibrationConfig
-from bdi.data.metrics import aupro, image_auroc, pixel_auroc
+from bdi.data import metrics
+from bdi.data.metrics import image_auroc
 from bdi.patchcore.calibration import band_rates, choose_band, choose_threshold
 
 ESCAPE_BUDGETS = (0.0, 0.05)  # the fixed escape budgets the false-reject rate is read at
@@ -106,12 +107,8 @@ def pixel_figures(half: Half, index: np.ndarray) -> dict[str, float | None]:
     """Pixel AUROC and AUPRO of the images ``index`` of ``half`` whose mask is known (OK: no defect pixel)."""
     if half.maps is None or half.masks is None:
         return {"pixel_auroc": None, "aupro": None}
-    known = [int(i) for i in index if half.masks[int(i)] is not None or half.labels[int(i)] == 0]
-    if not any(half.masks[i] is not None for i in known):
-        return {"pixel_auroc": None, "aupro": None}
-    maps = [half.maps[i] for i in known]
-    masks = [half.masks[i] for i in known]
-    return {"pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks)}
+    auroc, pro = metrics.pixel_figures(half.labels, half.maps, half.masks, index)
+    return {"pixel_auroc": auroc, "aupro": pro}
 
 
 def _resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -121,9 +121,8 @@ BREAKS: tuple[Break, ...] = (
           "        intensity = None\n",
           ("tests/unit/test_intensity.py",)),
     Break("metrics.per-class-pixel-pooled", "src/bdi/data/metrics.py",
-          "                per_class[cls][\"pixel_auroc\"] = pixel_auroc([maps[i] for i in known], "
-          "[masks[i] for i in known])\n",
-          "                per_class[cls][\"pixel_auroc\"] = pix_auroc\n",
+          "                per_class[cls][\"pixel_auroc\"], per_class[cls][\"aupro\"] = class_auroc, class_pro\n",
+          "                per_class[cls][\"pixel_auroc\"], per_class[cls][\"aupro\"] = pix_auroc, pro\n",
           ("tests/unit/test_evaluation.py",)),
     # ------------------------------------------------------------------ issue 28: access control and audit trail
     Break("auth.checked-after-the-body", "serving/auth.py",

@@ -13,7 +13,7 @@ that need them. The plots are :mod:`bdi.data.plots`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -288,6 +288,25 @@ class EvaluationReport:
         return out
 
 
+def pixel_figures(
+    labels: Values,
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None],
+    indices: Iterable[int],
+    *,
+    fpr_limit: float = AUPRO_FPR_LIMIT,
+) -> tuple[float | None, float | None]:
+    """Pixel AUROC and AUPRO of the images ``indices`` whose mask is known: OK images (mask ``None`` = no defect
+    pixel) and NG images with a mask (an NG image without one is left out); ``(None, None)`` when no image with a
+    mask is among them."""
+    y = np.asarray(labels)
+    known = [int(i) for i in indices if masks[int(i)] is not None or y[int(i)] == 0]
+    if not any(masks[i] is not None for i in known):
+        return None, None
+    sel_maps, sel_masks = [maps[i] for i in known], [masks[i] for i in known]
+    return pixel_auroc(sel_maps, sel_masks), aupro(sel_maps, sel_masks, fpr_limit=fpr_limit)
+
+
 def evaluate_scores(
     *,
     labels: Values,
@@ -319,12 +338,7 @@ def evaluate_scores(
     if maps is not None and masks is not None:
         if len(maps) != y.size or len(masks) != y.size:
             raise InvalidInputError("maps and masks must have one entry per score")
-        known = [i for i in range(y.size) if masks[i] is not None or y[i] == 0]
-        if any(masks[i] is not None for i in known):
-            sel_maps = [maps[i] for i in known]
-            sel_masks = [masks[i] for i in known]
-            pix_auroc = pixel_auroc(sel_maps, sel_masks)
-            pro = aupro(sel_maps, sel_masks, fpr_limit=fpr_limit)
+        pix_auroc, pro = pixel_figures(y, maps, masks, range(y.size), fpr_limit=fpr_limit)
     overall: dict[str, float | int | None] = {
         "image_auroc": image_auroc(y, s),
         "pixel_auroc": pix_auroc,
@@ -351,11 +365,9 @@ def evaluate_scores(
         }
         if pix_auroc is not None and maps is not None and masks is not None:
             # one class's pixels pooled with the good images': which defects the maps find, and which they miss
-            known = [int(i) for i in np.flatnonzero(pair) if masks[int(i)] is not None or y[int(i)] == 0]
-            if any(masks[i] is not None for i in known):
-                per_class[cls]["pixel_auroc"] = pixel_auroc([maps[i] for i in known], [masks[i] for i in known])
-                per_class[cls]["aupro"] = aupro([maps[i] for i in known], [masks[i] for i in known],
-                                                fpr_limit=fpr_limit)
+            class_auroc, class_pro = pixel_figures(y, maps, masks, np.flatnonzero(pair), fpr_limit=fpr_limit)
+            if class_auroc is not None:
+                per_class[cls]["pixel_auroc"], per_class[cls]["aupro"] = class_auroc, class_pro
     return EvaluationReport(overall=overall, per_class=per_class, roc=roc_points(y, s))
 
 
