@@ -12,15 +12,17 @@ from bdi.patchcore.inference import (
     gaussian_blur,
     heatmap_u8,
     masked_score,
+    part_tokens,
     patch_centres,
     patch_distances,
     score_crop,
+    self_contrast,
     top_k_mean,
 )
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import l2_normalize
 
-SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99)
+SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99, self_contrast=0.0)
 
 
 def test_gaussian_blur_sigma_one_uses_seven_tap_kernel() -> None:
@@ -121,7 +123,7 @@ def test_score_crop_with_top_k_scores_the_mean_of_the_k_largest_patch_scores_ins
     mask = np.full((4, 4), 255, np.uint8)
     mask[:, 0] = 0  # the first column of patches is outside the ROI
     inside = distances.reshape(4, 4)[:, 1:].ravel()
-    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, score_top_k=3)
+    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, score_top_k=3, self_contrast=0.0)
     result = score_crop(
         embeddings=queries, grid=(4, 4), letterbox=letterbox_geometry(src_w=4, src_h=4, size=4),
         index=KnnIndex.build(memory), memory_grid=(4, 4), mask=mask, cfg=cfg, threshold=None, mm_per_px=1.0,
@@ -137,3 +139,62 @@ def test_patch_centres_leave_out_letterbox_padding() -> None:
     assert len(ys) == len(xs) == 2 * 4
     assert set(ys.tolist()) == {14, 42}  # canvas rows 21 and 35 minus the 14 px pad, times 2
     assert set(xs.tolist()) == {14, 42, 70, 98}
+
+
+def _part_with_one_odd_patch() -> tuple[np.ndarray, np.ndarray]:
+    """A memory and a 4x4 grid of patches: 15 alike (one direction, all at one distance from the memory) and one
+    (row 2, col 1) unlike them and further from the memory."""
+    memory = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
+    patches = np.tile(np.array([[0.8, 0.6, 0.0]], dtype=np.float32), (16, 1))
+    patches[9] = [0.0, 0.0, 1.0]
+    return memory, patches
+
+
+def _score_part(memory: np.ndarray, patches: np.ndarray, *, weight: float, threshold: float | None = None):
+    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, self_contrast=weight)
+    return score_crop(embeddings=patches, grid=(4, 4), letterbox=letterbox_geometry(src_w=4, src_h=4, size=4),
+                      index=KnnIndex.build(memory), memory_grid=(4, 4), mask=np.full((4, 4), 255, np.uint8),
+                      cfg=cfg, threshold=threshold, mm_per_px=1.0)
+
+
+def test_self_contrast_turns_down_what_looks_like_the_rest_of_the_part_and_keeps_the_score() -> None:
+    memory, patches = _part_with_one_odd_patch()
+    plain, sharpened = _score_part(memory, patches, weight=0.0), _score_part(memory, patches, weight=0.15)
+    alike, odd = np.ones((4, 4), bool), (2, 1)
+    alike[odd] = False
+    assert plain.anomaly_map[alike] == pytest.approx(np.hypot(0.2, 0.6), abs=1e-5)  # weight 0: the 1-NN distances
+    assert sharpened.score == pytest.approx(plain.score) == pytest.approx(np.sqrt(2.0), abs=1e-5)
+    assert sharpened.anomaly_map[odd] == pytest.approx(plain.anomaly_map[odd])  # the peak keeps the score
+    # the patches like the rest of their part are turned down, relative to the peak and absolutely
+    assert np.all(sharpened.anomaly_map[alike] < 0.9 * plain.anomaly_map[alike])
+
+
+def test_self_contrast_leaves_regions_only_where_the_score_reaches_the_threshold() -> None:
+    memory, patches = _part_with_one_odd_patch()
+    below = _score_part(memory, patches, weight=0.15, threshold=1.5)  # the score, sqrt(2), is under it
+    assert below.score < 1.5 and below.regions == [] and float(below.anomaly_map.max()) < 1.5
+    at = _score_part(memory, patches, weight=0.15, threshold=1.0)
+    assert [region.area_px for region in at.regions] == [1.0]  # only the odd patch: the alike ones turned down
+    assert [region.area_px for region in _score_part(memory, patches, weight=0.0, threshold=0.6).regions] == [16.0]
+
+
+def test_self_contrast_is_zero_for_a_uniform_part_and_for_a_part_of_one_patch() -> None:
+    uniform = np.tile(np.array([[0.8, 0.6, 0.0]], dtype=np.float32), (16, 1))
+    assert np.all(self_contrast(uniform, np.ones(16, bool)) == 0.0)
+    _, patches = _part_with_one_odd_patch()
+    single = np.zeros(16, bool)
+    single[9] = True
+    assert np.all(self_contrast(patches, single) == 0.0)
+    z = self_contrast(patches, np.ones(16, bool))
+    assert z[9] == z.max() > 3.0 and np.all(z[np.arange(16) != 9] <= 0.0)
+
+
+def test_part_tokens_leave_out_letterbox_padding_and_patches_outside_the_mask() -> None:
+    # a 112x56 crop on a 56 px canvas with a 4x4 grid: rows 0 and 3 are padding; the mask drops the left half
+    geometry = letterbox_geometry(src_w=112, src_h=56, size=56)
+    mask = np.full((56, 112), 255, np.uint8)
+    mask[:, :56] = 0
+    part = part_tokens(grid=(4, 4), letterbox=geometry, remove_letterbox=True, mask=mask).reshape(4, 4)
+    expected = np.zeros((4, 4), bool)
+    expected[1:3, 2:] = True
+    assert np.array_equal(part, expected)

@@ -44,7 +44,8 @@ class InferenceResult:
     Attributes:
         score: percentile of ``anomaly_map`` inside the mask, or with ``score_top_k`` the mean of the k largest
             patch scores (0.0 for an empty mask).
-        anomaly_map: (H, W) float32 blurred patch distances in crop pixels, in [0, 2].
+        anomaly_map: (H, W) float32 blurred patch distances in crop pixels; with ``self_contrast`` sharpened by
+            the part's contrast with itself, its score percentile unchanged.
         mask: (H, W) uint8 ROI mask (0..255, anti-aliased edges count as inside).
         regions: sorted by area_px descending; empty when no threshold was given.
         timings_ms: per-stage wall times.
@@ -148,11 +149,11 @@ def top_k_mean(values: np.ndarray, k: int) -> float:
     return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
 
 
-def patch_centres(
-    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, offset: Offset = NO_OFFSET
+def _token_centres(
+    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, offset: Offset
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop pixel (row, col) of each patch centre that falls on the crop (padding patches left out), as
-    :func:`distance_map` places the token grid: (n,) int arrays each."""
+    """Crop pixel row of each token row and column of each token column (floats, possibly off the crop), as
+    :func:`distance_map` places the token grid: (Ht,), (Wt,)."""
     rows, cols = (np.arange(n, dtype=np.float64) + 0.5 for n in grid)
     down, right = offset
     if remove_letterbox:
@@ -161,9 +162,64 @@ def patch_centres(
     else:
         ys = (rows * letterbox.size / grid[0] - down) * letterbox.src_h / letterbox.size
         xs = (cols * letterbox.size / grid[1] - right) * letterbox.src_w / letterbox.size
+    return ys, xs
+
+
+def patch_centres(
+    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, offset: Offset = NO_OFFSET
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop pixel (row, col) of each patch centre that falls on the crop (padding patches left out), as
+    :func:`distance_map` places the token grid: (n,) int arrays each."""
+    ys, xs = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox, offset=offset)
     ys, xs = ys[(ys >= 0) & (ys < letterbox.src_h)], xs[(xs >= 0) & (xs < letterbox.src_w)]
     yy, xx = np.meshgrid(np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64), indexing="ij")
     return yy.ravel(), xx.ravel()
+
+
+def part_tokens(
+    *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, mask: np.ndarray,
+    offset: Offset = NO_OFFSET,
+) -> np.ndarray:
+    """Which tokens show the part: their centres on the crop and inside ``mask``. (Ht·Wt,) bool."""
+    ys, xs = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox, offset=offset)
+    on_rows, on_cols = (ys >= 0) & (ys < letterbox.src_h), (xs >= 0) & (xs < letterbox.src_w)
+    rows = np.clip(np.floor(ys), 0, letterbox.src_h - 1).astype(np.int64)
+    cols = np.clip(np.floor(xs), 0, letterbox.src_w - 1).astype(np.int64)
+    inside = mask[np.ix_(rows, cols)] > 0
+    part: np.ndarray = (inside & on_rows[:, None] & on_cols[None, :]).ravel()
+    return part
+
+
+SELF_CONTRAST_CLIP = 10.0  # a z-score beyond this is noise of a nearly uniform part, not more evidence
+
+
+def self_contrast(embeddings: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """How much each token differs from the rest of its own part: the distance of its L2-normalised embedding
+    to the part tokens' median embedding, as a z-score over the part tokens (clipped to ±10).
+    (Q, D), (Q,) bool → (Q,) float32; zeros when fewer than two tokens show the part."""
+    if int(part.sum()) < 2:
+        return np.zeros(embeddings.shape[0], dtype=np.float32)
+    directions = l2_normalize(embeddings)
+    distances = np.linalg.norm(directions - np.median(directions[part], axis=0), axis=1)
+    on_part = distances[part]
+    z = (distances - np.median(on_part)) / (on_part.std() + 1e-6)
+    contrast: np.ndarray = np.clip(z, -SELF_CONTRAST_CLIP, SELF_CONTRAST_CLIP).astype(np.float32)
+    return contrast
+
+
+def sharpen_by_self_contrast(
+    anomaly_map: np.ndarray, contrast_map: np.ndarray, *, weight: float, mask: np.ndarray, percentile: float
+) -> np.ndarray:
+    """``anomaly_map · exp(weight · contrast_map)``, rescaled so its ``percentile`` inside ``mask`` is the
+    anomaly map's (the image score): the peak keeps its value, so a region still needs a score at the
+    threshold, while what looks like the rest of the part is turned down and what stands out of it is
+    kept (``ScoringConfig.self_contrast``)."""
+    sharpened = anomaly_map * np.exp(weight * contrast_map)
+    before, after = masked_score(anomaly_map, mask, percentile), masked_score(sharpened, mask, percentile)
+    if before <= 0 or after <= 0:
+        return anomaly_map
+    out: np.ndarray = (sharpened * (before / after)).astype(np.float32)
+    return out
 
 
 def top_k_score(
@@ -251,7 +307,7 @@ def score_crop(
         offset: where the features sit from their cells' centres (the memory's, ``bdi.patchcore.alignment``).
     """
     timer = timer or StageTimer()
-    if cfg.blur_sigma is None or cfg.score_percentile is None:
+    if cfg.blur_sigma is None or cfg.score_percentile is None or cfg.self_contrast is None:
         raise ValueError("score_crop needs a resolved ScoringConfig (ScoringConfig.resolved(backbone))")
     if tuple(grid) != tuple(memory_grid):
         raise TokenGridMismatchError(got=grid, expected=memory_grid)
@@ -268,6 +324,15 @@ def score_crop(
                                 remove_letterbox=cfg.remove_letterbox, offset=offset)
         else:
             score = masked_score(anomaly_map, mask, cfg.score_percentile)
+    if cfg.self_contrast:
+        with timer.stage("contrast"):  # the map's shape only: the score above is the nearest distances'
+            part = part_tokens(grid=grid, letterbox=letterbox, remove_letterbox=cfg.remove_letterbox, mask=mask,
+                               offset=offset)
+            contrast = gaussian_blur(distance_map(self_contrast(embeddings, part), grid=grid, letterbox=letterbox,
+                                                  remove_letterbox=cfg.remove_letterbox, offset=offset),
+                                     cfg.blur_sigma)
+            anomaly_map = sharpen_by_self_contrast(anomaly_map, contrast, weight=cfg.self_contrast, mask=mask,
+                                                   percentile=cfg.score_percentile)
     regions: list[Region] = []
     if threshold is not None:
         with timer.stage("regions"):
