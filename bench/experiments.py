@@ -68,7 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "blur8": {"scoring": {"blur_sigma": 8.0}},
     "blur16": {"scoring": {"blur_sigma": 16.0}},
     "top5": {"scoring": {"score_top_k": 5}},  # the image score as the mean of the 5 highest patch scores
-    "no-self-contrast": {"scoring": {"self_contrast": 0.0}},  # the maps as drawn before the self-contrast
+    "self-contrast": {"scoring": {"self_contrast": 0.15}},  # the map sharpened by the part's own contrast
     "unaligned": {"scoring": {"align_features": False}},  # the maps as drawn before the alignment
     "raw-intensity": {"features": {"intensity": "raw"}},  # the grey levels as shot, as before the standardization
 }

@@ -61,8 +61,6 @@ class BackboneSpec:
         l2_normalize: whether patch features are L2-normalised before the memory and the search (the DINOv2
             legacy rule, distances in [0, 2]); CNN features keep their magnitude, which carries the anomaly.
         projection_dim: default random-projection width for the greedy coreset (0 = exact distances).
-        self_contrast: default weight of the map's sharpening by each patch's contrast with the rest of its part
-            (``ScoringConfig.self_contrast``; 0 = none).
         intensity: default treatment of each image's grey levels before the net (``standardize``: its mean and
             standard deviation set to fixed values, so a darker or flatter-lit part is not an anomaly).
         official: the pinned official weights.
@@ -80,7 +78,6 @@ class BackboneSpec:
     projection_dim: int
     intensity: Intensity
     official: OfficialWeights
-    self_contrast: float = 0.0
 
 
 CONTRACT_SCORE_PERCENTILE = 99  # the legacy backend's image score and OK percentile (docs/contract.md)
@@ -105,7 +102,6 @@ _LITE0 = BackboneSpec(
     l2_normalize=False,
     projection_dim=32,
     intensity="standardize",  # chosen on the magnetic-tile calibration halves (docs/quality.md "Intensity")
-    self_contrast=0.15,  # chosen on the magnetic-tile calibration half (docs/quality.md "Self-contrast")
     official=OfficialWeights(
         filename="efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",

@@ -156,9 +156,9 @@ class ScoringConfig:
     # below and right of their cells for EfficientNet-Lite); a ViT's tokens are their patches. Stored with the memory.
     align_features: bool = True
     # sharpen the map by how much each patch differs from the rest of its own part (bdi.patchcore.inference
-    # .sharpen_by_self_contrast): the weight w of map · exp(w · z), the peak and so the score unchanged; 0 = off;
-    # None = the backbone's (0.15 for the CNNs, chosen on the magnetic-tile calib half; 0 for the legacy ViT)
-    self_contrast: float | None = None
+    # .sharpen_by_self_contrast): the weight w of map · exp(w · z), the score unchanged; 0 = off. For uniform
+    # surfaces (tiles, a friction ring: 0.15); it blurs structured ROIs' maps (holes, slots): docs/quality.md
+    self_contrast: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.score_top_k, bool) or not isinstance(self.score_top_k, int) or self.score_top_k < 0:
@@ -169,18 +169,16 @@ class ScoringConfig:
             raise ValueError(f"score_percentile must be a whole number in [0, 100], got {self.score_percentile!r}")
         if self.blur_sigma is not None and self.blur_sigma < 0:
             raise ValueError("blur_sigma must be >= 0")
-        if self.self_contrast is not None and not 0.0 <= self.self_contrast <= 1.0:
+        if not 0.0 <= self.self_contrast <= 1.0:
             raise ValueError(f"self_contrast must be in [0, 1], got {self.self_contrast!r}")
 
     def resolved(self, backbone: str) -> ScoringConfig:
-        """This config with an unset ``blur_sigma``, ``score_percentile`` and ``self_contrast`` taken from the
-        backbone's entry."""
+        """This config with an unset ``blur_sigma`` and ``score_percentile`` taken from the backbone's entry."""
         spec = backbone_spec(backbone)
         return replace(
             self,
             blur_sigma=spec.blur_sigma if self.blur_sigma is None else self.blur_sigma,
             score_percentile=spec.score_percentile if self.score_percentile is None else self.score_percentile,
-            self_contrast=spec.self_contrast if self.self_contrast is None else self.self_contrast,
         )
 
 

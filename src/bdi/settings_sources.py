@@ -77,7 +77,7 @@ FLAT_NAMES: dict[str, FlatName] = {
     "AREA_MM2_THR": FlatName(("model", "scoring", "area_mm2_thr")),
     "BLUR_SIGMA": FlatName(("model", "scoring", "blur_sigma"), optional),
     "REMOVE_LETTERBOX": FlatName(("model", "scoring", "remove_letterbox"), truthy),
-    "SELF_CONTRAST": FlatName(("model", "scoring", "self_contrast"), optional),
+    "SELF_CONTRAST": FlatName(("model", "scoring", "self_contrast")),
     "CALIBRATION_NG_PERCENTILE": FlatName(("calibration", "ng_percentile")),
     "CALIBRATION_OVERLAP_FACTOR": FlatName(("calibration", "overlap_factor")),
     "CALIBRATION_BAND": FlatName(("calibration", "band"), truthy),

@@ -159,14 +159,15 @@ def test_model_config_is_resolved_from_the_backbone_registry() -> None:
     assert model.memory.projection_dim == spec.projection_dim and model.scoring.blur_sigma == spec.blur_sigma
     assert model.scoring.score_percentile == spec.score_percentile == 100  # the tuned image score: the map's max
     assert ModelConfig().scoring.score_percentile == 99  # DINOv2 keeps the contract's
-    assert model.scoring.self_contrast == spec.self_contrast == 0.15  # the CNNs' maps are sharpened
-    assert ModelConfig().scoring.self_contrast == 0.0  # the legacy ViT's maps are as the contract draws them
 
 
-def test_self_contrast_comes_from_the_env_and_must_be_a_weight_in_0_to_1(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_self_contrast_is_off_by_default_comes_from_the_env_and_must_be_a_weight_in_0_to_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("BDI_BACKBONE", "efficientnet_lite2")
-    monkeypatch.setenv("BDI_SELF_CONTRAST", "0")
-    assert Settings().model.scoring.self_contrast == 0.0  # off: the maps of before
+    assert Settings().model.scoring.self_contrast == 0.0  # the maps as the contract draws them
+    monkeypatch.setenv("BDI_SELF_CONTRAST", "0.15")
+    assert Settings().model.scoring.self_contrast == 0.15
     monkeypatch.setenv("BDI_SELF_CONTRAST", "1.5")
     with pytest.raises(ValidationError, match="self_contrast must be in"):
         Settings()

@@ -22,7 +22,7 @@ from bdi.patchcore.inference import (
 from bdi.patchcore.knn import KnnIndex
 from bdi.patchcore.memory import l2_normalize
 
-SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99, self_contrast=0.0)
+SCORING = ScoringConfig(blur_sigma=1.0, score_percentile=99)
 
 
 def test_gaussian_blur_sigma_one_uses_seven_tap_kernel() -> None:
@@ -123,7 +123,7 @@ def test_score_crop_with_top_k_scores_the_mean_of_the_k_largest_patch_scores_ins
     mask = np.full((4, 4), 255, np.uint8)
     mask[:, 0] = 0  # the first column of patches is outside the ROI
     inside = distances.reshape(4, 4)[:, 1:].ravel()
-    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, score_top_k=3, self_contrast=0.0)
+    cfg = ScoringConfig(score_percentile=100, blur_sigma=0.0, score_top_k=3)
     result = score_crop(
         embeddings=queries, grid=(4, 4), letterbox=letterbox_geometry(src_w=4, src_h=4, size=4),
         index=KnnIndex.build(memory), memory_grid=(4, 4), mask=mask, cfg=cfg, threshold=None, mm_per_px=1.0,

@@ -307,7 +307,7 @@ def score_crop(
         offset: where the features sit from their cells' centres (the memory's, ``bdi.patchcore.alignment``).
     """
     timer = timer or StageTimer()
-    if cfg.blur_sigma is None or cfg.score_percentile is None or cfg.self_contrast is None:
+    if cfg.blur_sigma is None or cfg.score_percentile is None:
         raise ValueError("score_crop needs a resolved ScoringConfig (ScoringConfig.resolved(backbone))")
     if tuple(grid) != tuple(memory_grid):
         raise TokenGridMismatchError(got=grid, expected=memory_grid)
