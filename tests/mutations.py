@@ -126,7 +126,7 @@ BREAKS: tuple[Break, ...] = (
           ("tests/unit/test_evaluation.py",)),
     Break("inference.self-contrast-off", "src/bdi/patchcore/inference.py",
           "    if cfg.self_contrast:\n", "    if False:\n",
-          ("tests/unit/test_inference.py",)),
+          ("tests/unit/test_inference.py", "tests/unit/test_self_contrast.py")),
     Break("inference.self-contrast-peak-not-kept", "src/bdi/patchcore/inference.py",
           "    out: np.ndarray = (sharpened * (before / after)).astype(np.float32)\n",
           "    out: np.ndarray = sharpened.astype(np.float32)\n",
