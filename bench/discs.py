@@ -54,6 +54,7 @@ from bdi.patchcore.imaging import build_roi_mask
 from bdi.patchcore.polar import VIEW_CROP
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
+from bench.overrides import parse_overrides, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -125,9 +126,7 @@ def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[Har
 
 def build_service(*, work: Path, backbone: str, weights: str, model_overrides: dict[str, dict[str, Any]],
                   threads: int) -> InspectionService:
-    model: dict[str, dict[str, Any]] = {"features": {"backbone": backbone, "weights": weights, "device": "cpu"}}
-    for section, values in model_overrides.items():
-        model.setdefault(section, {}).update(values)
+    model = with_overrides({"features": {"backbone": backbone, "weights": weights, "device": "cpu"}}, model_overrides)
     settings = Settings(model=model, models_dir=work, runtime="torch", threads=threads)
     return InspectionService.from_settings(settings)
 
@@ -190,22 +189,6 @@ def markdown(results: dict[str, Any]) -> str:
         views = sorted({seed[roi].get("view", VIEW_CROP) for seed in results["per_seed"].values()})
         lines.append(f"| {roi} | {', '.join(views)} | {_cell(row['image_auroc'])} | {_cell(row['pixel_auroc'])} |")
     return "\n".join(lines) + "\n"
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``section.field=value`` (value as JSON, else a string) → ``{section: {field: value}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--set wants section.field=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(section, {})[name] = value
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

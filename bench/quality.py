@@ -55,6 +55,7 @@ from bdi.data.metrics import AUPRO_FPR_LIMIT, evaluate_scores
 from bdi.data.splits import CALIB_FRACTION
 from bdi.patchcore.calibration import resolved_percentile
 from bdi.patchcore.weights import resolve_weights
+from bench.overrides import ModelOverrides, parse_overrides
 from bench.quality_data import BenchDataset, load_mvtec, synthetic_dataset
 from bench.quality_folds import N_BOOT, N_BOOT_PIXEL, FoldResamples, Half, calibrate, compare, fold_report
 from bench.quality_report import write_results
@@ -136,16 +137,19 @@ def machine_facts(threads: int, *, load_before: float | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- rows
 
 
-def build_row(name: str, work: Path, *, cnn: str = PRETRAINED_CNN) -> Detector:
-    """A fresh, unfitted detector for the row ``name``; ``cnn`` is the pretrained CNN of the CNN rows."""
+def build_row(name: str, work: Path, *, cnn: str = PRETRAINED_CNN,
+              model_overrides: ModelOverrides | None = None) -> Detector:
+    """A fresh, unfitted detector for the row ``name``; ``cnn`` is the pretrained CNN of the CNN rows;
+    ``model_overrides`` change the BDI rows' library defaults (``--set``)."""
     if name == "bdi-effnet":
-        return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet)", backbone=cnn, weights="official", work=work)
+        return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet)", backbone=cnn, weights="official", work=work,
+                           model_overrides=model_overrides)
     if name == "bdi-effnet-fp32":
         return BdiDetector(name=name, label=f"BDI {cnn} (ImageNet), fp32", backbone=cnn, weights="official",
-                           work=work, precision="fp32")
+                           work=work, precision="fp32", model_overrides=model_overrides)
     if name == "bdi-dinov2-random":
         return BdiDetector(name=name, label="BDI DINOv2 ViT-S/14 (random init)", backbone=VIT, weights="random",
-                           work=work)
+                           work=work, model_overrides=model_overrides)
     settings = Settings(model={"features": {"backbone": cnn, "weights": "official", "device": "cpu"}},
                         models_dir=work / name)
     features: FeatureConfig = settings.model.features  # resolved: the registry's defaults
@@ -239,8 +243,8 @@ def measure_row(detector: Detector, data: BenchDataset, *, latency_repeats: int,
 
 
 def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_repeats: int, warmup: int,
-             cnn: str = PRETRAINED_CNN, n_boot: int = N_BOOT, n_boot_pixel: int = N_BOOT_PIXEL
-             ) -> list[dict[str, Any]]:
+             cnn: str = PRETRAINED_CNN, n_boot: int = N_BOOT, n_boot_pixel: int = N_BOOT_PIXEL,
+             model_overrides: ModelOverrides | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for name in rows:
         print(f"[{data.name}] {name} ...", flush=True)
@@ -248,7 +252,7 @@ def run_rows(data: BenchDataset, rows: Sequence[str], work: Path, *, latency_rep
         start = time.perf_counter()
         try:
             torch.manual_seed(0)
-            detector = build_row(name, work / data.name, cnn=cnn)
+            detector = build_row(name, work / data.name, cnn=cnn, model_overrides=model_overrides)
             entry.update(label=detector.label, config=detector.describe())
             entry.update(measure_row(detector, data, latency_repeats=latency_repeats, warmup=warmup, n_boot=n_boot,
                                      n_boot_pixel=n_boot_pixel), status="ok")
@@ -347,6 +351,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"bootstrap resamples of the image figures (default {N_BOOT}; --quick 100)")
     parser.add_argument("--bootstrap-pixel", type=int, default=None,
                         help=f"bootstrap resamples of pixel AUROC / AUPRO (default {N_BOOT_PIXEL}; --quick 0: none)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="a model.* setting of the BDI rows, e.g. scoring.self_contrast=0.15 (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -365,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with without_bdi_env() as hidden, tempfile.TemporaryDirectory(prefix="bdi-quality-") as tmp:
         if hidden:
             notes.append(f"ignored environment variables (rows use the library defaults): {', '.join(hidden)}")
+        overrides = parse_overrides(args.overrides)
+        if overrides:
+            notes.append(f"the BDI rows' library defaults changed by --set: {overrides}")
         work = Path(tmp)
         for name in args.datasets:
             if name == "magnetic_tile":
@@ -379,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data = data.swapped()
             print(f"[{data.name}] {data.counts()}", flush=True)
             rows = run_rows(data, args.rows, work, cnn=args.cnn, latency_repeats=repeats, warmup=warmup,
+                            model_overrides=overrides,
                             n_boot=args.bootstrap if args.bootstrap is not None else (100 if args.quick else N_BOOT),
                             n_boot_pixel=(args.bootstrap_pixel if args.bootstrap_pixel is not None
                                           else (0 if args.quick else N_BOOT_PIXEL)))

@@ -33,6 +33,7 @@ from bdi.patchcore.inference import distance_map, gaussian_blur, masked_score
 from bdi.patchcore.knn import FAISS_AVAILABLE, KnnIndex
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
+from bench.overrides import ModelOverrides, with_overrides
 
 REF = ModelRef.create(recipe_id="default", role_id="Inspection", roi_id="inspection-1", model_key=None)
 MM_PER_PX = 0.2  # any valid scale: /infer needs one; it changes region areas only, never scores
@@ -90,12 +91,13 @@ class BdiDetector:
     """BDI through ``InspectionService``: ``fit_images``, ``score_images``, ``calibrate_from_scores``, ``infer``."""
 
     def __init__(self, *, name: str, label: str, backbone: str, weights: str, work: Path,
-                 runtime: RuntimeName = "auto", precision: Precision = "auto") -> None:
+                 runtime: RuntimeName = "auto", precision: Precision = "auto",
+                 model_overrides: ModelOverrides | None = None) -> None:
         self.name = name
         self.label = label
-        self.settings = Settings(model={"features": {"backbone": backbone, "weights": weights, "device": "cpu",
-                                                     "precision": precision}},
-                                 models_dir=work / name, runtime=runtime)
+        model = with_overrides({"features": {"backbone": backbone, "weights": weights, "device": "cpu",
+                                             "precision": precision}}, model_overrides or {})
+        self.settings = Settings(model=model, models_dir=work / name, runtime=runtime)
         self.service = InspectionService.from_settings(self.settings)
         self._threshold_set = False
 

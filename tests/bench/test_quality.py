@@ -68,6 +68,19 @@ def test_quick_run_measures_bdi_and_the_pixel_baseline_and_skips_anomalib_when_n
     assert "wrote" in capsys.readouterr().out
 
 
+def test_set_changes_the_bdi_rows_library_defaults_and_the_rest_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quality = _quality(monkeypatch)
+    args = quality.parse_args(["--set", "scoring.self_contrast=0.15", "--set", "memory.coreset_rate=0.2"])
+    overrides = quality.parse_overrides(args.overrides)
+    assert overrides == {"scoring": {"self_contrast": 0.15}, "memory": {"coreset_rate": 0.2}}
+    row = quality.build_row("bdi-effnet-fp32", tmp_path, model_overrides=overrides)
+    assert row.describe()["scoring"]["self_contrast"] == 0.15 and row.describe()["coreset_rate"] == 0.2
+    assert row.describe()["precision"] == "fp32"  # the row's own settings are kept beside them
+    assert quality.build_row("bdi-effnet", tmp_path).describe()["scoring"]["self_contrast"] == 0.0
+
+
 def test_an_unknown_row_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     quality = _quality(monkeypatch)
     with pytest.raises(SystemExit) as info:
