@@ -157,7 +157,7 @@ class ScoringConfig:
     align_features: bool = True
     # sharpen the map by how much each patch differs from the rest of its own part (bdi.patchcore.inference
     # .sharpen_by_self_contrast): the weight w of map · exp(w · z), the score unchanged; 0 = off. For uniform
-    # surfaces (tiles, a friction ring: 0.15); it blurs structured ROIs' maps (holes, slots): docs/quality.md
+    # surfaces (tiles, a friction ring: 0.15); on structured ROIs it lights up the holes and slots: docs/quality.md
     self_contrast: float = 0.0
 
     def __post_init__(self) -> None:
