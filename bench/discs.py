@@ -54,7 +54,7 @@ from bdi.patchcore.imaging import build_roi_mask
 from bdi.patchcore.polar import VIEW_CROP
 from bdi.refs import ModelRef
 from bdi.service import InspectionService
-from bench.overrides import parse_overrides, with_overrides
+from bench.overrides import ModelOverrides, parse_overrides, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -124,7 +124,7 @@ def measure_roi(service: InspectionService, *, ref: ModelRef, good: Sequence[Har
                       good_scores=scores[: len(good)], defect_scores=scores[len(good):], view=view)
 
 
-def build_service(*, work: Path, backbone: str, weights: str, model_overrides: dict[str, dict[str, Any]],
+def build_service(*, work: Path, backbone: str, weights: str, model_overrides: ModelOverrides,
                   threads: int) -> InspectionService:
     model = with_overrides({"features": {"backbone": backbone, "weights": weights, "device": "cpu"}}, model_overrides)
     settings = Settings(model=model, models_dir=work, runtime="torch", threads=threads)

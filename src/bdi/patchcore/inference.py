@@ -151,9 +151,10 @@ def top_k_mean(values: np.ndarray, k: int) -> float:
 
 def _token_centres(
     *, grid: tuple[int, int], letterbox: Letterbox, remove_letterbox: bool, offset: Offset
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Crop pixel row of each token row and column of each token column (floats, possibly off the crop), as
-    :func:`distance_map` places the token grid: (Ht,), (Wt,)."""
+    :func:`distance_map` places the token grid, and which of them fall on the crop: (Ht,), (Wt,), (Ht,) bool,
+    (Wt,) bool."""
     rows, cols = (np.arange(n, dtype=np.float64) + 0.5 for n in grid)
     down, right = offset
     if remove_letterbox:
@@ -162,7 +163,7 @@ def _token_centres(
     else:
         ys = (rows * letterbox.size / grid[0] - down) * letterbox.src_h / letterbox.size
         xs = (cols * letterbox.size / grid[1] - right) * letterbox.src_w / letterbox.size
-    return ys, xs
+    return ys, xs, (ys >= 0) & (ys < letterbox.src_h), (xs >= 0) & (xs < letterbox.src_w)
 
 
 def patch_centres(
@@ -170,8 +171,9 @@ def patch_centres(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop pixel (row, col) of each patch centre that falls on the crop (padding patches left out), as
     :func:`distance_map` places the token grid: (n,) int arrays each."""
-    ys, xs = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox, offset=offset)
-    ys, xs = ys[(ys >= 0) & (ys < letterbox.src_h)], xs[(xs >= 0) & (xs < letterbox.src_w)]
+    ys, xs, on_rows, on_cols = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox,
+                                              offset=offset)
+    ys, xs = ys[on_rows], xs[on_cols]
     yy, xx = np.meshgrid(np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64), indexing="ij")
     return yy.ravel(), xx.ravel()
 
@@ -181,8 +183,8 @@ def part_tokens(
     offset: Offset = NO_OFFSET,
 ) -> np.ndarray:
     """Which tokens show the part: their centres on the crop and inside ``mask``. (Ht·Wt,) bool."""
-    ys, xs = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox, offset=offset)
-    on_rows, on_cols = (ys >= 0) & (ys < letterbox.src_h), (xs >= 0) & (xs < letterbox.src_w)
+    ys, xs, on_rows, on_cols = _token_centres(grid=grid, letterbox=letterbox, remove_letterbox=remove_letterbox,
+                                              offset=offset)
     rows = np.clip(np.floor(ys), 0, letterbox.src_h - 1).astype(np.int64)
     cols = np.clip(np.floor(xs), 0, letterbox.src_w - 1).astype(np.int64)
     inside = mask[np.ix_(rows, cols)] > 0
